@@ -1,0 +1,45 @@
+"""Data backends behind one seam: ``build_loader`` returns an iterator of (view1, view2, labels)
+on the run's device, with ``steps_per_epoch`` (equal on every rank) and ``set_epoch(epoch,
+start_step)`` for mid-epoch resume, whichever backend is chosen."""
+
+from __future__ import annotations
+
+import torch
+
+from data_pipeline.sources import DataError, open_source
+from trainer.config import DataConfig
+
+__all__ = ["DataError", "build_loader", "resolve_backend"]
+
+
+def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    if device.type == "cuda":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return "torchvision"
+        return "dali"
+    return "torchvision"
+
+
+def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device):
+    """The training loader for this rank, validated: the global batch must split evenly over
+    ranks and every rank's shard must hold at least one batch."""
+    if cfg.batch_size % world_size:
+        raise DataError(f"data.batch_size={cfg.batch_size} (global) does not divide over {world_size} ranks; "
+                        f"use a multiple of {world_size}")
+    source = open_source(cfg.root)
+    per_rank = cfg.batch_size // world_size
+    if len(source) // world_size < per_rank:
+        raise DataError(f"{cfg.root} holds {len(source)} images: {len(source) // world_size} per rank, fewer than "
+                        f"one batch of {per_rank}; lower data.batch_size or add images")
+    backend = resolve_backend(cfg, device)
+    if backend == "dali":
+        from data_pipeline.dali import DaliLoader
+
+        return DaliLoader(source, cfg, seed, rank, world_size, device)
+    from data_pipeline.torchvision_loader import TorchvisionLoader
+
+    return TorchvisionLoader(source, cfg, seed, rank, world_size, device)

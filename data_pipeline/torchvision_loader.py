@@ -1,0 +1,115 @@
+"""The DALI-free backend: torchvision v2 transforms in DataLoader workers.
+
+Each sample's randomness is seeded from (run seed, epoch, index), so a resumed run sees exactly
+the views an uninterrupted one would, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from data_pipeline.augment import eval_transform, simclr_transform
+from data_pipeline.sources import ArraySource, DataError, Source, read_file_bytes, shard_indices
+from trainer.config import DataConfig
+
+
+def decode_sample(source: Source, index: int) -> torch.Tensor:
+    """uint8 CHW RGB tensor of sample ``index``; DataError naming the file if it cannot be decoded."""
+    if isinstance(source, ArraySource):
+        return torch.from_numpy(np.ascontiguousarray(source.images[index])).permute(2, 0, 1)
+    path = source.paths[index]
+    data = torch.frombuffer(bytearray(read_file_bytes(path)), dtype=torch.uint8)
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise DataError(f"cannot decode image {path}: {exc}; delete or replace it, "
+                        "or set data.skip_corrupt=true to skip such files") from None
+
+
+class TwoViewDataset(Dataset):
+    def __init__(self, source: Source, cfg: DataConfig, seed: int) -> None:
+        self.source, self.seed, self.epoch = source, seed, 0
+        self.skip_corrupt = cfg.skip_corrupt
+        self.transform = simclr_transform(cfg.augment, cfg.image_size)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _decode(self, index: int) -> tuple[torch.Tensor, int]:
+        """Decode, replacing a corrupt sample by the next good one when skip_corrupt is on (the
+        batch keeps its size, which the gathered loss needs on every rank); returns #replaced."""
+        for replaced in range(len(self.source)):
+            try:
+                return decode_sample(self.source, (index + replaced) % len(self.source)), replaced
+            except DataError:
+                if not self.skip_corrupt:
+                    raise
+        raise DataError(f"no image in {getattr(self.source, 'root', '')} could be decoded")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        image, replaced = self._decode(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
+            view1, view2 = self.transform(image), self.transform(image)
+        return view1, view2, int(self.source.labels[index]), replaced
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers are processes already; threads inside them only contend
+
+
+class TorchvisionLoader:
+    """Iterator of (view1, view2, labels) on ``device``; ``steps_per_epoch`` is the same on every rank."""
+
+    def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
+                 device: torch.device) -> None:
+        self.dataset = TwoViewDataset(source, cfg, seed)
+        self.cfg, self.seed, self.rank, self.world_size, self.device = cfg, seed, rank, world_size, device
+        self.batch_size = cfg.batch_size // world_size
+        self.steps_per_epoch = (len(source) // world_size) // self.batch_size
+        self.epoch, self.start_step = 0, 0
+        self.corrupt_skipped = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+        self.dataset.epoch = epoch
+
+    def indices(self) -> np.ndarray:
+        order = shard_indices(len(self.dataset), self.rank, self.world_size, self.seed, self.epoch)
+        return order[self.start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.indices().tolist(),
+                            num_workers=self.cfg.num_workers, drop_last=True,
+                            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
+                            persistent_workers=False)
+        for view1, view2, labels, replaced in loader:
+            self.corrupt_skipped += int(replaced.sum())
+            yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+class EvalDataset(Dataset):
+    def __init__(self, source: Source, cfg: DataConfig) -> None:
+        self.source = source
+        self.transform = eval_transform(cfg.augment, cfg.image_size)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(decode_sample(self.source, index)), int(self.source.labels[index])
+
+
+def eval_loader(source: Source, cfg: DataConfig, batch_size: int) -> DataLoader:
+    """Deterministic resize + centre crop, in dataset order (for feature extraction)."""
+    return DataLoader(EvalDataset(source, cfg), batch_size=batch_size, shuffle=False,
+                      num_workers=cfg.num_workers, worker_init_fn=_worker_init)

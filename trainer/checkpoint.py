@@ -1,0 +1,122 @@
+"""One checkpoint format and one atomic writer, used by the train loop, the pre-emption handler and
+``simclr export``. Files are ``<run_dir>/checkpoints/step_<N>.pt``; loading is ``weights_only``."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+REQUIRED_KEYS = ("format_version", "model", "optimizer", "step", "epoch", "step_in_epoch", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoints in ``directory``, newest (highest step) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int) -> Path:
+    """Write ``state`` atomically (temp file, fsync, rename, fsync dir), then drop all but the
+    newest ``keep_last``. A crash at any moment leaves the previous checkpoints intact."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{state['step']:09d}.pt"
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[keep_last:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check one checkpoint (tensors to CPU, ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; use checkpoint.resume=auto or none")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, wrong pickle, foreign file: all mean 'unusable'
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                              "it may be truncated or not a simclr-scale checkpoint") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"checkpoint {path} lacks {[k for k in REQUIRED_KEYS if k not in state]}; "
+                              "not a simclr-scale training checkpoint")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state['format_version']}, newer than this "
+                              f"simclr-scale ({FORMAT_VERSION}); upgrade the package")
+    return state
+
+
+def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+    """``none``: start fresh. A path: that file (an error if unusable). ``auto``: the newest valid
+    checkpoint of this run; a corrupt newest one is reported and the previous one used."""
+    if resume == "none":
+        return None, None
+    if resume != "auto":
+        return Path(resume), load_checkpoint(resume)
+    for path in list_checkpoints(checkpoint_dir(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping unusable checkpoint: {exc}", stacklevel=2)
+    return None, None
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch generator states in weights_only-loadable types."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

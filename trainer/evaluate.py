@@ -1,0 +1,117 @@
+"""Judging a frozen encoder: linear probe, weighted kNN, and the random-init baseline."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipeline.sources import open_source
+from data_pipeline.torchvision_loader import eval_loader
+from trainer.config import Config, DataConfig, config_from_dict
+from trainer.model import build_encoder
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, root: str, data_cfg: DataConfig, device: torch.device,
+                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features (no projection head) of every image under ``root``, in dataset order."""
+    encoder.eval().to(device)
+    feats, labels = [], []
+    for images, y in eval_loader(open_source(root), data_cfg, batch_size):
+        feats.append(encoder(images.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 epochs: int = 100, batch_size: int = 256, lr: float = 0.1, weight_decay: float = 1e-4,
+                 seed: int = 0) -> dict[str, float]:
+    """Linear classifier on frozen, standardised features: SGD + Nesterov momentum, cosine lr
+    (SimCLR's protocol, on cached features). Returns top-1 / top-5 on the held-out split."""
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    tx, vx = (train_x - mean) / std, (val_x - mean) / std
+    n_classes = int(max(train_y.max(), val_y.max())) + 1
+    clf = nn.Linear(tx.shape[1], n_classes)
+    with torch.no_grad():
+        clf.weight.normal_(0, 0.01, generator=gen)
+        clf.bias.zero_()
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(tx) / batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        perm = torch.randperm(len(tx), generator=gen)
+        for i in range(0, len(tx), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(clf(tx[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        logits = clf(vx)
+    return topk_accuracy(logits, val_y)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return {"top1": (top[:, 0] == labels).float().mean().item(),
+            "top5": (top == labels[:, None]).any(1).float().mean().item()}
+
+
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 k: int = 200, temperature: float = 0.1) -> float:
+    """Weighted kNN on cosine similarity (Wu et al. 2018): each of the k neighbours votes for its
+    class with weight exp(sim / T)."""
+    train_x, val_x = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
+    n_classes = int(max(train_y.max(), val_y.max())) + 1
+    k = min(k, len(train_x))
+    correct = 0
+    for i in range(0, len(val_x), 1024):
+        sim, idx = (val_x[i : i + 1024] @ train_x.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == val_y[i : i + 1024]).sum().item()
+    return correct / len(val_x)
+
+
+@dataclass
+class EncoderEval:
+    linear_top1: float
+    linear_top5: float
+    knn_top1: float
+
+
+def evaluate_encoder(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataConfig,
+                     device: torch.device, probe_epochs: int = 100) -> EncoderEval:
+    tr_x, tr_y = extract_features(encoder, train_root, data_cfg, device)
+    va_x, va_y = extract_features(encoder, val_root, data_cfg, device)
+    lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs)
+    return EncoderEval(lin["top1"], lin["top5"], knn_accuracy(tr_x, tr_y, va_x, va_y))
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
+    """An encoder from a training checkpoint or from an exported ``encoder.pt`` (whose run's
+    ``config.yaml`` sits beside it). Returns it with the run's config."""
+    from trainer.checkpoint import CheckpointError, load_checkpoint
+    from trainer.config import load_config
+
+    path = Path(path)
+    if path.name == "encoder.pt":
+        cfg_file = path.parent / "config.yaml"
+        if not cfg_file.exists():
+            raise CheckpointError(f"{path} needs its run's config.yaml beside it to know the architecture")
+        cfg = load_config(cfg_file)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = load_checkpoint(path)
+        cfg = config_from_dict(state["config"])
+        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    encoder = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
+    encoder.load_state_dict(weights)
+    return encoder, cfg

@@ -1,0 +1,201 @@
+"""MLflow tracking on rank 0, with an offline fallback that never loses a metric.
+
+Every metric is appended to ``<run_dir>/metrics.jsonl`` first, then sent to MLflow in batches.
+If the server is unreachable (at start or mid-run) training goes on: one warning is printed, the
+unsent metrics stay queued and are retried every ``retry_s``; a run created late receives the
+whole backlog. ``simclr sync RUN_DIR`` replays the local file into MLflow afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrackingConfig
+
+# Fail fast instead of MLflow's default minutes of retries; the queue does the retrying.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import mlflow
+    import torch
+    import torchvision
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "mlflow": mlflow.__version__}
+    try:
+        import nvidia.dali
+
+        versions["dali"] = nvidia.dali.__version__
+    except ImportError:
+        versions["dali"] = "not installed"
+    return versions
+
+
+class Tracker:
+    """Rank 0's view of the MLflow run. On other ranks (``active=False``) every call is a no-op."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool, retry_s: float = 30.0) -> None:
+        self.cfg, self.active, self.retry_s = cfg, active and cfg.enabled, retry_s
+        self.run_dir = Path(run_dir)
+        self.local_file = self.run_dir / "metrics.jsonl"
+        self.run_id: str | None = None
+        self.uri = ""
+        self._client = None
+        self._pending: list[tuple[str, float, int, int]] = []
+        self._pending_params: dict[str, Any] = {}
+        self._pending_tags: dict[str, str] = {}
+        self._warned = False
+        self._last_try = 0.0
+
+    # ------------------------------------------------------------------ connection
+    def _warn(self, what: str, exc: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"[tracking] WARNING: MLflow at {self.uri} is unreachable while {what} "
+                  f"({type(exc).__name__}: {str(exc)[:200]}); training continues, metrics are kept in "
+                  f"{self.local_file} and retried every {self.retry_s:.0f}s", file=sys.stderr, flush=True)
+
+    def _connect(self) -> bool:
+        """Create (or reattach to) the run; True when the server answered."""
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self.uri = self.cfg.uri or mlflow.get_tracking_uri()
+            self._client = MlflowClient(tracking_uri=self.uri)
+        if self.run_id is not None and self._run_created:
+            return True
+        try:
+            if self.run_id is None:
+                exp = self._client.get_experiment_by_name(self.cfg.experiment)
+                exp_id = exp.experiment_id if exp else self._client.create_experiment(self.cfg.experiment)
+                run = self._client.create_run(exp_id, run_name=self.cfg.run_name or None)
+                self.run_id = run.info.run_id
+            else:
+                self._client.update_run(self.run_id, status="RUNNING")
+            self._run_created = True
+            return True
+        except Exception as exc:  # network errors come in many types; all mean 'try later'
+            self._warn("starting the run", exc)
+            return False
+
+    _run_created = False
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
+        """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
+        if not self.active:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id
+        if run_id is None:
+            self._pending_params = {k: v for k, v in params.items()}
+        self._pending_tags = dict(tags)
+        self.flush(force=True)
+        return self.run_id
+
+    # ------------------------------------------------------------------ logging
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        now = int(time.time() * 1000)
+        with open(self.local_file, "a") as f:
+            f.write(json.dumps({"step": step, "time_ms": now, **metrics}) + "\n")
+        self._pending.extend((k, float(v), now, step) for k, v in metrics.items())
+        self.flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self._pending_tags.update(tags)
+            self.flush(force=True)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is queued; rate-limited while the server is down. True when nothing is left."""
+        if not self.active:
+            return True
+        if self._warned and not force and time.time() - self._last_try < self.retry_s:
+            return False
+        self._last_try = time.time()
+        if not self._connect():
+            return False
+        from mlflow.entities import Metric, Param, RunTag
+
+        try:
+            params = [Param(k, str(v)[:6000]) for k, v in self._pending_params.items()]
+            for i in range(0, len(params), 100):
+                self._client.log_batch(self.run_id, params=params[i : i + 100])
+            self._pending_params = {}
+            if self._pending_tags:
+                self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self._pending_tags.items()])
+                self._pending_tags = {}
+            while self._pending:
+                chunk = self._pending[:1000]
+                self._client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
+                del self._pending[: len(chunk)]
+        except Exception as exc:
+            self._warn("logging", exc)
+            return False
+        return True
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        if self.flush(force=True):
+            try:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
+                return
+            except Exception as exc:
+                self._warn("uploading artifacts", exc)
+        print(f"[tracking] artifact {path} kept locally (not uploaded)", file=sys.stderr)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.active:
+            return
+        if self.flush(force=True) and self.run_id:
+            try:
+                self._client.set_terminated(self.run_id, status=status)
+            except Exception as exc:
+                self._warn("closing the run", exc)
+        elif self._pending:
+            print(f"[tracking] {len(self._pending)} metric values could not be sent; all metrics are in "
+                  f"{self.local_file}. Replay them later with: simclr sync {self.run_dir}", file=sys.stderr)
+
+    def describe(self) -> str:
+        if not self.active or self.run_id is None:
+            return f"metrics in {self.local_file}"
+        return f"MLflow run {self.run_id} at {self.uri} (open the UI with: mlflow ui --backend-store-uri {self.uri})"
+
+
+def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None) -> str:
+    """Replay ``<run_dir>/metrics.jsonl`` into MLflow (into ``run_id``, or a new run)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    tracker = Tracker(cfg, run_dir, active=True)
+    tracker.start({}, {"simclr.synced_from": str(run_dir)}, run_id=run_id)
+    for rec in records:
+        step, t = rec.pop("step"), rec.pop("time_ms")
+        tracker._pending.extend((k, float(v), t, step) for k, v in rec.items())
+    if not tracker.flush(force=True):
+        raise RuntimeError(f"MLflow at {tracker.uri} is still unreachable; nothing was lost, try again later")
+    tracker.finish()
+    return tracker.run_id or ""
+
+
+def quiet_mlflow() -> None:
+    warnings.filterwarnings("ignore", module="mlflow")
