@@ -105,8 +105,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simclr", description="SimCLR pretraining at scale: train, evaluate, "
-                                     "benchmark and launch on SLURM. Configs are YAML recipes plus key=value overrides.")
+    parser = argparse.ArgumentParser(
+        prog="simclr", description="SimCLR pretraining at scale: train, evaluate, benchmark and launch on SLURM. "
+        "Configs are YAML recipes plus key=value overrides.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain (one process, or --nproc K local ranks via torchrun)")

@@ -229,7 +229,8 @@ def _train(cfg: Config, info: DistInfo, on_start) -> TrainResult:
                 window_steps, wait_time, window_start = 0, 0.0, time.perf_counter()
             if stop_flag:
                 preempted = True
-            if step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted:
+            # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
+            if (step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted) and not nonfinite_run:
                 save(step)
             if step >= stop_at or preempted:
                 break

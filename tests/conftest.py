@@ -1,0 +1,58 @@
+"""Shared fixtures: a small real-photo dataset (made from images shipped with scikit-image and
+scikit-learn) and a tiny config that trains in seconds on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def photo_data(tmp_path_factory) -> Path:
+    """``train/`` and ``val/`` ImageFolder JPEG trees (10 classes) plus ``train.npz`` / ``val.npz``."""
+    from data_pipeline.sample_data import make_demo_dataset
+
+    out = tmp_path_factory.mktemp("photos")
+    make_demo_dataset(out, size=32, train_per_class=8, val_per_class=4, seed=1)
+    return out
+
+
+def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list[str]:
+    base = {
+        "model.arch": "resnet18", "model.cifar_stem": "true", "model.proj_hidden_dim": 32, "model.proj_out_dim": 16,
+        "data.root": str(data_root), "data.backend": "torchvision", "data.image_size": 16, "data.batch_size": 8,
+        "data.num_workers": 0, "data.augment.blur_prob": 0.5,
+        "optim.lr": 0.5, "optim.warmup_epochs": 1, "loss.temperature": 0.2,
+        "train.epochs": 2, "train.device": "cpu", "train.run_dir": str(run_dir), "train.log_every": 2,
+        "train.progress_bar": "false", "checkpoint.every_steps": 2, "checkpoint.keep_last": 10,
+        "tracking.uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny_config(photo_data, tmp_path):
+    def make(**extra) -> Config:
+        return load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **extra))
+
+    return make
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, env_extra: dict | None = None):
+    """Run ``tests/helpers/<script>`` under real torchrun (gloo, CPU)."""
+    from launch.local import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,99 @@
+import subprocess
+import sys
+
+import pytest
+
+from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides
+
+RECIPES = ["configs/demo_cpu.yaml", "configs/cifar10_resnet18.yaml", "configs/imagenet_resnet50.yaml"]
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["optim.lr=0.5", "train.epochs=10", "data.augment.crop_scale=[0.2, 1.0]",
+                             "precision.dtype=bf16"])
+    assert cfg.optim.lr == 0.5 and cfg.train.epochs == 10
+    assert cfg.data.augment.crop_scale == (0.2, 1.0)
+    assert cfg.precision.dtype == "bf16"
+
+
+def test_precision_shorthand(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("precision: fp16\n")
+    assert load_config(f).precision.dtype == "fp16"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_load(recipe):
+    load_config(recipe)
+
+
+def test_paper_recipes():
+    cifar = load_config("configs/cifar10_resnet18.yaml")
+    assert cifar.data.augment.blur_prob == 0 and cifar.data.augment.jitter_strength == 0.5
+    assert cifar.loss.temperature == 0.5 and cifar.model.cifar_stem
+    imnet = load_config("configs/imagenet_resnet50.yaml")
+    assert imnet.data.batch_size == 4096 and imnet.optim.name == "lars" and imnet.optim.lr == 0.3
+    assert imnet.optim.lr_scaling == "linear" and imnet.optim.weight_decay == 1e-6
+    assert imnet.loss.temperature == 0.1 and imnet.optim.warmup_epochs == 10 and imnet.optim.schedule == "cosine"
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"optim\.weight_decy.*did you mean 'weight_decay'"):
+        load_config(None, ["optim.weight_decy=0.1"])
+    with pytest.raises(ConfigError, match=r"'loss\.temprature'.*'temperature'"):
+        load_config(None, ["loss.temprature=0.1"])
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer'.*'optim'"):
+        load_config(None, ["optimizer.lr=0.1"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.batch_size=0", "data.batch_size: 0 is out of range"),
+    ("data.batch_size=-8", "data.batch_size"),
+    ("loss.temperature=0", "loss.temperature: 0.0 is out of range"),
+    ("precision.dtype=fp8", "precision.dtype: 'fp8' is not allowed; choose one of fp32, bf16, fp16"),
+    ("train.epochs=ten", "train.epochs: expected an integer, got 'ten'"),
+    ("model.cifar_stem=maybe", "model.cifar_stem: expected true or false"),
+    ("model.arch=vit", "model.arch: 'vit' is not allowed"),
+    ("data.augment.grayscale_prob=1.5", "grayscale_prob"),
+    ("optim.momentum=1", "optim.momentum"),
+])
+def test_bad_values_name_key_value_and_allowed(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_roundtrip_through_dict():
+    from trainer.config import config_from_dict
+
+    cfg = load_config("configs/imagenet_resnet50.yaml")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_cli_user_error_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch", "train", "loss.temperature=-1"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "loss.temperature" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "launch", "train", "data.root=/nonexistent/x", "train.device=cpu",
+                           "tracking.enabled=false", f"train.run_dir={tmp_path}/r"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "/nonexistent/x does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help():
+    for args in ([], ["train"], ["eval"], ["demo"]):
+        proc = subprocess.run([sys.executable, "-m", "launch", *args, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: simclr" in proc.stdout

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import build_loader
+from data_pipeline.augment import blur_kernel_size
+from data_pipeline.sources import DataError, list_image_folder, load_npz, open_source, shard_indices
+from trainer.config import DataConfig
+
+
+def cfg(root, **kw):
+    return DataConfig(root=str(root), backend="torchvision", image_size=24, batch_size=8, num_workers=0, **kw)
+
+
+def test_two_views_shapes_labels_normalisation(photo_data):
+    loader = build_loader(cfg(photo_data / "train"), seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    v1, v2, y = next(iter(loader))
+    assert v1.shape == v2.shape == (8, 3, 24, 24) and v1.dtype == torch.float32
+    assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(10))
+    assert not torch.equal(v1, v2)  # independently augmented
+    assert -3 < v1.mean().item() < 3 and v1.min() < 0 < v1.max()  # normalised, not [0, 1]
+    assert loader.steps_per_epoch == 80 // 8
+
+
+def test_npz_source_matches_folder_labels(photo_data):
+    arr = load_npz(photo_data / "train.npz")
+    folder = list_image_folder(photo_data / "train")
+    assert len(arr) == len(folder) == 80 and arr.images.shape[1:] == (32, 32, 3)
+    assert sorted(np.bincount(arr.labels)) == sorted(np.bincount(folder.labels))
+    loader = build_loader(cfg(photo_data / "train.npz"), 0, 0, 1, torch.device("cpu"))
+    assert next(iter(loader))[0].shape == (8, 3, 24, 24)
+
+
+def test_augmentation_is_reproducible_per_seed_epoch_and_position(photo_data):
+    def first_batch(seed, epoch, start=0):
+        loader = build_loader(cfg(photo_data / "train"), seed, 0, 1, torch.device("cpu"))
+        loader.set_epoch(epoch, start)
+        return next(iter(loader))[0]
+
+    assert torch.equal(first_batch(0, 0), first_batch(0, 0))
+    assert not torch.equal(first_batch(0, 0), first_batch(0, 1))
+    assert not torch.equal(first_batch(0, 0), first_batch(1, 0))
+    loader = build_loader(cfg(photo_data / "train"), 0, 0, 1, torch.device("cpu"))
+    it = iter(loader)
+    next(it)
+    assert torch.equal(next(it)[0], first_batch(0, 0, start=1))  # mid-epoch resume position
+
+
+def test_shards_are_disjoint_equal_and_cover():
+    shards = [shard_indices(103, r, 4, seed=3, epoch=2) for r in range(4)]
+    assert len({len(s) for s in shards}) == 1
+    together = np.concatenate(shards)
+    assert len(set(together.tolist())) == len(together) == 100
+    assert not np.array_equal(shard_indices(103, 0, 4, 3, 2), shard_indices(103, 0, 4, 3, 3))
+
+
+def test_missing_and_empty_paths_are_named(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        open_source(tmp_path / "empty")
+    (tmp_path / "tree" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match="cats holds no images"):
+        open_source(tmp_path / "tree")
+    with pytest.raises(DataError, match="data.root is empty"):
+        open_source("")
+
+
+def test_bad_npz_is_named(tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match="bad.npz: 'x' must be uint8 N x H x W x 3"):
+        load_npz(tmp_path / "bad.npz")
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match="must hold arrays 'x'"):
+        load_npz(tmp_path / "nolabels.npz")
+
+
+def _tree_with_corrupt_file(photo_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", root)
+    bad = sorted((root / "astronaut").iterdir())[0]
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root, bad
+
+
+def test_corrupt_image_is_named(photo_data, tmp_path):
+    root, bad = _tree_with_corrupt_file(photo_data, tmp_path)
+    loader = build_loader(cfg(root, skip_corrupt=False), 0, 0, 1, torch.device("cpu"))
+    loader.set_epoch(0)
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        for _ in loader:
+            pass
+
+
+def test_corrupt_image_skipped_and_counted(photo_data, tmp_path):
+    root, _ = _tree_with_corrupt_file(photo_data, tmp_path)
+    loader = build_loader(cfg(root, skip_corrupt=True), 0, 0, 1, torch.device("cpu"))
+    batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch and all(b[0].shape[0] == 8 for b in batches)
+    assert loader.corrupt_skipped == 1
+
+
+def test_batch_must_split_over_ranks_and_fit_the_shard(photo_data):
+    with pytest.raises(DataError, match="does not divide over 3 ranks"):
+        build_loader(cfg(photo_data / "train"), 0, 0, 3, torch.device("cpu"))
+    big = DataConfig(root=str(photo_data / "train"), batch_size=200, backend="torchvision")
+    with pytest.raises(DataError, match="fewer than one batch"):
+        build_loader(big, 0, 0, 2, torch.device("cpu"))
+
+
+def test_blur_kernel_is_odd_and_about_a_tenth():
+    assert blur_kernel_size(224) == 23 and blur_kernel_size(32) == 3 and blur_kernel_size(96) == 9

@@ -1,0 +1,73 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from trainer.config import ModelConfig
+from trainer.model import SimCLRModel, build_model, convert_sync_bn, encoder_state_dict, sync_bn_groups
+
+
+@pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_encoder_and_head_shapes(arch, feat):
+    model = SimCLRModel(ModelConfig(arch=arch, proj_out_dim=64))
+    assert model.feature_dim == feat
+    assert model.encoder(torch.randn(2, 3, 64, 64)).shape == (2, feat)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 64)
+    head = [type(m) for m in model.projector]
+    assert head == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert model.projector[0].out_features == feat  # default hidden width = encoder width
+
+
+def test_cifar_stem_keeps_resolution():
+    plain = SimCLRModel(ModelConfig(cifar_stem=False)).encoder
+    cifar = SimCLRModel(ModelConfig(cifar_stem=True)).encoder
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert isinstance(cifar.maxpool, nn.Identity) and isinstance(plain.maxpool, nn.MaxPool2d)
+
+
+def test_encoder_export_loads_into_plain_torchvision_resnet():
+    model = SimCLRModel(ModelConfig(arch="resnet50"))
+    sd = encoder_state_dict(model)
+    target = torchvision.models.resnet50()
+    result = target.load_state_dict(sd, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    assert torch.equal(target.layer4[2].conv3.weight, model.encoder.layer4[2].conv3.weight)
+
+
+def test_sync_bn_groups():
+    assert sync_bn_groups(8, 0) == [list(range(8))]
+    assert sync_bn_groups(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sync_bn_groups(4, 8) == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="divide"):
+        sync_bn_groups(6, 4)
+
+
+def test_sync_bn_conversion_wiring_on_cpu():
+    """SyncBatchNorm refuses CPU tensors in forward, but the conversion itself is checked here:
+    every BatchNorm is replaced and the running statistics are kept."""
+    model = SimCLRModel(ModelConfig())
+    model.encoder.bn1.running_mean.fill_(0.5)
+    converted = convert_sync_bn(model, world_size=1, rank=0, group_size=0)
+    kinds = {type(m) for m in converted.modules()}
+    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds and nn.BatchNorm1d not in kinds
+    assert torch.all(converted.encoder.bn1.running_mean == 0.5)
+    assert set(encoder_state_dict(converted)) == set(encoder_state_dict(SimCLRModel(ModelConfig())))
+
+
+def test_build_model_keeps_plain_bn_on_cpu():
+    model = build_model(ModelConfig(sync_bn=True), torch.device("cpu"), world_size=2, rank=0)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+def test_build_model_converts_on_cuda_with_world_gt_1(monkeypatch):
+    """The CUDA branch: with world size > 1 build_model asks for SyncBatchNorm in the right groups."""
+    seen = {}
+
+    def fake_convert(model, world_size, rank, group_size):
+        seen.update(world_size=world_size, rank=rank, group_size=group_size)
+        return model
+
+    monkeypatch.setattr("trainer.model.convert_sync_bn", fake_convert)
+    monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: self)
+    build_model(ModelConfig(sync_bn=True, sync_bn_group_size=4), torch.device("cuda", 0), world_size=8, rank=5)
+    assert seen == {"world_size": 8, "rank": 5, "group_size": 4}
