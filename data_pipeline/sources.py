@@ -106,3 +106,35 @@ def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, shu
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     per_rank = n // world_size
     return order[: per_rank * world_size][rank::world_size]
+
+
+_MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"BM": "bmp", b"RIFF": "webp"}
+
+
+def check_image_file(path: Path) -> str | None:
+    """Cheap structural check (magic bytes; a JPEG end marker near the end): None if plausible,
+    else what is wrong. Catches non-image and truncated files without decoding them."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    kind = next((k for m, k in _MAGIC.items() if head.startswith(m)), None)
+    if kind is None:
+        return "not a JPEG/PNG/BMP/WebP image"
+    if kind == "jpeg" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
+def find_corrupt_images(paths: list[Path], workers: int = 16) -> dict[Path, str]:
+    """{path: problem} over ``paths``, checked in parallel threads (I/O bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = list(pool.map(check_image_file, paths, chunksize=256))
+    return {p: why for p, why in zip(paths, problems) if why}

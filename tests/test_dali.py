@@ -1,0 +1,193 @@
+"""The DALI pipeline in CPU mode (device_id=None): the same graph the GPU runs with device='mixed'."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline import build_loader
+from data_pipeline.sample_data import photo_paths
+from data_pipeline.sources import DataError
+from tests.conftest import run_torchrun, tiny_overrides
+from trainer.config import AugmentConfig, DataConfig
+
+pytest.importorskip("nvidia.dali")
+CPU = torch.device("cpu")
+IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # outputs are pixel / 255
+FIXED = {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip_prob": 0.0, "jitter_prob": 0.0,
+         "grayscale_prob": 0.0, "blur_prob": 0.0, **IDENTITY}
+
+
+def npz(path, images, labels=None):
+    images = np.stack(images).astype(np.uint8)
+    np.savez(path, x=images, y=np.arange(len(images)) if labels is None else labels)
+    return path
+
+
+@pytest.fixture(scope="module")
+def coord_npz(tmp_path_factory):
+    """128x128 images whose red channel is 2x and green channel 2y: crops and flips are readable."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    img = np.stack([xx * 2, yy * 2, np.full_like(xx, 60)], -1)
+    return npz(tmp_path_factory.mktemp("c") / "coord.npz", [img] * 512)
+
+
+@pytest.fixture(scope="module")
+def photo_npz(tmp_path_factory):
+    img = np.asarray(Image.open(photo_paths()[0]).convert("RGB").resize((48, 48)))
+    return npz(tmp_path_factory.mktemp("p") / "photo.npz", [img] * 512)
+
+
+def views(root, backend="dali", size=32, batches=4, **aug):
+    cfg = DataConfig(root=str(root), backend=backend, image_size=size, batch_size=128, num_workers=2,
+                     augment=AugmentConfig(**aug))
+    loader = build_loader(cfg, seed=0, rank=0, world_size=1, device=CPU)
+    out = []
+    for i, (v1, v2, _) in enumerate(loader):
+        out += [v1, v2]
+        if i + 1 == batches:
+            break
+    return torch.cat(out)
+
+
+def test_views_shapes_dtype_layout_normalisation_labels(photo_data):
+    cfg = DataConfig(root=str(photo_data / "train"), backend="dali", image_size=24, batch_size=8, num_workers=1)
+    dali = build_loader(cfg, 0, 0, 1, CPU)
+    tv = build_loader(DataConfig(**{**cfg.__dict__, "backend": "torchvision"}), 0, 0, 1, CPU)
+    assert dali.steps_per_epoch == tv.steps_per_epoch == 10
+    batches = list(dali)
+    assert len(batches) == 10
+    v1, v2, y = batches[0]
+    assert v1.shape == v2.shape == (8, 3, 24, 24) and v1.dtype == torch.float32 and v1.is_contiguous()
+    assert y.dtype == torch.int64
+    assert not torch.equal(v1, v2)
+    assert -1.5 < v1.mean().item() < 1.5 and v1.min() < -0.5 and v1.max() > 0.5  # normalised
+    # the same sample order (and so labels) as the torchvision backend
+    assert [b[2].tolist() for b in batches] == [b[2].tolist() for b in tv]
+
+
+def test_crop_areas_within_range(coord_npz):
+    out = views(coord_npz, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, **IDENTITY)
+    r, g = out[:, 0] * 255 / 2, out[:, 1] * 255 / 2  # back to pixel coordinates
+    area = ((r.amax((1, 2)) - r.amin((1, 2)) + 1) * (g.amax((1, 2)) - g.amin((1, 2)) + 1)) / 128**2
+    assert area.max() <= 1.02 and area.min() >= 0.06
+    assert 0.4 < area.mean() < 0.65  # uniform area in [0.08, 1] under the aspect limits
+    assert (area < 0.2).float().mean() > 0.05 and (area > 0.75).float().mean() > 0.03
+
+
+def test_flip_rate(coord_npz):
+    out = views(coord_npz, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.5, **IDENTITY)
+    flipped = (out[:, 0, :, 0].mean(1) > out[:, 0, :, -1].mean(1)).float().mean().item()
+    assert abs(flipped - 0.5) < 0.07
+
+
+def test_grayscale_rate(coord_npz):
+    out = views(coord_npz, jitter_prob=0.0, grayscale_prob=0.2, blur_prob=0.0, **IDENTITY)
+    gray = ((out[:, 0] - out[:, 1]).abs().amax((1, 2)) < 0.02) & ((out[:, 1] - out[:, 2]).abs().amax((1, 2)) < 0.02)
+    assert abs(gray.float().mean().item() - 0.2) < 0.06
+
+
+def _changed(out, reference):
+    return ((out - reference).abs().amax((1, 2, 3)) > 0.02).float().mean().item()
+
+
+def test_jitter_rate(photo_npz):
+    ref = views(photo_npz, batches=1, **FIXED)[0]
+    out = views(photo_npz, **{**FIXED, "jitter_prob": 0.8})
+    assert abs(_changed(out, ref) - 0.8) < 0.06
+
+
+@pytest.mark.parametrize("prob", [0.5, 0.0])
+def test_blur_rate_and_cifar_variant_without_blur(photo_npz, prob):
+    ref = views(photo_npz, batches=1, **FIXED)[0]
+    out = views(photo_npz, **{**FIXED, "blur_prob": prob, "blur_sigma": (1.0, 2.0)})
+    assert abs(_changed(out, ref) - prob) < 0.07
+
+
+def test_parity_with_torchvision(tmp_path):
+    """Same images, same parameters: output statistics of the two backends agree."""
+    from data_pipeline.sample_data import make_photo_crops
+
+    x, y, _ = make_photo_crops(size=48, train_per_class=52, val_per_class=1, seed=2)["train"]
+    data = npz(tmp_path / "photos.npz", list(x), y)
+    stats = {}
+    for backend in ("dali", "torchvision"):
+        out = views(data, backend=backend, batches=4)
+        stats[backend] = (out.mean((0, 2, 3)), out.std((0, 2, 3)))
+    assert torch.allclose(stats["dali"][0], stats["torchvision"][0], atol=0.12)  # per-channel mean
+    assert torch.allclose(stats["dali"][1], stats["torchvision"][1], rtol=0.12)  # per-channel std
+
+
+def test_crop_area_distribution_parity(coord_npz):
+    areas = {}
+    for backend in ("dali", "torchvision"):
+        out = views(coord_npz, backend=backend, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, **IDENTITY)
+        r, g = out[:, 0] * 255 / 2, out[:, 1] * 255 / 2
+        areas[backend] = ((r.amax((1, 2)) - r.amin((1, 2)) + 1) * (g.amax((1, 2)) - g.amin((1, 2)) + 1)) / 128**2
+    qs = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    assert torch.allclose(areas["dali"].quantile(qs), areas["torchvision"].quantile(qs), atol=0.08)
+
+
+@pytest.mark.slow
+def test_sharding_two_ranks(tmp_path):
+    data = npz(tmp_path / "idx.npz", [np.full((16, 16, 3), i % 255) for i in range(100)])
+    proc = run_torchrun("dali_shards.py", str(tmp_path / "seen"), str(data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"seen.{r}").read_text()) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 100 // 2 // 4
+    for epoch in ("a0", "a1"):
+        assert len(r0[epoch]) == len(r1[epoch]) == 48  # same number of steps on every rank
+        assert not set(r0[epoch]) & set(r1[epoch])  # disjoint
+        assert len(set(r0[epoch]) | set(r1[epoch])) == 96  # cover all but the remainder
+    assert r0["a0"] != r0["a1"]  # reshuffled between epochs
+    assert r0["a0"] == r0["b0"] and r1["a1"] == r1["b1"]  # reproducible from the seed
+
+
+def _corrupt_tree(photo_data, tmp_path):
+    root = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", root)
+    bad = sorted((root / "coffee").iterdir())[2]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated garbage")
+    return root, bad
+
+
+def test_corrupt_file_is_named(photo_data, tmp_path):
+    root, bad = _corrupt_tree(photo_data, tmp_path)
+    cfg = DataConfig(root=str(root), backend="dali", image_size=16, batch_size=80, num_workers=1)
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        list(build_loader(cfg, 0, 0, 1, CPU))
+
+
+def test_corrupt_file_skipped_and_counted(photo_data, tmp_path):
+    root, _ = _corrupt_tree(photo_data, tmp_path)
+    cfg = DataConfig(root=str(root), backend="dali", image_size=16, batch_size=16, num_workers=1, skip_corrupt=True)
+    loader = build_loader(cfg, 0, 0, 1, CPU)
+    batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch == 5 and all(b[0].shape[0] == 16 for b in batches)
+    assert loader.corrupt_skipped == 1
+
+
+def test_shard_smaller_than_a_batch_is_refused(photo_data):
+    cfg = DataConfig(root=str(photo_data / "val"), backend="dali", batch_size=64)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        build_loader(cfg, 0, 0, 2, CPU)
+
+
+@pytest.mark.slow
+def test_two_rank_dali_training_checkpoints_and_resumes(photo_data, tmp_path):
+    from tests.test_train import final_state, simclr
+
+    over = tiny_overrides(photo_data / "train", tmp_path / "run", **{"data.backend": "dali", "train.epochs": 2,
+                                                                       "tracking.enabled": "false"})
+    first = simclr("train", "--nproc", "2", *over, "train.stop_after_steps=13")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert final_state(tmp_path / "run")["step"] == 13
+    second = simclr("train", "--nproc", "2", *over)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    state = final_state(tmp_path / "run")
+    assert state["step"] == 20 and state["config"]["data"]["backend"] == "dali"
+    assert (tmp_path / "run" / "encoder.pt").exists()

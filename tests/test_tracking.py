@@ -1,0 +1,126 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1, the local default store, and an
+unreachable server (training goes on, nothing is lost)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_overrides
+from trainer.config import TrackingConfig, load_config
+from trainer.loop import train
+from trainer.tracking import Tracker
+
+
+def free_port():
+    from launch.local import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            MlflowClient(uri).search_experiments()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("mlflow server did not start")
+            time.sleep(1)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def check_run(uri, run_id, steps_expected):
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    params = run.data.params
+    assert params["optim.name"] == "lars" and params["world_size"] == "1" and params["loss.temperature"] == "0.2"
+    assert "version.torch" in params and "git_commit" in params
+    loss = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in loss] == steps_expected
+    for key in ("contrastive_acc", "lr", "images_per_s", "data_wait_fraction", "peak_memory_mb"):
+        assert client.get_metric_history(run_id, key), key
+    arts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "encoder.pt", "curves.png"} <= arts
+    local = Path(client.download_artifacts(run_id, "encoder.pt"))
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # cifar stem
+    missing = net.load_state_dict(torch.load(local, weights_only=True), strict=False).missing_keys
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+    return run
+
+
+def test_real_server_run_has_params_metrics_artifacts(mlflow_server, photo_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run",
+                                           **{"tracking.uri": mlflow_server, "train.epochs": 1}))
+    result = train(cfg)
+    run = check_run(mlflow_server, result.run_id, [2, 4, 6, 8, 10])
+    assert run.info.status == "FINISHED"
+
+
+def test_resumed_job_continues_the_same_run(mlflow_server, photo_data, tmp_path):
+    over = {"tracking.uri": mlflow_server, "train.epochs": 1}
+    first = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **over,
+                                                   **{"train.stop_after_steps": 4})))
+    second = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **over)))
+    assert first.run_id == second.run_id
+    check_run(mlflow_server, second.run_id, [2, 4, 6, 8, 10])
+
+
+def test_local_default_store(photo_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run",
+                                           **{"tracking.uri": "", "train.epochs": 1}))
+    result = train(cfg)
+    assert (tmp_path / "mlflow.db").exists()  # MLflow's own default, in the working directory
+    check_run(f"sqlite:///{tmp_path / 'mlflow.db'}", result.run_id, [2, 4, 6, 8, 10])
+
+
+def test_unreachable_server_training_goes_on_and_metrics_are_kept(photo_data, tmp_path, capfd):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run",
+                                           **{"tracking.uri": dead, "train.epochs": 1}))
+    result = train(cfg)
+    assert result.step == 10 and result.encoder_path.exists()
+    err = capfd.readouterr().err
+    assert err.count("is unreachable") == 1  # warned once
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10] and all("loss" in r for r in rows)
+
+
+def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
+    """Metrics logged while the server is unreachable are queued and delivered once it answers."""
+    tracker = Tracker(TrackingConfig(uri=mlflow_server, experiment="outage"), tmp_path, active=True, retry_s=0)
+    run_id = tracker.start({"a": 1}, {})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker._client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server 'goes away'
+    tracker.log_metrics({"loss": 2.0}, step=2)
+    tracker.log_metrics({"loss": 3.0}, step=3)
+    assert tracker._pending  # queued, not dropped
+    tracker._client = MlflowClient(mlflow_server)  # back
+    tracker.finish()
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
