@@ -135,6 +135,28 @@ def bench_ssl_step(args, device) -> dict:
     }
 
 
+def _ours_loss_fn(local, cols, n, global_batch, device):
+    """This rank's 2n rows against the 2N global columns (what ``nt_xent`` computes after the gather)."""
+
+    def run():
+        z = F.normalize(local.float(), dim=1)
+        logits = z @ F.normalize(cols, dim=1).T / 0.1
+        idx = torch.arange(n, device=device)
+        rows = torch.arange(2 * n, device=device)
+        minus_inf = torch.tensor(float("-inf"), device=device)
+        logits = logits.index_put((rows, torch.cat([idx, idx + global_batch])), minus_inf)
+        F.cross_entropy(logits, torch.cat([idx + global_batch, idx])).backward()
+
+    return run
+
+
+def _naive_loss_fn(full_in, global_batch):
+    def run():
+        nt_xent_full_matrix(full_in[:global_batch], full_in[global_batch:], 0.1).backward()
+
+    return run
+
+
 def bench_loss(args, device) -> list[dict]:
     """Per-rank cost of the loss (fwd+bwd) at global batch N for a world of W ranks: ours computes
     2n x 2N logits (n = N/W); the naive version builds the full 2N x 2N matrix on every rank."""
@@ -147,18 +169,9 @@ def bench_loss(args, device) -> list[dict]:
             local = z_all[: 2 * n].clone().requires_grad_()
             cols = torch.cat([z_all[:global_batch], z_all[global_batch:]])
 
-            def ours():
-                z = F.normalize(local.float(), dim=1)
-                logits = z @ F.normalize(cols, dim=1).T / 0.1
-                idx = torch.arange(n, device=device)
-                logits = logits.index_put((torch.arange(2 * n, device=device), torch.cat([idx, idx + global_batch])),
-                                          torch.tensor(float("-inf"), device=device))
-                F.cross_entropy(logits, torch.cat([idx + global_batch, idx])).backward()
-
+            ours = _ours_loss_fn(local, cols, n, global_batch, device)
             full_in = z_all.clone().requires_grad_()
-
-            def naive():
-                nt_xent_full_matrix(full_in[:global_batch], full_in[global_batch:], 0.1).backward()
+            naive = _naive_loss_fn(full_in, global_batch)
 
             t_ours = statistics.median(timed(ours, device, 2, args.loss_iters))
             t_naive = statistics.median(timed(naive, device, 2, args.loss_iters))
@@ -194,8 +207,8 @@ def plot(result: dict, out: Path) -> None:
     ph = result["ssl"]["phases"]
     axes[0].barh(list(ph), [1e3 * v["median_s"] for v in ph.values()])
     axes[0].set_xlabel("ms per step (median)")
-    axes[0].set_title(f"{result['config']['arch']} {result['config']['image_size']}px b={result['config']['batch_size']}"
-                      f" {result['config']['precision']}")
+    c = result["config"]
+    axes[0].set_title(f"{c['arch']} {c['image_size']}px b={c['batch_size']} {c['precision']}")
     for world in sorted({r["world"] for r in result["loss"]}):
         rows = [r for r in result["loss"] if r["world"] == world]
         axes[1].plot([r["global_batch"] for r in rows], [r["speedup"] for r in rows], marker="o", label=f"W={world}")
@@ -223,8 +236,8 @@ def print_table(result: dict) -> None:
         print(f"{r['global_batch']:>12}{r['world']:>7}{r['ours_ms']:>10.2f}{r['naive_ms']:>10.2f}{r['speedup']:>12.2f}")
     lars = result["lars"]
     if "ours_ms" in lars:
-        print(f"\nLARS step over {lars['n_tensors']} tensors: ours {lars['ours_ms']:.2f} ms, timm {lars['timm_ms']:.2f} ms"
-              f" ({lars['speedup']:.2f}x)")
+        print(f"\nLARS step over {lars['n_tensors']} tensors: ours {lars['ours_ms']:.2f} ms, "
+              f"timm {lars['timm_ms']:.2f} ms ({lars['speedup']:.2f}x)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

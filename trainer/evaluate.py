@@ -30,9 +30,11 @@ def extract_features(encoder: nn.Module, root: str, data_cfg: DataConfig, device
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                  epochs: int = 100, batch_size: int = 256, lr: float = 0.1, weight_decay: float = 1e-4,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0, device: torch.device | None = None) -> dict[str, float]:
     """Linear classifier on frozen, standardised features: SGD + Nesterov momentum, cosine lr
     (SimCLR's protocol, on cached features). Returns top-1 / top-5 on the held-out split."""
+    device = device or torch.device("cpu")
+    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
     gen = torch.Generator().manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     tx, vx = (train_x - mean) / std, (val_x - mean) / std
@@ -41,11 +43,12 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     with torch.no_grad():
         clf.weight.normal_(0, 0.01, generator=gen)
         clf.bias.zero_()
+    clf = clf.to(device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps_per_epoch = max(1, math.ceil(len(tx) / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     for _ in range(epochs):
-        perm = torch.randperm(len(tx), generator=gen)
+        perm = torch.randperm(len(tx), generator=gen).to(device)
         for i in range(0, len(tx), batch_size):
             idx = perm[i : i + batch_size]
             loss = F.cross_entropy(clf(tx[idx]), train_y[idx])
@@ -75,7 +78,8 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     correct = 0
     for i in range(0, len(val_x), 1024):
         sim, idx = (val_x[i : i + 1024] @ train_x.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        votes = torch.zeros(len(sim), n_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
         correct += (votes.argmax(1) == val_y[i : i + 1024]).sum().item()
     return correct / len(val_x)
 
@@ -91,8 +95,9 @@ def evaluate_encoder(encoder: nn.Module, train_root: str, val_root: str, data_cf
                      device: torch.device, probe_epochs: int = 100) -> EncoderEval:
     tr_x, tr_y = extract_features(encoder, train_root, data_cfg, device)
     va_x, va_y = extract_features(encoder, val_root, data_cfg, device)
-    lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs)
-    return EncoderEval(lin["top1"], lin["top5"], knn_accuracy(tr_x, tr_y, va_x, va_y))
+    lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs, device=device)
+    return EncoderEval(lin["top1"], lin["top5"], knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device),
+                                                              va_y.to(device)))
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:

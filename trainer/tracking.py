@@ -34,18 +34,15 @@ def git_commit() -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import mlflow
-    import torch
-    import torchvision
+    from importlib import metadata
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "mlflow": mlflow.__version__}
-    try:
-        import nvidia.dali
-
-        versions["dali"] = nvidia.dali.__version__
-    except ImportError:
-        versions["dali"] = "not installed"
+    versions = {"python": sys.version.split()[0]}
+    for name, dist_name in (("torch", "torch"), ("torchvision", "torchvision"), ("mlflow", "mlflow"),
+                            ("dali", "nvidia-dali-cuda120")):
+        try:
+            versions[name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
     return versions
 
 
