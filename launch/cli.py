@@ -104,6 +104,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.slurm import load_cluster_config, submit
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cluster = load_cluster_config(args.cluster)
+    out = submit(cfg, cluster, sweep=args.sweep, dry_run=args.dry_run, name=args.name)
+    if args.dry_run:
+        print(out)
+        return 0
+    import mlflow
+
+    uri = cfg.tracking.uri or mlflow.get_tracking_uri()
+    for s in out:
+        print(f"submitted job {s.job_id}  run '{s.run_name}'\n  run dir  {s.run_dir}\n  stdout   {s.stdout}\n"
+              f"  stderr   {s.stderr}\n  MLflow   experiment '{cfg.tracking.experiment}' at {uri}")
+    if args.wait:
+        failed = 0
+        for s in out:
+            try:
+                result = s.job.results()[0]  # one result per task; rank 0 speaks for the job
+                print(f"job {s.job_id} finished: step {result['step']}, loss {result['loss']:.4f}, "
+                      f"MLflow run {result['run_id']}")
+            except Exception as exc:  # submitit re-raises the job's failure or cancellation here
+                failed += 1
+                print(f"job {s.job_id} did not finish ({s.job.state}): {str(exc).splitlines()[0][:300]}",
+                      file=sys.stderr)
+        return 1 if failed else 0
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simclr", description="SimCLR pretraining at scale: train, evaluate, benchmark and launch on SLURM. "
@@ -141,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default="")
     p.add_argument("--experiment", default="simclr")
     p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("submit", help="submit the training to SLURM through submitit (one task per GPU)")
+    _add_config_args(p)
+    p.add_argument("--cluster", required=True, help="cluster config YAML (see cluster_configs/)")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="key=v1,v2",
+                   help="submit a job array over the product of these values, e.g. optim.lr=0.3,0.6")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument("--name", default="simclr", help="SLURM job name")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and report how they ended")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="make demo data, pretrain with 2 CPU ranks, then linear-probe vs random init")
     p.add_argument("--workdir", default=".")

@@ -157,6 +157,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -176,7 +186,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp} for {key}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Construct dataclass ``cls`` from a mapping, rejecting unknown keys (with the closest valid
+    name) and values of the wrong type; nested dataclasses are built recursively."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -187,7 +199,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown config key '{prefix}{key}'{_closest(key, names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            kwargs[key] = build_dataclass(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
@@ -280,7 +292,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     data = dict(data or {})
     if isinstance(data.get("precision"), str):  # shorthand `precision: bf16`
         data["precision"] = {"dtype": data["precision"]}
-    return validate(_build(Config, data, ""))
+    return validate(build_dataclass(Config, data))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

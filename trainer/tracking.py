@@ -83,7 +83,13 @@ class Tracker:
         try:
             if self.run_id is None:
                 exp = self._client.get_experiment_by_name(self.cfg.experiment)
-                exp_id = exp.experiment_id if exp else self._client.create_experiment(self.cfg.experiment)
+                if exp is None:
+                    try:
+                        exp_id = self._client.create_experiment(self.cfg.experiment)
+                    except Exception:  # another rank or array task created it first
+                        exp_id = self._client.get_experiment_by_name(self.cfg.experiment).experiment_id
+                else:
+                    exp_id = exp.experiment_id
                 run = self._client.create_run(exp_id, run_name=self.cfg.run_name or None)
                 self.run_id = run.info.run_id
             else:
@@ -178,6 +184,22 @@ class Tracker:
         if not self.active or self.run_id is None:
             return f"metrics in {self.local_file}"
         return f"MLflow run {self.run_id} at {self.uri} (open the UI with: mlflow ui --backend-store-uri {self.uri})"
+
+
+def prepare_store(cfg: TrackingConfig) -> None:
+    """Create the store's schema and the experiment once, from the submitting process, so that the
+    tasks of a job array do not race to initialise a shared (e.g. sqlite) store."""
+    if not cfg.enabled:
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=cfg.uri or mlflow.get_tracking_uri())
+        if client.get_experiment_by_name(cfg.experiment) is None:
+            client.create_experiment(cfg.experiment)
+    except Exception as exc:  # the jobs fall back to offline metrics on their own
+        print(f"[tracking] WARNING: could not prepare MLflow store ({exc}); jobs will retry", file=sys.stderr)
 
 
 def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None) -> str:

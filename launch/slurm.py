@@ -1,0 +1,239 @@
+"""SLURM through submitit: one task per GPU, the same ``train`` entry point as every other path.
+
+Pre-emption and time limits: SLURM signals every task (``--signal=USR2@<delay>``); each rank
+asks the loop to stop, the ranks agree at the next step boundary, the trainer writes a checkpoint
+with its one atomic writer, and rank 0 requeues the job (``scontrol requeue``) until
+``max_requeues`` is reached. The requeued job runs the same pickled config, whose ``run_dir`` is
+unique to this submission, so it resumes its own newest checkpoint into the same MLflow run and
+never another run's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import Config, ConfigError, build_dataclass, config_from_dict, config_to_dict, parse_overrides
+
+
+@dataclass
+class ClusterConfig:
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU cluster, then tasks_per_node ranks per node
+    tasks_per_node: int = 1  # used only when gpus_per_node is 0
+    max_gpus: int = 0  # the most GPUs a job may ask for on this cluster (0: no limit)
+    cpus_per_task: int = 8
+    mem_gb: int = 0  # per node; 0: the cluster default
+    time_min: int = 60
+    constraint: str = ""
+    exclusive: bool = False
+    extra_sbatch: dict[str, str] = field(default_factory=dict)  # e.g. {reservation: big, gres-flags: enforce-binding}
+    setup: list[str] = field(default_factory=list)  # module loads, venv activation
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: str = "slurm_logs"
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit
+    max_requeues: int = 3
+    array_parallelism: int = 8  # concurrent tasks of a sweep's job array
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"cluster config {p} does not exist; see cluster_configs/ for examples")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cluster config {p} is not valid YAML: {exc}") from None
+    try:
+        cluster = build_dataclass(ClusterConfig, data, "cluster.")
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    if not cluster.partition:
+        raise ConfigError(f"{p}: cluster.partition is missing; name the SLURM partition (sinfo lists them)")
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
+        if getattr(cluster, key) <= 0:
+            raise ConfigError(f"{p}: cluster.{key}={getattr(cluster, key)} must be a positive integer")
+    total = cluster.nodes * cluster.gpus_per_node
+    if cluster.max_gpus and total > cluster.max_gpus:
+        raise ConfigError(f"{p}: {cluster.nodes} nodes x {cluster.gpus_per_node} GPUs = {total} GPUs, more than "
+                          f"cluster.max_gpus={cluster.max_gpus} allows; lower nodes or gpus_per_node")
+    return cluster
+
+
+def ranks_per_node(cluster: ClusterConfig) -> int:
+    return cluster.gpus_per_node or cluster.tasks_per_node
+
+
+def parse_sweep(items: list[str]) -> list[dict[str, Any]]:
+    """``["optim.lr=0.3,0.6", "loss.temperature=0.1,0.2"]`` -> the 4 combinations as {key: value}."""
+    axes = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"sweep '{item}' must look like key=v1,v2 (e.g. optim.lr=0.3,0.6)")
+        key, values = item.split("=", 1)
+        parsed = [next(iter(parse_overrides([f"x={v}"]).values())) for v in values.split(",") if v != ""]
+        if not parsed:
+            raise ConfigError(f"sweep {key} has no values")
+        axes.append([(key, v) for v in parsed])
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+class TrainingJob:
+    """What submitit pickles and runs on every task: export the torch.distributed environment
+    from SLURM's, train, and on pre-emption checkpoint + requeue."""
+
+    def __init__(self, config: dict[str, Any], max_requeues: int) -> None:
+        self.config, self.max_requeues = config, max_requeues
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit
+
+        from trainer.loop import request_stop, train
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        received: list[int] = []
+
+        def stop_at_next_step(signum, _frame) -> None:
+            received.append(signum)
+            request_stop()
+
+        # Replace submitit's handlers (which would exit mid-step): stop at the next step boundary.
+        # USR2 (time limit near, or a pre-emption notice) -> checkpoint and requeue; TERM (scancel,
+        # or SLURM requeueing/pre-empting on its own) -> checkpoint and let SLURM decide.
+        signal.signal(signal.SIGUSR2, stop_at_next_step)
+        signal.signal(signal.SIGTERM, stop_at_next_step)
+        cfg = config_from_dict(self.config)
+        result = train(cfg, on_start=_tag_slurm_facts)
+        if result.preempted:
+            if signal.SIGUSR2 in received:
+                self._requeue_or_stop(int(os.environ.get("RANK", "0")))
+            print(f"[simclr] stopped by SIGTERM at step {result.step}; checkpoint written", flush=True)
+            sys.exit(-1)
+        return {"step": result.step, "loss": result.loss, "run_id": result.run_id, "run_dir": str(result.run_dir)}
+
+    def _requeue_or_stop(self, rank: int) -> None:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if restarts >= self.max_requeues:
+            raise RuntimeError(f"pre-empted after {restarts} requeues (cluster max_requeues={self.max_requeues}); "
+                               f"the checkpoint in {self.config['train']['run_dir']} is intact, resubmit to go on")
+        if rank == 0:
+            from submitit import JobEnvironment
+
+            JobEnvironment()._requeue(self.max_requeues - restarts)
+            print(f"[simclr] checkpointed and requeued (restart {restarts + 1}/{self.max_requeues})", flush=True)
+        else:
+            time.sleep(120)  # rank 0 is requeueing; SLURM ends this task
+        sys.exit(-1)  # like submitit itself: no result file, the job is not over
+
+
+def _tag_slurm_facts(tracker, info) -> None:
+    tags = {f"slurm.{k.lower()[6:]}": v for k, v in os.environ.items()
+            if k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                     "SLURM_RESTART_COUNT", "SLURM_JOB_NUM_NODES", "SLURM_JOB_PARTITION")}
+    tags["world_size"] = str(info.world_size)
+    tracker.set_tags(tags)
+
+
+def make_executor(cluster: ClusterConfig, name: str):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=Path(cluster.log_dir) / "%j", cluster="slurm")
+    setup = [f"export {k}={v}" for k, v in cluster.env.items()] + list(cluster.setup)
+    extra = dict(cluster.extra_sbatch)
+    if cluster.exclusive:
+        extra["exclusive"] = True
+    if cluster.account:
+        extra["account"] = cluster.account
+    if cluster.qos:
+        extra["qos"] = cluster.qos
+    params: dict[str, Any] = dict(
+        name=name, nodes=cluster.nodes, tasks_per_node=ranks_per_node(cluster), cpus_per_task=cluster.cpus_per_task,
+        timeout_min=cluster.time_min, slurm_partition=cluster.partition, slurm_signal_delay_s=cluster.signal_delay_s,
+        slurm_setup=setup, slurm_additional_parameters=extra, slurm_array_parallelism=cluster.array_parallelism,
+    )
+    if cluster.gpus_per_node:
+        params["gpus_per_node"] = cluster.gpus_per_node
+    if cluster.mem_gb:
+        params["mem_gb"] = cluster.mem_gb
+    if cluster.constraint:
+        params["slurm_constraint"] = cluster.constraint
+    executor.update_parameters(**params)
+    return executor
+
+
+def sbatch_script(executor) -> str:
+    """The sbatch file submitit would submit (for ``--dry-run``)."""
+    inner = executor._executor
+    return inner._make_submission_file_text("python -u -m submitit.core._submit '%j'", "dry-run")
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    run_name: str
+    run_dir: str
+    stdout: str
+    stderr: str
+    job: Any = None
+
+
+def plan_runs(cfg: Config, sweep: list[str], base_name: str) -> list[Config]:
+    """One resolved config per sweep point, each with its own run_dir (unique to this submission)
+    and MLflow run name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    runs = []
+    for point in parse_sweep(sweep):
+        data = config_to_dict(cfg)
+        suffix = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+        for key, value in point.items():
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    raise ConfigError(f"sweep key {key}: '{part}' is not a config section")
+            node[leaf] = value
+        base = cfg.tracking.run_name or base_name
+        data["train"]["run_dir"] = str(Path(cfg.train.run_dir) / f"{stamp}-{len(runs)}")
+        data["checkpoint"]["resume"] = "auto"
+        data["tracking"]["run_name"] = f"{base}[{suffix}]" if suffix else base
+        runs.append(config_from_dict(data))  # validated like any other config
+    return runs
+
+
+def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, dry_run: bool = False,
+           name: str = "simclr") -> list[Submitted] | str:
+    runs = plan_runs(cfg, sweep or [], name)
+    world = cluster.nodes * ranks_per_node(cluster)
+    for run in runs:
+        if run.data.batch_size % world:
+            raise ConfigError(f"data.batch_size={run.data.batch_size} does not divide over the {world} ranks this "
+                              f"cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)}); "
+                              f"use a multiple of {world}")
+    executor = make_executor(cluster, name)
+    if dry_run:
+        return sbatch_script(executor)
+    from trainer.tracking import prepare_store
+
+    prepare_store(cfg.tracking)
+    jobs = []
+    if len(runs) == 1:
+        jobs = [executor.submit(TrainingJob(config_to_dict(runs[0]), cluster.max_requeues))]
+    else:
+        with executor.batch():
+            for run in runs:
+                jobs.append(executor.submit(TrainingJob(config_to_dict(run), cluster.max_requeues)))
+    return [Submitted(j.job_id, r.tracking.run_name, r.train.run_dir, str(j.paths.stdout), str(j.paths.stderr), j)
+            for j, r in zip(jobs, runs)]

@@ -1,0 +1,217 @@
+"""submitit launching against a real one-node SLURM cluster started by the suite (and the parts
+that need no cluster: dry-run scripts, cluster-config validation, sweep planning).
+
+The cluster tests skip on a machine without SLURM or root, except where SIMCLR_REQUIRE_SLURM=1
+(as .ci/run sets): there a missing cluster is a failure, never a skip."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.slurm import load_cluster_config, parse_sweep, plan_runs, submit
+from tests.conftest import PY, REPO, tiny_overrides
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, load_config
+
+CONFIGS = sorted((REPO / "cluster_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_dry_run_script_carries_each_cluster_option(path, capsys):
+    cluster = load_cluster_config(path)
+    script = submit(load_config(None, ["data.root=/data/x", "data.batch_size=512"]), cluster, dry_run=True)
+    assert f"#SBATCH --partition={cluster.partition}" in script
+    assert f"#SBATCH --nodes={cluster.nodes}" in script
+    assert f"#SBATCH --ntasks-per-node={cluster.gpus_per_node or cluster.tasks_per_node}" in script
+    assert f"#SBATCH --cpus-per-task={cluster.cpus_per_task}" in script
+    assert f"#SBATCH --time={cluster.time_min}" in script
+    assert f"#SBATCH --signal=USR2@{cluster.signal_delay_s}" in script
+    if cluster.gpus_per_node:
+        assert f"#SBATCH --gpus-per-node={cluster.gpus_per_node}" in script
+    if cluster.mem_gb:
+        assert f"#SBATCH --mem={cluster.mem_gb}GB" in script
+    for opt, val in (("account", cluster.account), ("qos", cluster.qos)):
+        if val:
+            assert f"#SBATCH --{opt}={val}" in script
+    if cluster.constraint:
+        assert f"#SBATCH --constraint='{cluster.constraint}'" in script
+    if cluster.exclusive:
+        assert "#SBATCH --exclusive" in script
+    for key, value in cluster.extra_sbatch.items():
+        assert f"#SBATCH --{key}={value}" in script
+    for line in cluster.setup:
+        assert line in script
+    for key, value in cluster.env.items():
+        assert f"export {key}={value}" in script
+    assert "srun" in script
+
+
+def test_cli_dry_run_prints_script():
+    proc = subprocess.run([PY, "-m", "launch", "submit", "--cluster", "cluster_configs/single_node.yaml",
+                           "--config", "configs/imagenet_resnet50.yaml", "--dry-run", "data.root=/d"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --gpus-per-node=8" in proc.stdout and "submitit.core._submit" in proc.stdout
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("partition: gpu\nnodes: 1\ngpu_per_node: 8\n", "unknown config key 'cluster.gpu_per_node' (did you mean "
+                                                     "'gpus_per_node'?)"),
+    ("nodes: 2\ngpus_per_node: 8\n", "cluster.partition is missing"),
+    ("partition: gpu\nnodes: 4\ngpus_per_node: 8\nmax_gpus: 16\n", "32 GPUs, more than cluster.max_gpus=16"),
+    ("partition: gpu\nnodes: zero\n", "cluster.nodes: expected an integer"),
+])
+def test_bad_cluster_config_is_refused_before_submitting(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_cluster_config(path)
+    assert needle in str(err.value)
+    proc = subprocess.run([PY, "-m", "launch", "submit", "--cluster", str(path), "data.root=/d"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_batch_must_split_over_the_clusters_ranks():
+    cluster = load_cluster_config(REPO / "cluster_configs/generic_multinode.yaml")  # 32 ranks
+    with pytest.raises(ConfigError, match="does not divide over the 32 ranks"):
+        submit(load_config(None, ["data.batch_size=100"]), cluster, dry_run=True)
+
+
+def test_sweep_plans_one_named_run_each_in_its_own_dir():
+    assert parse_sweep(["optim.lr=0.3,0.6", "loss.temperature=0.1,0.2"]) == [
+        {"optim.lr": 0.3, "loss.temperature": 0.1}, {"optim.lr": 0.3, "loss.temperature": 0.2},
+        {"optim.lr": 0.6, "loss.temperature": 0.1}, {"optim.lr": 0.6, "loss.temperature": 0.2}]
+    runs = plan_runs(load_config(None, ["train.run_dir=runs/x"]), ["optim.lr=0.3,0.6"], "job")
+    assert [r.optim.lr for r in runs] == [0.3, 0.6]
+    assert [r.tracking.run_name for r in runs] == ["job[lr=0.3]", "job[lr=0.6]"]
+    assert len({r.train.run_dir for r in runs}) == 2 and all(r.train.run_dir.startswith("runs/x/") for r in runs)
+    with pytest.raises(ConfigError, match="temperature"):
+        plan_runs(load_config(None), ["loss.temperature=0.1,-1"], "job")  # each point is validated
+
+
+# --------------------------------------------------------------------------- against real SLURM
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from tests.slurm_cluster import LocalSlurm, available
+
+    why = available()
+    if why:
+        if os.environ.get("SIMCLR_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SIMCLR_REQUIRE_SLURM=1 but {why}")
+        pytest.skip(why)
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="simclr-slurm-"))  # not under pytest's 0700 tmp: mysql must enter it
+    root.chmod(0o755)
+    cluster = LocalSlurm(root)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def simclr_submit(tmp_path, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([PY, "-m", "launch", "submit", "--cluster", str(REPO / "cluster_configs/local_test.yaml"),
+                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_runs(db: Path, experiment="simclr"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.mark.slurm
+def test_two_task_job_trains_and_logs(slurm, photo_data, tmp_path):
+    over = tiny_overrides(photo_data / "train", tmp_path / "runs", **{"train.epochs": 1,
+                                                                        "tracking.uri": f"sqlite:///{tmp_path}/m.db"})
+    proc = simclr_submit(tmp_path, "--wait", *over)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted job" in proc.stdout and "finished: step 10" in proc.stdout
+    client, runs = mlflow_runs(tmp_path / "m.db")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["world_size"] == "2" and run.data.tags["slurm.job_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8, 10]
+
+
+@pytest.mark.slurm
+def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, photo_data, tmp_path):
+    common = {"train.epochs": 6, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs", **common))
+    cluster = load_cluster_config(REPO / "cluster_configs/local_test.yaml")
+    cluster.log_dir = str(tmp_path / "logs")
+    (sub,) = submit(cfg, cluster, name="preempt")
+    run_dir = Path(sub.run_dir)
+    deadline = time.time() + 120
+    while not ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir)):  # training is under way
+        assert time.time() < deadline, "job never checkpointed"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", sub.job_id], check=True)  # the pre-emption notice
+    results = sub.job.results()  # waits through the requeue to the end
+    assert results[0]["step"] == 60
+    log = Path(sub.stdout).read_text()
+    assert "checkpointed and requeued (restart 1/2)" in log and "resumed from" in log
+    restarts = subprocess.run(["scontrol", "show", "job", sub.job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts
+
+    # the same config, uninterrupted, as 2 local ranks: bitwise-identical weights
+    ref = subprocess.run([PY, "-m", "launch", "train", "--nproc", "2",
+                          *tiny_overrides(photo_data / "train", tmp_path / "ref", **common)],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    a = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    b = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "ref"))[0])
+    assert a["step"] == b["step"] == 60
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # one MLflow run, continued across the requeue
+    client, runs = mlflow_runs(tmp_path / "m.db")
+    preempt_runs = [r for r in runs if r.info.run_name == "preempt"]
+    assert len(preempt_runs) == 1
+    steps = [m.step for m in client.get_metric_history(preempt_runs[0].info.run_id, "loss")]
+    assert steps[-1] == 60 and steps == sorted(set(steps))
+
+
+@pytest.mark.slurm
+def test_sweep_job_array_completes(slurm, photo_data, tmp_path):
+    over = tiny_overrides(photo_data / "train", tmp_path / "runs", **{"train.epochs": 1,
+                                                                        "tracking.uri": f"sqlite:///{tmp_path}/m.db"})
+    proc = simclr_submit(tmp_path, "--wait", "--name", "sweep", "--sweep", "loss.temperature=0.2,0.5", "--", *over)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = [line.split()[2] for line in proc.stdout.splitlines() if line.startswith("submitted job")]
+    assert len(ids) == 2 and all("_" in i for i in ids)  # array tasks: <array id>_<index>
+    _, runs = mlflow_runs(tmp_path / "m.db")
+    assert sorted(r.info.run_name for r in runs) == ["sweep[temperature=0.2]", "sweep[temperature=0.5]"]
+    assert sorted(r.data.params["loss.temperature"] for r in runs) == ["0.2", "0.5"]
+    assert {r.data.tags["slurm.array_task_id"] for r in runs} == {"0", "1"}
+
+
+@pytest.mark.slurm
+def test_cancelled_job_is_reported_not_waited_on(slurm, photo_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs",
+                                           **{"train.epochs": 500, "tracking.enabled": "false"}))
+    cluster = load_cluster_config(REPO / "cluster_configs/local_test.yaml")
+    cluster.log_dir = str(tmp_path / "logs")
+    (sub,) = submit(cfg, cluster, name="cancelme")
+    deadline = time.time() + 120
+    while sub.job.state not in ("RUNNING",):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    subprocess.run(["scancel", sub.job_id], check=True)
+    start = time.time()
+    with pytest.raises(Exception) as err:
+        sub.job.results()
+    assert time.time() - start < 120
+    assert "CANCELLED" in str(err.value) or "CANCELLED" in sub.job.state
