@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -125,7 +126,12 @@ def bench_ssl_step(args, device) -> dict:
         scaler.update()
 
     sup = timed(sup_step, device, args.warmup, args.iters)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
     ssl_med, sup_med = statistics.median(full), statistics.median(sup)
     return {
         "ssl_step": summary(full), "images_per_s": b / ssl_med, "views_per_s": 2 * b / ssl_med,
@@ -197,6 +203,52 @@ def bench_lars(args, device) -> dict:
             "n_tensors": sum(1 for _ in model.parameters())}
 
 
+def bench_scaling(args) -> list[dict]:
+    """The same global batch with 1..W ranks (gloo on CPU, one process per rank via torchrun)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from launch.local import free_port
+
+    rows = []
+    for world in args.scaling:
+        out = Path(tempfile.mkstemp(suffix=".json")[1])
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "benchmarks.scaling", str(out),
+               args.arch, str(args.image_size), str(args.batch_size * max(args.scaling)), str(args.iters)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"scaling run with {world} ranks failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(out.read_text()))
+        out.unlink()
+    base = rows[0]["median_step_s"] * rows[0]["world"]
+    for r in rows:
+        r["speedup"] = base / r["median_step_s"]
+        r["efficiency"] = r["speedup"] / r["world"]
+    return rows
+
+
+def bench_loaders(args, device) -> dict:
+    """DALI vs torchvision DataLoader on the same images at this benchmark's image size."""
+    from benchmarks.pipeline import fallback_data, images_per_s
+
+    root = Path(args.data) if args.data else fallback_data(max(args.image_size, 64))
+    workers = os.cpu_count() or 1
+    row = {"data": str(root), "image_size": args.image_size}
+    for backend in ("dali", "torchvision"):
+        try:
+            row[backend] = images_per_s(root, backend, args.image_size, args.batch_size, workers, 10, device)
+        except Exception as exc:  # DALI missing on this machine
+            row[backend] = None
+            row[f"{backend}_error"] = str(exc).splitlines()[0]
+    if row["dali"] and row["torchvision"]:
+        row["dali_over_torchvision"] = row["dali"] / row["torchvision"]
+    return row
+
+
 def plot(result: dict, out: Path) -> None:
     import matplotlib
 
@@ -238,6 +290,15 @@ def print_table(result: dict) -> None:
     if "ours_ms" in lars:
         print(f"\nLARS step over {lars['n_tensors']} tensors: ours {lars['ours_ms']:.2f} ms, "
               f"timm {lars['timm_ms']:.2f} ms ({lars['speedup']:.2f}x)")
+    if result["scaling"]:
+        print(f"\n{'ranks':>6}{'step ms':>10}{'speedup':>9}{'efficiency':>12}   (same global batch)")
+        for r in result["scaling"]:
+            print(f"{r['world']:>6}{1e3 * r['median_step_s']:>10.1f}{r['speedup']:>9.2f}{r['efficiency']:>12.2f}")
+    ld = result["loaders"]
+    if ld:
+        ratio = f"{ld['dali_over_torchvision']:.2f}x" if "dali_over_torchvision" in ld else "n/a"
+        print(f"\nloaders at {ld['image_size']} px: DALI {ld['dali'] or 0:.0f} img/s, torchvision "
+              f"{ld['torchvision'] or 0:.0f} img/s, DALI/torchvision {ratio}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -252,6 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-batches", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--loss-worlds", type=int, nargs="+", default=[8, 64])
     p.add_argument("--loss-iters", type=int, default=3)
+    p.add_argument("--scaling", type=int, nargs="*", default=[], metavar="W",
+                   help="also time the same global batch with these world sizes, e.g. 1 2 (torchrun, gloo on CPU)")
+    p.add_argument("--loaders", action="store_true", help="also compare the DALI and torchvision loaders")
+    p.add_argument("--data", default=None, help="images for --loaders (default: shipped photos)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<device>_<cfg>.json)")
     p.add_argument("--mlflow", action="store_true", help="also log the figures to MLflow (default store)")
     return p.parse_args(argv)
@@ -267,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
                    "precision": args.precision, "warmup": args.warmup, "iters": args.iters},
         "ssl": bench_ssl_step(args, device), "loss": bench_loss(args, device), "lars": bench_lars(args, device),
+        "scaling": bench_scaling(args) if args.scaling else [],
+        "loaders": bench_loaders(args, device) if args.loaders else {},
     }
     print_table(result)
     tag = "cuda" if device.type == "cuda" else "cpu"
@@ -283,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
         with mlflow.start_run(run_name=out.stem):
             mlflow.log_params({**result["config"], "device": result["device"]})
             mlflow.log_metrics({"images_per_s": result["ssl"]["images_per_s"],
+                                "lars_speedup_vs_timm": result["lars"].get("speedup", 0.0),
+                                "loss_speedup_vs_naive_max": max(r["speedup"] for r in result["loss"]),
                                 "views_per_s": result["ssl"]["views_per_s"],
                                 "ssl_over_supervised_time": result["ssl"]["ssl_over_supervised_time"]})
             mlflow.log_artifact(str(out))

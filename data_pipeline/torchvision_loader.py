@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.io import ImageReadMode, decode_image
 
 from data_pipeline.augment import eval_transform, simclr_transform
@@ -109,7 +109,8 @@ class EvalDataset(Dataset):
         return self.transform(decode_sample(self.source, index)), int(self.source.labels[index])
 
 
-def eval_loader(source: Source, cfg: DataConfig, batch_size: int) -> DataLoader:
-    """Deterministic resize + centre crop, in dataset order (for feature extraction)."""
-    return DataLoader(EvalDataset(source, cfg), batch_size=batch_size, shuffle=False,
+def eval_loader(source: Source, cfg: DataConfig, batch_size: int, indices: list[int] | None = None) -> DataLoader:
+    """Deterministic resize + centre crop, in dataset order or ``indices`` order (feature extraction)."""
+    dataset = EvalDataset(source, cfg)
+    return DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                       num_workers=cfg.num_workers, worker_init_fn=_worker_init)

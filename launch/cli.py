@@ -40,24 +40,86 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
-    from trainer.evaluate import evaluate_encoder, load_encoder
+    from trainer.evaluate import (
+        extract_features,
+        finetune,
+        knn_accuracy,
+        linear_probe,
+        load_encoder,
+        tsne_plot,
+    )
     from trainer.model import build_encoder
 
     encoder, cfg = load_encoder(args.checkpoint)
     data_cfg = cfg.data
     data_cfg.num_workers = args.workers
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = [("SimCLR", evaluate_encoder(encoder, args.train_data, args.val_data, data_cfg, device, args.probe_epochs))]
+    out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    encoders = {"SimCLR": encoder}
     if not args.no_baseline:
-        torch.manual_seed(cfg.train.seed)
-        baseline = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
-        rows.append(("random init", evaluate_encoder(baseline, args.train_data, args.val_data, data_cfg, device,
-                                                     args.probe_epochs)))
-    print(f"\n{'encoder':<14}{'linear top-1':>14}{'linear top-5':>14}{'kNN top-1':>12}")
-    for name, r in rows:
-        print(f"{name:<14}{r.linear_top1:>14.3f}{r.linear_top5:>14.3f}{r.knn_top1:>12.3f}")
+        encoders["random init"] = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
+    report: dict = {"checkpoint": str(args.checkpoint), "train_data": args.train_data, "val_data": args.val_data,
+                    "arch": cfg.model.arch, "device": str(device), "rows": {}}
+    for name, enc in encoders.items():
+        tr_x, tr_y = extract_features(enc, args.train_data, data_cfg, device)
+        va_x, va_y = extract_features(enc, args.val_data, data_cfg, device)
+        lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=args.probe_epochs, device=device)
+        row = {"linear_top1": lin["top1"], "linear_top5": lin["top5"],
+               "knn_top1": knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))}
+        for fraction in args.finetune:
+            ft = finetune(enc, args.train_data, args.val_data, data_cfg, device, fraction, args.finetune_epochs)
+            row[f"finetune_{fraction:g}_top1"] = ft["top1"]
+        if args.tsne:
+            slug = name.replace(" ", "_").lower()
+            row["tsne"] = str(tsne_plot(va_x, va_y, out_dir / f"tsne_{slug}.png", f"t-SNE of {name} features"))
+        report["rows"][name] = row
+    keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
+    lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for name, r in report["rows"].items()]
+    print("\n" + "\n".join(lines))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    print(f"\nreport: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    if args.mlflow:
+        _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
+    return 0
+
+
+def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> None:
+    """Into the training run when the checkpoint names one, else a new run in '<experiment>-eval'."""
+    from trainer import checkpoint as ckpt
+    from trainer.tracking import Tracker
+
+    run_id = None
+    path = Path(checkpoint)
+    candidates = [path] if path.name != "encoder.pt" else ckpt.list_checkpoints(ckpt.checkpoint_dir(path.parent))
+    for candidate in candidates[:1]:
+        run_id = ckpt.load_checkpoint(candidate).get("mlflow_run_id")
+    tracking = cfg.tracking
+    if run_id is None:
+        tracking.experiment = f"{tracking.experiment}-eval"
+    tracker = Tracker(tracking, out_dir, active=True)
+    tracker.start({"eval.checkpoint": checkpoint}, {"simclr.eval": "1"}, run_id=run_id)
+    metrics = {f"eval.{name.replace(' ', '_')}.{k}": v for name, row in report["rows"].items()
+               for k, v in row.items() if k != "tsne"}
+    tracker.log_metrics(metrics, step=0)
+    for file in sorted(out_dir.glob("*.png")) + [out_dir / "report.json", out_dir / "report.md"]:
+        tracker.log_artifact(file, "eval")
+    tracker.finish()
+    print(f"logged to {tracker.describe()}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.throughput import main as bench_main
+
+    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    bench_main(bench_args)
     return 0
 
 
@@ -95,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return rc
     cmd_eval(argparse.Namespace(checkpoint=str(run_dir / "encoder.pt"), train_data=str(data / "train"),
                                 val_data=str(data / "val"), device="cpu", workers=2, probe_epochs=100,
-                                no_baseline=False))
+                                no_baseline=False, finetune=[], finetune_epochs=0, tsne=True, out=None, mlflow=True))
     import mlflow
 
     print(f"\nMLflow run logged to {mlflow.get_tracking_uri()} (experiment 'simclr-demo').\n"
@@ -155,7 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder")
+    p.add_argument("--finetune", type=float, nargs="*", default=[], metavar="FRACTION",
+                   help="also fine-tune with these fractions of the labels, e.g. 0.01 0.1 1.0")
+    p.add_argument("--finetune-epochs", type=int, default=30)
+    p.add_argument("--tsne", action="store_true", help="write t-SNE plots of the held-out features")
+    p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/eval)")
+    p.add_argument("--mlflow", action="store_true", help="log the report, plots and metrics to MLflow")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("make-demo-data", help="write a small ImageFolder dataset from photos shipped with "
                        "scikit-image and scikit-learn")
@@ -191,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (benchmarks/throughput.py), --help included
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

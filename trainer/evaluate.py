@@ -18,11 +18,16 @@ from trainer.model import build_encoder
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, root: str, data_cfg: DataConfig, device: torch.device,
-                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder features (no projection head) of every image under ``root``, in dataset order."""
+                     batch_size: int = 256, max_images: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features (no projection head) of the images under ``root`` (all, in dataset order,
+    or a seeded random ``max_images`` of them)."""
     encoder.eval().to(device)
     feats, labels = [], []
-    for images, y in eval_loader(open_source(root), data_cfg, batch_size):
+    source = open_source(root)
+    indices = None
+    if max_images and len(source) > max_images:
+        indices = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:max_images].tolist()
+    for images, y in eval_loader(source, data_cfg, batch_size, indices):
         feats.append(encoder(images.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -120,3 +125,94 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
     encoder = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
     encoder.load_state_dict(weights)
     return encoder, cfg
+
+
+def finetune(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataConfig, device: torch.device,
+             label_fraction: float = 0.1, epochs: int = 30, lr: float = 0.05, batch_size: int = 64,
+             seed: int = 0) -> dict[str, float]:
+    """Semi-supervised protocol: fine-tune encoder + linear head on a class-balanced ``label_fraction``
+    of the labelled split (random crop + flip), then top-1/top-5 on the held-out split."""
+    import copy
+
+    import numpy as np
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.transforms import v2
+
+    from data_pipeline.torchvision_loader import EvalDataset
+
+    source = open_source(train_root)
+    labels = np.asarray(source.labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):  # at least one image per class
+        idx = np.flatnonzero(labels == c)
+        keep.extend(rng.choice(idx, max(1, round(label_fraction * len(idx))), replace=False).tolist())
+    train_set = EvalDataset(source, data_cfg)
+    size = data_cfg.image_size
+    train_set.transform = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+                                      v2.RandomHorizontalFlip(), *train_set.transform.transforms[2:]])
+    loader = DataLoader(Subset(train_set, keep), batch_size=min(batch_size, len(keep)), shuffle=True,
+                        num_workers=data_cfg.num_workers, drop_last=len(keep) > batch_size,
+                        generator=torch.Generator().manual_seed(seed))
+    model = copy.deepcopy(encoder).to(device)
+    with torch.no_grad():
+        feat_dim = model(torch.zeros(2, 3, size, size, device=device)).shape[1]
+    head = nn.Linear(feat_dim, int(labels.max()) + 1).to(device)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+    for _ in range(epochs):
+        model.train()
+        for images, y in loader:
+            loss = F.cross_entropy(head(model(images.to(device))), y.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    logits, ys = [], []
+    with torch.no_grad():
+        for images, y in eval_loader(open_source(val_root), data_cfg, 256):
+            logits.append(head(model(images.to(device))).cpu())
+            ys.append(y)
+    return {**topk_accuracy(torch.cat(logits), torch.cat(ys)), "labelled_images": len(keep)}
+
+
+def tsne_plot(features: torch.Tensor, labels: torch.Tensor, out: Path, title: str, max_points: int = 2000,
+              class_names: list[str] | None = None) -> Path:
+    """2-D t-SNE of (a sample of) the features, coloured by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(features), generator=gen)[:max_points]
+    x, y = features[idx].numpy(), labels[idx].numpy()
+    emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, max(5.0, len(x) / 10)), random_state=0).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    sc = ax.scatter(emb[:, 0], emb[:, 1], c=y, cmap="tab10" if y.max() < 10 else "tab20", s=8)
+    if class_names:
+        handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(c))) for c in range(len(class_names))]
+        ax.legend(handles, class_names, fontsize=7, loc="best")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def knn_monitor(encoder: nn.Module, data_cfg: DataConfig, device: torch.device, max_train: int = 10_000) -> float:
+    """Quick kNN top-1 of the current encoder on data.val_root against (up to ``max_train``
+    images of) data.root, for logging during pretraining. Leaves the encoder in train mode."""
+    was_training = encoder.training
+    try:
+        tr_x, tr_y = extract_features(encoder, data_cfg.root, data_cfg, device, max_images=max_train)
+        va_x, va_y = extract_features(encoder, data_cfg.val_root, data_cfg, device)
+    finally:
+        encoder.train(was_training)
+    return knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))

@@ -227,6 +227,13 @@ def _train(cfg: Config, info: DistInfo, on_start) -> TrainResult:
                 loss_sum.zero_()
                 acc_sum.zero_()
                 window_steps, wait_time, window_start = 0, 0.0, time.perf_counter()
+            if cfg.train.knn_every_epochs and step % (spe * cfg.train.knn_every_epochs) == 0 and cfg.data.val_root:
+                if info.is_main:  # the other ranks wait at the barrier (within dist.timeout_s)
+                    from trainer.evaluate import knn_monitor
+
+                    tracker.log_metrics({"knn_top1": knn_monitor(model.encoder, cfg.data, device)}, step)
+                if info.distributed:
+                    dist.barrier()
             if stop_flag:
                 preempted = True
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.

@@ -1,0 +1,88 @@
+"""`simclr eval`, the kNN monitor and `simclr bench` on tiny inputs (the numbers are not asserted,
+only that the protocol works and reports what it should)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import PY, REPO, tiny_overrides
+from trainer.config import load_config
+from trainer.evaluate import knn_accuracy, linear_probe
+from trainer.loop import train
+
+
+def test_probe_and_knn_separate_learnable_from_random_labels():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=gen) * 4
+    y = torch.randint(0, 5, (400,), generator=gen)
+    x = centers[y] + torch.randn(400, 32, generator=gen)
+    lin = linear_probe(x[:300], y[:300], x[300:], y[300:], epochs=20)
+    assert lin["top1"] > 0.9 and lin["top5"] == 1.0
+    assert knn_accuracy(x[:300], y[:300], x[300:], y[300:], k=20) > 0.9
+    shuffled = y[torch.randperm(400, generator=gen)]
+    assert linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], epochs=20)["top1"] < 0.45
+
+
+@pytest.fixture(scope="module")
+def trained_run(photo_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("evalrun")
+    cfg = load_config(None, tiny_overrides(photo_data / "train", run / "run", **{
+        "train.epochs": 2, "train.knn_every_epochs": 1, "data.val_root": str(photo_data / "val"),
+        "tracking.uri": f"sqlite:///{run}/m.db"}))
+    result = train(cfg)
+    return run, result
+
+
+def test_knn_monitor_is_logged_during_pretraining(trained_run):
+    run, result = trained_run
+    rows = [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [10, 20] and all(0 <= r["knn_top1"] <= 1 for r in knn)
+    history = MlflowClient(f"sqlite:///{run}/m.db").get_metric_history(result.run_id, "knn_top1")
+    assert [m.step for m in history] == [10, 20]
+
+
+def test_eval_command_reports_probe_knn_finetune_tsne_and_logs_to_the_training_run(trained_run, photo_data):
+    run, result = trained_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PY, "-m", "launch", "eval", "--checkpoint", str(result.encoder_path),
+                           "--train-data", str(photo_data / "train"), "--val-data", str(photo_data / "val.npz"),
+                           "--probe-epochs", "5", "--finetune", "0.5", "--finetune-epochs", "1", "--tsne",
+                           "--workers", "0", "--device", "cpu", "--mlflow"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run / "run" / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["rows"]) == {"SimCLR", "random init"}
+    for row in report["rows"].values():
+        assert {"linear_top1", "linear_top5", "knn_top1", "finetune_0.5_top1"} <= set(row)
+        assert all(0 <= row[k] <= 1 for k in row if k != "tsne")
+    assert (out / "tsne_simclr.png").stat().st_size > 1000 and (out / "tsne_random_init.png").exists()
+    assert "| SimCLR |" in proc.stdout and "| random init |" in proc.stdout
+    client = MlflowClient(f"sqlite:///{run}/m.db")
+    metrics = client.get_run(result.run_id).data.metrics
+    assert "eval.SimCLR.linear_top1" in metrics and "eval.random_init.knn_top1" in metrics
+    assert {a.path for a in client.list_artifacts(result.run_id, "eval")} >= {"eval/tsne_simclr.png",
+                                                                              "eval/report.json"}
+
+
+def test_bench_command_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PY, "-m", "launch", "bench", "--arch", "resnet18", "--image-size", "16",
+                           "--batch-size", "4", "--warmup", "1", "--iters", "2", "--loss-batches", "64",
+                           "--loss-worlds", "2", "--loss-iters", "1", "--scaling", "1", "2", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["ssl"]["phases"]) == {"forward", "loss_gather", "backward_allreduce", "optimizer"}
+    assert result["ssl"]["images_per_s"] > 0 and result["ssl"]["ssl_over_supervised_time"] > 0
+    assert [r["world"] for r in result["scaling"]] == [1, 2]
+    assert result["loss"][0]["global_batch"] == 64 and "speedup" in result["lars"]
+    assert result["device"] and result["versions"]["torch"] and "git_commit" in result
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "SSL step (2 views)" in proc.stdout and "naive/ours" in proc.stdout
