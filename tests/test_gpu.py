@@ -26,3 +26,29 @@ def test_cuda_training_bf16_channels_last(tiny_config):
                          "tracking.enabled": "false", "data.backend": "torchvision"})
     result = train(cfg)
     assert result.step == 4 and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_dali_gpu_pipeline_outputs_on_the_gpu(photo_data):
+    """device='mixed' decoding (nvJPEG) and GPU augmentation; batches arrive as CUDA tensors."""
+    pytest.importorskip("nvidia.dali")
+    from data_pipeline import build_loader, resolve_backend
+    from trainer.config import DataConfig
+
+    cfg = DataConfig(root=str(photo_data / "train"), backend="auto", image_size=24, batch_size=16, num_workers=2)
+    assert resolve_backend(cfg, torch.device("cuda", 0)) == "dali"  # the default on CUDA machines
+    loader = build_loader(cfg, 0, 0, 1, torch.device("cuda", 0))
+    batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch == 5
+    v1, v2, y = batches[0]
+    assert v1.is_cuda and v2.is_cuda and y.is_cuda
+    assert v1.shape == (16, 3, 24, 24) and v1.dtype == torch.float32 and not torch.equal(v1, v2)
+    cpu = build_loader(DataConfig(**{**cfg.__dict__, "backend": "dali"}), 0, 0, 1, torch.device("cpu"))
+    assert [b[2].tolist() for b in cpu] == [b[2].cpu().tolist() for b in batches]  # same order, GPU or CPU
+
+
+def test_cuda_training_with_dali_backend(tiny_config):
+    pytest.importorskip("nvidia.dali")
+    cfg = tiny_config(**{"train.device": "cuda", "precision.dtype": "bf16", "train.stop_after_steps": 6,
+                         "tracking.enabled": "false", "data.backend": "dali"})
+    result = train(cfg)
+    assert result.step == 6 and torch.isfinite(torch.tensor(result.loss))
