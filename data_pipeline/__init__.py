@@ -9,7 +9,7 @@ import torch
 from data_pipeline.sources import DataError, open_source
 from trainer.config import DataConfig
 
-__all__ = ["DataError", "build_loader", "resolve_backend"]
+__all__ = ["DataError", "build_eval_batches", "build_loader", "resolve_backend"]
 
 
 def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
@@ -43,3 +43,17 @@ def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device:
     from data_pipeline.torchvision_loader import TorchvisionLoader
 
     return TorchvisionLoader(source, cfg, seed, rank, world_size, device)
+
+
+def build_eval_batches(cfg: DataConfig, root: str, device: torch.device, batch_size: int,
+                       indices: list[int] | None = None):
+    """(images, labels) of ``root`` (or ``indices`` of it) in order, resized and centre-cropped with
+    no augmentation, through the same backend the training would use on ``device``."""
+    source = open_source(root)
+    if resolve_backend(cfg, device) == "dali":
+        from data_pipeline.dali import dali_eval_batches
+
+        return dali_eval_batches(source, cfg, batch_size, device, indices)
+    from data_pipeline.torchvision_loader import eval_loader
+
+    return eval_loader(source, cfg, batch_size, indices)

@@ -70,6 +70,20 @@ def simclr_view(images, cfg: AugmentConfig, image_size: int, fn, types):
                                     mirror=fn.random.coin_flip(probability=cfg.flip_prob))
 
 
+def _read_and_decode(files, labels, arrays, shard_id: int, num_shards: int, device_id: int | None, fn, types,
+                     pad_last_batch: bool = False):
+    """Decoded HWC uint8 images (on the GPU when ``device_id`` is set) and labels: JPEG ``files``
+    through readers.file + one decode each, or in-memory ``arrays`` through external_source."""
+    if files is not None:
+        encoded, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                                         random_shuffle=False, pad_last_batch=pad_last_batch, name="Reader")
+        images = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
+        return images, label
+    batched = isinstance(arrays, _ArrayBatches)  # eval: whole (possibly short) batches; train: per sample
+    images, label = fn.external_source(source=arrays, num_outputs=2, batch=batched, layout=["HWC", ""])
+    return (images.gpu() if device_id is not None else images), label
+
+
 def build_pipeline(files: list[str] | None, labels: list[int] | None, arrays: tuple | None, cfg: DataConfig,
                    batch_size: int, shard_id: int, num_shards: int, seed: int, device_id: int | None):
     """The SimCLR pipeline over JPEG ``files`` (readers.file) or in-memory ``arrays`` (external_source)."""
@@ -77,25 +91,75 @@ def build_pipeline(files: list[str] | None, labels: list[int] | None, arrays: tu
 
     @dali.pipeline_def(enable_conditionals=True)
     def simclr_pipeline():
-        if files is not None:
-            encoded, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-                                             random_shuffle=False, name="Reader")
-            images = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu",
-                                       output_type=types.RGB)
-        else:
-            images, label = fn.external_source(source=arrays, num_outputs=2, batch=False,
-                                               layout=["HWC", ""])
-            if device_id is not None:
-                images = images.gpu()
+        images, label = _read_and_decode(files, labels, arrays, shard_id, num_shards, device_id, fn, types)
         view1 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
         view2 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
         return view1, view2, label
 
-    num_threads = max(1, cfg.num_workers)
-    pipe = simclr_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+    pipe = simclr_pipeline(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
                            seed=seed % (2**31 - 1), prefetch_queue_depth=2, exec_dynamic=True)
     pipe.build()
     return pipe
+
+
+def build_eval_pipeline(files: list[str] | None, labels: list[int] | None, arrays, cfg: DataConfig,
+                        batch_size: int, device_id: int | None):
+    """Evaluation: resize the shorter side, centre crop, normalise; no augmentation."""
+    dali, fn, types = _dali()
+    from data_pipeline.augment import eval_resize_size
+
+    @dali.pipeline_def
+    def eval_pipeline():
+        images, label = _read_and_decode(files, labels, arrays, 0, 1, device_id, fn, types, pad_last_batch=True)
+        images = fn.resize(images, resize_shorter=eval_resize_size(cfg.image_size), antialias=True)
+        images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), crop_pos_x=0.5,
+                                          crop_pos_y=0.5, dtype=types.FLOAT, output_layout="CHW",
+                                          mean=[255 * m for m in cfg.augment.mean],
+                                          std=[255 * s for s in cfg.augment.std])
+        return images, label
+
+    pipe = eval_pipeline(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id, seed=0,
+                         exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+def dali_eval_batches(source: Source, cfg: DataConfig, batch_size: int, device: torch.device,
+                      indices: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) over ``source`` (or ``indices`` of it) in order, the last batch partial."""
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    order = np.arange(len(source)) if indices is None else np.asarray(indices)
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    if isinstance(source, ImageFolderSource):
+        files = [str(source.paths[i]) for i in order]
+        labels = [int(source.labels[i]) for i in order]
+        pipe = build_eval_pipeline(files, labels, None, cfg, batch_size, device_id)
+        reader = "Reader"
+    else:
+        pipe = build_eval_pipeline(None, None, _ArrayBatches(source, order, batch_size), cfg, batch_size, device_id)
+        reader = None
+    if reader:
+        it = DALIGenericIterator([pipe], ["images", "label"], reader_name=reader, auto_reset=False,
+                                 last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+    else:  # the iterable source ends the epoch itself
+        it = DALIGenericIterator([pipe], ["images", "label"], auto_reset=False, prepare_first_batch=False)
+    for batch in it:
+        yield batch[0]["images"], batch[0]["label"].reshape(-1).long()
+
+
+class _ArrayBatches:
+    """Iterable of (images, labels) batches over ``indices`` of an npz source; the last one may be short."""
+
+    def __init__(self, source: ArraySource, indices: np.ndarray, batch_size: int) -> None:
+        self.source, self.indices, self.batch_size = source, indices, batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            chunk = self.indices[start : start + self.batch_size]
+            yield ([self.source.images[i] for i in chunk],
+                   [np.array([self.source.labels[i]], dtype=np.int32) for i in chunk])
 
 
 class _ArrayFeed:

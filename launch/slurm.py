@@ -20,9 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trainer.config import Config, ConfigError, build_dataclass, config_from_dict, config_to_dict, parse_overrides
+from trainer.config import (
+    Config,
+    ConfigError,
+    build_dataclass,
+    config_from_dict,
+    config_to_dict,
+    parse_overrides,
+    read_yaml_mapping,
+)
 
 
 @dataclass
@@ -50,12 +56,7 @@ class ClusterConfig:
 
 def load_cluster_config(path: str | Path) -> ClusterConfig:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"cluster config {p} does not exist; see cluster_configs/ for examples")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cluster config {p} is not valid YAML: {exc}") from None
+    data = read_yaml_mapping(p, "cluster config", "see cluster_configs/ for examples")
     try:
         cluster = build_dataclass(ClusterConfig, data, "cluster.")
     except ConfigError as exc:

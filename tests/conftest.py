@@ -48,6 +48,17 @@ def tiny_config(photo_data, tmp_path):
     return make
 
 
+def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, junk: bytes) -> tuple[Path, Path]:
+    """A copy of the training tree in which one image is replaced by ``junk`` bytes."""
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", root)
+    bad = sorted((root / class_name).iterdir())[index]
+    bad.write_bytes(junk)
+    return root, bad
+
+
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, env_extra: dict | None = None):
     """Run ``tests/helpers/<script>`` under real torchrun (gloo, CPU)."""
     from launch.local import free_port

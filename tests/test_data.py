@@ -5,6 +5,7 @@ import torch
 from data_pipeline import build_loader
 from data_pipeline.augment import blur_kernel_size
 from data_pipeline.sources import DataError, list_image_folder, load_npz, open_source, shard_indices
+from tests.conftest import corrupt_copy
 from trainer.config import DataConfig
 
 
@@ -77,13 +78,7 @@ def test_bad_npz_is_named(tmp_path):
 
 
 def _tree_with_corrupt_file(photo_data, tmp_path):
-    import shutil
-
-    root = tmp_path / "tree"
-    shutil.copytree(photo_data / "train", root)
-    bad = sorted((root / "astronaut").iterdir())[0]
-    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
-    return root, bad
+    return corrupt_copy(photo_data, tmp_path, "astronaut", 0, b"\xff\xd8 this is not a jpeg")
 
 
 def test_corrupt_image_is_named(photo_data, tmp_path):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipeline import build_eval_batches
 from data_pipeline.sources import open_source
-from data_pipeline.torchvision_loader import eval_loader
 from trainer.config import Config, DataConfig, config_from_dict
 from trainer.model import build_encoder
 
@@ -23,11 +23,12 @@ def extract_features(encoder: nn.Module, root: str, data_cfg: DataConfig, device
     or a seeded random ``max_images`` of them)."""
     encoder.eval().to(device)
     feats, labels = [], []
-    source = open_source(root)
     indices = None
-    if max_images and len(source) > max_images:
-        indices = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:max_images].tolist()
-    for images, y in eval_loader(source, data_cfg, batch_size, indices):
+    if max_images:
+        n = len(open_source(root))
+        if n > max_images:
+            indices = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images].tolist()
+    for images, y in build_eval_batches(data_cfg, root, device, batch_size, indices):
         feats.append(encoder(images.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -172,7 +173,7 @@ def finetune(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataC
     model.eval()
     logits, ys = [], []
     with torch.no_grad():
-        for images, y in eval_loader(open_source(val_root), data_cfg, 256):
+        for images, y in build_eval_batches(data_cfg, val_root, device, 256):
             logits.append(head(model(images.to(device))).cpu())
             ys.append(y)
     return {**topk_accuracy(torch.cat(logits), torch.cat(ys)), "labelled_images": len(keep)}
