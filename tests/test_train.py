@@ -112,7 +112,10 @@ def test_mismatched_checkpoint_is_refused(tiny_config):
 
 
 @pytest.mark.slow
-def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dead", "stuck"])
+def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, sig):
+    """A dead rank (SIGKILL) or a stuck one (SIGSTOP: its sockets stay open, so only the collective
+    timeout can notice) must end the survivor with an error, not a hang."""
     from launch.local import free_port
 
     port = free_port()
@@ -129,13 +132,15 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path):
     while not list((tmp_path / "run").glob("checkpoints/step_*.pt")):  # training is under way
         assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[0][-2000:]
         time.sleep(0.5)
-    procs[1].send_signal(signal.SIGKILL)
+    procs[1].send_signal(sig)
     start = time.time()
     try:
-        code = procs[0].wait(timeout=60)
+        code = procs[0].wait(timeout=90)
     except subprocess.TimeoutExpired:
         procs[0].kill()
         pytest.fail("surviving rank hung after its peer died")
+    finally:
+        procs[1].kill()
     assert code != 0
-    assert time.time() - start < 60
+    assert time.time() - start < 20 + 45  # dist.timeout_s plus start-up slack
     assert ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "run"))  # checkpoints intact
