@@ -52,6 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         load_encoder,
         tsne_plot,
     )
+    from data_pipeline.sources import open_source
     from trainer.model import build_encoder
 
     encoder, cfg = load_encoder(args.checkpoint)
@@ -77,7 +78,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             row[f"finetune_{fraction:g}_top1"] = ft["top1"]
         if args.tsne:
             slug = name.replace(" ", "_").lower()
-            row["tsne"] = str(tsne_plot(va_x, va_y, out_dir / f"tsne_{slug}.png", f"t-SNE of {name} features"))
+            row["tsne"] = str(tsne_plot(va_x, va_y, out_dir / f"tsne_{slug}.png", f"t-SNE of {name} features",
+                                        class_names=open_source(args.val_data).classes))
         report["rows"][name] = row
     keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
     lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
