@@ -44,6 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
+    from data_pipeline.sources import open_source
     from trainer.evaluate import (
         extract_features,
         finetune,
@@ -52,7 +53,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         load_encoder,
         tsne_plot,
     )
-    from data_pipeline.sources import open_source
     from trainer.model import build_encoder
 
     encoder, cfg = load_encoder(args.checkpoint)
