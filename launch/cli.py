@@ -29,7 +29,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validate before any rank starts
     if args.nproc > 1 and not args.in_process:
+        from data_pipeline.sources import DataError
         from launch.local import run_torchrun
+
+        if not Path(cfg.data.root).exists():  # fail here, once, instead of in every rank
+            raise DataError(f"data path {cfg.data.root or '(empty)'} does not exist; set data.root to an "
+                            "ImageFolder tree or an .npz file")
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
         return run_torchrun(args.nproc, forwarded)

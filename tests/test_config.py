@@ -91,6 +91,10 @@ def test_cli_user_error_exits_2_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "/nonexistent/x does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "launch", "train", "--nproc", "2", "data.root=/nonexistent/x"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "/nonexistent/x does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_cli_help():
