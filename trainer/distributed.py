@@ -83,12 +83,16 @@ def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+# torch >= 2.14 renames all_gather_into_tensor (and warns on the old name); older releases lack the new one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
         out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor.contiguous())
+        _all_gather_single(out, tensor.contiguous())
         return out
 
     @staticmethod
