@@ -11,7 +11,7 @@ from data_pipeline import build_loader
 from data_pipeline.sample_data import photo_paths
 from data_pipeline.sources import DataError
 from tests.conftest import corrupt_copy, run_torchrun, tiny_overrides
-from trainer.config import AugmentConfig, DataConfig
+from trainer.config import AugmentConfig, DataConfig, load_config
 
 pytest.importorskip("nvidia.dali")
 CPU = torch.device("cpu")
@@ -186,6 +186,17 @@ def test_two_rank_dali_training_checkpoints_and_resumes(photo_data, tmp_path):
     state = final_state(tmp_path / "run")
     assert state["step"] == 20 and state["config"]["data"]["backend"] == "dali"
     assert (tmp_path / "run" / "encoder.pt").exists()
+
+
+def test_skipped_corrupt_images_are_counted_in_the_training_metrics(photo_data, tmp_path):
+    from trainer.loop import train
+
+    root, _ = _corrupt_tree(photo_data, tmp_path)
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "run", **{
+        "data.backend": "dali", "data.skip_corrupt": "true", "train.stop_after_steps": 2, "tracking.enabled": "false"}))
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_corrupt_images"] == 1
 
 
 @pytest.mark.parametrize("split", ["val", "val.npz"])

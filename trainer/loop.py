@@ -220,7 +220,8 @@ def _train(cfg: Config, info: DistInfo, on_start) -> TrainResult:
                            "images_per_s": cfg.data.batch_size * window_steps / elapsed,
                            "data_wait_fraction": wait_time / elapsed, "peak_memory_mb": _peak_memory_mb(device),
                            "epoch": step / spe, "skipped_nonfinite": nonfinite_total,
-                           "skipped_overflow": overflow_total}
+                           "skipped_overflow": overflow_total,
+                           "skipped_corrupt_images": getattr(loader, "corrupt_skipped", 0)}
                 tracker.log_metrics(metrics, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{metrics['images_per_s']:.0f}")

@@ -50,6 +50,8 @@ class Tracker:
     """Rank 0's view of the MLflow run. On other ranks (``active=False``) every call is a no-op."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool, retry_s: float = 30.0) -> None:
+        # rank 0 always keeps the local metrics file; MLflow only when tracking is enabled
+        self.writes_local = active
         self.cfg, self.active, self.retry_s = cfg, active and cfg.enabled, retry_s
         self.run_dir = Path(run_dir)
         self.local_file = self.run_dir / "metrics.jsonl"
@@ -116,11 +118,13 @@ class Tracker:
 
     # ------------------------------------------------------------------ logging
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        if self.writes_local:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.local_file, "a") as f:
+                f.write(json.dumps({"step": step, "time_ms": now, **metrics}) + "\n")
         if not self.active:
             return
-        now = int(time.time() * 1000)
-        with open(self.local_file, "a") as f:
-            f.write(json.dumps({"step": step, "time_ms": now, **metrics}) + "\n")
         self._pending.extend((k, float(v), now, step) for k, v in metrics.items())
         self.flush()
 
