@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data_pipeline.sources import DataError
@@ -50,14 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from data_pipeline.sources import open_source
-    from trainer.evaluate import (
-        extract_features,
-        finetune,
-        knn_accuracy,
-        linear_probe,
-        load_encoder,
-        tsne_plot,
-    )
+    from trainer.evaluate import evaluate_encoder, finetune, load_encoder, tsne_plot
     from trainer.model import build_encoder
 
     encoder, cfg = load_encoder(args.checkpoint)
@@ -73,18 +64,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report: dict = {"checkpoint": str(args.checkpoint), "train_data": args.train_data, "val_data": args.val_data,
                     "arch": cfg.model.arch, "device": str(device), "rows": {}}
     for name, enc in encoders.items():
-        tr_x, tr_y = extract_features(enc, args.train_data, data_cfg, device)
-        va_x, va_y = extract_features(enc, args.val_data, data_cfg, device)
-        lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=args.probe_epochs, device=device)
-        row = {"linear_top1": lin["top1"], "linear_top5": lin["top5"],
-               "knn_top1": knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))}
+        ev = evaluate_encoder(enc, args.train_data, args.val_data, data_cfg, device, args.probe_epochs)
+        row = {"linear_top1": ev.linear_top1, "linear_top5": ev.linear_top5, "knn_top1": ev.knn_top1}
         for fraction in args.finetune:
             ft = finetune(enc, args.train_data, args.val_data, data_cfg, device, fraction, args.finetune_epochs)
             row[f"finetune_{fraction:g}_top1"] = ft["top1"]
         if args.tsne:
             slug = name.replace(" ", "_").lower()
-            row["tsne"] = str(tsne_plot(va_x, va_y, out_dir / f"tsne_{slug}.png", f"t-SNE of {name} features",
-                                        class_names=open_source(args.val_data).classes))
+            plot = tsne_plot(ev.val_features, ev.val_labels, out_dir / f"tsne_{slug}.png", f"t-SNE of {name} features",
+                             class_names=open_source(args.val_data).classes)
+            row["tsne"] = str(plot)
         report["rows"][name] = row
     keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
     lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

@@ -26,8 +26,9 @@ from trainer.config import (
     build_dataclass,
     config_from_dict,
     config_to_dict,
-    parse_overrides,
+    parse_value,
     read_yaml_mapping,
+    set_dotted,
 )
 
 
@@ -84,7 +85,7 @@ def parse_sweep(items: list[str]) -> list[dict[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"sweep '{item}' must look like key=v1,v2 (e.g. optim.lr=0.3,0.6)")
         key, values = item.split("=", 1)
-        parsed = [next(iter(parse_overrides([f"x={v}"]).values())) for v in values.split(",") if v != ""]
+        parsed = [parse_value(v) for v in values.split(",") if v != ""]
         if not parsed:
             raise ConfigError(f"sweep {key} has no values")
         axes.append([(key, v) for v in parsed])
@@ -199,13 +200,7 @@ def plan_runs(cfg: Config, sweep: list[str], base_name: str) -> list[Config]:
         data = config_to_dict(cfg)
         suffix = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
         for key, value in point.items():
-            node = data
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-                if not isinstance(node, dict):
-                    raise ConfigError(f"sweep key {key}: '{part}' is not a config section")
-            node[leaf] = value
+            set_dotted(data, key, value)
         base = cfg.tracking.run_name or base_name
         data["train"]["run_dir"] = str(Path(cfg.train.run_dir) / f"{stamp}-{len(runs)}")
         data["checkpoint"]["resume"] = "auto"

@@ -205,7 +205,16 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def parse_value(raw: str) -> Any:
+    """A command-line value as a YAML scalar or list (``0.5`` -> float, ``[0.2, 1.0]`` -> list)."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value {raw!r}: {exc}") from None
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -223,10 +232,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=0.5")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
-        _set_dotted(tree, key.strip(), value)
+            value = parse_value(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"override {key}: {exc}") from None
+        set_dotted(tree, key.strip(), value)
     return tree
 
 

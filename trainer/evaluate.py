@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -95,15 +95,18 @@ class EncoderEval:
     linear_top1: float
     linear_top5: float
     knn_top1: float
+    val_features: torch.Tensor = field(repr=False)  # kept for plots (t-SNE)
+    val_labels: torch.Tensor = field(repr=False)
 
 
 def evaluate_encoder(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataConfig,
                      device: torch.device, probe_epochs: int = 100) -> EncoderEval:
+    """Features extracted once, then the linear probe and weighted kNN on them."""
     tr_x, tr_y = extract_features(encoder, train_root, data_cfg, device)
     va_x, va_y = extract_features(encoder, val_root, data_cfg, device)
     lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs, device=device)
-    return EncoderEval(lin["top1"], lin["top5"], knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device),
-                                                              va_y.to(device)))
+    knn = knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))
+    return EncoderEval(lin["top1"], lin["top5"], knn, va_x, va_y)
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:

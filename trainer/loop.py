@@ -75,12 +75,11 @@ def _gather_rng(info: DistInfo) -> list:
 
 
 def _check_compatible(state: dict, cfg: Config, path: Path) -> None:
-    saved = state["config"]
-    for section in ("model",):
-        if saved.get(section) != config_to_dict(cfg)[section]:
-            raise ckpt.CheckpointError(f"checkpoint {path} was trained with {section}={saved.get(section)}, "
-                                       f"this run asks for {config_to_dict(cfg)[section]}; use the same "
-                                       f"{section} settings or checkpoint.resume=none with a new train.run_dir")
+    saved, wanted = state["config"], config_to_dict(cfg)
+    if saved.get("model") != wanted["model"]:
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained with model={saved.get('model')}, this run asks "
+                                   f"for {wanted['model']}; use the same model settings or checkpoint.resume=none "
+                                   "with a new train.run_dir")
     if saved["data"]["batch_size"] != cfg.data.batch_size:
         raise ckpt.CheckpointError(f"checkpoint {path} used data.batch_size={saved['data']['batch_size']}, "
                                    f"this run {cfg.data.batch_size}: the data position would not match")
@@ -182,7 +181,8 @@ def _train(cfg: Config, info: DistInfo, on_start) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             # One small collective per step so every rank agrees to skip a bad step or to stop.
-            flags = torch.tensor([float(not torch.isfinite(loss)), float(_stop_requested)], device=device)
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                 torch.tensor(float(_stop_requested), device=device)])
             if info.distributed:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             bad, stop_flag = flags.tolist()
@@ -221,7 +221,7 @@ def _train(cfg: Config, info: DistInfo, on_start) -> TrainResult:
                            "data_wait_fraction": wait_time / elapsed, "peak_memory_mb": _peak_memory_mb(device),
                            "epoch": step / spe, "skipped_nonfinite": nonfinite_total,
                            "skipped_overflow": overflow_total,
-                           "skipped_corrupt_images": getattr(loader, "corrupt_skipped", 0)}
+                           "skipped_corrupt_images": loader.corrupt_skipped}
                 tracker.log_metrics(metrics, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{metrics['images_per_s']:.0f}")

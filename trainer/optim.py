@@ -60,6 +60,7 @@ class LARS(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             wd, lr = group["weight_decay"], group["lr"]
+            update = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
             if group["lars_adapt"]:
                 w_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm(grads))
@@ -67,10 +68,7 @@ class LARS(torch.optim.Optimizer):
                 trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
                 if group["trust_clip"]:
                     trust = torch.clamp(trust / lr, max=1.0)
-                update = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else [g.clone() for g in grads]
-                torch._foreach_mul_(update, list(trust.unbind()))
-            else:
-                update = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
+                update = torch._foreach_mul(update, list(trust.unbind()))
             if group["momentum"] != 0:
                 bufs = []
                 for p in params:  # state lookup only; the arithmetic below is fused per group

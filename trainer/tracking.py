@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ class Tracker:
         self._pending_tags: dict[str, str] = {}
         self._warned = False
         self._last_try = 0.0
+        self._run_created = False
 
     # ------------------------------------------------------------------ connection
     def _warn(self, what: str, exc: Exception) -> None:
@@ -102,8 +102,6 @@ class Tracker:
             self._warn("starting the run", exc)
             return False
 
-    _run_created = False
-
     def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
         """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
         if not self.active:
@@ -111,7 +109,7 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
         if run_id is None:
-            self._pending_params = {k: v for k, v in params.items()}
+            self._pending_params = dict(params)
         self._pending_tags = dict(tags)
         self.flush(force=True)
         return self.run_id
@@ -218,7 +216,3 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None) -
         raise RuntimeError(f"MLflow at {tracker.uri} is still unreachable; nothing was lost, try again later")
     tracker.finish()
     return tracker.run_id or ""
-
-
-def quiet_mlflow() -> None:
-    warnings.filterwarnings("ignore", module="mlflow")
