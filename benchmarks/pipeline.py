@@ -11,7 +11,6 @@ written at the needed size. Prints a table and writes JSON under benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.throughput import RESULTS, device_name
+from benchmarks.common import RESULTS, device_name, result_header, write_json
 from data_pipeline import build_loader
-from trainer.config import AugmentConfig, DataConfig
-from trainer.tracking import git_commit, library_versions
+from data_pipeline.config import AugmentConfig, DataConfig
+from trainer.device import synchronize
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -48,10 +47,24 @@ def images_per_s(root: Path, backend: str, size: int, batch: int, workers: int, 
     n = min(batches, loader.steps_per_epoch - 3)
     t = time.perf_counter()
     for _ in range(n):
-        v1, _, _ = next(it)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        next(it)
+    synchronize(device)
     return n * batch / (time.perf_counter() - t)
+
+
+def compare_loaders(root: Path, image_size: int, batch: int, workers: int, batches: int,
+                    device: torch.device) -> dict:
+    """Images/s (two views) of each backend on the same images; a backend that cannot run here
+    (DALI not installed) is reported as None with its error."""
+    row: dict = {"image_size": image_size, "batch": batch, "data": str(root), "workers": workers}
+    for backend in ("dali", "torchvision"):
+        try:
+            row[backend] = images_per_s(root, backend, image_size, batch, workers, batches, device)
+        except Exception as exc:
+            row[backend], row[f"{backend}_error"] = None, str(exc).splitlines()[0]
+    if row["dali"] and row["torchvision"]:
+        row["dali_over_torchvision"] = row["dali"] / row["torchvision"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,22 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for size, root, batch in ((224, args.data224, 64), (32, args.data32, 256)):
         root = Path(root) if Path(root).exists() else fallback_data(256 if size == 224 else 32)
-        row = {"image_size": size, "batch": batch, "data": str(root), "workers": args.workers}
-        for backend in ("dali", "torchvision"):
-            row[backend] = images_per_s(root, backend, size, batch, args.workers, args.batches, device)
-        row["dali_over_torchvision"] = row["dali"] / row["torchvision"]
-        rows.append(row)
-    result = {"benchmark": "pipeline", "device": device_name(device) if device.type == "cuda" else
-              f"CPU x{os.cpu_count()} cores (DALI CPU mode)", "versions": library_versions(),
-              "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+        rows.append(compare_loaders(root, size, batch, args.workers, args.batches, device))
+    label = device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()} cores (DALI CPU mode)"
+    result = {**result_header("pipeline", label), "rows": rows}
     print(f"\n== two-view SimCLR augmentation throughput on {result['device']}")
     print(f"{'px':>5}{'batch':>7}{'DALI img/s':>12}{'torchvision img/s':>19}{'ratio':>8}")
     for r in rows:
-        print(f"{r['image_size']:>5}{r['batch']:>7}{r['dali']:>12.1f}{r['torchvision']:>19.1f}"
-              f"{r['dali_over_torchvision']:>8.2f}")
-    out = Path(args.out) if args.out else RESULTS / f"pipeline_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+        print(f"{r['image_size']:>5}{r['batch']:>7}{r['dali'] or 0:>12.1f}{r['torchvision'] or 0:>19.1f}"
+              f"{r.get('dali_over_torchvision', float('nan')):>8.2f}")
+    out = write_json(result, Path(args.out) if args.out else RESULTS / f"pipeline_{device.type}.json")
     print(f"wrote {out}")
     return result
 

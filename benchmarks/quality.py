@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.throughput import RESULTS, device_name
+from benchmarks.common import RESULTS, device_name, result_header, write_json
 from trainer.config import load_config
-from trainer.evaluate import evaluate_encoder
+from trainer.device import choose_device
+from trainer.evaluate import evaluate_encoder, load_encoder
 from trainer.loop import train
 from trainer.model import build_encoder
-from trainer.tracking import git_commit, library_versions
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -54,28 +54,25 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(REPO / recipe, [f"data.root={train_root}", f"data.val_root={val_root}",
                                       f"train.epochs={args.epochs}", f"train.run_dir={run_dir}",
                                       "checkpoint.resume=none", *args.overrides])
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    device = choose_device(cfg.train.device)
     start = time.time()
     result = train(cfg)
     pretrain_s = time.time() - start
-    encoder = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
-    encoder.load_state_dict(torch.load(result.encoder_path, weights_only=True))
+    encoder, _ = load_encoder(result.encoder_path)
     ssl = evaluate_encoder(encoder, str(train_root), str(val_root), cfg.data, device, args.probe_epochs)
     torch.manual_seed(cfg.train.seed)
     rand = evaluate_encoder(build_encoder(cfg.model.arch, cfg.model.cifar_stem), str(train_root), str(val_root),
                             cfg.data, device, args.probe_epochs)
     row = {
-        "benchmark": "quality", "dataset": args.dataset, "model": cfg.model.arch, "epochs": args.epochs,
+        **result_header("quality", device_name(device)), "dataset": args.dataset, "model": cfg.model.arch,
+        "epochs": args.epochs,
         "batch": cfg.data.batch_size, "precision": cfg.precision.dtype, "backend": cfg.data.backend,
-        "pretrain_wall_s": pretrain_s, "total_wall_s": time.time() - start, "device": device_name(device),
+        "pretrain_wall_s": pretrain_s, "total_wall_s": time.time() - start,
         "linear_top1": ssl.linear_top1, "linear_top5": ssl.linear_top5, "knn_top1": ssl.knn_top1,
         "random_linear_top1": rand.linear_top1, "random_knn_top1": rand.knn_top1, "final_loss": result.loss,
-        "versions": library_versions(), "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
-    out = RESULTS / f"quality_{args.dataset}_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=2))
+    write_json(row, RESULTS / f"quality_{args.dataset}_{tag}.json")
     md = RESULTS / "quality.md"
     if not md.exists():
         md.write_text("| dataset | model | epochs | batch | precision | pretrain wall | device | linear top-1 "

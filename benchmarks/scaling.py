@@ -1,49 +1,77 @@
-"""One rank of the scaling benchmark (run under torchrun by ``simclr bench --scaling``): the SimCLR
-step with DDP and gathered negatives at a fixed GLOBAL batch split over the world; rank 0 writes
-the median step time to argv[1]."""
+"""Data-parallel scaling: the SimCLR step (DDP, gathered negatives, LARS) at a fixed GLOBAL batch
+split over 1..W ranks. ``bench_scaling`` starts each world with torchrun (gloo on the CPU); this
+module is also the rank program, ``python -m benchmarks.scaling OUT ARCH SIZE GLOBAL_BATCH ITERS``,
+whose rank 0 writes the median step time of the slowest rank to OUT."""
+
+from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import DistConfig, ModelConfig, OptimConfig
-from trainer.distributed import init_distributed
-from trainer.loss import nt_xent
-from trainer.model import build_model
-from trainer.optim import build_optimizer
 
-out, arch, size, global_batch, iters = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-info = init_distributed(DistConfig(), "auto")
-torch.manual_seed(0)
-model = build_model(ModelConfig(arch=arch, cifar_stem=size <= 64), info.device, info.world_size, info.rank)
-ddp = DistributedDataParallel(model) if info.distributed else model
-opt = build_optimizer(model, OptimConfig(name="lars"), lr=0.1)
-b = global_batch // info.world_size
-images = torch.randn(2 * b, 3, size, size, device=info.device)
-times = []
-for i in range(2 + iters):
-    t = time.perf_counter()
-    z1, z2 = ddp(images).chunk(2)
-    loss, _ = nt_xent(z1, z2, 0.1)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    if info.device.type == "cuda":
-        torch.cuda.synchronize()
-    if i >= 2:
-        times.append(time.perf_counter() - t)
-if info.distributed:
-    t = torch.tensor([statistics.median(times)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the job moves at its slowest rank
-    med = t.item()
-else:
-    med = statistics.median(times)
-if info.rank == 0:
-    json.dump({"world": info.world_size, "median_step_s": med}, open(out, "w"))
-if info.distributed:
-    dist.destroy_process_group()
+def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: int, iters: int) -> list[dict]:
+    from trainer.distributed import torchrun_command
+
+    rows = []
+    for world in worlds:
+        out = Path(tempfile.mkstemp(suffix=".json")[1])
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+        program = ["-m", "benchmarks.scaling", str(out), arch, str(image_size), str(global_batch), str(iters)]
+        proc = subprocess.run(torchrun_command(world, program), env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"scaling run with {world} ranks failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(out.read_text()))
+        out.unlink()
+    base = rows[0]["median_step_s"] * rows[0]["world"]
+    for row in rows:
+        row["speedup"] = base / row["median_step_s"]
+        row["efficiency"] = row["speedup"] / row["world"]
+    return rows
+
+
+def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trainer.config import DistConfig, ModelConfig, OptimConfig
+    from trainer.device import synchronize
+    from trainer.distributed import init_distributed, teardown
+    from trainer.loss import nt_xent
+    from trainer.model import build_model
+    from trainer.optim import build_optimizer
+
+    info = init_distributed(DistConfig(), "auto")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, cifar_stem=image_size <= 64), info.device, info.world_size, info.rank)
+    ddp_model = DistributedDataParallel(model) if info.distributed else model
+    opt = build_optimizer(model, OptimConfig(name="lars"), lr=0.1)
+    images = torch.randn(2 * (global_batch // info.world_size), 3, image_size, image_size, device=info.device)
+    times = []
+    for i in range(2 + iters):
+        start = time.perf_counter()
+        z1, z2 = ddp_model(images).chunk(2)
+        loss, _ = nt_xent(z1, z2, 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        synchronize(info.device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    median = torch.tensor([statistics.median(times)])
+    if info.distributed:
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)  # the job moves at its slowest rank
+    if info.is_main:
+        Path(out).write_text(json.dumps({"world": info.world_size, "median_step_s": median.item()}))
+    teardown()
+
+
+if __name__ == "__main__":
+    rank_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

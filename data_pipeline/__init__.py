@@ -4,12 +4,28 @@ start_step)`` for mid-epoch resume, whichever backend is chosen."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 import torch
 
+from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, open_source
-from trainer.config import DataConfig
 
-__all__ = ["DataError", "build_eval_batches", "build_loader", "resolve_backend"]
+__all__ = ["DataError", "TwoViewLoader", "build_eval_batches", "build_loader", "resolve_backend"]
+
+
+class TwoViewLoader(Protocol):
+    """What every training backend offers the trainer."""
+
+    steps_per_epoch: int  # the same on every rank
+    corrupt_skipped: int  # corrupt images replaced so far (data.skip_corrupt)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the epoch (its shuffle) and the step to start from (mid-epoch resume)."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(view1, view2, labels) per step on the run's device, float32 NCHW views."""
 
 
 def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
@@ -24,7 +40,7 @@ def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
     return "torchvision"
 
 
-def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device):
+def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device) -> TwoViewLoader:
     """The training loader for this rank, validated: the global batch must split evenly over
     ranks and every rank's shard must hold at least one batch."""
     if cfg.batch_size % world_size:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from trainer.config import AugmentConfig
+from data_pipeline.config import AugmentConfig
 
 
 def blur_kernel_size(image_size: int) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from data_pipeline.augment import blur_kernel_size, jitter_params
+from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.sources import (
     ArraySource,
     DataError,
@@ -27,7 +28,6 @@ from data_pipeline.sources import (
     find_corrupt_images,
     shard_indices,
 )
-from trainer.config import AugmentConfig, DataConfig
 
 
 def _dali():

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.io import ImageReadMode, decode_image
 
 from data_pipeline.augment import eval_transform, simclr_transform
+from data_pipeline.config import DataConfig
 from data_pipeline.sources import ArraySource, DataError, Source, read_file_bytes, shard_indices
-from trainer.config import DataConfig
 
 
 def decode_sample(source: Source, index: int) -> torch.Tensor:

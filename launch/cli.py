@@ -8,14 +8,6 @@ import sys
 from pathlib import Path
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from data_pipeline.sources import DataError
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-
-    return (ConfigError, DataError, CheckpointError)
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -26,7 +18,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validate before any rank starts
-    if args.nproc > 1 and not args.in_process:
+    if args.nproc > 1:
         from data_pipeline.sources import DataError
         from launch.local import run_torchrun
 
@@ -38,23 +30,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_torchrun(args.nproc, forwarded)
     from trainer.loop import train
 
-    result = train(cfg)
-    return 0 if result.step > 0 or result.preempted else 1
+    return train(cfg).exit_code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     import torch
 
     from data_pipeline.sources import open_source
-    from trainer.evaluate import evaluate_encoder, finetune, load_encoder, tsne_plot
+    from trainer.device import choose_device
+    from trainer.evaluate import evaluate_encoder, finetune, load_encoder
     from trainer.model import build_encoder
+    from trainer.plots import tsne_plot
 
     encoder, cfg = load_encoder(args.checkpoint)
-    data_cfg = cfg.data
-    data_cfg.num_workers = args.workers
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
+    device = choose_device(args.device)
     out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
@@ -63,16 +56,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         encoders["random init"] = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
     report: dict = {"checkpoint": str(args.checkpoint), "train_data": args.train_data, "val_data": args.val_data,
                     "arch": cfg.model.arch, "device": str(device), "rows": {}}
-    for name, enc in encoders.items():
-        ev = evaluate_encoder(enc, args.train_data, args.val_data, data_cfg, device, args.probe_epochs)
-        row = {"linear_top1": ev.linear_top1, "linear_top5": ev.linear_top5, "knn_top1": ev.knn_top1}
+    for name, candidate in encoders.items():
+        scores = evaluate_encoder(candidate, args.train_data, args.val_data, data_cfg, device, args.probe_epochs)
+        row = {"linear_top1": scores.linear_top1, "linear_top5": scores.linear_top5, "knn_top1": scores.knn_top1}
         for fraction in args.finetune:
-            ft = finetune(enc, args.train_data, args.val_data, data_cfg, device, fraction, args.finetune_epochs)
-            row[f"finetune_{fraction:g}_top1"] = ft["top1"]
+            tuned = finetune(candidate, args.train_data, args.val_data, data_cfg, device, fraction,
+                             args.finetune_epochs)
+            row[f"finetune_{fraction:g}_top1"] = tuned["top1"]
         if args.tsne:
             slug = name.replace(" ", "_").lower()
-            plot = tsne_plot(ev.val_features, ev.val_labels, out_dir / f"tsne_{slug}.png", f"t-SNE of {name} features",
-                             class_names=open_source(args.val_data).classes)
+            plot = tsne_plot(scores.val_features, scores.val_labels, out_dir / f"tsne_{slug}.png",
+                             f"t-SNE of {name} features", class_names=open_source(args.val_data).classes)
             row["tsne"] = str(plot)
         report["rows"][name] = row
     keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
@@ -89,6 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> None:
     """Into the training run when the checkpoint names one, else a new run in '<experiment>-eval'."""
+    import dataclasses
+
     from trainer import checkpoint as ckpt
     from trainer.tracking import Tracker
 
@@ -99,7 +95,7 @@ def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> No
         run_id = ckpt.load_checkpoint(candidate).get("mlflow_run_id")
     tracking = cfg.tracking
     if run_id is None:
-        tracking.experiment = f"{tracking.experiment}-eval"
+        tracking = dataclasses.replace(tracking, experiment=f"{tracking.experiment}-eval")
     tracker = Tracker(tracking, out_dir, active=True)
     tracker.start({"eval.checkpoint": checkpoint}, {"simclr.eval": "1"}, run_id=run_id)
     metrics = {f"eval.{name.replace(' ', '_')}.{k}": v for name, row in report["rows"].items()
@@ -148,16 +144,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = Path(args.workdir) / "runs" / "demo"
     overrides = [f"data.root={data / 'train'}", f"data.val_root={data / 'val'}", f"train.run_dir={run_dir}",
                  "checkpoint.resume=none", *args.overrides]
-    rc = cmd_train(argparse.Namespace(config=config, overrides=overrides, nproc=2, in_process=False))
+    rc = cmd_train(argparse.Namespace(config=config, overrides=overrides, nproc=2))
     if rc != 0:
         return rc
     cmd_eval(argparse.Namespace(checkpoint=str(run_dir / "encoder.pt"), train_data=str(data / "train"),
                                 val_data=str(data / "val"), device="cpu", workers=2, probe_epochs=100,
                                 no_baseline=False, finetune=[], finetune_epochs=0, tsne=True, out=None, mlflow=True))
-    import mlflow
+    from trainer.tracking import resolve_tracking_uri
 
-    print(f"\nMLflow run logged to {mlflow.get_tracking_uri()} (experiment 'simclr-demo').\n"
-          f"Open the UI with:  .venv/bin/mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}\n"
+    uri = resolve_tracking_uri("")
+    print(f"\nMLflow run logged to {uri} (experiment 'simclr-demo').\n"
+          f"Open the UI with:  .venv/bin/mlflow ui --backend-store-uri {uri}\n"
           f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}")
     return 0
 
@@ -172,9 +169,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(out)
         return 0
-    import mlflow
+    from trainer.tracking import resolve_tracking_uri
 
-    uri = cfg.tracking.uri or mlflow.get_tracking_uri()
+    uri = resolve_tracking_uri(cfg.tracking.uri)
     for s in out:
         print(f"submitted job {s.job_id}  run '{s.run_name}'\n  run dir  {s.run_dir}\n  stdout   {s.stdout}\n"
               f"  stderr   {s.stderr}\n  MLflow   experiment '{cfg.tracking.experiment}' at {uri}")
@@ -202,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain (one process, or --nproc K local ranks via torchrun)")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=1, help="local ranks to start with torchrun (default 1)")
-    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="linear probe + kNN of a trained encoder, beside a random-init baseline")
@@ -265,11 +261,6 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        code = args.func(args)
-    except _user_errors() as exc:
-        print(f"simclr: error: {exc}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    from trainer.errors import exit_code_of
+
+    sys.exit(exit_code_of(lambda: args.func(args)))

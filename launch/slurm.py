@@ -14,22 +14,15 @@ import itertools
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import (
-    Config,
-    ConfigError,
-    build_dataclass,
-    config_from_dict,
-    config_to_dict,
-    parse_value,
-    read_yaml_mapping,
-    set_dotted,
-)
+from trainer.config import Config, config_from_dict, config_to_dict
+from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
 
 
 @dataclass
@@ -102,14 +95,15 @@ class TrainingJob:
     def __call__(self) -> dict[str, Any]:
         import submitit
 
-        from trainer.loop import request_stop, train
+        from trainer.loop import train
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         received: list[int] = []
+        stop = threading.Event()
 
         def stop_at_next_step(signum, _frame) -> None:
             received.append(signum)
-            request_stop()
+            stop.set()
 
         # Replace submitit's handlers (which would exit mid-step): stop at the next step boundary.
         # USR2 (time limit near, or a pre-emption notice) -> checkpoint and requeue; TERM (scancel,
@@ -117,7 +111,7 @@ class TrainingJob:
         signal.signal(signal.SIGUSR2, stop_at_next_step)
         signal.signal(signal.SIGTERM, stop_at_next_step)
         cfg = config_from_dict(self.config)
-        result = train(cfg, on_start=_tag_slurm_facts)
+        result = train(cfg, stop=stop, on_start=_tag_slurm_facts)
         if result.preempted:
             if signal.SIGUSR2 in received:
                 self._requeue_or_stop(int(os.environ.get("RANK", "0")))

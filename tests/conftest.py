@@ -61,9 +61,8 @@ def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, env_extra: dict | None = None):
     """Run ``tests/helpers/<script>`` under real torchrun (gloo, CPU)."""
-    from launch.local import free_port
+    from trainer.distributed import torchrun_command
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(REPO / "tests" / "helpers" / script), *args]
+    cmd = torchrun_command(nproc, [str(REPO / "tests" / "helpers" / script), *args])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides
+from trainer.config import ConfigError, config_to_dict, load_config
+from trainer.dataclass_yaml import parse_overrides
 
 RECIPES = ["configs/demo_cpu.yaml", "configs/cifar10_resnet18.yaml", "configs/imagenet_resnet50.yaml"]
 

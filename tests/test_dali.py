@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from data_pipeline import build_loader
+from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.sample_data import photo_paths
 from data_pipeline.sources import DataError
 from tests.conftest import corrupt_copy, run_torchrun, tiny_overrides
-from trainer.config import AugmentConfig, DataConfig, load_config
+from trainer.config import load_config
 
 pytest.importorskip("nvidia.dali")
 CPU = torch.device("cpu")

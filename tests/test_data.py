@@ -4,9 +4,9 @@ import torch
 
 from data_pipeline import build_loader
 from data_pipeline.augment import blur_kernel_size
+from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, list_image_folder, load_npz, open_source, shard_indices
 from tests.conftest import corrupt_copy
-from trainer.config import DataConfig
 
 
 def cfg(root, **kw):

@@ -32,7 +32,7 @@ def test_dali_gpu_pipeline_outputs_on_the_gpu(photo_data):
     """device='mixed' decoding (nvJPEG) and GPU augmentation; batches arrive as CUDA tensors."""
     pytest.importorskip("nvidia.dali")
     from data_pipeline import build_loader, resolve_backend
-    from trainer.config import DataConfig
+    from data_pipeline.config import DataConfig
 
     cfg = DataConfig(root=str(photo_data / "train"), backend="auto", image_size=24, batch_size=16, num_workers=2)
     assert resolve_backend(cfg, torch.device("cuda", 0)) == "dali"  # the default on CUDA machines

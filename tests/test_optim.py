@@ -60,11 +60,12 @@ class ReferenceLARS:
                 p -= lr * buf
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per_tensor"])
 @pytest.mark.parametrize("clip", [False, True])
-def test_lars_matches_per_parameter_reference(clip):
+def test_lars_matches_per_parameter_reference(clip, foreach):
     a, b = small_net(), small_net()
     ours = LARS(param_groups(a, 1e-4, True), lr=0.5, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.001,
-                trust_clip=clip)
+                trust_clip=clip, foreach=foreach)
     ref = ReferenceLARS(param_groups(b, 1e-4, True), lr=0.5, momentum=0.9, eta=0.001, clip=clip)
     sched = lambda s: 0.5 * (s + 1) / 5  # noqa: E731
     pa, pb = run_steps(a, ours, lr_schedule=sched), run_steps(b, ref, lr_schedule=sched)
@@ -74,12 +75,15 @@ def test_lars_matches_per_parameter_reference(clip):
         assert torch.allclose(x, y, atol=1e-6, rtol=0)
 
 
-def test_lars_matches_timm_with_timm_param_groups():
+@pytest.mark.parametrize("foreach", [True, False, None], ids=["foreach", "per_tensor", "by_device"])
+def test_lars_matches_timm_with_timm_param_groups(foreach):
     timm_optim = pytest.importorskip("timm.optim")
     from timm.optim._param_groups import param_groups_weight_decay
 
     a, b = small_net(), small_net()
     ours = build_optimizer(a, OptimConfig(name="lars", weight_decay=1e-4, momentum=0.9), lr=0.3)
+    for group in ours.param_groups:
+        group["foreach"] = foreach
     theirs = timm_optim.Lars(param_groups_weight_decay(b, 1e-4), lr=0.3, momentum=0.9, trust_coeff=0.001)
     for x, y in zip(run_steps(a, ours, steps=6), run_steps(b, theirs, steps=6)):
         assert torch.allclose(x, y, atol=1e-6, rtol=0)
@@ -94,19 +98,32 @@ def test_bias_and_norm_excluded_from_decay_and_adaptation():
     assert len(param_groups(net, 0.1, exclude_bias_and_norm=False)) == 1
 
 
-def test_lars_step_has_no_per_parameter_python_math():
-    """The hot path must go through foreach kernels: the trust ratio for N tensors is one stack."""
-    net = small_net()
-    opt = LARS(param_groups(net, 1e-4, True), lr=0.1, weight_decay=1e-4)
+def count_foreach_norm_calls(opt, net, monkeypatch) -> list[int]:
     net(torch.randn(2, 3, 8, 8)).sum().backward()
     calls = []
     orig = torch._foreach_norm
-    torch._foreach_norm = lambda ts, *a, **k: calls.append(len(ts)) or orig(ts, *a, **k)
-    try:
-        opt.step()
-    finally:
-        torch._foreach_norm = orig
-    assert calls == [2, 2]  # params and grads of the adapted group, once each
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: calls.append(len(ts)) or orig(ts, *a, **k))
+    opt.step()
+    return calls
+
+
+def test_lars_foreach_step_has_no_per_parameter_python_math(monkeypatch):
+    """The foreach path goes through multi-tensor kernels: the trust ratio for N tensors is one stack."""
+    net = small_net()
+    opt = LARS(param_groups(net, 1e-4, True), lr=0.1, weight_decay=1e-4, foreach=True)
+    assert count_foreach_norm_calls(opt, net, monkeypatch) == [2, 2]  # params and grads of the adapted group
+
+
+def test_lars_chooses_its_implementation_by_device(monkeypatch):
+    """CPU tensors take the per-tensor loop (unfused CPU foreach kernels are slower); CUDA ones foreach."""
+    from trainer.optim import default_foreach
+
+    net = small_net()
+    assert not default_foreach(list(net.parameters()))
+    opt = LARS(param_groups(net, 1e-4, True), lr=0.1, weight_decay=1e-4)
+    assert count_foreach_norm_calls(opt, net, monkeypatch) == []
+    if torch.cuda.is_available():
+        assert default_foreach(list(small_net().cuda().parameters()))
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])

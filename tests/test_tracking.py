@@ -16,14 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_overrides
 from trainer.config import TrackingConfig, load_config
+from trainer.distributed import free_port
 from trainer.loop import train
 from trainer.tracking import Tracker
-
-
-def free_port():
-    from launch.local import free_port
-
-    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def test_mismatched_checkpoint_is_refused(tiny_config):
 def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, sig):
     """A dead rank (SIGKILL) or a stuck one (SIGSTOP: its sockets stay open, so only the collective
     timeout can notice) must end the survivor with an error, not a hang."""
-    from launch.local import free_port
+    from trainer.distributed import free_port
 
     port = free_port()
     args = tiny_overrides(photo_data / "train", tmp_path / "run", **{"train.epochs": 50, "dist.timeout_s": 20,
@@ -126,7 +126,7 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, sig):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(REPO)}
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests/helpers/kill_worker.py"), *args], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *args], env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = time.time() + 120
     while not list((tmp_path / "run").glob("checkpoints/step_*.pt")):  # training is under way

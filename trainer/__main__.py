@@ -1,7 +1,24 @@
-"""``python -m trainer --config FILE [key=value ...]``: the per-rank entry point that torchrun runs
-(``torchrun --nproc_per_node=K -m trainer --config ...``) and ``simclr train --nproc K`` starts."""
+"""``python -m trainer --config FILE [key=value ...]``: one rank of a training job, the program that
+torchrun starts (``torchrun --nproc_per_node=K -m trainer --config ...``, and ``simclr train --nproc K``
+through it). Needs nothing from ``launch``."""
 
-from launch.cli import main
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.config import load_config
+from trainer.errors import exit_code_of
+from trainer.loop import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="one rank of a SimCLR pretraining job")
+    parser.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.5")
+    args = parser.parse_args(argv)
+    return exit_code_of(lambda: train(load_config(args.config, args.overrides)).exit_code)
+
 
 if __name__ == "__main__":
-    main(["train", "--in-process", *__import__("sys").argv[1:]])
+    sys.exit(main())

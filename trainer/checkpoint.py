@@ -1,5 +1,7 @@
-"""One checkpoint format and one atomic writer, used by the train loop, the pre-emption handler and
-``simclr export``. Files are ``<run_dir>/checkpoints/step_<N>.pt``; loading is ``weights_only``."""
+"""One checkpoint format and one atomic writer, used by the train loop (regular, final and
+pre-emption checkpoints) and by ``simclr eval``. Files are ``<run_dir>/checkpoints/step_<N>.pt``;
+loading is ``weights_only``. ``Checkpointer`` is what the loop holds: resume discovery, the
+compatibility check, every rank's RNG state, and the save."""
 
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from trainer.config import Config, config_to_dict
+from trainer.distributed import DistInfo
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -120,3 +126,60 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- the run's checkpointer
+
+
+def check_compatible(state: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse a checkpoint whose model or global batch differs from this run's (the weights would
+    not load, or the data position would not match)."""
+    saved, wanted = state["config"], config_to_dict(cfg)
+    if saved.get("model") != wanted["model"]:
+        raise CheckpointError(f"checkpoint {path} was trained with model={saved.get('model')}, this run asks "
+                              f"for {wanted['model']}; use the same model settings or checkpoint.resume=none "
+                              "with a new train.run_dir")
+    if saved["data"]["batch_size"] != cfg.data.batch_size:
+        raise CheckpointError(f"checkpoint {path} used data.batch_size={saved['data']['batch_size']}, "
+                              f"this run {cfg.data.batch_size}: the data position would not match")
+
+
+class Checkpointer:
+    """This run's checkpoints. ``resume`` finds, checks and returns the state to continue from (and
+    restores this rank's RNG); ``save`` gathers every rank's RNG state (a collective) and rank 0
+    writes atomically, keeping the newest ``checkpoint.keep_last``."""
+
+    def __init__(self, cfg: Config, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(cfg.train.run_dir)
+        self.directory = checkpoint_dir(self.run_dir)
+
+    def resume(self) -> dict[str, Any] | None:
+        path, state = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
+        if state is None:
+            return None
+        check_compatible(state, self.cfg, path)
+        rng = state.get("rng") or []
+        if len(rng) == self.info.world_size:
+            restore_rng(rng[self.info.rank])
+        if self.info.is_main:
+            print(f"[simclr] resumed from {path} at step {state['step']}", flush=True)
+        return state
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        state = capture_rng()
+        if not self.info.distributed:
+            return [state]
+        states: list = [None] * self.info.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self, step: int, steps_per_epoch: int, training_state: dict[str, Any]) -> None:
+        """Every rank calls this at the same step; ``training_state`` holds model, optimizer,
+        scaler and the MLflow run id."""
+        rng = self._gather_rng()
+        if self.info.is_main:
+            save_checkpoint({**training_state, "step": step, "epoch": step // steps_per_epoch,
+                             "step_in_epoch": step % steps_per_epoch, "world_size": self.info.world_size,
+                             "rng": rng, "config": config_to_dict(self.cfg)},
+                            self.directory, self.cfg.checkpoint.keep_last)

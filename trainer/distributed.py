@@ -1,4 +1,4 @@
-"""Process-group set-up and the autograd-aware all-gather.
+"""Process-group set-up, agreement across ranks, the autograd-aware all-gather, local torchrun.
 
 Every launcher (``simclr train``, plain torchrun, the submitit job) ends up with torchrun-style
 environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); this module reads
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from trainer.config import DistConfig
+from trainer.device import choose_device
 
 
 @dataclass(frozen=True)
@@ -33,21 +36,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(preference: str, local_rank: int) -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistInfo:
     """Join the process group described by the environment (or run alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_preference, local_rank)
+    device = choose_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = cfg.backend
         if backend == "auto":
@@ -63,24 +59,32 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def any_rank(*flags: torch.Tensor | bool) -> list[bool]:
+    """For each flag, whether it is set on any rank (one MAX all-reduce). Every rank must call
+    this at the same point: it is how all ranks agree to skip a bad step or to stop together."""
+    device = next((f.device for f in flags if isinstance(f, torch.Tensor)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
-def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
-    """Element-wise minimum over ranks (used to agree on 'is this step finite')."""
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return value
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, program: list[str], port: int | None = None) -> list[str]:
+    """The command that starts ``nproc`` local ranks of ``program`` (``["-m", "trainer", ...]`` or a
+    script and its arguments) with torchrun, rendezvous on 127.0.0.1."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", *program]
 
 
 # torch >= 2.14 renames all_gather_into_tensor (and warns on the old name); older releases lack the new one.

@@ -1,4 +1,4 @@
-"""Judging a frozen encoder: linear probe, weighted kNN, and the random-init baseline."""
+"""Judging a frozen encoder: linear probe, weighted kNN, label-fraction fine-tuning, the kNN monitor."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline import build_eval_batches
+from data_pipeline.config import DataConfig
 from data_pipeline.sources import open_source
-from trainer.config import Config, DataConfig, config_from_dict
+from trainer.config import Config, config_from_dict
 from trainer.model import build_encoder
 
 
@@ -180,33 +181,6 @@ def finetune(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataC
             logits.append(head(model(images.to(device))).cpu())
             ys.append(y)
     return {**topk_accuracy(torch.cat(logits), torch.cat(ys)), "labelled_images": len(keep)}
-
-
-def tsne_plot(features: torch.Tensor, labels: torch.Tensor, out: Path, title: str, max_points: int = 2000,
-              class_names: list[str] | None = None) -> Path:
-    """2-D t-SNE of (a sample of) the features, coloured by class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
-
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(features), generator=gen)[:max_points]
-    x, y = features[idx].numpy(), labels[idx].numpy()
-    emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, max(5.0, len(x) / 10)), random_state=0).fit_transform(x)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    sc = ax.scatter(emb[:, 0], emb[:, 1], c=y, cmap="tab10" if y.max() < 10 else "tab20", s=8)
-    if class_names:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(c))) for c in range(len(class_names))]
-        ax.legend(handles, class_names, fontsize=7, loc="best")
-    ax.set_title(title)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
 
 
 @torch.no_grad()

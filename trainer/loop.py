@@ -1,31 +1,34 @@
-"""The training entry point: every launcher (``simclr train``, torchrun, the SLURM job) calls ``train``."""
+"""The training entry point: every launcher (``simclr train``, torchrun, the SLURM job) calls ``train``.
+
+``train`` builds the run's parts (``trainer.parts``), resumes or starts the MLflow run, then loops:
+one ``train_step`` per batch, a metrics window logged every ``train.log_every`` steps, checkpoints
+every ``checkpoint.every_steps``, and ``finish_run`` at the end.
+"""
 
 from __future__ import annotations
 
-import random
-import resource
 import sys
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from data_pipeline import build_loader, resolve_backend
-from trainer import checkpoint as ckpt
-from trainer.config import Config, config_to_dict, dump_config, flatten
-from trainer.distributed import DistInfo, init_distributed, teardown
+from data_pipeline import resolve_backend
+from trainer.config import Config, config_to_dict, dump_config
+from trainer.dataclass_yaml import flatten
+from trainer.device import peak_memory_mb
+from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
+from trainer.evaluate import knn_monitor
 from trainer.loss import nt_xent
-from trainer.model import build_model, encoder_state_dict
-from trainer.optim import build_optimizer
-from trainer.schedule import build_schedule
-from trainer.tracking import Tracker, git_commit, library_versions
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from trainer.metrics import MetricsWindow
+from trainer.model import encoder_state_dict
+from trainer.parts import TrainParts, build_parts
+from trainer.plots import plot_curves
+from trainer.tracking import Tracker, git_commit, library_versions, read_metrics_file
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,247 +46,175 @@ class TrainResult:
     skipped_nonfinite: int = 0
     skipped_overflow: int = 0
 
-
-_stop_requested = False
-
-
-def request_stop() -> None:
-    """Ask the loop to checkpoint and return at the next step (signal handlers call this)."""
-    global _stop_requested
-    _stop_requested = True
+    @property
+    def exit_code(self) -> int:
+        """0 when the run trained (or was pre-empted and checkpointed), 1 when it did nothing."""
+        return 0 if self.step > 0 or self.preempted else 1
 
 
-def _seed_everything(seed: int, rank: int) -> None:
-    torch.manual_seed(seed)  # same model init on every rank (DDP also broadcasts it)
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
+@dataclass
+class StepOutcome:
+    loss: torch.Tensor  # this rank's loss, detached (no host sync)
+    accuracy: torch.Tensor
+    skipped: bool  # the loss was not finite on some rank: no rank updated its weights
+    overflow: bool  # fp16: the GradScaler skipped the update (inf/nan gradients)
+    stop: bool  # some rank was asked to stop: every rank stops after this step
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def train(cfg: Config, stop: threading.Event | None = None,
+          on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
+    """Pretrain SimCLR with the resolved ``cfg`` in this process (one rank of the job).
 
-
-def _gather_rng(info: DistInfo) -> list:
-    state = ckpt.capture_rng()
-    if not info.distributed:
-        return [state]
-    states: list = [None] * info.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def _check_compatible(state: dict, cfg: Config, path: Path) -> None:
-    saved, wanted = state["config"], config_to_dict(cfg)
-    if saved.get("model") != wanted["model"]:
-        raise ckpt.CheckpointError(f"checkpoint {path} was trained with model={saved.get('model')}, this run asks "
-                                   f"for {wanted['model']}; use the same model settings or checkpoint.resume=none "
-                                   "with a new train.run_dir")
-    if saved["data"]["batch_size"] != cfg.data.batch_size:
-        raise ckpt.CheckpointError(f"checkpoint {path} used data.batch_size={saved['data']['batch_size']}, "
-                                   f"this run {cfg.data.batch_size}: the data position would not match")
-
-
-def train(cfg: Config, on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
-    """Pretrain SimCLR with the resolved ``cfg`` in this process (one rank of the job)."""
-    global _stop_requested
-    _stop_requested = False
+    Setting ``stop`` (a signal handler does, on pre-emption) makes every rank checkpoint and return
+    at the next step boundary. ``on_start(tracker, info)`` runs once the MLflow run exists.
+    """
     info = init_distributed(cfg.dist, cfg.train.device)
     try:
-        return _train(cfg, info, on_start)
+        return run_training(build_parts(cfg, info), stop or threading.Event(), on_start)
     finally:
         teardown()
 
 
-def _train(cfg: Config, info: DistInfo, on_start) -> TrainResult:
-    run_dir = Path(cfg.train.run_dir)
-    device = info.device
-    _seed_everything(cfg.train.seed, info.rank)
-    loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device)
-    model = build_model(cfg.model, device, info.world_size, info.rank)
-    ddp_model = model
-    if info.distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            gradient_as_bucket_view=True)
-    spe = loader.steps_per_epoch
-    schedule = build_schedule(cfg.optim, cfg.data.batch_size, spe, cfg.train.epochs)
-    optimizer = build_optimizer(model, cfg.optim, schedule(0))
-    amp_dtype = AUTOCAST_DTYPES[cfg.precision.dtype]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision.dtype == "fp16")
-
-    step, run_id = 0, None
-    path, state = ckpt.find_resume_checkpoint(run_dir, cfg.checkpoint.resume)
-    if state is not None:
-        _check_compatible(state, cfg, path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, run_id = state["step"], state.get("mlflow_run_id")
-        rng = state.get("rng") or []
-        if len(rng) == info.world_size:
-            ckpt.restore_rng(rng[info.rank])
-        if info.is_main:
-            print(f"[simclr] resumed from {path} at step {step}", flush=True)
-
-    tracker = Tracker(cfg.tracking, run_dir, active=info.is_main)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        params = {**flatten(config_to_dict(cfg)), "world_size": info.world_size,
-                  "data.backend_resolved": resolve_backend(cfg.data, device), "steps_per_epoch": spe,
-                  "git_commit": git_commit(), **{f"version.{k}": v for k, v in library_versions().items()}}
-        run_id = tracker.start(params, {"simclr.device": str(device)}, run_id=run_id)
-        if state is None:
-            tracker.log_artifact(run_dir / "config.yaml")
+def run_training(parts: TrainParts, stop: threading.Event,
+                 on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
+    cfg, spe = parts.cfg, parts.steps_per_epoch
+    step = start_run(parts)
     if on_start is not None:
-        on_start(tracker, info)
-
-    def save(at_step: int) -> None:
-        rng = _gather_rng(info)  # collective: every rank calls save at the same steps
-        if info.is_main:
-            ckpt.save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "step": at_step, "epoch": at_step // spe, "step_in_epoch": at_step % spe,
-                "world_size": info.world_size, "rng": rng, "config": config_to_dict(cfg),
-                "mlflow_run_id": tracker.run_id,
-            }, ckpt.checkpoint_dir(run_dir), cfg.checkpoint.keep_last)
-
-    total = schedule.total
-    stop_at = min(total, cfg.train.stop_after_steps) if cfg.train.stop_after_steps else total
-    bar = None
-    if info.is_main and cfg.train.progress_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    window_steps, wait_time, window_start = 0, 0.0, time.perf_counter()
-    last_loss, nonfinite_total, nonfinite_run, overflow_total = float("nan"), 0, 0, 0
-    preempted = False
+        on_start(parts.tracker, parts.info)
+    stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
+    bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not (parts.info.is_main and cfg.train.progress_bar))
+    window, skips, last_loss, preempted = MetricsWindow(parts.info.device), SkipCounters(), float("nan"), False
+    parts.model.train()
     while step < stop_at and not preempted:
-        loader.set_epoch(step // spe, step % spe)
-        t_ready = time.perf_counter()
-        for view1, view2, _ in loader:
-            wait_time += time.perf_counter() - t_ready
-            for group in optimizer.param_groups:
-                group["lr"] = schedule(step)
-            images = torch.cat([view1, view2])  # one forward: BN sees both views, as in SimCLR
-            if device.type == "cuda" and cfg.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                z1, z2 = ddp_model(images).chunk(2)
-            loss, acc = nt_xent(z1, z2, cfg.loss.temperature, gather=cfg.loss.gather_negatives)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # One small collective per step so every rank agrees to skip a bad step or to stop.
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                 torch.tensor(float(_stop_requested), device=device)])
-            if info.distributed:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stop_flag = flags.tolist()
-            if bad:
-                nonfinite_total += 1
-                nonfinite_run += 1
-                optimizer.zero_grad(set_to_none=True)
-                if nonfinite_run >= cfg.precision.max_consecutive_nonfinite:
-                    tracker.finish("FAILED")
-                    raise NonFiniteLossError(
-                        f"{nonfinite_run} consecutive steps had a non-finite loss (last at step {step}); the "
-                        f"last good checkpoint in {ckpt.checkpoint_dir(run_dir)} is intact. Lower optim.lr, "
-                        "raise loss.temperature or use precision.dtype=bf16/fp32, then resume.")
-            else:
-                nonfinite_run = 0
-                scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
-                scaler.step(optimizer)
-                scaler.update()
-                if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                    overflow_total += 1  # the scaler skipped this step: inf/nan gradients
-                loss_sum += loss.detach()
-                acc_sum += acc
+        parts.loader.set_epoch(step // spe, step % spe)
+        for view1, view2, _ in window.timed(parts.loader):
+            outcome = train_step(parts, view1, view2, parts.schedule(step), stop.is_set())
+            skips.record(outcome, step, parts)
             step += 1
-            window_steps += 1
-            if bar is not None:
-                bar.update(1)
+            window.add(None if outcome.skipped else outcome.loss, outcome.accuracy)
+            bar.update(1)
             if step % cfg.train.log_every == 0 or step == stop_at:
-                stats = torch.stack([loss_sum, acc_sum]) / max(1, window_steps)
-                if info.distributed:
-                    dist.all_reduce(stats)
-                    stats /= info.world_size
-                elapsed = time.perf_counter() - window_start
-                last_loss, last_acc = stats.tolist()
-                metrics = {"loss": last_loss, "contrastive_acc": last_acc, "lr": schedule(step - 1),
-                           "images_per_s": cfg.data.batch_size * window_steps / elapsed,
-                           "data_wait_fraction": wait_time / elapsed, "peak_memory_mb": _peak_memory_mb(device),
-                           "epoch": step / spe, "skipped_nonfinite": nonfinite_total,
-                           "skipped_overflow": overflow_total,
-                           "skipped_corrupt_images": loader.corrupt_skipped}
-                tracker.log_metrics(metrics, step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
-                loss_sum.zero_()
-                acc_sum.zero_()
-                window_steps, wait_time, window_start = 0, 0.0, time.perf_counter()
-            if cfg.train.knn_every_epochs and step % (spe * cfg.train.knn_every_epochs) == 0 and cfg.data.val_root:
-                if info.is_main:  # the other ranks wait at the barrier (within dist.timeout_s)
-                    from trainer.evaluate import knn_monitor
-
-                    tracker.log_metrics({"knn_top1": knn_monitor(model.encoder, cfg.data, device)}, step)
-                if info.distributed:
-                    dist.barrier()
-            if stop_flag:
-                preempted = True
+                last_loss = log_window(parts, window, skips, step, bar)
+            if cfg.train.knn_every_epochs and cfg.data.val_root and step % (spe * cfg.train.knn_every_epochs) == 0:
+                log_knn_monitor(parts, step)
+            preempted = outcome.stop
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
-            if (step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted) and not nonfinite_run:
-                save(step)
+            if (step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted) and not skips.streak:
+                parts.checkpointer.save(step, spe, parts.state_dict())
             if step >= stop_at or preempted:
                 break
-            t_ready = time.perf_counter()
-    if bar is not None:
-        bar.close()
-
-    encoder_path = None
-    if info.is_main:
-        if not preempted and step >= total:
-            encoder_path = run_dir / "encoder.pt"
-            torch.save(encoder_state_dict(model), encoder_path)
-            tracker.log_artifact(encoder_path)
-        plot = plot_curves(tracker.local_file, run_dir / "curves.png")
-        if plot is not None:
-            tracker.log_artifact(plot)
-        tracker.finish("KILLED" if preempted else "FINISHED")
-        print(f"[simclr] {'stopped' if step < total else 'finished'} at step {step}/{total}; "
-              f"{tracker.describe()}", flush=True)
-    return TrainResult(step, last_loss, run_dir, tracker.run_id, encoder_path, preempted,
-                       nonfinite_total, overflow_total)
+    bar.close()
+    encoder_path = finish_run(parts, step, preempted)
+    return TrainResult(step, last_loss, parts.run_dir, parts.tracker.run_id, encoder_path, preempted,
+                       skips.nonfinite, skips.overflow)
 
 
-def plot_curves(metrics_file: Path, out: Path) -> Path | None:
-    """Loss and lr against step, from the local metrics file (so it works offline too)."""
-    import json
+def train_step(parts: TrainParts, view1: torch.Tensor, view2: torch.Tensor, lr: float,
+               stop_requested: bool) -> StepOutcome:
+    """One optimizer step on a batch of two views; every rank returns the same skip and stop verdicts."""
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    images = torch.cat([view1, view2])  # one forward: BatchNorm sees both views, as in SimCLR
+    if parts.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with parts.precision.autocast():
+        z1, z2 = parts.ddp_model(images).chunk(2)
+    loss, accuracy = nt_xent(z1, z2, parts.cfg.loss.temperature, gather=parts.cfg.loss.gather_negatives)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.precision.backward(loss)
+    # One small collective per step so that every rank agrees to skip a bad step, or to stop.
+    nonfinite, stop = any_rank(~torch.isfinite(loss.detach()), stop_requested)
+    if nonfinite:
+        parts.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(loss.detach(), accuracy, skipped=True, overflow=False, stop=stop)
+    overflow = parts.precision.step(parts.optimizer)
+    return StepOutcome(loss.detach(), accuracy, skipped=False, overflow=overflow, stop=stop)
 
-    if not metrics_file.exists():
+
+@dataclass
+class SkipCounters:
+    """Steps skipped so far: non-finite losses (and the current streak of them), fp16 overflows."""
+
+    nonfinite: int = 0
+    streak: int = 0
+    overflow: int = 0
+
+    def record(self, outcome: StepOutcome, step: int, parts: TrainParts) -> None:
+        """Count ``outcome`` of ``step``; a streak of ``precision.max_consecutive_nonfinite`` bad
+        steps ends the run (the MLflow run marked FAILED, the last good checkpoint intact)."""
+        self.overflow += outcome.overflow
+        if not outcome.skipped:
+            self.streak = 0
+            return
+        self.nonfinite += 1
+        self.streak += 1
+        if self.streak >= parts.cfg.precision.max_consecutive_nonfinite:
+            parts.tracker.finish("FAILED")
+            raise NonFiniteLossError(
+                f"{self.streak} consecutive steps had a non-finite loss (last at step {step}); the last good "
+                f"checkpoint in {parts.checkpointer.directory} is intact. Lower optim.lr, raise "
+                "loss.temperature or use precision.dtype=bf16/fp32, then resume.")
+
+
+def start_run(parts: TrainParts) -> int:
+    """Resume from the newest usable checkpoint (or start fresh), then start the MLflow run, or
+    continue the checkpoint's, on rank 0. Returns the step to continue from."""
+    state = parts.checkpointer.resume()
+    step, run_id = 0, None
+    if state is not None:
+        parts.load_state_dict(state)
+        step, run_id = state["step"], state.get("mlflow_run_id")
+    if parts.info.is_main:
+        cfg, config_file = parts.cfg, parts.run_dir / "config.yaml"
+        parts.run_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(dump_config(cfg))
+        params = {**flatten(config_to_dict(cfg)), "world_size": parts.info.world_size,
+                  "data.backend_resolved": resolve_backend(cfg.data, parts.info.device),
+                  "steps_per_epoch": parts.steps_per_epoch, "git_commit": git_commit(),
+                  **{f"version.{k}": v for k, v in library_versions().items()}}
+        parts.tracker.start(params, {"simclr.device": str(parts.info.device)}, run_id=run_id)
+        if state is None:
+            parts.tracker.log_artifact(config_file)
+    return step
+
+
+def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm) -> float:
+    """Log the window's metrics at ``step`` (a collective), start a new window; returns the loss."""
+    metrics = {**window.summary(parts.cfg.data.batch_size), "lr": parts.schedule(step - 1),
+               "peak_memory_mb": peak_memory_mb(parts.info.device), "epoch": step / parts.steps_per_epoch,
+               "skipped_nonfinite": skips.nonfinite, "skipped_overflow": skips.overflow,
+               "skipped_corrupt_images": parts.loader.corrupt_skipped}
+    parts.tracker.log_metrics(metrics, step)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+    window.reset()
+    return metrics["loss"]
+
+
+def log_knn_monitor(parts: TrainParts, step: int) -> None:
+    """kNN top-1 of the current encoder on data.val_root, computed and logged by rank 0 while the
+    other ranks wait at a barrier (so it must finish within dist.timeout_s)."""
+    if parts.info.is_main:
+        parts.tracker.log_metrics({"knn_top1": knn_monitor(parts.model.encoder, parts.cfg.data, parts.info.device)},
+                                  step)
+    if parts.info.distributed:
+        dist.barrier()
+
+
+def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
+    """On rank 0: export the encoder when the schedule is complete, plot the curves, close the
+    MLflow run. Returns the exported encoder's path (None when stopped early)."""
+    if not parts.info.is_main:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x]
-    if not rows:
-        return None
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key in zip(axes, ("loss", "contrastive_acc", "lr")):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows])
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    total, encoder_path = parts.schedule.total, None
+    if not preempted and step >= total:
+        encoder_path = parts.run_dir / "encoder.pt"
+        torch.save(encoder_state_dict(parts.model), encoder_path)
+        parts.tracker.log_artifact(encoder_path)
+    plot = plot_curves(read_metrics_file(parts.tracker.local_file), parts.run_dir / "curves.png")
+    if plot is not None:
+        parts.tracker.log_artifact(plot)
+    parts.tracker.finish("KILLED" if preempted else "FINISHED")
+    print(f"[simclr] {'stopped' if step < total else 'finished'} at step {step}/{total}; "
+          f"{parts.tracker.describe()}", flush=True)
+    return encoder_path

@@ -18,9 +18,29 @@ from typing import Any
 
 from trainer.config import TrackingConfig
 
-# Fail fast instead of MLflow's default minutes of retries; the queue does the retrying.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+def resolve_tracking_uri(uri: str) -> str:
+    """The store a run logs to: ``tracking.uri``, else MLflow's own default (MLFLOW_TRACKING_URI,
+    or ``mlflow.db`` in the working directory)."""
+    import mlflow
+
+    return uri or mlflow.get_tracking_uri()
+
+
+def _fail_fast_over_http() -> None:
+    """MLflow retries an unreachable server for minutes by default; our queue does the retrying,
+    so each request fails fast. Set when the first client is made, never at import, and only
+    where the user has not chosen values."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (``step``, ``time_ms`` and the metrics); [] if absent."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def git_commit() -> str:
@@ -74,11 +94,11 @@ class Tracker:
 
     def _connect(self) -> bool:
         """Create (or reattach to) the run; True when the server answered."""
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         if self._client is None:
-            self.uri = self.cfg.uri or mlflow.get_tracking_uri()
+            _fail_fast_over_http()
+            self.uri = resolve_tracking_uri(self.cfg.uri)
             self._client = MlflowClient(tracking_uri=self.uri)
         if self.run_id is not None and self._run_created:
             return True
@@ -193,11 +213,11 @@ def prepare_store(cfg: TrackingConfig) -> None:
     tasks of a job array do not race to initialise a shared (e.g. sqlite) store."""
     if not cfg.enabled:
         return
-    import mlflow
     from mlflow.tracking import MlflowClient
 
+    _fail_fast_over_http()
     try:
-        client = MlflowClient(tracking_uri=cfg.uri or mlflow.get_tracking_uri())
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.uri))
         if client.get_experiment_by_name(cfg.experiment) is None:
             client.create_experiment(cfg.experiment)
     except Exception as exc:  # the jobs fall back to offline metrics on their own
@@ -206,7 +226,10 @@ def prepare_store(cfg: TrackingConfig) -> None:
 
 def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None) -> str:
     """Replay ``<run_dir>/metrics.jsonl`` into MLflow (into ``run_id``, or a new run)."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    if not metrics_file.exists():
+        raise FileNotFoundError(f"{metrics_file} does not exist; pass the run_dir of a training run")
+    records = read_metrics_file(metrics_file)
     tracker = Tracker(cfg, run_dir, active=True)
     tracker.start({}, {"simclr.synced_from": str(run_dir)}, run_id=run_id)
     for rec in records:

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import build_loader
-from trainer.config import DataConfig
+from data_pipeline.config import DataConfig
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

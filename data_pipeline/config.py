@@ -1,0 +1,37 @@
+"""The data pipeline's own settings: where images come from and how the two views are made.
+
+Plain dataclasses; the trainer's config composes them as ``data`` and validates them at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class AugmentConfig:
+    """SimCLR augmentation parameters: the one source of truth for every data backend."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    jitter_strength: float = 1.0  # s: brightness/contrast/saturation 0.8s, hue 0.2s
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5  # the CIFAR variant sets 0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # ImageFolder tree or .npz file
+    val_root: str = ""  # held-out split for evaluation ('' = none)
+    backend: Literal["auto", "dali", "torchvision"] = "auto"  # auto: dali on CUDA, else torchvision
+    image_size: int = 224
+    batch_size: int = 256  # GLOBAL batch (images, not views); divided evenly across ranks
+    num_workers: int = 4  # DataLoader workers / DALI CPU threads per rank
+    skip_corrupt: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)

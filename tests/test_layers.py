@@ -1,0 +1,82 @@
+"""The package layers point one way: ``launch -> benchmarks -> trainer -> data_pipeline``.
+
+Every import in every module counts, including those inside functions (a lazy import is still a
+dependency), so ``python -m trainer`` never needs ``launch`` and the data pipeline never needs the
+trainer. Within a package the module graph has no cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+LAYERS = {"data_pipeline": 0, "trainer": 1, "benchmarks": 2, "launch": 3}
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in LAYERS:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """Absolute names of the project modules that ``path`` imports (anywhere in the file)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] in LAYERS}
+
+
+def graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: {m for m in imports_of(path, name) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_no_import_points_up_a_layer():
+    upward = [f"{src} imports {dst}" for src, deps in graph().items() for dst in deps
+              if LAYERS[dst.split(".")[0]] > LAYERS[src.split(".")[0]]]
+    assert upward == []
+
+
+def test_no_import_cycles_between_modules():
+    edges = graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(edges[node]):
+            # a package's __init__ importing its own submodule is how packages expose them, not a cycle
+            if dep.startswith(node + "."):
+                continue
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join([*path[path.index(dep):], dep]))
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
+    """The checker itself can fail: a function-level import and a relative import are both found."""
+    f = tmp_path / "mod.py"
+    f.write_text("def f():\n    from launch.cli import main\n\nfrom .loss import nt_xent\n")
+    assert imports_of(f, "trainer.mod") >= {"launch.cli", "launch.cli.main", "trainer.loss"}

@@ -1,0 +1,85 @@
+"""Everything a training run holds, declared in one place and built by one function."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from data_pipeline import TwoViewLoader, build_loader
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config
+from trainer.distributed import DistInfo
+from trainer.model import build_model
+from trainer.optim import build_optimizer
+from trainer.precision import PrecisionPolicy
+from trainer.schedule import WarmupCosine, build_schedule
+from trainer.tracking import Tracker
+
+
+@dataclass
+class TrainParts:
+    cfg: Config
+    info: DistInfo
+    loader: TwoViewLoader  # (view1, view2, labels) on info.device, steps_per_epoch equal on every rank
+    model: nn.Module  # the SimCLR model (encoder + projection head)
+    ddp_model: nn.Module  # the model wrapped in DDP when distributed, else the model itself
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine  # lr for each step
+    precision: PrecisionPolicy
+    checkpointer: Checkpointer
+    tracker: Tracker  # MLflow on rank 0; a no-op elsewhere
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.loader.steps_per_epoch
+
+    @property
+    def channels_last(self) -> bool:
+        return self.info.device.type == "cuda" and self.cfg.model.channels_last
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the position and RNG states."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.precision.state_dict(), "mlflow_run_id": self.tracker.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state.get("scaler") or {})
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    torch.manual_seed(seed)  # the same model init on every rank (DDP also broadcasts it)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
+def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
+    """The run's parts, in an order that keeps every random draw reproducible (seed, then loader,
+    then model init)."""
+    device = info.device
+    seed_everything(cfg.train.seed, info.rank)
+    loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device)
+    model = build_model(cfg.model, device, info.world_size, info.rank)
+    ddp_model = model
+    if info.distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            gradient_as_bucket_view=True)
+    schedule = build_schedule(cfg.optim, cfg.data.batch_size, loader.steps_per_epoch, cfg.train.epochs)
+    return TrainParts(
+        cfg=cfg, info=info, loader=loader, model=model, ddp_model=ddp_model,
+        optimizer=build_optimizer(model, cfg.optim, schedule(0)), schedule=schedule,
+        precision=PrecisionPolicy(cfg.precision.dtype, device), checkpointer=Checkpointer(cfg, info),
+        tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
+    )
