@@ -34,3 +34,35 @@ def bench_lars(arch: str, iters: int, device: torch.device) -> dict:
     row["ours_ms"] = row[f"{row['chosen']}_ms"]
     row["speedup"] = row["timm_ms"] / row["ours_ms"]
     return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m benchmarks.lars --arch resnet50``: the LARS step alone, table and JSON."""
+    import argparse
+
+    from benchmarks.common import RESULTS, device_name, result_header, write_json
+    from trainer.device import choose_device
+
+    p = argparse.ArgumentParser(prog="benchmarks.lars", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args(argv)
+    device = choose_device(args.device)
+    rows = [{"arch": arch, **bench_lars(arch, args.iters, device)} for arch in args.arch]
+    result = {**result_header("lars", device_name(device)), "rows": rows}
+    print(f"\n== LARS step on {result['device']} (ms, median of {args.iters})")
+    print(f"{'model':<10}{'tensors':>8}{'foreach':>10}{'per-tensor':>12}{'timm':>8}{'chosen':>12}{'timm/chosen':>13}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['arch']:<10} skipped: {r['skipped']}")
+            continue
+        print(f"{r['arch']:<10}{r['n_tensors']:>8}{r['foreach_ms']:>10.2f}{r['per_tensor_ms']:>12.2f}"
+              f"{r['timm_ms']:>8.2f}{r['chosen']:>12}{r['speedup']:>13.2f}")
+    out = write_json(result, RESULTS / f"lars_{device.type}.json")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

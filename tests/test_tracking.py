@@ -119,3 +119,11 @@ def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
     tracker.finish()
     history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_importing_tracking_leaves_the_environment_alone():
+    code = ("import os; before = dict(os.environ); import trainer.tracking, trainer.loop; "
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -144,3 +144,18 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, sig):
     assert code != 0
     assert time.time() - start < 20 + 45  # dist.timeout_s plus start-up slack
     assert ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "run"))  # checkpoints intact
+
+
+def test_stop_event_checkpoints_at_the_next_step_and_the_run_resumes(tiny_config):
+    """The stop request is passed in (the SLURM job's signal handlers set it): the run stops at the
+    next step boundary with a checkpoint, and a later run resumes from it to the end."""
+    import threading
+
+    cfg = tiny_config(**{"tracking.enabled": "false", "checkpoint.every_steps": 100})
+    stop = threading.Event()
+    stop.set()
+    stopped = train(cfg, stop=stop)
+    assert stopped.preempted and stopped.step == 1 and stopped.encoder_path is None
+    assert final_state(cfg.train.run_dir)["step"] == 1  # written although every_steps is 100
+    finished = train(cfg)  # a fresh Event: nothing asks it to stop
+    assert not finished.preempted and finished.step == 20 and finished.encoder_path.exists()

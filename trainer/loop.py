@@ -77,7 +77,7 @@ def train(cfg: Config, stop: threading.Event | None = None,
 
 def run_training(parts: TrainParts, stop: threading.Event,
                  on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
-    cfg, spe = parts.cfg, parts.steps_per_epoch
+    cfg, steps_per_epoch = parts.cfg, parts.steps_per_epoch
     step = start_run(parts)
     if on_start is not None:
         on_start(parts.tracker, parts.info)
@@ -87,7 +87,7 @@ def run_training(parts: TrainParts, stop: threading.Event,
     window, skips, last_loss, preempted = MetricsWindow(parts.info.device), SkipCounters(), float("nan"), False
     parts.model.train()
     while step < stop_at and not preempted:
-        parts.loader.set_epoch(step // spe, step % spe)
+        parts.loader.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
         for view1, view2, _ in window.timed(parts.loader):
             outcome = train_step(parts, view1, view2, parts.schedule(step), stop.is_set())
             skips.record(outcome, step, parts)
@@ -96,12 +96,12 @@ def run_training(parts: TrainParts, stop: threading.Event,
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == stop_at:
                 last_loss = log_window(parts, window, skips, step, bar)
-            if cfg.train.knn_every_epochs and cfg.data.val_root and step % (spe * cfg.train.knn_every_epochs) == 0:
+            if knn_due(cfg, step, steps_per_epoch):
                 log_knn_monitor(parts, step)
             preempted = outcome.stop
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
             if (step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted) and not skips.streak:
-                parts.checkpointer.save(step, spe, parts.state_dict())
+                parts.checkpointer.save(step, steps_per_epoch, parts.state_dict())
             if step >= stop_at or preempted:
                 break
     bar.close()
@@ -189,6 +189,11 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
     window.reset()
     return metrics["loss"]
+
+
+def knn_due(cfg: Config, step: int, steps_per_epoch: int) -> bool:
+    every = cfg.train.knn_every_epochs
+    return bool(every and cfg.data.val_root and step % (steps_per_epoch * every) == 0)
 
 
 def log_knn_monitor(parts: TrainParts, step: int) -> None:
