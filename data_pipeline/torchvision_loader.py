@@ -23,10 +23,13 @@ def decode_sample(source: Source, index: int) -> torch.Tensor:
     if isinstance(source, ArraySource):
         return torch.from_numpy(np.ascontiguousarray(source.images[index])).permute(2, 0, 1)
     path = source.paths[index]
-    data = torch.frombuffer(bytearray(read_file_bytes(path)), dtype=torch.uint8)
+    raw = read_file_bytes(path)
+    if not raw:
+        raise DataError(f"cannot decode image {path}: the file is empty (0 bytes); delete or replace it, "
+                        "or set data.skip_corrupt=true to skip such files")
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
+        return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}; delete or replace it, "
                         "or set data.skip_corrupt=true to skip such files") from None
 
@@ -91,10 +94,24 @@ class TorchvisionLoader:
                             num_workers=self.cfg.num_workers, drop_last=True,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
                             persistent_workers=False)
+        try:
+            yield from self._batches(loader)
+        except DataError as exc:  # from a worker: its message carries the worker's traceback
+            raise DataError(_worker_message(exc)) from None
+
+    def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for view1, view2, labels, replaced in loader:
             self.corrupt_skipped += int(replaced.sum())
             yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+def _worker_message(exc: DataError) -> str:
+    """The original one-line message of a DataError re-raised from a DataLoader worker."""
+    lines = str(exc).strip().splitlines()
+    last = lines[-1] if lines else ""
+    prefix = f"{DataError.__module__}.{DataError.__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else str(exc)
 
 
 class EvalDataset(Dataset):

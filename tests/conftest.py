@@ -4,13 +4,17 @@ scikit-learn) and a tiny config that trains in seconds on the CPU."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from trainer.config import Config, load_config
+from trainer.distributed import free_port, torchrun_command
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -61,8 +65,32 @@ def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, 
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, env_extra: dict | None = None):
     """Run ``tests/helpers/<script>`` under real torchrun (gloo, CPU)."""
-    from trainer.distributed import torchrun_command
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
     cmd = torchrun_command(nproc, [str(REPO / "tests" / "helpers" / script), *args])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            MlflowClient(uri).search_experiments()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("mlflow server did not start")
+            time.sleep(1)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -3,13 +3,10 @@ unreachable server (training goes on, nothing is lost)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
@@ -19,32 +16,6 @@ from trainer.config import TrackingConfig, load_config
 from trainer.distributed import free_port
 from trainer.loop import train
 from trainer.tracking import Tracker
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            MlflowClient(uri).search_experiments()
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mlflow server did not start")
-            time.sleep(1)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def check_run(uri, run_id, steps_expected):

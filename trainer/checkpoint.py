@@ -5,9 +5,11 @@ compatibility check, every rank's RNG state, and the save."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,15 +58,36 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{state['step']:09d}.pt"
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:  # disk full (torch's zip writer raises RuntimeError), quota, I/O
+        written = tmp.stat().st_size if tmp.exists() else 0
+        full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(directory).free < max(written, 2**20)
+        tmp.unlink(missing_ok=True)  # keep what is on disk, leave no partial file
+        previous = list_checkpoints(directory)
+        kept = f"the previous checkpoint {previous[0]} is intact and stays the newest" if previous else \
+            "no earlier checkpoint exists"
+        why = "no space left on device" if full else str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {final}: {why}; {kept}. Free space in {directory} "
+                              "(or lower checkpoint.keep_last), then run again to resume") from None
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[keep_last:]:
         old.unlink(missing_ok=True)
     return final
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the partial ``.step_*.pt.tmp-*`` files a killed writer left behind (they are never
+    read, and on a full disk each retry would add another)."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".step_*.pt.tmp-*")) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -155,6 +178,8 @@ class Checkpointer:
         self.directory = checkpoint_dir(self.run_dir)
 
     def resume(self) -> dict[str, Any] | None:
+        if self.info.is_main:
+            remove_stale_temp_files(self.directory)
         path, state = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
         if state is None:
             return None
