@@ -16,8 +16,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
+    from trainer.dataclass_yaml import ConfigError
 
     cfg = load_config(args.config, args.overrides)  # validate before any rank starts
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    if cfg.data.batch_size % args.nproc:
+        raise ConfigError(f"--nproc {args.nproc} does not divide data.batch_size={cfg.data.batch_size} (the global "
+                          f"batch, split evenly over the ranks); use a batch that is a multiple of {args.nproc}")
     if args.nproc > 1:
         from data_pipeline.sources import DataError
         from launch.local import run_torchrun
@@ -28,9 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
         return run_torchrun(args.nproc, forwarded)
-    from trainer.loop import train
+    from trainer.interrupts import train_in_foreground
 
-    return train(cfg).exit_code
+    return train_in_foreground(cfg)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -194,11 +194,11 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(photo_data, tm
 @pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(photo_data, tmp_path):
     run_dir = tmp_path / "run"
-    # a slow step (bigger images) so that the second Ctrl-C lands before the first step boundary
-    proc = start_training(photo_data, run_dir, "trainer", **{"data.image_size": 32})
+    # slow steps (bigger images and batch) so that the second Ctrl-C lands before the next step boundary
+    proc = start_training(photo_data, run_dir, "trainer", **{"data.image_size": 64, "data.batch_size": 32})
     wait_for_steps(run_dir, proc, steps=1)
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(1.5)  # a human's second Ctrl-C, not the same one delivered twice
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 130, out[-3000:]

@@ -9,7 +9,7 @@ import sys
 
 from trainer.config import load_config
 from trainer.errors import exit_code_of
-from trainer.loop import train
+from trainer.interrupts import train_in_foreground
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.5")
     args = parser.parse_args(argv)
-    return exit_code_of(lambda: train(load_config(args.config, args.overrides)).exit_code)
+    return exit_code_of(lambda: train_in_foreground(load_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

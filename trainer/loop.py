@@ -70,7 +70,12 @@ def train(cfg: Config, stop: threading.Event | None = None,
     """
     info = init_distributed(cfg.dist, cfg.train.device)
     try:
-        return run_training(build_parts(cfg, info), stop or threading.Event(), on_start)
+        parts = build_parts(cfg, info)
+        try:
+            return run_training(parts, stop or threading.Event(), on_start)
+        except BaseException as exc:  # the MLflow run must not stay RUNNING, whatever ended it
+            parts.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
     finally:
         teardown()
 
@@ -222,4 +227,7 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
     parts.tracker.finish("KILLED" if preempted else "FINISHED")
     print(f"[simclr] {'stopped' if step < total else 'finished'} at step {step}/{total}; "
           f"{parts.tracker.describe()}", flush=True)
+    if step < total:
+        print(f"[simclr] checkpoint at step {step} in {parts.checkpointer.directory}; run the same command again "
+              "to resume (checkpoint.resume=auto)", flush=True)
     return encoder_path

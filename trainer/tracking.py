@@ -83,6 +83,7 @@ class Tracker:
         self._warned = False
         self._last_try = 0.0
         self._run_created = False
+        self._started = self._finished = False
 
     # ------------------------------------------------------------------ connection
     def _warn(self, what: str, exc: Exception) -> None:
@@ -115,6 +116,7 @@ class Tracker:
                 run = self._client.create_run(exp_id, run_name=self.cfg.run_name or None)
                 self.run_id = run.info.run_id
             else:
+                self._mark_unclean_exit()
                 self._client.update_run(self.run_id, status="RUNNING")
             self._run_created = True
             return True
@@ -122,8 +124,19 @@ class Tracker:
             self._warn("starting the run", exc)
             return False
 
+    def _mark_unclean_exit(self) -> None:
+        """A run we continue should have been closed (FINISHED, KILLED, FAILED) by the job before;
+        still RUNNING means that job was killed hard (SIGKILL, node loss): count it in a tag."""
+        run = self._client.get_run(self.run_id)
+        if run.info.status == "RUNNING":
+            count = int(run.data.tags.get("simclr.unclean_exits", "0")) + 1
+            self._client.set_tag(self.run_id, "simclr.unclean_exits", str(count))
+            print(f"[tracking] MLflow run {self.run_id} was left RUNNING by a job that did not exit cleanly; "
+                  f"continuing it (tag simclr.unclean_exits={count})", file=sys.stderr, flush=True)
+
     def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
         """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
+        self._started = True
         if not self.active:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,8 +204,10 @@ class Tracker:
         print(f"[tracking] artifact {path} kept locally (not uploaded)", file=sys.stderr)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if not self.active:
+        """Close the run with ``status`` (once; later calls and a run never started do nothing)."""
+        if not self.active or not self._started or self._finished:
             return
+        self._finished = True
         if self.flush(force=True) and self.run_id:
             try:
                 self._client.set_terminated(self.run_id, status=status)
