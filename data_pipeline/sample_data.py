@@ -8,6 +8,7 @@ must recognise unseen parts of a scene, not memorise pixels.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +71,12 @@ def write_image_folder(root: str | Path, x: np.ndarray, y: np.ndarray, classes: 
 
 def make_demo_dataset(out_dir: str | Path, size: int = 64, train_per_class: int = 48, val_per_class: int = 16,
                       seed: int = 0) -> dict[str, Path]:
-    """Write ``out_dir/train`` and ``out_dir/val`` ImageFolder JPEG trees plus ``.npz`` twins."""
+    """Write ``out_dir/train`` and ``out_dir/val`` ImageFolder JPEG trees plus ``.npz`` twins,
+    replacing whatever those trees held before (so each tree matches its npz exactly)."""
     out_dir = Path(out_dir)
     paths = {}
     for split, (x, y, classes) in make_photo_crops(size, train_per_class, val_per_class, seed).items():
+        shutil.rmtree(out_dir / split, ignore_errors=True)
         paths[split] = write_image_folder(out_dir / split, x, y, classes)
         np.savez(out_dir / f"{split}.npz", x=x, y=y)
     return paths

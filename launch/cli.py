@@ -94,11 +94,16 @@ def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> No
     from trainer import checkpoint as ckpt
     from trainer.tracking import Tracker
 
-    run_id = None
     path = Path(checkpoint)
-    candidates = [path] if path.name != "encoder.pt" else ckpt.list_checkpoints(ckpt.checkpoint_dir(path.parent))
-    for candidate in candidates[:1]:
-        run_id = ckpt.load_checkpoint(candidate).get("mlflow_run_id")
+    # a training checkpoint names its run; an exported encoder's run is that of the checkpoints beside it
+    candidates = [path, *ckpt.list_checkpoints(ckpt.checkpoint_dir(path.parent))]
+    run_id = None
+    for candidate in candidates:
+        try:
+            run_id = ckpt.load_checkpoint(candidate).get("mlflow_run_id")
+            break
+        except ckpt.CheckpointError:
+            continue
     tracking = cfg.tracking
     if run_id is None:
         tracking = dataclasses.replace(tracking, experiment=f"{tracking.experiment}-eval")
@@ -123,6 +128,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
     from data_pipeline.sample_data import make_demo_dataset
+    from trainer.dataclass_yaml import ConfigError
+
+    for flag, value, least in (("--size", args.size, 8), ("--train-per-class", args.train_per_class, 1),
+                               ("--val-per-class", args.val_per_class, 1)):
+        if value < least:
+            raise ConfigError(f"make-demo-data {flag} {value}: must be at least {least}")
 
     paths = make_demo_dataset(args.out, size=args.size, train_per_class=args.train_per_class,
                               val_per_class=args.val_per_class, seed=args.seed)
@@ -135,7 +146,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from trainer.tracking import sync_offline
 
     run_id = sync_offline(args.run_dir, TrackingConfig(uri=args.uri, experiment=args.experiment), args.run_id)
-    print(f"replayed {args.run_dir}/metrics.jsonl into MLflow run {run_id}")
+    print(f"replayed {args.run_dir} (params, tags, metrics, artifacts) into MLflow run {run_id}")
     return 0
 
 
@@ -241,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--run-id", default=None)
     p.add_argument("--uri", default="")
-    p.add_argument("--experiment", default="simclr")
+    p.add_argument("--experiment", default="", help="default: the run's own experiment")
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("submit", help="submit the training to SLURM through submitit (one task per GPU)")

@@ -270,7 +270,7 @@ def test_eval_names_an_architecture_mismatch(exported_encoder, photo_data, tmp_p
     (folder / "config.yaml").write_text(text)
     proc = simclr("eval", "--checkpoint", str(folder / "encoder.pt"), "--train-data", str(photo_data / "train"),
                   "--val-data", str(photo_data / "val"), "--device", "cpu", "--workers", "0", "--probe-epochs", "1")
-    assert_one_line_error(proc, "resnet34", "does not fit")
+    assert_one_line_error(proc, "resnet34", "do not fit", "tensors missing")
 
 
 def test_eval_recognises_an_exported_encoder_under_any_name(exported_encoder, photo_data, tmp_path):

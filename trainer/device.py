@@ -6,14 +6,28 @@ import resource
 
 import torch
 
+from trainer.dataclass_yaml import ConfigError
+
 
 def choose_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``cuda`` (GPU ``local_rank``) when asked for or, with ``auto``, when one is visible; else the CPU."""
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """``cuda`` when asked for or, with ``auto``, when a GPU is visible; else the CPU.
+
+    Clusters set GPUs up in two ways, and both work: every task of a node sees all its GPUs (this
+    rank takes GPU ``local_rank``), or each task sees only its own (``CUDA_VISIBLE_DEVICES`` holds
+    one device, which is index 0 whatever LOCAL_RANK is).
+    """
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible to this process; use train.device=cpu "
+                          "(or auto), or check CUDA_VISIBLE_DEVICES and the driver (nvidia-smi)")
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise ConfigError(f"LOCAL_RANK={local_rank} but this process sees only {visible} GPUs; start at most "
+                          f"{visible} ranks per node, or give each task its own GPU (CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", local_rank)
 
 
 def synchronize(device: torch.device) -> None:

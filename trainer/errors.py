@@ -9,8 +9,9 @@ from collections.abc import Callable
 from data_pipeline.sources import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
+from trainer.tracking import TrackingError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrackingError)
 
 
 def exit_code_of(command: Callable[[], int], prog: str = "simclr") -> int:

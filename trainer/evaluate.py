@@ -13,7 +13,8 @@ from torch import nn
 from data_pipeline import build_eval_batches
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import open_source
-from trainer.config import Config, config_from_dict
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.config import Config, config_from_dict, load_config
 from trainer.model import build_encoder
 
 
@@ -111,23 +112,39 @@ def evaluate_encoder(encoder: nn.Module, train_root: str, val_root: str, data_cf
 
 
 def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
-    """An encoder from a training checkpoint or from an exported ``encoder.pt`` (whose run's
-    ``config.yaml`` sits beside it). Returns it with the run's config."""
-    from trainer.checkpoint import CheckpointError, load_checkpoint
-    from trainer.config import load_config
-
+    """An encoder from a training checkpoint, or from an exported encoder state dict (``encoder.pt``
+    under any name) whose run's ``config.yaml`` sits beside it. Returns it with the run's config."""
     path = Path(path)
-    if path.name == "encoder.pt":
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint step_N.pt or an exported encoder.pt")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or not weights
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                              "pass a checkpoint step_N.pt or an exported encoder.pt") from None
+    if isinstance(content, dict) and "format_version" in content:
+        state = load_checkpoint(path)  # the checkpoint's own checks
+        cfg, source = config_from_dict(state["config"]), f"the config stored in {path}"
+        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+    elif isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
         cfg_file = path.parent / "config.yaml"
         if not cfg_file.exists():
-            raise CheckpointError(f"{path} needs its run's config.yaml beside it to know the architecture")
-        cfg = load_config(cfg_file)
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+            raise CheckpointError(f"{path} is an exported encoder; it needs its run's config.yaml beside it to know "
+                                  "the architecture (copy it from the run folder)")
+        cfg, weights, source = load_config(cfg_file), content, str(cfg_file)
     else:
-        state = load_checkpoint(path)
-        cfg = config_from_dict(state["config"])
-        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+        raise CheckpointError(f"{path} is neither a simclr-scale checkpoint nor an exported encoder state dict")
     encoder = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise CheckpointError(f"the weights in {path} do not fit a {cfg.model.arch} encoder (cifar_stem="
+                              f"{cfg.model.cifar_stem}) as {source} says: {len(missing)} tensors missing, "
+                              f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. {example}); "
+                              "use the config of the run that trained them")
     encoder.load_state_dict(weights)
     return encoder, cfg
 

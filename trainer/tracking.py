@@ -8,6 +8,7 @@ whole backlog. ``simclr sync RUN_DIR`` replays the local file into MLflow afterw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrackingConfig
+
+RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and name, for `simclr sync`
+
+
+class TrackingError(RuntimeError):
+    """A tracking problem the user must act on (a run folder without metrics, a store that does not
+    answer when replaying); the CLI prints it as one line with status 2."""
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -68,9 +76,10 @@ def library_versions() -> dict[str, str]:
 class Tracker:
     """Rank 0's view of the MLflow run. On other ranks (``active=False``) every call is a no-op."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool, retry_s: float = 30.0) -> None:
-        # rank 0 always keeps the local metrics file; MLflow only when tracking is enabled
-        self.writes_local = active
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool, retry_s: float = 30.0,
+                 writes_local: bool | None = None) -> None:
+        # rank 0 always keeps the local metrics file and run record; MLflow only when tracking is enabled
+        self.writes_local = active if writes_local is None else writes_local
         self.cfg, self.active, self.retry_s = cfg, active and cfg.enabled, retry_s
         self.run_dir = Path(run_dir)
         self.local_file = self.run_dir / "metrics.jsonl"
@@ -137,6 +146,10 @@ class Tracker:
     def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
         """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
         self._started = True
+        if self.writes_local and run_id is None:
+            self._record = {"experiment": self.cfg.experiment, "run_name": self.cfg.run_name,
+                            "params": {k: str(v) for k, v in params.items()}, "tags": {}}
+        self._record_tags(tags)
         if not self.active:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +159,20 @@ class Tracker:
         self._pending_tags = dict(tags)
         self.flush(force=True)
         return self.run_id
+
+    def _record_tags(self, tags: dict[str, str]) -> None:
+        """Keep the run's params and tags in the run folder too, so that ``simclr sync`` can replay
+        a run that MLflow never saw."""
+        if not self.writes_local:
+            return
+        path = self.run_dir / RUN_RECORD
+        record = getattr(self, "_record", None)
+        if record is None:  # a resumed run: add to what the first attempt recorded
+            record = json.loads(path.read_text()) if path.exists() else {"params": {}, "tags": {}}
+        record["tags"].update({k: str(v) for k, v in tags.items()})
+        self._record = record
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
 
     # ------------------------------------------------------------------ logging
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -160,6 +187,7 @@ class Tracker:
         self.flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        self._record_tags(tags)
         if self.active:
             self._pending_tags.update(tags)
             self.flush(force=True)
@@ -240,17 +268,29 @@ def prepare_store(cfg: TrackingConfig) -> None:
 
 
 def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None) -> str:
-    """Replay ``<run_dir>/metrics.jsonl`` into MLflow (into ``run_id``, or a new run)."""
-    metrics_file = Path(run_dir) / "metrics.jsonl"
+    """Replay a run folder into MLflow (into ``run_id``, or a new run): its params, tags and name
+    (``mlflow_run.json``), every metric (``metrics.jsonl``) and its artifacts (config, encoder,
+    curves). Nothing in the folder is changed."""
+    run_dir = Path(run_dir)
+    metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.exists():
-        raise FileNotFoundError(f"{metrics_file} does not exist; pass the run_dir of a training run")
-    records = read_metrics_file(metrics_file)
-    tracker = Tracker(cfg, run_dir, active=True)
-    tracker.start({}, {"simclr.synced_from": str(run_dir)}, run_id=run_id)
-    for rec in records:
+        raise TrackingError(f"{metrics_file} does not exist; pass the folder of a training run (its train.run_dir, "
+                            "which holds metrics.jsonl)")
+    record_file = run_dir / RUN_RECORD
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    cfg = dataclasses.replace(cfg, experiment=cfg.experiment or record.get("experiment") or "simclr",
+                              run_name=cfg.run_name or record.get("run_name", ""))
+    tracker = Tracker(cfg, run_dir, active=True, writes_local=False)
+    tracker.start(record.get("params", {}), {**record.get("tags", {}), "simclr.synced_from": str(run_dir)},
+                  run_id=run_id)
+    for rec in read_metrics_file(metrics_file):
         step, t = rec.pop("step"), rec.pop("time_ms")
         tracker._pending.extend((k, float(v), t, step) for k, v in rec.items())
     if not tracker.flush(force=True):
-        raise RuntimeError(f"MLflow at {tracker.uri} is still unreachable; nothing was lost, try again later")
+        raise TrackingError(f"MLflow at {tracker.uri} is unreachable; nothing was lost ({run_dir} is unchanged): "
+                            "run simclr sync again when it answers")
+    for name in ("config.yaml", "encoder.pt", "curves.png"):
+        if (run_dir / name).exists():
+            tracker.log_artifact(run_dir / name)
     tracker.finish()
     return tracker.run_id or ""
