@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # folders that hold a split, not a class
 
 
 class DataError(ValueError):
@@ -50,6 +51,15 @@ def list_image_folder(root: str | Path) -> ImageFolderSource:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"data folder {root} has no class sub-folders; expected {root}/<class>/<image>.jpg")
+    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if loose:
+        raise DataError(f"{len(loose)} image(s) such as {loose[0]} lie outside the class folders of {root}; they "
+                        "would be ignored: move them into a class folder or remove them")
+    splits = [d for d in class_dirs if d.name.lower() in SPLIT_NAMES and any(c.is_dir() for c in d.iterdir())]
+    if splits:
+        names = ", ".join(d.name + "/" for d in splits)
+        raise DataError(f"data folder {root} holds dataset splits ({names}), not classes: training on it would mix "
+                        f"them; point data.root at one split, e.g. data.root={splits[0]}")
     paths: list[Path] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
