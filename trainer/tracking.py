@@ -9,6 +9,7 @@ whole backlog. ``simclr sync RUN_DIR`` replays the local file into MLflow afterw
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import subprocess
@@ -33,6 +34,25 @@ def resolve_tracking_uri(uri: str) -> str:
     import mlflow
 
     return uri or mlflow.get_tracking_uri()
+
+
+def open_client(uri: str) -> Any:
+    """An MlflowClient for ``uri``. Opening a new sqlite store creates its schema, which breaks when
+    several processes (the runs of a local sweep) do it at once, so they take turns on a lock file
+    beside the database."""
+    from mlflow.tracking import MlflowClient
+
+    _fail_fast_over_http()
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _fail_fast_over_http() -> None:
@@ -104,15 +124,12 @@ class Tracker:
 
     def _connect(self) -> bool:
         """Create (or reattach to) the run; True when the server answered."""
-        from mlflow.tracking import MlflowClient
-
-        if self._client is None:
-            _fail_fast_over_http()
-            self.uri = resolve_tracking_uri(self.cfg.uri)
-            self._client = MlflowClient(tracking_uri=self.uri)
         if self.run_id is not None and self._run_created:
             return True
         try:
+            if self._client is None:
+                self.uri = resolve_tracking_uri(self.cfg.uri)
+                self._client = open_client(self.uri)
             if self.run_id is None:
                 exp = self._client.get_experiment_by_name(self.cfg.experiment)
                 if exp is None:
@@ -236,7 +253,13 @@ class Tracker:
         if not self.active or not self._started or self._finished:
             return
         self._finished = True
-        if self.flush(force=True) and self.run_id:
+        sent = self.flush(force=True)
+        for wait_s in (1.0, 3.0):  # a busy store (a sweep's runs sharing one sqlite file) gets a second chance
+            if sent:
+                break
+            time.sleep(wait_s)
+            sent = self.flush(force=True)
+        if sent and self.run_id:
             try:
                 self._client.set_terminated(self.run_id, status=status)
             except Exception as exc:
@@ -256,11 +279,8 @@ def prepare_store(cfg: TrackingConfig) -> None:
     tasks of a job array do not race to initialise a shared (e.g. sqlite) store."""
     if not cfg.enabled:
         return
-    from mlflow.tracking import MlflowClient
-
-    _fail_fast_over_http()
     try:
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.uri))
+        client = open_client(resolve_tracking_uri(cfg.uri))
         if client.get_experiment_by_name(cfg.experiment) is None:
             client.create_experiment(cfg.experiment)
     except Exception as exc:  # the jobs fall back to offline metrics on their own
