@@ -52,6 +52,11 @@ def tiny_config(photo_data, tmp_path):
     return make
 
 
+# the broken files users have: an empty file, a JPEG cut short (an interrupted copy), and something else
+BAD_FILES = {"zero_byte": b"", "truncated_jpeg": b"\xff\xd8\xff\xe0 truncated garbage",
+             "not_an_image": b"%PDF-1.4 this is not an image"}
+
+
 def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, junk: bytes) -> tuple[Path, Path]:
     """A copy of the training tree in which one image is replaced by ``junk`` bytes."""
     import shutil

@@ -11,7 +11,7 @@ from data_pipeline import build_loader
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.sample_data import photo_paths
 from data_pipeline.sources import DataError
-from tests.conftest import corrupt_copy, run_torchrun, tiny_overrides
+from tests.conftest import BAD_FILES, corrupt_copy, run_torchrun, tiny_overrides
 from trainer.config import load_config
 
 pytest.importorskip("nvidia.dali")
@@ -146,19 +146,17 @@ def test_sharding_two_ranks(tmp_path):
     assert r0["a0"] == r0["b0"] and r1["a1"] == r1["b1"]  # reproducible from the seed
 
 
-def _corrupt_tree(photo_data, tmp_path):
-    return corrupt_copy(photo_data, tmp_path, "coffee", 2, b"\xff\xd8\xff\xe0 truncated garbage")
-
-
-def test_corrupt_file_is_named(photo_data, tmp_path):
-    root, bad = _corrupt_tree(photo_data, tmp_path)
+@pytest.mark.parametrize("junk", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_corrupt_file_is_named(photo_data, tmp_path, junk):
+    root, bad = corrupt_copy(photo_data, tmp_path, "coffee", 2, junk)
     cfg = DataConfig(root=str(root), backend="dali", image_size=16, batch_size=80, num_workers=1)
     with pytest.raises(DataError, match=f"cannot decode image {bad}"):
         list(build_loader(cfg, 0, 0, 1, CPU))
 
 
-def test_corrupt_file_skipped_and_counted(photo_data, tmp_path):
-    root, _ = _corrupt_tree(photo_data, tmp_path)
+@pytest.mark.parametrize("junk", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_corrupt_file_skipped_and_counted(photo_data, tmp_path, junk):
+    root, _ = corrupt_copy(photo_data, tmp_path, "coffee", 2, junk)
     cfg = DataConfig(root=str(root), backend="dali", image_size=16, batch_size=16, num_workers=1, skip_corrupt=True)
     loader = build_loader(cfg, 0, 0, 1, CPU)
     batches = list(loader)
@@ -192,7 +190,7 @@ def test_two_rank_dali_training_checkpoints_and_resumes(photo_data, tmp_path):
 def test_skipped_corrupt_images_are_counted_in_the_training_metrics(photo_data, tmp_path):
     from trainer.loop import train
 
-    root, _ = _corrupt_tree(photo_data, tmp_path)
+    root, _ = corrupt_copy(photo_data, tmp_path, "coffee", 2, BAD_FILES["zero_byte"])
     cfg = load_config(None, tiny_overrides(root, tmp_path / "run", **{
         "data.backend": "dali", "data.skip_corrupt": "true", "train.stop_after_steps": 2, "tracking.enabled": "false"}))
     train(cfg)

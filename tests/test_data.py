@@ -6,7 +6,7 @@ from data_pipeline import build_loader
 from data_pipeline.augment import blur_kernel_size
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, list_image_folder, load_npz, open_source, shard_indices
-from tests.conftest import corrupt_copy
+from tests.conftest import BAD_FILES, corrupt_copy
 
 
 def cfg(root, **kw):
@@ -77,12 +77,9 @@ def test_bad_npz_is_named(tmp_path):
         load_npz(tmp_path / "nolabels.npz")
 
 
-def _tree_with_corrupt_file(photo_data, tmp_path):
-    return corrupt_copy(photo_data, tmp_path, "astronaut", 0, b"\xff\xd8 this is not a jpeg")
-
-
-def test_corrupt_image_is_named(photo_data, tmp_path):
-    root, bad = _tree_with_corrupt_file(photo_data, tmp_path)
+@pytest.mark.parametrize("junk", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_corrupt_image_is_named(photo_data, tmp_path, junk):
+    root, bad = corrupt_copy(photo_data, tmp_path, "astronaut", 0, junk)
     loader = build_loader(cfg(root, skip_corrupt=False), 0, 0, 1, torch.device("cpu"))
     loader.set_epoch(0)
     with pytest.raises(DataError, match=f"cannot decode image {bad}"):
@@ -90,8 +87,9 @@ def test_corrupt_image_is_named(photo_data, tmp_path):
             pass
 
 
-def test_corrupt_image_skipped_and_counted(photo_data, tmp_path):
-    root, _ = _tree_with_corrupt_file(photo_data, tmp_path)
+@pytest.mark.parametrize("junk", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_corrupt_image_skipped_and_counted(photo_data, tmp_path, junk):
+    root, _ = corrupt_copy(photo_data, tmp_path, "astronaut", 0, junk)
     loader = build_loader(cfg(root, skip_corrupt=True), 0, 0, 1, torch.device("cpu"))
     batches = list(loader)
     assert len(batches) == loader.steps_per_epoch and all(b[0].shape[0] == 8 for b in batches)

@@ -421,3 +421,18 @@ def test_four_concurrent_runs_into_one_sqlite_store_lose_nothing(photo_data, tmp
 def test_four_concurrent_runs_into_one_server_lose_nothing(photo_data, tmp_path, mlflow_server):
     concurrent_runs(photo_data, tmp_path, mlflow_server)
     assert_nothing_lost(mlflow_server)
+
+
+# ----------------------------------------------------------------------------------- a change of world size
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_process_into_the_same_run(photo_data, tmp_path):
+    over = {"train.epochs": 2, "train.stop_after_steps": 7}
+    first = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "train", tmp_path / "run", **over))
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "run"))[0])
+    assert state["step"] == 7 and state["world_size"] == 2
+    resumed = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{"train.epochs": 2})))
+    assert resumed.step == 20 and resumed.run_id == state["mlflow_run_id"]
+    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", resumed.run_id) == "FINISHED"
