@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +39,24 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) 
         synchronize(device)
         out.append(time.perf_counter() - start)
     return out
+
+
+def timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                      iters: int) -> dict[str, list[float]]:
+    """Like ``timed`` for several functions, one call of each per round, so that the machine's
+    drift over the run (other load, clock changes) falls on all of them alike; the order within a
+    round is shuffled (seeded), so that none always runs in the wake of the same neighbour (caches,
+    memory just freed by a large step)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
+    for _ in range(iters):
+        rng.shuffle(order)
+        for name in order:
+            samples[name] += timed(fns[name], device, 0, 1)
+    return samples
 
 
 def summary(samples: list[float]) -> dict[str, float]:

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import timed
+from benchmarks.common import timed_interleaved
 from trainer.config import ModelConfig, OptimConfig
 from trainer.model import build_model
 from trainer.optim import build_optimizer, default_foreach
@@ -24,13 +24,15 @@ def bench_lars(arch: str, iters: int, device: torch.device) -> dict:
         p.grad = torch.randn_like(p) * 1e-3
     row: dict = {"n_tensors": sum(1 for _ in model.parameters()),
                  "chosen": "foreach" if default_foreach(list(model.parameters())) else "per_tensor"}
+    steps = {}
     for name, foreach in (("foreach", True), ("per_tensor", False)):
         ours = build_optimizer(model, OptimConfig(name="lars", weight_decay=1e-6), lr=0.1)
         for group in ours.param_groups:
             group["foreach"] = foreach
-        row[f"{name}_ms"] = 1e3 * statistics.median(timed(ours.step, device, 3, iters))
-    theirs = Lars(param_groups_weight_decay(model, 1e-6), lr=0.1, momentum=0.9)
-    row["timm_ms"] = 1e3 * statistics.median(timed(theirs.step, device, 3, iters))
+        steps[name] = ours.step
+    steps["timm"] = Lars(param_groups_weight_decay(model, 1e-6), lr=0.1, momentum=0.9).step
+    for name, samples in timed_interleaved(steps, device, 3, iters).items():
+        row[f"{name}_ms"] = 1e3 * statistics.median(samples)
     row["ours_ms"] = row[f"{row['chosen']}_ms"]
     row["speedup"] = row["timm_ms"] / row["ours_ms"]
     return row

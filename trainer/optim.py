@@ -113,7 +113,9 @@ class LARS(torch.optim.Optimizer):
         for p, buf in zip(params, bufs):
             update = p.grad.add(p, alpha=wd) if wd != 0 else p.grad
             if group["lars_adapt"]:
-                update = update * self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad))
+                trust = self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad))
+                # scale in place when ``update`` is our own tensor; never the gradient itself
+                update = update.mul_(trust) if wd != 0 else update * trust
             if buf is not None:
                 update = buf.mul_(group["momentum"]).add_(update)
             p.add_(update, alpha=-lr)
