@@ -77,6 +77,7 @@ class TrainConfig:
     stop_after_steps: int = 0  # >0: stop early (schedule unchanged), as a time limit would
     knn_every_epochs: int = 0  # >0: kNN monitor on data.val_root every N epochs
     progress_bar: bool = True
+    micro_batch: int = 0  # >0: gradient caching in chunks of this many images per rank (see trainer/grad_cache.py)
 
 
 @dataclass
@@ -150,6 +151,8 @@ def validate(cfg: Config) -> Config:
     _check(t.epochs > 0, "train.epochs", t.epochs, "must be a positive integer")
     _check(t.log_every > 0, "train.log_every", t.log_every, "must be a positive integer")
     _check(t.stop_after_steps >= 0, "train.stop_after_steps", t.stop_after_steps, "must be >= 0 (0 = off)")
+    _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch,
+           "must be >= 0 (0 = one pass; N = gradient caching in chunks of N images per rank)")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
     _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
     c = cfg.checkpoint

@@ -23,6 +23,7 @@ from trainer.dataclass_yaml import flatten
 from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
 from trainer.evaluate import knn_monitor
+from trainer.grad_cache import cached_forward_backward, two_view_images
 from trainer.loss import nt_xent
 from trainer.metrics import MetricsWindow
 from trainer.model import encoder_state_dict
@@ -120,14 +121,20 @@ def train_step(parts: TrainParts, view1: torch.Tensor, view2: torch.Tensor, lr: 
     """One optimizer step on a batch of two views; every rank returns the same skip and stop verdicts."""
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
-    images = torch.cat([view1, view2])  # one forward: BatchNorm sees both views, as in SimCLR
-    if parts.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with parts.precision.autocast():
-        z1, z2 = parts.ddp_model(images).chunk(2)
-    loss, accuracy = nt_xent(z1, z2, parts.cfg.loss.temperature, gather=parts.cfg.loss.gather_negatives)
     parts.optimizer.zero_grad(set_to_none=True)
-    parts.precision.backward(loss)
+
+    def loss_fn(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return nt_xent(z1, z2, parts.cfg.loss.temperature, gather=parts.cfg.loss.gather_negatives)
+
+    if parts.cfg.train.micro_batch:
+        loss, accuracy = cached_forward_backward(parts.model, parts.ddp_model, view1, view2,
+                                                 parts.cfg.train.micro_batch, loss_fn, parts.precision,
+                                                 parts.channels_last)
+    else:
+        with parts.precision.autocast():
+            z1, z2 = parts.ddp_model(two_view_images(view1, view2, parts.channels_last)).chunk(2)
+        loss, accuracy = loss_fn(z1, z2)
+        parts.precision.backward(loss)
     # One small collective per step so that every rank agrees to skip a bad step, or to stop.
     nonfinite, stop = any_rank(~torch.isfinite(loss.detach()), stop_requested)
     if nonfinite:

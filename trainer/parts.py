@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data_pipeline import TwoViewLoader, build_loader
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config
+from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
 from trainer.model import build_model
 from trainer.optim import build_optimizer
@@ -69,6 +70,11 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
     """The run's parts, in an order that keeps every random draw reproducible (seed, then loader,
     then model init)."""
     device = info.device
+    per_rank, micro = cfg.data.batch_size // info.world_size, cfg.train.micro_batch
+    if micro and per_rank % micro:
+        valid = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+        raise ConfigError(f"train.micro_batch={micro} does not divide this rank's share of the batch ({per_rank} = "
+                          f"data.batch_size {cfg.data.batch_size} / {info.world_size} ranks); use one of {valid}")
     seed_everything(cfg.train.seed, info.rank)
     loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device)
     model = build_model(cfg.model, device, info.world_size, info.rank)

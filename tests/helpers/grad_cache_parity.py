@@ -1,0 +1,31 @@
+"""Under torchrun: one training step on this rank's share of a fixed global batch, plain or with
+gradient caching (``train.micro_batch`` in the overrides), with BatchNorm in eval mode so that the
+network treats samples independently. Rank 0 writes the loss and the (DDP-averaged) parameter
+gradients to argv[1]."""
+
+import sys
+
+import torch
+
+from tests.helpers.grad_cache_batch import global_views
+from trainer.config import load_config
+from trainer.distributed import init_distributed, teardown
+from trainer.loop import train_step
+from trainer.parts import build_parts
+
+out, overrides = sys.argv[1], sys.argv[2:]
+cfg = load_config(None, overrides)
+info = init_distributed(cfg.dist, "cpu")
+parts = build_parts(cfg, info)
+parts.model.eval()
+view1, view2 = global_views(cfg.data.batch_size, cfg.data.image_size)
+n = cfg.data.batch_size // info.world_size
+mine = slice(info.rank * n, (info.rank + 1) * n)
+outcome = train_step(parts, view1[mine], view2[mine], lr=0.0, stop_requested=False)
+loss = outcome.loss.clone()
+if info.distributed:
+    torch.distributed.all_reduce(loss)
+    loss /= info.world_size
+if info.is_main:
+    torch.save({"loss": loss, "grads": {k: p.grad.clone() for k, p in parts.model.named_parameters()}}, out)
+teardown()
