@@ -44,8 +44,10 @@ def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device:
     """The training loader for this rank, validated: the global batch must split evenly over
     ranks and every rank's shard must hold at least one batch."""
     if cfg.batch_size % world_size:
+        valid = [w for w in range(1, cfg.batch_size + 1) if cfg.batch_size % w == 0]
         raise DataError(f"data.batch_size={cfg.batch_size} (global) does not divide over {world_size} ranks; "
-                        f"use a multiple of {world_size}")
+                        f"valid world sizes for this batch: {', '.join(map(str, valid))} (or use a multiple of "
+                        f"{world_size} as the batch, which a resumed run cannot change)")
     source = open_source(cfg.root)
     per_rank = cfg.batch_size // world_size
     if len(source) // world_size < per_rank:

@@ -92,3 +92,21 @@ def test_training_with_micro_batches_checkpoints_and_resumes_bitwise(tiny_config
     resumed = train(tiny_config(**over, **{"train.run_dir": str(tmp_path / "b")}))
     assert straight.step == resumed.step == 20 and torch.isfinite(torch.tensor(straight.loss))
     assert_bitwise_equal(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+
+
+def test_memory_benchmark_writes_a_row_per_batch_and_mode(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import PY, REPO
+
+    out = tmp_path / "gc.json"
+    proc = subprocess.run([PY, "-m", "benchmarks.grad_cache", "--batches", "8", "16", "--micro", "4", "--image-size",
+                           "16", "--out", str(out)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["batch"], r["micro"]) for r in result["rows"]] == [(8, 0), (8, 4), (16, 0), (16, 4)]
+    assert all(r["fits"] and r["peak_memory_mb"] > 0 and r["images_per_s"] > 0 for r in result["rows"])
+    assert result["device"] and result["git_commit"] and "cached peak RSS" in proc.stdout

@@ -127,6 +127,14 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | Non
 # ----------------------------------------------------------------------------- RNG state
 
 
+def seed_everything(seed: int, rank: int) -> None:
+    """A fresh start: torch the same on every rank (the same model init; DDP broadcasts it too),
+    Python's and NumPy's generators per rank."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
 def capture_rng() -> dict[str, Any]:
     """Python, NumPy and torch generator states in weights_only-loadable types."""
     version, py_state, gauss = random.getstate()
@@ -187,8 +195,13 @@ class Checkpointer:
         rng = state.get("rng") or []
         if len(rng) == self.info.world_size:
             restore_rng(rng[self.info.rank])
+        else:  # another world size: this rank's streams derived from the run's seed and the step
+            seed_everything(hash((self.cfg.train.seed, state["step"])) & 0x7FFF_FFFF, self.info.rank)
         if self.info.is_main:
             print(f"[simclr] resumed from {path} at step {state['step']}", flush=True)
+            if len(rng) != self.info.world_size:
+                print(f"[simclr] the checkpoint was written by {len(rng)} ranks, this job has {self.info.world_size}: "
+                      "the same global batches follow, each rank's random streams are derived afresh", flush=True)
         return state
 
     def _gather_rng(self) -> list[dict[str, Any]]:

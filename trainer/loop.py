@@ -173,10 +173,13 @@ def start_run(parts: TrainParts) -> int:
     """Resume from the newest usable checkpoint (or start fresh), then start the MLflow run, or
     continue the checkpoint's, on rank 0. Returns the step to continue from."""
     state = parts.checkpointer.resume()
-    step, run_id = 0, None
+    step, run_id, world = 0, None, parts.info.world_size
     if state is not None:
         parts.load_state_dict(state)
         step, run_id = state["step"], state.get("mlflow_run_id")
+        parts.world_size_history = state.get("world_size_history") or [[0, state.get("world_size", world)]]
+        if parts.world_size_history[-1][1] != world:
+            parts.world_size_history.append([step, world])
     if parts.info.is_main:
         cfg, config_file = parts.cfg, parts.run_dir / "config.yaml"
         parts.run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,11 @@ def start_run(parts: TrainParts) -> int:
                   "data.backend_resolved": resolve_backend(cfg.data, parts.info.device),
                   "steps_per_epoch": parts.steps_per_epoch, "git_commit": git_commit(),
                   **{f"version.{k}": v for k, v in library_versions().items()}}
-        parts.tracker.start(params, {"simclr.device": str(parts.info.device)}, run_id=run_id)
+        history = ",".join(f"{at}:{size}" for at, size in parts.world_size_history)  # step:world size
+        parts.tracker.start(params, {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
+                                     "simclr.world_size_history": history}, run_id=run_id)
+        if len(parts.world_size_history) > 1 and parts.world_size_history[-1][0] == step:  # changed now
+            parts.tracker.log_params({f"world_size.from_step_{step}": world})
         if state is None:
             parts.tracker.log_artifact(config_file)
     return step

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline import TwoViewLoader, build_loader
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
@@ -36,6 +34,7 @@ class TrainParts:
     precision: PrecisionPolicy
     checkpointer: Checkpointer
     tracker: Tracker  # MLflow on rank 0; a no-op elsewhere
+    world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
 
     @property
     def run_dir(self) -> Path:
@@ -52,18 +51,13 @@ class TrainParts:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds besides the position and RNG states."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.precision.state_dict(), "mlflow_run_id": self.tracker.run_id}
+                "scaler": self.precision.state_dict(), "mlflow_run_id": self.tracker.run_id,
+                "world_size_history": self.world_size_history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state.get("scaler") or {})
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    torch.manual_seed(seed)  # the same model init on every rank (DDP also broadcasts it)
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
 
 
 def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
@@ -88,4 +82,5 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         optimizer=build_optimizer(model, cfg.optim, schedule(0)), schedule=schedule,
         precision=PrecisionPolicy(cfg.precision.dtype, device), checkpointer=Checkpointer(cfg, info),
         tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
+        world_size_history=[[0, info.world_size]],
     )

@@ -166,7 +166,7 @@ class Tracker:
         if self.writes_local and run_id is None:
             self._record = {"experiment": self.cfg.experiment, "run_name": self.cfg.run_name,
                             "params": {k: str(v) for k, v in params.items()}, "tags": {}}
-        self._record_tags(tags)
+        self._update_record(tags=tags)
         if not self.active:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ class Tracker:
         self.flush(force=True)
         return self.run_id
 
-    def _record_tags(self, tags: dict[str, str]) -> None:
+    def _update_record(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
         """Keep the run's params and tags in the run folder too, so that ``simclr sync`` can replay
         a run that MLflow never saw."""
         if not self.writes_local:
@@ -186,7 +186,8 @@ class Tracker:
         record = getattr(self, "_record", None)
         if record is None:  # a resumed run: add to what the first attempt recorded
             record = json.loads(path.read_text()) if path.exists() else {"params": {}, "tags": {}}
-        record["tags"].update({k: str(v) for k, v in tags.items()})
+        record["params"].update({k: str(v) for k, v in (params or {}).items()})
+        record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
         self._record = record
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1))
@@ -203,8 +204,16 @@ class Tracker:
         self._pending.extend((k, float(v), now, step) for k, v in metrics.items())
         self.flush()
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params added later in a run (MLflow params cannot change, so new keys, e.g. a change of
+        world size on resume as ``world_size.from_step_<N>``)."""
+        self._update_record(params=params)
+        if self.active:
+            self._pending_params.update(params)
+            self.flush(force=True)
+
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._record_tags(tags)
+        self._update_record(tags=tags)
         if self.active:
             self._pending_tags.update(tags)
             self.flush(force=True)

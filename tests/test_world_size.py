@@ -1,0 +1,75 @@
+"""A checkpoint written by W ranks resumes on W' ranks with the same global batch: every global
+step after the change uses the same samples as an uninterrupted run (and, with the torchvision
+backend, the same augmented views), in the same MLflow run."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_torchrun, tiny_overrides
+from trainer import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def indexed_npz(photo_data, tmp_path_factory) -> Path:
+    """The training photos with labels = sample indices, so a batch's labels say which samples it held."""
+    with np.load(photo_data / "train.npz") as data:
+        x = data["x"]
+    path = tmp_path_factory.mktemp("indexed") / "indexed.npz"
+    np.savez(path, x=x, y=np.arange(len(x)))
+    return path
+
+
+def per_step(record_dir: Path) -> dict[int, dict[int, float]]:
+    """{global step: {sample index: checksum of its two views}} over every rank's records."""
+    steps: dict[int, dict[int, float]] = defaultdict(dict)
+    for file in record_dir.glob("rank*.jsonl"):
+        for line in file.read_text().splitlines():
+            row = json.loads(line)
+            steps[row["step"]].update(zip(row["samples"], row["view_sums"]))
+    return dict(steps)
+
+
+def record(npz: Path, run_dir: Path, record_dir: Path, nproc: int, **extra) -> None:
+    over = tiny_overrides(npz, run_dir, **{"train.epochs": 2, **extra})
+    proc = run_torchrun("record_batches.py", str(record_dir), *over, nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_continues_the_same_batches_and_run(indexed_npz, tmp_path, before, after):
+    record(indexed_npz, tmp_path / "straight", tmp_path / "rec_straight", nproc=1)
+    record(indexed_npz, tmp_path / "changed", tmp_path / "rec_changed", nproc=before, **{"train.stop_after_steps": 7})
+    record(indexed_npz, tmp_path / "changed", tmp_path / "rec_changed", nproc=after)
+    straight, changed = per_step(tmp_path / "rec_straight"), per_step(tmp_path / "rec_changed")
+    assert sorted(straight) == sorted(changed) == list(range(20))  # no step skipped or repeated
+    for step in range(20):
+        assert set(changed[step]) == set(straight[step]), step  # the same samples in every global batch
+        assert changed[step] == straight[step], step  # and the same augmented views (torchvision)
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "changed"))[0])
+    assert state["step"] == 20 and state["world_size_history"] == [[0, before], [7, after]]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("simclr").experiment_id],
+                              filter_string=f"attributes.run_id = '{state['mlflow_run_id']}'")
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["simclr.world_size_history"] == f"0:{before},7:{after}"
+    assert run.data.params["world_size"] == str(before) and run.data.params["world_size.from_step_7"] == str(after)
+
+
+def test_a_batch_that_does_not_divide_over_the_new_world_names_the_valid_sizes(photo_data):
+    import torch
+
+    from data_pipeline import DataError, build_loader
+    from data_pipeline.config import DataConfig
+
+    cfg = DataConfig(root=str(photo_data / "train"), backend="torchvision", image_size=16, batch_size=12)
+    with pytest.raises(DataError, match=r"does not divide over 5 ranks.*valid world sizes.*1, 2, 3, 4, 6, 12"):
+        build_loader(cfg, 0, 0, 5, torch.device("cpu"))
