@@ -177,12 +177,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launch.slurm import load_cluster_config, submit
+    from launch.slurm import load_cluster_config, resume_config, submit
     from trainer.config import load_config
+    from trainer.dataclass_yaml import ConfigError
 
-    cfg = load_config(args.config, args.overrides)
+    if args.resume and args.config:
+        raise ConfigError("--resume takes the run's own config.yaml; leave out --config (overrides still apply)")
+    cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
     cluster = load_cluster_config(args.cluster)
-    out = submit(cfg, cluster, sweep=args.sweep, dry_run=args.dry_run, name=args.name)
+    out = submit(cfg, cluster, sweep=args.sweep, dry_run=args.dry_run, name=args.name, resume=bool(args.resume))
     if args.dry_run:
         print(out)
         return 0
@@ -263,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.add_argument("--name", default="simclr", help="SLURM job name")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and report how they ended")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an earlier submission's run folder (its config, checkpoint and MLflow run) as a "
+                        "new job, e.g. on another number of nodes or GPUs")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="make demo data, pretrain with 2 CPU ranks, then linear-probe vs random init")

@@ -122,8 +122,10 @@ class TrainingJob:
     def _requeue_or_stop(self, rank: int) -> None:
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if restarts >= self.max_requeues:
+            run_dir = self.config["train"]["run_dir"]
             raise RuntimeError(f"pre-empted after {restarts} requeues (cluster max_requeues={self.max_requeues}); "
-                               f"the checkpoint in {self.config['train']['run_dir']} is intact, resubmit to go on")
+                               f"the checkpoint in {run_dir} is intact; go on with: simclr submit --cluster CLUSTER "
+                               f"--resume {run_dir}")
         if rank == 0:
             from submitit import JobEnvironment
 
@@ -203,9 +205,25 @@ def plan_runs(cfg: Config, sweep: list[str], base_name: str) -> list[Config]:
     return runs
 
 
+def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
+    """The config of an earlier submission's run folder, to continue it (from its newest checkpoint,
+    into its MLflow run) as a new job, e.g. on another number of nodes or GPUs."""
+    from trainer.config import load_config
+
+    config_file = Path(run_dir) / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; pass the run folder that simclr submit "
+                          "printed (run dir ...)")
+    return load_config(config_file, [*overrides, f"train.run_dir={run_dir}", "checkpoint.resume=auto"])
+
+
 def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, dry_run: bool = False,
-           name: str = "simclr") -> list[Submitted] | str:
-    runs = plan_runs(cfg, sweep or [], name)
+           name: str = "simclr", resume: bool = False) -> list[Submitted] | str:
+    """Submit one job per sweep point, each into a run folder of its own; ``resume``: one job that
+    continues ``cfg``'s run folder (``resume_config``) instead of starting a new one."""
+    if resume and sweep:
+        raise ConfigError("--resume continues one run; it cannot be combined with --sweep")
+    runs = [cfg] if resume else plan_runs(cfg, sweep or [], name)
     world = cluster.nodes * ranks_per_node(cluster)
     for run in runs:
         if run.data.batch_size % world:

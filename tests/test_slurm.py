@@ -218,3 +218,42 @@ def test_cancelled_job_is_reported_not_waited_on(slurm, photo_data, tmp_path):
         sub.job.results()
     assert time.time() - start < 120
     assert "CANCELLED" in str(err.value) or "CANCELLED" in sub.job.state
+
+
+@pytest.mark.slurm
+def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_data, tmp_path):
+    """Pre-empted with no requeues left, a 2-task job says how to go on; resubmitted with --resume
+    on a 1-task cluster config it continues from its checkpoint into the same MLflow run."""
+    import yaml
+
+    two = yaml.safe_load((REPO / "cluster_configs/local_test.yaml").read_text())
+    two.update(max_requeues=0, log_dir=str(tmp_path / "logs"))
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump({**two, "tasks_per_node": 1}))
+    common = {"train.epochs": 6, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs", **common))
+    (sub,) = submit(cfg, load_cluster_config(tmp_path / "two.yaml"), name="shrink")
+    run_dir = Path(sub.run_dir)
+    deadline = time.time() + 120
+    while not ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir)):
+        assert time.time() < deadline, "job never checkpointed"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", sub.job_id], check=True)
+    with pytest.raises(Exception):  # noqa: B017 - submitit re-raises the job's own failure
+        sub.job.results()
+    assert f"--resume {run_dir}" in Path(sub.stderr).read_text()
+    stopped = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    assert stopped["world_size"] == 2 and 0 < stopped["step"] < 60
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([PY, "-m", "launch", "submit", "--cluster", str(tmp_path / "one.yaml"), "--resume",
+                           str(run_dir), "--wait", "--name", "shrink"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    final = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    assert final["step"] == 60 and final["world_size"] == 1
+    assert final["mlflow_run_id"] == stopped["mlflow_run_id"]
+    client, runs = mlflow_runs(tmp_path / "m.db")
+    (run,) = [r for r in runs if r.info.run_id == final["mlflow_run_id"]]
+    assert run.info.status == "FINISHED" and len(runs) == 1
+    assert run.data.tags["simclr.world_size_history"] == f"0:2,{stopped['step']}:1"
