@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -20,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch.distributed
 
 from trainer.config import Config, config_from_dict, config_to_dict
 from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
@@ -42,6 +45,10 @@ class ClusterConfig:
     extra_sbatch: dict[str, str] = field(default_factory=dict)  # e.g. {reservation: big, gres-flags: enforce-binding}
     setup: list[str] = field(default_factory=list)  # module loads, venv activation
     env: dict[str, str] = field(default_factory=dict)
+    # The network interface between nodes for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME),
+    # e.g. ib0 or eth1; '' lets each library choose, which fails where the hostname resolves to an
+    # address the other nodes cannot reach (a loopback entry, a management network).
+    network_interface: str = ""
     log_dir: str = "slurm_logs"
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit
     max_requeues: int = 3
@@ -111,7 +118,17 @@ class TrainingJob:
         signal.signal(signal.SIGUSR2, stop_at_next_step)
         signal.signal(signal.SIGTERM, stop_at_next_step)
         cfg = config_from_dict(self.config)
-        result = train(cfg, stop=stop, on_start=_tag_slurm_facts)
+        try:
+            result = train(cfg, stop=stop, on_start=_tag_slurm_facts)
+        except RuntimeError as exc:
+            if not _lost_a_peer(exc):
+                raise
+            run_dir = cfg.train.run_dir
+            print(f"[simclr] rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost contact with the other "
+                  f"ranks ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a rank or its node died. The last "
+                  f"checkpoint in {run_dir} is intact; go on with: simclr submit --cluster CLUSTER --resume {run_dir}",
+                  file=sys.stderr, flush=True)
+            raise
         if result.preempted:
             if signal.SIGUSR2 in received:
                 self._requeue_or_stop(int(os.environ.get("RANK", "0")))
@@ -136,6 +153,15 @@ class TrainingJob:
         sys.exit(-1)  # like submitit itself: no result file, the job is not over
 
 
+def _lost_a_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank (or its node) is gone: torch's distributed errors,
+    and the transport errors gloo and NCCL raise as plain RuntimeErrors."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "gloo/transport",
+                                  "NCCL communicator was aborted", "Socket Timeout", "timed out"))
+
+
 def _tag_slurm_facts(tracker, info) -> None:
     tags = {f"slurm.{k.lower()[6:]}": v for k, v in os.environ.items()
             if k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
@@ -148,7 +174,11 @@ def make_executor(cluster: ClusterConfig, name: str):
     import submitit
 
     executor = submitit.AutoExecutor(folder=Path(cluster.log_dir) / "%j", cluster="slurm")
-    setup = [f"export {k}={v}" for k, v in cluster.env.items()] + list(cluster.setup)
+    env = dict(cluster.env)
+    if cluster.network_interface:
+        env.setdefault("GLOO_SOCKET_IFNAME", cluster.network_interface)
+        env.setdefault("NCCL_SOCKET_IFNAME", cluster.network_interface)
+    setup = [f"export {k}={v}" for k, v in env.items()] + list(cluster.setup)
     extra = dict(cluster.extra_sbatch)
     if cluster.exclusive:
         extra["exclusive"] = True
@@ -160,6 +190,8 @@ def make_executor(cluster: ClusterConfig, name: str):
         name=name, nodes=cluster.nodes, tasks_per_node=ranks_per_node(cluster), cpus_per_task=cluster.cpus_per_task,
         timeout_min=cluster.time_min, slurm_partition=cluster.partition, slurm_signal_delay_s=cluster.signal_delay_s,
         slurm_setup=setup, slurm_additional_parameters=extra, slurm_array_parallelism=cluster.array_parallelism,
+        # a rank that fails ends the whole step at once, instead of the others waiting for a lost node
+        slurm_srun_args=["--kill-on-bad-exit=1"],
     )
     if cluster.gpus_per_node:
         params["gpus_per_node"] = cluster.gpus_per_node

@@ -1,6 +1,12 @@
-"""Start and stop a real one-node SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld,
-slurmd) for the submitit tests. Needs root and Debian's packages
+"""Start and stop a real SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld, slurmd)
+for the submitit tests. Needs root and Debian's packages
 ``slurmctld slurmd slurm-client slurmdbd munge mariadb-server`` (``.ci/run`` installs them).
+
+One node: slurmd beside slurmctld. Two nodes (``LocalSlurm(root, nodes=2)``): each slurmd runs in a
+network namespace of its own (``TestNetwork``: a bridge and veth pairs on a private /24 that only
+this suite uses), started with ``nsenter --net`` (``ip netns exec`` remounts /sys, and slurmd then
+finds no cgroup file system); munge's socket is shared through the file system, and the node names
+resolve through /etc/hosts. All of it is removed again on stop, also when a test failed.
 
 Accounting (slurmdbd + MariaDB) is on because submitit reads job states through sacct; without it a
 cancelled job's ``result()`` would wait forever. ``AuthInfo=cred_expire=10`` lets a requeued job
@@ -9,11 +15,14 @@ start again after ~20 s instead of ~140 s. Every daemon is stopped by its pid fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "scontrol", "mariadbd")
@@ -51,11 +60,74 @@ def _wait(what: str, check, timeout: float = 60) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f}s (logs in the cluster's log/ folder)")
 
 
+class TestNetwork:
+    """``count`` hosts on one machine: network namespaces ``simclr-nodeK`` with interface ``simclr0``
+    at 10.77.0.1K, joined by the bridge ``simclrbr0`` (10.77.0.1, where slurmctld listens)."""
+
+    BRIDGE, PREFIX, INTERFACE, SUBNET = "simclrbr0", "simclr-node", "simclr0", "10.77.0"
+    HOSTS_MARK = "# simclr-scale test network"
+
+    def __init__(self, count: int) -> None:
+        self.names = [f"node{i}" for i in range(1, count + 1)]
+
+    def address(self, name: str) -> str:
+        return f"{self.SUBNET}.1{name[len('node'):]}"
+
+    @property
+    def controller_address(self) -> str:
+        return f"{self.SUBNET}.1"
+
+    def namespace(self, name: str) -> str:
+        return self.PREFIX + name[len("node"):]
+
+    def nsenter(self, name: str) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.namespace(name)}"]
+
+    def up(self) -> TestNetwork:
+        self.down()  # leftovers of a run that was killed
+        _run(["ip", "link", "add", self.BRIDGE, "type", "bridge"])
+        _run(["ip", "addr", "add", f"{self.controller_address}/24", "dev", self.BRIDGE])
+        _run(["ip", "link", "set", self.BRIDGE, "up"])
+        for name in self.names:
+            ns, host_end = self.namespace(name), f"simclr-h{name[len('node'):]}"
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", self.INTERFACE, "netns", ns])
+            _run(["ip", "link", "set", host_end, "master", self.BRIDGE])
+            _run(["ip", "link", "set", host_end, "up"])
+            _run(["ip", "-n", ns, "addr", "add", f"{self.address(name)}/24", "dev", self.INTERFACE])
+            _run(["ip", "-n", ns, "link", "set", self.INTERFACE, "up"])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        hosts = Path("/etc/hosts")
+        lines = [f"{self.address(n)} {n} {self.HOSTS_MARK}" for n in self.names]
+        hosts.write_text(hosts.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+        return self
+
+    def kill_node(self, name: str) -> None:
+        """Everything running on ``name`` dies at once (its slurmd and the job's task), as in a power loss."""
+        pids = subprocess.run(["ip", "netns", "pids", self.namespace(name)], capture_output=True, text=True).stdout
+        for pid in pids.split():
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+
+    def down(self) -> None:
+        for name in self.names:
+            self.kill_node(name)
+            subprocess.run(["ip", "netns", "delete", self.namespace(name)], capture_output=True)
+            subprocess.run(["ip", "link", "delete", f"simclr-h{name[len('node'):]}"], capture_output=True)
+        subprocess.run(["ip", "link", "delete", self.BRIDGE], capture_output=True)
+        hosts = Path("/etc/hosts")
+        kept = [line for line in hosts.read_text().splitlines() if self.HOSTS_MARK not in line]
+        hosts.write_text("\n".join(kept) + "\n")
+
+
 class LocalSlurm:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, nodes: int = 1) -> None:
         self.root = root
         self.host = socket.gethostname().split(".")[0]  # NodeName must match the name slurmd runs under
         self.pids: dict[str, Path] = {}
+        self.network = TestNetwork(nodes) if nodes > 1 else None
 
     def start(self) -> LocalSlurm:
         r = self.root
@@ -80,18 +152,26 @@ StorageLoc=slurm_acct_db
 """)
         dbd.chmod(0o600)
         cpus = 8  # more slots than cores (config_overrides), so a job array's tasks can run side by side
+        controller, nodes = self.host, f"""NodeName={self.host} CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"""
+        if self.network:  # one CPU per node, each at its own address; slurmctld on the bridge
+            self.network.up()
+            controller = f"{self.host}({self.network.controller_address})"
+            nodes = "\n".join(f"NodeName={n} NodeAddr={self.network.address(n)} CPUs=1 State=UNKNOWN"
+                              for n in self.network.names)
+            nodes += f"\nPartitionName=debug Nodes={','.join(self.network.names)} Default=YES MaxTime=INFINITE State=UP"
         (conf / "slurm.conf").write_text(f"""ClusterName={CLUSTER}
-SlurmctldHost={self.host}
+SlurmctldHost={controller}
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd.pid
+SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -109,8 +189,7 @@ KillWait=5
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
-NodeName={self.host} CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{nodes}
 """)
         self.pids["slurmdbd"] = r / "run/slurmdbd.pid"
         _run(["slurmdbd"])
@@ -120,9 +199,16 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         self.pids["slurmctld"] = r / "run/slurmctld.pid"
         _run(["slurmctld"])
         _wait("slurmctld", lambda: _run(["scontrol", "ping"]).stdout.count("UP") > 0)
-        self.pids["slurmd"] = r / "run/slurmd.pid"
-        _run(["slurmd"])
-        _wait("the node", lambda: "idle" in _run(["sinfo", "-h", "-o", "%T"]).stdout, timeout=90)
+        if self.network:
+            for name in self.network.names:
+                self.pids[f"slurmd-{name}"] = r / f"run/slurmd-{name}.pid"
+                _run([*self.network.nsenter(name), "slurmd", "-N", name])
+        else:
+            self.pids["slurmd"] = r / f"run/slurmd-{self.host}.pid"
+            _run(["slurmd"])
+        count = len(self.network.names) if self.network else 1
+        _wait("the nodes", lambda: _run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split().count("idle") == count,
+              timeout=90)
         return self
 
     def _munge(self) -> None:
@@ -172,6 +258,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
 
     def stop(self) -> None:
         subprocess.run(["scancel", "--full", "-u", "root"], capture_output=True)
+        if self.network:
+            self.network.down()  # the nodes' slurmd and tasks go with their namespaces
         for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
             pid_file = self.pids.get(name)
             if not pid_file or not pid_file.exists():
@@ -185,3 +273,24 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                 os.kill(pid, 9)
             except (ValueError, ProcessLookupError, PermissionError):
                 pass
+
+
+@contextlib.contextmanager
+def running_cluster(nodes: int = 1) -> Iterator[LocalSlurm]:
+    """A started cluster for a test module; skips where none can run here, except where
+    SIMCLR_REQUIRE_SLURM=1 (as .ci/run sets): there a missing cluster fails instead."""
+    import pytest
+
+    why = available()
+    if why:
+        if os.environ.get("SIMCLR_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SIMCLR_REQUIRE_SLURM=1 but {why}")
+        pytest.skip(why)
+    root = Path(tempfile.mkdtemp(prefix="simclr-slurm-"))  # not under pytest's 0700 tmp: mysql must enter it
+    root.chmod(0o755)
+    cluster = LocalSlurm(root, nodes)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

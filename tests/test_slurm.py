@@ -47,7 +47,10 @@ def test_dry_run_script_carries_each_cluster_option(path, capsys):
         assert line in script
     for key, value in cluster.env.items():
         assert f"export {key}={value}" in script
-    assert "srun" in script
+    if cluster.network_interface:
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            assert f"export {var}={cluster.network_interface}" in script
+    assert "srun" in script and "--kill-on-bad-exit=1" in script
 
 
 def test_cli_dry_run_prints_script():
@@ -98,25 +101,11 @@ def test_sweep_plans_one_named_run_each_in_its_own_dir():
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    from tests.slurm_cluster import LocalSlurm, available
+def slurm():
+    from tests.slurm_cluster import running_cluster
 
-    why = available()
-    if why:
-        if os.environ.get("SIMCLR_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SIMCLR_REQUIRE_SLURM=1 but {why}")
-        pytest.skip(why)
-    import shutil
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="simclr-slurm-"))  # not under pytest's 0700 tmp: mysql must enter it
-    root.chmod(0o755)
-    cluster = LocalSlurm(root)
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with running_cluster(nodes=1) as cluster:
+        yield cluster
 
 
 def simclr_submit(tmp_path, *args, timeout=300):
