@@ -30,11 +30,12 @@ CLUSTER = "simclrtest"
 DB_PASS = "simclr-test"
 
 
-def available() -> str | None:
-    """None if a cluster can be started here, else why not."""
+def available(nodes: int = 1) -> str | None:
+    """None if a cluster of ``nodes`` can be started here, else why not."""
     if os.geteuid() != 0:
         return "the SLURM test cluster needs root"
-    missing = [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+    needed = BINARIES + (("ip", "nsenter") if nodes > 1 else ())
+    missing = [b for b in needed if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
     if missing:
         return f"SLURM/munge/MariaDB not installed (missing {', '.join(missing)})"
     return None
@@ -281,7 +282,7 @@ def running_cluster(nodes: int = 1) -> Iterator[LocalSlurm]:
     SIMCLR_REQUIRE_SLURM=1 (as .ci/run sets): there a missing cluster fails instead."""
     import pytest
 
-    why = available()
+    why = available(nodes)
     if why:
         if os.environ.get("SIMCLR_REQUIRE_SLURM") == "1":
             pytest.fail(f"SIMCLR_REQUIRE_SLURM=1 but {why}")
