@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_data)
 
-    p = sub.add_parser("sync", help="replay a run's local metrics.jsonl into MLflow (after an outage)")
+    p = sub.add_parser("sync", help="replay a run folder (params, tags, metrics, artifacts) into MLflow "
+                       "(after an outage)")
     p.add_argument("run_dir")
     p.add_argument("--run-id", default=None)
     p.add_argument("--uri", default="")
