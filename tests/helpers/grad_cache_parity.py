@@ -28,4 +28,6 @@ if info.distributed:
     loss /= info.world_size
 if info.is_main:
     torch.save({"loss": loss, "grads": {k: p.grad.clone() for k, p in parts.model.named_parameters()}}, out)
+if info.distributed:
+    torch.distributed.barrier()  # no rank tears the group down while another still uses it
 teardown()
