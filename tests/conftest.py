@@ -20,6 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+def pytest_report_header(config) -> str:
+    # a full disk fails checkpoints in many tests at once; this line makes that cause plain in a CI log
+    import shutil
+    import tempfile
+
+    free_gb = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    return f"free disk under {tempfile.gettempdir()}: {free_gb:.1f} GiB (the suite needs about 3)"
+
+
 @pytest.fixture(scope="session")
 def photo_data(tmp_path_factory) -> Path:
     """``train/`` and ``val/`` ImageFolder JPEG trees (10 classes) plus ``train.npz`` / ``val.npz``."""
@@ -37,7 +46,7 @@ def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list[str]:
         "data.num_workers": 0, "data.augment.blur_prob": 0.5,
         "optim.lr": 0.5, "optim.warmup_epochs": 1, "loss.temperature": 0.2,
         "train.epochs": 2, "train.device": "cpu", "train.run_dir": str(run_dir), "train.log_every": 2,
-        "train.progress_bar": "false", "checkpoint.every_steps": 2, "checkpoint.keep_last": 10,
+        "train.progress_bar": "false", "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
         "tracking.uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}",
     }
     base.update(extra)
