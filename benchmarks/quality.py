@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, device_name, result_header, write_json
+from data_pipeline import open_train_source, open_val_source
 from trainer.config import load_config
 from trainer.device import choose_device
 from trainer.evaluate import evaluate_encoder, load_encoder
@@ -59,9 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = train(cfg)
     pretrain_s = time.time() - start
     encoder, _ = load_encoder(result.encoder_path)
-    ssl = evaluate_encoder(encoder, str(train_root), str(val_root), cfg.data, device, args.probe_epochs)
+    train_set, val_set = open_train_source(cfg.data), open_val_source(cfg.data)
+    ssl = evaluate_encoder(encoder, train_set, val_set, cfg.data, device, args.probe_epochs)
     torch.manual_seed(cfg.train.seed)
-    rand = evaluate_encoder(build_encoder(cfg.model.arch, cfg.model.cifar_stem), str(train_root), str(val_root),
+    rand = evaluate_encoder(build_encoder(cfg.model.arch, cfg.model.cifar_stem), train_set, val_set,
                             cfg.data, device, args.probe_epochs)
     row = {
         **result_header("quality", device_name(device)), "dataset": args.dataset, "model": cfg.model.arch,

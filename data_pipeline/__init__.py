@@ -5,19 +5,22 @@ start_step)`` for mid-epoch resume, whichever backend is chosen."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import DataError, open_source
+from data_pipeline.sources import DataError, ShardSource, Source, open_source
 
-__all__ = ["DataError", "TwoViewLoader", "build_eval_batches", "build_loader", "resolve_backend"]
+__all__ = ["DataError", "TwoViewLoader", "build_eval_batches", "build_loader", "open_train_source", "open_val_source",
+           "resolve_backend"]
 
 
 class TwoViewLoader(Protocol):
     """What every training backend offers the trainer."""
 
+    source: Source  # the dataset it reads
     steps_per_epoch: int  # the same on every rank
     corrupt_skipped: int  # corrupt images replaced so far (data.skip_corrupt)
 
@@ -40,15 +43,25 @@ def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
     return "torchvision"
 
 
-def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device) -> TwoViewLoader:
+def open_train_source(cfg: DataConfig) -> Source:
+    return open_source(cfg.root, cfg.split, cfg.labels)
+
+
+def open_val_source(cfg: DataConfig) -> Source:
+    return open_source(cfg.val_root, cfg.val_split, cfg.labels)
+
+
+def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device,
+                 check_cache: Path | None = None) -> TwoViewLoader:
     """The training loader for this rank, validated: the global batch must split evenly over
-    ranks and every rank's shard must hold at least one batch."""
+    ranks and every rank's part must hold at least one batch. ``check_cache``: where the DALI
+    backend keeps its file checks, so that a restart does not read every file again."""
     if cfg.batch_size % world_size:
         valid = [w for w in range(1, cfg.batch_size + 1) if cfg.batch_size % w == 0]
         raise DataError(f"data.batch_size={cfg.batch_size} (global) does not divide over {world_size} ranks; "
                         f"valid world sizes for this batch: {', '.join(map(str, valid))} (or use a multiple of "
                         f"{world_size} as the batch, which a resumed run cannot change)")
-    source = open_source(cfg.root)
+    source = open_train_source(cfg)
     per_rank = cfg.batch_size // world_size
     if len(source) // world_size < per_rank:
         raise DataError(f"{cfg.root} holds {len(source)} images: {len(source) // world_size} per rank, fewer than "
@@ -57,17 +70,19 @@ def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device:
     if backend == "dali":
         from data_pipeline.dali import DaliLoader
 
-        return DaliLoader(source, cfg, seed, rank, world_size, device)
+        return DaliLoader(source, cfg, seed, rank, world_size, device, check_cache)
     from data_pipeline.torchvision_loader import TorchvisionLoader
 
     return TorchvisionLoader(source, cfg, seed, rank, world_size, device)
 
 
-def build_eval_batches(cfg: DataConfig, root: str, device: torch.device, batch_size: int,
+def build_eval_batches(cfg: DataConfig, source: Source, device: torch.device, batch_size: int,
                        indices: list[int] | None = None):
-    """(images, labels) of ``root`` (or ``indices`` of it) in order, resized and centre-cropped with
-    no augmentation, through the same backend the training would use on ``device``."""
-    source = open_source(root)
+    """(images, labels) of ``source`` (or ``indices`` of it) in order, resized and centre-cropped
+    with no augmentation, through the same backend the training would use on ``device``. Tar
+    shards are read in their stored order (front to back), whatever order ``indices`` has."""
+    if isinstance(source, ShardSource):
+        indices = sorted(range(len(source)) if indices is None else indices)
     if resolve_backend(cfg, device) == "dali":
         from data_pipeline.dali import dali_eval_batches
 

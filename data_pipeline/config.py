@@ -27,8 +27,11 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    root: str = ""  # ImageFolder tree or .npz file
-    val_root: str = ""  # held-out split for evaluation ('' = none)
+    root: str = ""  # image folder, .npz, STL-10 or CIFAR folder, or tar shards (see README: data layouts)
+    split: str = ""  # of an STL-10 (unlabeled|train|test|train+unlabeled) or CIFAR (train|test) folder
+    val_root: str = ""  # held-out set for evaluation ('' = none)
+    val_split: str = ""  # split of val_root, as for split
+    labels: Literal["auto", "folders", "none"] = "auto"  # image folders: class sub-folders, or none (unlabeled)
     backend: Literal["auto", "dali", "torchvision"] = "auto"  # auto: dali on CUDA, else torchvision
     image_size: int = 224
     batch_size: int = 256  # GLOBAL batch (images, not views); divided evenly across ranks

@@ -13,7 +13,11 @@ augmentation draws after a resume are fresh (the torchvision backend is bitwise-
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,12 +25,13 @@ import torch
 from data_pipeline.augment import blur_kernel_size, jitter_params
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.sources import (
+    IMAGE_EXTENSIONS,
     ArraySource,
     DataError,
-    ImageFolderSource,
+    FileSource,
+    ShardSource,
     Source,
-    find_corrupt_images,
-    shard_indices,
+    epoch_indices,
 )
 
 
@@ -70,31 +75,57 @@ def simclr_view(images, cfg: AugmentConfig, image_size: int, fn, types):
                                     mirror=fn.random.coin_flip(probability=cfg.flip_prob))
 
 
-def _read_and_decode(files, labels, arrays, shard_id: int, num_shards: int, device_id: int | None, fn, types,
-                     pad_last_batch: bool = False):
-    """Decoded HWC uint8 images (on the GPU when ``device_id`` is set) and labels: JPEG ``files``
-    through readers.file + one decode each, or in-memory ``arrays`` through external_source."""
-    if files is not None:
-        encoded, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-                                         random_shuffle=False, pad_last_batch=pad_last_batch, name="Reader")
-        images = fn.decoders.image(encoded, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
-        return images, label
-    batched = isinstance(arrays, _ArrayBatches)  # eval: whole (possibly short) batches; train: per sample
-    images, label = fn.external_source(source=arrays, num_outputs=2, batch=batched, layout=["HWC", ""])
+@dataclass
+class FileList:
+    """JPEG/PNG files for ``fn.readers.file``, sharded over ranks by DALI (contiguous parts)."""
+
+    files: list[str]
+    labels: list[int]
+    shard_id: int = 0
+    num_shards: int = 1
+
+
+@dataclass
+class TarList:
+    """Tar shards for ``fn.readers.webdataset``, each with an index that lists exactly the samples
+    to read, in order (labels come from the host: the order is known)."""
+
+    paths: list[str]
+    index_paths: list[str]
+
+
+def _read_and_decode(reader, device_id: int | None, fn, types, pad_last_batch: bool = False):
+    """Decoded HWC uint8 RGB images (on the GPU when ``device_id`` is set) and their labels (None
+    for tar shards): files or tars through a DALI reader + one decode each, or in-memory arrays
+    through external_source."""
+    decoder_device = "mixed" if device_id is not None else "cpu"
+    if isinstance(reader, FileList):
+        encoded, label = fn.readers.file(files=reader.files, labels=reader.labels, shard_id=reader.shard_id,
+                                         num_shards=reader.num_shards, random_shuffle=False,
+                                         pad_last_batch=pad_last_batch, name="Reader")
+        return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB), label
+    if isinstance(reader, TarList):
+        encoded = fn.readers.webdataset(paths=reader.paths, index_paths=reader.index_paths,
+                                        ext=[";".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)],
+                                        missing_component_behavior="error", random_shuffle=False,
+                                        pad_last_batch=pad_last_batch, name="Reader")
+        return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB), None
+    batched = isinstance(reader, _ArrayBatches)  # eval: whole (possibly short) batches; train: per sample
+    images, label = fn.external_source(source=reader, num_outputs=2, batch=batched, layout=["HWC", ""])
     return (images.gpu() if device_id is not None else images), label
 
 
-def build_pipeline(files: list[str] | None, labels: list[int] | None, arrays: tuple | None, cfg: DataConfig,
-                   batch_size: int, shard_id: int, num_shards: int, seed: int, device_id: int | None):
-    """The SimCLR pipeline over JPEG ``files`` (readers.file) or in-memory ``arrays`` (external_source)."""
+def build_pipeline(reader, cfg: DataConfig, batch_size: int, seed: int, device_id: int | None):
+    """The SimCLR pipeline: (view1, view2[, label]) per sample of ``reader`` (a FileList, a
+    TarList, or an array feed for external_source)."""
     dali, fn, types = _dali()
 
     @dali.pipeline_def(enable_conditionals=True)
     def simclr_pipeline():
-        images, label = _read_and_decode(files, labels, arrays, shard_id, num_shards, device_id, fn, types)
+        images, label = _read_and_decode(reader, device_id, fn, types)
         view1 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
         view2 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
-        return view1, view2, label
+        return (view1, view2) if label is None else (view1, view2, label)
 
     pipe = simclr_pipeline(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
                            seed=seed % (2**31 - 1), prefetch_queue_depth=2, exec_dynamic=True)
@@ -102,26 +133,50 @@ def build_pipeline(files: list[str] | None, labels: list[int] | None, arrays: tu
     return pipe
 
 
-def build_eval_pipeline(files: list[str] | None, labels: list[int] | None, arrays, cfg: DataConfig,
-                        batch_size: int, device_id: int | None):
+def write_tar_list(source: ShardSource, order: np.ndarray, folder: Path) -> TarList:
+    """Index files in ``folder`` that make ``fn.readers.webdataset`` read exactly ``order``: one
+    per run of consecutive samples from the same tar (``order`` reads each tar front to back)."""
+    paths, index_paths = [], []
+    runs = np.flatnonzero(np.diff(source.shard_of[order])) + 1
+    for n, run in enumerate(np.split(order, runs)):
+        if not len(run):
+            continue
+        lines = [f"v1.2 {len(run)}"]
+        for i in run:
+            name = source.names[i]
+            lines.append(f"{name[name.index('.') + 1:]} {source.offsets[i]} {source.sizes[i]} {name}")
+        index = folder / f"run-{n:06d}.idx"
+        index.write_text("\n".join(lines) + "\n")
+        paths.append(str(source.shards[source.shard_of[run[0]]]))
+        index_paths.append(str(index))
+    return TarList(paths, index_paths)
+
+
+def build_eval_pipeline(reader, cfg: DataConfig, batch_size: int, device_id: int | None):
     """Evaluation: resize the shorter side, centre crop, normalise; no augmentation."""
     dali, fn, types = _dali()
     from data_pipeline.augment import eval_resize_size
 
     @dali.pipeline_def
     def eval_pipeline():
-        images, label = _read_and_decode(files, labels, arrays, 0, 1, device_id, fn, types, pad_last_batch=True)
+        images, label = _read_and_decode(reader, device_id, fn, types, pad_last_batch=True)
         images = fn.resize(images, resize_shorter=eval_resize_size(cfg.image_size), antialias=True)
         images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), crop_pos_x=0.5,
                                           crop_pos_y=0.5, dtype=types.FLOAT, output_layout="CHW",
                                           mean=[255 * m for m in cfg.augment.mean],
                                           std=[255 * s for s in cfg.augment.std])
-        return images, label
+        return images if label is None else (images, label)
 
     pipe = eval_pipeline(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id, seed=0,
                          exec_dynamic=True)
     pipe.build()
     return pipe
+
+
+def _device_id(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def dali_eval_batches(source: Source, cfg: DataConfig, batch_size: int, device: torch.device,
@@ -131,22 +186,33 @@ def dali_eval_batches(source: Source, cfg: DataConfig, batch_size: int, device: 
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     order = np.arange(len(source)) if indices is None else np.asarray(indices)
-    device_id = (device.index or 0) if device.type == "cuda" else None
-    if isinstance(source, ImageFolderSource):
-        files = [str(source.paths[i]) for i in order]
-        labels = [int(source.labels[i]) for i in order]
-        pipe = build_eval_pipeline(files, labels, None, cfg, batch_size, device_id)
-        reader = "Reader"
-    else:
-        pipe = build_eval_pipeline(None, None, _ArrayBatches(source, order, batch_size), cfg, batch_size, device_id)
-        reader = None
-    if reader:
-        it = DALIGenericIterator([pipe], ["images", "label"], reader_name=reader, auto_reset=False,
-                                 last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
-    else:  # the iterable source ends the epoch itself
-        it = DALIGenericIterator([pipe], ["images", "label"], auto_reset=False, prepare_first_batch=False)
-    for batch in it:
-        yield batch[0]["images"], batch[0]["label"].reshape(-1).long()
+    device_id = _device_id(device)
+    folder = Path(tempfile.mkdtemp(prefix="simclr-dali-eval-"))
+    try:
+        if isinstance(source, FileSource):
+            reader = FileList([str(source.paths[i]) for i in order], [int(source.labels[i]) for i in order])
+        elif isinstance(source, ShardSource):
+            reader = write_tar_list(source, order, folder)
+        else:
+            reader = _ArrayBatches(source, order, batch_size)
+        pipe = build_eval_pipeline(reader, cfg, batch_size, device_id)
+        names = ["images"] if isinstance(reader, TarList) else ["images", "label"]
+        if isinstance(reader, _ArrayBatches):  # the iterable source ends the epoch itself
+            it = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)
+        else:
+            it = DALIGenericIterator([pipe], names, reader_name="Reader", auto_reset=False,
+                                     last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        seen = 0
+        for batch in it:
+            images = batch[0]["images"]
+            if "label" in batch[0]:
+                labels = batch[0]["label"].reshape(-1).long()
+            else:
+                labels = torch.from_numpy(source.labels[order[seen : seen + len(images)]])
+            seen += len(images)
+            yield images, labels
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _ArrayBatches:
@@ -179,7 +245,7 @@ class DaliLoader:
     """Same interface as ``TorchvisionLoader``: (view1, view2, labels) on ``device`` per step."""
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, check_cache: Path | None = None) -> None:
         _dali()
         self.source, self.cfg, self.seed = source, cfg, seed
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -188,21 +254,28 @@ class DaliLoader:
         self.epoch, self.start_step = 0, 0
         self.corrupt_skipped = 0
         self.bad_files: set[str] = set()
-        if isinstance(source, ImageFolderSource):
-            self._scan_files()
+        if isinstance(source, FileSource):
+            self._scan_files(check_cache)
 
-    def _scan_files(self) -> None:
+    def _scan_files(self, check_cache: Path | None) -> None:
         """DALI's decoder can bring the process down on a corrupt file, so files are checked before
-        DALI sees them: each rank checks a 1/world slice and the findings are shared."""
+        DALI sees them: each rank checks a 1/world slice and the findings are shared. Results are
+        kept in ``check_cache`` (keyed by path, size and mtime), so a restart re-reads no file
+        that has not changed."""
         import torch.distributed as dist
 
+        from data_pipeline.sources import FileCheckCache
+
+        cache = FileCheckCache(check_cache)
         my_slice = self.source.paths[self.rank :: self.world_size]
-        mine = find_corrupt_images(my_slice, workers=2 * max(1, self.cfg.num_workers))
-        found = [mine]
+        mine, checked = cache.find_corrupt(my_slice, workers=2 * max(1, self.cfg.num_workers))
+        found = [(mine, checked)]
         if dist.is_initialized() and self.world_size > 1:
             found = [None] * self.world_size
-            dist.all_gather_object(found, mine)
-        bad = {p: why for part in found for p, why in part.items()}
+            dist.all_gather_object(found, (mine, checked))
+        if self.rank == 0:
+            cache.save({k: v for _, part in found for k, v in part.items()})
+        bad = {p: why for part, _ in found for p, why in part.items()}
         if bad and not self.cfg.skip_corrupt:
             path, why = sorted(bad.items())[0]
             raise DataError(f"cannot decode image {path}: {why} ({len(bad)} bad file(s) in {self.source.root}); "
@@ -216,29 +289,21 @@ class DaliLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
 
-    def _rank_order(self, rank: int) -> np.ndarray:
-        order = shard_indices(len(self.source), rank, self.world_size, self.seed, self.epoch)
+    def _rank_order(self) -> np.ndarray:
+        order = epoch_indices(self.source, self.rank, self.world_size, self.seed, self.epoch)
         return order[: self.steps_per_epoch * self.batch_size]
 
-    def _pipeline(self, from_step: int):
-        device_id = self.device.index if self.device.type == "cuda" else None
-        if device_id is None and self.device.type == "cuda":
-            device_id = torch.cuda.current_device()
-        pipe_seed = hash((self.seed, self.epoch, self.rank, from_step)) & 0x7FFF_FFFF
-        start = from_step * self.batch_size
-        if isinstance(self.source, ImageFolderSource):
-            # Every rank builds the same global list (each rank's remaining chunk, in rank order);
-            # readers.file's contiguous sharding then hands rank r exactly its own chunk.
-            files, labels = [], []
-            for r in range(self.world_size):
-                for i in self._rank_order(r)[start:]:
-                    files.append(str(self.source.paths[i]))
-                    labels.append(int(self.source.labels[i]))
-            files, labels = self._replace_bad(files, labels)
-            return build_pipeline(files, labels, None, self.cfg, self.batch_size, self.rank, self.world_size,
-                                  pipe_seed, device_id)
-        feed = _ArrayFeed(self.source, self._rank_order(self.rank)[start:])
-        return build_pipeline(None, None, feed, self.cfg, self.batch_size, 0, 1, pipe_seed, device_id)
+    def _pipeline(self, order: np.ndarray, folder: Path):
+        """This rank's pipeline over ``order`` (its remaining samples of the epoch, in reading order)."""
+        pipe_seed = hash((self.seed, self.epoch, self.rank, self.start_step)) & 0x7FFF_FFFF
+        if isinstance(self.source, FileSource):
+            files = [str(self.source.paths[i]) for i in order]
+            reader = FileList(*self._replace_bad(files, [int(self.source.labels[i]) for i in order]))
+        elif isinstance(self.source, ShardSource):
+            reader = write_tar_list(self.source, order, folder)
+        else:
+            reader = _ArrayFeed(self.source, order)
+        return build_pipeline(reader, self.cfg, self.batch_size, pipe_seed, _device_id(self.device))
 
     def _replace_bad(self, files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
         """Swap corrupt files for the next good file of the dataset (batch sizes must stay equal on
@@ -260,19 +325,28 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        pipe = self._pipeline(self.start_step)
-        reader = "Reader" if isinstance(self.source, ImageFolderSource) else None
-        it = DALIGenericIterator([pipe], ["view1", "view2", "label"], size=-1, auto_reset=False, reader_name=reader,
+        order = self._rank_order()[self.start_step * self.batch_size :]
+        folder = Path(tempfile.mkdtemp(prefix="simclr-dali-"))
+        pipe = self._pipeline(order, folder)
+        with_labels = not isinstance(self.source, ShardSource)
+        names = ["view1", "view2", "label"] if with_labels else ["view1", "view2"]
+        reader = None if isinstance(self.source, ArraySource) else "Reader"
+        it = DALIGenericIterator([pipe], names, size=-1, auto_reset=False, reader_name=reader,
                                  prepare_first_batch=False)
         try:
-            for step in range(self.start_step, self.steps_per_epoch):
+            for n, step in enumerate(range(self.start_step, self.steps_per_epoch)):
                 try:
                     batch = next(it)[0]
                 except StopIteration:
                     raise RuntimeError(f"DALI ended the epoch early at step {step}/{self.steps_per_epoch}; "
                                        "this is a bug, please report it") from None
+                if with_labels:
+                    labels = batch["label"].reshape(-1).long()
+                else:  # tar shards: the reading order is ours, so the labels are known here
+                    chunk = order[n * self.batch_size : (n + 1) * self.batch_size]
+                    labels = torch.from_numpy(self.source.labels[chunk])
                 yield (batch["view1"].to(self.device, non_blocking=True),
-                       batch["view2"].to(self.device, non_blocking=True),
-                       batch["label"].reshape(-1).long().to(self.device, non_blocking=True))
+                       batch["view2"].to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
         finally:
             del it, pipe
+            shutil.rmtree(folder, ignore_errors=True)

@@ -15,15 +15,16 @@ from torchvision.io import ImageReadMode, decode_image
 
 from data_pipeline.augment import eval_transform, simclr_transform
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import ArraySource, DataError, Source, read_file_bytes, shard_indices
+from data_pipeline.sources import ArraySource, DataError, Source, epoch_indices, read_encoded, sample_name
 
 
 def decode_sample(source: Source, index: int) -> torch.Tensor:
-    """uint8 CHW RGB tensor of sample ``index``; DataError naming the file if it cannot be decoded."""
+    """uint8 CHW RGB tensor of sample ``index`` (grayscale and RGBA become RGB); DataError naming
+    the file if it cannot be decoded."""
     if isinstance(source, ArraySource):
         return torch.from_numpy(np.ascontiguousarray(source.images[index])).permute(2, 0, 1)
-    path = source.paths[index]
-    raw = read_file_bytes(path)
+    path = sample_name(source, index)
+    raw = read_encoded(source, index)
     if not raw:
         raise DataError(f"cannot decode image {path}: the file is empty (0 bytes); delete or replace it, "
                         "or set data.skip_corrupt=true to skip such files")
@@ -71,7 +72,7 @@ class TorchvisionLoader:
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
                  device: torch.device) -> None:
-        self.dataset = TwoViewDataset(source, cfg, seed)
+        self.source, self.dataset = source, TwoViewDataset(source, cfg, seed)
         self.cfg, self.seed, self.rank, self.world_size, self.device = cfg, seed, rank, world_size, device
         self.batch_size = cfg.batch_size // world_size
         self.steps_per_epoch = (len(source) // world_size) // self.batch_size
@@ -83,7 +84,7 @@ class TorchvisionLoader:
         self.dataset.epoch = epoch
 
     def indices(self) -> np.ndarray:
-        order = shard_indices(len(self.dataset), self.rank, self.world_size, self.seed, self.epoch)
+        order = epoch_indices(self.dataset.source, self.rank, self.world_size, self.seed, self.epoch)
         return order[self.start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
 
     def __len__(self) -> int:

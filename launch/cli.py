@@ -60,19 +60,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     encoders = {"SimCLR": encoder}
     if not args.no_baseline:
         encoders["random init"] = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
+    train_set = open_source(args.train_data, args.train_split, cfg.data.labels)
+    val_set = open_source(args.val_data, args.val_split, cfg.data.labels)
     report: dict = {"checkpoint": str(args.checkpoint), "train_data": args.train_data, "val_data": args.val_data,
+                    "train_split": args.train_split, "val_split": args.val_split,
                     "arch": cfg.model.arch, "device": str(device), "rows": {}}
     for name, candidate in encoders.items():
-        scores = evaluate_encoder(candidate, args.train_data, args.val_data, data_cfg, device, args.probe_epochs)
+        scores = evaluate_encoder(candidate, train_set, val_set, data_cfg, device, args.probe_epochs)
         row = {"linear_top1": scores.linear_top1, "linear_top5": scores.linear_top5, "knn_top1": scores.knn_top1}
         for fraction in args.finetune:
-            tuned = finetune(candidate, args.train_data, args.val_data, data_cfg, device, fraction,
+            tuned = finetune(candidate, train_set, val_set, data_cfg, device, fraction,
                              args.finetune_epochs)
             row[f"finetune_{fraction:g}_top1"] = tuned["top1"]
         if args.tsne:
             slug = name.replace(" ", "_").lower()
             plot = tsne_plot(scores.val_features, scores.val_labels, out_dir / f"tsne_{slug}.png",
-                             f"t-SNE of {name} features", class_names=open_source(args.val_data).classes)
+                             f"t-SNE of {name} features", class_names=val_set.classes)
             row["tsne"] = str(plot)
         report["rows"][name] = row
     keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
@@ -138,6 +141,28 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     paths = make_demo_dataset(args.out, size=args.size, train_per_class=args.train_per_class,
                               val_per_class=args.val_per_class, seed=args.seed)
     print(f"wrote {paths['train']} and {paths['val']} (ImageFolder JPEG) and .npz twins")
+    return 0
+
+
+def cmd_make_shards(args: argparse.Namespace) -> int:
+    import time
+
+    from data_pipeline.shards import make_shards
+    from data_pipeline.sources import open_source
+
+    source = open_source(args.src, args.split, args.labels)
+    start, last = time.time(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.time() - last[0] > 5 or done == total:
+            last[0] = time.time()
+            print(f"  {done}/{total} samples ({done / max(1e-9, time.time() - start):.0f}/s)", flush=True)
+
+    manifest = make_shards(source, args.out, args.shard_size, seed=args.seed, quality=args.quality,
+                           skip_corrupt=args.skip_corrupt, progress=progress)
+    kind = f"{len(manifest['classes'])} classes" if manifest["classes"] else "unlabeled"
+    print(f"wrote {manifest['samples']} samples ({kind}) as {len(manifest['shards'])} shards into {args.out}; "
+          f"train on them with data.root={args.out}")
     return 0
 
 
@@ -223,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="linear probe + kNN of a trained encoder, beside a random-init baseline")
     p.add_argument("--checkpoint", required=True, help="a checkpoint step_N.pt or an exported encoder.pt")
-    p.add_argument("--train-data", required=True, help="labelled training split (ImageFolder or .npz)")
-    p.add_argument("--val-data", required=True, help="held-out split (ImageFolder or .npz)")
+    p.add_argument("--train-data", required=True, help="labelled training set (any layout data.root accepts)")
+    p.add_argument("--val-data", required=True, help="held-out set (any layout data.root accepts)")
+    p.add_argument("--train-split", default="", help="split of --train-data when it holds several (STL-10: train)")
+    p.add_argument("--val-split", default="", help="split of --val-data when it holds several (STL-10, CIFAR: test)")
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=2)
@@ -250,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("make-shards", help="write a dataset (any layout data.root accepts) as WebDataset tar shards "
+                       "with DALI index files, for fast starts and reads at scale")
+    p.add_argument("src", help="the dataset: image folder, .npz, STL-10 or CIFAR folder")
+    p.add_argument("out", help="a new (or empty) folder for shard-000000.tar ... and manifest.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--split", default="", help="split of SRC when it holds several (STL-10, CIFAR)")
+    p.add_argument("--labels", default="auto", choices=["auto", "folders", "none"],
+                   help="for an image folder: class sub-folders, or none (unlabeled)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality for sources held as arrays")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave undecodable image files out")
+    p.set_defaults(func=cmd_make_shards)
 
     p = sub.add_parser("sync", help="replay a run folder (params, tags, metrics, artifacts) into MLflow "
                        "(after an outage)")

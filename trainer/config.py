@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from data_pipeline.config import AugmentConfig, DataConfig
+from data_pipeline.sources import STL10_SPLITS
 from trainer.dataclass_yaml import (
     ConfigError,
     build_dataclass,
@@ -125,6 +126,9 @@ def validate(cfg: Config) -> Config:
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer (global batch)")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be at least 8 pixels")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    for name, split in (("data.split", d.split), ("data.val_split", d.val_split)):
+        _check(split in ("", *STL10_SPLITS), name, split, f"must be one of {', '.join(STL10_SPLITS)} (STL-10; CIFAR: "
+               "train, test) or empty for a set with no splits")
     _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

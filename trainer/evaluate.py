@@ -10,27 +10,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline import build_eval_batches
+from data_pipeline import build_eval_batches, open_train_source, open_val_source
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import open_source
+from data_pipeline.sources import Source, labelled_indices
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.config import Config, config_from_dict, load_config
 from trainer.model import build_encoder
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, root: str, data_cfg: DataConfig, device: torch.device,
-                     batch_size: int = 256, max_images: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder features (no projection head) of the images under ``root`` (all, in dataset order,
-    or a seeded random ``max_images`` of them)."""
+def extract_features(encoder: nn.Module, source: Source, data_cfg: DataConfig, device: torch.device,
+                     needed_by: str, batch_size: int = 256, max_images: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features (no projection head) of the labelled images of ``source`` (all, or a seeded
+    random ``max_images`` of them); a DataError naming ``needed_by`` when it has no labels."""
     encoder.eval().to(device)
     feats, labels = [], []
-    indices = None
-    if max_images:
-        n = len(open_source(root))
-        if n > max_images:
-            indices = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images].tolist()
-    for images, y in build_eval_batches(data_cfg, root, device, batch_size, indices):
+    keep = labelled_indices(source, needed_by)
+    indices = None if len(keep) == len(source) else keep.tolist()
+    if max_images and len(keep) > max_images:
+        pick = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))[:max_images]
+        indices = keep[pick.numpy()].tolist()
+    for images, y in build_eval_batches(data_cfg, source, device, batch_size, indices):
         feats.append(encoder(images.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -101,11 +101,11 @@ class EncoderEval:
     val_labels: torch.Tensor = field(repr=False)
 
 
-def evaluate_encoder(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataConfig,
+def evaluate_encoder(encoder: nn.Module, train: Source, val: Source, data_cfg: DataConfig,
                      device: torch.device, probe_epochs: int = 100) -> EncoderEval:
-    """Features extracted once, then the linear probe and weighted kNN on them."""
-    tr_x, tr_y = extract_features(encoder, train_root, data_cfg, device)
-    va_x, va_y = extract_features(encoder, val_root, data_cfg, device)
+    """Features extracted once (labelled images only), then the linear probe and weighted kNN on them."""
+    tr_x, tr_y = extract_features(encoder, train, data_cfg, device, "the linear probe (training split)")
+    va_x, va_y = extract_features(encoder, val, data_cfg, device, "the linear probe (held-out split)")
     lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs, device=device)
     knn = knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))
     return EncoderEval(lin["top1"], lin["top5"], knn, va_x, va_y)
@@ -149,7 +149,7 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
     return encoder, cfg
 
 
-def finetune(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataConfig, device: torch.device,
+def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConfig, device: torch.device,
              label_fraction: float = 0.1, epochs: int = 30, lr: float = 0.05, batch_size: int = 64,
              seed: int = 0) -> dict[str, float]:
     """Semi-supervised protocol: fine-tune encoder + linear head on a class-balanced ``label_fraction``
@@ -162,11 +162,12 @@ def finetune(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataC
 
     from data_pipeline.torchvision_loader import EvalDataset
 
-    source = open_source(train_root)
     labels = np.asarray(source.labels)
+    labelled_indices(source, "fine-tuning")
+    labelled_indices(val, "fine-tuning (held-out split)")
     rng = np.random.default_rng(seed)
     keep = []
-    for c in np.unique(labels):  # at least one image per class
+    for c in np.unique(labels[labels >= 0]):  # at least one image per class
         idx = np.flatnonzero(labels == c)
         keep.extend(rng.choice(idx, max(1, round(label_fraction * len(idx))), replace=False).tolist())
     train_set = EvalDataset(source, data_cfg)
@@ -194,7 +195,7 @@ def finetune(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataC
     model.eval()
     logits, ys = [], []
     with torch.no_grad():
-        for images, y in build_eval_batches(data_cfg, val_root, device, 256):
+        for images, y in build_eval_batches(data_cfg, val, device, 256, labelled_indices(val, "fine-tuning").tolist()):
             logits.append(head(model(images.to(device))).cpu())
             ys.append(y)
     return {**topk_accuracy(torch.cat(logits), torch.cat(ys)), "labelled_images": len(keep)}
@@ -203,11 +204,13 @@ def finetune(encoder: nn.Module, train_root: str, val_root: str, data_cfg: DataC
 @torch.no_grad()
 def knn_monitor(encoder: nn.Module, data_cfg: DataConfig, device: torch.device, max_train: int = 10_000) -> float:
     """Quick kNN top-1 of the current encoder on data.val_root against (up to ``max_train``
-    images of) data.root, for logging during pretraining. Leaves the encoder in train mode."""
+    labelled images of) data.root, for logging during pretraining. Leaves the encoder in train mode."""
     was_training = encoder.training
     try:
-        tr_x, tr_y = extract_features(encoder, data_cfg.root, data_cfg, device, max_images=max_train)
-        va_x, va_y = extract_features(encoder, data_cfg.val_root, data_cfg, device)
+        tr_x, tr_y = extract_features(encoder, open_train_source(data_cfg), data_cfg, device,
+                                      "the kNN monitor (train.knn_every_epochs; data.root)", max_images=max_train)
+        va_x, va_y = extract_features(encoder, open_val_source(data_cfg), data_cfg, device,
+                                      "the kNN monitor (train.knn_every_epochs; data.val_root)")
     finally:
         encoder.train(was_training)
     return knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data_pipeline import TwoViewLoader, build_loader
+from data_pipeline import TwoViewLoader, build_loader, open_val_source
+from data_pipeline.sources import labelled_indices
 from trainer.checkpoint import Checkpointer, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
@@ -70,7 +71,12 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         raise ConfigError(f"train.micro_batch={micro} does not divide this rank's share of the batch ({per_rank} = "
                           f"data.batch_size {cfg.data.batch_size} / {info.world_size} ranks); use one of {valid}")
     seed_everything(cfg.train.seed, info.rank)
-    loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device)
+    loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device,
+                          check_cache=Path(cfg.train.run_dir) / "data_check.json")
+    if cfg.train.knn_every_epochs and cfg.data.val_root:  # say now, not epochs later, that labels are missing
+        why = "the kNN monitor (train.knn_every_epochs > 0; set it to 0 to pretrain without labels)"
+        labelled_indices(loader.source, why)
+        labelled_indices(open_val_source(cfg.data), why)
     model = build_model(cfg.model, device, info.world_size, info.rank)
     ddp_model = model
     if info.distributed:
