@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if not Path(cfg.data.root).exists():  # fail here, once, instead of in every rank
             raise DataError(f"data path {cfg.data.root or '(empty)'} does not exist; set data.root to an "
-                            "ImageFolder tree or an .npz file")
+                            "image folder, an .npz file, an STL-10 or CIFAR folder, or a folder of tar shards")
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
         return run_torchrun(args.nproc, forwarded)

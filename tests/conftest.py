@@ -26,7 +26,7 @@ def pytest_report_header(config) -> str:
     import tempfile
 
     free_gb = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
-    return f"free disk under {tempfile.gettempdir()}: {free_gb:.1f} GiB (the suite needs about 4 beside its virtual environment)"
+    return f"free disk under {tempfile.gettempdir()}: {free_gb:.1f} GiB (the suite needs about 4)"
 
 
 @pytest.fixture(scope="session")

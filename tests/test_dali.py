@@ -201,11 +201,12 @@ def test_skipped_corrupt_images_are_counted_in_the_training_metrics(photo_data, 
 @pytest.mark.parametrize("split", ["val", "val.npz"])
 def test_eval_pipeline_matches_torchvision_resize_and_centre_crop(photo_data, split):
     from data_pipeline import build_eval_batches
+    from data_pipeline.sources import open_source
 
     cfg = DataConfig(root=str(photo_data / "train"), backend="dali", image_size=24, num_workers=1)
-    dali = list(build_eval_batches(cfg, str(photo_data / split), CPU, batch_size=16))
-    tv = list(build_eval_batches(DataConfig(**{**cfg.__dict__, "backend": "torchvision"}), str(photo_data / split),
-                                 CPU, batch_size=16))
+    source = open_source(photo_data / split)
+    dali = list(build_eval_batches(cfg, source, CPU, batch_size=16))
+    tv = list(build_eval_batches(DataConfig(**{**cfg.__dict__, "backend": "torchvision"}), source, CPU, batch_size=16))
     assert [len(b[1]) for b in dali] == [16, 16, 8] == [len(b[1]) for b in tv]  # 40 images, last batch partial
     x_d, x_t = torch.cat([b[0] for b in dali]), torch.cat([b[0] for b in tv])
     assert torch.equal(torch.cat([b[1] for b in dali]), torch.cat([b[1] for b in tv]))  # same order

@@ -5,7 +5,7 @@ import torch
 from data_pipeline import build_loader
 from data_pipeline.augment import blur_kernel_size
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import DataError, list_image_folder, load_npz, open_source, shard_indices
+from data_pipeline.sources import DataError, list_image_files, load_npz, open_source, rank_indices
 from tests.conftest import BAD_FILES, corrupt_copy
 
 
@@ -25,7 +25,7 @@ def test_two_views_shapes_labels_normalisation(photo_data):
 
 def test_npz_source_matches_folder_labels(photo_data):
     arr = load_npz(photo_data / "train.npz")
-    folder = list_image_folder(photo_data / "train")
+    folder = list_image_files(photo_data / "train")
     assert len(arr) == len(folder) == 80 and arr.images.shape[1:] == (32, 32, 3)
     assert sorted(np.bincount(arr.labels)) == sorted(np.bincount(folder.labels))
     loader = build_loader(cfg(photo_data / "train.npz"), 0, 0, 1, torch.device("cpu"))
@@ -48,19 +48,21 @@ def test_augmentation_is_reproducible_per_seed_epoch_and_position(photo_data):
 
 
 def test_shards_are_disjoint_equal_and_cover():
-    shards = [shard_indices(103, r, 4, seed=3, epoch=2) for r in range(4)]
+    shards = [rank_indices(103, r, 4, seed=3, epoch=2) for r in range(4)]
     assert len({len(s) for s in shards}) == 1
     together = np.concatenate(shards)
     assert len(set(together.tolist())) == len(together) == 100
-    assert not np.array_equal(shard_indices(103, 0, 4, 3, 2), shard_indices(103, 0, 4, 3, 3))
+    assert not np.array_equal(rank_indices(103, 0, 4, 3, 2), rank_indices(103, 0, 4, 3, 3))
 
 
 def test_missing_and_empty_paths_are_named(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         open_source(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="empty holds no images"):
         open_source(tmp_path / "empty")
+    with pytest.raises(DataError, match="no class sub-folders.*data.labels=none"):
+        list_image_files(tmp_path / "empty", labels="folders")
     (tmp_path / "tree" / "cats").mkdir(parents=True)
     with pytest.raises(DataError, match="cats holds no images"):
         open_source(tmp_path / "tree")
