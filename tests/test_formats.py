@@ -308,3 +308,17 @@ def test_file_check_results_are_kept_for_a_restart(tmp_path, photo_data):
         assert calls == [paths[3]]  # only the changed file is read again
     finally:
         sources.check_image_file = real
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_gloo_ranks_pretrain_on_shards(tmp_path, photo_data, backend):
+    make_shards(open_source(photo_data / "train"), tmp_path / "shards", 16)
+    over = tiny_overrides(tmp_path / "shards", tmp_path / "run", **{"data.backend": backend, "train.epochs": 1,
+                                                                     "data.num_workers": 1})
+    proc = subprocess.run([PY, "-m", "launch", "train", "--nproc", "2", *over], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 10 and np.isfinite(rows[-1]["loss"])  # 80 images, batch 8: 10 steps
+    assert (tmp_path / "run" / "encoder.pt").exists()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline import resolve_backend
+from data_pipeline.sources import ShardSource
 from trainer.config import Config, config_to_dict, dump_config
 from trainer.dataclass_yaml import flatten
 from trainer.device import peak_memory_mb
@@ -193,6 +194,11 @@ def start_run(parts: TrainParts) -> int:
                                      "simclr.world_size_history": history}, run_id=run_id)
         if len(parts.world_size_history) > 1 and parts.world_size_history[-1][0] == step:  # changed now
             parts.tracker.log_params({f"world_size.from_step_{step}": world})
+            if isinstance(parts.loader.source, ShardSource) and step % parts.steps_per_epoch:
+                print(f"[simclr] note: tar shards are dealt to ranks in blocks, so the rest of epoch "
+                      f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
+                      "this epoch are seen twice or not at all); from the next epoch on, each image is seen once",
+                      flush=True)
         if state is None:
             parts.tracker.log_artifact(config_file)
     return step
