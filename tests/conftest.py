@@ -48,6 +48,8 @@ def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list[str]:
         "train.epochs": 2, "train.device": "cpu", "train.run_dir": str(run_dir), "train.log_every": 2,
         "train.progress_bar": "false", "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
         "tracking.uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}",
+        # each costs seconds per run; test_tracking turns them on where they are the subject
+        "tracking.log_model": "false", "tracking.system_metrics": "false",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -98,3 +98,37 @@ def test_importing_tracking_leaves_the_environment_alone():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_encoder_is_an_mlflow_model_registered_with_system_metrics(photo_data, tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    over = {"tracking.uri": uri, "train.epochs": 1, "tracking.log_model": "true", "tracking.register_as": "rn18-ssl",
+            "tracking.system_metrics": "true", "tracking.system_metrics_interval_s": 0.5}
+    result = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **over)))
+    client = MlflowClient(uri)
+    (version,) = client.search_model_versions("name='rn18-ssl'")
+    assert version.run_id == result.run_id and str(version.version) == "1"
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert client.get_metric_history(result.run_id, key), key
+    # a fresh interpreter that knows nothing of simclr-scale loads it by run and by registry name
+    check = f"""
+import mlflow.pytorch, torch, torchvision
+mlflow.set_tracking_uri({uri!r})
+by_run = mlflow.pytorch.load_model("runs:/{result.run_id}/encoder")
+by_name = mlflow.pytorch.load_model("models:/rn18-ssl/1")
+x = torch.randn(3, 3, 20, 20)
+ref = torchvision.models.resnet18()
+ref.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+ref.maxpool, ref.fc = torch.nn.Identity(), torch.nn.Identity()
+ref.load_state_dict(torch.load({str(result.encoder_path)!r}, weights_only=True), strict=False)
+ref.eval()
+with torch.no_grad():
+    a, b, r = by_run.eval()(x), by_name.eval()(x), ref(x)
+assert isinstance(by_run, torchvision.models.ResNet)  # a real module: fine-tunable
+assert a.shape == (3, 512) and torch.allclose(a, r, atol=1e-5) and torch.equal(a, b), (a - r).abs().max()
+info = mlflow.models.get_model_info("runs:/{result.run_id}/encoder")
+assert info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1), info.signature
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -94,6 +94,10 @@ class TrackingConfig:
     uri: str = ""  # '' = MLflow's default local store in the working directory
     experiment: str = "simclr"
     run_name: str = ""
+    log_model: bool = True  # the finished encoder as an MLflow PyTorch model: runs:/<run_id>/encoder
+    register_as: str = ""  # also register that model under this name in the model registry
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU where NVML is present) as system/*
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass
@@ -125,6 +129,10 @@ def validate(cfg: Config) -> Config:
     d, o, a = cfg.data, cfg.optim, cfg.data.augment
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer (global batch)")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be at least 8 pixels")
+    _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
+           cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
+    _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
+           "needs tracking.log_model=true (the registered version is the logged model)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     for name, split in (("data.split", d.split), ("data.val_split", d.val_split)):
         _check(split in ("", *STL10_SPLITS), name, split, f"must be one of {', '.join(STL10_SPLITS)} (STL-10; CIFAR: "

@@ -55,6 +55,15 @@ def open_client(uri: str) -> Any:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def create_experiment(client: Any, uri: str, name: str) -> str:
+    """Create experiment ``name``. On a sqlite store its artifacts go beside the database
+    (``mlartifacts/<name>``), not into the working directory of whichever job created it."""
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name)
+    return client.create_experiment(name, artifact_location=location)
+
+
 def _fail_fast_over_http() -> None:
     """MLflow retries an unreachable server for minutes by default; our queue does the retrying,
     so each request fails fast. Set when the first client is made, never at import, and only
@@ -113,6 +122,7 @@ class Tracker:
         self._last_try = 0.0
         self._run_created = False
         self._started = self._finished = False
+        self._monitor = None  # MLflow's system-metrics thread, once the run exists
 
     # ------------------------------------------------------------------ connection
     def _warn(self, what: str, exc: Exception) -> None:
@@ -134,17 +144,20 @@ class Tracker:
                 exp = self._client.get_experiment_by_name(self.cfg.experiment)
                 if exp is None:
                     try:
-                        exp_id = self._client.create_experiment(self.cfg.experiment)
+                        exp_id = create_experiment(self._client, self.uri, self.cfg.experiment)
                     except Exception:  # another rank or array task created it first
                         exp_id = self._client.get_experiment_by_name(self.cfg.experiment).experiment_id
                 else:
                     exp_id = exp.experiment_id
                 run = self._client.create_run(exp_id, run_name=self.cfg.run_name or None)
                 self.run_id = run.info.run_id
+                resumed = False
             else:
                 self._mark_unclean_exit()
                 self._client.update_run(self.run_id, status="RUNNING")
+                resumed = True
             self._run_created = True
+            self._start_system_metrics(resumed)
             return True
         except Exception as exc:  # network errors come in many types; all mean 'try later'
             self._warn("starting the run", exc)
@@ -159,6 +172,21 @@ class Tracker:
             self._client.set_tag(self.run_id, "simclr.unclean_exits", str(count))
             print(f"[tracking] MLflow run {self.run_id} was left RUNNING by a job that did not exit cleanly; "
                   f"continuing it (tag simclr.unclean_exits={count})", file=sys.stderr, flush=True)
+
+    def _start_system_metrics(self, resumed: bool) -> None:
+        """MLflow's own monitor (psutil; NVML for GPUs where present), logging system/* metrics on
+        a thread of this process; a resumed run continues its steps."""
+        if not self.cfg.system_metrics or self._monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
+                                                 resume_logging=resumed, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # e.g. psutil missing: training goes on without system metrics
+            print(f"[tracking] system metrics are off ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+            self._monitor = None
 
     def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
         """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
@@ -257,11 +285,50 @@ class Tracker:
                 self._warn("uploading artifacts", exc)
         print(f"[tracking] artifact {path} kept locally (not uploaded)", file=sys.stderr)
 
+    def log_model(self, model: Any, example: Any, register_as: str = "") -> str | None:
+        """``model`` as an MLflow PyTorch model at ``runs:/<run_id>/encoder`` with its signature,
+        ``example`` (a float32 NCHW array) as input example and pinned pip requirements; registered
+        as ``register_as`` when given. Returns the model URI, or None when MLflow is unreachable."""
+        if not self.active or not self.flush(force=True):
+            return None
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        import torchvision
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        # any batch and any image size (the encoder pools globally): only channels and dtype are fixed
+        signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+                                   Schema([TensorSpec(np.dtype(np.float32), (-1, output.shape[1]))]))
+        # the public release of a local build (2.14.1+cu128 -> 2.14.1): what pip can install elsewhere
+        requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                        f"torchvision=={torchvision.__version__.split('+')[0]}"]
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            # the logged model belongs to the run's experiment (else runs:/<id>/encoder cannot find it)
+            mlflow.set_experiment(experiment_id=self._client.get_run(self.run_id).info.experiment_id)
+            mlflow.pytorch.log_model(model, name="encoder", run_id=self.run_id, signature=signature,
+                                     input_example=example, pip_requirements=requirements,
+                                     registered_model_name=register_as or None,
+                                     # a real torchvision module: .train(), parameters, fine-tuning; a pt2
+                                     # program (MLflow's default) is frozen in eval mode
+                                     serialization_format="pickle")
+        except Exception as exc:
+            self._warn("logging the encoder as an MLflow model", exc)
+            return None
+        return f"runs:/{self.run_id}/encoder"
+
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run with ``status`` (once; later calls and a run never started do nothing)."""
         if not self.active or not self._started or self._finished:
             return
         self._finished = True
+        if self._monitor is not None:
+            self._monitor.finish()
         sent = self.flush(force=True)
         for wait_s in (1.0, 3.0):  # a busy store (a sweep's runs sharing one sqlite file) gets a second chance
             if sent:
@@ -289,9 +356,10 @@ def prepare_store(cfg: TrackingConfig) -> None:
     if not cfg.enabled:
         return
     try:
-        client = open_client(resolve_tracking_uri(cfg.uri))
+        uri = resolve_tracking_uri(cfg.uri)
+        client = open_client(uri)
         if client.get_experiment_by_name(cfg.experiment) is None:
-            client.create_experiment(cfg.experiment)
+            create_experiment(client, uri, cfg.experiment)
     except Exception as exc:  # the jobs fall back to offline metrics on their own
         print(f"[tracking] WARNING: could not prepare MLflow store ({exc}); jobs will retry", file=sys.stderr)
 
