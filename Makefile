@@ -2,14 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+LOWEST := .venv-lowest
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-lowest lint bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+# the exact, tested set (constraints.txt); setup.cfg itself only declares ranges
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -19,8 +21,16 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# the lowest declared versions (constraints-lowest.txt), the whole suite but the SLURM clusters
+test-lowest:
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q -c constraints-lowest.txt -e '.[dev]'
+	$(LOWEST)/bin/python -c "import torch, torchvision, mlflow; print('torch', torch.__version__, 'torchvision', \
+		torchvision.__version__, 'mlflow', mlflow.__version__)"
+	$(LOWEST)/bin/python -m pytest -q -m 'not slurm'
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs demo_data mlflow.db mlartifacts .pytest_cache
+	rm -rf runs demo_data mlflow.db mlartifacts .pytest_cache $(LOWEST)
