@@ -1,0 +1,53 @@
+"""Installable where users are: setup.cfg declares ranges, the lock files pin inside them, and
+``pip install .`` into an environment that already has a torch in range keeps that torch."""
+
+import configparser
+import json
+import subprocess
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from tests.conftest import PY, REPO
+
+CORE = ("torch", "torchvision", "mlflow", "submitit")
+
+
+def declared() -> dict[str, Requirement]:
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    lines = [x.strip() for x in cfg["options"]["install_requires"].splitlines()]
+    return {r.name.lower(): r for r in (Requirement(x) for x in lines if x and not x.startswith("#"))}
+
+
+def pins(name: str) -> dict[str, Version]:
+    out = {}
+    for line in (REPO / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            package, version = line.split("==")
+            out[package.lower()] = Version(version)
+    return out
+
+
+def test_core_libraries_are_ranges_and_the_lock_files_pin_inside_them():
+    reqs, exact, lowest = declared(), pins("constraints.txt"), pins("constraints-lowest.txt")
+    for name in CORE:
+        operators = {s.operator for s in reqs[name].specifier}
+        assert operators == {">=", "<"}, f"{name}: {reqs[name]} should be a range with both ends"
+        assert exact[name] in reqs[name].specifier, f"constraints.txt pins {name} {exact[name]} outside {reqs[name]}"
+        floor = next(Version(s.version) for s in reqs[name].specifier if s.operator == ">=")
+        assert lowest[name] == floor, f"constraints-lowest.txt pins {name} {lowest[name]}, the floor is {floor}"
+    for name, req in reqs.items():  # every declared dependency is locked, and inside its range
+        assert name in exact, f"{name} is not in constraints.txt"
+        assert exact[name] in req.specifier, f"constraints.txt pins {name} {exact[name]} outside {req}"
+
+
+def test_pip_install_keeps_the_torch_that_is_there(tmp_path):
+    """What pip would do installing this checkout into the project's environment (torch already in
+    range): install simclr-scale and nothing else, least of all another torch."""
+    report = tmp_path / "report.json"
+    proc = subprocess.run([PY, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation", "--quiet",
+                           "--report", str(report), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    to_install = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
+    assert to_install == ["simclr-scale"], to_install
