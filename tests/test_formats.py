@@ -322,3 +322,16 @@ def test_two_gloo_ranks_pretrain_on_shards(tmp_path, photo_data, backend):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 10 and np.isfinite(rows[-1]["loss"])  # 80 images, batch 8: 10 steps
     assert (tmp_path / "run" / "encoder.pt").exists()
+
+
+def test_data_formats_benchmark_writes_its_table(tmp_path, photo_data):
+    out = tmp_path / "formats.json"
+    proc = subprocess.run([PY, "-m", "benchmarks.data_formats", "--data", str(photo_data / "train"), "--shard-size",
+                           "16", "--batch", "8", "--batches", "2", "--rounds", "1", "--workers", "1", "--out",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["images"] == 80 and result["shards"] == 5 and len(result["git_commit"]) == 40
+    assert result["start_up"]["folder_first_start"]["files"] == 80 and result["start_up"]["shards_start"]["files"] == 5
+    assert all(v > 0 for v in result["images_per_s"].values())
+    assert "folder_restart" in proc.stdout and "shards_dali" in proc.stdout
