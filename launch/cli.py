@@ -186,12 +186,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = Path(args.workdir) / "runs" / "demo"
     overrides = [f"data.root={data / 'train'}", f"data.val_root={data / 'val'}", f"train.run_dir={run_dir}",
                  "checkpoint.resume=none", *args.overrides]
-    rc = cmd_train(argparse.Namespace(config=config, overrides=overrides, nproc=2))
+    # through the parser, so that every option of the two commands has its default
+    rc = cmd_train(build_parser().parse_args(["train", "--nproc", "2", "--config", config, *overrides]))
     if rc != 0:
         return rc
-    cmd_eval(argparse.Namespace(checkpoint=str(run_dir / "encoder.pt"), train_data=str(data / "train"),
-                                val_data=str(data / "val"), device="cpu", workers=2, probe_epochs=100,
-                                no_baseline=False, finetune=[], finetune_epochs=0, tsne=True, out=None, mlflow=True))
+    cmd_eval(build_parser().parse_args(["eval", "--checkpoint", str(run_dir / "encoder.pt"), "--train-data",
+                                        str(data / "train"), "--val-data", str(data / "val"), "--device", "cpu",
+                                        "--workers", "2", "--probe-epochs", "100", "--tsne", "--mlflow"]))
     from trainer.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri("")
@@ -202,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launch.slurm import load_cluster_config, resume_config, submit
+    from launch.slurm import load_cluster_config, resume_config, submit, wait_for_job
     from trainer.config import load_config
     from trainer.dataclass_yaml import ConfigError
 
@@ -224,6 +225,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         failed = 0
         for s in out:
             try:
+                wait_for_job(s.job)  # through requeues, to the real end
                 result = s.job.results()[0]  # one result per task; rank 0 speaks for the job
                 print(f"job {s.job_id} finished: step {result['step']}, loss {result['loss']:.4f}, "
                       f"MLflow run {result['run_id']}")

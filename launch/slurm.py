@@ -277,3 +277,21 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
                 jobs.append(executor.submit(TrainingJob(config_to_dict(run), cluster.max_requeues)))
     return [Submitted(j.job_id, r.tracking.run_name, r.train.run_dir, str(j.paths.stdout), str(j.paths.stderr), j)
             for j, r in zip(jobs, runs)]
+
+
+def wait_for_job(job: Any, settle_s: float = 20.0, poll_s: float = 5.0) -> None:
+    """Block until ``job`` has really ended: every task's result file exists, or SLURM reports a
+    final state that still holds ``settle_s`` later. A requeue (pre-emption, a lost node) passes
+    through states that look final for a moment; submitit's own ``results()`` can take one of them
+    for the end and then fail looking for the result that the next attempt writes. Call
+    ``job.results()`` afterwards: it returns at once, or raises the job's own error."""
+    tasks = [job.task(k) for k in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+    final_since = None
+    while not all(task.paths.result_pickle.exists() for task in tasks):
+        if job.watcher.is_done(job.job_id, mode="force"):
+            final_since = final_since or time.time()
+            if time.time() - final_since >= settle_s:
+                return
+        else:
+            final_since = None
+        time.sleep(poll_s)

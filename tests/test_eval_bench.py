@@ -86,3 +86,16 @@ def test_bench_command_writes_table_json_and_plot(tmp_path):
     assert result["device"] and result["versions"]["torch"] and "git_commit" in result
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "SSL step (2 views)" in proc.stdout and "naive/ours" in proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_command_runs_end_to_end(tmp_path):
+    """`make demo`'s command, shortened: pretraining (2 ranks), the MLflow model, eval and the report."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    proc = subprocess.run([PY, "-m", "launch", "demo", "--workdir", str(tmp_path), "train.epochs=1",
+                           "data.image_size=16", "tracking.system_metrics=false"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| SimCLR |" in proc.stdout and "| random init |" in proc.stdout
+    assert "mlflow.pytorch.load_model('runs:/" in proc.stdout
+    assert (tmp_path / "runs" / "demo" / "eval" / "report.json").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.slurm import load_cluster_config, parse_sweep, plan_runs, submit
+from launch.slurm import load_cluster_config, parse_sweep, plan_runs, submit, wait_for_job
 from tests.conftest import PY, REPO, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
@@ -150,7 +150,8 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, pho
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", sub.job_id], check=True)  # the pre-emption notice
     noticed = time.time()
-    results = sub.job.results()  # waits through the requeue to the end
+    wait_for_job(sub.job)  # through the requeue to the end
+    results = sub.job.results()
     print(f"[measured] USR2 pre-emption: checkpointed, requeued and finished {time.time() - noticed:.1f}s after the "
           "notice; 0 steps lost")
     assert results[0]["step"] == 60
