@@ -11,6 +11,7 @@ A missing label is -1: pretraining needs none; whatever needs labels asks ``labe
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -374,7 +375,29 @@ def read_file_bytes(path: Path) -> bytes:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-_open_tars: dict[tuple[int, Path], int] = {}  # (pid, tar) -> fd; pread keeps forked workers independent
+MAX_OPEN_TARS = 16  # per process: a rank's workers read a few tars at a time; far below a 1024-fd limit
+_open_tars: OrderedDict[Path, int] = OrderedDict()  # tar -> fd, least recently used first
+_open_tars_pid = 0
+
+
+def _tar_fd(tar: Path) -> int:
+    """An fd for ``tar`` from a small per-process LRU (pread needs no shared file offset, so forked
+    DataLoader workers stay independent; the copies a fork inherits are closed in the child)."""
+    import os
+
+    global _open_tars_pid
+    if _open_tars_pid != os.getpid():
+        for fd in _open_tars.values():
+            os.close(fd)
+        _open_tars.clear()
+        _open_tars_pid = os.getpid()
+    if tar in _open_tars:
+        _open_tars.move_to_end(tar)
+        return _open_tars[tar]
+    fd = _open_tars[tar] = os.open(tar, os.O_RDONLY)
+    while len(_open_tars) > MAX_OPEN_TARS:
+        os.close(_open_tars.popitem(last=False)[1])
+    return fd
 
 
 def sample_name(source: Source, index: int) -> str:
@@ -393,11 +416,8 @@ def read_encoded(source: FileSource | ShardSource, index: int) -> bytes:
     if isinstance(source, FileSource):
         return read_file_bytes(source.paths[index])
     tar = source.shards[source.shard_of[index]]
-    key = (os.getpid(), tar)
     try:
-        if key not in _open_tars:
-            _open_tars[key] = os.open(tar, os.O_RDONLY)
-        data = os.pread(_open_tars[key], int(source.sizes[index]), int(source.offsets[index]))
+        data = os.pread(_tar_fd(tar), int(source.sizes[index]), int(source.offsets[index]))
     except OSError as exc:
         raise DataError(f"cannot read {source.names[index]} from shard {tar}: {exc}") from None
     if len(data) != source.sizes[index]:

@@ -335,3 +335,14 @@ def test_data_formats_benchmark_writes_its_table(tmp_path, photo_data):
     assert result["start_up"]["folder_first_start"]["files"] == 80 and result["start_up"]["shards_start"]["files"] == 5
     assert all(v > 0 for v in result["images_per_s"].values())
     assert "folder_restart" in proc.stdout and "shards_dali" in proc.stdout
+
+
+def test_reading_many_shards_keeps_few_files_open(tmp_path, photo_data):
+    import data_pipeline.sources as sources
+
+    make_shards(open_source(photo_data / "train"), tmp_path / "s", 2)  # 40 tars
+    source = open_source(tmp_path / "s")
+    fds_before = len(os.listdir("/proc/self/fd"))
+    whole = [sources.read_encoded(source, i) for i in range(len(source))]
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= sources.MAX_OPEN_TARS
+    assert whole[0][:3] == b"\xff\xd8\xff" and all(len(b) == s for b, s in zip(whole, source.sizes))
