@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
+from trainer.config import config_from_dict
 from trainer.device import synchronize
+from trainer.distributed import DistInfo
+from trainer.parts import ModelParts, build_model_parts
 from trainer.tracking import git_commit, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -24,6 +27,23 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def benchmark_parts(arch: str, image_size: int, precision: str, info: DistInfo, micro_batch: int = 0,
+                    compile_model: bool = False, cifar_stem: bool | None = None) -> ModelParts:
+    """The training run's own model, optimizer (LARS), precision and forward-backward, for timing
+    ``trainer.step.train_step`` on synthetic images (the CIFAR stem by default at 64 px and below)."""
+    torch.manual_seed(0)
+    stem = image_size <= 64 if cifar_stem is None else cifar_stem
+    cfg = config_from_dict({"model": {"arch": arch, "cifar_stem": stem, "compile": compile_model},
+                            "precision": {"dtype": precision}, "optim": {"name": "lars"},
+                            "train": {"micro_batch": micro_batch}})
+    return build_model_parts(cfg, info, lr=0.1)
+
+
+def alone_on(device: torch.device) -> DistInfo:
+    """One process on ``device``."""
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:

@@ -28,34 +28,16 @@ from benchmarks.common import RESULTS, device_name, result_header, write_json
 def measure_point(arch: str, image_size: int, cifar_stem: bool, precision: str, batch: int, micro: int,
                   device: torch.device) -> dict:
     """Two steps at global batch ``batch`` (micro 0: the plain pass); the second is timed."""
-    from trainer.config import ModelConfig, OptimConfig
+    from benchmarks.common import alone_on, benchmark_parts
     from trainer.device import peak_memory_mb, synchronize
-    from trainer.grad_cache import cached_forward_backward, two_view_images
-    from trainer.loss import nt_xent
-    from trainer.model import build_model
-    from trainer.optim import build_optimizer
-    from trainer.precision import PrecisionPolicy
+    from trainer.step import train_step
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, cifar_stem=cifar_stem), device)
-    optimizer = build_optimizer(model, OptimConfig(name="lars"), lr=0.1)
-    policy = PrecisionPolicy(precision, device)
+    parts = benchmark_parts(arch, image_size, precision, alone_on(device), micro_batch=micro, cifar_stem=cifar_stem)
     view1 = torch.randn(batch, 3, image_size, image_size, device=device)
     view2 = torch.randn(batch, 3, image_size, image_size, device=device)
-    channels_last = device.type == "cuda"
-
-    def loss_fn(z1, z2):
-        return nt_xent(z1, z2, 0.1)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        if micro:
-            cached_forward_backward(model, model, view1, view2, micro, loss_fn, policy, channels_last)
-        else:
-            with policy.autocast():
-                z1, z2 = model(two_view_images(view1, view2, channels_last)).chunk(2)
-            policy.backward(loss_fn(z1, z2)[0])
-        policy.step(optimizer)
+        train_step(parts, view1, view2, lr=0.1)
 
     try:
         step()

@@ -40,11 +40,16 @@ def images_per_s(root: Path, backend: str, size: int, batch: int, workers: int, 
     cfg = DataConfig(root=str(root), backend=backend, image_size=size, batch_size=batch, num_workers=workers,
                      augment=aug)
     loader = build_loader(cfg, seed=0, rank=0, world_size=1, device=device)
+    warmup = 3  # worker start, pipeline build, first decode
+    n = min(batches, loader.steps_per_epoch - warmup)
+    if n < 1:
+        raise ValueError(f"{root} gives {loader.steps_per_epoch} batches of {batch} images per epoch: too few to time "
+                         f"any after {warmup} warm-up batches; use a batch of at most "
+                         f"{len(loader.source) // (warmup + 1)} or a folder with more images")
     loader.set_epoch(0)
     it = iter(loader)
-    for _ in range(3):  # warm-up: worker start, pipeline build, first decode
+    for _ in range(warmup):
         next(it)
-    n = min(batches, loader.steps_per_epoch - 3)
     t = time.perf_counter()
     for _ in range(n):
         next(it)
@@ -61,7 +66,7 @@ def compare_loaders(root: Path, image_size: int, batch: int, workers: int, batch
         try:
             row[backend] = images_per_s(root, backend, image_size, batch, workers, batches, device)
         except Exception as exc:
-            row[backend], row[f"{backend}_error"] = None, str(exc).splitlines()[0]
+            row[backend], row[f"{backend}_error"] = None, (str(exc).splitlines() or [type(exc).__name__])[0]
     if row["dali"] and row["torchvision"]:
         row["dali_over_torchvision"] = row["dali"] / row["torchvision"]
     return row

@@ -18,8 +18,10 @@ import torch
 
 
 def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: int, iters: int) -> list[dict]:
+    from trainer.device import check_local_ranks
     from trainer.distributed import torchrun_command
 
+    check_local_ranks(max(worlds))
     rows = []
     for world in worlds:
         out = Path(tempfile.mkstemp(suffix=".json")[1])
@@ -39,29 +41,21 @@ def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: i
 
 def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: int) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    from trainer.config import DistConfig, ModelConfig, OptimConfig
+    from benchmarks.common import benchmark_parts
+    from trainer.config import DistConfig
     from trainer.device import synchronize
     from trainer.distributed import init_distributed, teardown
-    from trainer.loss import nt_xent
-    from trainer.model import build_model
-    from trainer.optim import build_optimizer
+    from trainer.step import train_step
 
     info = init_distributed(DistConfig(), "auto")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, cifar_stem=image_size <= 64), info.device, info.world_size, info.rank)
-    ddp_model = DistributedDataParallel(model) if info.distributed else model
-    opt = build_optimizer(model, OptimConfig(name="lars"), lr=0.1)
-    images = torch.randn(2 * (global_batch // info.world_size), 3, image_size, image_size, device=info.device)
+    parts = benchmark_parts(arch, image_size, "fp32", info)
+    view1, view2 = (torch.randn(global_batch // info.world_size, 3, image_size, image_size, device=info.device)
+                    for _ in range(2))
     times = []
     for i in range(2 + iters):
         start = time.perf_counter()
-        z1, z2 = ddp_model(images).chunk(2)
-        loss, _ = nt_xent(z1, z2, 0.1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(parts, view1, view2, lr=0.1)  # the training step: DDP, SyncBatchNorm, gathered NT-Xent, LARS
         synchronize(info.device)
         if i >= 2:
             times.append(time.perf_counter() - start)

@@ -9,39 +9,35 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import summary, timed
-from trainer.config import ModelConfig, OptimConfig
+from benchmarks.common import alone_on, benchmark_parts, summary, timed
+from trainer.config import OptimConfig
 from trainer.device import peak_memory_mb, synchronize
 from trainer.loss import nt_xent
-from trainer.model import build_model
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, guarded_step
 from trainer.precision import PrecisionPolicy
+from trainer.step import train_step
 
 PHASES = ("forward", "loss_gather", "backward_allreduce", "optimizer")
 
 
 def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, warmup: int, iters: int,
                    device: torch.device) -> dict:
-    """Each phase is timed with a device synchronise around it, so the phases add up to a little
-    more than the real (un-instrumented) step."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, cifar_stem=image_size <= 64), device)
-    opt = build_optimizer(model, OptimConfig(name="lars"), lr=0.1)
-    policy = PrecisionPolicy(precision, device)
+    """The SSL step is ``trainer.step.train_step`` itself. The phase breakdown takes the same parts
+    apart, with a device synchronise around each phase, so the phases add up to a little more
+    than the real (un-instrumented) step."""
+    parts = benchmark_parts(arch, image_size, precision, alone_on(device))
+    model, opt, policy = parts.model, parts.optimizer, parts.precision
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    images = torch.randn(2 * batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=fmt)
+    view1, view2 = (torch.randn(batch_size, 3, image_size, image_size, device=device) for _ in range(2))
+    images = torch.cat([view1, view2]).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
 
     def forward():
         with policy.autocast():
             return model(images).chunk(2)
 
-    def step():
-        z1, z2 = forward()
-        loss, _ = nt_xent(z1, z2, 0.1)
-        opt.zero_grad(set_to_none=True)
-        policy.backward(loss)
-        policy.step(opt)
+    def step():  # the training step itself
+        train_step(parts, view1, view2, lr=0.1)
 
     full = timed(step, device, warmup, iters)
 
@@ -58,7 +54,7 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
         policy.backward(loss)
         synchronize(device)
         marks.append(time.perf_counter())
-        policy.step(opt)
+        guarded_step(opt, policy.unscale_(model.parameters()))
         synchronize(device)
         marks.append(time.perf_counter())
         if i >= warmup:
@@ -69,14 +65,17 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
     encoder = model.encoder
     head = torch.nn.Linear(model.feature_dim, 1000).to(device)
     sup_opt = build_optimizer(torch.nn.ModuleList([encoder, head]), OptimConfig(name="lars"), lr=0.1)
+    sup_policy = PrecisionPolicy(precision, device)
     one_view = images[:batch_size].contiguous(memory_format=fmt)
 
     def supervised_step():
         with policy.autocast():
             loss = F.cross_entropy(head(encoder(one_view)).float(), labels)
         sup_opt.zero_grad(set_to_none=True)
-        policy.backward(loss)
-        policy.step(sup_opt)
+        sup_policy.backward(loss)
+        found_inf = sup_policy.unscale_(sup_opt.param_groups[0]["params"] + sup_opt.param_groups[1]["params"])
+        guarded_step(sup_opt, found_inf)
+        sup_policy.update(found_inf)
 
     sup = timed(supervised_step, device, warmup, iters)
     ssl_median, sup_median = statistics.median(full), statistics.median(sup)

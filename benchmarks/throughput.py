@@ -134,8 +134,9 @@ def print_table(result: dict) -> None:
     loaders = result["loaders"]
     if loaders:
         ratio = f"{loaders['dali_over_torchvision']:.2f}x" if "dali_over_torchvision" in loaders else "n/a"
-        print(f"\nloaders at {loaders['image_size']} px: DALI {loaders['dali'] or 0:.0f} img/s, torchvision "
-              f"{loaders['torchvision'] or 0:.0f} img/s, DALI/torchvision {ratio}")
+        cells = [f"{name} {loaders[key]:.0f} img/s" if loaders[key] else f"{name} failed: {loaders[key + '_error']}"
+                 for name, key in (("DALI", "dali"), ("torchvision", "torchvision"))]
+        print(f"\nloaders at {loaders['image_size']} px: {', '.join(cells)}, DALI/torchvision {ratio}")
 
 
 if __name__ == "__main__":

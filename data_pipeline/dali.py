@@ -40,8 +40,8 @@ def _dali():
         from nvidia import dali
         from nvidia.dali import fn, types
     except ImportError as exc:
-        raise DataError("data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
-                        "(or use data.backend=torchvision)") from exc
+        raise DataError("data.backend=dali needs NVIDIA DALI built for torch's CUDA: pip install nvidia-dali-cuda130 "
+                        "(CUDA 13 torch) or nvidia-dali-cuda120 (CUDA 12), or use data.backend=torchvision") from exc
     return dali, fn, types
 
 

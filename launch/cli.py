@@ -27,7 +27,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         from data_pipeline.sources import DataError
         from launch.local import run_torchrun
+        from trainer.device import check_local_ranks
 
+        check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
         if not Path(cfg.data.root).exists():  # fail here, once, instead of in every rank
             raise DataError(f"data path {cfg.data.root or '(empty)'} does not exist; set data.root to an "
                             "image folder, an .npz file, an STL-10 or CIFAR folder, or a folder of tar shards")

@@ -10,8 +10,9 @@ from tests.conftest import run_torchrun, tiny_overrides
 from tests.helpers.grad_cache_batch import global_views
 from trainer.config import ConfigError, load_config
 from trainer.distributed import DistInfo
-from trainer.loop import train, train_step
+from trainer.loop import train
 from trainer.parts import build_parts
+from trainer.step import train_step
 
 CPU_ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -22,7 +23,7 @@ def one_step(photo_data, tmp_path, micro_batch: int, bn_train: bool, batch: int 
     parts = build_parts(cfg, CPU_ALONE)
     parts.model.train(bn_train)
     view1, view2 = global_views(batch, cfg.data.image_size)
-    outcome = train_step(parts, view1, view2, lr=0.0, stop_requested=False)
+    outcome = train_step(parts, view1, view2, lr=0.0)
     grads = {k: p.grad.clone() for k, p in parts.model.named_parameters()}
     return outcome, grads, {k: b.clone() for k, b in parts.model.named_buffers()}
 

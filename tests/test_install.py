@@ -51,3 +51,19 @@ def test_pip_install_keeps_the_torch_that_is_there(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     to_install = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
     assert to_install == ["simclr-scale"], to_install
+
+
+def test_dali_is_built_for_the_cuda_major_of_the_pinned_torch():
+    """Two CUDA runtimes in one process (a CUDA 12 DALI beside a CUDA 13 torch) is untested
+    territory: the default DALI matches torch's CUDA major, and both builds are offered as extras."""
+    import torch
+
+    cuda_major = torch.version.cuda.split(".")[0]  # the pinned wheels are a CUDA build, even on this CPU
+    dali = [name for name in declared() if name.startswith("nvidia-dali-cuda")]
+    assert dali == [f"nvidia-dali-cuda{cuda_major}0"], (dali, torch.version.cuda)
+    assert f"nvidia-dali-cuda{cuda_major}0" in pins("constraints.txt")
+    assert not [p for p in pins("constraints.txt") if p.startswith("nvidia-dali-") and p != dali[0]]
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    extras = cfg["options.extras_require"]
+    assert "nvidia-dali-cuda120" in extras["dali-cuda12"] and "nvidia-dali-cuda130" in extras["dali-cuda13"]

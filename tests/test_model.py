@@ -5,6 +5,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.model import SimCLRModel, build_model, convert_sync_bn, encoder_state_dict, sync_bn_groups
+from trainer.sync_batchnorm import SyncBatchNorm
 
 
 @pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
@@ -43,20 +44,22 @@ def test_sync_bn_groups():
 
 
 def test_sync_bn_conversion_wiring_on_cpu():
-    """SyncBatchNorm refuses CPU tensors in forward, but the conversion itself is checked here:
-    every BatchNorm is replaced and the running statistics are kept."""
+    """Every BatchNorm is replaced by our SyncBatchNorm (which runs on gloo too: its numerics are in
+    tests/test_sync_batchnorm.py) and the running statistics are kept."""
     model = SimCLRModel(ModelConfig())
     model.encoder.bn1.running_mean.fill_(0.5)
     converted = convert_sync_bn(model, world_size=1, rank=0, group_size=0)
     kinds = {type(m) for m in converted.modules()}
-    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds and nn.BatchNorm1d not in kinds
+    assert SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds and nn.BatchNorm1d not in kinds
     assert torch.all(converted.encoder.bn1.running_mean == 0.5)
     assert set(encoder_state_dict(converted)) == set(encoder_state_dict(SimCLRModel(ModelConfig())))
 
 
-def test_build_model_keeps_plain_bn_on_cpu():
+def test_build_model_syncs_bn_on_cpu_too_with_world_gt_1():
     model = build_model(ModelConfig(sync_bn=True), torch.device("cpu"), world_size=2, rank=0)
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert any(isinstance(m, SyncBatchNorm) for m in model.modules())
+    alone = build_model(ModelConfig(sync_bn=True), torch.device("cpu"), world_size=1, rank=0)
+    assert not any(isinstance(m, SyncBatchNorm) for m in alone.modules())
 
 
 def test_build_model_converts_on_cuda_with_world_gt_1(monkeypatch):

@@ -38,6 +38,7 @@ class ModelConfig:
     sync_bn: bool = True  # convert BN to SyncBatchNorm on CUDA when world size > 1
     sync_bn_group_size: int = 0  # 0: sync across the whole world; K: within groups of K ranks
     channels_last: bool = True  # only applied on CUDA
+    compile: bool = False  # torch.compile the model (encoder + head); the first steps compile (warm-up)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TrainConfig:
     log_every: int = 10
     stop_after_steps: int = 0  # >0: stop early (schedule unchanged), as a time limit would
     knn_every_epochs: int = 0  # >0: kNN monitor on data.val_root every N epochs
+    stop_check_every: int = 10  # multi-rank runs agree on a stop request (pre-emption, Ctrl-C) every N steps
     progress_bar: bool = True
     micro_batch: int = 0  # >0: gradient caching in chunks of this many images per rank (see trainer/grad_cache.py)
 
@@ -165,6 +167,8 @@ def validate(cfg: Config) -> Config:
     _check(t.stop_after_steps >= 0, "train.stop_after_steps", t.stop_after_steps, "must be >= 0 (0 = off)")
     _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch,
            "must be >= 0 (0 = one pass; N = gradient caching in chunks of N images per rank)")
+    _check(t.stop_check_every > 0, "train.stop_check_every", t.stop_check_every,
+           "must be a positive integer (steps between agreements on a stop request)")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
     _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
     c = cfg.checkpoint

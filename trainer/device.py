@@ -30,6 +30,19 @@ def choose_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     return torch.device("cuda", local_rank)
 
 
+def check_local_ranks(nproc: int, preference: str = "auto", backend: str = "auto") -> None:
+    """Refuse, before any rank starts, more local CUDA ranks than visible GPUs: ranks would share a
+    GPU, which NCCL refuses ("duplicate GPU") after every rank has started."""
+    uses_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    if nproc <= 1 or not uses_cuda or backend == "gloo":
+        return
+    visible = torch.cuda.device_count()
+    if nproc > visible:
+        raise ConfigError(f"--nproc {nproc} starts {nproc} ranks on this node but only {visible} GPU(s) are "
+                          f"visible, and NCCL cannot put two ranks on one GPU; use --nproc {visible} or fewer (one "
+                          "rank per GPU), or train.device=cpu for CPU ranks")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (timings); a no-op on the CPU."""
     if device.type == "cuda":

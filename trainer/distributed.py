@@ -64,13 +64,22 @@ def rank() -> int:
 
 
 def any_rank(*flags: torch.Tensor | bool) -> list[bool]:
-    """For each flag, whether it is set on any rank (one MAX all-reduce). Every rank must call
-    this at the same point: it is how all ranks agree to skip a bad step or to stop together."""
+    """For each flag, whether it is set on any rank (one MAX all-reduce), read on the host. Every
+    rank must call this at the same point: it is how all ranks agree to stop together. A host
+    read: the training step uses ``max_over_ranks`` instead and reads nothing."""
     device = next((f.device for f in flags if isinstance(f, torch.Tensor)), torch.device("cpu"))
     values = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
+
+
+def max_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a device tensor) replaced in place by its maximum over ranks; nothing is read
+    on the host (the all-reduce is queued on the device like any kernel)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def free_port() -> int:

@@ -24,12 +24,12 @@ from trainer.dataclass_yaml import flatten
 from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
 from trainer.evaluate import knn_monitor
-from trainer.grad_cache import cached_forward_backward, two_view_images
-from trainer.loss import nt_xent
 from trainer.metrics import MetricsWindow
 from trainer.model import encoder_state_dict
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
+from trainer.step import StepOutcome, train_step
+from trainer.sync_batchnorm import revert_sync_batchnorm
 from trainer.tracking import Tracker, git_commit, library_versions, read_metrics_file
 
 
@@ -52,15 +52,6 @@ class TrainResult:
     def exit_code(self) -> int:
         """0 when the run trained (or was pre-empted and checkpointed), 1 when it did nothing."""
         return 0 if self.step > 0 or self.preempted else 1
-
-
-@dataclass
-class StepOutcome:
-    loss: torch.Tensor  # this rank's loss, detached (no host sync)
-    accuracy: torch.Tensor
-    skipped: bool  # the loss was not finite on some rank: no rank updated its weights
-    overflow: bool  # fp16: the GradScaler skipped the update (inf/nan gradients)
-    stop: bool  # some rank was asked to stop: every rank stops after this step
 
 
 def train(cfg: Config, stop: threading.Event | None = None,
@@ -91,83 +82,74 @@ def run_training(parts: TrainParts, stop: threading.Event,
     stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
     bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not (parts.info.is_main and cfg.train.progress_bar))
-    window, skips, last_loss, preempted = MetricsWindow(parts.info.device), SkipCounters(), float("nan"), False
+    window, skips, last_loss, preempted = MetricsWindow(parts.info.device), SkipCounters(parts), float("nan"), False
     parts.model.train()
     while step < stop_at and not preempted:
         parts.loader.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
         for view1, view2, _ in window.timed(parts.loader):
-            outcome = train_step(parts, view1, view2, parts.schedule(step), stop.is_set())
-            skips.record(outcome, step, parts)
+            outcome = train_step(parts, view1, view2, parts.schedule(step))
+            skips.add(outcome)
             step += 1
-            window.add(None if outcome.skipped else outcome.loss, outcome.accuracy)
+            window.add(outcome.loss, outcome.accuracy, outcome.skipped)
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == stop_at:
                 last_loss = log_window(parts, window, skips, step, bar)
             if knn_due(cfg, step, steps_per_epoch):
                 log_knn_monitor(parts, step)
-            preempted = outcome.stop
+            preempted = stop_requested(parts, stop, step)
+            checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
-            if (step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted) and not skips.streak:
+            if checkpoint_due and not skips.check(step):
                 parts.checkpointer.save(step, steps_per_epoch, parts.state_dict())
             if step >= stop_at or preempted:
                 break
     bar.close()
     encoder_path = finish_run(parts, step, preempted)
     return TrainResult(step, last_loss, parts.run_dir, parts.tracker.run_id, encoder_path, preempted,
-                       skips.nonfinite, skips.overflow)
+                       *skips.totals())
 
 
-def train_step(parts: TrainParts, view1: torch.Tensor, view2: torch.Tensor, lr: float,
-               stop_requested: bool) -> StepOutcome:
-    """One optimizer step on a batch of two views; every rank returns the same skip and stop verdicts."""
-    for group in parts.optimizer.param_groups:
-        group["lr"] = lr
-    parts.optimizer.zero_grad(set_to_none=True)
-
-    def loss_fn(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return nt_xent(z1, z2, parts.cfg.loss.temperature, gather=parts.cfg.loss.gather_negatives)
-
-    if parts.cfg.train.micro_batch:
-        loss, accuracy = cached_forward_backward(parts.model, parts.ddp_model, view1, view2,
-                                                 parts.cfg.train.micro_batch, loss_fn, parts.precision,
-                                                 parts.channels_last)
-    else:
-        with parts.precision.autocast():
-            z1, z2 = parts.ddp_model(two_view_images(view1, view2, parts.channels_last)).chunk(2)
-        loss, accuracy = loss_fn(z1, z2)
-        parts.precision.backward(loss)
-    # One small collective per step so that every rank agrees to skip a bad step, or to stop.
-    nonfinite, stop = any_rank(~torch.isfinite(loss.detach()), stop_requested)
-    if nonfinite:
-        parts.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(loss.detach(), accuracy, skipped=True, overflow=False, stop=stop)
-    overflow = parts.precision.step(parts.optimizer)
-    return StepOutcome(loss.detach(), accuracy, skipped=False, overflow=overflow, stop=stop)
+def stop_requested(parts: TrainParts, stop: threading.Event, step: int) -> bool:
+    """Whether to stop after ``step``. One process reads its own flag every step; ranks agree every
+    ``train.stop_check_every`` steps (a small all-reduce read on the host, kept out of other steps),
+    so a pre-emption notice ends the run within that many steps, checkpointed."""
+    if not parts.info.distributed:
+        return stop.is_set()
+    if step % parts.cfg.train.stop_check_every:
+        return False
+    return any_rank(stop.is_set())[0]
 
 
-@dataclass
 class SkipCounters:
-    """Steps skipped so far: non-finite losses (and the current streak of them), fp16 overflows."""
+    """Skipped steps, counted on the device (no host read per step): non-finite losses, the
+    current streak of them, fp16 overflows. ``check`` reads them (at log windows and checkpoints)."""
 
-    nonfinite: int = 0
-    streak: int = 0
-    overflow: int = 0
+    def __init__(self, parts: TrainParts) -> None:
+        self.parts = parts
+        self.counts = torch.zeros(3, device=parts.info.device)  # nonfinite, streak, overflow
 
-    def record(self, outcome: StepOutcome, step: int, parts: TrainParts) -> None:
-        """Count ``outcome`` of ``step``; a streak of ``precision.max_consecutive_nonfinite`` bad
-        steps ends the run (the MLflow run marked FAILED, the last good checkpoint intact)."""
-        self.overflow += outcome.overflow
-        if not outcome.skipped:
-            self.streak = 0
-            return
-        self.nonfinite += 1
-        self.streak += 1
-        if self.streak >= parts.cfg.precision.max_consecutive_nonfinite:
-            parts.tracker.finish("FAILED")
+    def add(self, outcome: StepOutcome) -> None:
+        nonfinite, streak, overflow = self.counts.unbind()
+        nonfinite += outcome.skipped
+        streak.add_(outcome.skipped).mul_(outcome.skipped)  # +1 on a skipped step, back to 0 on a good one
+        overflow += outcome.overflow
+
+    def totals(self) -> tuple[int, int]:
+        nonfinite, _, overflow = (int(v) for v in self.counts.tolist())
+        return nonfinite, overflow
+
+    def check(self, step: int) -> int:
+        """The current streak of skipped steps (a host read). A streak of
+        ``precision.max_consecutive_nonfinite`` ends the run: the MLflow run marked FAILED, the
+        last good checkpoint intact."""
+        streak = int(self.counts[1].item())
+        if streak >= self.parts.cfg.precision.max_consecutive_nonfinite:
+            self.parts.tracker.finish("FAILED")
             raise NonFiniteLossError(
-                f"{self.streak} consecutive steps had a non-finite loss (last at step {step}); the last good "
-                f"checkpoint in {parts.checkpointer.directory} is intact. Lower optim.lr, raise "
+                f"{streak} consecutive steps had a non-finite loss (found at step {step}); the last good "
+                f"checkpoint in {self.parts.checkpointer.directory} is intact. Lower optim.lr, raise "
                 "loss.temperature or use precision.dtype=bf16/fp32, then resume.")
+        return streak
 
 
 def start_run(parts: TrainParts) -> int:
@@ -206,9 +188,11 @@ def start_run(parts: TrainParts) -> int:
 
 def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm) -> float:
     """Log the window's metrics at ``step`` (a collective), start a new window; returns the loss."""
+    skips.check(step)
+    nonfinite, overflow = skips.totals()
     metrics = {**window.summary(parts.cfg.data.batch_size), "lr": parts.schedule(step - 1),
                "peak_memory_mb": peak_memory_mb(parts.info.device), "epoch": step / parts.steps_per_epoch,
-               "skipped_nonfinite": skips.nonfinite, "skipped_overflow": skips.overflow,
+               "skipped_nonfinite": nonfinite, "skipped_overflow": overflow,
                "skipped_corrupt_images": parts.loader.corrupt_skipped}
     parts.tracker.log_metrics(metrics, step)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
@@ -234,11 +218,9 @@ def log_knn_monitor(parts: TrainParts, step: int) -> None:
 def log_encoder_model(parts: TrainParts) -> None:
     """The encoder (a CPU copy, no projection head) as an MLflow model that takes normalised NCHW
     float32 images of any size and returns features: a plain torchvision ResNet once loaded."""
-    import copy
-
     import numpy as np
 
-    encoder = copy.deepcopy(parts.model.encoder).cpu().float().eval()
+    encoder = revert_sync_batchnorm(parts.model.encoder).cpu().float().eval()
     size = min(parts.cfg.data.image_size, 64)  # the example is stored as JSON: keep it small
     example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     uri = parts.tracker.log_model(encoder, example, parts.cfg.tracking.register_as)

@@ -38,8 +38,9 @@ def contrastive_loss(local1: torch.Tensor, local2: torch.Tensor, columns1: torch
     idx = torch.arange(n, device=rows.device) + first_row
     self_cols = torch.cat([idx, idx + big_n])  # where each row meets itself
     pos_cols = torch.cat([idx + big_n, idx])  # where each row meets its other view
-    row_idx = torch.arange(2 * n, device=rows.device)
-    logits = logits.index_put((row_idx, self_cols), torch.tensor(float("-inf"), device=rows.device))
+    # a mask built on the device and a Python fill value: no host-to-device copy in the step
+    is_self = torch.arange(2 * big_n, device=rows.device)[None, :] == self_cols[:, None]
+    logits = logits.masked_fill(is_self, float("-inf"))
     loss = F.cross_entropy(logits, pos_cols)  # log-sum-exp is stable; -inf drops the k = i term
     with torch.no_grad():
         accuracy = (logits.argmax(dim=1) == pos_cols).float().mean()

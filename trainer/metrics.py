@@ -24,6 +24,7 @@ class MetricsWindow:
         self.loss_sum.zero_()
         self.accuracy_sum.zero_()
         self.steps, self.data_wait_s, self.started = 0, 0.0, time.perf_counter()
+        self.longest_wait_s = 0.0
 
     def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """``batches``, counting the time spent waiting for each one as data wait."""
@@ -34,15 +35,18 @@ class MetricsWindow:
                 batch = next(iterator)
             except StopIteration:
                 return
-            self.data_wait_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.data_wait_s += waited
+            self.longest_wait_s = max(self.longest_wait_s, waited)
             yield batch
 
-    def add(self, loss: torch.Tensor | None, accuracy: torch.Tensor | None) -> None:
-        """One step; a skipped step passes None and counts in the average as a step without loss."""
+    def add(self, loss: torch.Tensor, accuracy: torch.Tensor, skipped: torch.Tensor) -> None:
+        """One step, on the device; a skipped step (``skipped`` 1.0) counts in the average as a step
+        without loss (its non-finite loss is dropped, not added)."""
         self.steps += 1
-        if loss is not None:
-            self.loss_sum += loss
-            self.accuracy_sum += accuracy
+        keep = skipped == 0
+        self.loss_sum += torch.where(keep, loss, 0.0)
+        self.accuracy_sum += torch.where(keep, accuracy, 0.0)
 
     def summary(self, images_per_step: int) -> dict[str, float]:
         """Loss and contrastive accuracy averaged over the window's steps and every rank (a

@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from trainer.config import ModelConfig
+from trainer.sync_batchnorm import convert_sync_batchnorm
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -67,21 +68,19 @@ def convert_sync_bn(model: nn.Module, world_size: int, rank: int, group_size: in
             handle = dist.new_group(ranks)
             if rank in ranks:
                 process_group = handle
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    return convert_sync_batchnorm(model, process_group)
 
 
 def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> nn.Module:
-    """The SimCLR model on ``device``; SyncBatchNorm and channels_last only on CUDA (SyncBatchNorm
-    refuses CPU tensors, so CPU runs keep per-rank BN)."""
+    """The SimCLR model on ``device``: BatchNorm synchronised over ranks when ``cfg.sync_bn`` and
+    more than one rank (our SyncBatchNorm runs on NCCL and gloo alike); channels_last only on CUDA."""
     model = SimCLRModel(cfg)
-    if device.type == "cuda":
-        if cfg.sync_bn and world_size > 1:
-            model = convert_sync_bn(model, world_size, rank, cfg.sync_bn_group_size)
-        model = model.to(device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
-    return model.to(device)
+    if cfg.sync_bn and world_size > 1:
+        model = convert_sync_bn(model, world_size, rank, cfg.sync_bn_group_size)
+    model = model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -44,9 +44,11 @@ class LARS(torch.optim.Optimizer):
         m     = momentum * m + u;   w = w - lr * m
 
     Groups with ``lars_adapt=False`` (biases, BatchNorm) take ``u = g + wd * w``: plain momentum
-    SGD. ``foreach=None`` picks the implementation by device (``default_foreach``): one set of
-    ``torch._foreach_*`` calls per group on CUDA, a loop over tensors on the CPU; both compute the
-    same update.
+    SGD. ``foreach=None`` picks the implementation of ``u`` by device (``default_foreach``): one set
+    of ``torch._foreach_*`` calls per group on CUDA, a loop over tensors on the CPU; both compute
+    the same update. The momentum and weight update is torch's fused SGD kernel, which honours
+    ``found_inf`` (set by ``guarded_step``): a skipped step leaves weights and momentum untouched,
+    decided on the device.
     """
 
     def __init__(
@@ -79,6 +81,13 @@ class LARS(torch.optim.Optimizer):
             (self._update_foreach if foreach else self._update_per_tensor)(group, params)
         return loss
 
+    def _apply(self, group: dict, params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
+        """m = momentum * m + u;  w = w - lr * m, skipped on the device when ``self.found_inf`` is set."""
+        bufs = self._momentum_buffers(params) if group["momentum"] != 0 else []
+        torch._fused_sgd_(params, updates, bufs, weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
+                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+                          found_inf=getattr(self, "found_inf", None))
+
     def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         bufs = []
         for p in params:  # a state lookup per tensor; the arithmetic is elsewhere
@@ -95,30 +104,23 @@ class LARS(torch.optim.Optimizer):
 
     def _update_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
         grads = [p.grad for p in params]
-        wd, lr = group["weight_decay"], group["lr"]
+        wd = group["weight_decay"]
         update = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
         if group["lars_adapt"]:
             w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
             update = torch._foreach_mul(update, list(self._trust(group, w_norm, g_norm).unbind()))
-        if group["momentum"] != 0:
-            bufs = self._momentum_buffers(params)
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, update)
-            update = bufs
-        torch._foreach_add_(params, update, alpha=-lr)
+        self._apply(group, params, list(update))
 
     def _update_per_tensor(self, group: dict, params: list[torch.Tensor]) -> None:
-        wd, lr = group["weight_decay"], group["lr"]
-        bufs = self._momentum_buffers(params) if group["momentum"] != 0 else [None] * len(params)
-        for p, buf in zip(params, bufs):
+        wd, updates = group["weight_decay"], []
+        for p in params:
             update = p.grad.add(p, alpha=wd) if wd != 0 else p.grad
             if group["lars_adapt"]:
                 trust = self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad))
                 # scale in place when ``update`` is our own tensor; never the gradient itself
                 update = update.mul_(trust) if wd != 0 else update * trust
-            if buf is not None:
-                update = buf.mul_(group["momentum"]).add_(update)
-            p.add_(update, alpha=-lr)
+            updates.append(update)
+        self._apply(group, params, updates)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -128,7 +130,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
         return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                     trust_coefficient=cfg.trust_coefficient, trust_clip=cfg.trust_clip)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=True)
     raise ValueError(f"unknown optimizer {cfg.name}")
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()``, made a no-op on the device when ``skip`` (a 0-d float32 tensor on the
+    parameters' device) is 1: weights, momentum and step counts stay as they were, and the host
+    never waits for the verdict. LARS and torch's fused SGD/AdamW read ``found_inf`` (the hook
+    GradScaler uses for the same purpose)."""
+    optimizer.found_inf = skip
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf

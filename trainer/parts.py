@@ -20,6 +20,7 @@ from trainer.model import build_model
 from trainer.optim import build_optimizer
 from trainer.precision import PrecisionPolicy
 from trainer.schedule import WarmupCosine, build_schedule
+from trainer.step import ForwardBackward, build_forward_backward
 from trainer.tracking import Tracker
 
 
@@ -33,6 +34,7 @@ class TrainParts:
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosine  # lr for each step
     precision: PrecisionPolicy
+    forward_backward: ForwardBackward  # plain or gradient-cached, chosen once (trainer.step)
     checkpointer: Checkpointer
     tracker: Tracker  # MLflow on rank 0; a no-op elsewhere
     world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
@@ -45,10 +47,6 @@ class TrainParts:
     def steps_per_epoch(self) -> int:
         return self.loader.steps_per_epoch
 
-    @property
-    def channels_last(self) -> bool:
-        return self.info.device.type == "cuda" and self.cfg.model.channels_last
-
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds besides the position and RNG states."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -59,6 +57,44 @@ class TrainParts:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state.get("scaler") or {})
+
+
+@dataclass
+class ModelParts:
+    """What the training step needs (``trainer.step.StepParts``): built by one function for the
+    training run and the benchmarks alike."""
+
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    precision: PrecisionPolicy
+    forward_backward: ForwardBackward
+
+
+def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
+    """The model (SyncBatchNorm, DDP, torch.compile as configured), its optimizer at ``lr``, the
+    precision policy and the forward-backward, on ``info.device``."""
+    device = info.device
+    if device.type == "cuda":  # NVIDIA's ResNet-50 settings: autotuned convolutions, TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg.model, device, info.world_size, info.rank)
+    ddp_model = model
+    if info.distributed:
+        # SyncBatchNorm over the whole world keeps every rank's running statistics equal: nothing to broadcast
+        synced = cfg.model.sync_bn and cfg.model.sync_bn_group_size in (0, info.world_size)
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            gradient_as_bucket_view=True, broadcast_buffers=not synced)
+    if cfg.model.compile:
+        ddp_model = torch.compile(ddp_model)
+    precision = PrecisionPolicy(cfg.precision.dtype, device)
+    channels_last = device.type == "cuda" and cfg.model.channels_last
+    return ModelParts(model=model, ddp_model=ddp_model, optimizer=build_optimizer(model, cfg.optim, lr),
+                      precision=precision,
+                      forward_backward=build_forward_backward(model, ddp_model, precision, cfg.loss.temperature,
+                                                              cfg.loss.gather_negatives, cfg.train.micro_batch,
+                                                              channels_last))
 
 
 def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
@@ -77,16 +113,12 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         why = "the kNN monitor (train.knn_every_epochs > 0; set it to 0 to pretrain without labels)"
         labelled_indices(loader.source, why)
         labelled_indices(open_val_source(cfg.data), why)
-    model = build_model(cfg.model, device, info.world_size, info.rank)
-    ddp_model = model
-    if info.distributed:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            gradient_as_bucket_view=True)
     schedule = build_schedule(cfg.optim, cfg.data.batch_size, loader.steps_per_epoch, cfg.train.epochs)
+    m = build_model_parts(cfg, info, schedule(0))
     return TrainParts(
-        cfg=cfg, info=info, loader=loader, model=model, ddp_model=ddp_model,
-        optimizer=build_optimizer(model, cfg.optim, schedule(0)), schedule=schedule,
-        precision=PrecisionPolicy(cfg.precision.dtype, device), checkpointer=Checkpointer(cfg, info),
+        cfg=cfg, info=info, loader=loader, model=m.model, ddp_model=m.ddp_model, optimizer=m.optimizer,
+        schedule=schedule, precision=m.precision, forward_backward=m.forward_backward,
+        checkpointer=Checkpointer(cfg, info),
         tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
         world_size_history=[[0, info.world_size]],
     )

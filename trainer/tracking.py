@@ -94,9 +94,13 @@ def library_versions() -> dict[str, str]:
 
     versions = {"python": sys.version.split()[0]}
     for name, dist_name in (("torch", "torch"), ("torchvision", "torchvision"), ("mlflow", "mlflow"),
-                            ("dali", "nvidia-dali-cuda120")):
+                            ("dali", "nvidia-dali-cuda130"), ("dali", "nvidia-dali-cuda120")):
+        if name in versions:
+            continue
         try:
             versions[name] = metadata.version(dist_name)
+            if name == "dali":
+                versions["dali_build"] = dist_name
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions

@@ -10,8 +10,8 @@ import torch
 from tests.helpers.grad_cache_batch import global_views
 from trainer.config import load_config
 from trainer.distributed import init_distributed, teardown
-from trainer.loop import train_step
 from trainer.parts import build_parts
+from trainer.step import train_step
 
 out, overrides = sys.argv[1], sys.argv[2:]
 cfg = load_config(None, overrides)
@@ -21,7 +21,7 @@ parts.model.eval()
 view1, view2 = global_views(cfg.data.batch_size, cfg.data.image_size)
 n = cfg.data.batch_size // info.world_size
 mine = slice(info.rank * n, (info.rank + 1) * n)
-outcome = train_step(parts, view1[mine], view2[mine], lr=0.0, stop_requested=False)
+outcome = train_step(parts, view1[mine], view2[mine], lr=0.0)
 loss = outcome.loss.clone()
 if info.distributed:
     torch.distributed.all_reduce(loss)

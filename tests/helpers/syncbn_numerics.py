@@ -1,6 +1,7 @@
-"""Under torchrun on a CUDA machine: SyncBatchNorm across 2 ranks (gloo carries the CUDA tensors,
-so both ranks may share one GPU) must equal plain BatchNorm over the concatenated batch, in the
-forward output, the input gradients, the weight gradients and the running statistics."""
+"""Under torchrun (gloo): our SyncBatchNorm across the ranks must equal plain BatchNorm over the
+concatenated batch, in the forward output, the input gradients, the weight and bias gradients
+and the running statistics (after two training steps). argv: OUT DEVICE (cpu, or cuda: both
+ranks may share one GPU, gloo carries the CUDA tensors)."""
 
 import json
 import sys
@@ -9,35 +10,48 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.sync_batchnorm import convert_sync_batchnorm
+
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-dev = torch.device("cuda", 0)
+dev = torch.device(sys.argv[2])
 gen = torch.Generator().manual_seed(0)
-x_all = (torch.randn(8 * world, 6, 5, 5, generator=gen) * 3 + 1).to(dev)
-w_out = torch.randn(8 * world, 6, 5, 5, generator=gen).to(dev)
-
-ref = nn.BatchNorm2d(6).to(dev)
-x_ref = x_all.clone().requires_grad_()
-((ref(x_ref) * w_out).sum() / world).backward()  # per-rank losses sum; DDP would average grads
-
-sync = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(6))).to(dev)
-x = x_all[rank * 8 : (rank + 1) * 8].clone().requires_grad_()
-out = sync(x)
-(out * w_out[rank * 8 : (rank + 1) * 8]).sum().div(world).backward()
-wg = sync[0].weight.grad.clone()
-dist.all_reduce(wg)  # what DDP's all-reduce of parameter gradients does (sum of per-rank parts)
+n = 8
+ref = nn.Sequential(nn.BatchNorm2d(6), nn.BatchNorm1d(5)).double()  # the 1d one is fed (N, C) below
 with torch.no_grad():
-    ref_eval_out = (x_all - x_all.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
-        x_all.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
-res = {
-    "world": world,
-    "out_diff": (out - ref_eval_out[rank * 8 : (rank + 1) * 8]).abs().max().item(),
-    "xgrad_diff": (x.grad - x_ref.grad[rank * 8 : (rank + 1) * 8]).abs().max().item(),
-    "wgrad_diff": (wg - ref.weight.grad).abs().max().item(),
-    "running_mean_diff": (sync[0].running_mean - ref.running_mean).abs().max().item(),
-    "running_var_diff": (sync[0].running_var - ref.running_var).abs().max().item(),
-    "xgrad_scale": x_ref.grad.abs().max().item(),
-}
+    ref[0].weight.copy_(torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    ref[0].bias.copy_(torch.randn(6, generator=gen, dtype=torch.float64))
+sync = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(6), nn.BatchNorm1d(5)))
+sync.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+sync, ref = sync.to(dev), ref.to(dev)
+res = {"world": world, "converted": type(sync[0]).__name__}
+for step in range(2):
+    x_all = (torch.randn(n * world, 6, 5, 5, generator=gen, dtype=torch.float64) * 3 + 1).to(dev)
+    w_out = torch.randn(n * world, 6, 5, 5, generator=gen, dtype=torch.float64).to(dev)
+    f_all = (torch.randn(n * world, 5, generator=gen, dtype=torch.float64) * 2 - 1).to(dev)
+    x_ref, f_ref = x_all.clone().requires_grad_(), f_all.clone().requires_grad_()
+    ref.zero_grad()
+    ref_out = ref[0](x_ref)
+    ((ref_out * w_out).sum() + ref[1](f_ref).pow(2).sum()).div(world).backward()  # DDP averages
+    mine = slice(rank * n, (rank + 1) * n)
+    x, f = x_all[mine].float().clone().requires_grad_(), f_all[mine].float().clone().requires_grad_()
+    sync.zero_grad()
+    out, out1d = sync[0](x), sync[1](f)
+    ((out * w_out[mine].float()).sum() + out1d.pow(2).sum()).div(world).backward()
+    grads = torch.cat([sync[0].weight.grad, sync[0].bias.grad, sync[1].weight.grad, sync[1].bias.grad])
+    dist.all_reduce(grads)  # what DDP's all-reduce of parameter gradients does (sum of per-rank parts)
+    ref_grads = torch.cat([ref[0].weight.grad, ref[0].bias.grad, ref[1].weight.grad, ref[1].bias.grad])
+    res[f"step{step}"] = {
+        "out_diff": (out.double() - ref_out[mine]).abs().max().item(),
+        "xgrad_diff": (x.grad.double() - x_ref.grad[mine]).abs().max().item(),
+        "fgrad_diff": (f.grad.double() - f_ref.grad[mine]).abs().max().item(),
+        "param_grad_diff": (grads.double() - ref_grads).abs().max().item(),
+        "xgrad_scale": x_ref.grad.abs().max().item(),
+    }
+res["running_mean_diff"] = (sync[0].running_mean.double() - ref[0].running_mean).abs().max().item()
+res["running_var_diff"] = (sync[0].running_var.double() - ref[0].running_var).abs().max().item()
+res["running_1d_diff"] = max((sync[1].running_mean.double() - ref[1].running_mean).abs().max().item(),
+                             (sync[1].running_var.double() - ref[1].running_var).abs().max().item())
 if rank == 0:
     json.dump(res, open(sys.argv[1], "w"))
 dist.destroy_process_group()
