@@ -1,0 +1,84 @@
+"""Bugs a first GPU run would hit, each caught here on the CPU."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tests.conftest import tiny_overrides
+from trainer.config import ConfigError, ModelConfig
+
+
+def test_two_ranks_on_a_one_gpu_box_is_one_line_before_any_rank_starts(photo_data, tmp_path, monkeypatch):
+    """NCCL refuses two ranks on one GPU ("duplicate GPU") only after both have started."""
+    from launch.cli import build_parser, cmd_train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    started = []
+    monkeypatch.setattr("launch.local.run_torchrun", lambda *a, **k: started.append(a) or 0)
+    args = build_parser().parse_args(["train", "--nproc", "2", *tiny_overrides(photo_data / "train", tmp_path / "r",
+                                                                               **{"train.device": "auto"})])
+    with pytest.raises(ConfigError, match="--nproc 2.*only 1 GPU.*--nproc 1"):
+        cmd_train(args)
+    assert not started
+    # CPU ranks, or gloo on purpose, may share the box
+    for extra in ({"train.device": "cpu"}, {"dist.backend": "gloo"}):
+        args = build_parser().parse_args(["train", "--nproc", "2", *tiny_overrides(photo_data / "train",
+                                                                                   tmp_path / "r", **extra)])
+        assert cmd_train(args) == 0
+    assert len(started) == 2
+
+
+def test_scaling_benchmark_refuses_more_ranks_than_gpus(monkeypatch):
+    from benchmarks.scaling import bench_scaling
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="--nproc 2"):
+        bench_scaling([1, 2], "resnet18", 16, 8, 1)
+
+
+def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_path):
+    """The model of a multi-GPU run holds SyncBatchNorm layers with a process group (a subgroup with
+    model.sync_bn_group_size > 0): deep-copying that group raised at the end of a finished run."""
+    import torch.distributed as dist
+
+    from trainer.loop import log_encoder_model
+    from trainer.model import SimCLRModel
+    from trainer.sync_batchnorm import convert_sync_batchnorm
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = convert_sync_batchnorm(SimCLRModel(ModelConfig(arch="resnet18")), dist.new_group([0]))
+        logged = {}
+        parts = types.SimpleNamespace(
+            model=model, cfg=types.SimpleNamespace(data=types.SimpleNamespace(image_size=32),
+                                                   tracking=types.SimpleNamespace(register_as="")),
+            tracker=types.SimpleNamespace(log_model=lambda m, example, register_as: logged.update(model=m)))
+        log_encoder_model(parts)
+    finally:
+        dist.destroy_process_group()
+    encoder = logged["model"]
+    assert type(encoder) is torchvision.models.ResNet
+    norms = {type(m) for m in encoder.modules() if "Norm" in type(m).__name__}
+    assert norms == {nn.BatchNorm2d}
+    assert not encoder.training
+    torchvision.models.resnet18().load_state_dict({**encoder.state_dict(), "fc.weight": torch.zeros(1000, 512),
+                                                   "fc.bias": torch.zeros(1000)})
+
+
+def test_pipeline_benchmark_with_fewer_batches_than_its_warmup_says_why(photo_data):
+    """80 photos at 32 images per batch: 2 batches, fewer than the 3 warm-up batches. It crashed on
+    an empty StopIteration message, and at a batch just under that limit timed 0 batches (0 img/s)."""
+    from benchmarks.pipeline import compare_loaders
+
+    row = compare_loaders(photo_data / "train", 16, 32, 0, 5, torch.device("cpu"))
+    assert row["torchvision"] is None and "too few to time" in row["torchvision_error"]
+    assert "at most 20" in row["torchvision_error"]
+    ok = compare_loaders(photo_data / "train", 16, 20, 0, 5, torch.device("cpu"))
+    assert ok["torchvision"] > 0
