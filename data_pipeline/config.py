@@ -36,5 +36,6 @@ class DataConfig:
     image_size: int = 224
     batch_size: int = 256  # GLOBAL batch (images, not views); divided evenly across ranks
     num_workers: int = 4  # DataLoader workers / DALI CPU threads per rank
+    prefetch_depth: int = 2  # DALI: batches prepared ahead of the one being trained on
     skip_corrupt: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)

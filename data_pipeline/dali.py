@@ -4,19 +4,19 @@ One pipeline definition serves both modes: on a GPU (``device_id=local_rank``) i
 by nvJPEG (``device="mixed"``) and augmented on the GPU, and batches reach torch without a host
 copy; in CPU mode (``device_id=None``) the same graph runs with CPU operators (what CI tests).
 
-Epochs: the pipeline is rebuilt per epoch with this epoch's file list, a seeded global
-permutation cut so that every rank gets exactly ``steps_per_epoch`` batches (no DROP-policy
-surprises), and handed to ``fn.readers.file`` sharded with ``shard_id=rank, num_shards=world``.
-Resuming mid-epoch starts the list at the first unseen sample: positions are exact; the DALI
-augmentation draws after a resume are fresh (the torchvision backend is bitwise-reproducible).
+One pipeline per run: its input is an ``external_source`` fed whole batches by ``_BatchFeed``,
+which walks this rank's samples epoch after epoch (a seeded global permutation per epoch, cut so
+that every rank gets exactly ``steps_per_epoch`` batches). The feed hands over file names (read by
+``fn.io.file.read`` in DALI's threads), encoded bytes (tar shards) or decoded images (arrays);
+as DALI prefetches, the next epoch's first batches are decoded while this one ends, so an epoch
+boundary costs nothing. Only a jump (a resume mid-epoch, or any position other than the next)
+builds a new pipeline there: positions are exact, and the DALI augmentation draws after a resume
+are fresh (the torchvision backend is bitwise-reproducible).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +24,12 @@ import torch
 
 from data_pipeline.augment import blur_kernel_size, jitter_params
 from data_pipeline.config import AugmentConfig, DataConfig
-from data_pipeline.sources import (
-    IMAGE_EXTENSIONS,
-    ArraySource,
-    DataError,
-    FileSource,
-    ShardSource,
-    Source,
-    epoch_indices,
-)
+from data_pipeline.sources import ArraySource, DataError, FileSource, Source, epoch_indices, read_encoded
+
+# nvJPEG's buffers sized once for large images (NVIDIA's ResNet-50 example and solo-learn use these),
+# so the decoder does not re-allocate each time a larger image arrives
+DEVICE_MEMORY_PADDING = 211025920
+HOST_MEMORY_PADDING = 140544512
 
 
 def _dali():
@@ -75,97 +72,78 @@ def simclr_view(images, cfg: AugmentConfig, image_size: int, fn, types):
                                     mirror=fn.random.coin_flip(probability=cfg.flip_prob))
 
 
-@dataclass
-class FileList:
-    """JPEG/PNG files for ``fn.readers.file``, sharded over ranks by DALI (contiguous parts)."""
+class _BatchFeed:
+    """``fn.external_source`` input (``batch=True``): for each batch of sample indices, the samples
+    as DALI takes them (file names as bytes, encoded bytes, or one dense N x H x W x 3 array of
+    decoded images) and their labels (int32, -1 when unlabeled). Ends when ``batches`` ends."""
 
-    files: list[str]
-    labels: list[int]
-    shard_id: int = 0
-    num_shards: int = 1
+    def __init__(self, source: Source, batches: Iterable[np.ndarray], replacement: np.ndarray | None = None) -> None:
+        self.source, self.batches, self.replacement = source, iter(batches), replacement
+        self.labels = np.asarray(source.labels, dtype=np.int32)  # once: a list of 1.28M labels is slow to convert
 
+    def __iter__(self) -> _BatchFeed:
+        return self
 
-@dataclass
-class TarList:
-    """Tar shards for ``fn.readers.webdataset``, each with an index that lists exactly the samples
-    to read, in order (labels come from the host: the order is known)."""
-
-    paths: list[str]
-    index_paths: list[str]
-
-
-def _read_and_decode(reader, device_id: int | None, fn, types, pad_last_batch: bool = False):
-    """Decoded HWC uint8 RGB images (on the GPU when ``device_id`` is set) and their labels (None
-    for tar shards): files or tars through a DALI reader + one decode each, or in-memory arrays
-    through external_source."""
-    decoder_device = "mixed" if device_id is not None else "cpu"
-    if isinstance(reader, FileList):
-        encoded, label = fn.readers.file(files=reader.files, labels=reader.labels, shard_id=reader.shard_id,
-                                         num_shards=reader.num_shards, random_shuffle=False,
-                                         pad_last_batch=pad_last_batch, name="Reader")
-        return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB), label
-    if isinstance(reader, TarList):
-        encoded = fn.readers.webdataset(paths=reader.paths, index_paths=reader.index_paths,
-                                        ext=[";".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)],
-                                        missing_component_behavior="error", random_shuffle=False,
-                                        pad_last_batch=pad_last_batch, name="Reader")
-        return fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB), None
-    batched = isinstance(reader, _ArrayBatches)  # eval: whole (possibly short) batches; train: per sample
-    images, label = fn.external_source(source=reader, num_outputs=2, batch=batched, layout=["HWC", ""])
-    return (images.gpu() if device_id is not None else images), label
+    def __next__(self) -> tuple[object, np.ndarray]:
+        idx = next(self.batches)
+        if self.replacement is not None:  # corrupt files: the next good file of the dataset, with its label
+            idx = self.replacement[idx]
+        labels = self.labels[idx].reshape(-1, 1)
+        if isinstance(self.source, ArraySource):
+            return self.source.images.take(idx), labels
+        if isinstance(self.source, FileSource):
+            return [np.frombuffer(str(self.source.paths[i]).encode(), dtype=np.uint8) for i in idx], labels
+        return [np.frombuffer(read_encoded(self.source, int(i)), dtype=np.uint8) for i in idx], labels
 
 
-def build_pipeline(reader, cfg: DataConfig, batch_size: int, seed: int, device_id: int | None):
-    """The SimCLR pipeline: (view1, view2[, label]) per sample of ``reader`` (a FileList, a
-    TarList, or an array feed for external_source)."""
+def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types):
+    """Decoded HWC uint8 RGB images (on the GPU when ``device_id`` is set) and their labels."""
+    if isinstance(source, ArraySource):
+        images, label = fn.external_source(source=feed, num_outputs=2, batch=True, layout=["HWC", ""],
+                                           dtype=[types.UINT8, types.INT32])
+        return (images.gpu() if device_id is not None else images), label
+    encoded, label = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+    if isinstance(source, FileSource):
+        encoded = fn.io.file.read(encoded)  # in DALI's threads, not the training thread
+    if device_id is None:
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB), label
+    return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=0.65,
+                             device_memory_padding=DEVICE_MEMORY_PADDING,
+                             host_memory_padding=HOST_MEMORY_PADDING), label
+
+
+def build_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, batch_size: int, seed: int,
+                   device_id: int | None):
+    """The SimCLR pipeline: (view1, view2, label) per sample that ``feed`` hands over."""
     dali, fn, types = _dali()
 
     @dali.pipeline_def(enable_conditionals=True)
     def simclr_pipeline():
-        images, label = _read_and_decode(reader, device_id, fn, types)
+        images, label = _decoded(source, feed, device_id, fn, types)
         view1 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
         view2 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
-        return (view1, view2) if label is None else (view1, view2, label)
+        return view1, view2, label
 
     pipe = simclr_pipeline(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
-                           seed=seed % (2**31 - 1), prefetch_queue_depth=2, exec_dynamic=True)
+                           seed=seed % (2**31 - 1), prefetch_queue_depth=cfg.prefetch_depth, exec_dynamic=True)
     pipe.build()
     return pipe
 
 
-def write_tar_list(source: ShardSource, order: np.ndarray, folder: Path) -> TarList:
-    """Index files in ``folder`` that make ``fn.readers.webdataset`` read exactly ``order``: one
-    per run of consecutive samples from the same tar (``order`` reads each tar front to back)."""
-    paths, index_paths = [], []
-    runs = np.flatnonzero(np.diff(source.shard_of[order])) + 1
-    for n, run in enumerate(np.split(order, runs)):
-        if not len(run):
-            continue
-        lines = [f"v1.2 {len(run)}"]
-        for i in run:
-            name = source.names[i]
-            lines.append(f"{name[name.index('.') + 1:]} {source.offsets[i]} {source.sizes[i]} {name}")
-        index = folder / f"run-{n:06d}.idx"
-        index.write_text("\n".join(lines) + "\n")
-        paths.append(str(source.shards[source.shard_of[run[0]]]))
-        index_paths.append(str(index))
-    return TarList(paths, index_paths)
-
-
-def build_eval_pipeline(reader, cfg: DataConfig, batch_size: int, device_id: int | None):
+def build_eval_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, batch_size: int, device_id: int | None):
     """Evaluation: resize the shorter side, centre crop, normalise; no augmentation."""
     dali, fn, types = _dali()
     from data_pipeline.augment import eval_resize_size
 
     @dali.pipeline_def
     def eval_pipeline():
-        images, label = _read_and_decode(reader, device_id, fn, types, pad_last_batch=True)
+        images, label = _decoded(source, feed, device_id, fn, types)
         images = fn.resize(images, resize_shorter=eval_resize_size(cfg.image_size), antialias=True)
         images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), crop_pos_x=0.5,
                                           crop_pos_y=0.5, dtype=types.FLOAT, output_layout="CHW",
                                           mean=[255 * m for m in cfg.augment.mean],
                                           std=[255 * s for s in cfg.augment.std])
-        return images if label is None else (images, label)
+        return images, label
 
     pipe = eval_pipeline(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id, seed=0,
                          exec_dynamic=True)
@@ -182,67 +160,18 @@ def _device_id(device: torch.device) -> int | None:
 def dali_eval_batches(source: Source, cfg: DataConfig, batch_size: int, device: torch.device,
                       indices: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) over ``source`` (or ``indices`` of it) in order, the last batch partial."""
-    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    order = np.arange(len(source)) if indices is None else np.asarray(indices)
-    device_id = _device_id(device)
-    folder = Path(tempfile.mkdtemp(prefix="simclr-dali-eval-"))
-    try:
-        if isinstance(source, FileSource):
-            reader = FileList([str(source.paths[i]) for i in order], [int(source.labels[i]) for i in order])
-        elif isinstance(source, ShardSource):
-            reader = write_tar_list(source, order, folder)
-        else:
-            reader = _ArrayBatches(source, order, batch_size)
-        pipe = build_eval_pipeline(reader, cfg, batch_size, device_id)
-        names = ["images"] if isinstance(reader, TarList) else ["images", "label"]
-        if isinstance(reader, _ArrayBatches):  # the iterable source ends the epoch itself
-            it = DALIGenericIterator([pipe], names, auto_reset=False, prepare_first_batch=False)
-        else:
-            it = DALIGenericIterator([pipe], names, reader_name="Reader", auto_reset=False,
-                                     last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
-        seen = 0
-        for batch in it:
-            images = batch[0]["images"]
-            if "label" in batch[0]:
-                labels = batch[0]["label"].reshape(-1).long()
-            else:
-                labels = torch.from_numpy(source.labels[order[seen : seen + len(images)]])
-            seen += len(images)
-            yield images, labels
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-class _ArrayBatches:
-    """Iterable of (images, labels) batches over ``indices`` of an npz source; the last one may be short."""
-
-    def __init__(self, source: ArraySource, indices: np.ndarray, batch_size: int) -> None:
-        self.source, self.indices, self.batch_size = source, indices, batch_size
-
-    def __iter__(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            chunk = self.indices[start : start + self.batch_size]
-            yield ([self.source.images[i] for i in chunk],
-                   [np.array([self.source.labels[i]], dtype=np.int32) for i in chunk])
-
-
-class _ArrayFeed:
-    """Per-sample callable for ``fn.external_source`` over this rank's indices of an npz source."""
-
-    def __init__(self, source: ArraySource, indices: np.ndarray) -> None:
-        self.source, self.indices = source, indices
-
-    def __call__(self, info):
-        if info.idx_in_epoch >= len(self.indices):
-            raise StopIteration
-        i = self.indices[info.idx_in_epoch]
-        return self.source.images[i], np.array([self.source.labels[i]], dtype=np.int32)
+    order = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+    batches = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
+    pipe = build_eval_pipeline(source, _BatchFeed(source, batches), cfg, batch_size, _device_id(device))
+    for batch in DALIGenericIterator([pipe], ["images", "label"], auto_reset=False, prepare_first_batch=False):
+        yield batch[0]["images"], batch[0]["label"].reshape(-1).long()
 
 
 class DaliLoader:
-    """Same interface as ``TorchvisionLoader``: (view1, view2, labels) on ``device`` per step."""
+    """Same interface as ``TorchvisionLoader``: (view1, view2, labels) on ``device`` per step, from
+    one DALI pipeline that runs across epochs (``pipelines_built`` counts the builds)."""
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
                  device: torch.device, check_cache: Path | None = None) -> None:
@@ -253,7 +182,10 @@ class DaliLoader:
         self.steps_per_epoch = (len(source) // world_size) // self.batch_size
         self.epoch, self.start_step = 0, 0
         self.corrupt_skipped = 0
-        self.bad_files: set[str] = set()
+        self.replacement: np.ndarray | None = None
+        self.pipelines_built = 0
+        self._batches: Iterator | None = None  # the running pipeline's DALI iterator
+        self._next = (-1, -1)  # the (epoch, step) its next batch belongs to
         if isinstance(source, FileSource):
             self._scan_files(check_cache)
 
@@ -280,73 +212,54 @@ class DaliLoader:
             path, why = sorted(bad.items())[0]
             raise DataError(f"cannot decode image {path}: {why} ({len(bad)} bad file(s) in {self.source.root}); "
                             "delete or replace it, or set data.skip_corrupt=true to skip such files")
-        self.bad_files = {str(p) for p in bad}
         self.corrupt_skipped = len(bad)
+        if bad:
+            self.replacement = _next_good(np.array([p in bad for p in self.source.paths]))
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
-
-    def _rank_order(self) -> np.ndarray:
-        order = epoch_indices(self.source, self.rank, self.world_size, self.seed, self.epoch)
-        return order[: self.steps_per_epoch * self.batch_size]
-
-    def _pipeline(self, order: np.ndarray, folder: Path):
-        """This rank's pipeline over ``order`` (its remaining samples of the epoch, in reading order)."""
-        pipe_seed = hash((self.seed, self.epoch, self.rank, self.start_step)) & 0x7FFF_FFFF
-        if isinstance(self.source, FileSource):
-            files = [str(self.source.paths[i]) for i in order]
-            reader = FileList(*self._replace_bad(files, [int(self.source.labels[i]) for i in order]))
-        elif isinstance(self.source, ShardSource):
-            reader = write_tar_list(self.source, order, folder)
-        else:
-            reader = _ArrayFeed(self.source, order)
-        return build_pipeline(reader, self.cfg, self.batch_size, pipe_seed, _device_id(self.device))
-
-    def _replace_bad(self, files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
-        """Swap corrupt files for the next good file of the dataset (batch sizes must stay equal on
-        every rank for the gathered loss); the swap is the same on every rank."""
-        if not self.bad_files:
-            return files, labels
-        paths = self.source.paths
-        out_f, out_l = [], []
-        for j, (f, lab) in enumerate(zip(files, labels)):
-            k = j
-            while f in self.bad_files:
-                k += 1
-                f = str(paths[k % len(paths)])
-                lab = int(self.source.labels[k % len(paths)])
-            out_f.append(f)
-            out_l.append(lab)
-        return out_f, out_l
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _start(self, epoch: int, step: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        order = self._rank_order()[self.start_step * self.batch_size :]
-        folder = Path(tempfile.mkdtemp(prefix="simclr-dali-"))
-        pipe = self._pipeline(order, folder)
-        with_labels = not isinstance(self.source, ShardSource)
-        names = ["view1", "view2", "label"] if with_labels else ["view1", "view2"]
-        reader = None if isinstance(self.source, ArraySource) else "Reader"
-        it = DALIGenericIterator([pipe], names, size=-1, auto_reset=False, reader_name=reader,
-                                 prepare_first_batch=False)
-        try:
-            for n, step in enumerate(range(self.start_step, self.steps_per_epoch)):
-                try:
-                    batch = next(it)[0]
-                except StopIteration:
-                    raise RuntimeError(f"DALI ended the epoch early at step {step}/{self.steps_per_epoch}; "
-                                       "this is a bug, please report it") from None
-                if with_labels:
-                    labels = batch["label"].reshape(-1).long()
-                else:  # tar shards: the reading order is ours, so the labels are known here
-                    chunk = order[n * self.batch_size : (n + 1) * self.batch_size]
-                    labels = torch.from_numpy(self.source.labels[chunk])
-                yield (batch["view1"].to(self.device, non_blocking=True),
-                       batch["view2"].to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
-        finally:
-            del it, pipe
-            shutil.rmtree(folder, ignore_errors=True)
+        batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
+        feed = _BatchFeed(self.source, batches, self.replacement)
+        pipe_seed = hash((self.seed, epoch, self.rank, step)) & 0x7FFF_FFFF
+        pipe = build_pipeline(self.source, feed, self.cfg, self.batch_size, pipe_seed, _device_id(self.device))
+        self._batches = DALIGenericIterator([pipe], ["view1", "view2", "label"], size=-1, auto_reset=False,
+                                            prepare_first_batch=False)
+        self.pipelines_built += 1
+        self._next = (epoch, step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self._batches is None or self._next != (self.epoch, self.start_step):
+            self._start(self.epoch, self.start_step)  # a resume, or a jump: the only rebuilds
+        for step in range(self.start_step, self.steps_per_epoch):
+            batch = next(self._batches)[0]
+            last = step + 1 == self.steps_per_epoch
+            self._next = (self.epoch + 1, 0) if last else (self.epoch, step + 1)
+            yield (batch["view1"].to(self.device, non_blocking=True),
+                   batch["view2"].to(self.device, non_blocking=True),
+                   batch["label"].reshape(-1).long().to(self.device, non_blocking=True))
+
+
+def rank_batches(source: Source, rank: int, world_size: int, seed: int, batch_size: int, epoch: int,
+                 step: int) -> Iterator[np.ndarray]:
+    """This rank's batches of sample indices from (epoch, step) on, epoch after epoch, without end
+    (a free function: the feed it drives must not hold the loader, or the pipeline would be kept
+    alive by a reference cycle)."""
+    steps = (len(source) // world_size) // batch_size
+    while True:
+        order = epoch_indices(source, rank, world_size, seed, epoch)
+        for s in range(step, steps):
+            yield order[s * batch_size : (s + 1) * batch_size]
+        epoch, step = epoch + 1, 0
+
+
+def _next_good(bad: np.ndarray) -> np.ndarray:
+    """For each sample, itself when good, else the next good sample of the dataset (wrapping)."""
+    good = np.flatnonzero(~bad)
+    if not len(good):
+        raise DataError("every image of the dataset is corrupt; check the data path")
+    nxt = np.searchsorted(good, np.arange(len(bad)))
+    return good[nxt % len(good)]

@@ -58,6 +58,18 @@ class ImageArrays:
         part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return np.ascontiguousarray(self.parts[part][index - self.offsets[part]])  # DALI takes dense arrays only
 
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Images ``indices`` as one dense len(indices) x H x W x 3 array (fancy indexing per part)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(self.parts) == 1:
+            return np.ascontiguousarray(self.parts[0][indices])
+        out = np.empty((len(indices), *self.parts[0].shape[1:]), dtype=self.parts[0].dtype)
+        part_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        for k, part in enumerate(self.parts):
+            mine = part_of == k
+            out[mine] = part[indices[mine] - self.offsets[k]]
+        return out
+
 
 @dataclass
 class ArraySource:

@@ -214,3 +214,51 @@ def test_eval_pipeline_matches_torchvision_resize_and_centre_crop(photo_data, sp
     assert (x_d - x_t).abs().mean() < 0.08  # same geometry; only the resampling filters differ
     # and not trivially: another image would be far off
     assert (x_d - x_t.roll(1, 0)).abs().mean() > 0.3
+
+
+def test_one_pipeline_serves_every_epoch_with_exact_positions(tmp_path):
+    """Epoch boundaries rebuild nothing; the per-epoch order is the seeded one, a stop mid-epoch
+    continues in place, and only a jump (a resume at another position) builds a new pipeline."""
+    from data_pipeline.sources import epoch_indices, open_source
+
+    data = npz(tmp_path / "idx.npz", [np.full((16, 16, 3), i % 255) for i in range(100)])  # label = index
+    cfg = DataConfig(root=str(data), backend="dali", image_size=16, batch_size=16, num_workers=1)
+    loader = build_loader(cfg, seed=3, rank=0, world_size=1, device=CPU)
+    source = open_source(data)
+    expected = [epoch_indices(source, 0, 1, 3, epoch)[:96].reshape(6, 16).tolist() for epoch in range(4)]
+    seen = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        seen.append([b[2].tolist() for b in loader])
+    assert seen == expected[:3] and loader.pipelines_built == 1
+    loader.set_epoch(3)
+    part = [b[2].tolist() for _, b in zip(range(2), loader)]  # stopped after 2 steps (stop_after_steps)
+    loader.set_epoch(3, 2)
+    rest = [b[2].tolist() for b in loader]
+    assert part + rest == expected[3] and loader.pipelines_built == 1
+    resumed = build_loader(cfg, seed=3, rank=0, world_size=1, device=CPU)
+    resumed.set_epoch(1, 4)  # a resume mid-epoch: one pipeline, at that position
+    assert [b[2].tolist() for b in resumed] == expected[1][4:] and resumed.pipelines_built == 1
+    resumed.set_epoch(0, 1)  # a jump backwards: rebuilt there
+    assert [b[2].tolist() for b in resumed] == expected[0][1:] and resumed.pipelines_built == 2
+
+
+def test_array_sources_are_fed_whole_batches(tmp_path, monkeypatch):
+    """No per-sample callback on the training thread: one feed call per batch, one dense array."""
+    from data_pipeline import dali
+
+    data = npz(tmp_path / "idx.npz", [np.full((16, 16, 3), i % 255) for i in range(64)])
+    calls = []
+    real = dali._BatchFeed.__next__
+
+    def counting(self):
+        out = real(self)
+        calls.append(out[0].shape)
+        return out
+
+    monkeypatch.setattr(dali._BatchFeed, "__next__", counting)
+    loader = build_loader(DataConfig(root=str(data), backend="dali", image_size=16, batch_size=16, num_workers=1),
+                          0, 0, 1, CPU)
+    assert len(list(loader)) == 4
+    assert calls and all(shape == (16, 16, 16, 3) for shape in calls)
+    assert len(calls) <= 4 + 2  # one per batch, plus what DALI prefetched (prefetch_depth 2)

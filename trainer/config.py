@@ -136,6 +136,7 @@ def validate(cfg: Config) -> Config:
     _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
            "needs tracking.log_model=true (the registered version is the logged model)")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.prefetch_depth >= 1, "data.prefetch_depth", d.prefetch_depth, "must be >= 1 (batches DALI prepares ahead)")
     for name, split in (("data.split", d.split), ("data.val_split", d.val_split)):
         _check(split in ("", *STL10_SPLITS), name, split, f"must be one of {', '.join(STL10_SPLITS)} (STL-10; CIFAR: "
                "train, test) or empty for a set with no splits")
