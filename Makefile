@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 LOWEST := .venv-lowest
 
-.PHONY: demo test test-lowest lint bench clean
+.PHONY: demo test test-lowest lint bench clean gpu-proof gpu-proof-dry gpu-proof-pack
 
 # the exact, tested set (constraints.txt); setup.cfg itself only declares ranges
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -31,6 +31,27 @@ test-lowest:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The GPU proof (README, "The GPU proof"). On a lent GPU machine, whose image has torch and Python
+# but not this project's environment: the carried wheels (.gpu_proof/wheels) fill in what is missing.
+gpu-proof:
+	if [ -d .gpu_proof/wheels ]; then $(PYTHON) -m pip install -q --no-index --find-links .gpu_proof/wheels \
+		pyyaml tqdm; fi
+	$(PYTHON) -m benchmarks.gpu_proof --data .gpu_data
+
+# the same stages at tiny sizes on this CPU (CI runs it through tests/test_gpu_proof.py)
+gpu-proof-dry: $(STAMP)
+	$(PY) -m benchmarks.gpu_proof --dry
+
+# run here before lending: the commit, the wheels the GPU image lacks, the two datasets (each in its own call)
+gpu-proof-pack:
+	mkdir -p .gpu_proof/wheels .gpu_data
+	git rev-parse HEAD > .gpu_proof/commit
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+		-d .gpu_proof/wheels pyyaml tqdm
+	cp -r ../shared/data/cifar10-jpeg ../shared/data/imagenette2-224-subset .gpu_data/
+	grep -qxF '/.gpu_proof/' .git/info/exclude || echo '/.gpu_proof/' >> .git/info/exclude
 
 clean:
 	rm -rf runs demo_data mlflow.db mlartifacts .pytest_cache $(LOWEST)

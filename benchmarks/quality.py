@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--run-dir", default="runs/quality")
+    p.add_argument("--results-dir", default=str(RESULTS), help="where the JSON and quality.md go")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     recipe, train_split, val_split = DATASETS[args.dataset]
     if args.dataset == "photos":
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         "random_linear_top1": rand.linear_top1, "random_knn_top1": rand.knn_top1, "final_loss": result.loss,
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
-    write_json(row, RESULTS / f"quality_{args.dataset}_{tag}.json")
-    md = RESULTS / "quality.md"
+    results = Path(args.results_dir)
+    write_json(row, results / f"quality_{args.dataset}_{tag}.json")
+    md = results / "quality.md"
     if not md.exists():
         md.write_text("| dataset | model | epochs | batch | precision | pretrain wall | device | linear top-1 "
                       "| kNN top-1 | random-init linear | random-init kNN |\n" + "|---" * 11 + "|\n")

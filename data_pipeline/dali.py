@@ -231,6 +231,10 @@ class DaliLoader:
         self.pipelines_built += 1
         self._next = (epoch, step)
 
+    def close(self) -> None:
+        """Release the pipeline (its threads and buffers); the next iteration builds a new one."""
+        self._batches, self._next = None, (-1, -1)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self._batches is None or self._next != (self.epoch, self.start_step):
             self._start(self.epoch, self.start_step)  # a resume, or a jump: the only rebuilds

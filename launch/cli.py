@@ -124,9 +124,14 @@ def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> No
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    if bench_args[:1] == ["feed"]:  # simclr bench feed ...: the feed benchmark (benchmarks/feed.py)
+        from benchmarks.feed import main as feed_main
+
+        feed_main(bench_args[1:])
+        return 0
     from benchmarks.throughput import main as bench_main
 
-    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
     bench_main(bench_args)
     return 0
 

@@ -120,10 +120,10 @@ def test_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(photo_data, tm
 
 
 def test_a_crash_marks_the_mlflow_run_failed(tiny_config, monkeypatch, tmp_path):
-    import trainer.loop as loop
+    import trainer.step as step_module
 
     calls = {"n": 0}
-    real = loop.nt_xent
+    real = step_module.nt_xent
 
     def crash_on_third(*args, **kwargs):
         calls["n"] += 1
@@ -131,7 +131,7 @@ def test_a_crash_marks_the_mlflow_run_failed(tiny_config, monkeypatch, tmp_path)
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "nt_xent", crash_on_third)
+    monkeypatch.setattr(step_module, "nt_xent", crash_on_third)
     cfg = tiny_config()
     with pytest.raises(RuntimeError, match="boom"):
         train(cfg)

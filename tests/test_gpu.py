@@ -1,5 +1,6 @@
-"""Checks that need a CUDA device; skipped elsewhere (CI has no GPU). Run on a lent GPU machine:
-SyncBatchNorm numerics, and a bf16 + channels_last training run on the GPU."""
+"""Checks that need a CUDA device; skipped elsewhere (CI has no GPU). Run on a lent GPU machine by
+``make gpu-proof``: SyncBatchNorm numerics on CUDA, no host sync in the steady-state step under
+CUDA's sync debug mode, the DALI GPU pipeline (one per run), bf16 + channels_last training."""
 
 import json
 
@@ -13,12 +14,45 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_syncbn_two_ranks_equal_batchnorm_on_the_whole_batch(tmp_path):
-    proc = run_torchrun("syncbn_numerics.py", str(tmp_path / "r.json"))
+    proc = run_torchrun("syncbn_numerics.py", str(tmp_path / "r.json"), "cuda")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["world"] == 2 and r["xgrad_scale"] > 1e-3
-    for key in ("out_diff", "xgrad_diff", "wgrad_diff", "running_mean_diff", "running_var_diff"):
+    assert r["world"] == 2 and r["converted"] == "SyncBatchNorm"
+    for step in ("step0", "step1"):
+        assert r[step]["xgrad_scale"] > 1e-3
+        for key in ("out_diff", "xgrad_diff", "fgrad_diff", "param_grad_diff"):
+            assert r[step][key] < 1e-4, (step, key, r)
+    for key in ("running_mean_diff", "running_var_diff", "running_1d_diff"):
         assert r[key] < 1e-4, (key, r)
+
+
+@pytest.mark.parametrize("extra", [{"precision.dtype": "bf16"}, {"precision.dtype": "fp16"},
+                                   {"precision.dtype": "bf16", "train.micro_batch": 4}],
+                         ids=["bf16", "fp16", "bf16_grad_cache"])
+def test_no_host_sync_in_the_steady_state_step_under_cuda_sync_debug(tiny_config, extra):
+    """CUDA itself raises on any synchronising call inside the counted window of steps."""
+    import trainer.loop as loop
+
+    cfg = tiny_config(**{"train.device": "cuda", "data.backend": "torchvision", "train.log_every": 4,
+                         "train.stop_after_steps": 9, "checkpoint.every_steps": 100, "tracking.enabled": "false",
+                         **extra})
+    real, calls = loop.train_step, [0]
+
+    def strict_step(*args, **kwargs):
+        calls[0] += 1
+        steady = 5 <= calls[0] < 8  # between the log windows of steps 4 and 8
+        torch.cuda.set_sync_debug_mode("error" if steady else "default")
+        try:
+            return real(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    loop.train_step = strict_step
+    try:
+        result = train(cfg)
+    finally:
+        loop.train_step = real
+    assert result.step == 9 and calls[0] == 9
 
 
 def test_cuda_training_bf16_channels_last(tiny_config):
@@ -44,6 +78,10 @@ def test_dali_gpu_pipeline_outputs_on_the_gpu(photo_data):
     assert v1.shape == (16, 3, 24, 24) and v1.dtype == torch.float32 and not torch.equal(v1, v2)
     cpu = build_loader(DataConfig(**{**cfg.__dict__, "backend": "dali"}), 0, 0, 1, torch.device("cpu"))
     assert [b[2].tolist() for b in cpu] == [b[2].cpu().tolist() for b in batches]  # same order, GPU or CPU
+    for epoch in (1, 2):  # later epochs come from the same pipeline
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == 5
+    assert loader.pipelines_built == 1
 
 
 def test_cuda_training_with_dali_backend(tiny_config):

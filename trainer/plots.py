@@ -32,6 +32,11 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return None
+    try:
+        pyplot()
+    except ImportError:  # a bare GPU image without matplotlib: the metrics file is the record
+        print("[simclr] matplotlib is not installed: no curves.png (metrics.jsonl holds the curves)", flush=True)
+        return None
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.5))
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes, ("loss", "contrastive_acc", "lr")):

@@ -81,12 +81,15 @@ def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout; where the tree is a copy without ``.git`` (a lent GPU machine), the
+    commit it was packed from, passed as SIMCLR_GIT_COMMIT (``make gpu-proof``)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        found = out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        found = ""
+    return found or os.environ.get("SIMCLR_GIT_COMMIT", "") or "unknown"
 
 
 def library_versions() -> dict[str, str]:

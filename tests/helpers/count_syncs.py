@@ -1,9 +1,7 @@
 """Count the host-synchronising calls of a steady-state window of training steps.
 
-On a GPU each of these makes the CPU wait for the device: ``Tensor.item``, ``.tolist``, ``.cpu``,
-``.numpy``, ``bool``/``float``/``int`` of a tensor, and Python data turned into a tensor on a
-device (``torch.tensor(x, device=...)``, ``torch.as_tensor(x, device=...)``). The CPU run counts
-the same calls, so a sync added to the step fails CI without a GPU.
+What counts is ``benchmarks.host_syncs.SyncCounter``'s list; the CPU run counts the same calls
+as a GPU run would make, so a sync added to the step fails CI without a GPU.
 
 ``count_window_syncs(cfg)`` trains ``cfg`` and counts everything the loop does from the start of
 step ``log_every + 1`` to the start of step ``2 * log_every``: whole steps and loop bodies between
@@ -15,52 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
-from contextlib import contextmanager
 
-import torch
-
-SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
-
-
-class SyncCounter:
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.active = False
-        self._saved: list[tuple[object, str, object]] = []
-
-    def _wrap(self, owner, name: str, is_sync=lambda *a, **k: True) -> None:
-        original = getattr(owner, name)
-
-        def counting(*args, **kwargs):
-            if self.active and is_sync(*args, **kwargs):
-                self.counts[name] += 1
-            return original(*args, **kwargs)
-
-        self._saved.append((owner, name, original))
-        setattr(owner, name, counting)
-
-    @contextmanager
-    def installed(self):
-        for name in SYNCING_METHODS:
-            self._wrap(torch.Tensor, name)
-        for name in ("tensor", "as_tensor"):  # Python data copied to a device
-            self._wrap(torch, name, lambda data, *a, **k: k.get("device") is not None
-                       and not isinstance(data, torch.Tensor))
-        try:
-            yield self
-        finally:
-            for owner, name, original in reversed(self._saved):
-                setattr(owner, name, original)
-            self._saved.clear()
-
-    @contextmanager
-    def paused(self):
-        was, self.active = self.active, False
-        try:
-            yield
-        finally:
-            self.active = was
+from benchmarks.host_syncs import SyncCounter
 
 
 class PausingLoader:
