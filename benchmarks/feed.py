@@ -79,6 +79,7 @@ def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
         _, _, (v1, v2, _) = next(source)
         fixed = (v1.clone(), v2.clone())
     waits, firsts, lr = [], [], parts.schedule(parts.schedule.total // 2)  # a mid-schedule lr
+    warmup_start = start = time.perf_counter()
     with counter.installed():
         for i in range(warmup + steps):
             if i == warmup:
@@ -102,7 +103,9 @@ def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
     elapsed = time.perf_counter() - start
     views = 2 * parts.cfg.data.batch_size * steps  # global: every rank runs the same number of steps
     median_wait = statistics.median(waits) if waits else 0.0
-    return {"mode": mode, "steps": steps, "elapsed_s": elapsed, "views_per_s": views / elapsed,
+    # warm-up (torch.compile's compilation, cuDNN autotuning, the pipeline's start) apart from steady state
+    return {"mode": mode, "steps": steps, "warmup_steps": warmup, "warmup_s": start - warmup_start,
+            "elapsed_s": elapsed, "views_per_s": views / elapsed,
             "step_s": elapsed / steps, "data_wait_share": (sum(waits) + sum(firsts)) / elapsed,
             "epoch_boundaries": len(firsts),
             "epoch_stall_s": max((f - median_wait for f in firsts), default=None),

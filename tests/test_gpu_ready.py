@@ -82,3 +82,36 @@ def test_pipeline_benchmark_with_fewer_batches_than_its_warmup_says_why(photo_da
     assert "at most 20" in row["torchvision_error"]
     ok = compare_loaders(photo_data / "train", 16, 20, 0, 5, torch.device("cpu"))
     assert ok["torchvision"] > 0
+
+
+def test_model_compile_trains_and_checkpoints_plain_weights(tiny_config):
+    """model.compile=true: torch.compile of encoder + head (inductor: needs a C++ compiler on the CPU)."""
+    import shutil
+
+    from tests.test_train import final_state
+    from trainer.loop import train
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++), which this machine lacks")
+    cfg = tiny_config(**{"model.compile": "true", "train.stop_after_steps": 3, "tracking.enabled": "false"})
+    result = train(cfg)
+    assert result.step == 3 and torch.isfinite(torch.tensor(result.loss))
+    state = final_state(cfg.train.run_dir)
+    assert not any("_orig_mod" in k for k in state["model"])  # the checkpoint holds the plain model's keys
+
+
+def test_ddp_broadcasts_buffers_only_when_batchnorm_is_not_synced_over_the_world(monkeypatch):
+    """With SyncBatchNorm over every rank the running statistics are equal everywhere: DDP's
+    per-forward buffer broadcast is skipped (NVIDIA's ResNet-50 setting)."""
+    from trainer import parts as parts_module
+    from trainer.config import config_from_dict
+    from trainer.distributed import DistInfo
+
+    seen = []
+    monkeypatch.setattr(parts_module, "DistributedDataParallel",
+                        lambda model, **kwargs: seen.append(kwargs["broadcast_buffers"]) or model)
+    monkeypatch.setattr(parts_module, "build_model", lambda *a, **k: nn.Linear(2, 2))
+    info = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    for model in ({"sync_bn": True}, {"sync_bn": True, "sync_bn_group_size": 2}, {"sync_bn": False}):
+        parts_module.build_model_parts(config_from_dict({"model": model}), info, lr=0.1)
+    assert seen == [False, True, True]
