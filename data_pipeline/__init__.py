@@ -67,6 +67,9 @@ def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device:
         raise DataError(f"{cfg.root} holds {len(source)} images: {len(source) // world_size} per rank, fewer than "
                         f"one batch of {per_rank}; lower data.batch_size or add images")
     backend = resolve_backend(cfg, device)
+    if cfg.on_device and backend != "dali":
+        raise DataError("data.on_device=true is a DALI option (augmenting where the images are kept); set "
+                        "data.backend=dali, or data.on_device=false for the torchvision backend")
     if backend == "dali":
         from data_pipeline.dali import DaliLoader
 

@@ -37,5 +37,6 @@ class DataConfig:
     batch_size: int = 256  # GLOBAL batch (images, not views); divided evenly across ranks
     num_workers: int = 4  # DataLoader workers / DALI CPU threads per rank
     prefetch_depth: int = 2  # DALI: batches prepared ahead of the one being trained on
+    on_device: bool = False  # DALI, array datasets: keep every image on the device once, gather batches there
     skip_corrupt: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -77,9 +77,27 @@ class _BatchFeed:
     as DALI takes them (file names as bytes, encoded bytes, or one dense N x H x W x 3 array of
     decoded images) and their labels (int32, -1 when unlabeled). Ends when ``batches`` ends."""
 
-    def __init__(self, source: Source, batches: Iterable[np.ndarray], replacement: np.ndarray | None = None) -> None:
+    def __init__(self, source: Source, batches: Iterable[np.ndarray], replacement: np.ndarray | None = None,
+                 device_images: torch.Tensor | None = None) -> None:
         self.source, self.batches, self.replacement = source, iter(batches), replacement
         self.labels = np.asarray(source.labels, dtype=np.int32)  # once: a list of 1.28M labels is slow to convert
+        self.device_images = device_images  # data.on_device: the whole array set, uploaded once
+        if device_images is not None:
+            self.device_labels = torch.from_numpy(self.labels).to(device_images.device).reshape(-1, 1)
+        self._order: tuple[np.ndarray, torch.Tensor] | None = None  # an epoch's order, and its copy on the device
+
+    def _on_device(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch gathered on the device. Its indices are a slice of the epoch's order, which is
+        uploaded once per epoch: no host-to-device copy per batch."""
+        base = idx if idx.base is None else idx.base
+        if self._order is None or self._order[0] is not base:
+            self._order = (base, torch.from_numpy(np.ascontiguousarray(base)).to(self.device_images.device))
+        start = (idx.ctypes.data - base.ctypes.data) // idx.itemsize
+        rows = self._order[1][start : start + len(idx)]
+        images, labels = self.device_images[rows], self.device_labels[rows]
+        if images.device.type == "cpu":  # numpy views: DALI would ask torch for a CUDA stream for a tensor
+            return images.numpy(), labels.numpy()
+        return images, labels  # DALI copies them on torch's current stream, where they were gathered
 
     def __iter__(self) -> _BatchFeed:
         return self
@@ -88,6 +106,8 @@ class _BatchFeed:
         idx = next(self.batches)
         if self.replacement is not None:  # corrupt files: the next good file of the dataset, with its label
             idx = self.replacement[idx]
+        if self.device_images is not None:
+            return self._on_device(idx)
         labels = self.labels[idx].reshape(-1, 1)
         if isinstance(self.source, ArraySource):
             return self.source.images.take(idx), labels
@@ -98,6 +118,9 @@ class _BatchFeed:
 
 def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types):
     """Decoded HWC uint8 RGB images (on the GPU when ``device_id`` is set) and their labels."""
+    if feed.device_images is not None:  # data.on_device: batches gathered where they are augmented
+        return fn.external_source(source=feed, num_outputs=2, batch=True, layout=["HWC", ""],
+                                  dtype=[types.UINT8, types.INT32], device="gpu" if device_id is not None else "cpu")
     if isinstance(source, ArraySource):
         images, label = fn.external_source(source=feed, num_outputs=2, batch=True, layout=["HWC", ""],
                                            dtype=[types.UINT8, types.INT32])
@@ -184,6 +207,7 @@ class DaliLoader:
         self.corrupt_skipped = 0
         self.replacement: np.ndarray | None = None
         self.pipelines_built = 0
+        self.device_images = self._upload() if cfg.on_device else None
         self._batches: Iterator | None = None  # the running pipeline's DALI iterator
         self._next = (-1, -1)  # the (epoch, step) its next batch belongs to
         if isinstance(source, FileSource):
@@ -216,6 +240,14 @@ class DaliLoader:
         if bad:
             self.replacement = _next_good(np.array([p in bad for p in self.source.paths]))
 
+    def _upload(self) -> torch.Tensor:
+        """data.on_device: the whole array set on the device, once per run (CIFAR-10: 150 MB as uint8)."""
+        if not isinstance(self.source, ArraySource):
+            raise DataError(f"data.on_device=true keeps an array dataset (.npz, CIFAR or STL-10 folder) on the device; "
+                            f"{self.source.root} holds image files: set data.on_device=false, or convert it to .npz")
+        images = self.source.images.take(np.arange(len(self.source)))
+        return torch.from_numpy(images).to(self.device)
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
@@ -223,7 +255,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
-        feed = _BatchFeed(self.source, batches, self.replacement)
+        feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
         pipe_seed = hash((self.seed, epoch, self.rank, step)) & 0x7FFF_FFFF
         pipe = build_pipeline(self.source, feed, self.cfg, self.batch_size, pipe_seed, _device_id(self.device))
         self._batches = DALIGenericIterator([pipe], ["view1", "view2", "label"], size=-1, auto_reset=False,

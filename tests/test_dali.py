@@ -262,3 +262,25 @@ def test_array_sources_are_fed_whole_batches(tmp_path, monkeypatch):
     assert len(list(loader)) == 4
     assert calls and all(shape == (16, 16, 16, 3) for shape in calls)
     assert len(calls) <= 4 + 2  # one per batch, plus what DALI prefetched (prefetch_depth 2)
+
+
+def test_on_device_arrays_give_the_same_batches(tmp_path, photo_data):
+    """data.on_device: the array set is uploaded once and each batch gathered where it is augmented
+    (on the CPU here: the same code path as on a GPU); the order equals the host-fed pipeline's."""
+    data = npz(tmp_path / "idx.npz", [np.full((16, 16, 3), i % 255) for i in range(100)])
+    cfg = DataConfig(root=str(data), backend="dali", image_size=16, batch_size=16, num_workers=1,
+                     augment=AugmentConfig(**FIXED))
+    host = build_loader(cfg, 3, 0, 1, CPU)
+    kept = build_loader(DataConfig(**{**cfg.__dict__, "on_device": True}), 3, 0, 1, CPU)
+    assert kept.device_images is not None and kept.device_images.shape == (100, 16, 16, 3)
+    for epoch in (0, 1):
+        host.set_epoch(epoch)
+        kept.set_epoch(epoch)
+        for (h1, _, hy), (k1, _, ky) in zip(host, kept, strict=True):
+            assert torch.equal(hy, ky) and torch.equal(h1, k1)  # fixed augmentation: identical views
+    assert kept.pipelines_built == 1
+    with pytest.raises(DataError, match="data.on_device=true keeps an array dataset"):
+        build_loader(DataConfig(root=str(photo_data / "train"), backend="dali", batch_size=8, on_device=True),
+                     0, 0, 1, CPU)
+    with pytest.raises(DataError, match="data.on_device=true is a DALI option"):
+        build_loader(DataConfig(root=str(data), backend="torchvision", batch_size=8, on_device=True), 0, 0, 1, CPU)

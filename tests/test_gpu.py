@@ -90,3 +90,23 @@ def test_cuda_training_with_dali_backend(tiny_config):
                          "tracking.enabled": "false", "data.backend": "dali"})
     result = train(cfg)
     assert result.step == 6 and torch.isfinite(torch.tensor(result.loss))
+
+
+def test_dali_on_device_arrays_stay_on_the_gpu(photo_data):
+    """data.on_device: the .npz set is uploaded once and batches are gathered and augmented on the GPU."""
+    pytest.importorskip("nvidia.dali")
+    from data_pipeline import build_loader
+    from data_pipeline.config import DataConfig
+
+    cfg = DataConfig(root=str(photo_data / "train.npz"), backend="dali", image_size=24, batch_size=16,
+                     num_workers=2, on_device=True)
+    loader = build_loader(cfg, 0, 0, 1, torch.device("cuda", 0))
+    assert loader.device_images.is_cuda
+    host = build_loader(DataConfig(**{**cfg.__dict__, "on_device": False}), 0, 0, 1, torch.device("cuda", 0))
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        host.set_epoch(epoch)
+        got = [(v1, y) for v1, _, y in loader]
+        assert [y.tolist() for _, y in got] == [y.tolist() for _, _, y in host]
+        assert all(v1.is_cuda and v1.shape == (16, 3, 24, 24) for v1, _ in got)
+    assert loader.pipelines_built == 1
