@@ -69,11 +69,26 @@ def write_image_folder(root: str | Path, x: np.ndarray, y: np.ndarray, classes: 
     return root
 
 
+DEMO_MARKER = ".simclr-demo-data"  # beside the trees make_demo_dataset wrote: the only ones it replaces
+
+
 def make_demo_dataset(out_dir: str | Path, size: int = 64, train_per_class: int = 48, val_per_class: int = 16,
                       seed: int = 0) -> dict[str, Path]:
     """Write ``out_dir/train`` and ``out_dir/val`` ImageFolder JPEG trees plus ``.npz`` twins,
-    replacing whatever those trees held before (so each tree matches its npz exactly)."""
+    replacing what an earlier call wrote there (so each tree matches its npz exactly). Only a tree
+    this function wrote (``DEMO_MARKER`` beside it) is ever replaced: anything else is refused,
+    untouched."""
+    from data_pipeline.sources import DataError
+
     out_dir = Path(out_dir)
+    ours = (out_dir / DEMO_MARKER).exists()
+    theirs = [out_dir / name for name in ("train", "val", "train.npz", "val.npz") if (out_dir / name).exists()]
+    if theirs and not ours:
+        raise DataError(f"{out_dir} already holds {', '.join(p.name for p in theirs)}, which make-demo-data did not "
+                        f"write (no {DEMO_MARKER} marker); nothing was changed. Give --out a new or empty folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DEMO_MARKER).write_text("written by simclr make-demo-data; it may replace train/, val/ and the .npz "
+                                       "files here\n")
     paths = {}
     for split, (x, y, classes) in make_photo_crops(size, train_per_class, val_per_class, seed).items():
         shutil.rmtree(out_dir / split, ignore_errors=True)

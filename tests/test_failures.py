@@ -436,3 +436,16 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_into_the_same_run(photo_da
     resumed = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{"train.epochs": 2})))
     assert resumed.step == 20 and resumed.run_id == state["mlflow_run_id"]
     assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", resumed.run_id) == "FINISHED"
+
+
+def test_make_demo_data_never_replaces_a_tree_it_did_not_write(photo_data, tmp_path):
+    """Pointed at a real dataset, make-demo-data deleted the user's images and exited 0."""
+    import shutil
+
+    real = tmp_path / "ds" / "mydataset"
+    shutil.copytree(photo_data / "train", real / "train")
+    before = sorted(p.relative_to(real) for p in real.rglob("*"))
+    proc = simclr("make-demo-data", "--out", str(real), "--size", "16", "--train-per-class", "2",
+                  "--val-per-class", "1")
+    assert_one_line_error(proc, str(real), "did not write", "nothing was changed")
+    assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
