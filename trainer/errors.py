@@ -9,9 +9,10 @@ from collections.abc import Callable
 from data_pipeline.sources import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
+from trainer.run_files import DiskFullError
 from trainer.tracking import TrackingError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrackingError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrackingError, DiskFullError)
 
 
 def exit_code_of(command: Callable[[], int], prog: str = "simclr") -> int:

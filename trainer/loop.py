@@ -28,6 +28,7 @@ from trainer.metrics import MetricsWindow
 from trainer.model import encoder_state_dict
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
+from trainer.run_files import atomic_write_text
 from trainer.step import StepOutcome, train_step
 from trainer.sync_batchnorm import revert_sync_batchnorm
 from trainer.tracking import Tracker, git_commit, library_versions, read_metrics_file
@@ -166,7 +167,7 @@ def start_run(parts: TrainParts) -> int:
     if parts.info.is_main:
         cfg, config_file = parts.cfg, parts.run_dir / "config.yaml"
         parts.run_dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(dump_config(cfg))
+        atomic_write_text(config_file, dump_config(cfg))
         params = {**flatten(config_to_dict(cfg)), "world_size": parts.info.world_size,
                   "data.backend_resolved": resolve_backend(cfg.data, parts.info.device),
                   "steps_per_epoch": parts.steps_per_epoch, "git_commit": git_commit(),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrackingConfig
+from trainer.run_files import append_line, atomic_write_text, read_jsonl
 
 RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and name, for `simclr sync`
 
@@ -73,11 +74,9 @@ def _fail_fast_over_http() -> None:
 
 
 def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl`` (``step``, ``time_ms`` and the metrics); [] if absent."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    """The rows of a run's ``metrics.jsonl`` (``step``, ``time_ms`` and the metrics); [] if absent;
+    a torn last line is left out (``trainer.run_files.read_jsonl``)."""
+    return read_jsonl(path)
 
 
 def git_commit() -> str:
@@ -225,15 +224,14 @@ class Tracker:
         record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
         self._record = record
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
+        atomic_write_text(path, json.dumps(record, indent=1))
 
     # ------------------------------------------------------------------ logging
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         if self.writes_local:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.local_file, "a") as f:
-                f.write(json.dumps({"step": step, "time_ms": now, **metrics}) + "\n")
+            append_line(self.local_file, json.dumps({"step": step, "time_ms": now, **metrics}))
         if not self.active:
             return
         self._pending.extend((k, float(v), now, step) for k, v in metrics.items())

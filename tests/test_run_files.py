@@ -1,0 +1,73 @@
+"""Run-folder files survive kills and full disks: a torn last metrics line is left out (resume and
+sync go on), whole files are replaced atomically, and a full disk is one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trainer.loop import train
+from trainer.run_files import DiskFullError, append_line, atomic_write_text, read_jsonl
+
+TORN = '{"step": 6, "time_ms": 1, "loss": 4.1'  # what a kill mid-write leaves
+
+
+def test_a_torn_last_metrics_line_does_not_break_resume_or_sync(tiny_config, tmp_path):
+    from trainer.config import TrackingConfig
+    from trainer.tracking import sync_offline
+
+    cfg = tiny_config(**{"train.stop_after_steps": 4})
+    train(cfg)
+    metrics = Path(cfg.train.run_dir) / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write(TORN)
+    result = train(tiny_config())  # resumed to the end: finish_run reads the file back (curves)
+    assert result.step == 20 and result.encoder_path is not None
+    rows = read_jsonl(metrics)
+    assert [r["step"] for r in rows if "loss" in r][-1] == 20
+    run_id = sync_offline(cfg.train.run_dir, TrackingConfig(uri=f"sqlite:///{tmp_path / 'other.db'}"), None)
+    assert run_id
+
+
+def test_a_bad_line_inside_the_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2"):
+        read_jsonl(path)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real tmpfs, filled to the last byte."""
+    if os.geteuid() != 0 or not Path("/bin/mount").exists():
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        (mnt / "config.yaml").write_text("model:\n  arch: resnet18\n")
+        (mnt / "metrics.jsonl").write_text('{"step": 2, "loss": 5.0}\n')
+        with open(mnt / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+            except OSError:
+                pass
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_keeps_the_old_files_and_names_the_one_it_could_not_write(full_disk):
+    with pytest.raises(DiskFullError, match=f"no space left.*{full_disk / 'config.yaml'}.*intact"):
+        atomic_write_text(full_disk / "config.yaml", "model:\n  arch: resnet50\n" * 2000)
+    assert (full_disk / "config.yaml").read_text() == "model:\n  arch: resnet18\n"
+    assert not [p for p in full_disk.iterdir() if p.name.startswith(".")]  # no temp file left
+    with pytest.raises(DiskFullError, match="metrics.jsonl"):
+        append_line(full_disk / "metrics.jsonl", json.dumps({"step": 4, "loss": 4.0, "pad": "x" * 20000}))
+    assert read_jsonl(full_disk / "metrics.jsonl") == [{"step": 2, "loss": 5.0}]
