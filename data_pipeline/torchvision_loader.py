@@ -6,6 +6,7 @@ the views an uninterrupted one would, whatever the worker count.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -65,6 +66,11 @@ class TwoViewDataset(Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers are processes already; threads inside them only contend
+    # A signal sent to the whole process group (Ctrl-C, scancel, docker stop, a dropped ssh session)
+    # is the main process's to handle (a checkpoint at the next step boundary); a worker that died of
+    # it first would take the run down with a traceback instead. Workers end with the main process.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TorchvisionLoader:

@@ -22,11 +22,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
     if cfg.data.batch_size % args.nproc:
+        from trainer.checkpoint import checkpoint_dir, list_checkpoints
+
+        valid = ", ".join(str(k) for k in range(1, cfg.data.batch_size + 1) if cfg.data.batch_size % k == 0)
+        if cfg.checkpoint.resume == "auto" and list_checkpoints(checkpoint_dir(cfg.train.run_dir)):
+            raise ConfigError(f"--nproc {args.nproc} does not divide data.batch_size={cfg.data.batch_size}, which the "
+                              f"run in {cfg.train.run_dir} resumes with (its checkpoints fix the global batch); use "
+                              f"--nproc among {valid}")
         raise ConfigError(f"--nproc {args.nproc} does not divide data.batch_size={cfg.data.batch_size} (the global "
-                          f"batch, split evenly over the ranks); use a batch that is a multiple of {args.nproc}")
+                          f"batch, split evenly over the ranks); use a batch that is a multiple of {args.nproc}, or "
+                          f"--nproc among {valid}")
     if args.nproc > 1:
         from data_pipeline.sources import DataError
-        from launch.local import run_torchrun
+        from launch.local import run_local_ranks
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
@@ -35,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "image folder, an .npz file, an STL-10 or CIFAR folder, or a folder of tar shards")
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
-        return run_torchrun(args.nproc, forwarded)
+        return run_local_ranks(args.nproc, forwarded)
     from trainer.interrupts import train_in_foreground
 
     return train_in_foreground(cfg)

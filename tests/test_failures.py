@@ -184,11 +184,45 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(photo_data, tm
     os.killpg(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=90)[0]
     elapsed = time.time() - start
-    assert proc.returncode != 0
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert out.count("SIGINT: stopping at the next step boundary") == 1, out[-3000:]  # said once, not per rank
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and f"stopped at step {state['step']}" in out
     assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
     print(f"[measured] Ctrl-C under torchrun (2 ranks): ended {elapsed:.1f}s after the signal, 0 steps lost")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,sig", [(("trainer",), signal.SIGTERM), (("trainer",), signal.SIGHUP),
+                                          (("launch", "train", "--nproc", "2"), signal.SIGTERM),
+                                          (("launch", "train", "--nproc", "2"), signal.SIGHUP)],
+                         ids=["one-process-sigterm", "one-process-sighup", "nproc2-sigterm", "nproc2-sighup"])
+def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(photo_data, tmp_path, launcher, sig):
+    """What scancel, docker stop and systemd do (SIGTERM to the process group), or a dropped ssh
+    session (SIGHUP): DataLoader workers (2 here) must not die first; every run ends in a
+    checkpoint, a KILLED MLflow run, the resume hint and 128 + the signal, with no traceback."""
+    run_dir = tmp_path / "run"
+    proc = start_training(photo_data, run_dir, *launcher, **{"data.num_workers": 2})
+    wait_for_steps(run_dir, proc)
+    os.killpg(proc.pid, sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out and "resume" in out, out[-3000:]
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    assert state["step"] >= 3 and f"stopped at step {state['step']}" in out
+    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("over,needle", [({"train.micro_batch": 3}, "train.micro_batch=3"),
+                                         ({"train.device": "cuda"}, "train.device=cuda")],
+                         ids=["micro-batch", "cuda-without-gpu"])
+def test_a_user_error_inside_the_ranks_is_one_line(photo_data, tmp_path, over, needle):
+    """Found by every rank after the launch: printed once, exit 2, no torchrun traceback."""
+    if "train.device" in over and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "train", tmp_path / "run", **over))
+    assert_one_line_error(proc, needle)
 
 
 @pytest.mark.slow
@@ -449,3 +483,12 @@ def test_make_demo_data_never_replaces_a_tree_it_did_not_write(photo_data, tmp_p
                   "--val-per-class", "1")
     assert_one_line_error(proc, str(real), "did not write", "nothing was changed")
     assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
+
+
+def test_nproc_on_a_resume_names_the_rank_counts_not_a_new_batch(tiny_config, photo_data, tmp_path):
+    """A resumed run cannot change its batch: the advice is the world sizes that divide it."""
+    train(tiny_config(**{"train.stop_after_steps": 2, "tracking.enabled": "false"}))
+    proc = simclr("train", "--nproc", "3", *tiny_overrides(photo_data / "train", tmp_path / "run",
+                                                             **{"tracking.enabled": "false"}))
+    assert_one_line_error(proc, "--nproc 3", "resumes with", "--nproc among 1, 2, 4, 8")
+    assert "multiple of" not in proc.stderr

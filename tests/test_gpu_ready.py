@@ -20,7 +20,7 @@ def test_two_ranks_on_a_one_gpu_box_is_one_line_before_any_rank_starts(photo_dat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     started = []
-    monkeypatch.setattr("launch.local.run_torchrun", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setattr("launch.local.run_local_ranks", lambda *a, **k: started.append(a) or 0)
     args = build_parser().parse_args(["train", "--nproc", "2", *tiny_overrides(photo_data / "train", tmp_path / "r",
                                                                                **{"train.device": "auto"})])
     with pytest.raises(ConfigError, match="--nproc 2.*only 1 GPU.*--nproc 1"):

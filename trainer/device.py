@@ -36,6 +36,7 @@ def check_local_ranks(nproc: int, preference: str = "auto", backend: str = "auto
     uses_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
     if nproc <= 1 or not uses_cuda or backend == "gloo":
         return
+    choose_device(preference)  # no GPU at all: that error first
     visible = torch.cuda.device_count()
     if nproc > visible:
         raise ConfigError(f"--nproc {nproc} starts {nproc} ranks on this node but only {visible} GPU(s) are "

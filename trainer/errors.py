@@ -3,8 +3,10 @@ reports them as one line naming the problem and the fix, and exits with status 2
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from data_pipeline.sources import DataError
 from trainer.checkpoint import CheckpointError
@@ -16,11 +18,17 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointEr
 
 
 def exit_code_of(command: Callable[[], int], prog: str = "simclr") -> int:
-    """Run ``command``; a user error becomes a one-line message on stderr and status 2, Ctrl-C 130."""
+    """Run ``command``; a user error becomes a one-line message on stderr and status 2, Ctrl-C 130.
+    A rank started by ``simclr train --nproc K`` writes its line to SIMCLR_ERROR_FILE instead: the
+    launcher prints the first rank's line once, not one per rank."""
     try:
         return command()
     except USER_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        line = f"{prog}: error: {exc}"
+        if os.environ.get("SIMCLR_ERROR_FILE"):
+            Path(os.environ["SIMCLR_ERROR_FILE"]).write_text(line + "\n")
+        else:
+            print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

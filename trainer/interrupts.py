@@ -1,6 +1,7 @@
-"""Ctrl-C and SIGTERM for runs in the foreground (``simclr train``, ``python -m trainer`` under
-torchrun): like the SLURM path, every rank stops at the next step boundary, a checkpoint is
-written and the MLflow run is closed as KILLED. A second Ctrl-C aborts at once.
+"""Ctrl-C, SIGTERM and SIGHUP for runs in the foreground (``simclr train``, ``python -m trainer``
+under ``simclr train --nproc K`` or torchrun): like the SLURM path, every rank stops at the next
+step boundary, a checkpoint is written and the MLflow run is closed as KILLED; the exit status is
+128 + the signal. A second Ctrl-C aborts at once. Only rank 0 says so.
 
 Under torchrun one Ctrl-C reaches a rank twice within milliseconds (the terminal signals the whole
 process group, and torchrun forwards what it got), so a repeat within ``SAME_INTERRUPT_S`` is the
@@ -9,6 +10,7 @@ same interrupt; only a later one aborts.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -24,7 +26,7 @@ SAME_INTERRUPT_S = 1.0
 
 @contextmanager
 def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
-    """While inside, SIGINT and SIGTERM set ``stop``; yields the signals received."""
+    """While inside, SIGINT, SIGTERM and SIGHUP set ``stop``; yields the signals received."""
     received: list[int] = []
     first_at = [0.0]
 
@@ -34,14 +36,15 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
             print("[simclr] second Ctrl-C: aborted without a new checkpoint; the last one on disk is intact",
                   file=sys.stderr, flush=True)
             raise KeyboardInterrupt
-        if not received:
-            first_at[0] = now
+        if not received and os.environ.get("RANK", "0") == "0":
             print(f"[simclr] {signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
                   "(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+        if not received:
+            first_at[0] = now
         received.append(signum)
         stop.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield received
     finally:
