@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(args.run_dir) / args.dataset
     cfg = load_config(REPO / recipe, [f"data.root={train_root}", f"data.val_root={val_root}",
                                       f"train.epochs={args.epochs}", f"train.run_dir={run_dir}",
-                                      "checkpoint.resume=none", *args.overrides])
+                                      "checkpoint.resume=none", "train.overwrite=true", *args.overrides])
     device = choose_device(cfg.train.device)
     start = time.time()
     result = train(cfg)

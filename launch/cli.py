@@ -56,11 +56,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from data_pipeline.sources import open_source
+    from trainer.dataclass_yaml import ConfigError
     from trainer.device import choose_device
-    from trainer.evaluate import evaluate_encoder, finetune, load_encoder
+    from trainer.evaluate import check_same_classes, evaluate_encoder, finetune, load_encoder
     from trainer.model import build_encoder
     from trainer.plots import tsne_plot
 
+    bad = [f for f in args.finetune if not 0 < f <= 1]
+    if bad:  # before any work: the probe would run first, then fail
+        raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
     encoder, cfg = load_encoder(args.checkpoint)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
     device = choose_device(args.device)
@@ -72,6 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         encoders["random init"] = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
     train_set = open_source(args.train_data, args.train_split, cfg.data.labels)
     val_set = open_source(args.val_data, args.val_split, cfg.data.labels)
+    check_same_classes(train_set, val_set)
     report: dict = {"checkpoint": str(args.checkpoint), "train_data": args.train_data, "val_data": args.val_data,
                     "train_split": args.train_split, "val_split": args.val_split,
                     "arch": cfg.model.arch, "device": str(device), "rows": {}}
@@ -200,7 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = str(Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml")
     run_dir = Path(args.workdir) / "runs" / "demo"
     overrides = [f"data.root={data / 'train'}", f"data.val_root={data / 'val'}", f"train.run_dir={run_dir}",
-                 "checkpoint.resume=none", *args.overrides]
+                 "checkpoint.resume=none", "train.overwrite=true", *args.overrides]
     # through the parser, so that every option of the two commands has its default
     rc = cmd_train(build_parser().parse_args(["train", "--nproc", "2", "--config", config, *overrides]))
     if rc != 0:

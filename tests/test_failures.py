@@ -492,3 +492,86 @@ def test_nproc_on_a_resume_names_the_rank_counts_not_a_new_batch(tiny_config, ph
                                                              **{"tracking.enabled": "false"}))
     assert_one_line_error(proc, "--nproc 3", "resumes with", "--nproc among 1, 2, 4, 8")
     assert "multiple of" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- nothing silently wrong
+
+
+def test_the_only_checkpoint_truncated_is_refused_not_restarted(photo_data, tmp_path):
+    """It warned, then started over from step 0 in a new MLflow run, abandoning the original."""
+    over = tiny_overrides(photo_data / "train", tmp_path / "run", **{"train.stop_after_steps": 2})
+    assert simclr("train", *over).returncode == 0
+    (only,) = ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "run"))
+    only.write_bytes(only.read_bytes()[:1000])
+    metrics_before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    proc = simclr("train", *tiny_overrides(photo_data / "train", tmp_path / "run"))
+    assert_one_line_error(proc, "no checkpoint", "usable", "checkpoint.resume=", "train.overwrite=true")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before  # nothing started
+
+
+def test_resume_none_into_a_folder_with_checkpoints_needs_overwrite(tiny_config):
+    from trainer.checkpoint import CheckpointError
+
+    train(tiny_config(**{"train.stop_after_steps": 2}))
+    directory = ckpt.checkpoint_dir(tiny_config().train.run_dir)
+    with pytest.raises(CheckpointError, match="earlier run.*new train.run_dir.*train.overwrite=true"):
+        train(tiny_config(**{"checkpoint.resume": "none", "train.stop_after_steps": 2}))
+    assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_000000002.pt"]  # untouched
+    first_run = ckpt.load_checkpoint(ckpt.list_checkpoints(directory)[0])["mlflow_run_id"]
+    result = train(tiny_config(**{"checkpoint.resume": "none", "train.overwrite": "true",
+                                  "train.stop_after_steps": 4}))
+    assert result.step == 4 and result.run_id != first_run
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(directory)[0])
+    assert state["mlflow_run_id"] == result.run_id  # the next plain resume continues the new run
+    assert [r["step"] for r in tracking_rows(directory.parent)] == [2, 4]
+
+
+def tracking_rows(run_dir):
+    from trainer.tracking import read_metrics_file
+
+    return [r for r in read_metrics_file(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def test_a_finished_run_run_again_says_so_and_does_nothing(tiny_config, capsys):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(**{"tracking.log_model": "true"})
+    first = train(cfg)
+    assert first.step == 20
+    client = MlflowClient(cfg.tracking.uri)
+    artifacts = [a.path for a in client.list_artifacts(first.run_id)]
+    models = client.search_logged_models(experiment_ids=[client.get_run(first.run_id).info.experiment_id])
+    again = train(cfg)
+    assert "already finished" in capsys.readouterr().out
+    assert again.step == 20 and again.exit_code == 0 and again.run_id == first.run_id
+    assert [a.path for a in client.list_artifacts(first.run_id)] == artifacts
+    assert len(client.search_logged_models(experiment_ids=[client.get_run(first.run_id).info.experiment_id])) == \
+        len(models)  # no second MLflow model
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_eval_refuses_different_class_sets(exported_encoder, photo_data, tmp_path):
+    import shutil
+
+    two = tmp_path / "two"
+    for name in sorted(p.name for p in (photo_data / "val").iterdir())[:2]:
+        shutil.copytree(photo_data / "val" / name, two / name)
+    proc = simclr("eval", "--checkpoint", str(exported_encoder), "--train-data", str(two), "--val-data",
+                  str(photo_data / "val"))
+    assert_one_line_error(proc, "classes", str(two), "same classes")
+
+
+def test_eval_finetune_fraction_out_of_range_is_refused_before_any_work(exported_encoder, photo_data):
+    proc = simclr("eval", "--checkpoint", str(exported_encoder), "--train-data", str(photo_data / "train"),
+                  "--val-data", str(photo_data / "val"), "--finetune", "2.0")
+    assert_one_line_error(proc, "--finetune 2", "(0, 1]")
+    assert "linear_top1" not in proc.stdout
+
+
+def test_a_batch_of_one_is_refused_and_fp16_on_the_cpu_is_warned(tiny_config, capsys):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.batch_size.*at least 2.*no negatives"):
+        tiny_config(**{"data.batch_size": 1})
+    train(tiny_config(**{"precision.dtype": "fp16", "train.stop_after_steps": 1, "tracking.enabled": "false"}))
+    assert capsys.readouterr().out.count("fp16 on the CPU runs about 20x slower") == 1

@@ -116,11 +116,17 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | Non
         return None, None
     if resume != "auto":
         return Path(resume), load_checkpoint(resume)
-    for path in list_checkpoints(checkpoint_dir(run_dir)):
+    found = list_checkpoints(checkpoint_dir(run_dir))
+    for path in found:
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
             warnings.warn(f"skipping unusable checkpoint: {exc}", stacklevel=2)
+    if found:  # never start over on our own: that would abandon the run (and its MLflow run) silently
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} is usable ({len(found)} found, the newest "
+                              f"{found[0].name} unreadable: truncated or not a checkpoint), so the run cannot resume; "
+                              "nothing was started. Resume from a copy (checkpoint.resume=/path/to/step_N.pt), or "
+                              "start this run over with checkpoint.resume=none train.overwrite=true")
     return None, None
 
 
@@ -188,6 +194,8 @@ class Checkpointer:
     def resume(self) -> dict[str, Any] | None:
         if self.info.is_main:
             remove_stale_temp_files(self.directory)
+        if self.cfg.checkpoint.resume == "none":
+            self._start_over()
         path, state = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
         if state is None:
             return None
@@ -203,6 +211,27 @@ class Checkpointer:
                 print(f"[simclr] the checkpoint was written by {len(rng)} ranks, this job has {self.info.world_size}: "
                       "the same global batches follow, each rank's random streams are derived afresh", flush=True)
         return state
+
+    def _start_over(self) -> None:
+        """``checkpoint.resume=none`` in a folder that holds another run's checkpoints would leave
+        them to be picked by the next plain resume (with their MLflow run): refused, unless
+        ``train.overwrite=true`` says to replace that run's files."""
+        found = list_checkpoints(self.directory)
+        if not found:
+            return
+        if not self.cfg.train.overwrite:
+            raise CheckpointError(f"checkpoint.resume=none, but {self.run_dir} holds the checkpoints of an earlier run "
+                                  f"(newest {found[0].name}), which a later resume would pick up instead of this "
+                                  "run's; use a new train.run_dir, or add train.overwrite=true to replace that run")
+        if self.info.is_main:
+            for path in found:
+                path.unlink(missing_ok=True)
+            for name in ("metrics.jsonl", "mlflow_run.json", "encoder.pt", "curves.png"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            print(f"[simclr] train.overwrite=true: the earlier run's checkpoints and files in {self.run_dir} were "
+                  "removed", flush=True)
+        if self.info.distributed:
+            dist.barrier()  # no rank looks at the folder while rank 0 clears it
 
     def _gather_rng(self) -> list[dict[str, Any]]:
         state = capture_rng()

@@ -80,6 +80,7 @@ class TrainConfig:
     knn_every_epochs: int = 0  # >0: kNN monitor on data.val_root every N epochs
     stop_check_every: int = 10  # multi-rank runs agree on a stop request (pre-emption, Ctrl-C) every N steps
     progress_bar: bool = True
+    overwrite: bool = False  # with checkpoint.resume=none: replace an earlier run's checkpoints in run_dir
     micro_batch: int = 0  # >0: gradient caching in chunks of this many images per rank (see trainer/grad_cache.py)
 
 
@@ -129,7 +130,8 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
     d, o, a = cfg.data, cfg.optim, cfg.data.augment
-    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer (global batch)")
+    _check(d.batch_size >= 2, "data.batch_size", d.batch_size,
+           "must be at least 2 (global batch): with one image there are no negatives and the loss is 0")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be at least 8 pixels")
     _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")

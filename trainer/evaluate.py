@@ -12,7 +12,7 @@ from torch import nn
 
 from data_pipeline import build_eval_batches, open_train_source, open_val_source
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import Source, labelled_indices
+from data_pipeline.sources import DataError, Source, labelled_indices
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.config import Config, config_from_dict, load_config
 from trainer.model import build_encoder
@@ -104,6 +104,7 @@ class EncoderEval:
 def evaluate_encoder(encoder: nn.Module, train: Source, val: Source, data_cfg: DataConfig,
                      device: torch.device, probe_epochs: int = 100) -> EncoderEval:
     """Features extracted once (labelled images only), then the linear probe and weighted kNN on them."""
+    check_same_classes(train, val)
     tr_x, tr_y = extract_features(encoder, train, data_cfg, device, "the linear probe (training split)")
     va_x, va_y = extract_features(encoder, val, data_cfg, device, "the linear probe (held-out split)")
     lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs, device=device)
@@ -147,6 +148,21 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
                               "use the config of the run that trained them")
     encoder.load_state_dict(weights)
     return encoder, cfg
+
+
+def check_same_classes(train: Source, val: Source) -> None:
+    """A probe trained on one class list and scored on another reports a meaningless number."""
+    if train.classes and val.classes and list(train.classes) != list(val.classes):
+        def show(classes: list[str]) -> str:
+            return ", ".join(classes[:6]) + (f", ... ({len(classes)} in all)" if len(classes) > 6 else "")
+
+        raise DataError(f"the training set {describe(train)} has classes [{show(train.classes)}] but the held-out set "
+                        f"{describe(val)} has [{show(val.classes)}]: a probe needs the same classes in both; give "
+                        "two splits of one dataset")
+
+
+def describe(source: Source) -> str:
+    return str(getattr(source, "root", None) or getattr(source, "path", ""))
 
 
 def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConfig, device: torch.device,

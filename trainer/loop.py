@@ -78,6 +78,14 @@ def run_training(parts: TrainParts, stop: threading.Event,
                  on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
     cfg, steps_per_epoch = parts.cfg, parts.steps_per_epoch
     step = start_run(parts)
+    if step >= parts.schedule.total:  # a finished run run again: nothing to train, export or log twice
+        encoder = parts.run_dir / "encoder.pt"
+        if parts.info.is_main:
+            print(f"[simclr] the run in {parts.run_dir} already finished (step {step}/{parts.schedule.total}); nothing "
+                  f"to do. Its encoder: {encoder}. To train again, use a new train.run_dir, or "
+                  "checkpoint.resume=none train.overwrite=true", flush=True)
+        return TrainResult(step, float("nan"), parts.run_dir, parts.tracker.run_id,
+                           encoder if encoder.exists() else None)
     if on_start is not None:
         on_start(parts.tracker, parts.info)
     stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
@@ -161,6 +169,9 @@ def start_run(parts: TrainParts) -> int:
     if state is not None:
         parts.load_state_dict(state)
         step, run_id = state["step"], state.get("mlflow_run_id")
+        if step >= parts.schedule.total:
+            parts.tracker.run_id = run_id
+            return step
         parts.world_size_history = state.get("world_size_history") or [[0, state.get("world_size", world)]]
         if parts.world_size_history[-1][1] != world:
             parts.world_size_history.append([step, world])
