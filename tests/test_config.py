@@ -102,3 +102,50 @@ def test_cli_help():
     for args in ([], ["train"], ["eval"], ["demo"]):
         proc = subprocess.run([sys.executable, "-m", "launch", *args, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: simclr" in proc.stdout
+
+
+def test_readme_config_reference_lists_every_key_with_a_meaning():
+    """Every config key has one row of four cells (a stray `||` left the meaning column empty)."""
+    import dataclasses
+    import re
+
+    from tests.conftest import REPO
+    from trainer.config import Config
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type)
+                                                    and dataclasses.is_dataclass(f.default_factory)):
+                yield from keys(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("## Config reference"):]
+    rows = {}
+    for line in table.splitlines():
+        m = re.match(r"\| `([a-z_.]+)` \|", line)
+        if m:
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            rows[m.group(1)] = cells
+    missing = [k for k in keys(Config) if k not in rows]
+    assert not missing, f"README's config reference lacks {missing}"
+    empty = [k for k, cells in rows.items() if len(cells) != 4 or not cells[3]]
+    assert not empty, f"rows without four cells or a meaning: {empty}"
+
+
+def test_readme_version_ranges_are_those_setup_cfg_declares():
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    from tests.conftest import REPO
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    reqs = {Requirement(x).name: Requirement(x) for x in cfg["options"]["install_requires"].splitlines()
+            if x.strip() and not x.strip().startswith("#")}
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for name in ("torch", "torchvision", "mlflow", "submitit"):
+        spec = ",".join(str(s) for s in sorted(reqs[name].specifier, key=lambda s: s.operator != ">="))
+        assert f"{name} {spec}" in readme, f"README should say '{name} {spec}' (setup.cfg)"
