@@ -29,24 +29,38 @@ from trainer.tracking import Tracker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="simclr bench", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
-    p.add_argument("--image-size", type=int, default=32)
+    p = argparse.ArgumentParser(prog="simclr bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="simclr bench feed --help: the feed benchmark (does the data pipeline keep the "
+                                       "training step busy)")
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="encoder")
+    p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (px)")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch (images)")
-    p.add_argument("--precision", default="fp32", choices=list(AUTOCAST_DTYPES))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--loss-batches", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--loss-worlds", type=int, nargs="+", default=[8, 64])
-    p.add_argument("--loss-iters", type=int, default=3)
+    p.add_argument("--precision", default="fp32", choices=list(AUTOCAST_DTYPES), help="autocast dtype")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--iters", type=int, default=5, help="timed steps (medians are reported)")
+    p.add_argument("--loss-batches", type=int, nargs="+", default=[1024, 4096],
+                   help="global batches for the NT-Xent cost (ours vs the naive full matrix)")
+    p.add_argument("--loss-worlds", type=int, nargs="+", default=[8, 64], help="simulated world sizes for the loss")
+    p.add_argument("--loss-iters", type=int, default=3, help="timed loss steps per point")
     p.add_argument("--scaling", type=int, nargs="*", default=[], metavar="W",
                    help="also time the same global batch with these world sizes, e.g. 1 2 (torchrun, gloo on CPU)")
     p.add_argument("--loaders", action="store_true", help="also compare the DALI and torchvision loaders")
     p.add_argument("--data", default=None, help="images for --loaders (default: shipped photos)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<device>_<cfg>.json)")
     p.add_argument("--mlflow", action="store_true", help="also log the figures to MLflow (default store)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from trainer.config import ConfigError
+
+    for flag, values, least in (("--batch-size", [args.batch_size], 2), ("--image-size", [args.image_size], 8),
+                                ("--iters", [args.iters], 1), ("--warmup", [args.warmup], 0),
+                                ("--loss-batches", args.loss_batches, 2), ("--loss-worlds", args.loss_worlds, 1),
+                                ("--loss-iters", [args.loss_iters], 1), ("--scaling", args.scaling, 1)):
+        bad = [v for v in values if v < least]
+        if bad:
+            raise ConfigError(f"simclr bench {flag} {bad[0]}: must be at least {least}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

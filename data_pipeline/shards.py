@@ -59,6 +59,8 @@ def make_shards(source: Source, out: str | Path, shard_size: int, seed: int = 0,
     out = Path(out)
     if shard_size < 1:
         raise DataError(f"--shard-size must be a positive number of samples, got {shard_size}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; give make-shards a new folder to write into (nothing was changed)")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty; write shards into a new folder (nothing there was changed)")
     keep = np.arange(len(source))

@@ -10,6 +10,7 @@ A missing label is -1: pretraining needs none; whatever needs labels asks ``labe
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -277,6 +278,9 @@ def _read_cifar_pickle(path: Path) -> dict:
             content = _ArrayUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"{path} is not a readable CIFAR batch ({exc}); download the python version again") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path} holds a {type(content).__name__}, not a CIFAR batch (a dict of 'data' and labels); "
+                        "download the python version again")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in content.items()}
 
 
@@ -287,7 +291,11 @@ def load_cifar(root: Path, split: str, layout: dict) -> ArraySource:
     xs, ys = [], []
     for name in layout[split]:
         batch = _read_cifar_pickle(root / name)
-        data, labels = np.asarray(batch.get("data")), np.asarray(batch.get(layout["labels"]), np.int64)
+        missing = [k for k in ("data", layout["labels"]) if k not in batch]
+        if missing:
+            raise DataError(f"{root / name} has no {' or '.join(repr(k) for k in missing)} entry; it is not a CIFAR "
+                            "python batch (download the python version again)")
+        data, labels = np.asarray(batch["data"]), np.asarray(batch[layout["labels"]], np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
             raise DataError(f"{root / name} does not hold N x 3072 uint8 'data' with N '{layout['labels']}'; "
                             "it is not a CIFAR python batch")
@@ -362,7 +370,10 @@ def open_source(root: str | Path, split: str = "", labels: str = "auto") -> Sour
     if not str(root):
         raise DataError("data.root is empty; point it at an image folder, an .npz file, an STL-10 or CIFAR folder, "
                         "or a folder of tar shards")
-    path = Path(root)
+    path = root = Path(root).expanduser()
+    if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise DataError(f"data path {path} cannot be read by this user (permissions); give it read access "
+                        f"(chmod -R a+rX {path}) or copy the data somewhere readable")
     layout = _cifar_layout(path)
     if is_stl10(path):
         return load_stl10(path, split)

@@ -8,6 +8,7 @@ machinery lives in ``trainer.dataclass_yaml``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -174,6 +175,12 @@ def validate(cfg: Config) -> Config:
            "must be a positive integer (steps between agreements on a stop request)")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
     _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
+    run_dir = Path(t.run_dir).expanduser()
+    _check(not run_dir.exists() or run_dir.is_dir(), "train.run_dir", t.run_dir,
+           "is a file; name a directory for the run's checkpoints and logs")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    _check(os.access(existing, os.W_OK | os.X_OK), "train.run_dir", t.run_dir,
+           f"cannot be created or written: {existing} is not writable by this user; choose a folder you can write")
     c = cfg.checkpoint
     _check(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be a positive integer")
     _check(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be a positive integer")

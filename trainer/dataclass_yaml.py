@@ -151,11 +151,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping; ConfigError naming ``what`` and the file otherwise."""
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a directory, not a YAML file; {hint}")
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist; {hint}")
     try:
         data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not a text file (binary content); {hint}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {p} cannot be read ({exc.strerror}); check its permissions") from None
     except ConfigError as exc:
         raise ConfigError(f"{what} {p}: {exc}") from None
     except yaml.YAMLError as exc:

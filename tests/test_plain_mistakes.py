@@ -1,0 +1,81 @@
+"""Plain mistakes are one line naming the problem and the fix (exit 2), never a traceback: run
+in-process through the CLI's own parser and error handling."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from tests.conftest import tiny_overrides
+from tests.dataset_layouts import write_cifar
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    return ended.value.code, capsys.readouterr().err
+
+
+def one_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("simclr: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_a_binary_file_or_a_folder_as_config(tmp_path, capsys):
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    one_line(*run_cli(["train", "--config", str(binary)], capsys), str(binary), "not a text file")
+    one_line(*run_cli(["train", "--config", str(tmp_path)], capsys), str(tmp_path), "is a directory")
+
+
+def test_a_home_relative_config_is_expanded(tmp_path, capsys, monkeypatch):
+    from trainer.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "recipe.yaml").write_text("train:\n  epochs: 3\n")
+    assert load_config("~/recipe.yaml").train.epochs == 3
+
+
+def test_run_dir_that_is_a_file(photo_data, tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    one_line(*run_cli(["train", *tiny_overrides(photo_data / "train", afile)], capsys), "train.run_dir", "is a file")
+
+
+@pytest.mark.parametrize("content,needle", [([1, 2, 3], "holds a list"),
+                                            ({b"data": b"x", b"batch_label": b"b"}, "has no 'labels'")],
+                         ids=["top-level-list", "no-labels"])
+def test_a_broken_cifar_pickle(tmp_path, capsys, content, needle):
+    from data_pipeline.sources import DataError, open_source
+
+    root = tmp_path / "cifar-10-batches-py"
+    write_cifar(root)
+    with open(root / "data_batch_3", "wb") as f:
+        pickle.dump(content, f, protocol=2)
+    with pytest.raises(DataError, match=needle):
+        open_source(root, "train")
+
+
+def test_make_shards_into_an_existing_file(photo_data, tmp_path, capsys):
+    out = tmp_path / "shards.tar"
+    out.write_text("x")
+    one_line(*run_cli(["make-shards", str(photo_data / "train"), str(out)], capsys), str(out), "is a file")
+    assert out.read_text() == "x"
+
+
+@pytest.mark.parametrize("argv,needle", [(["--batch-size", "0"], "--batch-size 0"),
+                                         (["--batch-size", "-4"], "--batch-size -4"),
+                                         (["--iters", "0"], "--iters 0"),
+                                         (["--scaling", "0", "2"], "--scaling 0")])
+def test_absurd_bench_sizes(capsys, argv, needle):
+    one_line(*run_cli(["bench", *argv], capsys), needle, "at least")
+
+
+def test_absurd_feed_benchmark_sizes(capsys):
+    one_line(*run_cli(["bench", "feed", "--steps", "0"], capsys), "--steps 0", "at least 1")
