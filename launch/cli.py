@@ -263,44 +263,50 @@ def build_parser() -> argparse.ArgumentParser:
         "Configs are YAML recipes plus key=value overrides.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="pretrain (one process, or --nproc K local ranks via torchrun)")
+    def command(name: str, text: str, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand whose --help says what it does and each option's default."""
+        return sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              **kwargs)
+
+    p = command("train", "pretrain (one process, or --nproc K local ranks)")
     _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="local ranks to start with torchrun (default 1)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks to start on this node (one per GPU)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="linear probe + kNN of a trained encoder, beside a random-init baseline")
+    p = command("eval", "linear probe + kNN of a trained encoder, beside a random-init baseline")
     p.add_argument("--checkpoint", required=True, help="a checkpoint step_N.pt or an exported encoder.pt")
     p.add_argument("--train-data", required=True, help="labelled training set (any layout data.root accepts)")
     p.add_argument("--val-data", required=True, help="held-out set (any layout data.root accepts)")
     p.add_argument("--train-split", default="", help="split of --train-data when it holds several (STL-10: train)")
     p.add_argument("--val-split", default="", help="split of --val-data when it holds several (STL-10, CIFAR: test)")
-    p.add_argument("--probe-epochs", type=int, default=100)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe on frozen features")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
+    p.add_argument("--workers", type=int, default=2, help="data loading workers / DALI threads")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder")
     p.add_argument("--finetune", type=float, nargs="*", default=[], metavar="FRACTION",
                    help="also fine-tune with these fractions of the labels, e.g. 0.01 0.1 1.0")
-    p.add_argument("--finetune-epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of each --finetune run")
     p.add_argument("--tsne", action="store_true", help="write t-SNE plots of the held-out features")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/eval)")
     p.add_argument("--mlflow", action="store_true", help="log the report, plots and metrics to MLflow")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS)",
+    p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS)",
                        add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see simclr bench --help")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("make-demo-data", help="write a small ImageFolder dataset from photos shipped with "
+    p = command("make-demo-data", "write a small ImageFolder dataset from photos shipped with "
                        "scikit-image and scikit-learn")
-    p.add_argument("--out", default="demo_data")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--train-per-class", type=int, default=48)
-    p.add_argument("--val-per-class", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_data", help="folder for train/, val/ and their .npz twins (a new one, or "
+                   "one make-demo-data wrote before: nothing else is ever replaced)")
+    p.add_argument("--size", type=int, default=64, help="side of each square crop (px)")
+    p.add_argument("--train-per-class", type=int, default=48, help="training crops per class (10 classes)")
+    p.add_argument("--val-per-class", type=int, default=16, help="held-out crops per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crops' positions")
     p.set_defaults(func=cmd_make_demo_data)
 
-    p = sub.add_parser("make-shards", help="write a dataset (any layout data.root accepts) as WebDataset tar shards "
+    p = command("make-shards", "write a dataset (any layout data.root accepts) as WebDataset tar shards "
                        "with DALI index files, for fast starts and reads at scale")
     p.add_argument("src", help="the dataset: image folder, .npz, STL-10 or CIFAR folder")
     p.add_argument("out", help="a new (or empty) folder for shard-000000.tar ... and manifest.json")
@@ -313,15 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-corrupt", action="store_true", help="leave undecodable image files out")
     p.set_defaults(func=cmd_make_shards)
 
-    p = sub.add_parser("sync", help="replay a run folder (params, tags, metrics, artifacts) into MLflow "
+    p = command("sync", "replay a run folder (params, tags, metrics, artifacts) into MLflow "
                        "(after an outage)")
-    p.add_argument("run_dir")
-    p.add_argument("--run-id", default=None)
-    p.add_argument("--uri", default="")
+    p.add_argument("run_dir", help="the run folder (train.run_dir: it holds metrics.jsonl and mlflow_run.json)")
+    p.add_argument("--run-id", default=None, help="the MLflow run to complete (default: the run's own)")
+    p.add_argument("--uri", default="", help="the MLflow tracking URI (default: the run's own store)")
     p.add_argument("--experiment", default="", help="default: the run's own experiment")
     p.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("submit", help="submit the training to SLURM through submitit (one task per GPU)")
+    p = command("submit", "submit the training to SLURM through submitit (one task per GPU)")
     _add_config_args(p)
     p.add_argument("--cluster", required=True, help="cluster config YAML (see cluster_configs/)")
     p.add_argument("--sweep", nargs="+", default=[], metavar="key=v1,v2",
@@ -334,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "new job, e.g. on another number of nodes or GPUs")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("demo", help="make demo data, pretrain with 2 CPU ranks, then linear-probe vs random init")
-    p.add_argument("--workdir", default=".")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = command("demo", "make demo data, pretrain with 2 CPU ranks, then linear-probe vs random init")
+    p.add_argument("--workdir", default=".", help="where demo_data/, runs/demo and mlflow.db are written")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the pretraining")
     p.set_defaults(func=cmd_demo)
     return parser
 
