@@ -79,3 +79,24 @@ def test_absurd_bench_sizes(capsys, argv, needle):
 
 def test_absurd_feed_benchmark_sizes(capsys):
     one_line(*run_cli(["bench", "feed", "--steps", "0"], capsys), "--steps 0", "at least 1")
+
+
+def test_every_subcommand_explains_itself_and_each_option():
+    """--help was empty for demo, sync and make-demo-data, and for most options of eval and bench."""
+    import argparse
+
+    from launch.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        assert command.description, f"simclr {name} --help has no description"
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"simclr {name}: {action.option_strings or action.dest} has no help"
+    import benchmarks.feed
+    import benchmarks.throughput
+
+    for module in (benchmarks.throughput, benchmarks.feed):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
