@@ -48,7 +48,7 @@ def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_
     model.sync_bn_group_size > 0): deep-copying that group raised at the end of a finished run."""
     import torch.distributed as dist
 
-    from trainer.loop import log_encoder_model
+    from trainer.export import log_encoder_model
     from trainer.model import SimCLRModel
     from trainer.sync_batchnorm import convert_sync_batchnorm
 
@@ -56,11 +56,8 @@ def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_
     try:
         model = convert_sync_batchnorm(SimCLRModel(ModelConfig(arch="resnet18")), dist.new_group([0]))
         logged = {}
-        parts = types.SimpleNamespace(
-            model=model, cfg=types.SimpleNamespace(data=types.SimpleNamespace(image_size=32),
-                                                   tracking=types.SimpleNamespace(register_as="")),
-            tracker=types.SimpleNamespace(log_model=lambda m, example, register_as: logged.update(model=m)))
-        log_encoder_model(parts)
+        tracker = types.SimpleNamespace(log_model=lambda m, example, register_as: logged.update(model=m))
+        log_encoder_model(tracker, model.encoder, 32)
     finally:
         dist.destroy_process_group()
     encoder = logged["model"]

@@ -29,7 +29,7 @@ def test_a_torn_last_metrics_line_does_not_break_resume_or_sync(tiny_config, tmp
     assert result.step == 20 and result.encoder_path is not None
     rows = read_jsonl(metrics)
     assert [r["step"] for r in rows if "loss" in r][-1] == 20
-    run_id = sync_offline(cfg.train.run_dir, TrackingConfig(uri=f"sqlite:///{tmp_path / 'other.db'}"), None)
+    run_id, _ = sync_offline(cfg.train.run_dir, TrackingConfig(uri=f"sqlite:///{tmp_path / 'other.db'}"), None)
     assert run_id
 
 

@@ -132,3 +132,48 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monkeypatch, tmp_path):
+    """MLflow goes away mid-run: the metrics after that, the final status and the encoder's model
+    stay local. `simclr sync RUN_DIR` (the hint printed) completes that very run on its own store:
+    every point once, FINISHED, the model logged and registered; a second sync adds nothing."""
+    from tests.conftest import REPO
+    from trainer.tracking import Tracker
+
+    outage = {"on": False}
+    real_flush, real_log = Tracker.flush, Tracker.log_metrics
+
+    def flush(self, force=False):
+        if outage["on"]:
+            self._warn("logging", ConnectionError("server went away"))
+            return False
+        return real_flush(self, force)
+
+    def log_metrics(self, metrics, step):
+        outage["on"] = outage["on"] or step >= 6
+        real_log(self, metrics, step)
+
+    monkeypatch.setattr(Tracker, "flush", flush)
+    monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
+    cfg = tiny_config(**{"tracking.log_model": "true", "tracking.register_as": "synced-encoder"})
+    result = train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.get_run(result.run_id).info.status == "RUNNING"  # the close never reached the store
+    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [2, 4]
+
+    def sync():
+        proc = subprocess.run([sys.executable, "-m", "launch", "sync", cfg.train.run_dir], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    sync()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    assert steps == list(range(2, 21, 2))  # each point once
+    assert client.get_registered_model("synced-encoder").latest_versions
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no duplicate run
+    sync()
+    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == steps
+    assert len(client.search_model_versions("name='synced-encoder'")) == 1

@@ -24,13 +24,13 @@ from trainer.dataclass_yaml import flatten
 from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
 from trainer.evaluate import knn_monitor
+from trainer.export import log_encoder_model
 from trainer.metrics import MetricsWindow
 from trainer.model import encoder_state_dict
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
 from trainer.run_files import atomic_write_text
 from trainer.step import StepOutcome, train_step
-from trainer.sync_batchnorm import revert_sync_batchnorm
 from trainer.tracking import Tracker, git_commit, library_versions, read_metrics_file
 
 
@@ -227,20 +227,6 @@ def log_knn_monitor(parts: TrainParts, step: int) -> None:
         dist.barrier()
 
 
-def log_encoder_model(parts: TrainParts) -> None:
-    """The encoder (a CPU copy, no projection head) as an MLflow model that takes normalised NCHW
-    float32 images of any size and returns features: a plain torchvision ResNet once loaded."""
-    import numpy as np
-
-    encoder = revert_sync_batchnorm(parts.model.encoder).cpu().float().eval()
-    size = min(parts.cfg.data.image_size, 64)  # the example is stored as JSON: keep it small
-    example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    uri = parts.tracker.log_model(encoder, example, parts.cfg.tracking.register_as)
-    if uri:
-        registered = f", registered as {parts.cfg.tracking.register_as}" if parts.cfg.tracking.register_as else ""
-        print(f"[simclr] encoder logged as an MLflow model: mlflow.pytorch.load_model('{uri}'){registered}", flush=True)
-
-
 def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
     """On rank 0: export the encoder when the schedule is complete, plot the curves, close the
     MLflow run. Returns the exported encoder's path (None when stopped early)."""
@@ -252,7 +238,8 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
         torch.save(encoder_state_dict(parts.model), encoder_path)
         parts.tracker.log_artifact(encoder_path)
         if parts.cfg.tracking.log_model:
-            log_encoder_model(parts)
+            log_encoder_model(parts.tracker, parts.model.encoder, parts.cfg.data.image_size,
+                              parts.cfg.tracking.register_as)
     plot = plot_curves(read_metrics_file(parts.tracker.local_file), parts.run_dir / "curves.png")
     if plot is not None:
         parts.tracker.log_artifact(plot)

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +160,12 @@ class Tracker:
                 self.run_id = run.info.run_id
                 resumed = False
             else:
-                self._mark_unclean_exit()
+                if self.writes_local:  # a training job continuing its run (not simclr sync completing it)
+                    self._mark_unclean_exit()
                 self._client.update_run(self.run_id, status="RUNNING")
                 resumed = True
             self._run_created = True
+            self._update_record(uri=self.uri, run_id=self.run_id)
             self._start_system_metrics(resumed)
             return True
         except Exception as exc:  # network errors come in many types; all mean 'try later'
@@ -203,6 +206,8 @@ class Tracker:
         self._update_record(tags=tags)
         if not self.active:
             return None
+        if self.writes_local:
+            self._update_record(uri=resolve_tracking_uri(self.cfg.uri))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
         if run_id is None:
@@ -211,17 +216,20 @@ class Tracker:
         self.flush(force=True)
         return self.run_id
 
-    def _update_record(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
+    def _update_record(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                       **fields: Any) -> None:
         """Keep the run's params and tags in the run folder too, so that ``simclr sync`` can replay
-        a run that MLflow never saw."""
+        a run that MLflow never saw; ``fields``: its store (``uri``), ``run_id``, the ``status`` it
+        ended with and a model still to log (``model_pending``)."""
         if not self.writes_local:
             return
         path = self.run_dir / RUN_RECORD
         record = getattr(self, "_record", None)
         if record is None:  # a resumed run: add to what the first attempt recorded
-            record = json.loads(path.read_text()) if path.exists() else {"params": {}, "tags": {}}
+            record = read_run_record(self.run_dir) or {"params": {}, "tags": {}}
         record["params"].update({k: str(v) for k, v in (params or {}).items()})
         record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
+        record.update(fields)
         self._record = record
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=1))
@@ -295,6 +303,7 @@ class Tracker:
         ``example`` (a float32 NCHW array) as input example and pinned pip requirements; registered
         as ``register_as`` when given. Returns the model URI, or None when MLflow is unreachable."""
         if not self.active or not self.flush(force=True):
+            self._update_record(model_pending={"register_as": register_as})  # simclr sync logs it later
             return None
         import mlflow
         import mlflow.pytorch
@@ -324,7 +333,9 @@ class Tracker:
                                      serialization_format="pickle")
         except Exception as exc:
             self._warn("logging the encoder as an MLflow model", exc)
+            self._update_record(model_pending={"register_as": register_as})
             return None
+        self._update_record(model_pending=None)
         return f"runs:/{self.run_id}/encoder"
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -332,6 +343,7 @@ class Tracker:
         if not self.active or not self._started or self._finished:
             return
         self._finished = True
+        self._update_record(status=status)
         if self._monitor is not None:
             self._monitor.finish()
         sent = self.flush(force=True)
@@ -347,7 +359,8 @@ class Tracker:
                 self._warn("closing the run", exc)
         elif self._pending:
             print(f"[tracking] {len(self._pending)} metric values could not be sent; all metrics are in "
-                  f"{self.local_file}. Replay them later with: simclr sync {self.run_dir}", file=sys.stderr)
+                  f"{self.local_file}. Replay them later, into this run on its own store (both recorded in "
+                  f"{RUN_RECORD}), with: simclr sync {self.run_dir}", file=sys.stderr)
 
     def describe(self) -> str:
         if not self.active or self.run_id is None:
@@ -369,30 +382,58 @@ def prepare_store(cfg: TrackingConfig) -> None:
         print(f"[tracking] WARNING: could not prepare MLflow store ({exc}); jobs will retry", file=sys.stderr)
 
 
-def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None) -> str:
-    """Replay a run folder into MLflow (into ``run_id``, or a new run): its params, tags and name
-    (``mlflow_run.json``), every metric (``metrics.jsonl``) and its artifacts (config, encoder,
-    curves). Nothing in the folder is changed."""
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The run folder's ``mlflow_run.json`` ({} when absent)."""
+    path = Path(run_dir) / RUN_RECORD
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        raise TrackingError(f"{path} is not valid JSON (a copy cut short?); restore it from a backup or remove it, "
+                            "then sync into a new run with --uri") from None
+
+
+def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
+                 before_finish: Callable[[Tracker, dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any]]:
+    """Complete a run in MLflow from its folder: by default the run's own MLflow run on its own store
+    (both recorded in ``mlflow_run.json``), else ``run_id`` or a new run on ``cfg.uri``. Params,
+    tags and name, the metrics the run does not have yet (no duplicate points: a second sync adds
+    nothing), artifacts (config, encoder, curves), and the status the run ended with. Returns the
+    run id and the record (whose ``model_pending`` says whether the encoder's MLflow model is still
+    to be logged; ``before_finish(tracker, record)`` can log it). The folder gains only the run's id
+    and store in its record."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.exists():
         raise TrackingError(f"{metrics_file} does not exist; pass the folder of a training run (its train.run_dir, "
                             "which holds metrics.jsonl)")
-    record_file = run_dir / RUN_RECORD
-    record = json.loads(record_file.read_text()) if record_file.exists() else {}
-    cfg = dataclasses.replace(cfg, experiment=cfg.experiment or record.get("experiment") or "simclr",
-                              run_name=cfg.run_name or record.get("run_name", ""))
+    record = read_run_record(run_dir)
+    own_store = not cfg.uri or cfg.uri == record.get("uri")
+    run_id = run_id or (record.get("run_id") if own_store else None)
+    cfg = dataclasses.replace(cfg, uri=cfg.uri or record.get("uri", ""),
+                              experiment=cfg.experiment or record.get("experiment") or "simclr",
+                              run_name=cfg.run_name or record.get("run_name", ""), system_metrics=False)
     tracker = Tracker(cfg, run_dir, active=True, writes_local=False)
-    tracker.start(record.get("params", {}), {**record.get("tags", {}), "simclr.synced_from": str(run_dir)},
-                  run_id=run_id)
-    for rec in read_metrics_file(metrics_file):
-        step, t = rec.pop("step"), rec.pop("time_ms")
-        tracker._pending.extend((k, float(v), t, step) for k, v in rec.items())
+    tracker.start({}, {**record.get("tags", {}), "simclr.synced_from": str(run_dir)}, run_id=run_id)
     if not tracker.flush(force=True):
         raise TrackingError(f"MLflow at {tracker.uri} is unreachable; nothing was lost ({run_dir} is unchanged): "
                             "run simclr sync again when it answers")
+    run = tracker._client.get_run(tracker.run_id)
+    tracker._pending_params = {k: v for k, v in record.get("params", {}).items() if k not in run.data.params}
+    have = {(key, m.step, m.timestamp) for key in run.data.metrics
+            for m in tracker._client.get_metric_history(tracker.run_id, key)}
+    for rec in read_metrics_file(metrics_file):
+        step, t = rec.pop("step"), rec.pop("time_ms")
+        tracker._pending.extend((k, float(v), t, step) for k, v in rec.items() if (k, step, t) not in have)
+    if not tracker.flush(force=True):
+        raise TrackingError(f"MLflow at {tracker.uri} stopped answering during the sync; run simclr sync again "
+                            "(points already sent are not sent twice)")
     for name in ("config.yaml", "encoder.pt", "curves.png"):
         if (run_dir / name).exists():
             tracker.log_artifact(run_dir / name)
-    tracker.finish()
-    return tracker.run_id or ""
+    if record.get("run_id") != tracker.run_id and own_store:  # a run created now: the next sync completes it
+        record.update(uri=tracker.uri, run_id=tracker.run_id)
+        atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
+    if before_finish is not None:
+        before_finish(tracker, record)
+    tracker.finish(record.get("status", "FINISHED"))
+    return tracker.run_id or "", record
