@@ -251,6 +251,11 @@ class DaliLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
+    def indices(self) -> np.ndarray:
+        """This rank's samples of the current epoch from the start step on, in reading order."""
+        order = epoch_indices(self.source, self.rank, self.world_size, self.seed, self.epoch)
+        return order[self.start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
+
     def _start(self, epoch: int, step: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
