@@ -151,7 +151,7 @@ def combine(per_rank: list[list[dict]]) -> list[dict]:
     step_s = next((r["step_s"] for r in rows if r["mode"] == "e2e"), None)
     model = next((r for r in rows if r["mode"] == "model"), None)
     for r in rows:
-        base = step_s if r["mode"] == "e2e" or step_s is None else r["step_s"]
+        base = step_s or r["step_s"]  # a training step's time where e2e ran, else this mode's own step
         r["epoch_stall_steps"] = None if r["epoch_stall_s"] is None else r["epoch_stall_s"] / base
         if model is not None:
             r["views_per_s_over_model"] = r["views_per_s"] / model["views_per_s"]

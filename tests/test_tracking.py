@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
@@ -177,3 +178,50 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
     sync()
     assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == steps
     assert len(client.search_model_versions("name='synced-encoder'")) == 1
+
+
+def test_an_unknown_tracking_uri_scheme_is_a_config_error():
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tracking.uri.*does not know the scheme 'garbage'"):
+        load_config(None, ["tracking.uri=garbage://x"])
+    for uri in ("", "http://127.0.0.1:5000", "sqlite:///x.db", "file:///tmp/mlruns", "postgresql+psycopg2://h/db"):
+        load_config(None, [f"tracking.uri={uri}"])
+
+
+def test_a_hung_mlflow_server_costs_seconds_once_then_the_run_goes_on_offline(tiny_config):
+    """A server that accepts connections and never answers: each request times out; after the first
+    failure the tracker stays offline (no timeout per log call), so the run is not held up."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, done = [], threading.Event()
+
+    def accept_and_hold():  # bounded: ends with the test
+        server.settimeout(0.5)
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_hold, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        result = train(tiny_config(**{"tracking.uri": f"http://127.0.0.1:{server.getsockname()[1]}",
+                                      "train.stop_after_steps": 6}))
+        elapsed = time.monotonic() - start
+    finally:
+        done.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+    assert result.step == 6 and held  # it did try the server
+    # a hang guard, not a benchmark: 5 s per request timeout, one try at start and one at the end
+    assert elapsed < 45, f"a hung server held the run {elapsed:.0f} s"

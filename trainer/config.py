@@ -128,12 +128,30 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}: {value!r} is out of range; {allowed}")
 
 
+def tracking_scheme(uri: str) -> str:
+    """The scheme of an MLflow tracking URI ('' for the default store or a plain local path)."""
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
+
+
+def known_tracking_schemes() -> set[str]:
+    """MLflow's built-in tracking stores and those plugins register (entry points)."""
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+    return {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+            "uc", *plugins}
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
     d, o, a = cfg.data, cfg.optim, cfg.data.augment
     _check(d.batch_size >= 2, "data.batch_size", d.batch_size,
            "must be at least 2 (global batch): with one image there are no negatives and the loss is 0")
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be at least 8 pixels")
+    scheme = tracking_scheme(cfg.tracking.uri)
+    _check(scheme in known_tracking_schemes(), "tracking.uri", cfg.tracking.uri,
+           f"MLflow does not know the scheme {scheme!r}; use http(s)://host:port, sqlite:///path.db, file:///dir, "
+           "a database URI (postgresql://, mysql://, mssql://), databricks, or '' for the default store")
     _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
     _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,

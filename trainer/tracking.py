@@ -71,7 +71,7 @@ def _fail_fast_over_http() -> None:
     so each request fails fast. Set when the first client is made, never at import, and only
     where the user has not chosen values."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
 def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
@@ -126,6 +126,8 @@ class Tracker:
         self._pending_params: dict[str, Any] = {}
         self._pending_tags: dict[str, str] = {}
         self._warned = False
+        self._offline = False  # the last request failed: wait retry_s before the next, forced or not
+        self._finishing = False  # finish: one more try, whatever the window
         self._last_try = 0.0
         self._run_created = False
         self._started = self._finished = False
@@ -133,6 +135,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ connection
     def _warn(self, what: str, exc: Exception) -> None:
+        self._offline = True
         if not self._warned:
             self._warned = True
             print(f"[tracking] WARNING: MLflow at {self.uri} is unreachable while {what} "
@@ -260,10 +263,13 @@ class Tracker:
             self.flush(force=True)
 
     def flush(self, force: bool = False) -> bool:
-        """Send what is queued; rate-limited while the server is down. True when nothing is left."""
+        """Send what is queued; True when nothing is left. Once the server failed, it is offline
+        for ``retry_s``: every call until then returns at once (a server that accepts but never
+        answers would otherwise cost a request timeout per call); ``force`` tries again anyway
+        only after a success, or at the end of the run (``finish``)."""
         if not self.active:
             return True
-        if self._warned and not force and time.time() - self._last_try < self.retry_s:
+        if self._offline and (not force or not self._finishing) and time.time() - self._last_try < self.retry_s:
             return False
         self._last_try = time.time()
         if not self._connect():
@@ -285,6 +291,7 @@ class Tracker:
         except Exception as exc:
             self._warn("logging", exc)
             return False
+        self._offline = False
         return True
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -346,6 +353,7 @@ class Tracker:
         self._update_record(status=status)
         if self._monitor is not None:
             self._monitor.finish()
+        self._finishing = True
         sent = self.flush(force=True)
         for wait_s in (1.0, 3.0):  # a busy store (a sweep's runs sharing one sqlite file) gets a second chance
             if sent:
