@@ -234,11 +234,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_eval(build_parser().parse_args(["eval", "--checkpoint", str(run_dir / "encoder.pt"), "--train-data",
                                         str(data / "train"), "--val-data", str(data / "val"), "--device", "cpu",
                                         "--workers", "2", "--probe-epochs", "100", "--tsne", "--mlflow"]))
-    from trainer.tracking import resolve_tracking_uri
+    from trainer.tracking import resolve_tracking_uri, where_to_open
 
     uri = resolve_tracking_uri("")
     print(f"\nMLflow run logged to {uri} (experiment 'simclr-demo').\n"
-          f"Open the UI with:  .venv/bin/mlflow ui --backend-store-uri {uri}\n"
+          f"To see it: {where_to_open(uri).replace('mlflow ui', '.venv/bin/mlflow ui')}\n"
           f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}")
     return 0
 
@@ -256,12 +256,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(out)
         return 0
-    from trainer.tracking import resolve_tracking_uri
+    from trainer.tracking import resolve_tracking_uri, where_to_open
 
     uri = resolve_tracking_uri(cfg.tracking.uri)
     for s in out:
         print(f"submitted job {s.job_id}  run '{s.run_name}'\n  run dir  {s.run_dir}\n  stdout   {s.stdout}\n"
-              f"  stderr   {s.stderr}\n  MLflow   experiment '{cfg.tracking.experiment}' at {uri}")
+              f"  stderr   {s.stderr}\n  MLflow   experiment '{cfg.tracking.experiment}' at {uri} "
+              f"({where_to_open(uri)})")
     if args.wait:
         failed = 0
         for s in out:

@@ -575,3 +575,19 @@ def test_a_batch_of_one_is_refused_and_fp16_on_the_cpu_is_warned(tiny_config, ca
         tiny_config(**{"data.batch_size": 1})
     train(tiny_config(**{"precision.dtype": "fp16", "train.stop_after_steps": 1, "tracking.enabled": "false"}))
     assert capsys.readouterr().out.count("fp16 on the CPU runs about 20x slower") == 1
+
+
+def test_rank_zero_says_at_start_where_the_run_writes_what_it_reads_and_where_to_watch(tiny_config, capsys,
+                                                                                        monkeypatch):
+    result = train(tiny_config(**{"train.stop_after_steps": 2}))
+    out = capsys.readouterr().out
+    assert f"[simclr] run folder {result.run_dir} (new run; 20 steps in all)" in out
+    assert "80 images, 10 classes, labelled; 10 steps per epoch of 8 (1 rank(s) x 8), torchvision backend" in out
+    assert f"MLflow run {result.run_id} at sqlite:///" in out and "mlflow ui --backend-store-uri" in out
+    import trainer.step as step_module
+
+    monkeypatch.setattr(step_module, "nt_xent", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        train(tiny_config())
+    err = capsys.readouterr().err
+    assert f"MLflow run {result.run_id}" in err and "ended FAILED" in err  # a crash names its run

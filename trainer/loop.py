@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -68,7 +69,10 @@ def train(cfg: Config, stop: threading.Event | None = None,
         try:
             return run_training(parts, stop or threading.Event(), on_start)
         except BaseException as exc:  # the MLflow run must not stay RUNNING, whatever ended it
-            parts.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            parts.tracker.finish(status)
+            if parts.info.is_main and parts.tracker.run_id:
+                print(f"[simclr] {parts.tracker.describe()} ended {status}", file=sys.stderr, flush=True)
             raise
     finally:
         teardown()
@@ -76,7 +80,7 @@ def train(cfg: Config, stop: threading.Event | None = None,
 
 def run_training(parts: TrainParts, stop: threading.Event,
                  on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
-    cfg, steps_per_epoch = parts.cfg, parts.steps_per_epoch
+    cfg = parts.cfg
     step = start_run(parts)
     if step >= parts.schedule.total:  # a finished run run again: nothing to train, export or log twice
         encoder = parts.run_dir / "encoder.pt"
@@ -91,6 +95,20 @@ def run_training(parts: TrainParts, stop: threading.Event,
     stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
     bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not (parts.info.is_main and cfg.train.progress_bar))
+    try:
+        step, last_loss, preempted, skips = train_loop(parts, stop, step, stop_at, bar)
+    finally:
+        bar.close()  # ends the bar's line: a message that follows (an error too) starts on its own line
+    encoder_path = finish_run(parts, step, preempted)
+    return TrainResult(step, last_loss, parts.run_dir, parts.tracker.run_id, encoder_path, preempted,
+                       *skips.totals())
+
+
+def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int,
+               bar: tqdm) -> tuple[int, float, bool, SkipCounters]:
+    """Steps from ``step`` to ``stop_at`` (or a stop request): returns the step reached, the last
+    logged loss, whether it was stopped, and the skip counters."""
+    cfg, steps_per_epoch = parts.cfg, parts.steps_per_epoch
     window, skips, last_loss, preempted = MetricsWindow(parts.info.device), SkipCounters(parts), float("nan"), False
     parts.model.train()
     while step < stop_at and not preempted:
@@ -112,10 +130,7 @@ def run_training(parts: TrainParts, stop: threading.Event,
                 parts.checkpointer.save(step, steps_per_epoch, parts.state_dict())
             if step >= stop_at or preempted:
                 break
-    bar.close()
-    encoder_path = finish_run(parts, step, preempted)
-    return TrainResult(step, last_loss, parts.run_dir, parts.tracker.run_id, encoder_path, preempted,
-                       *skips.totals())
+    return step, last_loss, preempted, skips
 
 
 def stop_requested(parts: TrainParts, stop: threading.Event, step: int) -> bool:
@@ -195,7 +210,23 @@ def start_run(parts: TrainParts) -> int:
                       flush=True)
         if state is None:
             parts.tracker.log_artifact(config_file)
+        announce(parts, step)
     return step
+
+
+def announce(parts: TrainParts, step: int) -> None:
+    """Rank 0's start block: where the run writes, what it reads, and where to watch it."""
+    cfg, source, world = parts.cfg, parts.loader.source, parts.info.world_size
+    labels = np.asarray(source.labels)
+    known = int((labels >= 0).sum())
+    labelled = "labelled" if known == len(labels) else "unlabeled" if not known else f"{known} labelled"
+    classes = f", {len(source.classes)} classes" if source.classes else ""
+    print(f"[simclr] run folder {parts.run_dir} ({f'resumed at step {step}' if step else 'new run'}; "
+          f"{parts.schedule.total} steps in all)\n"
+          f"[simclr] data {cfg.data.root}: {len(source)} images{classes}, {labelled}; {parts.steps_per_epoch} steps "
+          f"per epoch of {cfg.data.batch_size} ({world} rank(s) x {cfg.data.batch_size // world}), "
+          f"{resolve_backend(cfg.data, parts.info.device)} backend on {parts.info.device}\n"
+          f"[simclr] {parts.tracker.describe()}", flush=True)
 
 
 def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm) -> float:

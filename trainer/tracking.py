@@ -371,9 +371,19 @@ class Tracker:
                   f"{RUN_RECORD}), with: simclr sync {self.run_dir}", file=sys.stderr)
 
     def describe(self) -> str:
-        if not self.active or self.run_id is None:
-            return f"metrics in {self.local_file}"
-        return f"MLflow run {self.run_id} at {self.uri} (open the UI with: mlflow ui --backend-store-uri {self.uri})"
+        if not self.active:
+            return f"metrics in {self.local_file} (MLflow tracking is off)"
+        if self.run_id is None:
+            return f"metrics in {self.local_file} (MLflow at {self.uri} not reached yet: simclr sync {self.run_dir})"
+        return f"MLflow run {self.run_id} at {self.uri} ({where_to_open(self.uri, self.run_id)})"
+
+
+def where_to_open(uri: str, run_id: str | None = None) -> str:
+    """How a person opens ``uri`` in a browser: a tracking server is a web UI already; a local store
+    needs ``mlflow ui`` started on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/#/runs/{run_id}" if run_id else f"open {uri}"
+    return f"open the UI with: mlflow ui --backend-store-uri {uri}"
 
 
 def prepare_store(cfg: TrackingConfig) -> None:
