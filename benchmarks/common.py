@@ -87,7 +87,19 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 def result_header(benchmark: str, device: str) -> dict[str, Any]:
     return {"benchmark": benchmark, "device": device, "versions": library_versions(), "git_commit": git_commit(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "git_dirty": git_dirty(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit named (None where there is no repository)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=RESULTS.parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def write_json(result: dict[str, Any], out: str | Path) -> Path:
