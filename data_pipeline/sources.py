@@ -163,6 +163,9 @@ def list_image_files(root: str | Path, labels: str = "auto") -> FileSource:
     paths: list[Path] = []
     label_list: list[int] = []
     for label, class_dir in enumerate(class_dirs):
+        if not os.access(class_dir, os.R_OK | os.X_OK):
+            raise DataError(f"class folder {class_dir} cannot be read by this user (permissions); give it read "
+                            f"access (chmod -R a+rX {class_dir}) or move it out of {root}")
         files = _image_files(class_dir)
         if not files:
             raise DataError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "

@@ -16,7 +16,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from data_pipeline.augment import eval_transform, simclr_transform
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import ArraySource, DataError, Source, epoch_indices, read_encoded, sample_name
+from data_pipeline.sources import ArraySource, DataError, ShardSource, Source, epoch_indices, read_encoded, sample_name
 
 
 def decode_sample(source: Source, index: int) -> torch.Tensor:
@@ -26,14 +26,17 @@ def decode_sample(source: Source, index: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(source.images[index])).permute(2, 0, 1)
     path = sample_name(source, index)
     raw = read_encoded(source, index)
+    # a file can be deleted or replaced; a member of a tar shard means the shards must be written again
+    fix = "write the shards again (simclr make-shards)" if isinstance(source, ShardSource) else \
+        "delete or replace it"
     if not raw:
-        raise DataError(f"cannot decode image {path}: the file is empty (0 bytes); delete or replace it, "
-                        "or set data.skip_corrupt=true to skip such files")
+        raise DataError(f"cannot decode image {path}: it is empty (0 bytes); {fix}, "
+                        "or set data.skip_corrupt=true to skip such images")
     try:
         return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}; delete or replace it, "
-                        "or set data.skip_corrupt=true to skip such files") from None
+        raise DataError(f"cannot decode image {path}: {exc}; {fix}, "
+                        "or set data.skip_corrupt=true to skip such images") from None
 
 
 class TwoViewDataset(Dataset):

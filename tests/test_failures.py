@@ -81,8 +81,9 @@ def test_failed_checkpoint_write_leaves_no_debris_and_the_previous_checkpoint_ne
     directory = ckpt.checkpoint_dir(cfg.train.run_dir)
     assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_000000002.pt"]
     fill_then_fail(monkeypatch)
-    with pytest.raises(ckpt.CheckpointError, match="(?i)no space left.*step_000000002.pt.*intact.*free"):
+    with pytest.raises(ckpt.CheckpointError, match="(?i)no space left.*step_000000002.pt.*intact.*free") as info:
         train(tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 4}))
+    assert "keep_last" not in str(info.value)  # one checkpoint on disk: fewer kept would free nothing
     assert sorted(p.name for p in directory.iterdir()) == ["step_000000002.pt"]  # no temp file left
     assert ckpt.load_checkpoint(directory / "step_000000002.pt")["step"] == 2
 

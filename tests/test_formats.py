@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,3 +347,30 @@ def test_reading_many_shards_keeps_few_files_open(tmp_path, photo_data):
     whole = [sources.read_encoded(source, i) for i in range(len(source))]
     assert len(os.listdir("/proc/self/fd")) - fds_before <= sources.MAX_OPEN_TARS
     assert whole[0][:3] == b"\xff\xd8\xff" and all(len(b) == s for b, s in zip(whole, source.sizes))
+
+
+def test_a_damaged_shard_member_says_to_write_the_shards_again(tmp_path):
+    """'Delete or replace it' is no advice for an image inside a tar."""
+    from data_pipeline.torchvision_loader import decode_sample
+
+    make_shards(open_source(colour_coded(tmp_path)), tmp_path / "s", 30)
+    source = open_source(tmp_path / "s")
+    tar = source.shards[source.shard_of[0]]
+    with open(tar, "r+b") as f:  # the first member's bytes overwritten in place: same length, not a JPEG
+        f.seek(int(source.offsets[0]))
+        f.write(b"\0" * int(source.sizes[0]))
+    with pytest.raises(DataError, match="write the shards again.*data.skip_corrupt") as info:
+        decode_sample(source, 0)
+    assert "delete or replace" not in str(info.value)
+
+
+def test_an_unreadable_class_folder_is_named_as_such(photo_data, monkeypatch):
+    import os
+
+    from data_pipeline import sources
+
+    locked = sorted((photo_data / "train").iterdir())[3]
+    real = os.access
+    monkeypatch.setattr(sources.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    with pytest.raises(DataError, match=f"class folder {locked} cannot be read.*permissions"):
+        open_source(photo_data / "train")

@@ -72,8 +72,9 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int
         kept = f"the previous checkpoint {previous[0]} is intact and stays the newest" if previous else \
             "no earlier checkpoint exists"
         why = "no space left on device" if full else str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {final}: {why}; {kept}. Free space in {directory} "
-                              "(or lower checkpoint.keep_last), then run again to resume") from None
+        fewer = " (or lower checkpoint.keep_last)" if len(previous) > 1 else ""  # only older ones could go
+        raise CheckpointError(f"could not write checkpoint {final}: {why}; {kept}. Free space in {directory}"
+                              f"{fewer}, then run again to resume") from None
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[keep_last:]:
         old.unlink(missing_ok=True)
