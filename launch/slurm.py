@@ -268,15 +268,38 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
     from trainer.tracking import prepare_store
 
     prepare_store(cfg.tracking)
-    jobs = []
-    if len(runs) == 1:
-        jobs = [executor.submit(TrainingJob(config_to_dict(runs[0]), cluster.max_requeues))]
-    else:
-        with executor.batch():
-            for run in runs:
-                jobs.append(executor.submit(TrainingJob(config_to_dict(run), cluster.max_requeues)))
+    jobs = submit_jobs(executor, runs, cluster)
     return [Submitted(j.job_id, r.tracking.run_name, r.train.run_dir, str(j.paths.stdout), str(j.paths.stderr), j)
             for j, r in zip(jobs, runs)]
+
+
+def submit_jobs(executor: Any, runs: list[Config], cluster: ClusterConfig) -> list[Any]:
+    """Submit one job per run (an array when several). When sbatch refuses, its message becomes one
+    line, and the files submitit wrote for the attempt (``.submission_file_*.sh``, pickles) are
+    removed: nothing was submitted, and nothing is left behind."""
+    import contextlib
+    import io
+    import subprocess
+
+    from submitit.core.utils import FailedJobError
+
+    folder = Path(cluster.log_dir)
+    before = set(folder.iterdir()) if folder.exists() else set()
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's stderr itself: it goes in our line
+            if len(runs) == 1:
+                return [executor.submit(TrainingJob(config_to_dict(runs[0]), cluster.max_requeues))]
+            with executor.batch():
+                return [executor.submit(TrainingJob(config_to_dict(run), cluster.max_requeues)) for run in runs]
+    except (FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+        for path in (set(folder.iterdir()) if folder.exists() else set()) - before:
+            if path.is_file() and (path.name.startswith(".submission_file_") or path.suffix == ".pkl"):
+                path.unlink(missing_ok=True)
+        why = next((line for line in (str(exc) + "\n" + said.getvalue()).splitlines() if line.strip()),
+                   type(exc).__name__)
+        raise ConfigError(f"sbatch refused the job: {why.strip()}; check the cluster config (partition, account, qos, "
+                          "time_min, gpus_per_node); nothing was submitted") from None
 
 
 def wait_for_job(job: Any, settle_s: float = 20.0, poll_s: float = 5.0) -> None:

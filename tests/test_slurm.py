@@ -247,3 +247,27 @@ def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_dat
     (run,) = [r for r in runs if r.info.run_id == final["mlflow_run_id"]]
     assert run.info.status == "FINISHED" and len(runs) == 1
     assert run.data.tags["simclr.world_size_history"] == f"0:2,{stopped['step']}:1"
+
+
+def test_a_refused_sbatch_is_one_line_and_leaves_no_files(photo_data, tmp_path, monkeypatch):
+    """sbatch saying no (a wrong partition, account or qos) was a traceback, and left the attempt's
+    .submission_file_*.sh and .pkl files in the log folder."""
+    import dataclasses
+
+    from launch.slurm import load_cluster_config, submit
+    from tests.conftest import REPO, tiny_overrides
+    from trainer.config import ConfigError, load_config
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", 'echo "sbatch: error: invalid partition specified: gpu-big" >&2; exit 1'),
+                       ("srun", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cluster = dataclasses.replace(load_cluster_config(REPO / "cluster_configs" / "local_test.yaml"),
+                                  log_dir=str(tmp_path / "logs"))
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run"))
+    with pytest.raises(ConfigError, match="sbatch refused the job: sbatch: error: invalid partition specified"):
+        submit(cfg, cluster)
+    assert not [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
