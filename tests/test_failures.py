@@ -205,8 +205,11 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(photo
     run_dir = tmp_path / "run"
     proc = start_training(photo_data, run_dir, *launcher, **{"data.num_workers": 2})
     wait_for_steps(run_dir, proc)
+    start = time.time()
     os.killpg(proc.pid, sig)
     out = proc.communicate(timeout=120)[0]
+    print(f"[measured] {sig.name} to the process group ({' '.join(launcher)}): ended {time.time() - start:.1f}s "
+          "after the signal, checkpointed")
     assert proc.returncode == 128 + sig, out[-3000:]
     assert "Traceback" not in out and "resume" in out, out[-3000:]
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
