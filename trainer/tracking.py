@@ -355,7 +355,9 @@ class Tracker:
             self._monitor.finish()
         self._finishing = True
         sent = self.flush(force=True)
-        for wait_s in (1.0, 3.0):  # a busy store (a sweep's runs sharing one sqlite file) gets a second chance
+        # a busy sqlite store (a sweep's runs sharing one file) gets more chances; a server that failed
+        # just now would only cost another request timeout each
+        for wait_s in (1.0, 3.0) if self.uri.startswith("sqlite:") else ():
             if sent:
                 break
             time.sleep(wait_s)
