@@ -234,8 +234,9 @@ class DaliLoader:
         bad = {p: why for part, _ in found for p, why in part.items()}
         if bad and not self.cfg.skip_corrupt:
             path, why = sorted(bad.items())[0]
+            fix = "give this user read access to it" if why.startswith("unreadable") else "delete or replace it"
             raise DataError(f"cannot decode image {path}: {why} ({len(bad)} bad file(s) in {self.source.root}); "
-                            "delete or replace it, or set data.skip_corrupt=true to skip such files")
+                            f"{fix}, or set data.skip_corrupt=true to skip such files")
         self.corrupt_skipped = len(bad)
         if bad:
             self.replacement = _next_good(np.array([p in bad for p in self.source.paths]))

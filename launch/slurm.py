@@ -259,9 +259,13 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
     world = cluster.nodes * ranks_per_node(cluster)
     for run in runs:
         if run.data.batch_size % world:
+            fix = f"use a multiple of {world} as data.batch_size"
+            if resume:  # the run's checkpoints fix its batch: only the job's shape can change
+                worlds = [k for k in range(1, run.data.batch_size + 1) if run.data.batch_size % k == 0]
+                fix = (f"the resumed run keeps its batch, so choose nodes x ranks per node among {worlds} "
+                       "(--cluster with other nodes or gpus_per_node)")
             raise ConfigError(f"data.batch_size={run.data.batch_size} does not divide over the {world} ranks this "
-                              f"cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)}); "
-                              f"use a multiple of {world}")
+                              f"cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)}); {fix}")
     executor = make_executor(cluster, name)
     if dry_run:
         return sbatch_script(executor)

@@ -100,3 +100,38 @@ def test_every_subcommand_explains_itself_and_each_option():
     for module in (benchmarks.throughput, benchmarks.feed):
         with pytest.raises(SystemExit):
             module.parse_args(["--help"])
+
+
+def test_home_in_path_keys_is_expanded(tmp_path, monkeypatch):
+    """``data.root=~/x`` reaches the program unexpanded (the shell expands only a leading ~)."""
+    from trainer.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["train.run_dir=~/runs/a", "data.root=~/data/train", "checkpoint.resume=~/c/step_1.pt"])
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "a") and cfg.data.root == str(tmp_path / "data" / "train")
+    assert cfg.checkpoint.resume == str(tmp_path / "c" / "step_1.pt")
+
+
+def test_an_unreadable_data_root_is_named_as_such(photo_data, monkeypatch):
+    import os
+
+    from data_pipeline import sources
+    from data_pipeline.sources import DataError, open_source
+
+    root = photo_data / "train"
+    real = os.access
+    monkeypatch.setattr(sources.os, "access", lambda p, mode: str(p) != str(root) and real(p, mode))
+    with pytest.raises(DataError, match=f"data path {root} cannot be read by this user"):
+        open_source(root)
+
+
+def test_a_run_dir_under_an_unwritable_folder_is_named(tmp_path, monkeypatch):
+    import os
+
+    from trainer import config
+    from trainer.config import ConfigError, load_config
+
+    real = os.access
+    monkeypatch.setattr(config.os, "access", lambda p, mode: str(p) != str(tmp_path) and real(p, mode))
+    with pytest.raises(ConfigError, match=f"train.run_dir.*{tmp_path} is not writable"):
+        load_config(None, [f"train.run_dir={tmp_path / 'new' / 'run'}"])

@@ -271,3 +271,20 @@ def test_a_refused_sbatch_is_one_line_and_leaves_no_files(photo_data, tmp_path, 
     with pytest.raises(ConfigError, match="sbatch refused the job: sbatch: error: invalid partition specified"):
         submit(cfg, cluster)
     assert not [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+
+
+def test_resubmitting_onto_a_shape_that_does_not_divide_the_batch_names_the_shapes(photo_data, tmp_path):
+    """A resumed run keeps its batch: 'use a batch that is a multiple of 3' was no advice."""
+    import dataclasses
+
+    from launch.slurm import load_cluster_config, submit
+    from tests.conftest import REPO, tiny_overrides
+    from trainer.config import ConfigError, load_config
+
+    cluster = dataclasses.replace(load_cluster_config(REPO / "cluster_configs" / "local_test.yaml"), tasks_per_node=3)
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"keeps its batch.*\[1, 2, 4, 8\]") as info:
+        submit(cfg, cluster, resume=True)
+    assert "multiple of" not in str(info.value)
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        submit(cfg, cluster)

@@ -142,6 +142,18 @@ def known_tracking_schemes() -> set[str]:
             "uc", *plugins}
 
 
+def expand_paths(cfg: Config) -> Config:
+    """``~`` in path keys (a shell leaves ``key=~/x`` alone), expanded once at load."""
+    def expand(path: str) -> str:
+        return str(Path(path).expanduser()) if path.startswith("~") else path
+
+    cfg.train.run_dir = expand(cfg.train.run_dir)
+    cfg.data.root, cfg.data.val_root = expand(cfg.data.root), expand(cfg.data.val_root)
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        cfg.checkpoint.resume = expand(cfg.checkpoint.resume)
+    return cfg
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
     d, o, a = cfg.data, cfg.optim, cfg.data.augment
@@ -212,7 +224,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     data = dict(data or {})
     if isinstance(data.get("precision"), str):  # shorthand `precision: bf16`
         data["precision"] = {"dtype": data["precision"]}
-    return validate(build_dataclass(Config, data))
+    return validate(expand_paths(build_dataclass(Config, data)))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

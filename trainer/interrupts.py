@@ -37,6 +37,8 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
                   file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         if not received and os.environ.get("RANK", "0") == "0":
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # off the progress bar's line
             print(f"[simclr] {signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
                   "(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
         if not received:
