@@ -71,3 +71,20 @@ def test_a_full_disk_keeps_the_old_files_and_names_the_one_it_could_not_write(fu
     with pytest.raises(DiskFullError, match="metrics.jsonl"):
         append_line(full_disk / "metrics.jsonl", json.dumps({"step": 4, "loss": 4.0, "pad": "x" * 20000}))
     assert read_jsonl(full_disk / "metrics.jsonl") == [{"step": 2, "loss": 5.0}]
+
+
+def test_sync_of_a_damaged_metrics_file_is_one_line_and_creates_no_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.config import TrackingConfig
+    from trainer.tracking import TrackingError, sync_offline
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 2, "time_ms": 1, "loss": 5.0}\nGARBAGE\n'
+                                           '{"step": 4, "time_ms": 2, "loss": 4.0}\n')
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    with pytest.raises(TrackingError, match="line 2.*damaged inside"):
+        sync_offline(run_dir, TrackingConfig(uri=uri), None)
+    client = MlflowClient(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

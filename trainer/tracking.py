@@ -427,6 +427,11 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
         raise TrackingError(f"{metrics_file} does not exist; pass the folder of a training run (its train.run_dir, "
                             "which holds metrics.jsonl)")
     record = read_run_record(run_dir)
+    try:  # read first: a folder that cannot be replayed must not leave an empty run behind
+        rows = read_metrics_file(metrics_file)
+    except ValueError as exc:
+        raise TrackingError(f"{exc}; {metrics_file} is damaged inside (not only its last line): fix or remove that "
+                            "line, then sync again") from None
     own_store = not cfg.uri or cfg.uri == record.get("uri")
     run_id = run_id or (record.get("run_id") if own_store else None)
     cfg = dataclasses.replace(cfg, uri=cfg.uri or record.get("uri", ""),
@@ -441,7 +446,7 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     tracker._pending_params = {k: v for k, v in record.get("params", {}).items() if k not in run.data.params}
     have = {(key, m.step, m.timestamp) for key in run.data.metrics
             for m in tracker._client.get_metric_history(tracker.run_id, key)}
-    for rec in read_metrics_file(metrics_file):
+    for rec in rows:
         step, t = rec.pop("step"), rec.pop("time_ms")
         tracker._pending.extend((k, float(v), t, step) for k, v in rec.items() if (k, step, t) not in have)
     if not tracker.flush(force=True):
