@@ -58,14 +58,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from data_pipeline.sources import open_source
     from trainer.dataclass_yaml import ConfigError
     from trainer.device import choose_device
-    from trainer.evaluate import check_same_classes, evaluate_encoder, finetune, load_encoder
-    from trainer.model import build_encoder
+    from trainer.evaluate import check_same_classes, evaluate_encoder, finetune, load_encoder, random_init_like
     from trainer.plots import tsne_plot
 
     bad = [f for f in args.finetune if not 0 < f <= 1]
     if bad:  # before any work: the probe would run first, then fail
         raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
-    encoder, cfg = load_encoder(args.checkpoint)
+    encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
     device = choose_device(args.device)
     out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
@@ -73,11 +72,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.train.seed)
     encoders = {"SimCLR": encoder}
     if not args.no_baseline:
-        encoders["random init"] = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
+        encoders["random init"] = random_init_like(cfg, args.head_layers)
     train_set = open_source(args.train_data, args.train_split, cfg.data.labels)
     val_set = open_source(args.val_data, args.val_split, cfg.data.labels)
     check_same_classes(train_set, val_set)
-    report: dict = {"checkpoint": str(args.checkpoint), "train_data": args.train_data, "val_data": args.val_data,
+    report: dict = {"checkpoint": str(args.checkpoint), "head_layers": args.head_layers,
+                    "train_data": args.train_data, "val_data": args.val_data,
                     "train_split": args.train_split, "val_split": args.val_split,
                     "arch": cfg.model.arch, "device": str(device), "rows": {}}
     for name, candidate in encoders.items():
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", type=float, nargs="*", default=[], metavar="FRACTION",
                    help="also fine-tune with these fractions of the labels, e.g. 0.01 0.1 1.0")
     p.add_argument("--finetune-epochs", type=int, default=30, help="epochs of each --finetune run")
+    p.add_argument("--head-layers", type=int, default=0, metavar="N",
+                   help="read features after the first N layers of the projection head (SimCLRv2: fine-tune from "
+                        "the head's first layer); needs a training checkpoint step_N.pt")
     p.add_argument("--tsne", action="store_true", help="write t-SNE plots of the held-out features")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/eval)")
     p.add_argument("--mlflow", action="store_true", help="log the report, plots and metrics to MLflow")

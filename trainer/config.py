@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -30,12 +30,18 @@ __all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "config_from_
            "dump_config", "load_config"]
 
 
+# torchvision ResNets: the SimCLR paper's ResNet-50 (wide_resnet*_2 are its 2x widths), SimCLRv2's deeper ones
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+
+
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    arch: Arch = "resnet18"
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
     proj_hidden_dim: int = 0  # 0: same as the encoder's feature width (512 or 2048)
     proj_out_dim: int = 128
+    proj_layers: int = 2  # linear layers in the projection head: 2 (SimCLR v1) or 3 (SimCLRv2)
     sync_bn: bool = True  # convert BN to SyncBatchNorm on CUDA when world size > 1
     sync_bn_group_size: int = 0  # 0: sync across the whole world; K: within groups of K ranks
     channels_last: bool = True  # only applied on CUDA
@@ -193,6 +199,8 @@ def validate(cfg: Config) -> Config:
     _check(all(s > 0 for s in a.std), "data.augment.std", a.std, "every entry must be > 0")
     _check(cfg.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", cfg.model.proj_hidden_dim, "must be >= 0")
     _check(cfg.model.proj_out_dim > 0, "model.proj_out_dim", cfg.model.proj_out_dim, "must be > 0")
+    _check(cfg.model.proj_layers >= 1, "model.proj_layers", cfg.model.proj_layers,
+           "must be >= 1 (2: SimCLR v1's head, 3: SimCLRv2's)")
     _check(cfg.model.sync_bn_group_size >= 0, "model.sync_bn_group_size", cfg.model.sync_bn_group_size,
            "must be >= 0 (0 = whole world)")
     t = cfg.train

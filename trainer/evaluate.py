@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, Source, labelled_indices
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.config import Config, config_from_dict, load_config
-from trainer.model import build_encoder
+from trainer.model import SimCLRModel, build_encoder, head_features
 
 
 @torch.no_grad()
@@ -112,10 +113,14 @@ def evaluate_encoder(encoder: nn.Module, train: Source, val: Source, data_cfg: D
     return EncoderEval(lin["top1"], lin["top5"], knn, va_x, va_y)
 
 
-def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
+def load_encoder(path: str | Path, head_layers: int = 0) -> tuple[nn.Module, Config]:
     """An encoder from a training checkpoint, or from an exported encoder state dict (``encoder.pt``
-    under any name) whose run's ``config.yaml`` sits beside it. Returns it with the run's config."""
+    under any name) whose run's ``config.yaml`` sits beside it. Returns it with the run's config.
+    ``head_layers`` > 0: the encoder followed by that many layers of the projection head (a
+    training checkpoint holds the head; an exported encoder does not)."""
     path = Path(path)
+    if head_layers:
+        return _load_with_head(path, head_layers)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass a checkpoint step_N.pt or an exported encoder.pt")
     try:
@@ -148,6 +153,29 @@ def load_encoder(path: str | Path) -> tuple[nn.Module, Config]:
                               "use the config of the run that trained them")
     encoder.load_state_dict(weights)
     return encoder, cfg
+
+
+def _load_with_head(path: Path, head_layers: int) -> tuple[nn.Module, Config]:
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        content = None
+    if not (isinstance(content, dict) and "format_version" in content):
+        raise CheckpointError(f"--head-layers {head_layers} reads the projection head, which only a training "
+                              f"checkpoint holds; {path} is not one: pass a step_N.pt from the run's checkpoints/")
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    if not 0 < head_layers <= cfg.model.proj_layers:
+        raise CheckpointError(f"--head-layers {head_layers}: the run's projection head has {cfg.model.proj_layers} "
+                              f"layers (model.proj_layers); use 0 to {cfg.model.proj_layers}")
+    model = SimCLRModel(dataclasses.replace(cfg.model, sync_bn=False))
+    model.load_state_dict(state["model"])
+    return head_features(model, head_layers), cfg
+
+
+def random_init_like(cfg: Config, head_layers: int = 0) -> nn.Module:
+    """The baseline: the same architecture (and head layers) at random initialisation."""
+    return head_features(SimCLRModel(dataclasses.replace(cfg.model, sync_bn=False)), head_layers)
 
 
 def check_same_classes(train: Source, val: Source) -> None:

@@ -10,7 +10,9 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.sync_batchnorm import convert_sync_batchnorm
 
-FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+# the width of each encoder's pooled features (what the probe and the head see)
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+                "wide_resnet50_2": 2048, "wide_resnet101_2": 2048}
 
 
 def build_encoder(arch: str, cifar_stem: bool = False) -> nn.Module:
@@ -26,15 +28,16 @@ def build_encoder(arch: str, cifar_stem: bool = False) -> nn.Module:
 
 
 class ProjectionHead(nn.Sequential):
-    """Linear - BN - ReLU - Linear (SimCLR v1)."""
+    """``layers - 1`` blocks of Linear - BN - ReLU, then a Linear: 2 layers is SimCLR v1's head,
+    3 SimCLRv2's. ``list(head)[: 3 * k]`` is the head's first k layers (SimCLRv2 fine-tunes from there)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
-        super().__init__(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> None:
+        blocks: list[nn.Module] = []
+        for k in range(layers - 1):
+            blocks += [nn.Linear(in_dim if k == 0 else hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                       nn.ReLU(inplace=True)]
+        blocks.append(nn.Linear(hidden_dim if layers > 1 else in_dim, out_dim))
+        super().__init__(*blocks)
 
 
 class SimCLRModel(nn.Module):
@@ -42,10 +45,19 @@ class SimCLRModel(nn.Module):
         super().__init__()
         self.feature_dim = FEATURE_DIMS[cfg.arch]
         self.encoder = build_encoder(cfg.arch, cfg.cifar_stem)
-        self.projector = ProjectionHead(self.feature_dim, cfg.proj_hidden_dim or self.feature_dim, cfg.proj_out_dim)
+        self.projector = ProjectionHead(self.feature_dim, cfg.proj_hidden_dim or self.feature_dim, cfg.proj_out_dim,
+                                        cfg.proj_layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(images))
+
+
+def head_features(model: SimCLRModel, head_layers: int) -> nn.Module:
+    """What evaluation reads features from: the encoder (0), or the encoder followed by the first
+    ``head_layers`` layers of the projection head (SimCLRv2 fine-tunes from the head's first layer)."""
+    if head_layers == 0:
+        return model.encoder
+    return nn.Sequential(model.encoder, *list(model.projector)[: 3 * head_layers])
 
 
 def sync_bn_groups(world_size: int, group_size: int) -> list[list[int]]:
