@@ -76,8 +76,8 @@ def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
     source = batches_forever(parts.loader, rebuild_each_epoch=rebuild)
     fixed = None
     if mode == "model":
-        _, _, (v1, v2, _) = next(source)
-        fixed = (v1.clone(), v2.clone())
+        _, _, (v1, v2, labels) = next(source)
+        fixed = (v1.clone(), v2.clone(), labels.clone())
     waits, firsts, lr = [], [], parts.schedule(parts.schedule.total // 2)  # a mid-schedule lr
     warmup_start = start = time.perf_counter()
     with counter.installed():
@@ -89,15 +89,15 @@ def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
             t = time.perf_counter()
             if fixed is None:
                 with counter.paused():  # the loader's own host work is not the step's
-                    _, step, (v1, v2, _) = next(source)
+                    _, step, (v1, v2, labels) = next(source)
             else:
-                v1, v2 = fixed
+                v1, v2, labels = fixed
                 step = -1
             waited = time.perf_counter() - t
             if i >= warmup:
                 (firsts if step == 0 else waits).append(waited)
             if mode != "loader":
-                train_step(parts, v1, v2, lr)
+                train_step(parts, v1, v2, lr, labels)  # with the online probe when the run has one
         synchronize(device)
         counter.active = False
     elapsed = time.perf_counter() - start
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "image_size": cfg.data.image_size, "global_batch": cfg.data.batch_size,
                          "precision": cfg.precision.dtype, "ranks": args.nproc, "steps": args.steps,
                          "warmup": args.warmup, "data": cfg.data.root, "backend": rows[0]["backend"],
-                         "rebuild_each_epoch": args.rebuild_each_epoch, "compile": cfg.model.compile},
+                         "rebuild_each_epoch": args.rebuild_each_epoch, "compile": cfg.model.compile,
+                         "online_probe": cfg.train.online_probe},
               "rows": rows}
     print_table(result)
     name = (f"feed_{device.type}_{cfg.model.arch}_{cfg.data.image_size}px_b{cfg.data.batch_size}_"

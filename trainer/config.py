@@ -85,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     stop_after_steps: int = 0  # >0: stop early (schedule unchanged), as a time limit would
     knn_every_epochs: int = 0  # >0: kNN monitor on data.val_root every N epochs
+    online_probe: bool = True  # a linear classifier trained on the detached features (when the data has labels)
     stop_check_every: int = 10  # multi-rank runs agree on a stop request (pre-emption, Ctrl-C) every N steps
     progress_bar: bool = True
     overwrite: bool = False  # with checkpoint.resume=none: replace an earlier run's checkpoints in run_dir

@@ -21,16 +21,22 @@ from trainer.model import SimCLRModel, build_encoder, head_features
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, source: Source, data_cfg: DataConfig, device: torch.device,
-                     needed_by: str, batch_size: int = 256, max_images: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     needed_by: str, batch_size: int = 256, max_images: int = 0,
+                     shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder features (no projection head) of the labelled images of ``source`` (all, or a seeded
-    random ``max_images`` of them); a DataError naming ``needed_by`` when it has no labels."""
+    random ``max_images`` of them); a DataError naming ``needed_by`` when it has no labels.
+    ``shard=(rank, world)``: only this rank's share of them (every world-th image)."""
     encoder.eval().to(device)
     feats, labels = [], []
     keep = labelled_indices(source, needed_by)
     indices = None if len(keep) == len(source) else keep.tolist()
     if max_images and len(keep) > max_images:
         pick = torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))[:max_images]
-        indices = keep[pick.numpy()].tolist()
+        keep = keep[pick.numpy()]
+        indices = keep.tolist()
+    rank, world = shard
+    if world > 1:
+        indices = keep[rank::world].tolist()
     for images, y in build_eval_batches(data_cfg, source, device, batch_size, indices):
         feats.append(encoder(images.to(device)).float().cpu())
         labels.append(y)
@@ -251,6 +257,25 @@ def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConf
 
 
 @torch.no_grad()
+def probe_val_top1(encoder: nn.Module, probe, source: Source, data_cfg: DataConfig, device: torch.device,
+                   rank: int, world: int) -> float:
+    """The online probe's top-1 on ``source``, each rank scoring its share (a collective). Leaves the
+    encoder in train mode."""
+    import torch.distributed as dist
+
+    try:
+        x, y = extract_features(encoder, source, data_cfg, device, "the online probe's validation (data.val_root)",
+                                shard=(rank, world))
+        hits, count = probe.evaluate(x.to(device), y.to(device))
+        counts = torch.stack([hits, count])
+        if world > 1:
+            dist.all_reduce(counts)
+        hits, count = counts.tolist()
+        return hits / max(count, 1.0)
+    finally:
+        encoder.train()
+
+
 def knn_monitor(encoder: nn.Module, data_cfg: DataConfig, device: torch.device, max_train: int = 10_000) -> float:
     """Quick kNN top-1 of the current encoder on data.val_root against (up to ``max_train``
     labelled images of) data.root, for logging during pretraining. Leaves the encoder in train mode."""

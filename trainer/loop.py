@@ -24,7 +24,7 @@ from trainer.config import Config, config_to_dict, dump_config
 from trainer.dataclass_yaml import flatten
 from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
-from trainer.evaluate import knn_monitor
+from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.export import log_encoder_model
 from trainer.metrics import MetricsWindow
 from trainer.model import encoder_state_dict
@@ -113,14 +113,16 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
     parts.model.train()
     while step < stop_at and not preempted:
         parts.loader.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
-        for view1, view2, _ in window.timed(parts.loader):
-            outcome = train_step(parts, view1, view2, parts.schedule(step))
+        for view1, view2, labels in window.timed(parts.loader):
+            outcome = train_step(parts, view1, view2, parts.schedule(step), labels)
             skips.add(outcome)
             step += 1
             window.add(outcome.loss, outcome.accuracy, outcome.skipped)
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == stop_at:
                 last_loss = log_window(parts, window, skips, step, bar)
+            if parts.online_probe is not None and step % steps_per_epoch == 0:
+                log_online_probe(parts, step)
             if knn_due(cfg, step, steps_per_epoch):
                 log_knn_monitor(parts, step)
             preempted = stop_requested(parts, stop, step)
@@ -246,6 +248,17 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
 def knn_due(cfg: Config, step: int, steps_per_epoch: int) -> bool:
     every = cfg.train.knn_every_epochs
     return bool(every and cfg.data.val_root and step % (steps_per_epoch * every) == 0)
+
+
+def log_online_probe(parts: TrainParts, step: int) -> None:
+    """At each epoch's end: the online probe's top-1 on that epoch's training batches and, with
+    data.val_root, on the validation set, every rank scoring its share (collectives: every rank)."""
+    metrics = {"online_probe_top1": parts.online_probe.epoch_top1()}
+    if parts.val_source is not None:
+        metrics["online_probe_val_top1"] = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source,
+                                                          parts.cfg.data, parts.info.device, parts.info.rank,
+                                                          parts.info.world_size)
+    parts.tracker.log_metrics(metrics, step)
 
 
 def log_knn_monitor(parts: TrainParts, step: int) -> None:

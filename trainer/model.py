@@ -48,8 +48,13 @@ class SimCLRModel(nn.Module):
         self.projector = ProjectionHead(self.feature_dim, cfg.proj_hidden_dim or self.feature_dim, cfg.proj_out_dim,
                                         cfg.proj_layers)
 
+        self.probe_features: list[torch.Tensor] | None = None  # set by the step when an online probe reads them
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder(images))
+        features = self.encoder(images)
+        if self.probe_features is not None and torch.is_grad_enabled():  # the pass that trains (not grad
+            self.probe_features.append(features[: features.shape[0] // 2].detach())  # caching's first one): view 1
+        return self.projector(features)
 
 
 def head_features(model: SimCLRModel, head_layers: int) -> nn.Module:

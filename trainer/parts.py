@@ -6,17 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline import TwoViewLoader, build_loader, open_val_source
-from data_pipeline.sources import labelled_indices
+from data_pipeline.sources import Source, labelled_indices
 from trainer.checkpoint import Checkpointer, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
 from trainer.model import build_model
+from trainer.online_probe import OnlineProbe
 from trainer.optim import build_optimizer
 from trainer.precision import PrecisionPolicy
 from trainer.schedule import WarmupCosine, build_schedule
@@ -38,6 +40,8 @@ class TrainParts:
     checkpointer: Checkpointer
     tracker: Tracker  # MLflow on rank 0; a no-op elsewhere
     world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
+    online_probe: OnlineProbe | None = None  # train.online_probe on labelled data
+    val_source: Source | None = None  # data.val_root, opened once per run
 
     @property
     def run_dir(self) -> Path:
@@ -49,14 +53,19 @@ class TrainParts:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds besides the position and RNG states."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.precision.state_dict(), "mlflow_run_id": self.tracker.run_id,
-                "world_size_history": self.world_size_history}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.precision.state_dict(), "mlflow_run_id": self.tracker.run_id,
+                 "world_size_history": self.world_size_history}
+        if self.online_probe is not None:
+            state["online_probe"] = self.online_probe.state_dict_with_optimizer()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state.get("scaler") or {})
+        if self.online_probe is not None and state.get("online_probe"):  # older checkpoints: a fresh probe
+            self.online_probe.load_state_dict_with_optimizer(state["online_probe"])
 
 
 @dataclass
@@ -112,16 +121,21 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
     seed_everything(cfg.train.seed, info.rank)
     loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device,
                           check_cache=Path(cfg.train.run_dir) / "data_check.json")
-    if cfg.train.knn_every_epochs and cfg.data.val_root:  # say now, not epochs later, that labels are missing
+    val_source = open_val_source(cfg.data) if cfg.data.val_root else None  # once per run
+    if cfg.train.knn_every_epochs and val_source is not None:  # say now, not epochs later, that labels are missing
         why = "the kNN monitor (train.knn_every_epochs > 0; set it to 0 to pretrain without labels)"
         labelled_indices(loader.source, why)
-        labelled_indices(open_val_source(cfg.data), why)
+        labelled_indices(val_source, why)
     schedule = build_schedule(cfg.optim, cfg.data.batch_size, loader.steps_per_epoch, cfg.train.epochs)
     m = build_model_parts(cfg, info, schedule(0))
+    labels = np.asarray(loader.source.labels)
+    probe = None
+    if cfg.train.online_probe and (labels >= 0).any():  # built after the model: its init draws come last
+        probe = OnlineProbe(m.model.feature_dim, int(labels.max()) + 1, device)
     return TrainParts(
         cfg=cfg, info=info, loader=loader, model=m.model, ddp_model=m.ddp_model, optimizer=m.optimizer,
         schedule=schedule, precision=m.precision, forward_backward=m.forward_backward,
         checkpointer=Checkpointer(cfg, info),
         tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
-        world_size_history=[[0, info.world_size]],
+        world_size_history=[[0, info.world_size]], online_probe=probe, val_source=val_source,
     )

@@ -58,21 +58,27 @@ def build_forward_backward(model: nn.Module, ddp_model: nn.Module, precision: Pr
 
 
 class StepParts(Protocol):
-    """What a step needs of the run's parts (``trainer.parts.TrainParts`` has it)."""
+    """What a step needs of the run's parts (``trainer.parts.TrainParts`` has it; an
+    ``online_probe`` attribute, when present and set, is trained on the step's features too)."""
 
+    model: nn.Module
     optimizer: torch.optim.Optimizer
     forward_backward: ForwardBackward
     precision: PrecisionPolicy
 
 
-def train_step(parts: StepParts, view1: torch.Tensor, view2: torch.Tensor, lr: float) -> StepOutcome:
+def train_step(parts: StepParts, view1: torch.Tensor, view2: torch.Tensor, lr: float,
+               labels: torch.Tensor | None = None) -> StepOutcome:
     """One optimizer step on a batch of two views: set the lr, zero the gradients, forward and
     backward, agree across ranks whether the loss was finite, step (a no-op on the device when
     not). Every rank takes the same decision without reading it."""
     optimizer, precision = parts.optimizer, parts.precision
+    probe = getattr(parts, "online_probe", None) if labels is not None else None
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    if probe is not None:
+        parts.model.probe_features = []
     loss, accuracy = parts.forward_backward(view1, view2)
     loss = loss.detach()
     nonfinite = max_over_ranks((~torch.isfinite(loss)).float())
@@ -80,4 +86,7 @@ def train_step(parts: StepParts, view1: torch.Tensor, view2: torch.Tensor, lr: f
     overflow = precision.unscale_(p for group in optimizer.param_groups for p in group["params"]) * (1 - nonfinite)
     guarded_step(optimizer, torch.maximum(nonfinite, overflow))
     precision.update(overflow)
+    if probe is not None:
+        probe.update(torch.cat(parts.model.probe_features), labels, nonfinite)
+        parts.model.probe_features = None
     return StepOutcome(loss, accuracy, skipped=nonfinite, overflow=overflow)

@@ -1,0 +1,36 @@
+"""Under torchrun (2 gloo ranks): train one epoch, then check the probe is the same on both ranks and
+that the validation split over ranks equals one process scoring everything. Rank 0 writes argv[1]."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import load_config
+from trainer.distributed import init_distributed, teardown
+from trainer.evaluate import probe_val_top1
+from trainer.loop import run_training
+from trainer.parts import build_parts
+
+out, overrides = sys.argv[1], sys.argv[2:]
+cfg = load_config(None, overrides)
+info = init_distributed(cfg.dist, "cpu")
+parts = build_parts(cfg, info)
+import threading  # noqa: E402
+
+run_training(parts, threading.Event())
+weights = torch.cat([p.detach().reshape(-1) for p in parts.online_probe.classifier.parameters()])
+gathered = [torch.zeros_like(weights) for _ in range(info.world_size)]
+dist.all_gather(gathered, weights)
+split = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source, cfg.data, info.device, info.rank,
+                       info.world_size)
+splits = [None] * info.world_size
+dist.all_gather_object(splits, split)
+if info.is_main:
+    alone = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source, cfg.data, info.device, 0, 1)
+    json.dump({"weights_equal_on_both_ranks": all(torch.equal(gathered[0], g) for g in gathered),
+               "val_top1_equal_on_both_ranks": len(set(splits)) == 1, "val_top1": split,
+               "single_process_val_top1": alone}, open(out, "w"))
+dist.barrier()
+teardown()
