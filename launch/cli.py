@@ -50,59 +50,103 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``simclr eval``: one process, or ``--nproc K`` local ranks that each extract their share."""
+    from trainer.dataclass_yaml import ConfigError
+
+    bad = [f for f in args.finetune if not 0 < f <= 1]
+    if bad:  # before any work: the probe would run first, then fail
+        raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from launch.local import run_local_ranks
+        from trainer.device import check_local_ranks
+
+        check_local_ranks(args.nproc, args.device)
+        return run_local_ranks(args.nproc, ["eval", *eval_argv(args)], module="launch")
+    run_evaluation(args)
+    return 0
+
+
+def eval_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of ``args`` for each rank (without --nproc): every option, explicitly."""
+    out = ["--checkpoint", str(args.checkpoint), "--train-data", str(args.train_data), "--val-data",
+           str(args.val_data), "--train-split", args.train_split, "--val-split", args.val_split,
+           "--probe-epochs", str(args.probe_epochs), "--device", args.device, "--workers", str(args.workers),
+           "--finetune-epochs", str(args.finetune_epochs), "--head-layers", str(args.head_layers)]
+    out += ["--finetune", *map(str, args.finetune)] if args.finetune else []
+    out += ["--out", str(args.out)] if args.out else []
+    out += [flag for flag, on in (("--no-baseline", args.no_baseline), ("--tsne", args.tsne),
+                                  ("--mlflow", args.mlflow)) if on]
+    return out
+
+
+def run_evaluation(args: argparse.Namespace) -> dict | None:
+    """The evaluation of ``args`` in this process, which is one rank when WORLD_SIZE says so: every
+    rank extracts features of its share of each set, the shares are gathered, and rank 0 (which
+    alone fine-tunes and draws) writes the report once, whole (a requeued job just runs again).
+    Returns the report on rank 0."""
     import dataclasses
     import json
 
     import torch
 
     from data_pipeline.sources import open_source
-    from trainer.dataclass_yaml import ConfigError
-    from trainer.device import choose_device
+    from trainer.config import DistConfig
+    from trainer.distributed import init_distributed, teardown
     from trainer.evaluate import check_same_classes, evaluate_encoder, finetune, load_encoder, random_init_like
     from trainer.plots import tsne_plot
+    from trainer.run_files import atomic_write_text
 
-    bad = [f for f in args.finetune if not 0 < f <= 1]
-    if bad:  # before any work: the probe would run first, then fail
-        raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
-    device = choose_device(args.device)
-    out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
-    encoders = {"SimCLR": encoder}
-    if not args.no_baseline:
-        encoders["random init"] = random_init_like(cfg, args.head_layers)
     train_set = open_source(args.train_data, args.train_split, cfg.data.labels)
     val_set = open_source(args.val_data, args.val_split, cfg.data.labels)
     check_same_classes(train_set, val_set)
-    report: dict = {"checkpoint": str(args.checkpoint), "head_layers": args.head_layers,
-                    "train_data": args.train_data, "val_data": args.val_data,
-                    "train_split": args.train_split, "val_split": args.val_split,
-                    "arch": cfg.model.arch, "device": str(device), "rows": {}}
-    for name, candidate in encoders.items():
-        scores = evaluate_encoder(candidate, train_set, val_set, data_cfg, device, args.probe_epochs)
-        row = {"linear_top1": scores.linear_top1, "linear_top5": scores.linear_top5, "knn_top1": scores.knn_top1}
-        for fraction in args.finetune:
-            tuned = finetune(candidate, train_set, val_set, data_cfg, device, fraction,
-                             args.finetune_epochs)
-            row[f"finetune_{fraction:g}_top1"] = tuned["top1"]
-        if args.tsne:
-            slug = name.replace(" ", "_").lower()
-            plot = tsne_plot(scores.val_features, scores.val_labels, out_dir / f"tsne_{slug}.png",
-                             f"t-SNE of {name} features", class_names=val_set.classes)
-            row["tsne"] = str(plot)
-        report["rows"][name] = row
-    keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
-    lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for name, r in report["rows"].items()]
-    print("\n" + "\n".join(lines))
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    print(f"\nreport: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
-    if args.mlflow:
-        _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
-    return 0
+    info = init_distributed(DistConfig(), args.device)
+    try:
+        device = info.device
+        out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
+        torch.manual_seed(cfg.train.seed)
+        encoders = {"SimCLR": encoder}
+        if not args.no_baseline:
+            encoders["random init"] = random_init_like(cfg, args.head_layers)
+        report: dict = {"checkpoint": str(args.checkpoint), "head_layers": args.head_layers,
+                        "train_data": str(args.train_data), "val_data": str(args.val_data),
+                        "train_split": args.train_split, "val_split": args.val_split,
+                        "arch": cfg.model.arch, "device": str(device), "ranks": info.world_size, "rows": {}}
+        for name, candidate in encoders.items():
+            scores = evaluate_encoder(candidate, train_set, val_set, data_cfg, device, args.probe_epochs,
+                                      shard=(info.rank, info.world_size))
+            if not info.is_main:
+                continue
+            row = {"linear_top1": scores.linear_top1, "linear_top5": scores.linear_top5, "knn_top1": scores.knn_top1}
+            for fraction in args.finetune:  # on rank 0: a fine-tuning run of its own
+                tuned = finetune(candidate, train_set, val_set, data_cfg, device, fraction, args.finetune_epochs)
+                row[f"finetune_{fraction:g}_top1"] = tuned["top1"]
+            if args.tsne:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                slug = name.replace(" ", "_").lower()
+                plot = tsne_plot(scores.val_features, scores.val_labels, out_dir / f"tsne_{slug}.png",
+                                 f"t-SNE of {name} features", class_names=val_set.classes)
+                row["tsne"] = str(plot)
+            report["rows"][name] = row
+        if not info.is_main:
+            return None
+        keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
+        lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |"
+                  for name, r in report["rows"].items()]
+        print("\n" + "\n".join(lines))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+        atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+        print(f"\nreport: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+        if args.mlflow:
+            _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
+        return report
+    finally:
+        teardown()
 
 
 def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> None:
@@ -297,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", "linear probe + kNN of a trained encoder, beside a random-init baseline")
     p.add_argument("--checkpoint", required=True, help="a checkpoint step_N.pt or an exported encoder.pt")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="local ranks: each extracts the features of its share of both sets (one per GPU)")
     p.add_argument("--train-data", required=True, help="labelled training set (any layout data.root accepts)")
     p.add_argument("--val-data", required=True, help="held-out set (any layout data.root accepts)")
     p.add_argument("--train-split", default="", help="split of --train-data when it holds several (STL-10: train)")

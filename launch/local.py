@@ -37,12 +37,13 @@ def rank_env(rank: int, nproc: int, port: int, error_dir: Path) -> dict[str, str
             "SIMCLR_ERROR_FILE": str(error_dir / f"rank{rank}"), "SIMCLR_LAUNCHED": "1"}
 
 
-def run_local_ranks(nproc: int, args: list[str]) -> int:
-    """Run the job in the foreground; returns 0, 128 + the signal that stopped it, 2 for a user
-    error (its line printed once), or the first failing rank's status."""
+def run_local_ranks(nproc: int, args: list[str], module: str = "trainer") -> int:
+    """Run ``python -m <module> <args>`` as ``nproc`` ranks in the foreground (the training job, or
+    ``launch eval``); returns 0, 128 + the signal that stopped it, 2 for a user error (its line
+    printed once), or the first failing rank's status."""
     error_dir = Path(tempfile.mkdtemp(prefix="simclr_ranks_"))
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer", *args], env=rank_env(r, nproc, port, error_dir),
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env(r, nproc, port, error_dir),
                               start_new_session=True) for r in range(nproc)]
     received: list[int] = []
 

@@ -99,3 +99,34 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert "| SimCLR |" in proc.stdout and "| random init |" in proc.stdout
     assert "mlflow.pytorch.load_model('runs:/" in proc.stdout
     assert (tmp_path / "runs" / "demo" / "eval" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_on_two_ranks_equals_one_process(photo_data, tmp_path):
+    """--nproc 2: each rank extracts its share of both sets, the shares are gathered back in order,
+    and the report is the one-process report (to 1e-5), written once."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, tiny_overrides
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    result = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
+        "train.epochs": 1, "tracking.enabled": "false"})))
+    reports = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}"
+        proc = subprocess.run([sys.executable, "-m", "launch", "eval", "--nproc", str(nproc), "--checkpoint",
+                               str(result.encoder_path), "--train-data", str(photo_data / "train"), "--val-data",
+                               str(photo_data / "val"), "--device", "cpu", "--workers", "0", "--probe-epochs", "20",
+                               "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("report:") == 1  # rank 0 alone writes and says so
+        reports[nproc] = json.loads((out / "report.json").read_text())
+    assert reports[2]["ranks"] == 2 and reports[1]["ranks"] == 1
+    for name, row in reports[1]["rows"].items():
+        for key, value in row.items():
+            assert abs(reports[2]["rows"][name][key] - value) <= 1e-5, (name, key)

@@ -109,14 +109,49 @@ class EncoderEval:
 
 
 def evaluate_encoder(encoder: nn.Module, train: Source, val: Source, data_cfg: DataConfig,
-                     device: torch.device, probe_epochs: int = 100) -> EncoderEval:
-    """Features extracted once (labelled images only), then the linear probe and weighted kNN on them."""
+                     device: torch.device, probe_epochs: int = 100, shard: tuple[int, int] = (0, 1)) -> EncoderEval:
+    """Features extracted once (labelled images only), then the linear probe and weighted kNN on them.
+    ``shard=(rank, world)``: each rank extracts its share, the shares are gathered back into the
+    images' order on every rank, and every rank computes the same probe and kNN (a collective)."""
     check_same_classes(train, val)
-    tr_x, tr_y = extract_features(encoder, train, data_cfg, device, "the linear probe (training split)")
-    va_x, va_y = extract_features(encoder, val, data_cfg, device, "the linear probe (held-out split)")
+    tr_x, tr_y = gather_in_order(*extract_features(encoder, train, data_cfg, device,
+                                                   "the linear probe (training split)", shard=shard), shard)
+    va_x, va_y = gather_in_order(*extract_features(encoder, val, data_cfg, device,
+                                                   "the linear probe (held-out split)", shard=shard), shard)
     lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs, device=device)
     knn = knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))
     return EncoderEval(lin["top1"], lin["top5"], knn, va_x, va_y)
+
+
+def gather_in_order(features: torch.Tensor, labels: torch.Tensor,
+                    shard: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's share (rank r holds items r, r + world, ...) back in the items' own order, on
+    every rank (an all-gather; shares differ in length by at most one)."""
+    import torch.distributed as dist
+
+    rank, world = shard
+    if world == 1:
+        return features, labels
+    # NCCL moves CUDA tensors only; gloo CPU ones
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    features, labels = features.to(dev), labels.to(dev)
+    sizes = [torch.zeros((), dtype=torch.long, device=dev) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(len(labels), device=dev))
+    sizes = [int(n) for n in sizes]
+    longest = max(sizes)
+    padded_x = torch.zeros((longest, *features.shape[1:]), dtype=features.dtype, device=dev)
+    padded_y = torch.zeros(longest, dtype=labels.dtype, device=dev)
+    padded_x[: len(labels)], padded_y[: len(labels)] = features, labels
+    all_x = [torch.empty_like(padded_x) for _ in range(world)]
+    all_y = [torch.empty_like(padded_y) for _ in range(world)]
+    dist.all_gather(all_x, padded_x)
+    dist.all_gather(all_y, padded_y)
+    total = sum(sizes)
+    out_x = torch.empty((total, *features.shape[1:]), dtype=features.dtype)
+    out_y = torch.empty(total, dtype=labels.dtype)
+    for r in range(world):
+        out_x[r::world], out_y[r::world] = all_x[r][: sizes[r]].cpu(), all_y[r][: sizes[r]].cpu()
+    return out_x, out_y
 
 
 def load_encoder(path: str | Path, head_layers: int = 0) -> tuple[nn.Module, Config]:
