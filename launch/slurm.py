@@ -277,7 +277,41 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
             for j, r in zip(jobs, runs)]
 
 
-def submit_jobs(executor: Any, runs: list[Config], cluster: ClusterConfig) -> list[Any]:
+class EvalJob:
+    """What submitit runs on every task of ``simclr submit --eval``: the torch.distributed
+    environment from SLURM's, then ``simclr eval``'s work as one rank (each rank extracts its share;
+    rank 0 writes the report once, whole). Pre-empted or out of time (USR2), it is requeued and
+    simply runs again: nothing half-written exists to continue from."""
+
+    def __init__(self, eval_args: list[str]) -> None:
+        self.eval_args = eval_args
+
+    def __call__(self) -> dict[str, Any] | None:
+        import submitit
+
+        from launch.evaluation import eval_parser, run_evaluation
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return run_evaluation(eval_parser().parse_args(self.eval_args))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's pre-emption hook: requeue the same evaluation."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(EvalJob(self.eval_args))
+
+
+def submit_eval(eval_args: list[str], cluster: ClusterConfig, name: str = "simclr-eval",
+                dry_run: bool = False) -> Any:
+    """One evaluation job over ``cluster``'s ranks (``simclr submit --eval``); its sbatch script
+    when ``dry_run``."""
+    executor = make_executor(cluster, name)
+    if dry_run:
+        return sbatch_script(executor)
+    return submit_jobs(executor, [EvalJob(eval_args)], cluster)[0]
+
+
+def submit_jobs(executor: Any, runs: list[Config] | list[EvalJob], cluster: ClusterConfig) -> list[Any]:
     """Submit one job per run (an array when several). When sbatch refuses, its message becomes one
     line, and the files submitit wrote for the attempt (``.submission_file_*.sh``, pickles) are
     removed: nothing was submitted, and nothing is left behind."""
@@ -291,11 +325,13 @@ def submit_jobs(executor: Any, runs: list[Config], cluster: ClusterConfig) -> li
     before = set(folder.iterdir()) if folder.exists() else set()
     said = io.StringIO()
     try:
+        jobs = [run if isinstance(run, EvalJob) else TrainingJob(config_to_dict(run), cluster.max_requeues)
+                for run in runs]
         with contextlib.redirect_stderr(said):  # submitit prints sbatch's stderr itself: it goes in our line
-            if len(runs) == 1:
-                return [executor.submit(TrainingJob(config_to_dict(runs[0]), cluster.max_requeues))]
+            if len(jobs) == 1:
+                return [executor.submit(jobs[0])]
             with executor.batch():
-                return [executor.submit(TrainingJob(config_to_dict(run), cluster.max_requeues)) for run in runs]
+                return [executor.submit(job) for job in jobs]
     except (FailedJobError, subprocess.CalledProcessError, OSError) as exc:
         for path in (set(folder.iterdir()) if folder.exists() else set()) - before:
             if path.is_file() and (path.name.startswith(".submission_file_") or path.suffix == ".pkl"):

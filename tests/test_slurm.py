@@ -288,3 +288,43 @@ def test_resubmitting_onto_a_shape_that_does_not_divide_the_batch_names_the_shap
     assert "multiple of" not in str(info.value)
     with pytest.raises(ConfigError, match="multiple of 3"):
         submit(cfg, cluster)
+
+
+@pytest.mark.slurm
+def test_an_evaluation_job_on_two_tasks_equals_one_process(slurm, photo_data, tmp_path):
+    """simclr submit --eval: each task extracts its share; the report equals a one-process eval (to
+    1e-5), written once by rank 0."""
+    import json
+
+    from trainer.loop import train
+
+    result = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
+        "train.epochs": 1, "tracking.enabled": "false"})))
+    common = ["--checkpoint", str(result.encoder_path), "--train-data", str(photo_data / "train"), "--val-data",
+              str(photo_data / "val"), "--device", "cpu", "--workers", "0", "--probe-epochs", "20"]
+    proc = simclr_submit(tmp_path, "--wait", "--eval", *common, "--out", str(tmp_path / "slurm_eval"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted evaluation job" in proc.stdout and "finished: SimCLR linear top-1" in proc.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    alone = subprocess.run([PY, "-m", "launch", "eval", *common, "--out", str(tmp_path / "alone")], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    on_slurm = json.loads((tmp_path / "slurm_eval" / "report.json").read_text())
+    one = json.loads((tmp_path / "alone" / "report.json").read_text())
+    assert on_slurm["ranks"] == 2 and one["ranks"] == 1
+    for name, row in one["rows"].items():
+        for key, value in row.items():
+            assert abs(on_slurm["rows"][name][key] - value) <= 1e-5, (name, key)
+
+
+def test_an_evaluation_job_dry_run_and_bad_options(capsys):
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["submit", "--cluster", str(REPO / "cluster_configs/local_test.yaml"), "--dry-run", "--eval",
+              "--checkpoint", "x.pt", "--train-data", "t", "--val-data", "v"])
+    assert ended.value.code == 0 and "#SBATCH" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as ended:
+        main(["submit", "--cluster", str(REPO / "cluster_configs/local_test.yaml"), "--eval", "--checkpoint", "x.pt",
+              "--train-data", "t", "--val-data", "v", "--finetune", "3"])
+    assert ended.value.code == 2 and "--finetune 3" in capsys.readouterr().err
