@@ -101,6 +101,7 @@ def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
         synchronize(device)
         counter.active = False
     elapsed = time.perf_counter() - start
+    probe_share = online_probe_share(parts, fixed, lr, steps) if mode == "model" else None
     views = 2 * parts.cfg.data.batch_size * steps  # global: every rank runs the same number of steps
     median_wait = statistics.median(waits) if waits else 0.0
     # warm-up (torch.compile's compilation, cuDNN autotuning, the pipeline's start) apart from steady state
@@ -110,7 +111,23 @@ def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
             "epoch_boundaries": len(firsts),
             "epoch_stall_s": max((f - median_wait for f in firsts), default=None),
             "host_syncs_per_step": sum(counter.counts.values()) / steps, "host_syncs": dict(counter.counts),
+            "online_probe_share": probe_share,
             "peak_memory_mb": peak_memory_mb(device)}
+
+
+def online_probe_share(parts, batch, lr: float, steps: int) -> float | None:
+    """The online probe's cost as a share of the step: the same step with and without the probe's
+    update (labels given or not), interleaved round by round so the machine's drift falls on both."""
+    if getattr(parts, "online_probe", None) is None or batch is None:
+        return None
+    from benchmarks.common import timed_interleaved
+    from trainer.step import train_step
+
+    v1, v2, labels = batch
+    times = timed_interleaved({"with": lambda: train_step(parts, v1, v2, lr, labels),
+                               "without": lambda: train_step(parts, v1, v2, lr)}, parts.info.device, 1, steps)
+    with_probe, without = (statistics.median(times[k]) for k in ("with", "without"))
+    return (with_probe - without) / without
 
 
 def rank_main(args: argparse.Namespace) -> list[dict]:
@@ -214,12 +231,15 @@ def print_table(result: dict) -> None:
           f"{c['ranks']} rank(s), {c['backend']} on {result['device']}")
     print(f"{'mode':<8}{'views/s':>10}{'x model':>9}{'data wait':>11}{'epoch stall':>13}{'(steps)':>9}"
           f"{'syncs/step':>12}{'peak MB':>9}")
+    probe = next((r["online_probe_share"] for r in result["rows"] if r.get("online_probe_share") is not None), None)
     for r in result["rows"]:
         stall = "-" if r["epoch_stall_s"] is None else f"{1e3 * r['epoch_stall_s']:.0f} ms"
         steps = "-" if r["epoch_stall_steps"] is None else f"{r['epoch_stall_steps']:.2f}"
         ratio = f"{r['views_per_s_over_model']:.2f}" if "views_per_s_over_model" in r else "-"
         print(f"{r['mode']:<8}{r['views_per_s']:>10.1f}{ratio:>9}{100 * r['data_wait_share']:>10.1f}%{stall:>13}"
               f"{steps:>9}{r['host_syncs_per_step']:>12.2f}{r['peak_memory_mb']:>9.0f}")
+    if probe is not None:
+        print(f"online probe: {100 * probe:+.2f}% of the model step (the same step with and without it, interleaved)")
 
 
 if __name__ == "__main__":
