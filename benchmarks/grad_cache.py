@@ -23,7 +23,7 @@ import time
 import torch
 
 from benchmarks.common import RESULTS, device_name, result_header, write_json
-from trainer.config import ARCHS
+from trainer.config import ARCHS, DEVICES
 
 
 def measure_point(arch: str, image_size: int, cifar_stem: bool, precision: str, batch: int, micro: int,
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem (16x the activations at 32 px)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--batches", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help="global batches")
     p.add_argument("--micro", type=int, default=128, help="micro-batch (images) for gradient caching")
     p.add_argument("--memory-limit-gb", type=float, default=16.0, help="CPU: address-space limit per point")

@@ -8,7 +8,7 @@ import statistics
 import torch
 
 from benchmarks.common import timed_interleaved
-from trainer.config import ModelConfig, OptimConfig
+from trainer.config import DEVICES, ModelConfig, OptimConfig
 from trainer.model import build_model
 from trainer.optim import build_optimizer, default_foreach
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(prog="benchmarks.lars", description=__doc__.split("\n")[0])
     p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
     device = choose_device(args.device)

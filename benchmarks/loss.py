@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import timed
-from trainer.loss import contrastive_loss, nt_xent_full_matrix
+from trainer.loss import contrastive_loss
 
 
 def bench_loss(global_batches: list[int], worlds: list[int], iters: int, device: torch.device) -> list[dict]:
@@ -39,3 +39,13 @@ def time_one_rank(global_batch: int, world: int, iters: int, device: torch.devic
     t_naive = statistics.median(timed(naive, device, 2, iters))
     return {"global_batch": global_batch, "world": world, "ours_ms": 1e3 * t_ours, "naive_ms": 1e3 * t_naive,
             "speedup": t_naive / t_ours}
+
+
+def nt_xent_full_matrix(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The naive form: the full 2N x 2N matrix in one process (benchmark baseline, not for training)."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n = z1.shape[0]
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, targets)

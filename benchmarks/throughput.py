@@ -21,7 +21,7 @@ from benchmarks.loss import bench_loss
 from benchmarks.pipeline import compare_loaders, fallback_data
 from benchmarks.scaling import bench_scaling
 from benchmarks.step import bench_ssl_step
-from trainer.config import ARCHS, TrackingConfig
+from trainer.config import ARCHS, DEVICES, TrackingConfig
 from trainer.device import choose_device
 from trainer.plots import pyplot, save_figure
 from trainer.precision import AUTOCAST_DTYPES
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (px)")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch (images)")
     p.add_argument("--precision", default="fp32", choices=list(AUTOCAST_DTYPES), help="autocast dtype")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when visible")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--iters", type=int, default=5, help="timed steps (medians are reported)")
     p.add_argument("--loss-batches", type=int, nargs="+", default=[1024, 4096],

@@ -16,6 +16,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from data_pipeline.augment import eval_transform, simclr_transform
 from data_pipeline.config import DataConfig
+from data_pipeline.seeds import derive_seed
 from data_pipeline.sources import ArraySource, DataError, ShardSource, Source, epoch_indices, read_encoded, sample_name
 
 
@@ -62,7 +63,7 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         image, replaced = self._decode(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
+            torch.manual_seed(derive_seed(self.seed, self.epoch, index, bits=48))
             view1, view2 = self.transform(image), self.transform(image)
         return view1, view2, int(self.source.labels[index]), replaced
 
@@ -95,9 +96,6 @@ class TorchvisionLoader:
     def indices(self) -> np.ndarray:
         order = epoch_indices(self.dataset.source, self.rank, self.world_size, self.seed, self.epoch)
         return order[self.start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.indices().tolist(),

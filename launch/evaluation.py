@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trainer.config import DEVICES
+
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """``simclr eval``'s options (also what ``simclr submit --eval`` passes on)."""
@@ -17,7 +19,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default="", help="split of --train-data when it holds several (STL-10: train)")
     p.add_argument("--val-split", default="", help="split of --val-data when it holds several (STL-10, CIFAR: test)")
     p.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe on frozen features")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when visible")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when visible")
     p.add_argument("--workers", type=int, default=2, help="data loading workers / DALI threads")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder")
     p.add_argument("--finetune", type=float, nargs="*", default=[], metavar="FRACTION",

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from benchmarks.loss import nt_xent_full_matrix
 from tests.conftest import run_torchrun
-from trainer.loss import nt_xent, nt_xent_full_matrix
+from trainer.loss import nt_xent
 
 
 def paper_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:

@@ -1,3 +1,1 @@
-"""simclr-scale trainer: config, model, loss, optimizer, schedule, loop, checkpoints, tracking."""
-
-__version__ = "0.1.0"
+"""simclr-scale trainer: config, model, loss, optimizer, schedule, step, loop, checkpoints, tracking."""

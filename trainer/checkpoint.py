@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.seeds import derive_seed
 from trainer.config import Config, config_to_dict
 from trainer.distributed import DistInfo
 
@@ -205,7 +206,7 @@ class Checkpointer:
         if len(rng) == self.info.world_size:
             restore_rng(rng[self.info.rank])
         else:  # another world size: this rank's streams derived from the run's seed and the step
-            seed_everything(hash((self.cfg.train.seed, state["step"])) & 0x7FFF_FFFF, self.info.rank)
+            seed_everything(derive_seed(self.cfg.train.seed, state["step"]), self.info.rank)
         if self.info.is_main:
             print(f"[simclr] resumed from {path} at step {state['step']}", flush=True)
             if len(rng) != self.info.world_size:

@@ -33,6 +33,8 @@ __all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "config_from_
 # torchvision ResNets: the SimCLR paper's ResNet-50 (wide_resnet*_2 are its 2x widths), SimCLRv2's deeper ones
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
 ARCHS: tuple[str, ...] = get_args(Arch)
+Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when visible
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 @dataclass
@@ -80,7 +82,7 @@ class PrecisionConfig:
 class TrainConfig:
     epochs: int = 100
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     run_dir: str = "runs/default"
     log_every: int = 10
     stop_after_steps: int = 0  # >0: stop early (schedule unchanged), as a time limit would

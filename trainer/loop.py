@@ -119,10 +119,13 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             step += 1
             window.add(outcome.loss, outcome.accuracy, outcome.skipped)
             bar.update(1)
+            # the online probe's epoch figures go in the same metrics row as a window ending there
+            epoch_end = step % steps_per_epoch == 0
+            extra = online_probe_metrics(parts) if parts.online_probe is not None and epoch_end else {}
             if step % cfg.train.log_every == 0 or step == stop_at:
-                last_loss = log_window(parts, window, skips, step, bar)
-            if parts.online_probe is not None and step % steps_per_epoch == 0:
-                log_online_probe(parts, step)
+                last_loss = log_window(parts, window, skips, step, bar, extra)
+            elif extra:
+                parts.tracker.log_metrics(extra, step)
             if knn_due(cfg, step, steps_per_epoch):
                 log_knn_monitor(parts, step)
             preempted = stop_requested(parts, stop, step)
@@ -231,14 +234,16 @@ def announce(parts: TrainParts, step: int) -> None:
           f"[simclr] {parts.tracker.describe()}", flush=True)
 
 
-def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm) -> float:
-    """Log the window's metrics at ``step`` (a collective), start a new window; returns the loss."""
+def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm,
+               extra: dict[str, float] | None = None) -> float:
+    """Log the window's metrics (and ``extra``) at ``step`` (a collective), start a new window;
+    returns the loss."""
     skips.check(step)
     nonfinite, overflow = skips.totals()
     metrics = {**window.summary(parts.cfg.data.batch_size), "lr": parts.schedule(step - 1),
                "peak_memory_mb": peak_memory_mb(parts.info.device), "epoch": step / parts.steps_per_epoch,
                "skipped_nonfinite": nonfinite, "skipped_overflow": overflow,
-               "skipped_corrupt_images": parts.loader.corrupt_skipped}
+               "skipped_corrupt_images": parts.loader.corrupt_skipped, **(extra or {})}
     parts.tracker.log_metrics(metrics, step)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
     window.reset()
@@ -250,15 +255,15 @@ def knn_due(cfg: Config, step: int, steps_per_epoch: int) -> bool:
     return bool(every and cfg.data.val_root and step % (steps_per_epoch * every) == 0)
 
 
-def log_online_probe(parts: TrainParts, step: int) -> None:
-    """At each epoch's end: the online probe's top-1 on that epoch's training batches and, with
+def online_probe_metrics(parts: TrainParts) -> dict[str, float]:
+    """At an epoch's end: the online probe's top-1 on that epoch's training batches and, with
     data.val_root, on the validation set, every rank scoring its share (collectives: every rank)."""
     metrics = {"online_probe_top1": parts.online_probe.epoch_top1()}
     if parts.val_source is not None:
         metrics["online_probe_val_top1"] = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source,
                                                           parts.cfg.data, parts.info.device, parts.info.rank,
                                                           parts.info.world_size)
-    parts.tracker.log_metrics(metrics, step)
+    return metrics
 
 
 def log_knn_monitor(parts: TrainParts, step: int) -> None:

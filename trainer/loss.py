@@ -65,13 +65,3 @@ def nt_xent(
     g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
     first_row = rank() * z1.shape[0] if g1.shape[0] != z1.shape[0] else 0
     return contrastive_loss(z1, z2, g1, g2, first_row, temperature)
-
-
-def nt_xent_full_matrix(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The naive form: the full 2N x 2N matrix in one process (benchmark baseline, not for training)."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    n = z1.shape[0]
-    sim = z @ z.T / temperature
-    sim.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, targets)
