@@ -6,7 +6,7 @@ the views an uninterrupted one would, whatever the worker count.
 
 from __future__ import annotations
 
-import signal
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -72,9 +72,11 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers are processes already; threads inside them only contend
     # A signal sent to the whole process group (Ctrl-C, scancel, docker stop, a dropped ssh session)
     # is the main process's to handle (a checkpoint at the next step boundary); a worker that died of
-    # it first would take the run down with a traceback instead. Workers end with the main process.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    # it first would take the run down with a traceback instead. So each worker leaves the group.
+    # It still ends with the main process: DataLoader stops (or terminates) its workers itself, and a
+    # worker whose parent died exits on its own (torch's watchdog). Ignoring the signals instead would
+    # make the worker immune to that terminate too, and the main process would wait for it forever.
+    os.setpgrp()
 
 
 class TorchvisionLoader:

@@ -328,6 +328,11 @@ class Tracker:
         # the public release of a local build (2.14.1+cu128 -> 2.14.1): what pip can install elsewhere
         requirements = [f"torch=={torch.__version__.split('+')[0]}",
                         f"torchvision=={torchvision.__version__.split('+')[0]}"]
+        # MLflow's fluent API logs models; it takes the store as a process-wide setting, which must not
+        # outlive this call (a later run in this process resolving its default store would get ours)
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        previous = tracking_utils._tracking_uri
         try:
             mlflow.set_tracking_uri(self.uri)
             # the logged model belongs to the run's experiment (else runs:/<id>/encoder cannot find it)
@@ -342,6 +347,8 @@ class Tracker:
             self._warn("logging the encoder as an MLflow model", exc)
             self._update_record(model_pending={"register_as": register_as})
             return None
+        finally:
+            mlflow.set_tracking_uri(previous)
         self._update_record(model_pending=None)
         return f"runs:/{self.run_id}/encoder"
 
