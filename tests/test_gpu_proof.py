@@ -44,3 +44,19 @@ def test_the_commit_travels_to_a_copy_without_git(tmp_path, monkeypatch):
     assert tracking.git_commit() == "0123abcd" * 5
     monkeypatch.delenv("SIMCLR_GIT_COMMIT")
     assert tracking.git_commit() == "unknown"
+
+
+@pytest.mark.slow
+def test_feed_benchmark_on_two_ranks_reports_the_worst_rank(photo_data, tmp_path):
+    out = tmp_path / "feed.json"
+    proc = subprocess.run([PY, "-m", "benchmarks.feed", "--config", "configs/cifar10_resnet18.yaml",
+                           f"data.root={photo_data / 'train'}", "data.backend=dali", "data.num_workers=1",
+                           "train.device=cpu", "precision=fp32", "data.batch_size=16", "data.image_size=16",
+                           "--nproc", "2", "--steps", "3", "--warmup", "1", "--out", str(out)], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["ranks"] == 2
+    for row in result["rows"]:
+        assert row["ranks"] == 2 and row["views_per_s"] > 0 and row["host_syncs_per_step"] == 0
+    assert result["rows"][1]["online_probe_share"] is not None  # model mode times the probe too
