@@ -595,3 +595,17 @@ def test_rank_zero_says_at_start_where_the_run_writes_what_it_reads_and_where_to
         train(tiny_config())
     err = capsys.readouterr().err
     assert f"MLflow run {result.run_id}" in err and "ended FAILED" in err  # a crash names its run
+
+
+@pytest.mark.slow
+def test_messages_during_training_never_share_a_line_with_the_progress_bar(photo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_training(photo_data, run_dir, "trainer", **{"train.progress_bar": "true"})
+    wait_for_steps(run_dir, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    assert "pretrain:" in out  # the bar was drawn
+    pieces = [piece for line in out.split("\n") for piece in line.split("\r")]
+    said = [piece for piece in pieces if "SIGTERM: stopping" in piece]
+    assert said and all(piece.startswith("[simclr] SIGTERM") for piece in said), said

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 from data_pipeline import resolve_backend
 from data_pipeline.sources import ShardSource
@@ -93,15 +95,33 @@ def run_training(parts: TrainParts, stop: threading.Event,
     if on_start is not None:
         on_start(parts.tracker, parts.info)
     stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
+    shown = parts.info.is_main and cfg.train.progress_bar
     bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=not (parts.info.is_main and cfg.train.progress_bar))
+               disable=not shown)
     try:
-        step, last_loss, preempted, skips = train_loop(parts, stop, step, stop_at, bar)
+        with printed_above(bar if shown else None):
+            step, last_loss, preempted, skips = train_loop(parts, stop, step, stop_at, bar)
     finally:
         bar.close()  # ends the bar's line: a message that follows (an error too) starts on its own line
     encoder_path = finish_run(parts, step, preempted)
     return TrainResult(step, last_loss, parts.run_dir, parts.tracker.run_id, encoder_path, preempted,
                        *skips.totals())
+
+
+@contextmanager
+def printed_above(bar: tqdm | None) -> Iterator[None]:
+    """While the progress bar is shown, every print (ours, MLflow's warnings, a signal's notice) goes
+    above it on a line of its own, never glued to the bar's line."""
+    if bar is None:
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = DummyTqdmFile(out), DummyTqdmFile(err)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
 
 
 def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int,
