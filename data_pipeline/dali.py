@@ -24,7 +24,6 @@ import torch
 
 from data_pipeline.augment import blur_kernel_size, jitter_params
 from data_pipeline.config import AugmentConfig, DataConfig
-from data_pipeline.seeds import derive_seed
 from data_pipeline.sources import ArraySource, DataError, FileSource, Source, epoch_indices, read_encoded
 
 # nvJPEG's buffers sized once for large images (NVIDIA's ResNet-50 example and solo-learn use these),
@@ -263,7 +262,7 @@ class DaliLoader:
 
         batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
         feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
-        pipe_seed = derive_seed(self.seed, epoch, self.rank, step)
+        pipe_seed = hash((self.seed, epoch, self.rank, step)) & 0x7FFF_FFFF  # see the note in data_pipeline/seeds.py
         pipe = build_pipeline(self.source, feed, self.cfg, self.batch_size, pipe_seed, _device_id(self.device))
         self._batches = DALIGenericIterator([pipe], ["view1", "view2", "label"], size=-1, auto_reset=False,
                                             prepare_first_batch=False)

@@ -6,7 +6,9 @@ the views an uninterrupted one would, whatever the worker count.
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,7 +18,6 @@ from torchvision.io import ImageReadMode, decode_image
 
 from data_pipeline.augment import eval_transform, simclr_transform
 from data_pipeline.config import DataConfig
-from data_pipeline.seeds import derive_seed
 from data_pipeline.sources import ArraySource, DataError, ShardSource, Source, epoch_indices, read_encoded, sample_name
 
 
@@ -63,9 +64,17 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         image, replaced = self._decode(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, self.epoch, index, bits=48))
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)  # see data_pipeline/seeds.py
             view1, view2 = self.transform(image), self.transform(image)
         return view1, view2, int(self.source.labels[index]), replaced
+
+
+def release_dead_pipelines() -> None:
+    """Before DataLoader forks its workers: collect DALI pipelines no longer referenced (they hold
+    reference cycles, so only the garbage collector frees them). A fork while their threads still
+    run copies locks those threads hold, and a worker crashed on one (segmentation fault)."""
+    if "nvidia.dali" in sys.modules:
+        gc.collect()
 
 
 def _worker_init(_: int) -> None:
@@ -100,6 +109,8 @@ class TorchvisionLoader:
         return order[self.start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.cfg.num_workers:
+            release_dead_pipelines()
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.indices().tolist(),
                             num_workers=self.cfg.num_workers, drop_last=True,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
@@ -139,5 +150,7 @@ class EvalDataset(Dataset):
 def eval_loader(source: Source, cfg: DataConfig, batch_size: int, indices: list[int] | None = None) -> DataLoader:
     """Deterministic resize + centre crop, in dataset order or ``indices`` order (feature extraction)."""
     dataset = EvalDataset(source, cfg)
+    if cfg.num_workers:
+        release_dead_pipelines()
     return DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                       num_workers=cfg.num_workers, worker_init_fn=_worker_init)

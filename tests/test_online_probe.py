@@ -79,3 +79,4 @@ def test_two_ranks_train_one_probe_and_split_the_validation(photo_data, tmp_path
     r = json.loads(out.read_text())
     assert r["weights_equal_on_both_ranks"] and r["val_top1_equal_on_both_ranks"]
     assert r["val_top1"] == r["single_process_val_top1"]  # the split changes nothing
+    assert r["knn_equal_on_both_ranks"] and abs(r["knn_top1"] - r["single_process_knn_top1"]) <= 1e-6

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline import build_eval_batches, open_train_source, open_val_source
+from data_pipeline import build_eval_batches
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, Source, labelled_indices
 from trainer.checkpoint import CheckpointError, load_checkpoint
@@ -250,7 +250,7 @@ def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConf
     from torch.utils.data import DataLoader, Subset
     from torchvision.transforms import v2
 
-    from data_pipeline.torchvision_loader import EvalDataset
+    from data_pipeline.torchvision_loader import EvalDataset, release_dead_pipelines
 
     labels = np.asarray(source.labels)
     labelled_indices(source, "fine-tuning")
@@ -264,6 +264,8 @@ def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConf
     size = data_cfg.image_size
     train_set.transform = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
                                       v2.RandomHorizontalFlip(), *train_set.transform.transforms[2:]])
+    if data_cfg.num_workers:
+        release_dead_pipelines()
     loader = DataLoader(Subset(train_set, keep), batch_size=min(batch_size, len(keep)), shuffle=True,
                         num_workers=data_cfg.num_workers, drop_last=len(keep) > batch_size,
                         generator=torch.Generator().manual_seed(seed))
@@ -311,15 +313,20 @@ def probe_val_top1(encoder: nn.Module, probe, source: Source, data_cfg: DataConf
         encoder.train()
 
 
-def knn_monitor(encoder: nn.Module, data_cfg: DataConfig, device: torch.device, max_train: int = 10_000) -> float:
-    """Quick kNN top-1 of the current encoder on data.val_root against (up to ``max_train``
-    labelled images of) data.root, for logging during pretraining. Leaves the encoder in train mode."""
+def knn_monitor(encoder: nn.Module, train: Source, val: Source, data_cfg: DataConfig, device: torch.device,
+                shard: tuple[int, int] = (0, 1), max_train: int = 10_000) -> float:
+    """Quick kNN top-1 of the current encoder on ``val`` against (up to ``max_train`` labelled
+    images of) ``train``, for logging during pretraining; both opened once per run by the caller.
+    ``shard=(rank, world)``: every rank extracts its share and gets the same result (a collective),
+    so no rank waits idle. Leaves the encoder in train mode."""
     was_training = encoder.training
     try:
-        tr_x, tr_y = extract_features(encoder, open_train_source(data_cfg), data_cfg, device,
-                                      "the kNN monitor (train.knn_every_epochs; data.root)", max_images=max_train)
-        va_x, va_y = extract_features(encoder, open_val_source(data_cfg), data_cfg, device,
-                                      "the kNN monitor (train.knn_every_epochs; data.val_root)")
+        tr_x, tr_y = gather_in_order(*extract_features(
+            encoder, train, data_cfg, device, "the kNN monitor (train.knn_every_epochs; data.root)",
+            max_images=max_train, shard=shard), shard)
+        va_x, va_y = gather_in_order(*extract_features(
+            encoder, val, data_cfg, device, "the kNN monitor (train.knn_every_epochs; data.val_root)", shard=shard),
+            shard)
     finally:
         encoder.train(was_training)
     return knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))

@@ -1,5 +1,6 @@
 """Under torchrun (2 gloo ranks): train one epoch, then check the probe is the same on both ranks and
-that the validation split over ranks equals one process scoring everything. Rank 0 writes argv[1]."""
+that the validation (and the kNN monitor) split over ranks equals one process doing everything.
+Rank 0 writes argv[1]."""
 
 import json
 import sys
@@ -9,7 +10,7 @@ import torch.distributed as dist
 
 from trainer.config import load_config
 from trainer.distributed import init_distributed, teardown
-from trainer.evaluate import probe_val_top1
+from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.loop import run_training
 from trainer.parts import build_parts
 
@@ -27,10 +28,16 @@ split = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source
                        info.world_size)
 splits = [None] * info.world_size
 dist.all_gather_object(splits, split)
+knn_split = knn_monitor(parts.model.encoder, parts.loader.source, parts.val_source, cfg.data, info.device,
+                        shard=(info.rank, info.world_size))
+knn_splits = [None] * info.world_size
+dist.all_gather_object(knn_splits, knn_split)
 if info.is_main:
     alone = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source, cfg.data, info.device, 0, 1)
+    knn_alone = knn_monitor(parts.model.encoder, parts.loader.source, parts.val_source, cfg.data, info.device)
     json.dump({"weights_equal_on_both_ranks": all(torch.equal(gathered[0], g) for g in gathered),
                "val_top1_equal_on_both_ranks": len(set(splits)) == 1, "val_top1": split,
-               "single_process_val_top1": alone}, open(out, "w"))
+               "single_process_val_top1": alone, "knn_equal_on_both_ranks": len(set(knn_splits)) == 1,
+               "knn_top1": knn_split, "single_process_knn_top1": knn_alone}, open(out, "w"))
 dist.barrier()
 teardown()
