@@ -26,10 +26,9 @@ import torch
 
 from benchmarks.common import RESULTS, result_header, write_json
 from benchmarks.pipeline import SHARED, fallback_data
-from data_pipeline import build_loader
+from data_pipeline import build_loader, open_source
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.shards import make_shards
-from data_pipeline.sources import open_source
 
 CPU = torch.device("cpu")
 
@@ -46,10 +45,10 @@ def start_up(root: Path, cache: Path | None, batch: int, workers: int) -> dict[s
     t0 = time.perf_counter()
     source = open_source(root)
     t1 = time.perf_counter()
-    DaliLoader(source, data_cfg(root, "dali", batch, workers), 0, 0, 1, CPU, check_cache=cache)  # checks files
+    DaliLoader(source, data_cfg(root, "dali", batch, workers), 0, 0, 1, CPU, check_cache=cache).check_files()
     t2 = time.perf_counter()
     return {"listing_s": t1 - t0, "check_s": t2 - t1, "total_s": t2 - t0,
-            "files": len(getattr(source, "paths", [])) or len(getattr(source, "shards", []))}
+            "files": source.file_count}
 
 
 def images_per_s(root: Path, backend: str, batch: int, workers: int, batches: int) -> float:

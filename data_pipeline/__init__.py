@@ -8,18 +8,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from data_pipeline.config import DataConfig
-from data_pipeline.sources import DataError, ShardSource, Source, open_source
+from data_pipeline.config import DataConfig, check_world_size
+from data_pipeline.layouts import open_source
+from data_pipeline.sources import DataError, Source
 
-__all__ = ["DataError", "TwoViewLoader", "build_eval_batches", "build_loader", "open_train_source", "open_val_source",
-           "resolve_backend"]
+__all__ = ["DataError", "TwoViewLoader", "build_eval_batches", "build_loader", "open_source", "open_train_source",
+           "open_val_source", "resolve_backend"]
 
 
 class TwoViewLoader(Protocol):
-    """What every training backend offers the trainer."""
+    """What every training backend offers the trainer (both share ``data_pipeline.rank_loader``)."""
 
+    backend: str  # "torchvision" or "dali"
     source: Source  # the dataset it reads
     steps_per_epoch: int  # the same on every rank
     corrupt_skipped: int  # corrupt images replaced so far (data.skip_corrupt)
@@ -56,11 +59,7 @@ def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device:
     """The training loader for this rank, validated: the global batch must split evenly over
     ranks and every rank's part must hold at least one batch. ``check_cache``: where the DALI
     backend keeps its file checks, so that a restart does not read every file again."""
-    if cfg.batch_size % world_size:
-        valid = [w for w in range(1, cfg.batch_size + 1) if cfg.batch_size % w == 0]
-        raise DataError(f"data.batch_size={cfg.batch_size} (global) does not divide over {world_size} ranks; "
-                        f"valid world sizes for this batch: {', '.join(map(str, valid))} (or use a multiple of "
-                        f"{world_size} as the batch, which a resumed run cannot change)")
+    check_world_size(cfg.batch_size, world_size)
     source = open_train_source(cfg)
     per_rank = cfg.batch_size // world_size
     if len(source) // world_size < per_rank:
@@ -76,7 +75,7 @@ def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device:
         return DaliLoader(source, cfg, seed, rank, world_size, device, check_cache)
     from data_pipeline.torchvision_loader import TorchvisionLoader
 
-    return TorchvisionLoader(source, cfg, seed, rank, world_size, device)
+    return TorchvisionLoader(source, cfg, seed, rank, world_size, device, check_cache)
 
 
 def build_eval_batches(cfg: DataConfig, source: Source, device: torch.device, batch_size: int,
@@ -84,8 +83,8 @@ def build_eval_batches(cfg: DataConfig, source: Source, device: torch.device, ba
     """(images, labels) of ``source`` (or ``indices`` of it) in order, resized and centre-cropped
     with no augmentation, through the same backend the training would use on ``device``. Tar
     shards are read in their stored order (front to back), whatever order ``indices`` has."""
-    if isinstance(source, ShardSource):
-        indices = sorted(range(len(source)) if indices is None else indices)
+    wanted = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+    indices = source.reading_order(wanted).tolist()
     if resolve_backend(cfg, device) == "dali":
         from data_pipeline.dali import dali_eval_batches
 

@@ -47,3 +47,13 @@ def eval_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(cfg.mean, cfg.std),
     ])
+
+
+def finetune_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
+    """Supervised fine-tuning (SimCLR's semi-supervised protocol): random resized crop and flip only."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(cfg.mean, cfg.std),
+    ])

@@ -24,7 +24,8 @@ import torch
 
 from data_pipeline.augment import blur_kernel_size, jitter_params
 from data_pipeline.config import AugmentConfig, DataConfig
-from data_pipeline.sources import ArraySource, DataError, FileSource, Source, epoch_indices, read_encoded
+from data_pipeline.rank_loader import RankLoader
+from data_pipeline.sources import DataError, Source
 
 # nvJPEG's buffers sized once for large images (NVIDIA's ResNet-50 example and solo-learn use these),
 # so the decoder does not re-allocate each time a larger image arrives
@@ -104,16 +105,16 @@ class _BatchFeed:
 
     def __next__(self) -> tuple[object, np.ndarray]:
         idx = next(self.batches)
-        if self.replacement is not None:  # corrupt files: the next good file of the dataset, with its label
+        if self.replacement is not None:  # corrupt files: the next good sample, image and label (rank_loader)
             idx = self.replacement[idx]
         if self.device_images is not None:
             return self._on_device(idx)
         labels = self.labels[idx].reshape(-1, 1)
-        if isinstance(self.source, ArraySource):
-            return self.source.images.take(idx), labels
-        if isinstance(self.source, FileSource):
-            return [np.frombuffer(str(self.source.paths[i]).encode(), dtype=np.uint8) for i in idx], labels
-        return [np.frombuffer(read_encoded(self.source, int(i)), dtype=np.uint8) for i in idx], labels
+        if self.source.stored == "decoded":
+            return self.source.read_decoded(idx), labels
+        if self.source.stored == "files":  # read by fn.io.file.read in DALI's threads
+            return [np.frombuffer(self.source.sample_name(int(i)).encode(), dtype=np.uint8) for i in idx], labels
+        return [np.frombuffer(self.source.read_encoded(int(i)), dtype=np.uint8) for i in idx], labels
 
 
 def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types):
@@ -121,12 +122,12 @@ def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types)
     if feed.device_images is not None:  # data.on_device: batches gathered where they are augmented
         return fn.external_source(source=feed, num_outputs=2, batch=True, layout=["HWC", ""],
                                   dtype=[types.UINT8, types.INT32], device="gpu" if device_id is not None else "cpu")
-    if isinstance(source, ArraySource):
+    if source.stored == "decoded":
         images, label = fn.external_source(source=feed, num_outputs=2, batch=True, layout=["HWC", ""],
                                            dtype=[types.UINT8, types.INT32])
         return (images.gpu() if device_id is not None else images), label
     encoded, label = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
-    if isinstance(source, FileSource):
+    if source.stored == "files":
         encoded = fn.io.file.read(encoded)  # in DALI's threads, not the training thread
     if device_id is None:
         return fn.decoders.image(encoded, device="cpu", output_type=types.RGB), label
@@ -192,70 +193,29 @@ def dali_eval_batches(source: Source, cfg: DataConfig, batch_size: int, device: 
         yield batch[0]["images"], batch[0]["label"].reshape(-1).long()
 
 
-class DaliLoader:
-    """Same interface as ``TorchvisionLoader``: (view1, view2, labels) on ``device`` per step, from
-    one DALI pipeline that runs across epochs (``pipelines_built`` counts the builds)."""
+class DaliLoader(RankLoader):
+    """(view1, view2, labels) on ``device`` per step, from one DALI pipeline that runs across epochs
+    (``pipelines_built`` counts the builds)."""
+
+    backend = "dali"
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
                  device: torch.device, check_cache: Path | None = None) -> None:
         _dali()
-        self.source, self.cfg, self.seed = source, cfg, seed
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.batch_size = cfg.batch_size // world_size
-        self.steps_per_epoch = (len(source) // world_size) // self.batch_size
-        self.epoch, self.start_step = 0, 0
-        self.corrupt_skipped = 0
-        self.replacement: np.ndarray | None = None
+        super().__init__(source, cfg, seed, rank, world_size, device, check_cache)
         self.pipelines_built = 0
         self.device_images = self._upload() if cfg.on_device else None
         self._batches: Iterator | None = None  # the running pipeline's DALI iterator
         self._next = (-1, -1)  # the (epoch, step) its next batch belongs to
-        if isinstance(source, FileSource):
-            self._scan_files(check_cache)
-
-    def _scan_files(self, check_cache: Path | None) -> None:
-        """DALI's decoder can bring the process down on a corrupt file, so files are checked before
-        DALI sees them: each rank checks a 1/world slice and the findings are shared. Results are
-        kept in ``check_cache`` (keyed by path, size and mtime), so a restart re-reads no file
-        that has not changed."""
-        import torch.distributed as dist
-
-        from data_pipeline.sources import FileCheckCache
-
-        cache = FileCheckCache(check_cache)
-        my_slice = self.source.paths[self.rank :: self.world_size]
-        mine, checked = cache.find_corrupt(my_slice, workers=2 * max(1, self.cfg.num_workers))
-        found = [(mine, checked)]
-        if dist.is_initialized() and self.world_size > 1:
-            found = [None] * self.world_size
-            dist.all_gather_object(found, (mine, checked))
-        if self.rank == 0:
-            cache.save({k: v for _, part in found for k, v in part.items()})
-        bad = {p: why for part, _ in found for p, why in part.items()}
-        if bad and not self.cfg.skip_corrupt:
-            path, why = sorted(bad.items())[0]
-            fix = "give this user read access to it" if why.startswith("unreadable") else "delete or replace it"
-            raise DataError(f"cannot decode image {path}: {why} ({len(bad)} bad file(s) in {self.source.root}); "
-                            f"{fix}, or set data.skip_corrupt=true to skip such files")
-        self.corrupt_skipped = len(bad)
-        if bad:
-            self.replacement = _next_good(np.array([p in bad for p in self.source.paths]))
 
     def _upload(self) -> torch.Tensor:
         """data.on_device: the whole array set on the device, once per run (CIFAR-10: 150 MB as uint8)."""
-        if not isinstance(self.source, ArraySource):
+        if self.source.stored != "decoded":
             raise DataError(f"data.on_device=true keeps an array dataset (.npz, CIFAR or STL-10 folder) on the device; "
-                            f"{self.source.root} holds image files: set data.on_device=false, or convert it to .npz")
-        images = self.source.images.take(np.arange(len(self.source)))
+                            f"{self.source.location} holds encoded images: set data.on_device=false, or convert it to "
+                            ".npz")
+        images = self.source.read_decoded(np.arange(len(self.source)))
         return torch.from_numpy(images).to(self.device)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def indices(self) -> np.ndarray:
-        """This rank's samples of the current epoch from the start step on, in reading order."""
-        order = epoch_indices(self.source, self.rank, self.world_size, self.seed, self.epoch)
-        return order[self.start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
 
     def _start(self, epoch: int, step: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -274,6 +234,7 @@ class DaliLoader:
         self._batches, self._next = None, (-1, -1)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self.check_files()  # before DALI's decoder sees a file: a corrupt one can bring the process down
         if self._batches is None or self._next != (self.epoch, self.start_step):
             self._start(self.epoch, self.start_step)  # a resume, or a jump: the only rebuilds
         for step in range(self.start_step, self.steps_per_epoch):
@@ -292,16 +253,7 @@ def rank_batches(source: Source, rank: int, world_size: int, seed: int, batch_si
     alive by a reference cycle)."""
     steps = (len(source) // world_size) // batch_size
     while True:
-        order = epoch_indices(source, rank, world_size, seed, epoch)
+        order = source.epoch_order(rank, world_size, seed, epoch)
         for s in range(step, steps):
             yield order[s * batch_size : (s + 1) * batch_size]
         epoch, step = epoch + 1, 0
-
-
-def _next_good(bad: np.ndarray) -> np.ndarray:
-    """For each sample, itself when good, else the next good sample of the dataset (wrapping)."""
-    good = np.flatnonzero(~bad)
-    if not len(good):
-        raise DataError("every image of the dataset is corrupt; check the data path")
-    nxt = np.searchsorted(good, np.arange(len(bad)))
-    return good[nxt % len(good)]

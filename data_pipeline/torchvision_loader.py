@@ -10,27 +10,26 @@ import gc
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
 
-from data_pipeline.augment import eval_transform, simclr_transform
+from data_pipeline.augment import eval_transform, finetune_transform, simclr_transform
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import ArraySource, DataError, ShardSource, Source, epoch_indices, read_encoded, sample_name
+from data_pipeline.rank_loader import RankLoader
+from data_pipeline.sources import DataError, Source
 
 
 def decode_sample(source: Source, index: int) -> torch.Tensor:
     """uint8 CHW RGB tensor of sample ``index`` (grayscale and RGBA become RGB); DataError naming
     the file if it cannot be decoded."""
-    if isinstance(source, ArraySource):
-        return torch.from_numpy(np.ascontiguousarray(source.images[index])).permute(2, 0, 1)
-    path = sample_name(source, index)
-    raw = read_encoded(source, index)
-    # a file can be deleted or replaced; a member of a tar shard means the shards must be written again
-    fix = "write the shards again (simclr make-shards)" if isinstance(source, ShardSource) else \
-        "delete or replace it"
+    if source.stored == "decoded":
+        return torch.from_numpy(source.read_decoded(np.asarray([index]))[0]).permute(2, 0, 1)
+    path, raw, fix = source.sample_name(index), source.read_encoded(index), source.damaged_fix
     if not raw:
         raise DataError(f"cannot decode image {path}: it is empty (0 bytes); {fix}, "
                         "or set data.skip_corrupt=true to skip such images")
@@ -50,23 +49,25 @@ class TwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _decode(self, index: int) -> tuple[torch.Tensor, int]:
-        """Decode, replacing a corrupt sample by the next good one when skip_corrupt is on (the
-        batch keeps its size, which the gathered loss needs on every rank); returns #replaced."""
-        for replaced in range(len(self.source)):
+    def _decode(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """(image, label, the corrupt sample it replaces or -1). A file that passed the file check
+        but fails to decode is replaced by the next good sample, image and label, as the check's
+        findings are (``data_pipeline.rank_loader``)."""
+        for offset in range(len(self.source)):
+            sample = (index + offset) % len(self.source)
             try:
-                return decode_sample(self.source, (index + replaced) % len(self.source)), replaced
+                return decode_sample(self.source, sample), int(self.source.labels[sample]), index if offset else -1
             except DataError:
                 if not self.skip_corrupt:
                     raise
-        raise DataError(f"no image in {getattr(self.source, 'root', '')} could be decoded")
+        raise DataError(f"no image in {self.source.location} could be decoded")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        image, replaced = self._decode(index)
+        image, label, corrupt = self._decode(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)  # see data_pipeline/seeds.py
             view1, view2 = self.transform(image), self.transform(image)
-        return view1, view2, int(self.source.labels[index]), replaced
+        return view1, view2, label, corrupt
 
 
 def release_dead_pipelines() -> None:
@@ -88,30 +89,25 @@ def _worker_init(_: int) -> None:
     os.setpgrp()
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(RankLoader):
     """Iterator of (view1, view2, labels) on ``device``; ``steps_per_epoch`` is the same on every rank."""
 
+    backend = "torchvision"
+
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
-                 device: torch.device) -> None:
-        self.source, self.dataset = source, TwoViewDataset(source, cfg, seed)
-        self.cfg, self.seed, self.rank, self.world_size, self.device = cfg, seed, rank, world_size, device
-        self.batch_size = cfg.batch_size // world_size
-        self.steps_per_epoch = (len(source) // world_size) // self.batch_size
-        self.epoch, self.start_step = 0, 0
-        self.corrupt_skipped = 0
+                 device: torch.device, check_cache: Path | None = None) -> None:
+        super().__init__(source, cfg, seed, rank, world_size, device, check_cache)
+        self.dataset = TwoViewDataset(source, cfg, seed)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+        super().set_epoch(epoch, start_step)
         self.dataset.epoch = epoch
 
-    def indices(self) -> np.ndarray:
-        order = epoch_indices(self.dataset.source, self.rank, self.world_size, self.seed, self.epoch)
-        return order[self.start_step * self.batch_size : self.steps_per_epoch * self.batch_size]
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self.check_files()
         if self.cfg.num_workers:
             release_dead_pipelines()
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.indices().tolist(),
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.replaced(self.indices()).tolist(),
                             num_workers=self.cfg.num_workers, drop_last=True,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
                             persistent_workers=False)
@@ -121,8 +117,9 @@ class TorchvisionLoader:
             raise DataError(_worker_message(exc)) from None
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for view1, view2, labels, replaced in loader:
-            self.corrupt_skipped += int(replaced.sum())
+        for view1, view2, labels, corrupt in loader:
+            if (corrupt >= 0).any():
+                self.mark_corrupt(corrupt[corrupt >= 0].tolist())
             yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
 
@@ -135,10 +132,11 @@ def _worker_message(exc: DataError) -> str:
     return last[len(prefix):] if last.startswith(prefix) else str(exc)
 
 
-class EvalDataset(Dataset):
-    def __init__(self, source: Source, cfg: DataConfig) -> None:
-        self.source = source
-        self.transform = eval_transform(cfg.augment, cfg.image_size)
+class LabelledDataset(Dataset):
+    """(transformed image, label) per sample."""
+
+    def __init__(self, source: Source, transform: v2.Transform) -> None:
+        self.source, self.transform = source, transform
 
     def __len__(self) -> int:
         return len(self.source)
@@ -149,8 +147,18 @@ class EvalDataset(Dataset):
 
 def eval_loader(source: Source, cfg: DataConfig, batch_size: int, indices: list[int] | None = None) -> DataLoader:
     """Deterministic resize + centre crop, in dataset order or ``indices`` order (feature extraction)."""
-    dataset = EvalDataset(source, cfg)
+    dataset = LabelledDataset(source, eval_transform(cfg.augment, cfg.image_size))
     if cfg.num_workers:
         release_dead_pipelines()
     return DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                       num_workers=cfg.num_workers, worker_init_fn=_worker_init)
+
+
+def finetune_loader(source: Source, cfg: DataConfig, indices: list[int], batch_size: int, seed: int) -> DataLoader:
+    """Shuffled (seeded) fine-tuning batches of ``indices``, randomly cropped and flipped."""
+    dataset = LabelledDataset(source, finetune_transform(cfg.augment, cfg.image_size))
+    if cfg.num_workers:
+        release_dead_pipelines()
+    return DataLoader(Subset(dataset, indices), batch_size=min(batch_size, len(indices)), shuffle=True,
+                      num_workers=cfg.num_workers, drop_last=len(indices) > batch_size, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(seed))

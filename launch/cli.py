@@ -22,16 +22,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
     if cfg.data.batch_size % args.nproc:
-        from trainer.checkpoint import checkpoint_dir, list_checkpoints
+        from data_pipeline.config import check_world_size
+        from trainer.checkpoint import latest_checkpoint
 
-        valid = ", ".join(str(k) for k in range(1, cfg.data.batch_size + 1) if cfg.data.batch_size % k == 0)
-        if cfg.checkpoint.resume == "auto" and list_checkpoints(checkpoint_dir(cfg.train.run_dir)):
-            raise ConfigError(f"--nproc {args.nproc} does not divide data.batch_size={cfg.data.batch_size}, which the "
-                              f"run in {cfg.train.run_dir} resumes with (its checkpoints fix the global batch); use "
-                              f"--nproc among {valid}")
-        raise ConfigError(f"--nproc {args.nproc} does not divide data.batch_size={cfg.data.batch_size} (the global "
-                          f"batch, split evenly over the ranks); use a batch that is a multiple of {args.nproc}, or "
-                          f"--nproc among {valid}")
+        resumed = cfg.checkpoint.resume == "auto" and latest_checkpoint(cfg.train.run_dir) is not None
+        check_world_size(cfg.data.batch_size, args.nproc, f"of --nproc {args.nproc}", "--nproc", resumed,
+                         ConfigError)
     if args.nproc > 1:
         from data_pipeline.sources import DataError
         from launch.local import run_local_ranks
@@ -100,8 +96,8 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 def cmd_make_shards(args: argparse.Namespace) -> int:
     import time
 
+    from data_pipeline import open_source
     from data_pipeline.shards import make_shards
-    from data_pipeline.sources import open_source
 
     source = open_source(args.src, args.split, args.labels)
     start, last = time.time(), [0.0]

@@ -63,7 +63,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
 
     import torch
 
-    from data_pipeline.sources import open_source
+    from data_pipeline import open_source
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
     from trainer.evaluate import check_same_classes, evaluate_encoder, finetune, load_encoder, random_init_like
@@ -125,19 +125,11 @@ def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> No
     """Into the training run when the checkpoint names one, else a new run in '<experiment>-eval'."""
     import dataclasses
 
-    from trainer import checkpoint as ckpt
-    from trainer.tracking import Tracker
+    from trainer.tracking import Tracker, run_id_of
 
-    path = Path(checkpoint)
-    # a training checkpoint names its run; an exported encoder's run is that of the checkpoints beside it
-    candidates = [path, *ckpt.list_checkpoints(ckpt.checkpoint_dir(path.parent))]
-    run_id = None
-    for candidate in candidates:
-        try:
-            run_id = ckpt.load_checkpoint(candidate).get("mlflow_run_id")
-            break
-        except ckpt.CheckpointError:
-            continue
+    path = Path(checkpoint).resolve()
+    # checkpoints/step_N.pt or encoder.pt: both belong to the run whose folder holds them
+    run_id = run_id_of(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
     tracking = cfg.tracking
     if run_id is None:
         tracking = dataclasses.replace(tracking, experiment=f"{tracking.experiment}-eval")

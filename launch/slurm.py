@@ -24,6 +24,7 @@ from typing import Any
 
 import torch.distributed
 
+from data_pipeline.config import check_world_size
 from trainer.config import Config, config_from_dict, config_to_dict
 from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
 
@@ -258,14 +259,9 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
     runs = [cfg] if resume else plan_runs(cfg, sweep or [], name)
     world = cluster.nodes * ranks_per_node(cluster)
     for run in runs:
-        if run.data.batch_size % world:
-            fix = f"use a multiple of {world} as data.batch_size"
-            if resume:  # the run's checkpoints fix its batch: only the job's shape can change
-                worlds = [k for k in range(1, run.data.batch_size + 1) if run.data.batch_size % k == 0]
-                fix = (f"the resumed run keeps its batch, so choose nodes x ranks per node among {worlds} "
-                       "(--cluster with other nodes or gpus_per_node)")
-            raise ConfigError(f"data.batch_size={run.data.batch_size} does not divide over the {world} ranks this "
-                              f"cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)}); {fix}")
+        check_world_size(run.data.batch_size, world,
+                         f"this cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)})",
+                         "nodes x ranks per node (--cluster with other nodes or gpus_per_node)", resume, ConfigError)
     executor = make_executor(cluster, name)
     if dry_run:
         return sbatch_script(executor)

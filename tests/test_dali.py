@@ -200,8 +200,7 @@ def test_skipped_corrupt_images_are_counted_in_the_training_metrics(photo_data, 
 
 @pytest.mark.parametrize("split", ["val", "val.npz"])
 def test_eval_pipeline_matches_torchvision_resize_and_centre_crop(photo_data, split):
-    from data_pipeline import build_eval_batches
-    from data_pipeline.sources import open_source
+    from data_pipeline import build_eval_batches, open_source
 
     cfg = DataConfig(root=str(photo_data / "train"), backend="dali", image_size=24, num_workers=1)
     source = open_source(photo_data / split)
@@ -219,13 +218,13 @@ def test_eval_pipeline_matches_torchvision_resize_and_centre_crop(photo_data, sp
 def test_one_pipeline_serves_every_epoch_with_exact_positions(tmp_path):
     """Epoch boundaries rebuild nothing; the per-epoch order is the seeded one, a stop mid-epoch
     continues in place, and only a jump (a resume at another position) builds a new pipeline."""
-    from data_pipeline.sources import epoch_indices, open_source
+    from data_pipeline import open_source
 
     data = npz(tmp_path / "idx.npz", [np.full((16, 16, 3), i % 255) for i in range(100)])  # label = index
     cfg = DataConfig(root=str(data), backend="dali", image_size=16, batch_size=16, num_workers=1)
     loader = build_loader(cfg, seed=3, rank=0, world_size=1, device=CPU)
     source = open_source(data)
-    expected = [epoch_indices(source, 0, 1, 3, epoch)[:96].reshape(6, 16).tolist() for epoch in range(4)]
+    expected = [source.epoch_order(0, 1, 3, epoch)[:96].reshape(6, 16).tolist() for epoch in range(4)]
     seen = []
     for epoch in range(3):
         loader.set_epoch(epoch)

@@ -2,10 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import build_loader
+from data_pipeline import build_loader, open_source
+from data_pipeline.arrays import load_npz
 from data_pipeline.augment import blur_kernel_size
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import DataError, list_image_files, load_npz, open_source, rank_indices
+from data_pipeline.image_files import list_image_files
+from data_pipeline.sampling import rank_indices
+from data_pipeline.sources import DataError
 from tests.conftest import BAD_FILES, corrupt_copy
 
 

@@ -68,7 +68,7 @@ def test_eval_from_inside_the_projection_head(photo_data, tmp_path):
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
         "model.proj_layers": 3, "train.epochs": 1, "tracking.enabled": "false"}))
     result = train(cfg)
-    step_file = ckpt.list_checkpoints(ckpt.checkpoint_dir(result.run_dir))[0]
+    step_file = ckpt.latest_checkpoint(result.run_dir)
     state = ckpt.load_checkpoint(step_file)
     features, run_cfg = load_encoder(step_file, head_layers=1)
     features.eval()

@@ -169,7 +169,7 @@ def test_local_run_stops_at_a_step_boundary_with_a_checkpoint_and_a_killed_run(p
     out = proc.communicate(timeout=60)[0]
     elapsed = time.time() - start
     assert proc.returncode == code, out[-3000:]
-    (newest,) = ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[:1]
+    newest = ckpt.latest_checkpoint(run_dir)
     state = ckpt.load_checkpoint(newest)
     assert state["step"] >= 3 and f"stopped at step {state['step']}" in out and "resume" in out
     assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
@@ -187,7 +187,7 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(photo_data, tm
     elapsed = time.time() - start
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
     assert out.count("SIGINT: stopping at the next step boundary") == 1, out[-3000:]  # said once, not per rank
-    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and f"stopped at step {state['step']}" in out
     assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
     print(f"[measured] Ctrl-C under torchrun (2 ranks): ended {elapsed:.1f}s after the signal, 0 steps lost")
@@ -212,7 +212,7 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(photo
           "after the signal, checkpointed")
     assert proc.returncode == 128 + sig, out[-3000:]
     assert "Traceback" not in out and "resume" in out, out[-3000:]
-    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert state["step"] >= 3 and f"stopped at step {state['step']}" in out
     assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
 
@@ -251,7 +251,7 @@ def test_a_run_left_running_by_a_hard_kill_is_marked_on_resume(photo_data, tmp_p
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert run_status(uri, state["mlflow_run_id"]) == "RUNNING"  # nobody could close it
     resumed = train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{"train.epochs": 2})))
     assert resumed.run_id == state["mlflow_run_id"]
@@ -329,7 +329,7 @@ def test_eval_recognises_an_exported_encoder_under_any_name(exported_encoder, ph
 def test_loose_images_beside_class_folders_are_refused(photo_data, tmp_path):
     import shutil
 
-    from data_pipeline.sources import DataError, open_source
+    from data_pipeline import DataError, open_source
 
     root = tmp_path / "tree"
     shutil.copytree(photo_data / "train", root)
@@ -340,7 +340,7 @@ def test_loose_images_beside_class_folders_are_refused(photo_data, tmp_path):
 
 
 def test_a_root_holding_train_and_val_splits_is_refused(photo_data):
-    from data_pipeline.sources import DataError, open_source
+    from data_pipeline import DataError, open_source
 
     with pytest.raises(DataError, match=f"splits.*data.root={photo_data / 'train'}"):
         open_source(photo_data)  # holds train/ and val/ (and their .npz twins)
@@ -388,7 +388,7 @@ def test_make_demo_data_replaces_what_was_there(tmp_path):
                   "--val-per-class", "2").returncode == 0
     import numpy as np
 
-    from data_pipeline.sources import open_source
+    from data_pipeline import open_source
 
     tree = open_source(out / "train")
     assert len(tree) == len(np.load(out / "train.npz")["y"]) == 30 and "stale_class" not in tree.classes
@@ -469,7 +469,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_into_the_same_run(photo_da
     over = {"train.epochs": 2, "train.stop_after_steps": 7}
     first = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "train", tmp_path / "run", **over))
     assert first.returncode == 0, first.stderr[-3000:]
-    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "run"))[0])
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 7 and state["world_size"] == 2
     resumed = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{"train.epochs": 2})))
     assert resumed.step == 20 and resumed.run_id == state["mlflow_run_id"]

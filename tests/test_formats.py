@@ -11,19 +11,15 @@ import pytest
 import torch
 
 from data_pipeline import build_eval_batches, build_loader
+from data_pipeline.arrays import ArraySource
 from data_pipeline.config import AugmentConfig, DataConfig
-from data_pipeline.shards import make_shards
-from data_pipeline.sources import (
-    ArraySource,
-    DataError,
-    FileCheckCache,
-    FileSource,
-    ShardSource,
-    labelled_indices,
-    open_source,
-)
+from data_pipeline.file_checks import FileCheckCache
+from data_pipeline.image_files import FileSource
+from data_pipeline.layouts import open_source
+from data_pipeline.shards import ShardSource, make_shards
+from data_pipeline.sources import DataError, labelled_indices
 from data_pipeline.torchvision_loader import decode_sample
-from tests.conftest import PY, REPO, corrupt_copy, tiny_overrides
+from tests.conftest import BAD_FILES, PY, REPO, corrupt_copy, tiny_overrides
 from tests.dataset_layouts import write_cifar, write_stl10, write_unlabeled_folder
 
 CPU = torch.device("cpu")
@@ -285,18 +281,18 @@ def test_shards_resume_mid_epoch_at_the_same_samples(tmp_path, backend):
 
 
 def test_file_check_results_are_kept_for_a_restart(tmp_path, photo_data):
-    import data_pipeline.sources as sources
+    import data_pipeline.file_checks as file_checks
 
     tree, _ = corrupt_copy(photo_data, tmp_path, "chelsea", 1, b"")
     paths = open_source(tree).paths
     calls = []
-    real = sources.check_image_file
+    real = file_checks.check_image_file
 
     def counting(path):
         calls.append(path)
         return real(path)
 
-    sources.check_image_file = counting
+    file_checks.check_image_file = counting
     try:
         bad, checked = FileCheckCache(tmp_path / "c.json").find_corrupt(paths)
         FileCheckCache(tmp_path / "c.json").save(checked)
@@ -308,7 +304,7 @@ def test_file_check_results_are_kept_for_a_restart(tmp_path, photo_data):
         FileCheckCache(tmp_path / "c.json").find_corrupt(paths)
         assert calls == [paths[3]]  # only the changed file is read again
     finally:
-        sources.check_image_file = real
+        file_checks.check_image_file = real
 
 
 @pytest.mark.slow
@@ -339,13 +335,13 @@ def test_data_formats_benchmark_writes_its_table(tmp_path, photo_data):
 
 
 def test_reading_many_shards_keeps_few_files_open(tmp_path, photo_data):
-    import data_pipeline.sources as sources
+    from data_pipeline import shards
 
     make_shards(open_source(photo_data / "train"), tmp_path / "s", 2)  # 40 tars
     source = open_source(tmp_path / "s")
     fds_before = len(os.listdir("/proc/self/fd"))
-    whole = [sources.read_encoded(source, i) for i in range(len(source))]
-    assert len(os.listdir("/proc/self/fd")) - fds_before <= sources.MAX_OPEN_TARS
+    whole = [source.read_encoded(i) for i in range(len(source))]
+    assert len(os.listdir("/proc/self/fd")) - fds_before <= shards.MAX_OPEN_TARS
     assert whole[0][:3] == b"\xff\xd8\xff" and all(len(b) == s for b, s in zip(whole, source.sizes))
 
 
@@ -367,10 +363,36 @@ def test_a_damaged_shard_member_says_to_write_the_shards_again(tmp_path):
 def test_an_unreadable_class_folder_is_named_as_such(photo_data, monkeypatch):
     import os
 
-    from data_pipeline import sources
+    from data_pipeline import image_files
 
     locked = sorted((photo_data / "train").iterdir())[3]
     real = os.access
-    monkeypatch.setattr(sources.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    monkeypatch.setattr(image_files.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
     with pytest.raises(DataError, match=f"class folder {locked} cannot be read.*permissions"):
         open_source(photo_data / "train")
+
+
+def test_one_corrupt_image_policy_on_both_backends(photo_data, tmp_path):
+    """A corrupt sample is read as the next good one, image and label, and ``corrupt_skipped`` counts
+    the distinct corrupt samples of the dataset: equal counts and labels on both backends."""
+    first_class = sorted(p.name for p in (photo_data / "train").iterdir())[0]
+    # the last image of a class: the next good sample is the first of the next class, with another label
+    root, bad = corrupt_copy(photo_data, tmp_path, first_class, -1, BAD_FILES["truncated_jpeg"])
+    source = open_source(root)
+    bad_index = source.paths.index(bad)
+    assert source.labels[bad_index + 1] != source.labels[bad_index]
+    seen = {}
+    for backend in BACKENDS:
+        cfg = DataConfig(root=str(root), backend=backend, image_size=16, batch_size=16, num_workers=1,
+                         skip_corrupt=True, augment=AugmentConfig(blur_prob=0.0))
+        loader = build_loader(cfg, 0, 0, 1, CPU)
+        labels, counts = [], []
+        for epoch in range(2):  # 5 batches of 16: every sample once per epoch
+            loader.set_epoch(epoch)
+            labels.append(torch.cat([batch[2] for batch in loader]).tolist())
+            counts.append(loader.corrupt_skipped)
+            position = int(np.flatnonzero(loader.indices() == bad_index)[0])
+            assert labels[-1][position] == source.labels[bad_index + 1], backend  # the replacement's label
+        seen[backend] = labels, counts
+    assert seen["torchvision"] == seen["dali"]
+    assert seen["dali"][1] == [1, 1]  # one corrupt image in the dataset, not one more per epoch

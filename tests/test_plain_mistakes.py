@@ -52,7 +52,7 @@ def test_run_dir_that_is_a_file(photo_data, tmp_path, capsys):
                                             ({b"data": b"x", b"batch_label": b"b"}, "has no 'labels'")],
                          ids=["top-level-list", "no-labels"])
 def test_a_broken_cifar_pickle(tmp_path, capsys, content, needle):
-    from data_pipeline.sources import DataError, open_source
+    from data_pipeline import DataError, open_source
 
     root = tmp_path / "cifar-10-batches-py"
     write_cifar(root)
@@ -115,12 +115,11 @@ def test_home_in_path_keys_is_expanded(tmp_path, monkeypatch):
 def test_an_unreadable_data_root_is_named_as_such(photo_data, monkeypatch):
     import os
 
-    from data_pipeline import sources
-    from data_pipeline.sources import DataError, open_source
+    from data_pipeline import DataError, layouts, open_source
 
     root = photo_data / "train"
     real = os.access
-    monkeypatch.setattr(sources.os, "access", lambda p, mode: str(p) != str(root) and real(p, mode))
+    monkeypatch.setattr(layouts.os, "access", lambda p, mode: str(p) != str(root) and real(p, mode))
     with pytest.raises(DataError, match=f"data path {root} cannot be read by this user"):
         open_source(root)
 

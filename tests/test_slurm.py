@@ -145,7 +145,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, pho
     (sub,) = submit(cfg, cluster, name="preempt")
     run_dir = Path(sub.run_dir)
     deadline = time.time() + 120
-    while not ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir)):  # training is under way
+    while ckpt.latest_checkpoint(run_dir) is None:  # training is under way
         assert time.time() < deadline, "job never checkpointed"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", sub.job_id], check=True)  # the pre-emption notice
@@ -165,8 +165,8 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, pho
                           *tiny_overrides(photo_data / "train", tmp_path / "ref", **common)],
                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    a = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
-    b = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "ref"))[0])
+    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "ref"))
     assert a["step"] == b["step"] == 60
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # one MLflow run, continued across the requeue
@@ -225,14 +225,14 @@ def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_dat
     (sub,) = submit(cfg, load_cluster_config(tmp_path / "two.yaml"), name="shrink")
     run_dir = Path(sub.run_dir)
     deadline = time.time() + 120
-    while not ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir)):
+    while ckpt.latest_checkpoint(run_dir) is None:
         assert time.time() < deadline, "job never checkpointed"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", sub.job_id], check=True)
     with pytest.raises(Exception):  # noqa: B017 - submitit re-raises the job's own failure
         sub.job.results()
     assert f"--resume {run_dir}" in Path(sub.stderr).read_text()
-    stopped = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert stopped["world_size"] == 2 and 0 < stopped["step"] < 60
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -240,7 +240,7 @@ def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_dat
                            str(run_dir), "--wait", "--name", "shrink"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    final = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    final = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert final["step"] == 60 and final["world_size"] == 1
     assert final["mlflow_run_id"] == stopped["mlflow_run_id"]
     client, runs = mlflow_runs(tmp_path / "m.db")

@@ -45,13 +45,13 @@ def cluster_file(tmp_path: Path, nodes: int = 2, **extra) -> Path:
 def wait_for_checkpoint(run_dir: Path, job, timeout: float = 180) -> None:
     # only the file system is polled: asking submitit for the job's state can block for many seconds
     deadline = time.time() + timeout
-    while not ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir)):
+    while ckpt.latest_checkpoint(run_dir) is None:
         assert time.time() < deadline, f"the job never checkpointed ({job.state})"
         time.sleep(0.2)
 
 
 def newest(run_dir: Path) -> dict:
-    return ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
 
 
 def local_two_ranks(photo_data: Path, tmp_path: Path, **common) -> dict:

@@ -17,7 +17,7 @@ from trainer.loop import NonFiniteLossError, train
 
 
 def final_state(run_dir):
-    return ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run_dir))[0])
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
 
 
 def assert_bitwise_equal(a, b):
@@ -144,7 +144,7 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, sig):
     assert code != 0
     elapsed = time.time() - start
     assert elapsed < 20 + 45  # dist.timeout_s plus start-up slack
-    newest = ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "run"))[0]  # checkpoints intact
+    newest = ckpt.latest_checkpoint(tmp_path / "run")  # checkpoints intact
     run_id = ckpt.load_checkpoint(newest)["mlflow_run_id"]
     from mlflow.tracking import MlflowClient
 

@@ -53,7 +53,7 @@ def test_resume_on_another_world_size_continues_the_same_batches_and_run(indexed
     for step in range(20):
         assert set(changed[step]) == set(straight[step]), step  # the same samples in every global batch
         assert changed[step] == straight[step], step  # and the same augmented views (torchvision)
-    state = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(tmp_path / "changed"))[0])
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "changed"))
     assert state["step"] == 20 and state["world_size_history"] == [[0, before], [7, after]]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("simclr").experiment_id],

@@ -1,7 +1,12 @@
 """One checkpoint format and one atomic writer, used by the train loop (regular, final and
 pre-emption checkpoints) and by ``simclr eval``. Files are ``<run_dir>/checkpoints/step_<N>.pt``;
-loading is ``weights_only``. ``Checkpointer`` is what the loop holds: resume discovery, the
-compatibility check, every rank's RNG state, and the save."""
+loading is ``weights_only``.
+
+``Checkpointer`` is what the loop holds. As torchtitan's, it is given the run's stateful parts
+(model, optimizer, scaler, online probe, ``TrainState``) and asks each for its own state; it adds
+every rank's RNG state and the config, finds and checks what to resume from, and reconciles a
+change of world size in one place (``resume``). Nothing outside this module and the parts' own
+``state_dict`` methods names a key of the file."""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,8 +37,48 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """The loop's own state: where it is, which world sizes ran it, and its MLflow run. Its keys
+    are the top level of the checkpoint file (format 1)."""
+
+    steps_per_epoch: int
+    world_size: int  # this job's
+    step: int = 0
+    world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
+    mlflow_run_id: str | None = None
+    world_size_changed: bool = False  # set by a resume on another world size than the checkpoint's
+
+    def __post_init__(self) -> None:
+        self.world_size_history = self.world_size_history or [[0, self.world_size]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "step_in_epoch": self.step % self.steps_per_epoch, "world_size": self.world_size,
+                "world_size_history": self.world_size_history, "mlflow_run_id": self.mlflow_run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.mlflow_run_id = state["step"], state.get("mlflow_run_id")
+        self.world_size_history = state.get("world_size_history") or [[0, state.get("world_size", self.world_size)]]
+        if self.world_size_history[-1][1] != self.world_size:  # a resume on another world size
+            self.world_size_history.append([self.step, self.world_size])
+            self.world_size_changed = True
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint file of a run folder (by step; not opened), or None."""
+    found = list_checkpoints(checkpoint_dir(run_dir))
+    return found[0] if found else None
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -102,6 +148,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # truncated zip, wrong pickle, foreign file: all mean 'unusable'
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
                               "it may be truncated or not a simclr-scale checkpoint") from None
+    return _checked(state, path)
+
+
+def _checked(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"checkpoint {path} lacks {[k for k in REQUIRED_KEYS if k not in state]}; "
                               "not a simclr-scale training checkpoint")
@@ -130,6 +180,44 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | Non
                               "nothing was started. Resume from a copy (checkpoint.resume=/path/to/step_N.pt), or "
                               "start this run over with checkpoint.resume=none train.overwrite=true")
     return None, None
+
+
+@dataclass
+class SavedWeights:
+    """What evaluation reads from a file: a training checkpoint (the SimCLR model, encoder and head,
+    and the run's config) or an exported encoder (its weights alone; the config is beside it)."""
+
+    path: Path
+    model: dict[str, torch.Tensor]  # a checkpoint: the SimCLR model; an export: the encoder
+    config: dict[str, Any] | None  # the run's config when the file is a checkpoint, else None
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.config is not None
+
+    def encoder(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights, whichever file this is."""
+        if not self.is_checkpoint:
+            return self.model
+        return {k[len("encoder."):]: v for k, v in self.model.items() if k.startswith("encoder.")}
+
+
+def load_weights(path: str | Path) -> SavedWeights:
+    """A checkpoint ``step_N.pt`` or an exported ``encoder.pt``, read once (``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint step_N.pt or an exported encoder.pt")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or not weights
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                              "pass a checkpoint step_N.pt or an exported encoder.pt") from None
+    if isinstance(content, dict) and "format_version" in content:
+        state = _checked(content, path)  # the checkpoint's own checks
+        return SavedWeights(path, state["model"], state["config"])
+    if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return SavedWeights(path, content, None)
+    raise CheckpointError(f"{path} is neither a simclr-scale checkpoint nor an exported encoder state dict")
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -184,24 +272,36 @@ def check_compatible(state: dict[str, Any], cfg: Config, path: Path) -> None:
 
 
 class Checkpointer:
-    """This run's checkpoints. ``resume`` finds, checks and returns the state to continue from (and
-    restores this rank's RNG); ``save`` gathers every rank's RNG state (a collective) and rank 0
-    writes atomically, keeping the newest ``checkpoint.keep_last``."""
+    """This run's checkpoints, of the run's stateful parts (``train_state``'s keys are the file's
+    top level; the probe is optional: an older checkpoint without one gives a fresh probe).
+    ``resume`` finds and checks the state to continue from, loads every part, and restores this
+    rank's RNG; ``save`` gathers every rank's RNG state (a collective) and rank 0 writes
+    atomically, keeping the newest ``checkpoint.keep_last``."""
 
-    def __init__(self, cfg: Config, info: DistInfo) -> None:
-        self.cfg, self.info = cfg, info
+    def __init__(self, cfg: Config, info: DistInfo, train_state: TrainState, model: Stateful, optimizer: Stateful,
+                 scaler: Stateful, online_probe: Stateful | None = None) -> None:
+        self.cfg, self.info, self.train_state = cfg, info, train_state
+        self.states = {"model": model, "optimizer": optimizer, "scaler": scaler}  # by their key in the file
+        if online_probe is not None:
+            self.states["online_probe"] = online_probe
         self.run_dir = Path(cfg.train.run_dir)
         self.directory = checkpoint_dir(self.run_dir)
 
-    def resume(self) -> dict[str, Any] | None:
+    def resume(self) -> bool:
+        """Load the newest usable checkpoint (or ``checkpoint.resume``) into the parts; False when
+        the run starts fresh."""
         if self.info.is_main:
             remove_stale_temp_files(self.directory)
         if self.cfg.checkpoint.resume == "none":
             self._start_over()
         path, state = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
         if state is None:
-            return None
+            return False
         check_compatible(state, self.cfg, path)
+        for key, part in self.states.items():
+            if state.get(key) is not None:  # an older checkpoint without a part (the probe): it starts fresh
+                part.load_state_dict(state[key])
+        self.train_state.load_state_dict(state)
         rng = state.get("rng") or []
         if len(rng) == self.info.world_size:
             restore_rng(rng[self.info.rank])
@@ -212,8 +312,7 @@ class Checkpointer:
             if len(rng) != self.info.world_size:
                 print(f"[simclr] the checkpoint was written by {len(rng)} ranks, this job has {self.info.world_size}: "
                       "the same global batches follow, each rank's random streams are derived afresh", flush=True)
-        return state
-
+        return True
     def _start_over(self) -> None:
         """``checkpoint.resume=none`` in a folder that holds another run's checkpoints would leave
         them to be picked by the next plain resume (with their MLflow run): refused, unless
@@ -243,12 +342,10 @@ class Checkpointer:
         dist.all_gather_object(states, state)
         return states
 
-    def save(self, step: int, steps_per_epoch: int, training_state: dict[str, Any]) -> None:
-        """Every rank calls this at the same step; ``training_state`` holds model, optimizer,
-        scaler and the MLflow run id."""
+    def save(self) -> None:
+        """Every rank calls this at the same step (that of ``train_state``)."""
         rng = self._gather_rng()
         if self.info.is_main:
-            save_checkpoint({**training_state, "step": step, "epoch": step // steps_per_epoch,
-                             "step_in_epoch": step % steps_per_epoch, "world_size": self.info.world_size,
-                             "rng": rng, "config": config_to_dict(self.cfg)},
+            parts = {key: part.state_dict() for key, part in self.states.items()}
+            save_checkpoint({**parts, **self.train_state.state_dict(), "rng": rng, "config": config_to_dict(self.cfg)},
                             self.directory, self.cfg.checkpoint.keep_last)

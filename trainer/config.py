@@ -16,7 +16,6 @@ from typing import Any, Literal, get_args
 import yaml
 
 from data_pipeline.config import AugmentConfig, DataConfig
-from data_pipeline.sources import STL10_SPLITS
 from trainer.dataclass_yaml import (
     ConfigError,
     build_dataclass,
@@ -134,7 +133,11 @@ class Config:
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {value!r} is out of range; {allowed}")
+        _refuse(key, value, allowed)
+
+
+def _refuse(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}: {value!r} is out of range; {allowed}")
 
 
 def tracking_scheme(uri: str) -> str:
@@ -165,10 +168,9 @@ def expand_paths(cfg: Config) -> Config:
 
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
-    d, o, a = cfg.data, cfg.optim, cfg.data.augment
-    _check(d.batch_size >= 2, "data.batch_size", d.batch_size,
-           "must be at least 2 (global batch): with one image there are no negatives and the loss is 0")
-    _check(d.image_size >= 8, "data.image_size", d.image_size, "must be at least 8 pixels")
+    d, o = cfg.data, cfg.optim
+    for problem in d.problems():  # the data sections check their own fields
+        _refuse(*problem)
     scheme = tracking_scheme(cfg.tracking.uri)
     _check(scheme in known_tracking_schemes(), "tracking.uri", cfg.tracking.uri,
            f"MLflow does not know the scheme {scheme!r}; use http(s)://host:port, sqlite:///path.db, file:///dir, "
@@ -177,11 +179,6 @@ def validate(cfg: Config) -> Config:
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
     _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
            "needs tracking.log_model=true (the registered version is the logged model)")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    _check(d.prefetch_depth >= 1, "data.prefetch_depth", d.prefetch_depth, "must be >= 1 (batches DALI prepares ahead)")
-    for name, split in (("data.split", d.split), ("data.val_split", d.val_split)):
-        _check(split in ("", *STL10_SPLITS), name, split, f"must be one of {', '.join(STL10_SPLITS)} (STL-10; CIFAR: "
-               "train, test) or empty for a set with no splits")
     _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
@@ -189,17 +186,6 @@ def validate(cfg: Config) -> Config:
     _check(o.trust_coefficient > 0, "optim.trust_coefficient", o.trust_coefficient, "must be > 0")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
     _check(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction, "must be in [0, 1]")
-    _check(0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "data.augment.crop_scale", a.crop_scale,
-           "must be [min, max] with 0 < min <= max <= 1")
-    _check(0 < a.crop_ratio[0] <= a.crop_ratio[1], "data.augment.crop_ratio", a.crop_ratio,
-           "must be [min, max] with 0 < min <= max")
-    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
-        p = getattr(a, name)
-        _check(0 <= p <= 1, f"data.augment.{name}", p, "must be a probability in [0, 1]")
-    _check(a.jitter_strength >= 0, "data.augment.jitter_strength", a.jitter_strength, "must be >= 0")
-    _check(0 < a.blur_sigma[0] <= a.blur_sigma[1], "data.augment.blur_sigma", a.blur_sigma,
-           "must be [min, max] with 0 < min <= max")
-    _check(all(s > 0 for s in a.std), "data.augment.std", a.std, "every entry must be > 0")
     _check(cfg.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", cfg.model.proj_hidden_dim, "must be >= 0")
     _check(cfg.model.proj_out_dim > 0, "model.proj_out_dim", cfg.model.proj_out_dim, "must be > 0")
     _check(cfg.model.proj_layers >= 1, "model.proj_layers", cfg.model.proj_layers,

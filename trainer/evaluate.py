@@ -14,7 +14,7 @@ from torch import nn
 from data_pipeline import build_eval_batches
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, Source, labelled_indices
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import CheckpointError, SavedWeights, load_weights
 from trainer.config import Config, config_from_dict, load_config
 from trainer.model import SimCLRModel, build_encoder, head_features
 
@@ -159,28 +159,18 @@ def load_encoder(path: str | Path, head_layers: int = 0) -> tuple[nn.Module, Con
     under any name) whose run's ``config.yaml`` sits beside it. Returns it with the run's config.
     ``head_layers`` > 0: the encoder followed by that many layers of the projection head (a
     training checkpoint holds the head; an exported encoder does not)."""
-    path = Path(path)
+    saved = load_weights(path)
     if head_layers:
-        return _load_with_head(path, head_layers)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; pass a checkpoint step_N.pt or an exported encoder.pt")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or not weights
-        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                              "pass a checkpoint step_N.pt or an exported encoder.pt") from None
-    if isinstance(content, dict) and "format_version" in content:
-        state = load_checkpoint(path)  # the checkpoint's own checks
-        cfg, source = config_from_dict(state["config"]), f"the config stored in {path}"
-        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    elif isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
-        cfg_file = path.parent / "config.yaml"
+        return _load_with_head(saved, head_layers)
+    if saved.is_checkpoint:
+        cfg, source = config_from_dict(saved.config), f"the config stored in {path}"
+    else:
+        cfg_file = saved.path.parent / "config.yaml"
         if not cfg_file.exists():
             raise CheckpointError(f"{path} is an exported encoder; it needs its run's config.yaml beside it to know "
                                   "the architecture (copy it from the run folder)")
-        cfg, weights, source = load_config(cfg_file), content, str(cfg_file)
-    else:
-        raise CheckpointError(f"{path} is neither a simclr-scale checkpoint nor an exported encoder state dict")
+        cfg, source = load_config(cfg_file), str(cfg_file)
+    weights = saved.encoder()
     encoder = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -196,21 +186,17 @@ def load_encoder(path: str | Path, head_layers: int = 0) -> tuple[nn.Module, Con
     return encoder, cfg
 
 
-def _load_with_head(path: Path, head_layers: int) -> tuple[nn.Module, Config]:
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        content = None
-    if not (isinstance(content, dict) and "format_version" in content):
+def _load_with_head(saved: SavedWeights, head_layers: int) -> tuple[nn.Module, Config]:
+    if not saved.is_checkpoint:
         raise CheckpointError(f"--head-layers {head_layers} reads the projection head, which only a training "
-                              f"checkpoint holds; {path} is not one: pass a step_N.pt from the run's checkpoints/")
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
+                              f"checkpoint holds; {saved.path} is not one: pass a step_N.pt from the run's "
+                              "checkpoints/")
+    cfg = config_from_dict(saved.config)
     if not 0 < head_layers <= cfg.model.proj_layers:
         raise CheckpointError(f"--head-layers {head_layers}: the run's projection head has {cfg.model.proj_layers} "
                               f"layers (model.proj_layers); use 0 to {cfg.model.proj_layers}")
     model = SimCLRModel(dataclasses.replace(cfg.model, sync_bn=False))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(saved.model)
     return head_features(model, head_layers), cfg
 
 
@@ -222,21 +208,17 @@ def random_init_like(cfg: Config, head_layers: int = 0) -> nn.Module:
 def check_same_classes(train: Source, val: Source) -> None:
     """A probe trained on one class list and scored on another reports a meaningless number (it said
     top-1 0.162 for 2 classes against 10, and exited 0)."""
-    # names are comparable between sets of one layout; an .npz names its classes by their numbers, so
-    # between layouts the count must agree (labels are class indices in both)
-    same_layout = type(train) is type(val)
-    differ = list(train.classes) != list(val.classes) if same_layout else len(train.classes) != len(val.classes)
+    # an .npz names its classes by their numbers: against numbers only the count can be compared
+    # (labels are class indices in both); real names must agree
+    numbered = all(c.isdigit() for c in train.classes) or all(c.isdigit() for c in val.classes)
+    differ = len(train.classes) != len(val.classes) if numbered else list(train.classes) != list(val.classes)
     if train.classes and val.classes and differ:
         def show(classes: list[str]) -> str:
             return ", ".join(classes[:6]) + (f", ... ({len(classes)} in all)" if len(classes) > 6 else "")
 
-        raise DataError(f"the training set {describe(train)} has classes [{show(train.classes)}] but the held-out set "
-                        f"{describe(val)} has [{show(val.classes)}]: a probe needs the same classes in both; give "
+        raise DataError(f"the training set {train.location} has classes [{show(train.classes)}] but the held-out set "
+                        f"{val.location} has [{show(val.classes)}]: a probe needs the same classes in both; give "
                         "two splits of one dataset")
-
-
-def describe(source: Source) -> str:
-    return str(getattr(source, "root", None) or getattr(source, "path", ""))
 
 
 def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConfig, device: torch.device,
@@ -247,10 +229,8 @@ def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConf
     import copy
 
     import numpy as np
-    from torch.utils.data import DataLoader, Subset
-    from torchvision.transforms import v2
 
-    from data_pipeline.torchvision_loader import EvalDataset, release_dead_pipelines
+    from data_pipeline.torchvision_loader import finetune_loader
 
     labels = np.asarray(source.labels)
     labelled_indices(source, "fine-tuning")
@@ -260,15 +240,8 @@ def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConf
     for c in np.unique(labels[labels >= 0]):  # at least one image per class
         idx = np.flatnonzero(labels == c)
         keep.extend(rng.choice(idx, max(1, round(label_fraction * len(idx))), replace=False).tolist())
-    train_set = EvalDataset(source, data_cfg)
+    loader = finetune_loader(source, data_cfg, keep, batch_size, seed)
     size = data_cfg.image_size
-    train_set.transform = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
-                                      v2.RandomHorizontalFlip(), *train_set.transform.transforms[2:]])
-    if data_cfg.num_workers:
-        release_dead_pipelines()
-    loader = DataLoader(Subset(train_set, keep), batch_size=min(batch_size, len(keep)), shuffle=True,
-                        num_workers=data_cfg.num_workers, drop_last=len(keep) > batch_size,
-                        generator=torch.Generator().manual_seed(seed))
     model = copy.deepcopy(encoder).to(device)
     with torch.no_grad():
         feat_dim = model(torch.zeros(2, 3, size, size, device=device)).shape[1]

@@ -19,10 +19,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
-from data_pipeline import resolve_backend
-from data_pipeline.sources import ShardSource
-from trainer.config import Config, config_to_dict, dump_config
-from trainer.dataclass_yaml import flatten
+from trainer.config import Config, dump_config
 from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
@@ -33,7 +30,7 @@ from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
 from trainer.run_files import atomic_write_text
 from trainer.step import StepOutcome, train_step
-from trainer.tracking import Tracker, git_commit, library_versions, read_metrics_file
+from trainer.tracking import Tracker, read_metrics_file, run_params
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,7 +148,7 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
             if checkpoint_due and not skips.check(step):
-                parts.checkpointer.save(step, steps_per_epoch, parts.state_dict())
+                save_checkpoint(parts, step)
             if step >= stop_at or preempted:
                 break
     return step, last_loss, preempted, skips
@@ -203,39 +200,36 @@ class SkipCounters:
 def start_run(parts: TrainParts) -> int:
     """Resume from the newest usable checkpoint (or start fresh), then start the MLflow run, or
     continue the checkpoint's, on rank 0. Returns the step to continue from."""
-    state = parts.checkpointer.resume()
-    step, run_id, world = 0, None, parts.info.world_size
-    if state is not None:
-        parts.load_state_dict(state)
-        step, run_id = state["step"], state.get("mlflow_run_id")
-        if step >= parts.schedule.total:
-            parts.tracker.run_id = run_id
-            return step
-        parts.world_size_history = state.get("world_size_history") or [[0, state.get("world_size", world)]]
-        if parts.world_size_history[-1][1] != world:
-            parts.world_size_history.append([step, world])
+    resumed = parts.checkpointer.resume()
+    state, world = parts.train_state, parts.info.world_size
+    if state.step >= parts.schedule.total:
+        parts.tracker.run_id = state.mlflow_run_id
+        return state.step
     if parts.info.is_main:
-        cfg, config_file = parts.cfg, parts.run_dir / "config.yaml"
+        cfg, config_file, step = parts.cfg, parts.run_dir / "config.yaml", state.step
         parts.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_file, dump_config(cfg))
-        params = {**flatten(config_to_dict(cfg)), "world_size": parts.info.world_size,
-                  "data.backend_resolved": resolve_backend(cfg.data, parts.info.device),
-                  "steps_per_epoch": parts.steps_per_epoch, "git_commit": git_commit(),
-                  **{f"version.{k}": v for k, v in library_versions().items()}}
-        history = ",".join(f"{at}:{size}" for at, size in parts.world_size_history)  # step:world size
+        params = run_params(cfg, world, parts.loader.backend, parts.steps_per_epoch)
+        history = ",".join(f"{at}:{size}" for at, size in state.world_size_history)  # step:world size
         parts.tracker.start(params, {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
-                                     "simclr.world_size_history": history}, run_id=run_id)
-        if len(parts.world_size_history) > 1 and parts.world_size_history[-1][0] == step:  # changed now
+                                     "simclr.world_size_history": history}, run_id=state.mlflow_run_id)
+        if state.world_size_changed:
             parts.tracker.log_params({f"world_size.from_step_{step}": world})
-            if isinstance(parts.loader.source, ShardSource) and step % parts.steps_per_epoch:
+            if parts.loader.source.order_depends_on_world_size and step % parts.steps_per_epoch:
                 print(f"[simclr] note: tar shards are dealt to ranks in blocks, so the rest of epoch "
                       f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
                       "this epoch are seen twice or not at all); from the next epoch on, each image is seen once",
                       flush=True)
-        if state is None:
+        if not resumed:
             parts.tracker.log_artifact(config_file)
         announce(parts, step)
-    return step
+    return state.step
+
+
+def save_checkpoint(parts: TrainParts, step: int) -> None:
+    """Every rank, at the same step."""
+    parts.train_state.step, parts.train_state.mlflow_run_id = step, parts.tracker.run_id
+    parts.checkpointer.save()
 
 
 def announce(parts: TrainParts, step: int) -> None:
@@ -249,7 +243,7 @@ def announce(parts: TrainParts, step: int) -> None:
           f"{parts.schedule.total} steps in all)\n"
           f"[simclr] data {cfg.data.root}: {len(source)} images{classes}, {labelled}; {parts.steps_per_epoch} steps "
           f"per epoch of {cfg.data.batch_size} ({world} rank(s) x {cfg.data.batch_size // world}), "
-          f"{resolve_backend(cfg.data, parts.info.device)} backend on {parts.info.device}\n"
+          f"{parts.loader.backend} backend on {parts.info.device}\n"
           f"[simclr] {parts.tracker.describe()}", flush=True)
 
 

@@ -68,9 +68,18 @@ class OnlineProbe(nn.Module):
             predicted = self.classifier(features.float()).argmax(1)
             return (predicted == labels).sum().float(), torch.tensor(float(len(labels)), device=predicted.device)
 
-    def state_dict_with_optimizer(self) -> dict[str, Any]:
-        return {"model": self.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def checkpoint_part(self) -> ProbeCheckpoint:
+        """The probe as one stateful part of the run's checkpoint: its weights and its optimizer."""
+        return ProbeCheckpoint(self)
 
-    def load_state_dict_with_optimizer(self, state: dict[str, Any]) -> None:
-        self.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+
+class ProbeCheckpoint:
+    def __init__(self, probe: OnlineProbe) -> None:
+        self.probe = probe
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.probe.state_dict(), "optimizer": self.probe.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.probe.load_state_dict(state["model"])
+        self.probe.optimizer.load_state_dict(state["optimizer"])

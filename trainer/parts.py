@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline import TwoViewLoader, build_loader, open_val_source
 from data_pipeline.sources import Source, labelled_indices
-from trainer.checkpoint import Checkpointer, seed_everything
+from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
@@ -39,7 +38,7 @@ class TrainParts:
     forward_backward: ForwardBackward  # plain or gradient-cached, chosen once (trainer.step)
     checkpointer: Checkpointer
     tracker: Tracker  # MLflow on rank 0; a no-op elsewhere
-    world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
+    train_state: TrainState  # step, world sizes, MLflow run id: the loop's own checkpoint state
     online_probe: OnlineProbe | None = None  # train.online_probe on labelled data
     val_source: Source | None = None  # data.val_root, opened once per run
 
@@ -50,22 +49,6 @@ class TrainParts:
     @property
     def steps_per_epoch(self) -> int:
         return self.loader.steps_per_epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds besides the position and RNG states."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.precision.state_dict(), "mlflow_run_id": self.tracker.run_id,
-                 "world_size_history": self.world_size_history}
-        if self.online_probe is not None:
-            state["online_probe"] = self.online_probe.state_dict_with_optimizer()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.precision.load_state_dict(state.get("scaler") or {})
-        if self.online_probe is not None and state.get("online_probe"):  # older checkpoints: a fresh probe
-            self.online_probe.load_state_dict_with_optimizer(state["online_probe"])
 
 
 @dataclass
@@ -132,10 +115,12 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
     probe = None
     if cfg.train.online_probe and (labels >= 0).any():  # built after the model: its init draws come last
         probe = OnlineProbe(m.model.feature_dim, int(labels.max()) + 1, device)
+    train_state = TrainState(loader.steps_per_epoch, info.world_size)
     return TrainParts(
         cfg=cfg, info=info, loader=loader, model=m.model, ddp_model=m.ddp_model, optimizer=m.optimizer,
         schedule=schedule, precision=m.precision, forward_backward=m.forward_backward,
-        checkpointer=Checkpointer(cfg, info),
+        checkpointer=Checkpointer(cfg, info, train_state, m.model, m.optimizer, m.precision,
+                                  probe.checkpoint_part() if probe is not None else None),
         tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
-        world_size_history=[[0, info.world_size]], online_probe=probe, val_source=val_source,
+        train_state=train_state, online_probe=probe, val_source=val_source,
     )

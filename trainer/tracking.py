@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrackingConfig
+from trainer.config import Config, TrackingConfig, config_to_dict
+from trainer.dataclass_yaml import flatten
 from trainer.run_files import append_line, atomic_write_text, read_jsonl
 
 RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and name, for `simclr sync`
@@ -107,6 +108,13 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def run_params(cfg: Config, world_size: int, backend: str, steps_per_epoch: int) -> dict[str, Any]:
+    """A training run's MLflow params: the flattened config, the job's shape, the code and libraries."""
+    return {**flatten(config_to_dict(cfg)), "world_size": world_size, "data.backend_resolved": backend,
+            "steps_per_epoch": steps_per_epoch, "git_commit": git_commit(),
+            **{f"version.{k}": v for k, v in library_versions().items()}}
 
 
 class Tracker:
@@ -417,6 +425,15 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
     except ValueError:
         raise TrackingError(f"{path} is not valid JSON (a copy cut short?); restore it from a backup or remove it, "
                             "then sync into a new run with --uri") from None
+
+
+def run_id_of(run_dir: str | Path) -> str | None:
+    """The MLflow run of a run folder, from its record (``mlflow_run.json``); None when the run
+    never reached MLflow, or the folder has no readable record."""
+    try:
+        return read_run_record(run_dir).get("run_id")
+    except TrackingError:
+        return None
 
 
 def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,

@@ -19,7 +19,7 @@ real_build_loader = trainer.parts.build_loader
 
 class RecordingLoader:
     def __init__(self, loader) -> None:
-        self.loader, self.source, self.first_step = loader, loader.source, 0
+        self.loader, self.source, self.backend, self.first_step = loader, loader.source, loader.backend, 0
         self.steps_per_epoch, self.corrupt_skipped = loader.steps_per_epoch, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
