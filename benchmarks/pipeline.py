@@ -21,7 +21,8 @@ import torch
 from benchmarks.common import RESULTS, device_name, result_header, write_json
 from data_pipeline import build_loader
 from data_pipeline.config import AugmentConfig, DataConfig
-from trainer.device import synchronize
+from trainer.config import DEVICES
+from trainer.device import choose_device, synchronize
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -78,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data32", default=str(SHARED / "cifar10-jpeg" / "train"))
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="auto: CUDA when visible")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = choose_device(args.device)
     rows = []
     for size, root, batch in ((224, args.data224, 64), (32, args.data32, 256)):
         root = Path(root) if Path(root).exists() else fallback_data(256 if size == 224 else 32)

@@ -19,9 +19,8 @@ from benchmarks.common import RESULTS, device_name, result_header, write_json
 from data_pipeline import open_train_source, open_val_source
 from trainer.config import load_config
 from trainer.device import choose_device
-from trainer.evaluate import evaluate_encoder, load_encoder
+from trainer.evaluate import compare, load_encoder, random_init_like
 from trainer.loop import train
-from trainer.model import build_encoder
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -62,17 +61,17 @@ def main(argv: list[str] | None = None) -> dict:
     pretrain_s = time.time() - start
     encoder, _ = load_encoder(result.encoder_path)
     train_set, val_set = open_train_source(cfg.data), open_val_source(cfg.data)
-    ssl = evaluate_encoder(encoder, train_set, val_set, cfg.data, device, args.probe_epochs)
     torch.manual_seed(cfg.train.seed)
-    rand = evaluate_encoder(build_encoder(cfg.model.arch, cfg.model.cifar_stem), train_set, val_set,
-                            cfg.data, device, args.probe_epochs)
+    report = compare({"SimCLR": encoder, "random init": random_init_like(cfg)}, train_set, val_set, cfg.data, device,
+                     args.probe_epochs)
+    ssl, rand = report.rows["SimCLR"], report.rows["random init"]
     row = {
         **result_header("quality", device_name(device)), "dataset": args.dataset, "model": cfg.model.arch,
         "epochs": args.epochs,
         "batch": cfg.data.batch_size, "precision": cfg.precision.dtype, "backend": cfg.data.backend,
         "pretrain_wall_s": pretrain_s, "total_wall_s": time.time() - start,
-        "linear_top1": ssl.linear_top1, "linear_top5": ssl.linear_top5, "knn_top1": ssl.knn_top1,
-        "random_linear_top1": rand.linear_top1, "random_knn_top1": rand.knn_top1, "final_loss": result.loss,
+        "linear_top1": ssl["linear_top1"], "linear_top5": ssl["linear_top5"], "knn_top1": ssl["knn_top1"],
+        "random_linear_top1": rand["linear_top1"], "random_knn_top1": rand["knn_top1"], "final_loss": result.loss,
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
     results = Path(args.results_dir)
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "| kNN top-1 | random-init linear | random-init kNN |\n" + "|---" * 11 + "|\n")
     with open(md, "a") as f:
         f.write(f"| {args.dataset} | {row['model']} | {args.epochs} | {row['batch']} | {row['precision']} | "
-                f"{pretrain_s / 60:.1f} min | {row['device']} | {ssl.linear_top1:.3f} | {ssl.knn_top1:.3f} | "
-                f"{rand.linear_top1:.3f} | {rand.knn_top1:.3f} |\n")
+                f"{pretrain_s / 60:.1f} min | {row['device']} | {ssl['linear_top1']:.3f} | {ssl['knn_top1']:.3f} | "
+                f"{rand['linear_top1']:.3f} | {rand['knn_top1']:.3f} |\n")
     print(json.dumps({k: v for k, v in row.items() if k != "versions"}, indent=2))
     return row
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alone_on, benchmark_parts, summary, timed
-from trainer.config import OptimConfig
+from trainer.config import ModelConfig, OptimConfig
 from trainer.device import peak_memory_mb, synchronize
 from trainer.loss import nt_xent
+from trainer.model import uses_channels_last
 from trainer.optim import build_optimizer, guarded_step
 from trainer.precision import PrecisionPolicy
 from trainer.step import train_step
@@ -27,7 +28,7 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
     than the real (un-instrumented) step."""
     parts = benchmark_parts(arch, image_size, precision, alone_on(device))
     model, opt, policy = parts.model, parts.optimizer, parts.precision
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if uses_channels_last(ModelConfig(), device) else torch.contiguous_format
     view1, view2 = (torch.randn(batch_size, 3, image_size, image_size, device=device) for _ in range(2))
     images = torch.cat([view1, view2]).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch_size,), device=device)

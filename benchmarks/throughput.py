@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, device_name, result_header, write_json
@@ -25,7 +25,7 @@ from trainer.config import ARCHS, DEVICES, TrackingConfig
 from trainer.device import choose_device
 from trainer.plots import pyplot, save_figure
 from trainer.precision import AUTOCAST_DTYPES
-from trainer.tracking import Tracker
+from trainer.tracking import MlflowRun
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,17 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 def log_to_mlflow(result: dict, out: Path) -> None:
     """One run in experiment 'simclr-bench' with the configuration, headline figures, JSON and plot."""
-    tracker = Tracker(TrackingConfig(experiment="simclr-bench", run_name=out.stem),
-                      tempfile.mkdtemp(prefix="simclr_bench_"), active=True)
-    tracker.start({**result["config"], "device": result["device"], "git_commit": result["git_commit"]}, {})
-    tracker.log_metrics({"images_per_s": result["ssl"]["images_per_s"], "views_per_s": result["ssl"]["views_per_s"],
+    run = MlflowRun(TrackingConfig(experiment="simclr-bench", run_name=out.stem, system_metrics=False))
+    run.start({**result["config"], "device": result["device"], "git_commit": result["git_commit"]}, {})
+    run.log({"images_per_s": result["ssl"]["images_per_s"], "views_per_s": result["ssl"]["views_per_s"],
                          "ssl_over_supervised_time": result["ssl"]["ssl_over_supervised_time"],
                          "lars_speedup_vs_timm": result["lars"].get("speedup", 0.0),
-                         "loss_speedup_vs_naive_max": max(r["speedup"] for r in result["loss"])}, step=0)
-    tracker.log_artifact(out)
-    tracker.log_artifact(out.with_suffix(".png"))
-    tracker.finish()
-    print(f"logged to {tracker.describe()}")
+                         "loss_speedup_vs_naive_max": max(r["speedup"] for r in result["loss"])},
+            step=0, time_ms=int(time.time() * 1000))
+    run.log_artifact(out)
+    run.log_artifact(out.with_suffix(".png"))
+    run.finish()
+    print(f"logged to {run.describe()}")
 
 
 def plot(result: dict, out: Path) -> None:

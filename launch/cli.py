@@ -123,7 +123,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     encoder_file = Path(args.run_dir) / "encoder.pt"
 
-    def log_pending_model(tracker, record: dict) -> None:
+    def log_pending_model(run, record: dict) -> None:
         """The encoder's MLflow model, skipped while offline: logged (and registered) now."""
         pending = record.get("model_pending")
         if pending is None or not encoder_file.exists():
@@ -134,7 +134,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         from trainer.tracking import RUN_RECORD
 
         encoder, run_cfg = load_encoder(encoder_file)
-        if log_encoder_model(tracker, encoder, run_cfg.data.image_size, pending.get("register_as", "")):
+        if log_encoder_model(run, encoder, run_cfg.data.image_size, pending.get("register_as", "")):
             record["model_pending"] = None
             atomic_write_text(Path(args.run_dir) / RUN_RECORD, json.dumps(record, indent=1))
 
@@ -245,6 +245,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data_pipeline.sources import LABEL_MODES
     from launch.evaluation import add_eval_args
 
     parser = argparse.ArgumentParser(
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="a new (or empty) folder for shard-000000.tar ... and manifest.json")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--split", default="", help="split of SRC when it holds several (STL-10, CIFAR)")
-    p.add_argument("--labels", default="auto", choices=["auto", "folders", "none"],
+    p.add_argument("--labels", default="auto", choices=LABEL_MODES,
                    help="for an image folder: class sub-folders, or none (unlabeled)")
     p.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for sources held as arrays")

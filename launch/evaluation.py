@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.config import DEVICES
+
+if TYPE_CHECKING:
+    from trainer.evaluate import Report
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -66,8 +70,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
     from data_pipeline import open_source
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
-    from trainer.evaluate import check_same_classes, evaluate_encoder, finetune, load_encoder, random_init_like
-    from trainer.plots import tsne_plot
+    from trainer.evaluate import check_same_classes, compare, load_encoder, random_init_like
     from trainer.run_files import atomic_write_text
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
@@ -83,49 +86,33 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
         encoders = {"SimCLR": encoder}
         if not args.no_baseline:
             encoders["random init"] = random_init_like(cfg, args.head_layers)
-        report: dict = {"checkpoint": str(args.checkpoint), "head_layers": args.head_layers,
-                        "train_data": str(args.train_data), "val_data": str(args.val_data),
-                        "train_split": args.train_split, "val_split": args.val_split,
-                        "arch": cfg.model.arch, "device": str(device), "ranks": info.world_size, "rows": {}}
-        for name, candidate in encoders.items():
-            scores = evaluate_encoder(candidate, train_set, val_set, data_cfg, device, args.probe_epochs,
-                                      shard=(info.rank, info.world_size))
-            if not info.is_main:
-                continue
-            row = {"linear_top1": scores.linear_top1, "linear_top5": scores.linear_top5, "knn_top1": scores.knn_top1}
-            for fraction in args.finetune:  # on rank 0: a fine-tuning run of its own
-                tuned = finetune(candidate, train_set, val_set, data_cfg, device, fraction, args.finetune_epochs)
-                row[f"finetune_{fraction:g}_top1"] = tuned["top1"]
-            if args.tsne:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                slug = name.replace(" ", "_").lower()
-                plot = tsne_plot(scores.val_features, scores.val_labels, out_dir / f"tsne_{slug}.png",
-                                 f"t-SNE of {name} features", class_names=val_set.classes)
-                row["tsne"] = str(plot)
-            report["rows"][name] = row
-        if not info.is_main:
+        report = compare(encoders, train_set, val_set, data_cfg, device, args.probe_epochs,
+                         shard=(info.rank, info.world_size), finetune_fractions=tuple(args.finetune),
+                         finetune_epochs=args.finetune_epochs, tsne_dir=out_dir if args.tsne else None)
+        if report is None:  # not rank 0
             return None
-        keys = [k for k in next(iter(report["rows"].values())) if k != "tsne"]
-        lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |"
-                  for name, r in report["rows"].items()]
-        print("\n" + "\n".join(lines))
+        report.meta = {"checkpoint": str(args.checkpoint), "head_layers": args.head_layers,
+                       "train_data": str(args.train_data), "val_data": str(args.val_data),
+                       "train_split": args.train_split, "val_split": args.val_split,
+                       "arch": cfg.model.arch, "device": str(device), "ranks": info.world_size}
+        print("\n" + report.to_markdown())
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
-        atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
-        print(f"\nreport: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+        atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
+        atomic_write_text(out_dir / "report.md", report.to_markdown())
+        print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
         if args.mlflow:
             _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
-        return report
+        return report.to_dict()
     finally:
         teardown()
 
 
-def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> None:
+def _log_eval_to_mlflow(report: Report, out_dir: Path, checkpoint: str, cfg) -> None:
     """Into the training run when the checkpoint names one, else a new run in '<experiment>-eval'."""
     import dataclasses
+    import time
 
-    from trainer.tracking import Tracker, run_id_of
+    from trainer.tracking import MlflowRun, run_id_of
 
     path = Path(checkpoint).resolve()
     # checkpoints/step_N.pt or encoder.pt: both belong to the run whose folder holds them
@@ -133,12 +120,12 @@ def _log_eval_to_mlflow(report: dict, out_dir: Path, checkpoint: str, cfg) -> No
     tracking = cfg.tracking
     if run_id is None:
         tracking = dataclasses.replace(tracking, experiment=f"{tracking.experiment}-eval")
-    tracker = Tracker(tracking, out_dir, active=True)
-    tracker.start({"eval.checkpoint": checkpoint}, {"simclr.eval": "1"}, run_id=run_id)
-    metrics = {f"eval.{name.replace(' ', '_')}.{k}": v for name, row in report["rows"].items()
-               for k, v in row.items() if k != "tsne"}
-    tracker.log_metrics(metrics, step=0)
+    run = MlflowRun(dataclasses.replace(tracking, system_metrics=False))
+    run.start({"eval.checkpoint": checkpoint}, {"simclr.eval": "1"}, run_id=run_id)
+    metrics = {f"eval.{name.replace(' ', '_')}.{k}": row[k] for name, row in report.rows.items()
+               for k in report.scores()}
+    run.log(metrics, step=0, time_ms=int(time.time() * 1000))
     for file in sorted(out_dir.glob("*.png")) + [out_dir / "report.json", out_dir / "report.md"]:
-        tracker.log_artifact(file, "eval")
-    tracker.finish()
-    print(f"logged to {tracker.describe()}")
+        run.log_artifact(file, "eval")
+    run.finish()
+    print(f"logged to {run.describe()}")

@@ -99,6 +99,15 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert "| SimCLR |" in proc.stdout and "| random init |" in proc.stdout
     assert "mlflow.pytorch.load_model('runs:/" in proc.stdout
     assert (tmp_path / "runs" / "demo" / "eval" / "report.json").exists()
+    # the evaluation logs into the training's MLflow run (found from the run folder's record) and leaves
+    # no training files of its own in the eval folder
+    assert "logged to MLflow run" in proc.stdout
+    assert not {"metrics.jsonl", "mlflow_run.json"} & {p.name for p in (tmp_path / "runs" / "demo" / "eval").iterdir()}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run_id = json.loads((tmp_path / "runs" / "demo" / "mlflow_run.json").read_text())["run_id"]
+    assert "eval.SimCLR.linear_top1" in client.get_run(run_id).data.metrics
 
 
 @pytest.mark.slow

@@ -83,11 +83,11 @@ def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
     tracker = Tracker(TrackingConfig(uri=mlflow_server, experiment="outage"), tmp_path, active=True, retry_s=0)
     run_id = tracker.start({"a": 1}, {})
     tracker.log_metrics({"loss": 1.0}, step=1)
-    tracker._client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server 'goes away'
+    tracker.mlflow.client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server 'goes away'
     tracker.log_metrics({"loss": 2.0}, step=2)
     tracker.log_metrics({"loss": 3.0}, step=3)
-    assert tracker._pending  # queued, not dropped
-    tracker._client = MlflowClient(mlflow_server)  # back
+    assert tracker.mlflow.pending  # queued, not dropped
+    tracker.mlflow.client = MlflowClient(mlflow_server)  # back
     tracker.finish()
     history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
@@ -140,14 +140,14 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
     stay local. `simclr sync RUN_DIR` (the hint printed) completes that very run on its own store:
     every point once, FINISHED, the model logged and registered; a second sync adds nothing."""
     from tests.conftest import REPO
-    from trainer.tracking import Tracker
+    from trainer.tracking import MlflowRun, Tracker
 
     outage = {"on": False}
-    real_flush, real_log = Tracker.flush, Tracker.log_metrics
+    real_flush, real_log = MlflowRun.flush, Tracker.log_metrics
 
     def flush(self, force=False):
         if outage["on"]:
-            self._warn("logging", ConnectionError("server went away"))
+            self.warn("logging", ConnectionError("server went away"))
             return False
         return real_flush(self, force)
 
@@ -155,7 +155,7 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
         outage["on"] = outage["on"] or step >= 6
         real_log(self, metrics, step)
 
-    monkeypatch.setattr(Tracker, "flush", flush)
+    monkeypatch.setattr(MlflowRun, "flush", flush)
     monkeypatch.setattr(Tracker, "log_metrics", log_metrics)
     cfg = tiny_config(**{"tracking.log_model": "true", "tracking.register_as": "synced-encoder"})
     result = train(cfg)

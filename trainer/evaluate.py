@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,55 @@ def evaluate_encoder(encoder: nn.Module, train: Source, val: Source, data_cfg: D
     lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs, device=device)
     knn = knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))
     return EncoderEval(lin["top1"], lin["top5"], knn, va_x, va_y)
+
+
+@dataclass
+class Report:
+    """An evaluation of one or more encoders on the same two splits: a row of scores per encoder
+    (``linear_top1``, ``linear_top5``, ``knn_top1``, ``finetune_<f>_top1``; ``tsne``: a plot's path),
+    and what was evaluated (``meta``)."""
+
+    rows: dict[str, dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def scores(self) -> list[str]:
+        return [k for k in next(iter(self.rows.values()), {}) if k != "tsne"]
+
+    def to_markdown(self) -> str:
+        keys = self.scores()
+        lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |" for name, row in self.rows.items()]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.meta, "rows": self.rows}
+
+
+def compare(encoders: dict[str, nn.Module], train: Source, val: Source, data_cfg: DataConfig, device: torch.device,
+            probe_epochs: int = 100, shard: tuple[int, int] = (0, 1), finetune_fractions: tuple[float, ...] = (),
+            finetune_epochs: int = 30, tsne_dir: Path | None = None) -> Report | None:
+    """Every encoder through the same protocol: linear probe and kNN on frozen features (each rank
+    extracting its share: a collective), then on rank 0 fine-tuning on each fraction of the labels
+    and a t-SNE plot into ``tsne_dir``. The report on rank 0 (None on the others)."""
+    from trainer.plots import tsne_plot
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, encoder in encoders.items():
+        scores = evaluate_encoder(encoder, train, val, data_cfg, device, probe_epochs, shard=shard)
+        if shard[0] != 0:
+            continue
+        row: dict[str, Any] = {"linear_top1": scores.linear_top1, "linear_top5": scores.linear_top5,
+                               "knn_top1": scores.knn_top1}
+        for fraction in finetune_fractions:  # on rank 0: a fine-tuning run of its own
+            row[f"finetune_{fraction:g}_top1"] = finetune(encoder, train, val, data_cfg, device, fraction,
+                                                          finetune_epochs)["top1"]
+        if tsne_dir is not None:
+            tsne_dir.mkdir(parents=True, exist_ok=True)
+            slug = name.replace(" ", "_").lower()
+            row["tsne"] = str(tsne_plot(scores.val_features, scores.val_labels, tsne_dir / f"tsne_{slug}.png",
+                                        f"t-SNE of {name} features", class_names=val.classes))
+        rows[name] = row
+    return Report(rows) if shard[0] == 0 else None
 
 
 def gather_in_order(features: torch.Tensor, labels: torch.Tensor,

@@ -23,9 +23,8 @@ from trainer.config import Config, dump_config
 from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
-from trainer.export import log_encoder_model
+from trainer.export import log_encoder_model, save_encoder
 from trainer.metrics import MetricsWindow
-from trainer.model import encoder_state_dict
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
 from trainer.run_files import atomic_write_text
@@ -294,12 +293,12 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
         return None
     total, encoder_path = parts.schedule.total, None
     if not preempted and step >= total:
-        encoder_path = parts.run_dir / "encoder.pt"
-        torch.save(encoder_state_dict(parts.model), encoder_path)
+        encoder_path = save_encoder(parts.model, parts.run_dir / "encoder.pt")
         parts.tracker.log_artifact(encoder_path)
         if parts.cfg.tracking.log_model:
-            log_encoder_model(parts.tracker, parts.model.encoder, parts.cfg.data.image_size,
-                              parts.cfg.tracking.register_as)
+            register_as, size = parts.cfg.tracking.register_as, parts.cfg.data.image_size
+            logged = log_encoder_model(parts.tracker.mlflow, parts.model.encoder, size, register_as)
+            parts.tracker.model_pending(None if logged else register_as)  # simclr sync logs a pending one
     plot = plot_curves(read_metrics_file(parts.tracker.local_file), parts.run_dir / "curves.png")
     if plot is not None:
         parts.tracker.log_artifact(plot)

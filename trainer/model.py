@@ -88,6 +88,11 @@ def convert_sync_bn(model: nn.Module, world_size: int, rank: int, group_size: in
     return convert_sync_batchnorm(model, process_group)
 
 
+def uses_channels_last(cfg: ModelConfig, device: torch.device) -> bool:
+    """channels_last pays on CUDA (tensor-core convolutions); on the CPU it only costs copies."""
+    return device.type == "cuda" and cfg.channels_last
+
+
 def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> nn.Module:
     """The SimCLR model on ``device``: BatchNorm synchronised over ranks when ``cfg.sync_bn`` and
     more than one rank (our SyncBatchNorm runs on NCCL and gloo alike); channels_last only on CUDA."""
@@ -95,7 +100,7 @@ def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1, ran
     if cfg.sync_bn and world_size > 1:
         model = convert_sync_bn(model, world_size, rank, cfg.sync_bn_group_size)
     model = model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if uses_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -16,7 +16,7 @@ from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
-from trainer.model import build_model
+from trainer.model import build_model, uses_channels_last
 from trainer.online_probe import OnlineProbe
 from trainer.optim import build_optimizer
 from trainer.precision import PrecisionPolicy
@@ -81,7 +81,7 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
     if cfg.model.compile:
         ddp_model = torch.compile(ddp_model)
     precision = PrecisionPolicy(cfg.precision.dtype, device)
-    channels_last = device.type == "cuda" and cfg.model.channels_last
+    channels_last = uses_channels_last(cfg.model, device)
     return ModelParts(model=model, ddp_model=ddp_model, optimizer=build_optimizer(model, cfg.optim, lr),
                       precision=precision,
                       forward_backward=build_forward_backward(model, ddp_model, precision, cfg.loss.temperature,

@@ -117,22 +117,57 @@ def run_params(cfg: Config, world_size: int, backend: str, steps_per_epoch: int)
             **{f"version.{k}": v for k, v in library_versions().items()}}
 
 
-class Tracker:
-    """Rank 0's view of the MLflow run. On other ranks (``active=False``) every call is a no-op."""
+class RunLog:
+    """The run folder's own record, written first and never lost: every metric appended to
+    ``metrics.jsonl``, and the run's params, tags, name, store, MLflow run id, end status and a
+    model still to log in ``mlflow_run.json`` (what ``simclr sync`` replays)."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool, retry_s: float = 30.0,
-                 writes_local: bool | None = None) -> None:
-        # rank 0 always keeps the local metrics file and run record; MLflow only when tracking is enabled
-        self.writes_local = active if writes_local is None else writes_local
-        self.cfg, self.active, self.retry_s = cfg, active and cfg.enabled, retry_s
+    def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.local_file = self.run_dir / "metrics.jsonl"
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self._record: dict[str, Any] | None = None
+
+    def log(self, metrics: dict[str, float], step: int, time_ms: int) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        append_line(self.metrics_file, json.dumps({"step": step, "time_ms": time_ms, **metrics}))
+
+    def begin(self, experiment: str, run_name: str, params: dict[str, Any]) -> None:
+        """A new run's record (a resumed run adds to the one its first job wrote)."""
+        self._record = {"experiment": experiment, "run_name": run_name,
+                        "params": {k: str(v) for k, v in params.items()}, "tags": {}}
+
+    def update(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, **fields: Any) -> None:
+        """Add ``params`` and ``tags``; ``fields``: its store (``uri``), ``run_id``, the ``status``
+        it ended with and a model still to log (``model_pending``)."""
+        record = self._record
+        if record is None:  # a resumed run: add to what the first attempt recorded
+            record = read_run_record(self.run_dir) or {"params": {}, "tags": {}}
+        record["params"].update({k: str(v) for k, v in (params or {}).items()})
+        record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
+        record.update(fields)
+        self._record = record
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / RUN_RECORD, json.dumps(record, indent=1))
+
+
+class MlflowRun:
+    """One MLflow run, created or continued. Everything is queued and sent in batches; a store that
+    does not answer is warned about once and retried every ``retry_s`` (never blocking training);
+    MLflow's system-metrics monitor runs while the run is open. ``on_connect(uri, run_id)`` is told
+    where the run lives once it exists. A training run's sink has ``local_copy`` (its metrics file,
+    named in the warnings) and ``continues_training`` (a run left RUNNING is an unclean exit)."""
+
+    def __init__(self, cfg: TrackingConfig, retry_s: float = 30.0,
+                 on_connect: Callable[[str, str], None] | None = None, continues_training: bool = False,
+                 local_copy: Path | None = None) -> None:
+        self.cfg, self.retry_s = cfg, retry_s
+        self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
         self.run_id: str | None = None
         self.uri = ""
-        self._client = None
-        self._pending: list[tuple[str, float, int, int]] = []
-        self._pending_params: dict[str, Any] = {}
-        self._pending_tags: dict[str, str] = {}
+        self.client = None
+        self.pending: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step) not sent yet
+        self.pending_params: dict[str, Any] = {}
+        self.pending_tags: dict[str, str] = {}
         self._warned = False
         self._offline = False  # the last request failed: wait retry_s before the next, forced or not
         self._finishing = False  # finish: one more try, whatever the window
@@ -141,55 +176,57 @@ class Tracker:
         self._started = self._finished = False
         self._monitor = None  # MLflow's system-metrics thread, once the run exists
 
-    # ------------------------------------------------------------------ connection
-    def _warn(self, what: str, exc: Exception) -> None:
+    def warn(self, what: str, exc: Exception) -> None:
+        """The store failed while doing ``what``: offline until the next retry; one warning per run."""
         self._offline = True
         if not self._warned:
             self._warned = True
+            kept = f"metrics are kept in {self.local_copy} and " if self.local_copy else "metrics are "
             print(f"[tracking] WARNING: MLflow at {self.uri} is unreachable while {what} "
-                  f"({type(exc).__name__}: {str(exc)[:200]}); training continues, metrics are kept in "
-                  f"{self.local_file} and retried every {self.retry_s:.0f}s", file=sys.stderr, flush=True)
+                  f"({type(exc).__name__}: {str(exc)[:200]}); training continues, {kept}retried every "
+                  f"{self.retry_s:.0f}s", file=sys.stderr, flush=True)
 
     def _connect(self) -> bool:
         """Create (or reattach to) the run; True when the server answered."""
         if self.run_id is not None and self._run_created:
             return True
         try:
-            if self._client is None:
+            if self.client is None:
                 self.uri = resolve_tracking_uri(self.cfg.uri)
-                self._client = open_client(self.uri)
+                self.client = open_client(self.uri)
             if self.run_id is None:
-                exp = self._client.get_experiment_by_name(self.cfg.experiment)
+                exp = self.client.get_experiment_by_name(self.cfg.experiment)
                 if exp is None:
                     try:
-                        exp_id = create_experiment(self._client, self.uri, self.cfg.experiment)
+                        exp_id = create_experiment(self.client, self.uri, self.cfg.experiment)
                     except Exception:  # another rank or array task created it first
-                        exp_id = self._client.get_experiment_by_name(self.cfg.experiment).experiment_id
+                        exp_id = self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
                 else:
                     exp_id = exp.experiment_id
-                run = self._client.create_run(exp_id, run_name=self.cfg.run_name or None)
+                run = self.client.create_run(exp_id, run_name=self.cfg.run_name or None)
                 self.run_id = run.info.run_id
                 resumed = False
             else:
-                if self.writes_local:  # a training job continuing its run (not simclr sync completing it)
+                if self.continues_training:  # not simclr sync completing a run
                     self._mark_unclean_exit()
-                self._client.update_run(self.run_id, status="RUNNING")
+                self.client.update_run(self.run_id, status="RUNNING")
                 resumed = True
             self._run_created = True
-            self._update_record(uri=self.uri, run_id=self.run_id)
+            if self.on_connect is not None:
+                self.on_connect(self.uri, self.run_id)
             self._start_system_metrics(resumed)
             return True
         except Exception as exc:  # network errors come in many types; all mean 'try later'
-            self._warn("starting the run", exc)
+            self.warn("starting the run", exc)
             return False
 
     def _mark_unclean_exit(self) -> None:
         """A run we continue should have been closed (FINISHED, KILLED, FAILED) by the job before;
         still RUNNING means that job was killed hard (SIGKILL, node loss): count it in a tag."""
-        run = self._client.get_run(self.run_id)
+        run = self.client.get_run(self.run_id)
         if run.info.status == "RUNNING":
             count = int(run.data.tags.get("simclr.unclean_exits", "0")) + 1
-            self._client.set_tag(self.run_id, "simclr.unclean_exits", str(count))
+            self.client.set_tag(self.run_id, "simclr.unclean_exits", str(count))
             print(f"[tracking] MLflow run {self.run_id} was left RUNNING by a job that did not exit cleanly; "
                   f"continuing it (tag simclr.unclean_exits={count})", file=sys.stderr, flush=True)
 
@@ -211,72 +248,30 @@ class Tracker:
     def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
         """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
         self._started = True
-        if self.writes_local and run_id is None:
-            self._record = {"experiment": self.cfg.experiment, "run_name": self.cfg.run_name,
-                            "params": {k: str(v) for k, v in params.items()}, "tags": {}}
-        self._update_record(tags=tags)
-        if not self.active:
-            return None
-        if self.writes_local:
-            self._update_record(uri=resolve_tracking_uri(self.cfg.uri))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
         if run_id is None:
-            self._pending_params = dict(params)
-        self._pending_tags = dict(tags)
+            self.pending_params = dict(params)
+        self.pending_tags = dict(tags)
         self.flush(force=True)
         return self.run_id
 
-    def _update_record(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
-                       **fields: Any) -> None:
-        """Keep the run's params and tags in the run folder too, so that ``simclr sync`` can replay
-        a run that MLflow never saw; ``fields``: its store (``uri``), ``run_id``, the ``status`` it
-        ended with and a model still to log (``model_pending``)."""
-        if not self.writes_local:
-            return
-        path = self.run_dir / RUN_RECORD
-        record = getattr(self, "_record", None)
-        if record is None:  # a resumed run: add to what the first attempt recorded
-            record = read_run_record(self.run_dir) or {"params": {}, "tags": {}}
-        record["params"].update({k: str(v) for k, v in (params or {}).items()})
-        record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
-        record.update(fields)
-        self._record = record
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(record, indent=1))
-
-    # ------------------------------------------------------------------ logging
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        if self.writes_local:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            append_line(self.local_file, json.dumps({"step": step, "time_ms": now, **metrics}))
-        if not self.active:
-            return
-        self._pending.extend((k, float(v), now, step) for k, v in metrics.items())
+    def log(self, metrics: dict[str, float], step: int, time_ms: int) -> None:
+        self.pending.extend((k, float(v), time_ms, step) for k, v in metrics.items())
         self.flush()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Params added later in a run (MLflow params cannot change, so new keys, e.g. a change of
-        world size on resume as ``world_size.from_step_<N>``)."""
-        self._update_record(params=params)
-        if self.active:
-            self._pending_params.update(params)
-            self.flush(force=True)
+        self.pending_params.update(params)
+        self.flush(force=True)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._update_record(tags=tags)
-        if self.active:
-            self._pending_tags.update(tags)
-            self.flush(force=True)
+        self.pending_tags.update(tags)
+        self.flush(force=True)
 
     def flush(self, force: bool = False) -> bool:
         """Send what is queued; True when nothing is left. Once the server failed, it is offline
         for ``retry_s``: every call until then returns at once (a server that accepts but never
         answers would otherwise cost a request timeout per call); ``force`` tries again anyway
         only after a success, or at the end of the run (``finish``)."""
-        if not self.active:
-            return True
         if self._offline and (not force or not self._finishing) and time.time() - self._last_try < self.retry_s:
             return False
         self._last_try = time.time()
@@ -285,87 +280,37 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         try:
-            params = [Param(k, str(v)[:6000]) for k, v in self._pending_params.items()]
+            params = [Param(k, str(v)[:6000]) for k, v in self.pending_params.items()]
             for i in range(0, len(params), 100):
-                self._client.log_batch(self.run_id, params=params[i : i + 100])
-            self._pending_params = {}
-            if self._pending_tags:
-                self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self._pending_tags.items()])
-                self._pending_tags = {}
-            while self._pending:
-                chunk = self._pending[:1000]
-                self._client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
-                del self._pending[: len(chunk)]
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
+            self.pending_params = {}
+            if self.pending_tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self.pending_tags.items()])
+                self.pending_tags = {}
+            while self.pending:
+                chunk = self.pending[:1000]
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
+                del self.pending[: len(chunk)]
         except Exception as exc:
-            self._warn("logging", exc)
+            self.warn("logging", exc)
             return False
         self._offline = False
         return True
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.active:
-            return
         if self.flush(force=True):
             try:
-                self._client.log_artifact(self.run_id, str(path), artifact_path)
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
                 return
             except Exception as exc:
-                self._warn("uploading artifacts", exc)
+                self.warn("uploading artifacts", exc)
         print(f"[tracking] artifact {path} kept locally (not uploaded)", file=sys.stderr)
-
-    def log_model(self, model: Any, example: Any, register_as: str = "") -> str | None:
-        """``model`` as an MLflow PyTorch model at ``runs:/<run_id>/encoder`` with its signature,
-        ``example`` (a float32 NCHW array) as input example and pinned pip requirements; registered
-        as ``register_as`` when given. Returns the model URI, or None when MLflow is unreachable."""
-        if not self.active or not self.flush(force=True):
-            self._update_record(model_pending={"register_as": register_as})  # simclr sync logs it later
-            return None
-        import mlflow
-        import mlflow.pytorch
-        import numpy as np
-        import torch
-        import torchvision
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
-
-        with torch.no_grad():
-            output = model(torch.from_numpy(example)).numpy()
-        # any batch and any image size (the encoder pools globally): only channels and dtype are fixed
-        signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-                                   Schema([TensorSpec(np.dtype(np.float32), (-1, output.shape[1]))]))
-        # the public release of a local build (2.14.1+cu128 -> 2.14.1): what pip can install elsewhere
-        requirements = [f"torch=={torch.__version__.split('+')[0]}",
-                        f"torchvision=={torchvision.__version__.split('+')[0]}"]
-        # MLflow's fluent API logs models; it takes the store as a process-wide setting, which must not
-        # outlive this call (a later run in this process resolving its default store would get ours)
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        previous = tracking_utils._tracking_uri
-        try:
-            mlflow.set_tracking_uri(self.uri)
-            # the logged model belongs to the run's experiment (else runs:/<id>/encoder cannot find it)
-            mlflow.set_experiment(experiment_id=self._client.get_run(self.run_id).info.experiment_id)
-            mlflow.pytorch.log_model(model, name="encoder", run_id=self.run_id, signature=signature,
-                                     input_example=example, pip_requirements=requirements,
-                                     registered_model_name=register_as or None,
-                                     # a real torchvision module: .train(), parameters, fine-tuning; a pt2
-                                     # program (MLflow's default) is frozen in eval mode
-                                     serialization_format="pickle")
-        except Exception as exc:
-            self._warn("logging the encoder as an MLflow model", exc)
-            self._update_record(model_pending={"register_as": register_as})
-            return None
-        finally:
-            mlflow.set_tracking_uri(previous)
-        self._update_record(model_pending=None)
-        return f"runs:/{self.run_id}/encoder"
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run with ``status`` (once; later calls and a run never started do nothing)."""
-        if not self.active or not self._started or self._finished:
+        if not self._started or self._finished:
             return
         self._finished = True
-        self._update_record(status=status)
         if self._monitor is not None:
             self._monitor.finish()
         self._finishing = True
@@ -379,20 +324,104 @@ class Tracker:
             sent = self.flush(force=True)
         if sent and self.run_id:
             try:
-                self._client.set_terminated(self.run_id, status=status)
+                self.client.set_terminated(self.run_id, status=status)
             except Exception as exc:
-                self._warn("closing the run", exc)
-        elif self._pending:
-            print(f"[tracking] {len(self._pending)} metric values could not be sent; all metrics are in "
-                  f"{self.local_file}. Replay them later, into this run on its own store (both recorded in "
-                  f"{RUN_RECORD}), with: simclr sync {self.run_dir}", file=sys.stderr)
+                self.warn("closing the run", exc)
+        elif self.pending and self.local_copy:
+            print(f"[tracking] {len(self.pending)} metric values could not be sent; all metrics are in "
+                  f"{self.local_copy}. Replay them later, into this run on its own store (both recorded in "
+                  f"{RUN_RECORD}), with: simclr sync {self.local_copy.parent}", file=sys.stderr)
 
     def describe(self) -> str:
-        if not self.active:
-            return f"metrics in {self.local_file} (MLflow tracking is off)"
-        if self.run_id is None:
-            return f"metrics in {self.local_file} (MLflow at {self.uri} not reached yet: simclr sync {self.run_dir})"
         return f"MLflow run {self.run_id} at {self.uri} ({where_to_open(self.uri, self.run_id)})"
+
+
+class Tracker:
+    """A training run's tracking, as torchtitan's logger container: one ``log_metrics`` feeds its
+    sinks, the run log (rank 0 always) and the MLflow run (rank 0, when ``tracking.enabled``). On
+    other ranks (``active=False``) every call is a no-op."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool, retry_s: float = 30.0) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.local_file = self.run_dir / "metrics.jsonl"
+        self.local = RunLog(run_dir) if active else None
+        self.mlflow: MlflowRun | None = None
+        if active and cfg.enabled:
+            self.mlflow = MlflowRun(cfg, retry_s, on_connect=self._record_run, continues_training=True,
+                                    local_copy=self.local_file)
+        self._run_id: str | None = None  # a finished run's, when MLflow is not started
+        self._started = self._finished = False
+
+    def _record_run(self, uri: str, run_id: str) -> None:
+        self.local.update(uri=uri, run_id=run_id)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.mlflow.run_id if self.mlflow is not None and self.mlflow.run_id else self._run_id
+
+    @run_id.setter
+    def run_id(self, value: str | None) -> None:
+        self._run_id = value
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
+        """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
+        self._started = True
+        if self.local is not None:
+            if run_id is None:
+                self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
+            self.local.update(tags=tags)
+        if self.mlflow is None:
+            return None
+        self.local.update(uri=resolve_tracking_uri(self.cfg.uri))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self.mlflow.start(params, tags, run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for sink in (self.local, self.mlflow):
+            if sink is not None:
+                sink.log(metrics, step, now)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params added later in a run (MLflow params cannot change, so new keys, e.g. a change of
+        world size on resume as ``world_size.from_step_<N>``)."""
+        if self.local is not None:
+            self.local.update(params=params)
+        if self.mlflow is not None:
+            self.mlflow.log_params(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.local is not None:
+            self.local.update(tags=tags)
+        if self.mlflow is not None:
+            self.mlflow.set_tags(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_artifact(path, artifact_path)
+
+    def model_pending(self, register_as: str | None) -> None:
+        """Record that the encoder's MLflow model is still to be logged (``simclr sync`` logs it),
+        or, with None, that it was."""
+        if self.local is not None:
+            self.local.update(model_pending=None if register_as is None else {"register_as": register_as})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the MLflow run with ``status``, recorded in the run log too (once)."""
+        if self.mlflow is None or not self._started or self._finished:
+            return
+        self._finished = True
+        self.local.update(status=status)
+        self.mlflow.finish(status)
+
+    def describe(self) -> str:
+        if self.mlflow is None:
+            return f"metrics in {self.local_file} (MLflow tracking is off)"
+        if self.mlflow.run_id is None:
+            return (f"metrics in {self.local_file} (MLflow at {self.mlflow.uri} not reached yet: simclr sync "
+                    f"{self.run_dir})")
+        return self.mlflow.describe()
 
 
 def where_to_open(uri: str, run_id: str | None = None) -> str:
@@ -437,13 +466,14 @@ def run_id_of(run_dir: str | Path) -> str | None:
 
 
 def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
-                 before_finish: Callable[[Tracker, dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any]]:
+                 before_finish: Callable[[MlflowRun, dict[str, Any]], None] | None = None
+                 ) -> tuple[str, dict[str, Any]]:
     """Complete a run in MLflow from its folder: by default the run's own MLflow run on its own store
     (both recorded in ``mlflow_run.json``), else ``run_id`` or a new run on ``cfg.uri``. Params,
     tags and name, the metrics the run does not have yet (no duplicate points: a second sync adds
     nothing), artifacts (config, encoder, curves), and the status the run ended with. Returns the
     run id and the record (whose ``model_pending`` says whether the encoder's MLflow model is still
-    to be logged; ``before_finish(tracker, record)`` can log it). The folder gains only the run's id
+    to be logged; ``before_finish(run, record)`` can log it). The folder gains only the run's id
     and store in its record."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.jsonl"
@@ -461,28 +491,28 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     cfg = dataclasses.replace(cfg, uri=cfg.uri or record.get("uri", ""),
                               experiment=cfg.experiment or record.get("experiment") or "simclr",
                               run_name=cfg.run_name or record.get("run_name", ""), system_metrics=False)
-    tracker = Tracker(cfg, run_dir, active=True, writes_local=False)
-    tracker.start({}, {**record.get("tags", {}), "simclr.synced_from": str(run_dir)}, run_id=run_id)
-    if not tracker.flush(force=True):
-        raise TrackingError(f"MLflow at {tracker.uri} is unreachable; nothing was lost ({run_dir} is unchanged): "
+    run = MlflowRun(cfg)
+    run.start({}, {**record.get("tags", {}), "simclr.synced_from": str(run_dir)}, run_id=run_id)
+    if not run.flush(force=True):
+        raise TrackingError(f"MLflow at {run.uri} is unreachable; nothing was lost ({run_dir} is unchanged): "
                             "run simclr sync again when it answers")
-    run = tracker._client.get_run(tracker.run_id)
-    tracker._pending_params = {k: v for k, v in record.get("params", {}).items() if k not in run.data.params}
-    have = {(key, m.step, m.timestamp) for key in run.data.metrics
-            for m in tracker._client.get_metric_history(tracker.run_id, key)}
+    logged = run.client.get_run(run.run_id)
+    run.pending_params = {k: v for k, v in record.get("params", {}).items() if k not in logged.data.params}
+    have = {(key, m.step, m.timestamp) for key in logged.data.metrics
+            for m in run.client.get_metric_history(run.run_id, key)}
     for rec in rows:
         step, t = rec.pop("step"), rec.pop("time_ms")
-        tracker._pending.extend((k, float(v), t, step) for k, v in rec.items() if (k, step, t) not in have)
-    if not tracker.flush(force=True):
-        raise TrackingError(f"MLflow at {tracker.uri} stopped answering during the sync; run simclr sync again "
+        run.pending.extend((k, float(v), t, step) for k, v in rec.items() if (k, step, t) not in have)
+    if not run.flush(force=True):
+        raise TrackingError(f"MLflow at {run.uri} stopped answering during the sync; run simclr sync again "
                             "(points already sent are not sent twice)")
     for name in ("config.yaml", "encoder.pt", "curves.png"):
         if (run_dir / name).exists():
-            tracker.log_artifact(run_dir / name)
-    if record.get("run_id") != tracker.run_id and own_store:  # a run created now: the next sync completes it
-        record.update(uri=tracker.uri, run_id=tracker.run_id)
+            run.log_artifact(run_dir / name)
+    if record.get("run_id") != run.run_id and own_store:  # a run created now: the next sync completes it
+        record.update(uri=run.uri, run_id=run.run_id)
         atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
     if before_finish is not None:
-        before_finish(tracker, record)
-    tracker.finish(record.get("status", "FINISHED"))
-    return tracker.run_id or "", record
+        before_finish(run, record)
+    run.finish(record.get("status", "FINISHED"))
+    return run.run_id or "", record
