@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers.runs import tiny_overrides
 from trainer.config import Config, load_config
-from trainer.distributed import free_port, torchrun_command
-
-REPO = Path(__file__).resolve().parent.parent
-PY = sys.executable
+from trainer.distributed import free_port
 
 
 def pytest_report_header(config) -> str:
@@ -39,51 +37,12 @@ def photo_data(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list[str]:
-    base = {
-        "model.arch": "resnet18", "model.cifar_stem": "true", "model.proj_hidden_dim": 32, "model.proj_out_dim": 16,
-        "data.root": str(data_root), "data.backend": "torchvision", "data.image_size": 16, "data.batch_size": 8,
-        "data.num_workers": 0, "data.augment.blur_prob": 0.5,
-        "optim.lr": 0.5, "optim.warmup_epochs": 1, "loss.temperature": 0.2,
-        "train.epochs": 2, "train.device": "cpu", "train.run_dir": str(run_dir), "train.log_every": 2,
-        "train.progress_bar": "false", "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
-        "tracking.uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}",
-        # each costs seconds per run; test_tracking turns them on where they are the subject
-        "tracking.log_model": "false", "tracking.system_metrics": "false",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
 @pytest.fixture
 def tiny_config(photo_data, tmp_path):
     def make(**extra) -> Config:
         return load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **extra))
 
     return make
-
-
-# the broken files users have: an empty file, a JPEG cut short (an interrupted copy), and something else
-BAD_FILES = {"zero_byte": b"", "truncated_jpeg": b"\xff\xd8\xff\xe0 truncated garbage",
-             "not_an_image": b"%PDF-1.4 this is not an image"}
-
-
-def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, junk: bytes) -> tuple[Path, Path]:
-    """A copy of the training tree in which one image is replaced by ``junk`` bytes."""
-    import shutil
-
-    root = tmp_path / "tree"
-    shutil.copytree(photo_data / "train", root)
-    bad = sorted((root / class_name).iterdir())[index]
-    bad.write_bytes(junk)
-    return root, bad
-
-
-def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, env_extra: dict | None = None):
-    """Run ``tests/helpers/<script>`` under real torchrun (gloo, CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    cmd = torchrun_command(nproc, [str(REPO / "tests" / "helpers" / script), *args])
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

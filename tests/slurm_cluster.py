@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -108,7 +109,7 @@ class TestNetwork:
         pids = subprocess.run(["ip", "netns", "pids", self.namespace(name)], capture_output=True, text=True).stdout
         for pid in pids.split():
             try:
-                os.kill(int(pid), 9)
+                os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -131,11 +132,20 @@ class LocalSlurm:
         self.network = TestNetwork(nodes) if nodes > 1 else None
 
     def start(self) -> LocalSlurm:
-        r = self.root
+        """munged, MariaDB, slurmdbd, slurmctld and the nodes' slurmd, each waited for."""
         for d in ("state", "spool", "log", "db", "run"):
-            (r / d).mkdir(parents=True, exist_ok=True)
+            (self.root / d).mkdir(parents=True, exist_ok=True)
         self._munge()
         self._mariadb()
+        if self.network:
+            self.network.up()
+        self._write_slurmdbd_conf()
+        self._write_slurm_conf()
+        self._start_daemons()
+        return self
+
+    def _write_slurmdbd_conf(self) -> None:
+        r = self.root
         conf = Path("/etc/slurm")
         conf.mkdir(exist_ok=True)
         dbd = conf / "slurmdbd.conf"
@@ -152,16 +162,18 @@ StoragePass={DB_PASS}
 StorageLoc=slurm_acct_db
 """)
         dbd.chmod(0o600)
+
+    def _write_slurm_conf(self) -> None:
+        r = self.root
         cpus = 8  # more slots than cores (config_overrides), so a job array's tasks can run side by side
         controller, nodes = self.host, f"""NodeName={self.host} CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"""
         if self.network:  # one CPU per node, each at its own address; slurmctld on the bridge
-            self.network.up()
             controller = f"{self.host}({self.network.controller_address})"
             nodes = "\n".join(f"NodeName={n} NodeAddr={self.network.address(n)} CPUs=1 State=UNKNOWN"
                               for n in self.network.names)
             nodes += f"\nPartitionName=debug Nodes={','.join(self.network.names)} Default=YES MaxTime=INFINITE State=UP"
-        (conf / "slurm.conf").write_text(f"""ClusterName={CLUSTER}
+        Path("/etc/slurm/slurm.conf").write_text(f"""ClusterName={CLUSTER}
 SlurmctldHost={controller}
 AuthType=auth/munge
 AuthInfo=cred_expire=10
@@ -192,6 +204,9 @@ SlurmdTimeout=30
 InactiveLimit=0
 {nodes}
 """)
+
+    def _start_daemons(self) -> None:
+        r = self.root
         self.pids["slurmdbd"] = r / "run/slurmdbd.pid"
         _run(["slurmdbd"])
         _wait("slurmdbd", lambda: _run(["sacctmgr", "-n", "list", "cluster"]).returncode == 0)
@@ -210,7 +225,6 @@ InactiveLimit=0
         count = len(self.network.names) if self.network else 1
         _wait("the nodes", lambda: _run(["sinfo", "-h", "-N", "-o", "%T"]).stdout.split().count("idle") == count,
               timeout=90)
-        return self
 
     def _munge(self) -> None:
         key = Path("/etc/munge/munge.key")
@@ -267,11 +281,11 @@ InactiveLimit=0
                 continue
             try:
                 pid = int(pid_file.read_text().strip())
-                os.kill(pid, 15)
+                os.kill(pid, signal.SIGTERM)
                 for _ in range(100):
                     os.kill(pid, 0)
                     time.sleep(0.1)
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             except (ValueError, ProcessLookupError, PermissionError):
                 pass
 

@@ -109,7 +109,7 @@ def test_readme_config_reference_lists_every_key_with_a_meaning():
     import dataclasses
     import re
 
-    from tests.conftest import REPO
+    from tests.helpers.runs import REPO
     from trainer.config import Config
 
     def keys(cls, prefix=""):
@@ -139,7 +139,7 @@ def test_readme_version_ranges_are_those_setup_cfg_declares():
 
     from packaging.requirements import Requirement
 
-    from tests.conftest import REPO
+    from tests.helpers.runs import REPO
 
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")

@@ -11,7 +11,7 @@ from data_pipeline import build_loader
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.sample_data import photo_paths
 from data_pipeline.sources import DataError
-from tests.conftest import BAD_FILES, corrupt_copy, run_torchrun, tiny_overrides
+from tests.helpers.runs import BAD_FILES, corrupt_copy, run_torchrun, tiny_overrides
 from trainer.config import load_config
 
 pytest.importorskip("nvidia.dali")
@@ -172,7 +172,7 @@ def test_shard_smaller_than_a_batch_is_refused(photo_data):
 
 @pytest.mark.slow
 def test_two_rank_dali_training_checkpoints_and_resumes(photo_data, tmp_path):
-    from tests.test_train import final_state, simclr
+    from tests.helpers.runs import final_state, simclr
 
     over = tiny_overrides(photo_data / "train", tmp_path / "run", **{"data.backend": "dali", "train.epochs": 2,
                                                                        "tracking.enabled": "false"})

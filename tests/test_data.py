@@ -9,7 +9,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.image_files import list_image_files
 from data_pipeline.sampling import rank_indices
 from data_pipeline.sources import DataError
-from tests.conftest import BAD_FILES, corrupt_copy
+from tests.helpers.runs import BAD_FILES, corrupt_copy
 
 
 def cfg(root, **kw):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import tiny_overrides
+from tests.helpers.runs import tiny_overrides
 from trainer.config import ARCHS, ModelConfig, load_config
 from trainer.distributed import DistInfo
 from trainer.model import FEATURE_DIMS, SimCLRModel, encoder_state_dict

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import PY, REPO, tiny_overrides
+from tests.helpers.runs import PY, REPO, tiny_overrides
 from trainer.config import load_config
 from trainer.evaluate import knn_accuracy, linear_probe
 from trainer.loop import train
@@ -118,7 +118,7 @@ def test_eval_on_two_ranks_equals_one_process(photo_data, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO, tiny_overrides
+    from tests.helpers.runs import REPO, tiny_overrides
     from trainer.config import load_config
     from trainer.loop import train
 

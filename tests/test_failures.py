@@ -14,25 +14,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import PY, REPO, corrupt_copy, tiny_overrides
+from tests.helpers.runs import PY, REPO, assert_one_line_error, corrupt_copy, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.loop import train
-
-
-def simclr(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([PY, "-m", "launch", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("simclr: error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
 
 
 def run_status(uri: str, run_id: str) -> str:

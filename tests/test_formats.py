@@ -19,8 +19,8 @@ from data_pipeline.layouts import open_source
 from data_pipeline.shards import ShardSource, make_shards
 from data_pipeline.sources import DataError, labelled_indices
 from data_pipeline.torchvision_loader import decode_sample
-from tests.conftest import BAD_FILES, PY, REPO, corrupt_copy, tiny_overrides
 from tests.dataset_layouts import write_cifar, write_stl10, write_unlabeled_folder
+from tests.helpers.runs import BAD_FILES, PY, REPO, corrupt_copy, tiny_overrides
 
 CPU = torch.device("cpu")
 BACKENDS = ["torchvision", "dali"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
+from tests.helpers.runs import run_torchrun
 from trainer.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

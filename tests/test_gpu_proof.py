@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PY, REPO
+from tests.helpers.runs import PY, REPO
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tests.conftest import tiny_overrides
+from tests.helpers.runs import tiny_overrides
 from trainer.config import ConfigError, ModelConfig
 
 
@@ -85,7 +85,7 @@ def test_model_compile_trains_and_checkpoints_plain_weights(tiny_config):
     """model.compile=true: torch.compile of encoder + head (inductor: needs a C++ compiler on the CPU)."""
     import shutil
 
-    from tests.test_train import final_state
+    from tests.helpers.runs import final_state
     from trainer.loop import train
 
     if not (shutil.which("g++") or shutil.which("c++")):

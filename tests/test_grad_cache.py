@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import run_torchrun, tiny_overrides
 from tests.helpers.grad_cache_batch import global_views
+from tests.helpers.runs import run_torchrun, tiny_overrides
 from trainer.config import ConfigError, load_config
 from trainer.distributed import DistInfo
 from trainer.loop import train
@@ -85,7 +85,7 @@ def test_micro_batch_must_divide_the_rank_share(tiny_config):
 
 
 def test_training_with_micro_batches_checkpoints_and_resumes_bitwise(tiny_config, tmp_path):
-    from tests.test_train import assert_bitwise_equal, final_state
+    from tests.helpers.runs import assert_bitwise_equal, final_state
 
     over = {"train.micro_batch": 2, "tracking.enabled": "false"}
     straight = train(tiny_config(**over, **{"train.run_dir": str(tmp_path / "a")}))
@@ -100,7 +100,7 @@ def test_memory_benchmark_writes_a_row_per_batch_and_mode(tmp_path):
     import os
     import subprocess
 
-    from tests.conftest import PY, REPO
+    from tests.helpers.runs import PY, REPO
 
     out = tmp_path / "gc.json"
     proc = subprocess.run([PY, "-m", "benchmarks.grad_cache", "--batches", "8", "16", "--micro", "4", "--image-size",

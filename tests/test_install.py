@@ -8,7 +8,7 @@ import subprocess
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.conftest import PY, REPO
+from tests.helpers.runs import PY, REPO
 
 CORE = ("torch", "torchvision", "mlflow", "submitit")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers.runs import REPO
 
 LAYERS = {"data_pipeline": 0, "trainer": 1, "benchmarks": 2, "launch": 3}
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks.loss import nt_xent_full_matrix
-from tests.conftest import run_torchrun
+from tests.helpers.runs import run_torchrun
 from trainer.loss import nt_xent
 
 

@@ -7,8 +7,7 @@ import json
 
 import torch
 
-from tests.conftest import run_torchrun, tiny_overrides
-from tests.test_train import final_state
+from tests.helpers.runs import final_state, run_torchrun, tiny_overrides
 from trainer.config import load_config
 from trainer.distributed import DistInfo
 from trainer.loop import train

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from tests.conftest import tiny_overrides
 from tests.dataset_layouts import write_cifar
+from tests.helpers.runs import tiny_overrides
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launch.slurm import load_cluster_config, parse_sweep, plan_runs, submit, wait_for_job
-from tests.conftest import PY, REPO, tiny_overrides
+from tests.helpers.runs import PY, REPO, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 
@@ -109,9 +109,8 @@ def slurm():
 
 
 def simclr_submit(tmp_path, *args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([PY, "-m", "launch", "submit", "--cluster", str(REPO / "cluster_configs/local_test.yaml"),
-                           *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return simclr("submit", "--cluster", str(REPO / "cluster_configs/local_test.yaml"), *args, cwd=tmp_path,
+                  timeout=timeout, env_extra={"PYTHONPATH": str(REPO)})
 
 
 def mlflow_runs(db: Path, experiment="simclr"):
@@ -255,7 +254,7 @@ def test_a_refused_sbatch_is_one_line_and_leaves_no_files(photo_data, tmp_path, 
     import dataclasses
 
     from launch.slurm import load_cluster_config, submit
-    from tests.conftest import REPO, tiny_overrides
+    from tests.helpers.runs import REPO, tiny_overrides
     from trainer.config import ConfigError, load_config
 
     bin_dir = tmp_path / "bin"
@@ -278,7 +277,7 @@ def test_resubmitting_onto_a_shape_that_does_not_divide_the_batch_names_the_shap
     import dataclasses
 
     from launch.slurm import load_cluster_config, submit
-    from tests.conftest import REPO, tiny_overrides
+    from tests.helpers.runs import REPO, tiny_overrides
     from trainer.config import ConfigError, load_config
 
     cluster = dataclasses.replace(load_cluster_config(REPO / "cluster_configs" / "local_test.yaml"), tasks_per_node=3)

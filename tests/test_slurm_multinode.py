@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from launch.slurm import load_cluster_config, submit
-from tests.conftest import PY, REPO, tiny_overrides
+from tests.helpers.runs import PY, REPO, tiny_overrides
 from tests.test_slurm import mlflow_runs
 from trainer import checkpoint as ckpt
 from trainer.config import load_config

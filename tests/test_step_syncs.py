@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from tests.conftest import run_torchrun, tiny_overrides
 from tests.helpers.count_syncs import count_window_syncs
+from tests.helpers.runs import run_torchrun, tiny_overrides
 from trainer.config import load_config
 
 STEADY = {"train.log_every": 4, "train.stop_check_every": 4, "checkpoint.every_steps": 100,

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tests.conftest import run_torchrun
+from tests.helpers.runs import run_torchrun
 from trainer.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 

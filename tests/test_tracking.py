@@ -12,7 +12,7 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_overrides
+from tests.helpers.runs import tiny_overrides
 from trainer.config import TrackingConfig, load_config
 from trainer.distributed import free_port
 from trainer.loop import train
@@ -139,7 +139,7 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
     """MLflow goes away mid-run: the metrics after that, the final status and the encoder's model
     stay local. `simclr sync RUN_DIR` (the hint printed) completes that very run on its own store:
     every point once, FINISHED, the model logged and registered; a second sync adds nothing."""
-    from tests.conftest import REPO
+    from tests.helpers.runs import REPO
     from trainer.tracking import MlflowRun, Tracker
 
     outage = {"on": False}

@@ -10,22 +10,10 @@ import time
 import pytest
 import torch
 
-from tests.conftest import PY, REPO, tiny_overrides
+from tests.helpers.runs import REPO, assert_bitwise_equal, final_state, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.loop import NonFiniteLossError, train
-
-
-def final_state(run_dir):
-    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
-
-
-def assert_bitwise_equal(a, b):
-    assert a["step"] == b["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for va, vb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(va["momentum_buffer"], vb["momentum_buffer"])
 
 
 def test_resume_is_bitwise_identical_single_process(photo_data, tmp_path):
@@ -44,12 +32,6 @@ def test_resume_is_bitwise_identical_single_process(photo_data, tmp_path):
     with pytest.raises(AssertionError):
         assert_bitwise_equal(final_state(tmp_path / "a"), final_state(tmp_path / "c"))
     assert other.step == 20
-
-
-def simclr(*args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([PY, "-m", "launch", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.mark.slow

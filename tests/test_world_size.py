@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_torchrun, tiny_overrides
+from tests.helpers.runs import run_torchrun, tiny_overrides
 from trainer import checkpoint as ckpt
 
 

@@ -1,0 +1,87 @@
+"""What the tests share besides fixtures: the tiny run's overrides, one way to run the ``simclr``
+command line, damaged copies of the photo set, and how to read a run's newest checkpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.distributed import torchrun_command
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PY = sys.executable
+
+
+def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list[str]:
+    base = {
+        "model.arch": "resnet18", "model.cifar_stem": "true", "model.proj_hidden_dim": 32, "model.proj_out_dim": 16,
+        "data.root": str(data_root), "data.backend": "torchvision", "data.image_size": 16, "data.batch_size": 8,
+        "data.num_workers": 0, "data.augment.blur_prob": 0.5,
+        "optim.lr": 0.5, "optim.warmup_epochs": 1, "loss.temperature": 0.2,
+        "train.epochs": 2, "train.device": "cpu", "train.run_dir": str(run_dir), "train.log_every": 2,
+        "train.progress_bar": "false", "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
+        "tracking.uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}",
+        # each costs seconds per run; test_tracking turns them on where they are the subject
+        "tracking.log_model": "false", "tracking.system_metrics": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def simclr(*args: str, cwd: Path = REPO, timeout: float = 300,
+           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``simclr ARGS`` (``python -m launch``) as a user runs it, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([PY, "-m", "launch", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: exit 2, no traceback, one ``simclr: error:`` line holding every needle."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("simclr: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def final_state(run_dir: Path) -> dict:
+    """The newest checkpoint of a run folder, loaded."""
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for va, vb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(va["momentum_buffer"], vb["momentum_buffer"])
+
+
+# the broken files users have: an empty file, a JPEG cut short (an interrupted copy), and something else
+BAD_FILES = {"zero_byte": b"", "truncated_jpeg": b"\xff\xd8\xff\xe0 truncated garbage",
+             "not_an_image": b"%PDF-1.4 this is not an image"}
+
+
+def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, junk: bytes) -> tuple[Path, Path]:
+    """A copy of the training tree in which one image is replaced by ``junk`` bytes."""
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", root)
+    bad = sorted((root / class_name).iterdir())[index]
+    bad.write_bytes(junk)
+    return root, bad
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, env_extra: dict | None = None):
+    """Run ``tests/helpers/<script>`` under real torchrun (gloo, CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    cmd = torchrun_command(nproc, [str(REPO / "tests" / "helpers" / script), *args])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
