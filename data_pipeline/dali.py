@@ -25,6 +25,7 @@ import torch
 from data_pipeline.augment import blur_kernel_size, jitter_params
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.rank_loader import RankLoader
+from data_pipeline.seeds import augmentation_seed
 from data_pipeline.sources import DataError, Source
 
 # nvJPEG's buffers sized once for large images (NVIDIA's ResNet-50 example and solo-learn use these),
@@ -222,7 +223,7 @@ class DaliLoader(RankLoader):
 
         batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
         feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
-        pipe_seed = hash((self.seed, epoch, self.rank, step)) & 0x7FFF_FFFF  # see the note in data_pipeline/seeds.py
+        pipe_seed = augmentation_seed(self.seed, epoch, self.rank, step, bits=31)
         pipe = build_pipeline(self.source, feed, self.cfg, self.batch_size, pipe_seed, _device_id(self.device))
         self._batches = DALIGenericIterator([pipe], ["view1", "view2", "label"], size=-1, auto_reset=False,
                                             prepare_first_batch=False)

@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from data_pipeline.augment import eval_transform, finetune_transform, simclr_transform
 from data_pipeline.config import DataConfig
 from data_pipeline.rank_loader import RankLoader
+from data_pipeline.seeds import augmentation_seed
 from data_pipeline.sources import DataError, Source
 
 
@@ -65,7 +66,7 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         image, label, corrupt = self._decode(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)  # see data_pipeline/seeds.py
+            torch.manual_seed(augmentation_seed(self.seed, self.epoch, index, bits=47))
             view1, view2 = self.transform(image), self.transform(image)
         return view1, view2, label, corrupt
 
