@@ -43,9 +43,11 @@ def test_scaling_benchmark_refuses_more_ranks_than_gpus(monkeypatch):
         bench_scaling([1, 2], "resnet18", 16, 8, 1)
 
 
-def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_path):
+def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_path, monkeypatch):
     """The model of a multi-GPU run holds SyncBatchNorm layers with a process group (a subgroup with
     model.sync_bn_group_size > 0): deep-copying that group raised at the end of a finished run."""
+    import mlflow
+    import mlflow.pytorch
     import torch.distributed as dist
 
     from trainer.export import log_encoder_model
@@ -56,10 +58,15 @@ def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_
     try:
         model = convert_sync_batchnorm(SimCLRModel(ModelConfig(arch="resnet18")), dist.new_group([0]))
         logged = {}
-        tracker = types.SimpleNamespace(log_model=lambda m, example, register_as: logged.update(model=m))
-        log_encoder_model(tracker, model.encoder, 32)
+        monkeypatch.setattr(mlflow.pytorch, "log_model", lambda model, **kw: logged.update(model=model, **kw))
+        monkeypatch.setattr(mlflow, "set_experiment", lambda **kw: None)
+        experiment = types.SimpleNamespace(info=types.SimpleNamespace(experiment_id="0"))
+        run = types.SimpleNamespace(flush=lambda force=False: True, uri=f"sqlite:///{tmp_path}/mlflow.db",
+                                    run_id="run", client=types.SimpleNamespace(get_run=lambda run_id: experiment))
+        assert log_encoder_model(run, model.encoder, 32) == "runs:/run/encoder"
     finally:
         dist.destroy_process_group()
+    assert logged["signature"] is not None and logged["input_example"].shape == (1, 3, 32, 32)
     encoder = logged["model"]
     assert type(encoder) is torchvision.models.ResNet
     norms = {type(m) for m in encoder.modules() if "Norm" in type(m).__name__}
