@@ -82,6 +82,7 @@ def check_world_size(batch_size: int, world_size: int, ranks: str = "", knob: st
     valid = ", ".join(str(w) for w in range(1, batch_size + 1) if batch_size % w == 0)
     who = f"the {world_size} ranks {ranks}" if ranks else f"{world_size} ranks"
     choose = f"{knob} among {valid}" if knob else f"one of the valid world sizes for this batch: {valid}"
-    fix = (f"the run resumes with that batch (its checkpoints fix it), so use {choose}" if resumed
+    fix = (f"the run keeps its batch (its checkpoints fix it: it resumes with data.batch_size={batch_size}), so use "
+           f"{choose}" if resumed
            else f"use a multiple of {world_size} as data.batch_size, or {choose}")
     raise error(f"data.batch_size={batch_size} (global) does not divide over {who}; {fix}")
