@@ -228,6 +228,26 @@ def test_second_ctrl_c_aborts_at_once(photo_data, tmp_path):
     assert "aborted" in out
 
 
+def test_a_second_ctrl_c_while_a_stopped_run_exits_still_aborts_at_once():
+    """The run stopped at a step boundary on the first Ctrl-C and is exiting (MLflow's exit hooks,
+    threads): a second Ctrl-C then died of the signal (-2) instead of the promised abort (130)."""
+    import sys
+
+    code = ("import os, signal, threading, time\n"
+            "from trainer.interrupts import stop_on_interrupt\n"
+            "stop = threading.Event()\n"
+            "with stop_on_interrupt(stop):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(0.2)\n"
+            "assert stop.is_set()\n"
+            "time.sleep(1.3)  # past the window in which a repeat is the same Ctrl-C\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(5)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert "aborted" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_a_run_left_running_by_a_hard_kill_is_marked_on_resume(photo_data, tmp_path):
     run_dir = tmp_path / "run"

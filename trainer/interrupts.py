@@ -46,12 +46,22 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
         received.append(signum)
         stop.set()
 
+    def abort_while_exiting(signum: int, _frame) -> None:
+        if time.monotonic() - first_at[0] <= SAME_INTERRUPT_S:
+            return  # the first Ctrl-C delivered again (torchrun)
+        print("[simclr] second Ctrl-C: aborted while exiting; the checkpoint written at the stop is intact",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)  # the interpreter's shutdown (MLflow's exit hooks, threads) is skipped
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield received
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if received:  # stopped by a signal, and now exiting: a second Ctrl-C still aborts at once, as promised
+            signal.signal(signal.SIGINT, abort_while_exiting)
 
 
 def train_in_foreground(cfg: Config) -> int:
