@@ -25,7 +25,7 @@ class TwoViewLoader(Protocol):
     backend: str  # "torchvision" or "dali"
     source: Source  # the dataset it reads
     steps_per_epoch: int  # the same on every rank
-    corrupt_skipped: int  # corrupt images replaced so far (data.skip_corrupt)
+    corrupt_skipped: int  # distinct corrupt images found so far, each read as the next good one (data.skip_corrupt)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Choose the epoch (its shuffle) and the step to start from (mid-epoch resume)."""
@@ -57,8 +57,8 @@ def open_val_source(cfg: DataConfig) -> Source:
 def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device,
                  check_cache: Path | None = None) -> TwoViewLoader:
     """The training loader for this rank, validated: the global batch must split evenly over
-    ranks and every rank's part must hold at least one batch. ``check_cache``: where the DALI
-    backend keeps its file checks, so that a restart does not read every file again."""
+    ranks and every rank's part must hold at least one batch. ``check_cache``: where the loader
+    keeps its file checks, so that a restart does not read every file again."""
     check_world_size(cfg.batch_size, world_size)
     source = open_train_source(cfg)
     per_rank = cfg.batch_size // world_size
@@ -84,7 +84,9 @@ def build_eval_batches(cfg: DataConfig, source: Source, device: torch.device, ba
     with no augmentation, through the same backend the training would use on ``device``. Tar
     shards are read in their stored order (front to back), whatever order ``indices`` has."""
     wanted = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
-    indices = source.reading_order(wanted).tolist()
+    order = source.reading_order(wanted)
+    if indices is not None or order is not wanted:  # the whole set in its own order needs no index list
+        indices = order.tolist()
     if resolve_backend(cfg, device) == "dali":
         from data_pipeline.dali import dali_eval_batches
 

@@ -56,9 +56,6 @@ class OpenTars:
             os.close(self.fds.popitem(last=False)[1])
         return fd
 
-    def __len__(self) -> int:
-        return len(self.fds)
-
 
 class ShardSource:
     """WebDataset tar shards (``Source``): sample i is ``sizes[i]`` bytes at ``offsets[i]`` of tar

@@ -17,13 +17,13 @@ A missing label is -1: pretraining needs none; whatever needs labels asks ``labe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LabelMode = Literal["auto", "folders", "none"]  # how a folder of image files is labelled (data.labels)
-LABEL_MODES: tuple[str, ...] = LabelMode.__args__
+LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
 Stored = Literal["decoded", "encoded", "files"]
 
 
@@ -63,7 +63,8 @@ class Source(Protocol):
         """This rank's samples of ``epoch`` in reading order, the same count on every rank."""
 
     def reading_order(self, indices: np.ndarray) -> np.ndarray:
-        """``indices`` in the order this layout reads fastest (an evaluation pass's order)."""
+        """``indices`` in the order this layout reads fastest (an evaluation pass's order); the
+        same array object when the layout has no preferred order."""
 
 
 def labelled_indices(source: Source, needed_by: str) -> np.ndarray:

@@ -147,7 +147,8 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
             if checkpoint_due and not skips.check(step):
-                save_checkpoint(parts, step)
+                parts.train_state.step, parts.train_state.mlflow_run_id = step, parts.tracker.run_id
+                parts.checkpointer.save()  # every rank, at the same step
             if step >= stop_at or preempted:
                 break
     return step, last_loss, preempted, skips
@@ -223,12 +224,6 @@ def start_run(parts: TrainParts) -> int:
             parts.tracker.log_artifact(config_file)
         announce(parts, step)
     return state.step
-
-
-def save_checkpoint(parts: TrainParts, step: int) -> None:
-    """Every rank, at the same step."""
-    parts.train_state.step, parts.train_state.mlflow_run_id = step, parts.tracker.run_id
-    parts.checkpointer.save()
 
 
 def announce(parts: TrainParts, step: int) -> None:
