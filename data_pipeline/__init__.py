@@ -30,6 +30,9 @@ class TwoViewLoader(Protocol):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Choose the epoch (its shuffle) and the step to start from (mid-epoch resume)."""
 
+    def check_files(self) -> None:
+        """Check each sample's file once (a collective); the first iteration does it otherwise."""
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(view1, view2, labels) per step on the run's device, float32 NCHW views."""
 

@@ -38,6 +38,19 @@ def test_zero_byte_image_is_skipped_on_the_torchvision_backend(photo_data, tmp_p
     assert '"skipped_corrupt_images": 1' in rows
 
 
+def test_a_corrupt_file_is_named_before_any_mlflow_run_exists(photo_data, tmp_path):
+    """Found by the file check while the run's parts are built: no FAILED MLflow run is left behind
+    for a dataset mistake, on either backend."""
+    from mlflow.tracking import MlflowClient
+
+    root, bad = corrupt_copy(photo_data, tmp_path, "coffee", 1, b"\xff\xd8\xff\xe0 truncated")
+    for backend in ("torchvision", "dali"):
+        proc = simclr("train", *tiny_overrides(root, tmp_path / backend, **{"data.backend": backend}))
+        assert_one_line_error(proc, str(bad), "data.skip_corrupt=true")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
+
+
 def test_zero_byte_image_is_one_clear_line_without_skip_corrupt(photo_data, tmp_path):
     root, bad = corrupt_copy(photo_data, tmp_path, "coffee", 1, b"")
     proc = simclr("train", *tiny_overrides(root, tmp_path / "run", **{"data.num_workers": 2,

@@ -104,6 +104,7 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
     seed_everything(cfg.train.seed, info.rank)
     loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device,
                           check_cache=Path(cfg.train.run_dir) / "data_check.json")
+    loader.check_files()  # a corrupt file is named now, before any MLflow run exists (a collective)
     val_source = open_val_source(cfg.data) if cfg.data.val_root else None  # once per run
     if cfg.train.knn_every_epochs and val_source is not None:  # say now, not epochs later, that labels are missing
         why = "the kNN monitor (train.knn_every_epochs > 0; set it to 0 to pretrain without labels)"
