@@ -30,6 +30,16 @@ Stored = Literal["decoded", "encoded", "files"]
 class DataError(ValueError):
     """A dataset problem the user must fix (missing path, empty folder, unreadable image)."""
 
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader re-raises a worker's error as DataError("Caught DataError in DataLoader worker
+        # process N. Original Traceback ... data_pipeline.sources.DataError: <message>"): every loader
+        # (training, evaluation, fine-tuning) keeps the one line meant for the user.
+        if message.startswith("Caught DataError"):
+            last = message.strip().splitlines()[-1]
+            prefix = f"{DataError.__module__}.{DataError.__name__}: "
+            message = last[len(prefix):] if last.startswith(prefix) else last
+        super().__init__(message)
+
 
 class Source(Protocol):
     """A dataset of N images in one layout."""

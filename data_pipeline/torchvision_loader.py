@@ -112,10 +112,7 @@ class TorchvisionLoader(RankLoader):
                             num_workers=self.cfg.num_workers, drop_last=True,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
                             persistent_workers=False)
-        try:
-            yield from self._batches(loader)
-        except DataError as exc:  # from a worker: its message carries the worker's traceback
-            raise DataError(_worker_message(exc)) from None
+        yield from self._batches(loader)
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for view1, view2, labels, corrupt in loader:
@@ -123,14 +120,6 @@ class TorchvisionLoader(RankLoader):
                 self.mark_corrupt(corrupt[corrupt >= 0].tolist())
             yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
-
-
-def _worker_message(exc: DataError) -> str:
-    """The original one-line message of a DataError re-raised from a DataLoader worker."""
-    lines = str(exc).strip().splitlines()
-    last = lines[-1] if lines else ""
-    prefix = f"{DataError.__module__}.{DataError.__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else str(exc)
 
 
 class LabelledDataset(Dataset):

@@ -51,6 +51,15 @@ def test_a_corrupt_file_is_named_before_any_mlflow_run_exists(photo_data, tmp_pa
     assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
 
 
+def test_a_corrupt_image_in_an_evaluation_set_is_one_line(tiny_config, photo_data, tmp_path):
+    """Evaluation's DataLoader workers re-raised the decode error with their traceback as the message."""
+    train(tiny_config(**{"train.stop_after_steps": 2, "tracking.enabled": "false"}))
+    root, bad = corrupt_copy(photo_data, tmp_path, "coffee", 1, b"\xff\xd8\xff\xe0" + b"\0" * 300 + b"\xff\xd9")
+    proc = simclr("eval", "--checkpoint", str(ckpt.latest_checkpoint(tmp_path / "run")), "--train-data", str(root),
+                  "--val-data", str(photo_data / "val"), "--device", "cpu", "--workers", "2", "--probe-epochs", "1")
+    assert_one_line_error(proc, f"cannot decode image {bad}")
+
+
 def test_zero_byte_image_is_one_clear_line_without_skip_corrupt(photo_data, tmp_path):
     root, bad = corrupt_copy(photo_data, tmp_path, "coffee", 1, b"")
     proc = simclr("train", *tiny_overrides(root, tmp_path / "run", **{"data.num_workers": 2,
