@@ -16,8 +16,11 @@ are fresh (the torchvision backend is bitwise-reproducible).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,10 +31,51 @@ from data_pipeline.rank_loader import RankLoader
 from data_pipeline.seeds import augmentation_seed
 from data_pipeline.sources import DataError, Source
 
-# nvJPEG's buffers sized once for large images (NVIDIA's ResNet-50 example and solo-learn use these),
-# so the decoder does not re-allocate each time a larger image arrives
-DEVICE_MEMORY_PADDING = 211025920
-HOST_MEMORY_PADDING = 140544512
+# nvJPEG's per-thread buffers at most this large: NVIDIA's ResNet-50 example and solo-learn use these
+# fixed figures for ImageNet, which cost ~1.7 GB of device and ~2.25 GB of pinned memory a pipeline
+MAX_DEVICE_PADDING = 211025920
+MAX_HOST_PADDING = 140544512
+MIN_PADDING = 1 << 20
+SIZING_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class DecoderSizing:
+    """nvJPEG's buffers sized from the dataset's own images: the largest decoded image among
+    ``SIZING_SAMPLES`` spread over the set, twice over (room for a larger one; a still larger
+    image only costs a reallocation), between 1 MiB and the ImageNet figures. Per DALI thread:
+    one device buffer of ``device_padding`` and two pinned host buffers of ``host_padding``."""
+
+    max_width: int
+    max_height: int
+    device_padding: int
+    host_padding: int
+
+    def planned_mb(self, threads: int) -> dict[str, float]:
+        return {"device": threads * self.device_padding / 2**20, "pinned": 2 * threads * self.host_padding / 2**20}
+
+
+def decoder_sizing(source: Source) -> DecoderSizing | None:
+    """The decoder's buffers for ``source``'s images, from the headers of a few (None for decoded
+    arrays, which DALI does not decode). An unreadable header is skipped: the file check names it."""
+    if source.stored == "decoded" or len(source) == 0:
+        return None
+    from io import BytesIO
+
+    from PIL import Image
+
+    width = height = 0
+    for i in np.unique(np.linspace(0, len(source) - 1, SIZING_SAMPLES).astype(np.int64)):
+        where = source.sample_name(int(i)) if source.stored == "files" else BytesIO(source.read_encoded(int(i)))
+        try:
+            with Image.open(where) as image:
+                w, h = image.size
+        except (OSError, ValueError):
+            continue
+        width, height = max(width, w), max(height, h)
+    largest = 2 * width * height * 3
+    pad = -(-max(MIN_PADDING, largest) // MIN_PADDING) * MIN_PADDING  # whole MiB
+    return DecoderSizing(width, height, min(pad, MAX_DEVICE_PADDING), min(pad, MAX_HOST_PADDING))
 
 
 def _dali():
@@ -74,12 +118,22 @@ def simclr_view(images, cfg: AugmentConfig, image_size: int, fn, types):
                                     mirror=fn.random.coin_flip(probability=cfg.flip_prob))
 
 
-class _BatchFeed:
-    """``fn.external_source`` input (``batch=True``): for each batch of sample indices, the samples
-    as DALI takes them (file names as bytes, encoded bytes, or one dense N x H x W x 3 array of
-    decoded images) and their labels (int32, -1 when unlabeled). Ends when ``batches`` ends."""
+class BatchSlice(NamedTuple):
+    """Rows ``start:stop`` of ``order``: one rank's sample order for an epoch, held as its own
+    contiguous array (so the on-device feed uploads it once and slices it, with no pointer
+    arithmetic on a strided view)."""
 
-    def __init__(self, source: Source, batches: Iterable[np.ndarray], replacement: np.ndarray | None = None,
+    order: np.ndarray
+    start: int
+    stop: int
+
+
+class _BatchFeed:
+    """``fn.external_source`` input (``batch=True``): for each ``BatchSlice``, the samples as DALI
+    takes them (file names as bytes, encoded bytes, or one dense N x H x W x 3 array of decoded
+    images) and their labels (int32, -1 when unlabeled). Ends when ``batches`` ends."""
+
+    def __init__(self, source: Source, batches: Iterable[BatchSlice], replacement: np.ndarray | None = None,
                  device_images: torch.Tensor | None = None) -> None:
         self.source, self.batches, self.replacement = source, iter(batches), replacement
         self.labels = np.asarray(source.labels, dtype=np.int32)  # once: a list of 1.28M labels is slow to convert
@@ -88,14 +142,13 @@ class _BatchFeed:
             self.device_labels = torch.from_numpy(self.labels).to(device_images.device).reshape(-1, 1)
         self._order: tuple[np.ndarray, torch.Tensor] | None = None  # an epoch's order, and its copy on the device
 
-    def _on_device(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch gathered on the device. Its indices are a slice of the epoch's order, which is
-        uploaded once per epoch: no host-to-device copy per batch."""
-        base = idx if idx.base is None else idx.base
-        if self._order is None or self._order[0] is not base:
-            self._order = (base, torch.from_numpy(np.ascontiguousarray(base)).to(self.device_images.device))
-        start = (idx.ctypes.data - base.ctypes.data) // idx.itemsize
-        rows = self._order[1][start : start + len(idx)]
+    def _on_device(self, batch: BatchSlice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch gathered on the device from the epoch's order, which is uploaded once per
+        epoch (corrupt samples already replaced): no host-to-device copy per batch."""
+        if self._order is None or self._order[0] is not batch.order:
+            order = batch.order if self.replacement is None else self.replacement[batch.order]
+            self._order = (batch.order, torch.from_numpy(np.ascontiguousarray(order)).to(self.device_images.device))
+        rows = self._order[1][batch.start : batch.stop]
         images, labels = self.device_images[rows], self.device_labels[rows]
         if images.device.type == "cpu":  # numpy views: DALI would ask torch for a CUDA stream for a tensor
             return images.numpy(), labels.numpy()
@@ -105,11 +158,12 @@ class _BatchFeed:
         return self
 
     def __next__(self) -> tuple[object, np.ndarray]:
-        idx = next(self.batches)
+        batch = next(self.batches)
+        if self.device_images is not None:
+            return self._on_device(batch)
+        idx = batch.order[batch.start : batch.stop]
         if self.replacement is not None:  # corrupt files: the next good sample, image and label (rank_loader)
             idx = self.replacement[idx]
-        if self.device_images is not None:
-            return self._on_device(idx)
         labels = self.labels[idx].reshape(-1, 1)
         if self.source.stored == "decoded":
             return self.source.read_decoded(idx), labels
@@ -118,7 +172,7 @@ class _BatchFeed:
         return [np.frombuffer(self.source.read_encoded(int(i)), dtype=np.uint8) for i in idx], labels
 
 
-def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types):
+def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types, sizing: DecoderSizing | None):
     """Decoded HWC uint8 RGB images (on the GPU when ``device_id`` is set) and their labels."""
     if feed.device_images is not None:  # data.on_device: batches gathered where they are augmented
         return fn.external_source(source=feed, num_outputs=2, batch=True, layout=["HWC", ""],
@@ -132,19 +186,20 @@ def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types)
         encoded = fn.io.file.read(encoded)  # in DALI's threads, not the training thread
     if device_id is None:
         return fn.decoders.image(encoded, device="cpu", output_type=types.RGB), label
+    sizing = sizing or DecoderSizing(0, 0, MAX_DEVICE_PADDING, MAX_HOST_PADDING)
     return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=0.65,
-                             device_memory_padding=DEVICE_MEMORY_PADDING,
-                             host_memory_padding=HOST_MEMORY_PADDING), label
+                             device_memory_padding=sizing.device_padding, host_memory_padding=sizing.host_padding,
+                             preallocate_width_hint=sizing.max_width, preallocate_height_hint=sizing.max_height), label
 
 
 def build_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, batch_size: int, seed: int,
-                   device_id: int | None):
+                   device_id: int | None, sizing: DecoderSizing | None = None):
     """The SimCLR pipeline: (view1, view2, label) per sample that ``feed`` hands over."""
     dali, fn, types = _dali()
 
     @dali.pipeline_def(enable_conditionals=True)
     def simclr_pipeline():
-        images, label = _decoded(source, feed, device_id, fn, types)
+        images, label = _decoded(source, feed, device_id, fn, types, sizing)
         view1 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
         view2 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
         return view1, view2, label
@@ -155,14 +210,15 @@ def build_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, batch_size
     return pipe
 
 
-def build_eval_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, batch_size: int, device_id: int | None):
+def build_eval_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, batch_size: int, device_id: int | None,
+                        sizing: DecoderSizing | None = None):
     """Evaluation: resize the shorter side, centre crop, normalise; no augmentation."""
     dali, fn, types = _dali()
     from data_pipeline.augment import eval_resize_size
 
     @dali.pipeline_def
     def eval_pipeline():
-        images, label = _decoded(source, feed, device_id, fn, types)
+        images, label = _decoded(source, feed, device_id, fn, types, sizing)
         images = fn.resize(images, resize_shorter=eval_resize_size(cfg.image_size), antialias=True)
         images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), crop_pos_x=0.5,
                                           crop_pos_y=0.5, dtype=types.FLOAT, output_layout="CHW",
@@ -187,9 +243,12 @@ def dali_eval_batches(source: Source, cfg: DataConfig, batch_size: int, device: 
     """(images, labels) over ``source`` (or ``indices`` of it) in order, the last batch partial."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    order = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
-    batches = (order[start : start + batch_size] for start in range(0, len(order), batch_size))
-    pipe = build_eval_pipeline(source, _BatchFeed(source, batches), cfg, batch_size, _device_id(device))
+    order = np.arange(len(source)) if indices is None else np.ascontiguousarray(indices, dtype=np.int64)
+    batches = (BatchSlice(order, start, min(start + batch_size, len(order)))
+               for start in range(0, len(order), batch_size))
+    device_id = _device_id(device)
+    sizing = decoder_sizing(source) if device_id is not None else None
+    pipe = build_eval_pipeline(source, _BatchFeed(source, batches), cfg, batch_size, device_id, sizing)
     for batch in DALIGenericIterator([pipe], ["images", "label"], auto_reset=False, prepare_first_batch=False):
         yield batch[0]["images"], batch[0]["label"].reshape(-1).long()
 
@@ -205,6 +264,8 @@ class DaliLoader(RankLoader):
         _dali()
         super().__init__(source, cfg, seed, rank, world_size, device, check_cache)
         self.pipelines_built = 0
+        # only the GPU decoder (device="mixed") pre-allocates: size it to this dataset's images
+        self.decoder_sizing = decoder_sizing(source) if device.type == "cuda" else None
         self.device_images = self._upload() if cfg.on_device else None
         self._batches: Iterator | None = None  # the running pipeline's DALI iterator
         self._next = (-1, -1)  # the (epoch, step) its next batch belongs to
@@ -221,10 +282,14 @@ class DaliLoader(RankLoader):
     def _start(self, epoch: int, step: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+        if self._batches is not None:  # release the old pipeline's threads and buffers before the new one's
+            self.close()
+            gc.collect()
         batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
         feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
         pipe_seed = augmentation_seed(self.seed, epoch, self.rank, step, bits=31)
-        pipe = build_pipeline(self.source, feed, self.cfg, self.batch_size, pipe_seed, _device_id(self.device))
+        pipe = build_pipeline(self.source, feed, self.cfg, self.batch_size, pipe_seed, _device_id(self.device),
+                              self.decoder_sizing)
         self._batches = DALIGenericIterator([pipe], ["view1", "view2", "label"], size=-1, auto_reset=False,
                                             prepare_first_batch=False)
         self.pipelines_built += 1
@@ -248,13 +313,14 @@ class DaliLoader(RankLoader):
 
 
 def rank_batches(source: Source, rank: int, world_size: int, seed: int, batch_size: int, epoch: int,
-                 step: int) -> Iterator[np.ndarray]:
-    """This rank's batches of sample indices from (epoch, step) on, epoch after epoch, without end
-    (a free function: the feed it drives must not hold the loader, or the pipeline would be kept
-    alive by a reference cycle)."""
+                 step: int) -> Iterator[BatchSlice]:
+    """This rank's batches from (epoch, step) on, epoch after epoch, without end (a free function:
+    the feed it drives must not hold the loader, or the pipeline would be kept alive by a
+    reference cycle). Each epoch's order is copied into its own contiguous array: the source's
+    order is a strided view of the global permutation on every rank but the only one."""
     steps = (len(source) // world_size) // batch_size
     while True:
-        order = source.epoch_order(rank, world_size, seed, epoch)
+        order = np.ascontiguousarray(source.epoch_order(rank, world_size, seed, epoch))
         for s in range(step, steps):
-            yield order[s * batch_size : (s + 1) * batch_size]
+            yield BatchSlice(order, s * batch_size, (s + 1) * batch_size)
         epoch, step = epoch + 1, 0

@@ -1,6 +1,7 @@
 """The DALI pipeline in CPU mode (device_id=None): the same graph the GPU runs with device='mixed'."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,25 @@ def test_on_device_arrays_give_the_same_batches(tmp_path, photo_data):
                      0, 0, 1, CPU)
     with pytest.raises(DataError, match="data.on_device=true is a DALI option"):
         build_loader(DataConfig(root=str(data), backend="torchvision", batch_size=8, on_device=True), 0, 0, 1, CPU)
+
+
+@pytest.mark.slow
+def test_on_device_feed_on_two_ranks_reads_each_ranks_own_samples(tmp_path):
+    """data.on_device on 2 gloo ranks: every batch's sample ids equal the host feed's and the rank's
+    share of the epoch order (a rank's order is a strided view of the global permutation; the feed
+    once sliced the permutation itself, so both ranks read the wrong samples)."""
+    data = npz(tmp_path / "idx.npz", [np.full((16, 16, 3), i % 255) for i in range(100)])
+    out = tmp_path / "ids"
+    proc = run_torchrun("on_device_ranks.py", str(data), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = []
+    for rank in (0, 1):
+        result = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert result["pipelines_built"] == 1
+        assert len(result["rows"]) == 2 * 6  # 50 samples per rank in batches of 8: 6 a rank and epoch
+        for row in result["rows"]:
+            assert row["on_device"] == row["host"] == row["order"], (rank, row)
+            assert row["views_equal"]
+            if row["epoch"] == 0:
+                seen += row["on_device"]
+    assert len(seen) == len(set(seen)) == 96  # disjoint across ranks
