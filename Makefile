@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 LOWEST := .venv-lowest
 
-.PHONY: demo test test-lowest lint bench clean gpu-proof gpu-proof-dry gpu-proof-pack
+.PHONY: demo test test-lowest lint bench clean gpu-proof gpu-proof-dry gpu-proof-pack gpu-proof-rehearsal
 
 # the exact, tested set (constraints.txt); setup.cfg itself only declares ranges
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -32,26 +32,23 @@ test-lowest:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The GPU proof (README, "The GPU proof"). On a lent GPU machine, whose image has torch and Python
-# but not this project's environment: the carried wheels (.gpu_proof/wheels) fill in what is missing.
+# The GPU proof (README, "The GPU proof"). The lent machine runs what gpu-proof-pack prints, with its
+# own python3 and no make: `python3 -m benchmarks.gpu_proof` is the proof, this target only a shortcut.
 gpu-proof:
-	if [ -d .gpu_proof/wheels ]; then $(PYTHON) -m pip install -q --no-index --find-links .gpu_proof/wheels \
-		pyyaml tqdm; fi
-	$(PYTHON) -m benchmarks.gpu_proof --data .gpu_data
+	$(PYTHON) -m benchmarks.gpu_proof
 
-# the same stages at tiny sizes on this CPU (CI runs it through tests/test_gpu_proof.py)
+# the same stages at tiny sizes on this CPU
 gpu-proof-dry: $(STAMP)
 	$(PY) -m benchmarks.gpu_proof --dry
 
-# run here before lending: the commit, the wheels the GPU image lacks, the two datasets (each in its own call)
-gpu-proof-pack:
-	mkdir -p .gpu_proof/wheels .gpu_data
-	git rev-parse HEAD > .gpu_proof/commit
-	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
-		-d .gpu_proof/wheels pyyaml tqdm
-	cp -r ../shared/data/cifar10-jpeg ../shared/data/imagenette2-224-subset .gpu_data/
-	grep -qxF '/.gpu_proof/' .git/info/exclude || echo '/.gpu_proof/' >> .git/info/exclude
+# here, before a lent GPU: DALI and the datasets in parts (.gpu_part_*), the commit and plan (.gpu_proof/),
+# and the calls to make, in order, with what each carries and a device-minute estimate
+gpu-proof-pack: $(STAMP)
+	$(PY) -m benchmarks.gpu_pack
+
+# the dry plan's calls run here as the GPU machine runs them (CI: tests/test_gpu_proof.py)
+gpu-proof-rehearsal: $(STAMP)
+	$(PY) -m benchmarks.gpu_pack rehearse
 
 clean:
 	rm -rf runs demo_data mlflow.db mlartifacts .pytest_cache $(LOWEST)

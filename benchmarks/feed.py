@@ -68,14 +68,14 @@ def batches_forever(loader, start_epoch: int = 0, rebuild_each_epoch: bool = Fal
         epoch += 1
 
 
-def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
-    """One mode on this rank: per-step waits for data, wall time, syncs, peak memory."""
+def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
+    """One mode on this rank, its batches drawn from ``source`` (one ``batches_forever`` for every
+    mode: one pipeline runs across them): per-step waits for data, wall time, syncs, peak memory."""
     from benchmarks.host_syncs import SyncCounter
-    from trainer.device import peak_memory_mb, synchronize
+    from trainer.device import memory_in_use_mb, peak_memory_mb, synchronize
     from trainer.step import train_step
 
     device, counter = parts.info.device, SyncCounter()
-    source = batches_forever(parts.loader, rebuild_each_epoch=rebuild)
     fixed = None
     if mode == "model":
         _, _, (v1, v2, labels) = next(source)
@@ -114,7 +114,7 @@ def run_mode(mode: str, parts, steps: int, warmup: int, rebuild: bool) -> dict:
             "epoch_stall_s": max((f - median_wait for f in firsts), default=None),
             "host_syncs_per_step": sum(counter.counts.values()) / steps, "host_syncs": dict(counter.counts),
             "online_probe_share": probe_share,
-            "peak_memory_mb": peak_memory_mb(device)}
+            "peak_memory_mb": peak_memory_mb(device), **memory_in_use_mb(device)}
 
 
 def online_probe_share(parts, batch, lr: float, steps: int) -> float | None:
@@ -148,16 +148,30 @@ def rank_main(args: argparse.Namespace) -> list[dict]:
     try:
         parts = build_parts(cfg, info)
         parts.model.train()
+        source = batches_forever(parts.loader, rebuild_each_epoch=args.rebuild_each_epoch)
         rows = []
         for mode in args.modes:
-            row = run_mode(mode, parts, args.steps, args.warmup, args.rebuild_each_epoch)
-            row.update(rank=info.rank, backend=type(parts.loader).__name__, steps_per_epoch=parts.steps_per_epoch)
+            row = run_mode(mode, parts, source, args.steps, args.warmup)
+            row.update(rank=info.rank, backend=type(parts.loader).__name__, steps_per_epoch=parts.steps_per_epoch,
+                       pipelines_built=getattr(parts.loader, "pipelines_built", None), **decoder_memory(parts))
             rows.append(row)
         if args.rank_out:
             Path(f"{args.rank_out}.rank{info.rank}").write_text(json.dumps(rows))
         return rows
     finally:
         teardown()
+
+
+def decoder_memory(parts) -> dict:
+    """DALI's nvJPEG buffers as sized for this dataset (planned: they are allocated by DALI, not
+    torch), where the GPU decoder runs."""
+    sizing = getattr(parts.loader, "decoder_sizing", None)
+    if sizing is None:
+        return {"decoder_sizing": None}
+    planned = sizing.planned_mb(max(1, parts.cfg.data.num_workers))
+    return {"decoder_sizing": {"max_image": [sizing.max_width, sizing.max_height],
+                               "device_padding": sizing.device_padding, "host_padding": sizing.host_padding,
+                               "planned_device_mb": planned["device"], "planned_pinned_mb": planned["pinned"]}}
 
 
 def combine(per_rank: list[list[dict]]) -> list[dict]:
@@ -170,7 +184,9 @@ def combine(per_rank: list[list[dict]]) -> list[dict]:
                      "data_wait_share": max(r["data_wait_share"] for r in mode_rows),
                      "epoch_stall_s": max(stalls) if stalls else None,
                      "host_syncs_per_step": max(r["host_syncs_per_step"] for r in mode_rows),
-                     "peak_memory_mb": max(r["peak_memory_mb"] for r in mode_rows)})
+                     "peak_memory_mb": max(r["peak_memory_mb"] for r in mode_rows),
+                     "device_in_use_mb": max((r["device_in_use_mb"] or 0) for r in mode_rows) or None,
+                     "host_pinned_mb": max((r["host_pinned_mb"] or 0) for r in mode_rows) or None})
     step_s = next((r["step_s"] for r in rows if r["mode"] == "e2e"), None)
     model = next((r for r in rows if r["mode"] == "model"), None)
     for r in rows:
@@ -244,6 +260,15 @@ def print_table(result: dict) -> None:
         ratio = f"{r['views_per_s_over_model']:.2f}" if "views_per_s_over_model" in r else "-"
         print(f"{r['mode']:<8}{r['views_per_s']:>10.1f}{ratio:>9}{100 * r['data_wait_share']:>10.1f}%{stall:>13}"
               f"{steps:>9}{r['host_syncs_per_step']:>12.2f}{r['peak_memory_mb']:>9.0f}")
+    last = result["rows"][-1]
+    sizing = last.get("decoder_sizing")
+    if sizing:
+        print(f"DALI decoder: images up to {sizing['max_image'][0]}x{sizing['max_image'][1]}, buffers planned "
+              f"{sizing['planned_device_mb']:.0f} MB device, {sizing['planned_pinned_mb']:.0f} MB pinned")
+    if last.get("device_in_use_mb"):
+        print(f"device memory in use: {last['device_in_use_mb']:.0f} MB (torch peak {last['peak_memory_mb']:.0f} MB)")
+    if last.get("pipelines_built") is not None:
+        print(f"DALI pipelines built: {last['pipelines_built']} (one across every mode)")
     if probe is not None:
         print(f"online probe: {100 * probe:.2f}% of the model step (its update timed against the step, interleaved)")
 

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--run-dir", default="runs/quality")
     p.add_argument("--results-dir", default=str(RESULTS), help="where the JSON and quality.md go")
+    p.add_argument("--no-markdown", action="store_true", help="the JSON alone (no row appended to quality.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         **result_header("quality", device_name(device)), "dataset": args.dataset, "model": cfg.model.arch,
         "epochs": args.epochs,
         "batch": cfg.data.batch_size, "precision": cfg.precision.dtype, "backend": cfg.data.backend,
+        "lr": cfg.optim.lr, "temperature": cfg.loss.temperature, "probe_epochs": args.probe_epochs,
+        "data": str(train_root),
         "pretrain_wall_s": pretrain_s, "total_wall_s": time.time() - start,
         "linear_top1": ssl["linear_top1"], "linear_top5": ssl["linear_top5"], "knn_top1": ssl["knn_top1"],
         "random_linear_top1": rand["linear_top1"], "random_knn_top1": rand["knn_top1"], "final_loss": result.loss,
@@ -76,16 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
     tag = "cuda" if device.type == "cuda" else "cpu"
     results = Path(args.results_dir)
     write_json(row, results / f"quality_{args.dataset}_{tag}.json")
-    md = results / "quality.md"
+    if not args.no_markdown:
+        append_markdown_row(results / "quality.md", row, ssl, rand)
+    print(json.dumps({k: v for k, v in row.items() if k != "versions"}, indent=2))
+    return row
+
+
+def append_markdown_row(md: Path, row: dict, ssl: dict, rand: dict) -> None:
     if not md.exists():
         md.write_text("| dataset | model | epochs | batch | precision | pretrain wall | device | linear top-1 "
                       "| kNN top-1 | random-init linear | random-init kNN |\n" + "|---" * 11 + "|\n")
     with open(md, "a") as f:
-        f.write(f"| {args.dataset} | {row['model']} | {args.epochs} | {row['batch']} | {row['precision']} | "
-                f"{pretrain_s / 60:.1f} min | {row['device']} | {ssl['linear_top1']:.3f} | {ssl['knn_top1']:.3f} | "
-                f"{rand['linear_top1']:.3f} | {rand['knn_top1']:.3f} |\n")
-    print(json.dumps({k: v for k, v in row.items() if k != "versions"}, indent=2))
-    return row
+        f.write(f"| {row['dataset']} | {row['model']} | {row['epochs']} | {row['batch']} | {row['precision']} | "
+                f"{row['pretrain_wall_s'] / 60:.1f} min | {row['device']} | {ssl['linear_top1']:.3f} | "
+                f"{ssl['knn_top1']:.3f} | {rand['linear_top1']:.3f} | {rand['knn_top1']:.3f} |\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared fixtures: a small real-photo dataset (made from images shipped with scikit-image and
-scikit-learn) and a tiny config that trains in seconds on the CPU."""
+scikit-learn) and a tiny config that trains in seconds on the CPU. Nothing here imports MLflow or
+submitit at collection: the GPU proof runs tests/test_gpu.py where neither is installed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import tiny_overrides
 from trainer.config import Config, load_config
@@ -55,6 +55,8 @@ def mlflow_server(tmp_path_factory):
                              "--artifacts-destination", str(root / "artifacts")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
+    from mlflow.tracking import MlflowClient  # here, not at the top: the GPU machine's image has no MLflow
+
     deadline = time.time() + 90
     while True:
         try:

@@ -306,3 +306,22 @@ def test_on_device_feed_on_two_ranks_reads_each_ranks_own_samples(tmp_path):
             if row["epoch"] == 0:
                 seen += row["on_device"]
     assert len(seen) == len(set(seen)) == 96  # disjoint across ranks
+
+
+def test_decoder_buffers_are_sized_from_the_images(tmp_path, photo_data):
+    """nvJPEG's per-thread buffers follow the dataset (32 px photos: the 1 MiB floor, not ImageNet's
+    211 MB); one large image among them raises them to twice its decoded size."""
+    from data_pipeline.dali import MIN_PADDING, decoder_sizing
+    from data_pipeline.layouts import open_source
+
+    small = decoder_sizing(open_source(photo_data / "train"))
+    assert (small.max_width, small.max_height) == (32, 32)
+    assert small.device_padding == small.host_padding == MIN_PADDING
+    assert small.planned_mb(8) == {"device": 8.0, "pinned": 16.0}
+    tree, _ = corrupt_copy(photo_data, tmp_path, "coffee", 0, b"")  # an unreadable header is skipped
+    last_class = sorted(d for d in tree.iterdir() if d.is_dir())[-1]  # the dataset's last sample: always sampled
+    Image.new("RGB", (1200, 900)).save(last_class / "zz_large.jpg")
+    large = decoder_sizing(open_source(tree))
+    assert (large.max_width, large.max_height) == (1200, 900)
+    assert large.device_padding == 7 * 2**20  # 2 x 1200 x 900 x 3 bytes, in whole MiB
+    assert decoder_sizing(open_source(photo_data / "train.npz")) is None  # not decoded by DALI

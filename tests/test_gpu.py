@@ -57,7 +57,7 @@ def test_no_host_sync_in_the_steady_state_step_under_cuda_sync_debug(tiny_config
 
 def test_cuda_training_bf16_channels_last(tiny_config):
     cfg = tiny_config(**{"train.device": "cuda", "precision.dtype": "bf16", "train.stop_after_steps": 4,
-                         "tracking.enabled": "false", "data.backend": "torchvision"})
+                         "tracking.enabled": "false", "data.backend": "torchvision", "checkpoint.every_steps": 100})
     result = train(cfg)
     assert result.step == 4 and torch.isfinite(torch.tensor(result.loss))
 
@@ -87,7 +87,7 @@ def test_dali_gpu_pipeline_outputs_on_the_gpu(photo_data):
 def test_cuda_training_with_dali_backend(tiny_config):
     pytest.importorskip("nvidia.dali")
     cfg = tiny_config(**{"train.device": "cuda", "precision.dtype": "bf16", "train.stop_after_steps": 6,
-                         "tracking.enabled": "false", "data.backend": "dali"})
+                         "tracking.enabled": "false", "data.backend": "dali", "checkpoint.every_steps": 100})
     result = train(cfg)
     assert result.step == 6 and torch.isfinite(torch.tensor(result.loss))
 

@@ -50,6 +50,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def memory_in_use_mb(device: torch.device) -> dict[str, float | None]:
+    """What the whole process holds beyond torch's own allocator, where the system can tell: the
+    device memory in use (total minus free: torch's cache, DALI's pools, nvJPEG, the CUDA context;
+    on one GPU per process this is the process's) and the host memory locked or pinned (Linux's
+    VmLck + VmPin; CUDA may pin without either, then None)."""
+    in_use = None
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        in_use = (total - free) / 2**20
+    pinned = 0.0
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(("VmLck:", "VmPin:")):
+                pinned += int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return {"device_in_use_mb": in_use, "host_pinned_mb": pinned or None}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: allocated GPU memory on CUDA, the process's peak RSS on the CPU."""
     if device.type == "cuda":

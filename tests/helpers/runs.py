@@ -80,8 +80,14 @@ def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, 
     return root, bad
 
 
+def python_path() -> str:
+    """The repository first, then whatever PYTHONPATH already holds (the GPU proof's rehearsal puts
+    an import blocker there, which the ranks must keep)."""
+    return os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, env_extra: dict | None = None):
     """Run ``tests/helpers/<script>`` under real torchrun (gloo, CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(), **(env_extra or {})}
     cmd = torchrun_command(nproc, [str(REPO / "tests" / "helpers" / script), *args])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
