@@ -22,6 +22,7 @@ then checks that folder against the rules of what comes back.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -56,7 +57,8 @@ DATA_PARTS = ["cifar10-jpeg/train", "cifar10-jpeg/test", "imagenette2-224-subset
 MACHINE_START_S = 90
 CALL_OVERHEAD_S = 12  # a call's own start and return, on a warm machine
 TRANSFER_MIB_PER_S = 8
-UNPACK_MIB_PER_S = 40  # xz decompression of the payload, then pip
+XZ_MIB_PER_S = 12  # of the payload, decompressed by Python's lzma (one thread; 21 s for 252 MiB here)
+PIP_MIB_PER_S = 30  # the stored wheels, installed with --no-compile
 
 
 @dataclass
@@ -67,10 +69,11 @@ class Call:
     timeout_s: int
     why: str
 
-    def seconds(self, proof_s: float) -> float:
-        return CALL_OVERHEAD_S + self.mib / TRANSFER_MIB_PER_S + (proof_s if "benchmarks.gpu_proof" in self.command
-                                                                   else 0) + (self.mib / UNPACK_MIB_PER_S * 4
-                                                                              if "unpack" in self.command else 0)
+    unpack_s: float = 0.0  # the last part's call joins, decompresses and installs
+
+    def seconds(self) -> float:
+        """This call's device time, the proof's run excluded."""
+        return CALL_OVERHEAD_S + self.mib / TRANSFER_MIB_PER_S + self.unpack_s
 
 
 def git(*args: str, cwd: Path = REPO) -> str:
@@ -103,16 +106,20 @@ def stored_wheel(src: Path, dst: Path) -> None:
     then compresses the libraries much better than zip did."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
-            info.compress_type = zipfile.ZIP_STORED
-            zout.writestr(info, zin.read(info.filename))
+            data = zin.read(info)  # before the copy's method changes: zin reads by this ZipInfo
+            stored = copy.copy(info)
+            stored.compress_type = zipfile.ZIP_STORED
+            zout.writestr(stored, data)
 
 
 def download_dali(folder: Path) -> list[Path]:
     """DALI (CUDA 13) and what it needs that the GPU image lacks, as wheels for its Python 3.12."""
     raw = folder / "raw"
     pip = [sys.executable, "-m", "pip", "download", "-q", *PLATFORM, "-d", str(raw)]
-    subprocess.run([*pip, "--no-deps", f"nvidia-dali-cuda130=={DALI_VERSION}"], check=True)
-    subprocess.run([*pip, *DALI_DEPS], check=True)
+    for args in (["--no-deps", f"nvidia-dali-cuda130=={DALI_VERSION}"], DALI_DEPS):
+        proc = subprocess.run([*pip, *args], capture_output=True, text=True)  # pip's index warnings: on failure only
+        if proc.returncode:
+            raise SystemExit(f"gpu_pack: pip download {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     wheels = []
     for whl in sorted(raw.glob("*.whl")):
         if not whl.name.startswith(IN_IMAGE):  # a second copy of what the image has would stop the install
@@ -221,6 +228,7 @@ def pack(args: argparse.Namespace, dest: Path = REPO) -> dict:
         part_mib = args.part_mib or (CALL_MIB - MARGIN_MIB - tree)
         parts = split_parts(payload, int(part_mib * 2**20), dest)
         payload_bytes = payload.stat().st_size
+        wheel_bytes = sum(w.stat().st_size for w in wheels)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     plan = {"commit": commit, "dry": args.dry, "payload_sha256": digest, "payload_bytes": payload_bytes,
@@ -229,10 +237,11 @@ def pack(args: argparse.Namespace, dest: Path = REPO) -> dict:
     (proof_dir / "plan.json").write_text(json.dumps(plan, indent=2))
     proof_mib = sum(f.stat().st_size for f in proof_dir.iterdir()) / 2**20
     calls = make_calls(parts, tree, proof_mib, TOTAL_CAP_S, args.dry)
+    calls[-1].unpack_s = payload_bytes / 2**20 / XZ_MIB_PER_S + wheel_bytes / 2**20 / PIP_MIB_PER_S
     rerun = rerun_call(tree, proof_mib, TOTAL_CAP_S, args.dry)
     plan["calls"], plan["rerun"] = [asdict(c) for c in calls], asdict(rerun)
-    estimate = {"machine_start_s": MACHINE_START_S, "calls_s": sum(c.seconds(0) for c in calls),
-                "proof_s": TOTAL_CAP_S, "rerun_s": rerun.seconds(TOTAL_CAP_S)}
+    estimate = {"machine_start_s": MACHINE_START_S, "calls_s": sum(c.seconds() for c in calls),
+                "proof_s": TOTAL_CAP_S, "rerun_s": rerun.seconds() + TOTAL_CAP_S}
     estimate["first_try_s"] = estimate["machine_start_s"] + estimate["calls_s"] + estimate["proof_s"]
     plan["estimate"] = estimate
     (proof_dir / "plan.json").write_text(json.dumps(plan, indent=2))
@@ -250,7 +259,8 @@ def print_plan(plan: dict) -> None:
               f"  -- {call['why']}\n     command: {call['command']}")
     r = plan["rerun"]
     print(f"  rerun  carry={json.dumps(r['carry'])}  ({r['mib']:.1f} MiB, timeout_s={r['timeout_s']})  -- {r['why']}\n"
-          f"     command: {r['command']}")
+          f"     command: {r['command']}\n"
+          "     (add --stages NAME ... to rerun only the stages that failed: each costs at most its cap)")
     print("  then give_back.")
     print(f"\nDevice minutes (estimate): start {e['machine_start_s'] / 60:.1f} + calls {e['calls_s'] / 60:.1f} + proof "
           f"at most {e['proof_s'] / 60:.1f} = {e['first_try_s'] / 60:.1f} min for the first try; a rerun "

@@ -43,6 +43,7 @@ TOTAL_CAP_S = 360  # 6 minutes: the machine's start and the carried DALI and dat
 COMMIT_FILE = REPO / ".gpu_proof" / "commit"
 TAIL_LINES = 40  # of a failed stage's output, on the console
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+STAGE_NAMES = ("gpu_tests", "feed_cifar10_resnet18", "feed_imagenette_resnet50", "quality_cifar10")
 
 # What comes back from the GPU machine's results folder (the device tool's rules)
 MAX_FILES, MAX_FILE_MB, MAX_TOTAL_MB, MAX_DEPTH = 8, 16, 64, 2
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="results folder, the one that comes back (default $OUT, else "
                    "benchmarks/results; dry: a temp folder)")
     p.add_argument("--work", default=None, help="run folders and checkpoints (default: a temp folder under /tmp)")
+    p.add_argument("--stages", nargs="+", default=None, metavar="NAME", choices=STAGE_NAMES,
+                   help="only these stages (a rerun of the ones that failed; default: all)")
     args = p.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="simclr_proof_work_"))
     if args.data is None:
@@ -338,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     tag = "cpu_dry" if args.dry else device.type
     results = ResultsFolder(out, tag)
     stages = plan(args, out, work)
+    feed_json = stages[1].outputs[0]  # sizes the quality stage, when stage 2 runs (else a planning figure)
+    stages = [s for s in stages if args.stages is None or s.name in args.stages]
     caps = sum(s.cap_s for s in stages)
     assert caps <= TOTAL_CAP_S, f"the stages' caps ({caps} s) must fit the {TOTAL_CAP_S} s slot"
     path_parts = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -351,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.write_summary(summary)
     for stage in stages:
         if stage.name == "quality_cifar10":
-            size_quality(stage, stages[1].outputs[0], args.dry)
+            size_quality(stage, feed_json, args.dry)
         summary["stages"].append(run_stage(stage, env, results.log))
         summary["total_s"] = sum(r["seconds"] for r in summary["stages"])
         results.write_summary(summary)

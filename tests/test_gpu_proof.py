@@ -123,6 +123,15 @@ def test_a_failed_stage_shows_its_last_lines_and_a_killed_proof_keeps_its_summar
         ("gpu_tests", "skipped"), ("feed_cifar10_resnet18", "ok"), ("feed_imagenette_resnet50", "failed")]
     assert returnable_problems(out) == []
     assert not (out / "quality_cifar10_cpu.json").exists()
+    # the rerun of the failed stage alone, once its data is there
+    shutil.rmtree(out)
+    out.mkdir()
+    rerun = subprocess.run(["python3", "-m", "benchmarks.gpu_proof", "--dry", "--stages", "feed_imagenette_resnet50",
+                            "--data", str(Path(rehearsal["env"]["SIMCLR_GPU_TMP"]) / "data"), "--work",
+                            str(tmp_path / "work2")], cwd=machine, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("feed_imagenette_resnet50", "ok")]
 
 
 def test_return_rules_name_every_breach(tmp_path):
