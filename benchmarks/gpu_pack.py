@@ -54,6 +54,7 @@ PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation
 DATA_PARTS = ["cifar10-jpeg/train", "cifar10-jpeg/test", "imagenette2-224-subset/train"]
 
 # Device-minute estimate: figures seen here (the device tool's notes and earlier sessions)
+DEVICE_BUDGET_S = 15 * 60
 MACHINE_START_S = 90
 CALL_OVERHEAD_S = 12  # a call's own start and return, on a warm machine
 TRANSFER_MIB_PER_S = 8
@@ -214,6 +215,9 @@ def pack(args: argparse.Namespace, dest: Path = REPO) -> dict:
     shutil.rmtree(proof_dir, ignore_errors=True)
     proof_dir.mkdir()
     commit = git("rev-parse", "HEAD").strip()
+    if git("status", "--porcelain", "--untracked-files=no").strip():
+        print(f"gpu_pack: warning: tracked files differ from {commit[:12]}, which the results will name; commit first "
+              "and pack again", file=sys.stderr)
     (proof_dir / "commit").write_text(commit + "\n")
     work = Path(tempfile.mkdtemp(prefix="simclr_pack_"))
     try:
@@ -262,9 +266,12 @@ def print_plan(plan: dict) -> None:
           f"     command: {r['command']}\n"
           "     (add --stages NAME ... to rerun only the stages that failed: each costs at most its cap)")
     print("  then give_back.")
+    left = DEVICE_BUDGET_S - e["first_try_s"]
+    advice = ("room for the whole proof again" if left >= e["rerun_s"]
+              else "rerun only the stages that failed (--stages), each at most its cap")
     print(f"\nDevice minutes (estimate): start {e['machine_start_s'] / 60:.1f} + calls {e['calls_s'] / 60:.1f} + proof "
-          f"at most {e['proof_s'] / 60:.1f} = {e['first_try_s'] / 60:.1f} min for the first try; a rerun "
-          f"{e['rerun_s'] / 60:.1f} min more ({(e['first_try_s'] + e['rerun_s']) / 60:.1f} of 15)")
+          f"at most {e['proof_s'] / 60:.1f} = {e['first_try_s'] / 60:.1f} min for the first try, of "
+          f"{DEVICE_BUDGET_S / 60:.0f}; {left / 60:.1f} min left: {advice}")
 
 
 def unpack(args: argparse.Namespace) -> None:
