@@ -38,14 +38,16 @@ def data_cfg(root: Path, backend: str, batch: int, workers: int) -> DataConfig:
                       augment=AugmentConfig(blur_prob=0.0, jitter_strength=0.5))
 
 
-def start_up(root: Path, cache: Path | None, batch: int, workers: int) -> dict[str, float]:
-    """Seconds to list the dataset and to build a DALI loader on it (which checks a folder's files)."""
+def start_up(root: Path, index_folder: Path | None, batch: int, workers: int) -> dict[str, float]:
+    """Seconds to list the dataset and to build a DALI loader on it (which checks a folder's files);
+    ``index_folder`` keeps the listing and the checks, as a run folder does."""
+    from data_pipeline import IndexStore
     from data_pipeline.dali import DaliLoader
 
     t0 = time.perf_counter()
-    source = open_source(root)
+    source = open_source(root, store=IndexStore(index_folder))
     t1 = time.perf_counter()
-    DaliLoader(source, data_cfg(root, "dali", batch, workers), 0, 0, 1, CPU, check_cache=cache).check_files()
+    DaliLoader(source, data_cfg(root, "dali", batch, workers), 0, 0, 1, CPU).check_files()
     t2 = time.perf_counter()
     return {"listing_s": t1 - t0, "check_s": t2 - t1, "total_s": t2 - t0,
             "files": source.file_count}
@@ -84,17 +86,17 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         manifest = make_shards(open_source(folder), work / "shards", args.shard_size)
         shard_s = time.perf_counter() - t
-        cache = work / "run" / "data_check.json"
+        cache = work / "run"  # the index folder, as a run folder holds it
         timings: dict[str, list[dict]] = {"folder_first_start": [], "folder_restart": [], "shards_start": []}
         for _ in range(args.rounds):  # interleaved in a shuffled order: this machine's noise hits all alike
             starts = list(timings)
             random.shuffle(starts)
             for name in starts:
                 if name == "folder_first_start":
-                    cache.unlink(missing_ok=True)
+                    shutil.rmtree(cache, ignore_errors=True)
                     timings[name].append(start_up(folder, cache, args.batch, args.workers))
                 elif name == "folder_restart":
-                    if not cache.exists():
+                    if not any(cache.glob("tree_index-*")):
                         start_up(folder, cache, args.batch, args.workers)  # fill the cache first
                     timings[name].append(start_up(folder, cache, args.batch, args.workers))
                 else:

@@ -14,9 +14,10 @@ import torch
 from data_pipeline.config import DataConfig, check_world_size
 from data_pipeline.layouts import open_source
 from data_pipeline.sources import DataError, Source
+from data_pipeline.tree_index import IndexStore
 
-__all__ = ["DataError", "TwoViewLoader", "build_eval_batches", "build_loader", "open_source", "open_train_source",
-           "open_val_source", "resolve_backend"]
+__all__ = ["DataError", "IndexStore", "TwoViewLoader", "build_eval_batches", "build_loader", "open_source",
+           "open_train_source", "open_val_source", "resolve_backend"]
 
 
 class TwoViewLoader(Protocol):
@@ -49,21 +50,22 @@ def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
     return "torchvision"
 
 
-def open_train_source(cfg: DataConfig) -> Source:
-    return open_source(cfg.root, cfg.split, cfg.labels)
+def open_train_source(cfg: DataConfig, store: IndexStore | None = None) -> Source:
+    return open_source(cfg.root, cfg.split, cfg.labels, store)
 
 
-def open_val_source(cfg: DataConfig) -> Source:
-    return open_source(cfg.val_root, cfg.val_split, cfg.labels)
+def open_val_source(cfg: DataConfig, store: IndexStore | None = None) -> Source:
+    return open_source(cfg.val_root, cfg.val_split, cfg.labels, store)
 
 
 def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device,
-                 check_cache: Path | None = None) -> TwoViewLoader:
+                 index_folder: Path | None = None) -> TwoViewLoader:
     """The training loader for this rank, validated: the global batch must split evenly over
-    ranks and every rank's part must hold at least one batch. ``check_cache``: where the loader
-    keeps its file checks, so that a restart does not read every file again."""
+    ranks and every rank's part must hold at least one batch. ``index_folder``: where the job keeps
+    its listing of an image tree and the files' checks (the run folder), so that a restart neither
+    lists every folder nor reads every file again; rank 0 lists, the others receive."""
     check_world_size(cfg.batch_size, world_size)
-    source = open_train_source(cfg)
+    source = open_train_source(cfg, IndexStore(index_folder, rank, world_size))
     per_rank = cfg.batch_size // world_size
     if len(source) // world_size < per_rank:
         raise DataError(f"{cfg.root} holds {len(source)} images: {len(source) // world_size} per rank, fewer than "
@@ -75,10 +77,10 @@ def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device:
     if backend == "dali":
         from data_pipeline.dali import DaliLoader
 
-        return DaliLoader(source, cfg, seed, rank, world_size, device, check_cache)
+        return DaliLoader(source, cfg, seed, rank, world_size, device)
     from data_pipeline.torchvision_loader import TorchvisionLoader
 
-    return TorchvisionLoader(source, cfg, seed, rank, world_size, device, check_cache)
+    return TorchvisionLoader(source, cfg, seed, rank, world_size, device)
 
 
 def build_eval_batches(cfg: DataConfig, source: Source, device: torch.device, batch_size: int,

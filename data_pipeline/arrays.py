@@ -72,6 +72,9 @@ class ArraySource:
     def sample_files(self) -> list[Path]:
         return []
 
+    def file_checks(self) -> None:
+        return None
+
     def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
         return rank_indices(len(self), rank, world_size, seed, epoch)
 

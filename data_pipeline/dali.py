@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -260,9 +259,9 @@ class DaliLoader(RankLoader):
     backend = "dali"
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
-                 device: torch.device, check_cache: Path | None = None) -> None:
+                 device: torch.device) -> None:
         _dali()
-        super().__init__(source, cfg, seed, rank, world_size, device, check_cache)
+        super().__init__(source, cfg, seed, rank, world_size, device)
         self.pipelines_built = 0
         # only the GPU decoder (device="mixed") pre-allocates: size it to this dataset's images
         self.decoder_sizing = decoder_sizing(source) if device.type == "cuda" else None

@@ -9,11 +9,14 @@ from data_pipeline.arrays import cifar_layout, is_stl10, load_cifar, load_npz, l
 from data_pipeline.image_files import list_image_files
 from data_pipeline.shards import is_shard_folder, open_shards
 from data_pipeline.sources import DataError, Source
+from data_pipeline.tree_index import IndexStore
 
 
-def open_source(root: str | Path, split: str = "", labels: str = "auto") -> Source:
+def open_source(root: str | Path, split: str = "", labels: str = "auto", store: IndexStore | None = None) -> Source:
     """The dataset at ``root``, whichever layout it has. ``split`` picks a split of a folder that
-    holds several (STL-10, CIFAR); ``labels`` says how to read a folder of image files."""
+    holds several (STL-10, CIFAR); ``labels`` says how to read a folder of image files; ``store``:
+    where a job keeps an image tree's listing and which rank lists it (a collective when several
+    ranks share it: every rank opens the same sources in the same order)."""
     if not str(root):
         raise DataError("data.root is empty; point it at an image folder, an .npz file, an STL-10 or CIFAR folder, "
                         "or a folder of tar shards")
@@ -31,7 +34,7 @@ def open_source(root: str | Path, split: str = "", labels: str = "auto") -> Sour
     elif str(path).endswith(".npz"):
         source = load_npz(path)
     else:
-        source = list_image_files(path, labels)
+        source = list_image_files(path, labels, store)
     if split:
         raise DataError(f"data.split={split!r} applies to STL-10 and CIFAR folders; {path} holds one set: "
                         "remove data.split (or data.val_split)")

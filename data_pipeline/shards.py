@@ -102,6 +102,9 @@ class ShardSource:
     def sample_files(self) -> list[Path]:
         return []  # checked when the shards were written
 
+    def file_checks(self) -> None:
+        return None
+
     def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
         return block_rank_indices(self.shard_ranges(), rank, world_size, seed, epoch)
 

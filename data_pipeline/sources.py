@@ -69,12 +69,28 @@ class Source(Protocol):
         """Each sample's own file, to be checked before a decoder sees it; empty when the samples are
         no files of their own (arrays, or shards, checked when they were written)."""
 
+    def file_checks(self) -> FileChecks | None:
+        """What is known of the sample files' checks (None: no files of their own to check)."""
+
     def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
         """This rank's samples of ``epoch`` in reading order, the same count on every rank."""
 
     def reading_order(self, indices: np.ndarray) -> np.ndarray:
         """``indices`` in the order this layout reads fastest (an evaluation pass's order); the
         same array object when the layout has no preferred order."""
+
+
+class FileChecks(Protocol):
+    """The check verdicts of a source's sample files (positions are sample indices)."""
+
+    def pending(self) -> list[int]:
+        """Samples whose file has not been checked (since it may have changed)."""
+
+    def known_bad(self) -> dict[int, str]:
+        """Samples found bad by an earlier check: what is wrong with each."""
+
+    def record(self, checked: list[int], bad: dict[int, str]) -> None:
+        """Keep the verdicts of ``checked``; ``bad`` holds those of them that are bad."""
 
 
 def labelled_indices(source: Source, needed_by: str) -> np.ndarray:

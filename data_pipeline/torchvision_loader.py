@@ -10,7 +10,6 @@ import gc
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -96,8 +95,8 @@ class TorchvisionLoader(RankLoader):
     backend = "torchvision"
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
-                 device: torch.device, check_cache: Path | None = None) -> None:
-        super().__init__(source, cfg, seed, rank, world_size, device, check_cache)
+                 device: torch.device) -> None:
+        super().__init__(source, cfg, seed, rank, world_size, device)
         self.dataset = TwoViewDataset(source, cfg, seed)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,6 @@ import torch
 from data_pipeline import build_eval_batches, build_loader
 from data_pipeline.arrays import ArraySource
 from data_pipeline.config import AugmentConfig, DataConfig
-from data_pipeline.file_checks import FileCheckCache
 from data_pipeline.image_files import FileSource
 from data_pipeline.layouts import open_source
 from data_pipeline.shards import ShardSource, make_shards
@@ -280,31 +280,28 @@ def test_shards_resume_mid_epoch_at_the_same_samples(tmp_path, backend):
         assert torch.allclose(b[0].mean(dim=(1, 2, 3)) * 255, 20 + 20 * b[2].float(), atol=4)
 
 
-def test_file_check_results_are_kept_for_a_restart(tmp_path, photo_data):
+def test_file_checks_are_kept_with_the_index_for_a_restart(tmp_path, photo_data, monkeypatch):
+    """A restart reads no file again and still knows the bad one; a folder that changed has its
+    files (only its files) checked again."""
     import data_pipeline.file_checks as file_checks
 
-    tree, _ = corrupt_copy(photo_data, tmp_path, "chelsea", 1, b"")
-    paths = open_source(tree).paths
+    tree, bad = corrupt_copy(photo_data, tmp_path, "chelsea", 1, b"")
     calls = []
     real = file_checks.check_image_file
+    monkeypatch.setattr(file_checks, "check_image_file", lambda path: calls.append(Path(path)) or real(path))
 
-    def counting(path):
-        calls.append(path)
-        return real(path)
+    def start() -> int:
+        cfg = DataConfig(root=str(tree), backend="torchvision", batch_size=8, skip_corrupt=True)
+        loader = build_loader(cfg, 0, 0, 1, CPU, index_folder=tmp_path / "run")
+        loader.check_files()
+        return loader.corrupt_skipped
 
-    file_checks.check_image_file = counting
-    try:
-        bad, checked = FileCheckCache(tmp_path / "c.json").find_corrupt(paths)
-        FileCheckCache(tmp_path / "c.json").save(checked)
-        assert len(calls) == len(paths) and len(bad) == 1
-        calls.clear()
-        bad_again, _ = FileCheckCache(tmp_path / "c.json").find_corrupt(paths)
-        assert calls == [] and bad_again == bad  # a restart reads no file, and still knows the bad one
-        os.utime(paths[3], ns=(1, 1))
-        FileCheckCache(tmp_path / "c.json").find_corrupt(paths)
-        assert calls == [paths[3]]  # only the changed file is read again
-    finally:
-        file_checks.check_image_file = real
+    assert start() == 1 and len(calls) == 80
+    calls.clear()
+    assert start() == 1 and calls == []
+    coffee = tree / "coffee"
+    shutil.copy(next(coffee.iterdir()), coffee / "zz_new.jpg")
+    assert start() == 1 and sorted(calls) == sorted(coffee.iterdir())  # that folder alone, its new file included
 
 
 @pytest.mark.slow

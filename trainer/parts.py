@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data_pipeline import TwoViewLoader, build_loader, open_val_source
+from data_pipeline import IndexStore, TwoViewLoader, build_loader, open_val_source
 from data_pipeline.sources import Source, labelled_indices
 from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
@@ -102,10 +102,11 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         print("[simclr] warning: precision.dtype=fp16 on the CPU runs about 20x slower than fp32 (no fast fp16 "
               "kernels there); use precision.dtype=fp32 or bf16 on the CPU", flush=True)
     seed_everything(cfg.train.seed, info.rank)
-    loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device,
-                          check_cache=Path(cfg.train.run_dir) / "data_check.json")
+    index_folder = Path(cfg.train.run_dir)  # the listings of image trees and their files' checks
+    loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device, index_folder)
     loader.check_files()  # a corrupt file is named now, before any MLflow run exists (a collective)
-    val_source = open_val_source(cfg.data) if cfg.data.val_root else None  # once per run
+    val_source = (open_val_source(cfg.data, IndexStore(index_folder, info.rank, info.world_size))
+                  if cfg.data.val_root else None)  # once per run, listed by rank 0
     if cfg.train.knn_every_epochs and val_source is not None:  # say now, not epochs later, that labels are missing
         why = "the kNN monitor (train.knn_every_epochs > 0; set it to 0 to pretrain without labels)"
         labelled_indices(loader.source, why)
