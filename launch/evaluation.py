@@ -67,7 +67,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
 
     import torch
 
-    from data_pipeline import open_source
+    from data_pipeline import IndexStore, open_source
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
     from trainer.evaluate import check_same_classes, compare, load_encoder, random_init_like
@@ -75,11 +75,14 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
-    train_set = open_source(args.train_data, args.train_split, cfg.data.labels)
-    val_set = open_source(args.val_data, args.val_split, cfg.data.labels)
-    check_same_classes(train_set, val_set)
     info = init_distributed(DistConfig(), args.device)
     try:
+        # rank 0 lists the image trees (reusing the training run's index beside the checkpoint) and
+        # hands them to the other ranks
+        store = IndexStore(Path(args.checkpoint).parent, info.rank, info.world_size)
+        train_set = open_source(args.train_data, args.train_split, cfg.data.labels, store)
+        val_set = open_source(args.val_data, args.val_split, cfg.data.labels, store)
+        check_same_classes(train_set, val_set)
         device = info.device
         out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
         torch.manual_seed(cfg.train.seed)
