@@ -4,22 +4,27 @@ down on a corrupt file). The verdicts are kept per folder in the tree index
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _MAGIC = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"BM": "bmp", b"RIFF": "webp"}
 
 
-def check_image_file(path: Path) -> str | None:
+def check_image_file(path: Path | str) -> str | None:
     """Cheap structural check (magic bytes; a JPEG end marker near the end): None if plausible,
-    else what is wrong. Catches non-image and truncated files without decoding them."""
+    else what is wrong. Catches non-image and truncated files without decoding them. Plain
+    ``os.open``/``read``/``lseek``: Python's ``open`` adds two ``fstat`` calls a file, which a
+    network file system serves too."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - 1024))
-            tail = f.read()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = os.read(fd, 16)
+            size = os.lseek(fd, 0, os.SEEK_END)
+            os.lseek(fd, max(0, size - 1024), os.SEEK_SET)
+            tail = os.read(fd, 1024)
+        finally:
+            os.close(fd)
     except OSError as exc:
         return f"unreadable ({exc})"
     if size == 0:

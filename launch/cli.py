@@ -72,6 +72,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         feed_main(bench_args[1:])
         return 0
+    if bench_args[:1] == ["startup"]:  # simclr bench startup ...: start-up on large trees (benchmarks/startup.py)
+        from benchmarks.startup import main as startup_main
+
+        startup_main(bench_args[1:])
+        return 0
     from benchmarks.throughput import main as bench_main
 
     bench_main(bench_args)
