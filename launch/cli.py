@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")
+    p.add_argument("--config", help="a recipe: a YAML file, or a shipped recipe's name (demo_cpu, cifar10_resnet18, "
+                   "imagenet_resnet50, ...); defaults apply when omitted")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=0.5 train.epochs=10 data.root=/data/imagenet/train")
 
@@ -28,6 +29,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         resumed = cfg.checkpoint.resume == "auto" and latest_checkpoint(cfg.train.run_dir) is not None
         check_world_size(cfg.data.batch_size, args.nproc, f"of --nproc {args.nproc}", "--nproc", resumed,
                          ConfigError)
+    if getattr(args, "dry_run", False):
+        from trainer.config import dump_config
+
+        print(dump_config(cfg), end="")
+        print(f"[simclr] config OK ({args.config or 'the defaults'}, {args.nproc} rank(s)); --dry-run: nothing trained")
+        return 0
     if args.nproc > 1:
         from data_pipeline.sources import DataError
         from launch.local import run_local_ranks
@@ -62,6 +69,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_local_ranks(args.nproc, args.device)
         return run_local_ranks(args.nproc, ["eval", *eval_argv(args)], module="launch")
     run_evaluation(args)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """``simclr embed``: the frozen encoder's features of a dataset, one rank or ``--nproc K``."""
+    from trainer.dataclass_yaml import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from launch.local import run_local_ranks
+        from trainer.device import check_local_ranks
+
+        check_local_ranks(args.nproc, args.device)
+        argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--split", args.split,
+                "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+                "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
+                "--nproc", str(args.nproc), *(["--overwrite"] if args.overwrite else [])]
+        return run_local_ranks(args.nproc, ["embed", *argv], module="launch")
+    from trainer.config import DistConfig
+    from trainer.distributed import init_distributed, teardown
+    from trainer.embed import embed
+
+    info = init_distributed(DistConfig(), args.device)
+    try:
+        done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype, args.batch_size,
+                     args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows, args.workers)
+    finally:
+        teardown()
+    if info.is_main:
+        print(f"[simclr] embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
+              f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were already "
+              f"done)")
     return 0
 
 
@@ -191,7 +231,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = Path(args.workdir) / "demo_data"
     if not (data / "train").exists():
         make_demo_dataset(data)
-    config = str(Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml")
+    config = "demo_cpu"  # the shipped recipe, from a clone or an installed wheel
     run_dir = Path(args.workdir) / "runs" / "demo"
     overrides = [f"data.root={data / 'train'}", f"data.val_root={data / 'val'}", f"train.run_dir={run_dir}",
                  "checkpoint.resume=none", "train.overwrite=true", *args.overrides]
@@ -252,6 +292,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.sources import LABEL_MODES
     from launch.evaluation import add_eval_args
+    from trainer.config import DEVICES
 
     parser = argparse.ArgumentParser(
         prog="simclr", description="SimCLR pretraining at scale: train, evaluate, benchmark and launch on SLURM. "
@@ -266,11 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", "pretrain (one process, or --nproc K local ranks)")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=1, help="local ranks to start on this node (one per GPU)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print it resolved; train nothing")
     p.set_defaults(func=cmd_train)
 
     p = command("eval", "linear probe + kNN of a trained encoder, beside a random-init baseline")
     add_eval_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = command("embed", "write a dataset's encoder features to disk (embeddings.npy, index.csv, meta.json)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint step_N.pt or an exported encoder.pt")
+    p.add_argument("--data", required=True, help="the dataset (any layout data.root accepts)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="", help="split of --data when it holds several (STL-10, CIFAR)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks, each writing its own rows (one per GPU)")
+    p.add_argument("--head-layers", type=int, default=0, metavar="N",
+                   help="features after the first N layers of the projection head (needs a step_N.pt)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="of embeddings.npy")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="data loading workers / DALI threads")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when visible")
+    p.add_argument("--chunk-rows", type=int, default=8192, help="rows a rank writes at once; a restart redoes "
+                   "at most one chunk per rank")
+    p.add_argument("--overwrite", action="store_true", help="replace embeddings of another checkpoint or dataset")
+    p.set_defaults(func=cmd_embed)
 
     p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS)",
                        add_help=False)

@@ -57,7 +57,10 @@ class ClusterConfig:
 
 
 def load_cluster_config(path: str | Path) -> ClusterConfig:
-    p = Path(path)
+    """A cluster config: a path, or the name of a shipped example (``single_node``, ``two_node``, ...)."""
+    from trainer.recipes import find_recipe
+
+    p = find_recipe(path, "cluster_configs")
     data = read_yaml_mapping(p, "cluster config", "see cluster_configs/ for examples")
     try:
         cluster = build_dataclass(ClusterConfig, data, "cluster.")

@@ -3,8 +3,11 @@
 
 import configparser
 import json
+import os
 import subprocess
+from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -67,3 +70,48 @@ def test_dali_is_built_for_the_cuda_major_of_the_pinned_torch():
     cfg.read(REPO / "setup.cfg")
     extras = cfg["options.extras_require"]
     assert "nvidia-dali-cuda120" in extras["dali-cuda12"] and "nvidia-dali-cuda130" in extras["dali-cuda13"]
+
+
+@pytest.mark.slow
+def test_a_built_wheel_ships_the_recipes_and_runs_outside_the_clone(tmp_path):
+    """How clusters install (pip install . / git+URL / a wheel): the wheel carries configs/ and
+    cluster_configs/, and the installed simclr finds them by name from a folder outside the clone."""
+    import sys
+    import sysconfig
+
+    wheels = tmp_path / "dist"
+    build = subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
+                            str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("simclr_scale-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    # the dependencies come from the project's environment (a path, not a site folder: its editable
+    # install's .pth does not run there), the project itself from the wheel alone
+    (site / "project_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run([PY, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+                              "--quiet", str(wheel)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import trainer.recipes as r; print(r.__file__); print(r.recipe_folders"
+                            "('configs')[0]); print(r.recipe_folders('cluster_configs')[0])"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, where.stderr[-3000:]
+    module, configs, clusters = where.stdout.split()
+    assert module.startswith(str(site)) and configs.startswith(str(site)) and clusters.startswith(str(site))
+    simclr = str(venv / "bin" / "simclr")
+    demo = subprocess.run([simclr, "demo", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert demo.returncode == 0 and "--workdir" in demo.stdout, demo.stderr[-3000:]
+    check = subprocess.run([simclr, "train", "--config", "demo_cpu", "--dry-run"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and "config OK (demo_cpu" in check.stdout, check.stderr[-3000:]
+    cluster = subprocess.run([str(python), "-c", "from launch.slurm import load_cluster_config as l; "
+                              "print(l('single_node').partition)"], cwd=elsewhere, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert cluster.returncode == 0 and cluster.stdout.strip(), cluster.stderr[-3000:]

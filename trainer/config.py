@@ -225,10 +225,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML recipe (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Load a YAML recipe (a path, or a shipped recipe's name; the defaults when ``path`` is None)
+    and apply dotted overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = read_yaml_mapping(path, "config file", "pass a recipe such as configs/demo_cpu.yaml")
+        from trainer.recipes import find_recipe
+
+        data = read_yaml_mapping(find_recipe(path, "configs"), "config file",
+                                 "pass a recipe's name (demo_cpu, cifar10_resnet18, ...) or a YAML file")
     return config_from_dict(merge(data, parse_overrides(overrides or [])))
 
 
