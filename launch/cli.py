@@ -247,7 +247,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri("")
     print(f"\nMLflow run logged to {uri} (experiment 'simclr-demo').\n"
           f"To see it: {where_to_open(uri).replace('mlflow ui', '.venv/bin/mlflow ui')}\n"
-          f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}")
+          f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}\n"
+          f"What the encoder learnt, as a picture (queries and their nearest neighbours): "
+          f"{run_dir / 'eval' / 'neighbours.png'}")
     return 0
 
 

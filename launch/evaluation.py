@@ -91,18 +91,22 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
             encoders["random init"] = random_init_like(cfg, args.head_layers)
         report = compare(encoders, train_set, val_set, data_cfg, device, args.probe_epochs,
                          shard=(info.rank, info.world_size), finetune_fractions=tuple(args.finetune),
-                         finetune_epochs=args.finetune_epochs, tsne_dir=out_dir if args.tsne else None)
+                         finetune_epochs=args.finetune_epochs, tsne_dir=out_dir if args.tsne else None,
+                         neighbours_out=out_dir / "neighbours.png")
         if report is None:  # not rank 0
             return None
         report.meta = {"checkpoint": str(args.checkpoint), "head_layers": args.head_layers,
                        "train_data": str(args.train_data), "val_data": str(args.val_data),
                        "train_split": args.train_split, "val_split": args.val_split,
-                       "arch": cfg.model.arch, "device": str(device), "ranks": info.world_size}
+                       "arch": cfg.model.arch, "device": str(device), "ranks": info.world_size,
+                       "neighbours": str(report.neighbours) if report.neighbours else None}
         print("\n" + report.to_markdown())
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
         atomic_write_text(out_dir / "report.md", report.to_markdown())
         print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+        if report.neighbours:
+            print(f"nearest neighbours (8 queries, each beside its 8 nearest training images): {report.neighbours}")
         if args.mlflow:
             _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
         return report.to_dict()

@@ -67,7 +67,40 @@ def test_eval_command_reports_probe_knn_finetune_tsne_and_logs_to_the_training_r
     metrics = client.get_run(result.run_id).data.metrics
     assert "eval.SimCLR.linear_top1" in metrics and "eval.random_init.knn_top1" in metrics
     assert {a.path for a in client.list_artifacts(result.run_id, "eval")} >= {"eval/tsne_simclr.png",
-                                                                              "eval/report.json"}
+                                                                              "eval/report.json",
+                                                                              "eval/neighbours.png"}
+    assert report["neighbours"] == str(out / "neighbours.png") and (out / "neighbours.png").stat().st_size > 10_000
+    assert f"nearest neighbours (8 queries, each beside its 8 nearest training images): {out}" in proc.stdout
+
+
+def test_neighbours_picture_shows_each_querys_nearest_training_images(tmp_path, photo_data):
+    """A tiny set where the answer is known: each validation feature is a copy of one chosen training
+    feature (some of another class), so its nearest neighbour must be that training image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from data_pipeline import open_source
+    from trainer.plots import neighbours_plot, pick_queries
+
+    train, val = open_source(photo_data / "train"), open_source(photo_data / "val")
+    train_y, val_y = torch.as_tensor(train.labels), torch.as_tensor(val.labels)
+    gen = torch.Generator().manual_seed(0)
+    train_x = torch.randn(len(train), 32, generator=gen)
+    target = torch.randint(0, len(train), (len(val),), generator=gen)  # any training image, any class
+    val_x = train_x[target] + 1e-3 * torch.randn(len(val), 32, generator=gen)
+    queries = pick_queries(val_y)
+    assert len(queries) == 8 and len({int(val_y[q]) for q in queries}) == 8  # one per class (10 classes)
+
+    def thumb(_row: int) -> np.ndarray:
+        return np.full((24, 24, 3), 128, dtype=np.uint8)
+
+    out = tmp_path / "neighbours.png"
+    path, found = neighbours_plot({"SimCLR": (train_x, val_x), "random init": (torch.randn(len(train), 32), val_x)},
+                                  train_y, val_y, thumb, thumb, train.classes, out, queries)
+    assert path == out and Image.open(out).size[0] > 1000  # 2 panels x (1 query + 8 neighbours) columns
+    assert [rows[0] for rows in found["SimCLR"]] == [int(target[q]) for q in queries]
+    assert all(len(rows) == 8 for rows in found["SimCLR"])
 
 
 def test_bench_command_writes_table_json_and_plot(tmp_path):

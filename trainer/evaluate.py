@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,8 +106,10 @@ class EncoderEval:
     linear_top1: float
     linear_top5: float
     knn_top1: float
-    val_features: torch.Tensor = field(repr=False)  # kept for plots (t-SNE)
+    val_features: torch.Tensor = field(repr=False)  # kept for plots (t-SNE, neighbours)
     val_labels: torch.Tensor = field(repr=False)
+    train_features: torch.Tensor = field(repr=False)
+    train_labels: torch.Tensor = field(repr=False)
 
 
 def evaluate_encoder(encoder: nn.Module, train: Source, val: Source, data_cfg: DataConfig,
@@ -121,7 +124,7 @@ def evaluate_encoder(encoder: nn.Module, train: Source, val: Source, data_cfg: D
                                                    "the linear probe (held-out split)", shard=shard), shard)
     lin = linear_probe(tr_x, tr_y, va_x, va_y, epochs=probe_epochs, device=device)
     knn = knn_accuracy(tr_x.to(device), tr_y.to(device), va_x.to(device), va_y.to(device))
-    return EncoderEval(lin["top1"], lin["top5"], knn, va_x, va_y)
+    return EncoderEval(lin["top1"], lin["top5"], knn, va_x, va_y, tr_x, tr_y)
 
 
 @dataclass
@@ -132,6 +135,7 @@ class Report:
 
     rows: dict[str, dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
+    neighbours: Path | None = None  # the nearest-neighbours picture, when drawn
 
     def scores(self) -> list[str]:
         return [k for k in next(iter(self.rows.values()), {}) if k != "tsne"]
@@ -148,17 +152,21 @@ class Report:
 
 def compare(encoders: dict[str, nn.Module], train: Source, val: Source, data_cfg: DataConfig, device: torch.device,
             probe_epochs: int = 100, shard: tuple[int, int] = (0, 1), finetune_fractions: tuple[float, ...] = (),
-            finetune_epochs: int = 30, tsne_dir: Path | None = None) -> Report | None:
+            finetune_epochs: int = 30, tsne_dir: Path | None = None,
+            neighbours_out: Path | None = None) -> Report | None:
     """Every encoder through the same protocol: linear probe and kNN on frozen features (each rank
-    extracting its share: a collective), then on rank 0 fine-tuning on each fraction of the labels
-    and a t-SNE plot into ``tsne_dir``. The report on rank 0 (None on the others)."""
+    extracting its share: a collective), then on rank 0 fine-tuning on each fraction of the labels,
+    a t-SNE plot into ``tsne_dir``, and the nearest-neighbours picture of every encoder side by
+    side into ``neighbours_out``. The report on rank 0 (None on the others)."""
     from trainer.plots import tsne_plot
 
     rows: dict[str, dict[str, Any]] = {}
+    panels: dict[str, EncoderEval] = {}
     for name, encoder in encoders.items():
         scores = evaluate_encoder(encoder, train, val, data_cfg, device, probe_epochs, shard=shard)
         if shard[0] != 0:
             continue
+        panels[name] = scores
         row: dict[str, Any] = {"linear_top1": scores.linear_top1, "linear_top5": scores.linear_top5,
                                "knn_top1": scores.knn_top1}
         for fraction in finetune_fractions:  # on rank 0: a fine-tuning run of its own
@@ -170,7 +178,38 @@ def compare(encoders: dict[str, nn.Module], train: Source, val: Source, data_cfg
             row["tsne"] = str(tsne_plot(scores.val_features, scores.val_labels, tsne_dir / f"tsne_{slug}.png",
                                         f"t-SNE of {name} features", class_names=val.classes))
         rows[name] = row
-    return Report(rows) if shard[0] == 0 else None
+    if shard[0] != 0:
+        return None
+    report = Report(rows)
+    if neighbours_out is not None and panels:
+        report.neighbours = neighbours_picture(panels, train, val, neighbours_out)
+    return report
+
+
+def neighbours_picture(panels: dict[str, EncoderEval], train: Source, val: Source, out: Path) -> Path:
+    """8 validation queries (one per class first), each beside its 8 nearest training images, for
+    every encoder side by side (``trainer.plots.neighbours_plot``)."""
+    from data_pipeline.torchvision_loader import decode_sample
+    from trainer.plots import neighbours_plot, pick_queries
+
+    first = next(iter(panels.values()))
+    train_rows = labelled_indices(train, "the neighbours picture")  # feature row -> sample
+    val_rows = labelled_indices(val, "the neighbours picture")
+
+    def image(source: Source, rows: np.ndarray):
+        def read(row: int) -> np.ndarray:
+            from PIL import Image
+
+            picture = Image.fromarray(decode_sample(source, int(rows[row])).permute(1, 2, 0).numpy())
+            picture.thumbnail((96, 96))
+            return np.asarray(picture)
+        return read
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path, _ = neighbours_plot({name: (e.train_features, e.val_features) for name, e in panels.items()},
+                              first.train_labels, first.val_labels, image(train, train_rows), image(val, val_rows),
+                              val.classes or train.classes, out, pick_queries(first.val_labels))
+    return path
 
 
 def gather_in_order(features: torch.Tensor, labels: torch.Tensor,

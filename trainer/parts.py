@@ -77,7 +77,7 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
         # SyncBatchNorm over the whole world keeps every rank's running statistics equal: nothing to broadcast
         synced = cfg.model.sync_bn and cfg.model.sync_bn_group_size in (0, info.world_size)
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            gradient_as_bucket_view=True, broadcast_buffers=not synced)
+                                            gradient_as_bucket_view=True, **buffer_sync(not synced))
     if cfg.model.compile:
         ddp_model = torch.compile(ddp_model)
     precision = PrecisionPolicy(cfg.precision.dtype, device)
@@ -87,6 +87,18 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
                       forward_backward=build_forward_backward(model, ddp_model, precision, cfg.loss.temperature,
                                                               cfg.loss.gather_negatives, cfg.train.micro_batch,
                                                               channels_last))
+
+
+def buffer_sync(every_forward: bool) -> dict[str, bool]:
+    """DDP's keyword for broadcasting buffers at each forward: ``forward_sync_buffers`` where torch
+    has it (2.14; ``broadcast_buffers`` is deprecated there and warns on every rank), else
+    ``broadcast_buffers`` (torch 2.11-2.13). Both still sync buffers once at construction, which is
+    what we want: the ranks start equal."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": every_forward}
+    return {"broadcast_buffers": every_forward}
 
 
 def build_parts(cfg: Config, info: DistInfo) -> TrainParts:

@@ -1,5 +1,5 @@
-"""Figures written as PNG files (headless): training curves and t-SNE of features. Other modules
-draw with ``pyplot()`` and write with ``save_figure``."""
+"""Figures written as PNG files (headless): training curves, t-SNE of features, and nearest
+neighbours. Other modules draw with ``pyplot()`` and write with ``save_figure``."""
 
 from __future__ import annotations
 
@@ -67,3 +67,72 @@ def tsne_plot(features: torch.Tensor, labels: torch.Tensor, out: Path, title: st
     ax.set_xticks([])
     ax.set_yticks([])
     return save_figure(fig, out)
+
+
+def pick_queries(labels: torch.Tensor, count: int = 8, seed: int = 0) -> list[int]:
+    """``count`` rows of ``labels`` to show: one of each class first (seeded), then others."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=gen).tolist()
+    picked, seen = [], set()
+    for i in order:  # the first (in a seeded order) of each class
+        if int(labels[i]) not in seen:
+            seen.add(int(labels[i]))
+            picked.append(i)
+    picked = sorted(picked, key=lambda i: int(labels[i]))[:count]
+    picked += [i for i in order if i not in picked][: count - len(picked)]
+    return picked
+
+
+def nearest_neighbours(train_x: torch.Tensor, queries_x: torch.Tensor, k: int = 8) -> torch.Tensor:
+    """Rows of ``train_x`` nearest to each query by cosine similarity, nearest first (queries x k)."""
+    a = torch.nn.functional.normalize(train_x.float(), dim=1)
+    b = torch.nn.functional.normalize(queries_x.float(), dim=1)
+    return (b @ a.T).topk(min(k, len(a)), dim=1).indices
+
+
+def neighbours_plot(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], train_labels: torch.Tensor,
+                    val_labels: torch.Tensor, train_image: Any, val_image: Any, class_names: list[str],
+                    out: Path, queries: list[int], k: int = 8) -> tuple[Path, dict[str, list[list[int]]]]:
+    """For each panel (an encoder: its training and validation features), each query image of the
+    validation split beside its ``k`` nearest training images, with their classes; a neighbour of
+    another class is framed in red. ``train_image(row)`` / ``val_image(row)`` give HxWx3 uint8
+    images. Returns the file and each panel's neighbour rows."""
+    plt = pyplot()
+    names = list(panels)
+    cols = len(names) * (k + 1) + len(names) - 1  # a blank column between panels
+    fig, axes = plt.subplots(len(queries), cols, figsize=(0.95 * cols, 1.1 * len(queries) + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    found: dict[str, list[list[int]]] = {}
+
+    def show(ax, image, title: str, colour: str, frame: str | None = None) -> None:
+        ax.imshow(image)
+        ax.set_title(title, fontsize=7, color=colour)
+        if frame:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(frame)
+                spine.set_linewidth(3)
+
+    def name_of(label: int) -> str:
+        return class_names[label] if 0 <= label < len(class_names) else str(label)
+
+    for p, name in enumerate(names):
+        train_x, val_x = panels[name]
+        nearest = nearest_neighbours(train_x, val_x[queries], k)
+        found[name] = nearest.tolist()
+        first = p * (k + 2)
+        axes[0, first].set_title(f"{name}\nquery", fontsize=8, fontweight="bold")
+        for r, q in enumerate(queries):
+            truth = int(val_labels[q])
+            show(axes[r, first], val_image(q), (f"{name}: query\n" if r == 0 else "query\n") + name_of(truth),
+                 "black", frame="black")
+            for c, t in enumerate(nearest[r].tolist()):
+                label = int(train_labels[t])
+                wrong = label != truth
+                show(axes[r, first + 1 + c], train_image(t), ("x " if wrong else "") + name_of(label),
+                     "red" if wrong else "green", frame="red" if wrong else None)
+    fig.suptitle(f"{k} nearest training images (cosine) of validation queries; red: another class", fontsize=9)
+    return save_figure(fig, out, dpi=110), found

@@ -1,0 +1,97 @@
+"""``simclr embed``: every sample's features in dataset order, the same bytes on 1 and 2 ranks, a
+restart that computes only what is missing, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers.runs import assert_one_line_error, simclr
+from trainer.evaluate import load_encoder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, photo_data) -> Path:
+    run = tmp_path_factory.mktemp("embed_run") / "run"
+    proc = simclr("train", "--config", "demo_cpu", f"data.root={photo_data / 'train'}", f"train.run_dir={run}",
+                  "train.epochs=1", "data.image_size=16", "data.batch_size=16", "tracking.enabled=false",
+                  "train.progress_bar=false", "model.arch=resnet18")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def embed(*args: str, nproc: int = 1):
+    return simclr("embed", "--dtype", "float32", "--chunk-rows", "16", "--nproc", str(nproc), *args)
+
+
+@pytest.mark.slow
+def test_embeddings_are_the_encoders_features_in_dataset_order_on_one_and_two_ranks(trained, photo_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, nproc in ((one, 1), (two, 2)):
+        proc = embed("--checkpoint", str(trained / "encoder.pt"), "--data", str(photo_data / "train"), "--out",
+                     str(out), nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "embedded 80 samples x 512 (float32)" in proc.stdout
+    a, b = np.load(one / "embeddings.npy", mmap_mode="r"), np.load(two / "embeddings.npy", mmap_mode="r")
+    assert a.shape == (80, 512) and a.dtype == np.float32 and np.array_equal(a, b)  # bitwise, 1 vs 2 ranks
+    rows = list(csv.DictReader(open(one / "index.csv")))
+    assert [int(r["row"]) for r in rows] == list(range(80))
+    # the features are the frozen encoder's, in dataset order: recompute a few rows directly
+    from data_pipeline import build_eval_batches, open_source
+
+    encoder, cfg = load_encoder(trained / "encoder.pt")
+    encoder.eval()
+    source = open_source(photo_data / "train")
+    pick = [0, 37, 79]
+    images, labels = next(iter(build_eval_batches(cfg.data, source, torch.device("cpu"), 3, pick)))
+    with torch.no_grad():
+        want = encoder(images).numpy()
+    assert np.allclose(a[pick], want, atol=1e-5)
+    for i, label in zip(pick, labels.tolist()):
+        assert rows[i]["sample"] == source.sample_name(i) and int(rows[i]["label"]) == label
+        assert rows[i]["class"] == source.classes[label]
+    meta = json.loads((one / "meta.json").read_text())
+    assert meta["complete"] is True and meta["arch"] == "resnet18" and meta["samples"] == 80 and meta["dim"] == 512
+    assert meta["head_layers"] == 0 and len(meta["checkpoint_sha256"]) == 64 and meta["commit"]
+
+
+@pytest.mark.slow
+def test_a_stopped_embed_finishes_without_redoing_finished_chunks(trained, photo_data, tmp_path):
+    out = tmp_path / "out"
+    args = ("--checkpoint", str(trained / "encoder.pt"), "--data", str(photo_data / "train"), "--out", str(out))
+    assert embed(*args).returncode == 0
+    full = np.load(out / "embeddings.npy").copy()
+    # what a run stopped after two of its five chunks leaves: two progress lines (one cut short by
+    # the kill), the other rows never written, meta.json not complete
+    (out / "progress.rank0").write_text("0\n1\n4")
+    rows = np.lib.format.open_memmap(out / "embeddings.npy", mode="r+")
+    rows[32:] = 0
+    rows.flush()
+    del rows
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    again = embed(*args, nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(2 of 5 chunks were already done)" in again.stdout
+    assert np.array_equal(np.load(out / "embeddings.npy"), full)
+    assert json.loads((out / "meta.json").read_text())["complete"] is True
+
+
+def test_bad_input_is_one_line(trained, photo_data, tmp_path):
+    args = ("--data", str(photo_data / "train"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(embed("--checkpoint", str(tmp_path / "nope.pt"), *args), "nope.pt", "does not exist")
+    assert_one_line_error(embed("--checkpoint", str(trained / "encoder.pt"), "--data", str(tmp_path / "missing"),
+                                "--out", str(tmp_path / "o2")), "missing", "does not exist")
+    assert embed("--checkpoint", str(trained / "encoder.pt"), *args).returncode == 0
+    step = sorted((trained / "checkpoints").glob("step_*.pt"))[-1]
+    clash = embed("--checkpoint", str(step), *args)  # another file (another checkpoint) into the same folder
+    assert_one_line_error(clash, "already holds embeddings of another checkpoint", "--overwrite")
+    assert np.load(tmp_path / "out" / "embeddings.npy").shape == (80, 512)  # nothing lost
+    replaced = embed("--checkpoint", str(step), "--overwrite", *args)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["checkpoint"] == str(step.resolve())
