@@ -115,7 +115,7 @@ def list_image_files(root: str | Path, labels: str = "auto", store: IndexStore |
     top = index.folders[""]
     class_dirs, loose = top.subdirs, top.files
     if labels == "none" or (labels == "auto" and not class_dirs):
-        rels = list(index.walk("", skip_links=True))
+        rels = index.walk("", skip_links=True)
         if not rels:
             raise DataError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) at any depth")
         return FileSource(root, rels, [-1] * len(rels), [], index, store)
@@ -134,7 +134,7 @@ def list_image_files(root: str | Path, labels: str = "auto", store: IndexStore |
     rels: list[str] = []
     label_list: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        files = list(index.walk(class_dir))
+        files = index.walk(class_dir)
         if not files:
             raise DataError(f"class folder {root / class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             "remove it or add images, or set data.labels=none if the sub-folders are not classes")

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,16 +95,17 @@ class TreeIndex:
             with os.scandir(path) as entries:
                 for entry in entries:
                     name = entry.name
-                    if name.startswith("."):
+                    if name[0] == ".":
                         continue
-                    # the root's sub-folders are classes, links followed (Path.is_dir); below them,
-                    # rglob's rule: linked folders are not descended into
-                    if entry.is_dir(follow_symlinks=not rel):
+                    # a name with an image suffix is nearly always a file: test that first (the entry's
+                    # type, no syscall). The root's sub-folders are classes, links followed
+                    # (Path.is_dir); below them rglob's rule: linked folders are not descended into.
+                    if _suffix(name).lower() in IMAGE_EXTENSIONS and entry.is_file():
+                        files.append(name)
+                    elif entry.is_dir(follow_symlinks=not rel):
                         subdirs.append(name)
                         if not rel and entry.is_symlink():
                             links.append(name)
-                    elif _suffix(name).lower() in IMAGE_EXTENSIONS and entry.is_file():
-                        files.append(name)
         except PermissionError:
             raise DataError(f"folder {path} cannot be read by this user (permissions); give it read access "
                             f"(chmod -R a+rX {path}) or move it out of {self.root}") from None
@@ -165,17 +165,21 @@ class TreeIndex:
                 changes.folders.append(_join(rel, d))
         return changes
 
-    def walk(self, rel: str = "", skip_links: bool = False) -> Iterator[str]:
+    def walk(self, rel: str = "", skip_links: bool = False) -> list[str]:
         """Relative paths of the image files under ``rel``, in ``sorted(rglob)`` order: a folder's
         files and sub-folders merged by name, each sub-folder's files at its name's place."""
         folder = self.folders[rel]
         subdirs = set(folder.subdirs) - (set(folder.links) if skip_links else set())
-        names = sorted([*folder.files, *subdirs]) if subdirs else folder.files
-        for name in names:
+        prefix = f"{rel}/" if rel else ""
+        if not subdirs:  # the common case (a class folder of files): one comprehension
+            return [prefix + name for name in folder.files]
+        out: list[str] = []
+        for name in sorted([*folder.files, *subdirs]):
             if name in subdirs:
-                yield from self.walk(_join(rel, name))
+                out += self.walk(prefix + name)
             else:
-                yield _join(rel, name)
+                out.append(prefix + name)
+        return out
 
     # -- file checks ----------------------------------------------------------------------------
     def unchecked(self, rels: list[str]) -> list[int]:

@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simclr", description="SimCLR pretraining at scale: train, evaluate, benchmark and launch on SLURM. "
         "Configs are YAML recipes plus key=value overrides.")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO lines (MLflow's) too; "
+                        "give it before the command: simclr --verbose train ...")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str, **kwargs) -> argparse.ArgumentParser:
@@ -396,6 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser (benchmarks/throughput.py), --help included
         argv = ["bench", "--", *argv[1:]]
+    verbose = "--verbose" in argv[:1]  # simclr --verbose <command>: the libraries' INFO lines too
+    if verbose:
+        argv = argv[1:]
+        os.environ["SIMCLR_VERBOSE"] = "1"  # the ranks inherit it
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from trainer.errors import exit_code_of

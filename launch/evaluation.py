@@ -79,7 +79,9 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
     try:
         # rank 0 lists the image trees (reusing the training run's index beside the checkpoint) and
         # hands them to the other ranks
-        store = IndexStore(Path(args.checkpoint).parent, info.rank, info.world_size)
+        where = Path(args.checkpoint).resolve().parent
+        run_folder = where.parent if where.name == "checkpoints" else where  # step_N.pt or encoder.pt
+        store = IndexStore(run_folder, info.rank, info.world_size)
         train_set = open_source(args.train_data, args.train_split, cfg.data.labels, store)
         val_set = open_source(args.val_data, args.val_split, cfg.data.labels, store)
         check_same_classes(train_set, val_set)

@@ -226,3 +226,25 @@ def test_a_hung_mlflow_server_costs_seconds_once_then_the_run_goes_on_offline(ti
     assert result.step == 6 and held  # it did try the server
     # a hang guard, not a benchmark: 5 s per request timeout, one try at start and one at the end
     assert elapsed < 45, f"a hung server held the run {elapsed:.0f} s"
+
+
+@pytest.mark.slow
+def test_a_short_run_prints_only_our_lines(photo_data, tmp_path):
+    """2 ranks, MLflow with system metrics on: no FutureWarning from our DDP call, no MLflow INFO
+    line; every line is ours. ``simclr --verbose`` brings MLflow's lines back."""
+    from tests.helpers.runs import simclr
+
+    over = tiny_overrides(photo_data / "train", tmp_path / "run", **{"train.epochs": 1,
+                                                                     "tracking.system_metrics": "true",
+                                                                     "checkpoint.every_steps": 100})
+    proc = simclr("train", "--nproc", "2", *over)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    foreign = [line for line in lines if not line.startswith(("[simclr]", "[tracking]", "  "))]
+    assert lines and not foreign, foreign
+    assert not any("Warning" in line for line in lines), lines
+    loud = simclr("--verbose", "train", *tiny_overrides(photo_data / "train", tmp_path / "run2",
+                                                         **{"train.epochs": 1, "tracking.system_metrics": "true",
+                                                            "checkpoint.every_steps": 100}))
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "system metrics" in (loud.stdout + loud.stderr).lower()

@@ -17,7 +17,9 @@ from trainer.loop import NonFiniteLossError, train
 
 
 def test_resume_is_bitwise_identical_single_process(photo_data, tmp_path):
-    common = dict(**{"train.epochs": 2, "data.num_workers": 2, "tracking.enabled": "false"})
+    # checkpoints at the stop and the end only (each costs a fsynced write)
+    common = dict(**{"train.epochs": 2, "data.num_workers": 2, "tracking.enabled": "false",
+                     "checkpoint.every_steps": 100})
     straight = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "a", **common)))
     assert straight.step == 20 and straight.encoder_path.exists()
     stopped = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "b", **common,
@@ -36,7 +38,7 @@ def test_resume_is_bitwise_identical_single_process(photo_data, tmp_path):
 
 @pytest.mark.slow
 def test_resume_is_bitwise_identical_two_ranks(photo_data, tmp_path):
-    common = {"train.epochs": 2, "tracking.enabled": "false"}
+    common = {"train.epochs": 2, "tracking.enabled": "false", "checkpoint.every_steps": 100}
     a = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "train", tmp_path / "a", **common))
     assert a.returncode == 0, a.stderr[-3000:]
     b = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "train", tmp_path / "b", **common,

@@ -37,18 +37,27 @@ def per_step(record_dir: Path) -> dict[int, dict[int, float]]:
 
 
 def record(npz: Path, run_dir: Path, record_dir: Path, nproc: int, **extra) -> None:
-    over = tiny_overrides(npz, run_dir, **{"train.epochs": 2, **extra})
+    # checkpoints only where the test needs them: at the stop (step 7) and at the end
+    over = tiny_overrides(npz, run_dir, **{"train.epochs": 2, "checkpoint.every_steps": 100, **extra})
     proc = run_torchrun("record_batches.py", str(record_dir), *over, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def straight(indexed_npz, tmp_path_factory) -> dict[int, dict[int, float]]:
+    """The uninterrupted one-process run both world-size changes are compared with (made once)."""
+    folder = tmp_path_factory.mktemp("straight")
+    record(indexed_npz, folder / "run", folder / "rec", nproc=1)
+    return per_step(folder / "rec")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_another_world_size_continues_the_same_batches_and_run(indexed_npz, tmp_path, before, after):
-    record(indexed_npz, tmp_path / "straight", tmp_path / "rec_straight", nproc=1)
+def test_resume_on_another_world_size_continues_the_same_batches_and_run(indexed_npz, straight, tmp_path, before,
+                                                                         after):
     record(indexed_npz, tmp_path / "changed", tmp_path / "rec_changed", nproc=before, **{"train.stop_after_steps": 7})
     record(indexed_npz, tmp_path / "changed", tmp_path / "rec_changed", nproc=after)
-    straight, changed = per_step(tmp_path / "rec_straight"), per_step(tmp_path / "rec_changed")
+    changed = per_step(tmp_path / "rec_changed")
     assert sorted(straight) == sorted(changed) == list(range(20))  # no step skipped or repeated
     for step in range(20):
         assert set(changed[step]) == set(straight[step]), step  # the same samples in every global batch

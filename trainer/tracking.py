@@ -39,12 +39,25 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri or mlflow.get_tracking_uri()
 
 
+def quiet_library_logs() -> None:
+    """MLflow's INFO lines (its system-metrics monitor starting and stopping, store migrations) stay
+    off the console, which shows our own lines; ``simclr --verbose`` (SIMCLR_VERBOSE=1) shows them.
+    Its warnings and errors still show."""
+    import logging
+
+    if os.environ.get("SIMCLR_VERBOSE", "") not in ("", "0"):
+        return
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def open_client(uri: str) -> Any:
     """An MlflowClient for ``uri``. Opening a new sqlite store creates its schema, which breaks when
     several processes (the runs of a local sweep) do it at once, so they take turns on a lock file
     beside the database."""
     from mlflow.tracking import MlflowClient
 
+    quiet_library_logs()
     _fail_fast_over_http()
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
