@@ -51,8 +51,9 @@ def _barrier() -> None:
 def _done_chunks(out: Path) -> set[int]:
     done: set[int] = set()
     for progress in out.glob("progress.rank*"):
-        for line in progress.read_text().splitlines():
-            if line.strip().isdigit():  # a line cut short by a kill is ignored: that chunk runs again
+        # only whole lines: the last piece, after the last newline, is empty or was cut short by a kill
+        for line in progress.read_text().split("\n")[:-1]:
+            if line.isdigit():
                 done.add(int(line))
     return done
 

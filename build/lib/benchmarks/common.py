@@ -1,0 +1,109 @@
+"""What every benchmark shares: the results folder, the device's name, timing with warm-up, a
+robust summary, and the header (device, library versions, commit) every result JSON carries."""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import config_from_dict
+from trainer.device import synchronize
+from trainer.distributed import DistInfo
+from trainer.parts import ModelParts, build_model_parts
+from trainer.tracking import git_commit, library_versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def benchmark_parts(arch: str, image_size: int, precision: str, info: DistInfo, micro_batch: int = 0,
+                    compile_model: bool = False, cifar_stem: bool | None = None) -> ModelParts:
+    """The training run's own model, optimizer (LARS), precision and forward-backward, for timing
+    ``trainer.step.train_step`` on synthetic images (the CIFAR stem by default at 64 px and below)."""
+    torch.manual_seed(0)
+    stem = image_size <= 64 if cifar_stem is None else cifar_stem
+    cfg = config_from_dict({"model": {"arch": arch, "cifar_stem": stem, "compile": compile_model},
+                            "precision": {"dtype": precision}, "optim": {"name": "lars"},
+                            "train": {"micro_batch": micro_batch}})
+    return build_model_parts(cfg, info, lr=0.1)
+
+
+def alone_on(device: torch.device) -> DistInfo:
+    """One process on ``device``."""
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones (GPU work
+    included: the device is synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                      iters: int) -> dict[str, list[float]]:
+    """Like ``timed`` for several functions, one call of each per round, so that the machine's
+    drift over the run (other load, clock changes) falls on all of them alike; the order within a
+    round is shuffled (seeded), so that none always runs in the wake of the same neighbour (caches,
+    memory just freed by a large step)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
+    for _ in range(iters):
+        rng.shuffle(order)
+        for name in order:
+            samples[name] += timed(fns[name], device, 0, 1)
+    return samples
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median and the 25-75% spread (a noisy machine's outliers do not move them much)."""
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return {"median_s": statistics.median(samples), "p25_s": q[0], "p75_s": q[2], "n": len(samples)}
+
+
+def result_header(benchmark: str, device: str) -> dict[str, Any]:
+    return {"benchmark": benchmark, "device": device, "versions": library_versions(), "git_commit": git_commit(),
+            "git_dirty": git_dirty(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit named (None where there is no repository)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=RESULTS.parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def write_json(result: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out

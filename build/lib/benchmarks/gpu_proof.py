@@ -1,0 +1,372 @@
+"""The GPU proof as one command: every check a lent GPU machine must confirm, each stage sized
+from what it runs and held to its own cap, the whole within 6 minutes.
+
+    python3 -m benchmarks.gpu_proof --data /tmp/simclr_gpu/data --out "$OUT"   # on the GPU machine
+    python3 -m benchmarks.gpu_proof --dry                                        # tiny sizes, this CPU
+
+1. ``tests/test_gpu.py``: SyncBatchNorm numerics on CUDA, the DALI GPU pipeline, bf16 runs, no
+   host syncs in the steady-state step under ``torch.cuda.set_sync_debug_mode("error")``;
+2. the feed benchmark (``benchmarks.feed``) on CIFAR-10 ResNet-18 (32 px, bf16, batch 512);
+3. the feed benchmark on Imagenette ResNet-50 (224 px, bf16, batch 256);
+4. CIFAR-10 pretraining with its epochs chosen from stage 2's end-to-end speed so that the whole
+   stage (the online probe, a validation pass per epoch, features and probes of two encoders,
+   the file check) fits its cap, then the linear probe and kNN against random init.
+
+Only the results folder comes back from the GPU machine (at most 8 files, 16 MiB each, no
+deeper than 2 folders, plain names), so everything the proof keeps goes there and nothing else
+does: the summary ``gpu_proof_<tag>.json`` (rewritten after every stage, so a proof cut short
+still returns what finished), ``gpu_proof_<tag>.log`` (every stage's whole output), and each
+stage's JSON. Run folders and checkpoints go to ``--work`` (under /tmp). The console shows each
+stage's plan before it starts, then its status and key figures, and on failure its last lines.
+
+The machine's copy of the tree has no ``.git``: ``benchmarks.gpu_pack`` writes the commit to
+``.gpu_proof/commit``, which travels with the tree and names every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOTAL_CAP_S = 360  # 6 minutes: the machine's start and the carried DALI and data fill the rest of 15
+COMMIT_FILE = REPO / ".gpu_proof" / "commit"
+TAIL_LINES = 40  # of a failed stage's output, on the console
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+STAGE_NAMES = ("gpu_tests", "feed_cifar10_resnet18", "feed_imagenette_resnet50", "quality_cifar10")
+
+# What comes back from the GPU machine's results folder (the device tool's rules)
+MAX_FILES, MAX_FILE_MB, MAX_TOTAL_MB, MAX_DEPTH = 8, 16, 64, 2
+RETURNABLE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+LOG_CAP_MB = 12  # the log is cut to this, so it always comes back
+
+# Planning figures for the stages whose speed nothing has measured yet (H100/H200-class, eager,
+# bf16): used only to print and check a stage's plan. The quality stage is planned from what
+# stage 2 measured.
+PLAN_GPU_VIEWS_PER_S = {"feed_cifar10_resnet18": 25_000.0, "feed_imagenette_resnet50": 4_000.0}
+STAGE_START_S = 20.0  # imports, CUDA context, DALI pipeline build, cuDNN autotuning
+EVAL_SPEEDUP = 1.5  # eval images/s over training views/s: a forward only, but decode-bound
+PROBE_STEP_S = 0.0005  # one linear-probe step on cached features (GPU); CPU dry runs are slower
+
+
+@dataclass
+class Stage:
+    name: str
+    cap_s: int
+    command: list[str]
+    outputs: list[Path] = field(default_factory=list)
+    planned_s: float = 0.0
+    what: str = ""
+
+
+def commit() -> str:
+    """The commit the tree was packed from: git where there is a repository, else the packed file."""
+    from trainer.tracking import git_commit
+
+    found = git_commit()
+    if found == "unknown" and COMMIT_FILE.exists():
+        found = COMMIT_FILE.read_text().strip() or "unknown"
+    return found
+
+
+def returnable_problems(folder: Path) -> list[str]:
+    """Why ``folder`` would not come back whole from the GPU machine (empty: it would)."""
+    problems, files, total = [], [], 0
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(not RETURNABLE_NAME.match(part) for part in rel.parts):
+            problems.append(f"{rel}: a name of other characters than letters, digits, '.', '_' and '-'")
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            problems.append(f"{rel}: not a plain file or folder")
+        elif path.is_file():
+            files.append(rel)
+            size = path.stat().st_size
+            total += size
+            if size > MAX_FILE_MB * 2**20:
+                problems.append(f"{rel}: {size / 2**20:.1f} MiB, over {MAX_FILE_MB} MiB")
+            if len(rel.parts) - 1 > MAX_DEPTH:
+                problems.append(f"{rel}: more than {MAX_DEPTH} folders down")
+    if len(files) > MAX_FILES:
+        problems.append(f"{len(files)} files, over {MAX_FILES}: {', '.join(map(str, files))}")
+    if total > MAX_TOTAL_MB * 2**20:
+        problems.append(f"{total / 2**20:.1f} MiB in all, over {MAX_TOTAL_MB} MiB")
+    return problems
+
+
+def feed_stage(name: str, cap_s: int, out: Path, recipe: str, overrides: list[str], steps: int, warmup: int,
+               batch: int, views_per_s: float, what: str) -> Stage:
+    """A feed benchmark stage: three modes (e2e, model, loader), each warm-up + steps."""
+    path = out / f"{name}.json"
+    planned = STAGE_START_S + 3 * (warmup + steps) * 2 * batch / views_per_s
+    return Stage(name, cap_s, [sys.executable, "-m", "benchmarks.feed", "--config", recipe, *overrides,
+                               "--steps", str(steps), "--warmup", str(warmup), "--out", str(path)], [path],
+                 planned, what)
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """The quality stage's parts, in seconds, from the measured end-to-end training speed."""
+
+    epochs: int
+    epoch_s: float  # one epoch of training (the online probe included: it is in the measured step)
+    val_pass_s: float  # the online probe's validation pass at each epoch's end
+    eval_s: float  # features of train + test for two encoders, their linear probes and kNN
+    fixed_s: float  # start-up and the file check
+
+    @property
+    def total_s(self) -> float:
+        return self.fixed_s + self.epochs * (self.epoch_s + self.val_pass_s) + self.eval_s
+
+
+def plan_quality(views_per_s: float, train_images: int, test_images: int, probe_epochs: int, budget_s: float,
+                 probe_step_s: float = PROBE_STEP_S, max_epochs: int = 1000) -> QualityPlan:
+    """As many pretraining epochs as fit ``budget_s`` with everything else the stage runs."""
+    epoch_s = 2 * train_images / views_per_s
+    eval_rate = EVAL_SPEEDUP * views_per_s
+    val_pass_s = test_images / eval_rate
+    probe_steps = probe_epochs * -(-train_images // 256)
+    eval_s = 2 * ((train_images + test_images) / eval_rate + probe_steps * probe_step_s)
+    fixed_s = STAGE_START_S + train_images / 20_000  # the file check reads ~20k small files/s
+    room = budget_s - fixed_s - eval_s
+    epochs = max(1, min(max_epochs, int(room / (epoch_s + val_pass_s))))
+    return QualityPlan(epochs, epoch_s, val_pass_s, eval_s, fixed_s)
+
+
+def e2e_views_per_s(feed_json: Path) -> float | None:
+    try:
+        rows = json.loads(feed_json.read_text())["rows"]
+        return float(next(r["views_per_s"] for r in rows if r["mode"] == "e2e"))
+    except (OSError, ValueError, KeyError, StopIteration):
+        return None
+
+
+def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
+    """The stages, each with its cap and plan; the quality stage's epochs are set after stage 2."""
+    py, data = sys.executable, Path(args.data)
+    tests = Stage("gpu_tests", 90 if not args.dry else 60,
+                  [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], [], 60.0,
+                  "tests/test_gpu.py: SyncBatchNorm on CUDA, DALI on the GPU, no host syncs in the step")
+    quality_cmd = [py, "-m", "benchmarks.quality", "--dataset", "cifar10", "--data-dir", str(data), "--run-dir",
+                   str(work / "quality_run"), "--results-dir", str(out), "--no-markdown", "train.progress_bar=false",
+                   "tracking.enabled=false", "train.knn_every_epochs=0"]
+    if args.dry:
+        tiny = ["train.device=cpu", "precision=fp32", "data.num_workers=1", "data.image_size=16", "data.backend=dali"]
+        cifar = [*tiny, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=16"]
+        imagenette = [*tiny, f"data.root={data / 'imagenette2-224-subset' / 'train'}", "data.batch_size=8",
+                      "model.proj_hidden_dim=64"]
+        quality = Stage("quality_cifar10", 80, [*quality_cmd, "--probe-epochs", "5", *tiny, "data.batch_size=16"],
+                        [out / "quality_cifar10_cpu.json"], 0.0,
+                        "CIFAR-10 (here: the photos in its layout) pretraining, then linear probe and kNN")
+        return [tests,
+                feed_stage("feed_cifar10_resnet18", 60, out, "configs/cifar10_resnet18.yaml", cifar, 3, 1, 16, 20.0,
+                           "feed: CIFAR-10 JPEGs, ResNet-18, tiny"),
+                feed_stage("feed_imagenette_resnet50", 80, out, "configs/imagenet_resnet50.yaml", imagenette, 2, 1, 8,
+                           6.0, "feed: Imagenette, ResNet-50, tiny"),
+                quality]
+    common = ["train.device=cuda", "precision=bf16", "data.backend=dali", "data.num_workers=8"]
+    cifar = [*common, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=512"]
+    imagenette = [*common, f"data.root={data / 'imagenette2-224-subset' / 'train'}", "data.batch_size=256"]
+    return [tests,
+            feed_stage("feed_cifar10_resnet18", 45, out, "configs/cifar10_resnet18.yaml", cifar, 80, 10, 512,
+                       PLAN_GPU_VIEWS_PER_S["feed_cifar10_resnet18"],
+                       "feed: CIFAR-10 JPEGs, ResNet-18 CIFAR stem, 32 px, bf16, batch 512"),
+            feed_stage("feed_imagenette_resnet50", 55, out, "configs/imagenet_resnet50.yaml", imagenette, 30, 5, 256,
+                       PLAN_GPU_VIEWS_PER_S["feed_imagenette_resnet50"],
+                       "feed: Imagenette, ResNet-50, 224 px, bf16, batch 256"),
+            Stage("quality_cifar10", 170, [*quality_cmd, "--probe-epochs", "100", *common, "data.batch_size=512"],
+                  [out / "quality_cifar10_cuda.json"], 0.0,
+                  "CIFAR-10 ResNet-18 pretraining sized to the cap, then linear probe and kNN vs random init")]
+
+
+def size_quality(stage: Stage, feed_json: Path, dry: bool) -> None:
+    """Fill in the quality stage's epochs from stage 2's measured speed (a planning figure if it failed)."""
+    measured = e2e_views_per_s(feed_json)
+    views = measured or (20.0 if dry else PLAN_GPU_VIEWS_PER_S["feed_cifar10_resnet18"] / 2)
+    if dry:  # the photos in CIFAR's layout, a few epochs' worth of a CPU
+        data = Path(stage.command[stage.command.index("--data-dir") + 1]) / "cifar10-jpeg"
+        train_n = sum(1 for p in (data / "train").rglob("*.jpg"))
+        test_n = sum(1 for p in (data / "test").rglob("*.jpg"))
+        qp = plan_quality(views, train_n, test_n, 5, 0.6 * stage.cap_s, probe_step_s=0.002, max_epochs=1)
+    else:
+        qp = plan_quality(views, CIFAR_TRAIN, CIFAR_TEST, 100, 0.8 * stage.cap_s)  # a fifth of the cap is margin
+    # a tenth of the run warms up (the recipe's 10 epochs are for 500)
+    stage.command += ["--epochs", str(qp.epochs), f"optim.warmup_epochs={max(1, qp.epochs // 10)}"]
+    stage.planned_s = qp.total_s
+    stage.what += (f" ({qp.epochs} epochs at {views:.0f} views/s {'measured' if measured else 'assumed'}: "
+                   f"{qp.epochs} x ({qp.epoch_s:.1f} s train + {qp.val_pass_s:.1f} s validation) + "
+                   f"{qp.eval_s:.0f} s evaluation + {qp.fixed_s:.0f} s start-up and file check)")
+
+
+def key_figures(stage: Stage, output: str) -> str:
+    """One line of what the stage found."""
+    try:
+        if stage.name == "gpu_tests":
+            found = re.findall(r"(\d+ (?:passed|failed|skipped|error|errors))", output)
+            return ", ".join(found[-4:]) or "no pytest summary"
+        result = json.loads(stage.outputs[0].read_text())
+    except (OSError, ValueError, IndexError):
+        return ""
+    if stage.name.startswith("feed"):
+        parts = []
+        for r in result["rows"]:
+            ratio = f" ({r['views_per_s_over_model']:.2f}x model)" if "views_per_s_over_model" in r else ""
+            parts.append(f"{r['mode']} {r['views_per_s']:.0f} views/s{ratio}")
+        e2e = next((r for r in result["rows"] if r["mode"] == "e2e"), None)
+        if e2e:
+            stall = "-" if e2e.get("epoch_stall_steps") is None else f"{e2e['epoch_stall_steps']:.2f}"
+            parts.append(f"data wait {100 * e2e['data_wait_share']:.1f}%, stall {stall} steps, "
+                         f"{e2e['host_syncs_per_step']:.2f} syncs/step")
+        return "; ".join(parts)
+    r = result
+    return (f"linear {r['linear_top1']:.3f}, kNN {r['knn_top1']:.3f} (random init {r['random_linear_top1']:.3f} / "
+            f"{r['random_knn_top1']:.3f}), {r['epochs']} epochs, pretrain {r['pretrain_wall_s']:.0f} s")
+
+
+def run_stage(stage: Stage, env: dict[str, str], log: Callable[[str], None]) -> dict:
+    """Run one stage in its own process group, killed whole at its cap; its output goes to the log
+    as it comes, its status and key figures (or its last lines) to the console."""
+    print(f"[gpu-proof] {stage.name}: planned {stage.planned_s:.0f} s, cap {stage.cap_s} s: {stage.what}", flush=True)
+    log(f"\n===== {stage.name} (cap {stage.cap_s} s): {' '.join(stage.command[1:])}\n")
+    start = time.perf_counter()
+    lines: list[str] = []
+    with tempfile.TemporaryFile("w+") as capture:
+        proc = subprocess.Popen(stage.command, cwd=REPO, env=env, stdout=capture, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=stage.cap_s)
+            status = "ok" if proc.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = "timeout"
+        try:  # the stage's helpers (torchrun ranks, DataLoader workers) go with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        capture.seek(0)
+        output = capture.read()
+    seconds = time.perf_counter() - start
+    log(output)
+    lines = output.splitlines()
+    if status == "ok" and stage.name == "gpu_tests" and " passed" not in output:
+        status = "skipped"  # no CUDA device here (dry mode): every test skipped itself
+    figures = key_figures(stage, output) if status in ("ok", "skipped") else ""
+    print(f"[gpu-proof] {stage.name}: {status} in {seconds:.0f} s (planned {stage.planned_s:.0f}, cap {stage.cap_s})"
+          + (f": {figures}" if figures else ""), flush=True)
+    if status not in ("ok", "skipped"):
+        print(f"[gpu-proof] {stage.name}: its last {min(TAIL_LINES, len(lines))} lines:", flush=True)
+        for line in lines[-TAIL_LINES:]:
+            print(f"    {line}", flush=True)
+    return {"name": stage.name, "status": status, "seconds": seconds, "planned_s": stage.planned_s,
+            "cap_s": stage.cap_s, "what": stage.what, "command": stage.command[1:], "figures": figures,
+            "outputs": [p.name for p in stage.outputs if p.exists()], "output_tail": "\n".join(lines[-TAIL_LINES:])}
+
+
+class ResultsFolder:
+    """The one folder that comes back: the summary rewritten atomically and the log appended, capped."""
+
+    def __init__(self, out: Path, tag: str) -> None:
+        self.out = out
+        self.summary_path, self.log_path = out / f"gpu_proof_{tag}.json", out / f"gpu_proof_{tag}.log"
+        self.log_path.write_text("")
+
+    def log(self, text: str) -> None:
+        room = LOG_CAP_MB * 2**20 - self.log_path.stat().st_size
+        if room <= 0:
+            return
+        data = text.encode(errors="replace")
+        if len(data) > room:
+            data = data[: max(0, room - 200)] + b"\n[gpu-proof] log cut here: it would not come back whole\n"
+        with open(self.log_path, "ab") as f:
+            f.write(data)
+
+    def write_summary(self, summary: dict) -> None:
+        summary["returnable_problems"] = returnable_problems(self.out)
+        tmp = self.summary_path.with_name(self.summary_path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.summary_path)
+
+
+def dry_data(folder: Path) -> Path:
+    """The datasets' layout (cifar10-jpeg/{train,test}, imagenette2-224-subset/train) filled with the
+    shipped photos, for dry runs."""
+    import shutil
+
+    from data_pipeline.sample_data import make_demo_dataset
+
+    if (folder / "cifar10-jpeg" / "train").is_dir():
+        return folder
+    photos = folder / "photos"
+    make_demo_dataset(photos, size=32, train_per_class=8, val_per_class=4, seed=1)
+    (folder / "cifar10-jpeg").mkdir(parents=True)
+    shutil.copytree(photos / "train", folder / "cifar10-jpeg" / "train")
+    shutil.copytree(photos / "val", folder / "cifar10-jpeg" / "test")
+    (folder / "imagenette2-224-subset").mkdir()
+    shutil.copytree(photos / "train", folder / "imagenette2-224-subset" / "train")
+    shutil.rmtree(photos)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="benchmarks.gpu_proof", description=__doc__.split("\n")[0])
+    p.add_argument("--dry", action="store_true", help="tiny sizes on the CPU, same stages, files and JSON (CI)")
+    p.add_argument("--data", default=None, help="folder holding cifar10-jpeg/{train,test} and "
+                   "imagenette2-224-subset/train (default: /tmp/simclr_gpu/data; dry: made from the shipped photos)")
+    p.add_argument("--out", default=None, help="results folder, the one that comes back (default $OUT, else "
+                   "benchmarks/results; dry: a temp folder)")
+    p.add_argument("--work", default=None, help="run folders and checkpoints (default: a temp folder under /tmp)")
+    p.add_argument("--stages", nargs="+", default=None, metavar="NAME", choices=STAGE_NAMES,
+                   help="only these stages (a rerun of the ones that failed; default: all)")
+    args = p.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="simclr_proof_work_"))
+    if args.data is None:
+        args.data = str(dry_data(work / "data") if args.dry else Path("/tmp/simclr_gpu/data"))
+    default_out = os.environ.get("OUT") or (tempfile.mkdtemp(prefix="simclr_proof_") if args.dry else None)
+    out = Path(args.out or default_out or REPO / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    from benchmarks.common import device_name, result_header
+    from trainer.device import choose_device
+
+    device = choose_device("cpu" if args.dry else "auto")
+    tag = "cpu_dry" if args.dry else device.type
+    results = ResultsFolder(out, tag)
+    stages = plan(args, out, work)
+    feed_json = stages[1].outputs[0]  # sizes the quality stage, when stage 2 runs (else a planning figure)
+    stages = [s for s in stages if args.stages is None or s.name in args.stages]
+    caps = sum(s.cap_s for s in stages)
+    assert caps <= TOTAL_CAP_S, f"the stages' caps ({caps} s) must fit the {TOTAL_CAP_S} s slot"
+    path_parts = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "SIMCLR_GIT_COMMIT": commit(), "PYTHONPATH": os.pathsep.join(path_parts),
+           "PYTHONUNBUFFERED": "1", "OUT": str(out)}
+    summary = {**result_header("gpu_proof", device_name(device)), "git_commit": env["SIMCLR_GIT_COMMIT"],
+               "dry": args.dry, "total_cap_s": TOTAL_CAP_S, "data": args.data, "work": str(work), "repo": str(REPO),
+               "planned": [{"name": s.name, "cap_s": s.cap_s} for s in stages], "stages": []}
+    print(f"[gpu-proof] {device_name(device)}, commit {summary['git_commit'][:12]}, {len(stages)} stages, caps "
+          f"{caps} s in all; results in {out}", flush=True)
+    results.write_summary(summary)
+    for stage in stages:
+        if stage.name == "quality_cifar10":
+            size_quality(stage, feed_json, args.dry)
+        summary["stages"].append(run_stage(stage, env, results.log))
+        summary["total_s"] = sum(r["seconds"] for r in summary["stages"])
+        results.write_summary(summary)
+    passed = sum(r["status"] in ("ok", "skipped") for r in summary["stages"])
+    print(f"[gpu-proof] {passed}/{len(stages)} stages passed in {summary['total_s']:.0f} s; wrote "
+          f"{', '.join(sorted(p.name for p in out.iterdir()))} to {out}", flush=True)
+    for problem in summary["returnable_problems"]:
+        print(f"[gpu-proof] would not come back: {problem}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

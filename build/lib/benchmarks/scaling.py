@@ -1,0 +1,71 @@
+"""Data-parallel scaling: the SimCLR step (DDP, gathered negatives, LARS) at a fixed GLOBAL batch
+split over 1..W ranks. ``bench_scaling`` starts each world with torchrun (gloo on the CPU); this
+module is also the rank program, ``python -m benchmarks.scaling OUT ARCH SIZE GLOBAL_BATCH ITERS``,
+whose rank 0 writes the median step time of the slowest rank to OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: int, iters: int) -> list[dict]:
+    from trainer.device import check_local_ranks
+    from trainer.distributed import torchrun_command
+
+    check_local_ranks(max(worlds))
+    rows = []
+    for world in worlds:
+        out = Path(tempfile.mkstemp(suffix=".json")[1])
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+        program = ["-m", "benchmarks.scaling", str(out), arch, str(image_size), str(global_batch), str(iters)]
+        proc = subprocess.run(torchrun_command(world, program), env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"scaling run with {world} ranks failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(out.read_text()))
+        out.unlink()
+    base = rows[0]["median_step_s"] * rows[0]["world"]
+    for row in rows:
+        row["speedup"] = base / row["median_step_s"]
+        row["efficiency"] = row["speedup"] / row["world"]
+    return rows
+
+
+def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: int) -> None:
+    import torch.distributed as dist
+
+    from benchmarks.common import benchmark_parts
+    from trainer.config import DistConfig
+    from trainer.device import synchronize
+    from trainer.distributed import init_distributed, teardown
+    from trainer.step import train_step
+
+    info = init_distributed(DistConfig(), "auto")
+    parts = benchmark_parts(arch, image_size, "fp32", info)
+    view1, view2 = (torch.randn(global_batch // info.world_size, 3, image_size, image_size, device=info.device)
+                    for _ in range(2))
+    times = []
+    for i in range(2 + iters):
+        start = time.perf_counter()
+        train_step(parts, view1, view2, lr=0.1)  # the training step: DDP, SyncBatchNorm, gathered NT-Xent, LARS
+        synchronize(info.device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    median = torch.tensor([statistics.median(times)])
+    if info.distributed:
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)  # the job moves at its slowest rank
+    if info.is_main:
+        Path(out).write_text(json.dumps({"world": info.world_size, "median_step_s": median.item()}))
+    teardown()
+
+
+if __name__ == "__main__":
+    rank_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,103 @@
+"""Where images come from: the one interface every dataset layout implements (``Source``). Both
+backends (torchvision, DALI), the evaluation and ``make-shards`` read through it and never ask
+which layout it is.
+
+The layouts, by family:
+
+- ``data_pipeline.image_files``: a folder of image files, with class sub-folders (ImageFolder) or
+  without labels (flat or nested);
+- ``data_pipeline.arrays``: an ``.npz``, STL-10's binary folder, torchvision's CIFAR-10/100 folders;
+- ``data_pipeline.shards``: WebDataset tar shards written by ``simclr make-shards``;
+
+and ``data_pipeline.layouts.open_source`` recognises which one a path holds.
+
+A missing label is -1: pretraining needs none; whatever needs labels asks ``labelled_indices``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol, get_args
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LabelMode = Literal["auto", "folders", "none"]  # how a folder of image files is labelled (data.labels)
+LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
+Stored = Literal["decoded", "encoded", "files"]
+
+
+class DataError(ValueError):
+    """A dataset problem the user must fix (missing path, empty folder, unreadable image)."""
+
+    def __init__(self, message: str = "") -> None:
+        # A DataLoader re-raises a worker's error as DataError("Caught DataError in DataLoader worker
+        # process N. Original Traceback ... data_pipeline.sources.DataError: <message>"): every loader
+        # (training, evaluation, fine-tuning) keeps the one line meant for the user.
+        if message.startswith("Caught DataError"):
+            last = message.strip().splitlines()[-1]
+            prefix = f"{DataError.__module__}.{DataError.__name__}: "
+            message = last[len(prefix):] if last.startswith(prefix) else last
+        super().__init__(message)
+
+
+class Source(Protocol):
+    """A dataset of N images in one layout."""
+
+    location: Path  # the folder or file it was opened from, for messages
+    labels: np.ndarray  # N int64, -1: unlabeled
+    classes: list[str]  # empty when unlabeled
+    # How a sample is kept: decoded pixels (read with ``read_decoded``), encoded bytes (``read_encoded``),
+    # or one encoded file per sample, which a backend may read itself (its path is ``sample_name``).
+    stored: Stored
+    damaged_fix: str  # what to do about a sample that cannot be decoded
+    order_depends_on_world_size: bool  # whether a global batch changes with the number of ranks
+    file_count: int  # files that hold the dataset (what a start-up lists and opens)
+
+    def __len__(self) -> int: ...
+
+    def sample_name(self, index: int) -> str:
+        """Where sample ``index`` lives, for messages: its file, ``shard.tar:member`` or ``array[i]``."""
+
+    def read_encoded(self, index: int) -> bytes:
+        """The encoded image bytes of sample ``index`` (``stored`` is ``encoded`` or ``files``)."""
+
+    def read_decoded(self, indices: np.ndarray) -> np.ndarray:
+        """Samples ``indices`` as one dense len x H x W x 3 uint8 array (``stored == 'decoded'``)."""
+
+    def sample_files(self) -> list[Path]:
+        """Each sample's own file, to be checked before a decoder sees it; empty when the samples are
+        no files of their own (arrays, or shards, checked when they were written)."""
+
+    def file_checks(self) -> FileChecks | None:
+        """What is known of the sample files' checks (None: no files of their own to check)."""
+
+    def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
+        """This rank's samples of ``epoch`` in reading order, the same count on every rank."""
+
+    def reading_order(self, indices: np.ndarray) -> np.ndarray:
+        """``indices`` in the order this layout reads fastest (an evaluation pass's order); the
+        same array object when the layout has no preferred order."""
+
+
+class FileChecks(Protocol):
+    """The check verdicts of a source's sample files (positions are sample indices)."""
+
+    def pending(self) -> list[int]:
+        """Samples whose file has not been checked (since it may have changed)."""
+
+    def known_bad(self) -> dict[int, str]:
+        """Samples found bad by an earlier check: what is wrong with each."""
+
+    def record(self, checked: list[int], bad: dict[int, str]) -> None:
+        """Keep the verdicts of ``checked``; ``bad`` holds those of them that are bad."""
+
+
+def labelled_indices(source: Source, needed_by: str) -> np.ndarray:
+    """Indices of the samples that carry a label; a DataError naming ``needed_by`` when none do."""
+    keep = np.flatnonzero(np.asarray(source.labels) >= 0)
+    if len(keep) == 0:
+        raise DataError(f"{needed_by} needs labelled images, but {source.location} has no labels (an unlabeled folder "
+                        "or split); point it at a labelled set (class sub-folders, a labelled .npz, STL-10's "
+                        "train/test split, a CIFAR folder)")
+    return keep

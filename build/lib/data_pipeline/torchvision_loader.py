@@ -1,0 +1,153 @@
+"""The DALI-free backend: torchvision v2 transforms in DataLoader workers.
+
+Each sample's randomness is seeded from (run seed, epoch, index), so a resumed run sees exactly
+the views an uninterrupted one would, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from data_pipeline.augment import eval_transform, finetune_transform, simclr_transform
+from data_pipeline.config import DataConfig
+from data_pipeline.rank_loader import RankLoader
+from data_pipeline.seeds import augmentation_seed
+from data_pipeline.sources import DataError, Source
+
+
+def decode_sample(source: Source, index: int) -> torch.Tensor:
+    """uint8 CHW RGB tensor of sample ``index`` (grayscale and RGBA become RGB); DataError naming
+    the file if it cannot be decoded."""
+    if source.stored == "decoded":
+        return torch.from_numpy(source.read_decoded(np.asarray([index]))[0]).permute(2, 0, 1)
+    path, raw, fix = source.sample_name(index), source.read_encoded(index), source.damaged_fix
+    if not raw:
+        raise DataError(f"cannot decode image {path}: it is empty (0 bytes); {fix}, "
+                        "or set data.skip_corrupt=true to skip such images")
+    try:
+        return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}; {fix}, "
+                        "or set data.skip_corrupt=true to skip such images") from None
+
+
+class TwoViewDataset(Dataset):
+    def __init__(self, source: Source, cfg: DataConfig, seed: int) -> None:
+        self.source, self.seed, self.epoch = source, seed, 0
+        self.skip_corrupt = cfg.skip_corrupt
+        self.transform = simclr_transform(cfg.augment, cfg.image_size)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _decode(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """(image, label, the corrupt sample it replaces or -1). A file that passed the file check
+        but fails to decode is replaced by the next good sample, image and label, as the check's
+        findings are (``data_pipeline.rank_loader``)."""
+        for offset in range(len(self.source)):
+            sample = (index + offset) % len(self.source)
+            try:
+                return decode_sample(self.source, sample), int(self.source.labels[sample]), index if offset else -1
+            except DataError:
+                if not self.skip_corrupt:
+                    raise
+        raise DataError(f"no image in {self.source.location} could be decoded")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        image, label, corrupt = self._decode(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed(self.seed, self.epoch, index, bits=47))
+            view1, view2 = self.transform(image), self.transform(image)
+        return view1, view2, label, corrupt
+
+
+def release_dead_pipelines() -> None:
+    """Before DataLoader forks its workers: collect DALI pipelines no longer referenced (they hold
+    reference cycles, so only the garbage collector frees them). A fork while their threads still
+    run copies locks those threads hold, and a worker crashed on one (segmentation fault)."""
+    if "nvidia.dali" in sys.modules:
+        gc.collect()
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers are processes already; threads inside them only contend
+    # A signal sent to the whole process group (Ctrl-C, scancel, docker stop, a dropped ssh session)
+    # is the main process's to handle (a checkpoint at the next step boundary); a worker that died of
+    # it first would take the run down with a traceback instead. So each worker leaves the group.
+    # It still ends with the main process: DataLoader stops (or terminates) its workers itself, and a
+    # worker whose parent died exits on its own (torch's watchdog). Ignoring the signals instead would
+    # make the worker immune to that terminate too, and the main process would wait for it forever.
+    os.setpgrp()
+
+
+class TorchvisionLoader(RankLoader):
+    """Iterator of (view1, view2, labels) on ``device``; ``steps_per_epoch`` is the same on every rank."""
+
+    backend = "torchvision"
+
+    def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
+                 device: torch.device) -> None:
+        super().__init__(source, cfg, seed, rank, world_size, device)
+        self.dataset = TwoViewDataset(source, cfg, seed)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        super().set_epoch(epoch, start_step)
+        self.dataset.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self.check_files()
+        if self.cfg.num_workers:
+            release_dead_pipelines()
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.replaced(self.indices()).tolist(),
+                            num_workers=self.cfg.num_workers, drop_last=True,
+                            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
+                            persistent_workers=False)
+        yield from self._batches(loader)
+
+    def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for view1, view2, labels, corrupt in loader:
+            if (corrupt >= 0).any():
+                self.mark_corrupt(corrupt[corrupt >= 0].tolist())
+            yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+class LabelledDataset(Dataset):
+    """(transformed image, label) per sample."""
+
+    def __init__(self, source: Source, transform: v2.Transform) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(decode_sample(self.source, index)), int(self.source.labels[index])
+
+
+def eval_loader(source: Source, cfg: DataConfig, batch_size: int, indices: list[int] | None = None) -> DataLoader:
+    """Deterministic resize + centre crop, in dataset order or ``indices`` order (feature extraction)."""
+    dataset = LabelledDataset(source, eval_transform(cfg.augment, cfg.image_size))
+    if cfg.num_workers:
+        release_dead_pipelines()
+    return DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                      num_workers=cfg.num_workers, worker_init_fn=_worker_init)
+
+
+def finetune_loader(source: Source, cfg: DataConfig, indices: list[int], batch_size: int, seed: int) -> DataLoader:
+    """Shuffled (seeded) fine-tuning batches of ``indices``, randomly cropped and flipped."""
+    dataset = LabelledDataset(source, finetune_transform(cfg.augment, cfg.image_size))
+    if cfg.num_workers:
+        release_dead_pipelines()
+    return DataLoader(Subset(dataset, indices), batch_size=min(batch_size, len(indices)), shuffle=True,
+                      num_workers=cfg.num_workers, drop_last=len(indices) > batch_size, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(seed))

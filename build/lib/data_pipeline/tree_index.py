@@ -1,0 +1,313 @@
+"""One listing of an image tree per job (``TreeIndex``): made once by one rank, handed to the others,
+kept in the run folder, and refreshed folder by folder on a restart.
+
+A tree of 1.28M files (ImageNet) on a shared file system is the slow part of a start when every
+rank walks it and stats every file. Here one process lists it with ``os.scandir``'s entry types
+(no ``stat`` per file), the other ranks receive the listing over the process group and never
+touch the tree, and a restart stats each *folder* (its mtime changes when a file in it is added,
+removed or renamed) and lists again only the folders that changed: O(folders), not O(files).
+Each folder also keeps its files' check verdicts (``data_pipeline.file_checks``), so a restart
+re-checks only the files of folders that changed. A file rewritten in place under the same name
+changes no folder and is not noticed (its content is checked when a decoder meets it).
+
+The listing's order equals ``sorted(Path.rglob)``'s (names compared part by part), so a tree gives
+the same samples, labels and classes with or without an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from data_pipeline.sources import IMAGE_EXTENSIONS, DataError
+
+MAGIC = b"SIMCLR-TREE-INDEX 1\n"
+RACY_NS = 2_000_000_000  # a folder changed this close to the index's writing is listed again (coarse mtimes)
+
+
+@dataclass
+class Folder:
+    """One folder of the tree: its mtime when listed, the image files directly inside (by name), the
+    folders a listing descends into, and its files' check verdicts."""
+
+    mtime_ns: int
+    files: list[str]
+    subdirs: list[str]
+    links: list[str] = field(default_factory=list)  # the root's sub-folders that are symbolic links
+    checked: bool = False  # every file checked since the folder was last listed with other files
+    bad: dict[str, str] = field(default_factory=dict)  # file name -> what is wrong with it
+
+
+@dataclass
+class TreeChanges:
+    added: list[str] = field(default_factory=list)  # relative paths
+    removed: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # relative folders whose files changed
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+    def describe(self, root: Path) -> str:
+        where = ", ".join((f or ".") + "/" for f in self.folders[:3]) + (" ..." if len(self.folders) > 3 else "")
+        return (f"{root} changed since this run's index: {len(self.added)} image(s) added, {len(self.removed)} "
+                f"removed, in {len(self.folders)} folder(s) ({where})")
+
+
+def _suffix(name: str) -> str:
+    """``Path(name).suffix`` without making a Path (1.28M of them cost seconds)."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+class TreeIndex:
+    """The image files under ``root`` by folder (relative folder "" is the root itself)."""
+
+    def __init__(self, root: Path, folders: dict[str, Folder], written_ns: int = 0) -> None:
+        self.root, self.folders, self.written_ns = root, folders, written_ns
+        self.relisted = 0  # folders the last refresh listed again
+
+    # -- listing --------------------------------------------------------------------------------
+    @classmethod
+    def scan(cls, root: Path) -> TreeIndex:
+        index = cls(root, {})
+        index._scan_below("", TreeChanges())
+        return index
+
+    def _list_folder(self, rel: str) -> Folder:
+        """One folder's entries: names only, types from the directory entry (a stat only for links)."""
+        path = os.path.join(self.root, rel) if rel else str(self.root)
+        if rel and "/" not in rel and not os.access(path, os.R_OK | os.X_OK):
+            raise DataError(f"class folder {path} cannot be read by this user (permissions); give it read "
+                            f"access (chmod -R a+rX {path}) or move it out of {self.root}")
+        try:
+            mtime = os.stat(path).st_mtime_ns  # before the listing: a change during it shows on the next start
+            files, subdirs, links = [], [], []
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name[0] == ".":
+                        continue
+                    # a name with an image suffix is nearly always a file: test that first (the entry's
+                    # type, no syscall). The root's sub-folders are classes, links followed
+                    # (Path.is_dir); below them rglob's rule: linked folders are not descended into.
+                    if _suffix(name).lower() in IMAGE_EXTENSIONS and entry.is_file():
+                        files.append(name)
+                    elif entry.is_dir(follow_symlinks=not rel):
+                        subdirs.append(name)
+                        if not rel and entry.is_symlink():
+                            links.append(name)
+        except PermissionError:
+            raise DataError(f"folder {path} cannot be read by this user (permissions); give it read access "
+                            f"(chmod -R a+rX {path}) or move it out of {self.root}") from None
+        return Folder(mtime, sorted(files), sorted(subdirs), sorted(links))
+
+    def _scan_below(self, rel: str, changes: TreeChanges) -> None:
+        """List ``rel`` and every folder below it, each file counted as added."""
+        pending = [rel]
+        while pending:
+            current = pending.pop()
+            folder = self._list_folder(current)
+            self.folders[current] = folder
+            changes.added += [_join(current, f) for f in folder.files]
+            pending += [_join(current, d) for d in folder.subdirs]
+
+    def _drop_below(self, rel: str, changes: TreeChanges) -> None:
+        folder = self.folders.pop(rel, None)
+        if folder is None:
+            return
+        changes.removed += [_join(rel, f) for f in folder.files]
+        for d in folder.subdirs:
+            self._drop_below(_join(rel, d), changes)
+
+    def refresh(self) -> TreeChanges:
+        """Stat every folder; list again those whose mtime moved (or that changed too close to the
+        index's writing to tell); say what files came and went."""
+        changes = TreeChanges()
+        self.relisted = 0
+        for rel in sorted(self.folders, key=lambda r: r.count("/")):  # parents first
+            old = self.folders.get(rel)
+            if old is None:  # dropped with its parent
+                continue
+            path = os.path.join(self.root, rel) if rel else str(self.root)
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except FileNotFoundError:
+                if not rel:
+                    raise DataError(f"data path {self.root} does not exist; set data.root to an image folder, an "
+                                    ".npz file, an STL-10 or CIFAR folder, or a folder of tar shards") from None
+                continue  # its parent changed too, and drops it
+            if mtime == old.mtime_ns and mtime < self.written_ns - RACY_NS:
+                continue
+            new = self._list_folder(rel)
+            self.relisted += 1
+            if new.files == old.files:  # listed again for safety, and unchanged: its verdicts stand
+                new.checked, new.bad = old.checked, old.bad
+            else:
+                before, after = set(old.files), set(new.files)
+                changes.added += [_join(rel, f) for f in new.files if f not in before]
+                changes.removed += [_join(rel, f) for f in old.files if f not in after]
+                changes.folders.append(rel)
+            self.folders[rel] = new
+            for d in set(old.subdirs) - set(new.subdirs):
+                self._drop_below(_join(rel, d), changes)
+            for d in sorted(set(new.subdirs) - set(old.subdirs)):
+                self._scan_below(_join(rel, d), changes)
+                changes.folders.append(_join(rel, d))
+        return changes
+
+    def walk(self, rel: str = "", skip_links: bool = False) -> list[str]:
+        """Relative paths of the image files under ``rel``, in ``sorted(rglob)`` order: a folder's
+        files and sub-folders merged by name, each sub-folder's files at its name's place."""
+        folder = self.folders[rel]
+        subdirs = set(folder.subdirs) - (set(folder.links) if skip_links else set())
+        prefix = f"{rel}/" if rel else ""
+        if not subdirs:  # the common case (a class folder of files): one comprehension
+            return [prefix + name for name in folder.files]
+        out: list[str] = []
+        for name in sorted([*folder.files, *subdirs]):
+            if name in subdirs:
+                out += self.walk(prefix + name)
+            else:
+                out.append(prefix + name)
+        return out
+
+    # -- file checks ----------------------------------------------------------------------------
+    def unchecked(self, rels: list[str]) -> list[int]:
+        """Positions in ``rels`` (relative file paths) whose folder has not been checked since it changed."""
+        return [i for i, r in enumerate(rels) if not self.folders[os.path.dirname(r)].checked]
+
+    def known_bad(self, rels: list[str]) -> dict[int, str]:
+        where = {r: i for i, r in enumerate(rels)}
+        return {where[_join(rel, name)]: why for rel, folder in self.folders.items()
+                for name, why in folder.bad.items() if _join(rel, name) in where}
+
+    def record_checks(self, checked: list[str], bad: dict[str, str]) -> None:
+        """Verdicts for ``checked`` (relative paths; every file of their folders): ``bad`` maps the bad ones."""
+        for rel in {os.path.dirname(r) for r in checked}:
+            self.folders[rel].checked, self.folders[rel].bad = True, {}
+        for r, why in bad.items():
+            self.folders[os.path.dirname(r)].bad[os.path.basename(r)] = why
+
+    # -- storage --------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        head = json.dumps({"root": str(self.root), "written_ns": self.written_ns}).encode()
+        fields: list[bytes] = []
+        enc = os.fsencode
+        for rel, f in self.folders.items():
+            fields += [enc(rel) if rel else b".", str(f.mtime_ns).encode(), b"1" if f.checked else b"0",
+                       str(len(f.files)).encode(), str(len(f.subdirs)).encode(), str(len(f.links)).encode(),
+                       str(len(f.bad)).encode(), *map(enc, f.files), *map(enc, f.subdirs), *map(enc, f.links)]
+            for name, why in f.bad.items():
+                fields += [enc(name), why.encode()]
+        return MAGIC + head + b"\n" + b"\0".join(fields)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, root: Path) -> TreeIndex:
+        if not data.startswith(MAGIC):
+            raise ValueError("not a tree index")
+        head, _, body = data[len(MAGIC):].partition(b"\n")
+        meta = json.loads(head)
+        if meta["root"] != str(root):
+            raise ValueError("an index of another tree")
+        parts, dec, i, folders = body.split(b"\0") if body else [], os.fsdecode, 0, {}
+        while i < len(parts):
+            rel = "" if parts[i] == b"." else dec(parts[i])
+            mtime, checked = int(parts[i + 1]), parts[i + 2] == b"1"
+            nf, nd, nl, nb = (int(x) for x in parts[i + 3 : i + 7])
+            i += 7
+            files = [dec(x) for x in parts[i : i + nf]]
+            subdirs = [dec(x) for x in parts[i + nf : i + nf + nd]]
+            links = [dec(x) for x in parts[i + nf + nd : i + nf + nd + nl]]
+            i += nf + nd + nl
+            bad = {dec(parts[i + 2 * k]): parts[i + 2 * k + 1].decode() for k in range(nb)}
+            i += 2 * nb
+            folders[rel] = Folder(mtime, files, subdirs, links, checked, bad)
+        return cls(root, folders, meta["written_ns"])
+
+
+@dataclass(frozen=True)
+class IndexStore:
+    """Where a job keeps its tree indexes (its run folder; None: listed afresh each time) and which
+    rank this process is: rank 0 lists and keeps, the others receive."""
+
+    folder: Path | None
+    rank: int = 0
+    world_size: int = 1
+
+    def path_for(self, root: Path) -> Path | None:
+        if self.folder is None:
+            return None
+        key = os.fsencode(os.path.abspath(root))  # one file per tree, whatever the working folder
+        return Path(self.folder) / f"tree_index-{hashlib.sha1(key).hexdigest()[:12]}.bin"
+
+    def save(self, index: TreeIndex) -> None:
+        """Rank 0 writes the index atomically (a crash leaves the previous one); a read-only or full
+        disk only costs the next start a listing."""
+        path = self.path_for(index.root)
+        if path is None or self.rank != 0:
+            return
+        index.written_ns = time.time_ns()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(index.to_bytes())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+
+def _load_or_scan(root: Path, store: IndexStore | None) -> tuple[TreeIndex, bool]:
+    """The kept index refreshed (a restart), else a new listing; and whether it must be written."""
+    path = store.path_for(root) if store is not None else None
+    if path is not None and path.is_file():
+        try:
+            index = TreeIndex.from_bytes(path.read_bytes(), root)
+        except (OSError, ValueError, KeyError, IndexError):  # a damaged index only costs a listing
+            index = None
+        if index is not None and "" in index.folders:
+            changes = index.refresh()
+            if changes:
+                print(f"[simclr] {changes.describe(root)}; a resumed run reads the new list from its step on "
+                      "(its data order is not the first start's)", flush=True)
+            return index, bool(changes) or index.relisted > 0
+    return TreeIndex.scan(root), True
+
+
+def shared_tree_index(root: Path, store: IndexStore | None) -> TreeIndex:
+    """The tree's index for every rank: rank 0 lists (or refreshes the kept index) and hands it over
+    the process group; the other ranks never touch the tree. A listing error reaches every rank."""
+    distributed = store is not None and store.world_size > 1 and dist.is_available() and dist.is_initialized()
+    if not distributed:
+        index, dirty = _load_or_scan(root, store)
+        if dirty and store is not None:
+            store.save(index)
+        return index
+    payload: list = [None]
+    failure: BaseException | None = None
+    if store.rank == 0:
+        try:
+            index, dirty = _load_or_scan(root, store)
+            if dirty:
+                store.save(index)
+            payload = [("index", index.to_bytes())]
+        except Exception as exc:  # every rank must hear of it, or the others wait here until the timeout
+            failure, payload = exc, [("data" if isinstance(exc, DataError) else "other", str(exc))]
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if failure is not None:
+        raise failure
+    if kind == "data":
+        raise DataError(value)
+    if kind == "other":
+        raise RuntimeError(f"rank 0 could not list {root}: {value}")
+    return index if store.rank == 0 else TreeIndex.from_bytes(value, root)

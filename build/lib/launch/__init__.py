@@ -1,0 +1,1 @@
+"""Launchers: the ``simclr`` command line, local torchrun, and SLURM through submitit."""

@@ -1,0 +1,409 @@
+"""The ``simclr`` command line. Every training path ends in ``trainer.loop.train``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a recipe: a YAML file, or a shipped recipe's name (demo_cpu, cifar10_resnet18, "
+                   "imagenet_resnet50, ...); defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=0.5 train.epochs=10 data.root=/data/imagenet/train")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.dataclass_yaml import ConfigError
+
+    cfg = load_config(args.config, args.overrides)  # validate before any rank starts
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    if cfg.data.batch_size % args.nproc:
+        from data_pipeline.config import check_world_size
+        from trainer.checkpoint import latest_checkpoint
+
+        resumed = cfg.checkpoint.resume == "auto" and latest_checkpoint(cfg.train.run_dir) is not None
+        check_world_size(cfg.data.batch_size, args.nproc, f"of --nproc {args.nproc}", "--nproc", resumed,
+                         ConfigError)
+    if getattr(args, "dry_run", False):
+        from trainer.config import dump_config
+
+        print(dump_config(cfg), end="")
+        print(f"[simclr] config OK ({args.config or 'the defaults'}, {args.nproc} rank(s)); --dry-run: nothing trained")
+        return 0
+    if args.nproc > 1:
+        from data_pipeline.sources import DataError
+        from launch.local import run_local_ranks
+        from trainer.device import check_local_ranks
+
+        check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
+        if not Path(cfg.data.root).exists():  # fail here, once, instead of in every rank
+            raise DataError(f"data path {cfg.data.root or '(empty)'} does not exist; set data.root to an "
+                            "image folder, an .npz file, an STL-10 or CIFAR folder, or a folder of tar shards")
+
+        forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
+        return run_local_ranks(args.nproc, forwarded)
+    from trainer.interrupts import train_in_foreground
+
+    return train_in_foreground(cfg)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``simclr eval``: one process, or ``--nproc K`` local ranks that each extract their share."""
+    from launch.evaluation import eval_argv, run_evaluation
+    from trainer.dataclass_yaml import ConfigError
+
+    bad = [f for f in args.finetune if not 0 < f <= 1]
+    if bad:  # before any work: the probe would run first, then fail
+        raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from launch.local import run_local_ranks
+        from trainer.device import check_local_ranks
+
+        check_local_ranks(args.nproc, args.device)
+        return run_local_ranks(args.nproc, ["eval", *eval_argv(args)], module="launch")
+    run_evaluation(args)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """``simclr embed``: the frozen encoder's features of a dataset, one rank or ``--nproc K``."""
+    from trainer.dataclass_yaml import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from launch.local import run_local_ranks
+        from trainer.device import check_local_ranks
+
+        check_local_ranks(args.nproc, args.device)
+        argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--split", args.split,
+                "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+                "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
+                "--nproc", str(args.nproc), *(["--overwrite"] if args.overwrite else [])]
+        return run_local_ranks(args.nproc, ["embed", *argv], module="launch")
+    from trainer.config import DistConfig
+    from trainer.distributed import init_distributed, teardown
+    from trainer.embed import embed
+
+    info = init_distributed(DistConfig(), args.device)
+    try:
+        done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype, args.batch_size,
+                     args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows, args.workers)
+    finally:
+        teardown()
+    if info.is_main:
+        print(f"[simclr] embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
+              f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were already "
+              f"done)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    if bench_args[:1] == ["feed"]:  # simclr bench feed ...: the feed benchmark (benchmarks/feed.py)
+        from benchmarks.feed import main as feed_main
+
+        feed_main(bench_args[1:])
+        return 0
+    if bench_args[:1] == ["startup"]:  # simclr bench startup ...: start-up on large trees (benchmarks/startup.py)
+        from benchmarks.startup import main as startup_main
+
+        startup_main(bench_args[1:])
+        return 0
+    from benchmarks.throughput import main as bench_main
+
+    bench_main(bench_args)
+    return 0
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from data_pipeline.sample_data import make_demo_dataset
+    from trainer.dataclass_yaml import ConfigError
+
+    for flag, value, least in (("--size", args.size, 8), ("--train-per-class", args.train_per_class, 1),
+                               ("--val-per-class", args.val_per_class, 1)):
+        if value < least:
+            raise ConfigError(f"make-demo-data {flag} {value}: must be at least {least}")
+
+    paths = make_demo_dataset(args.out, size=args.size, train_per_class=args.train_per_class,
+                              val_per_class=args.val_per_class, seed=args.seed)
+    print(f"wrote {paths['train']} and {paths['val']} (ImageFolder JPEG) and .npz twins")
+    return 0
+
+
+def cmd_make_shards(args: argparse.Namespace) -> int:
+    import time
+
+    from data_pipeline import open_source
+    from data_pipeline.shards import make_shards
+
+    source = open_source(args.src, args.split, args.labels)
+    start, last = time.time(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.time() - last[0] > 5 or done == total:
+            last[0] = time.time()
+            print(f"  {done}/{total} samples ({done / max(1e-9, time.time() - start):.0f}/s)", flush=True)
+
+    manifest = make_shards(source, args.out, args.shard_size, seed=args.seed, quality=args.quality,
+                           skip_corrupt=args.skip_corrupt, progress=progress)
+    kind = f"{len(manifest['classes'])} classes" if manifest["classes"] else "unlabeled"
+    print(f"wrote {manifest['samples']} samples ({kind}) as {len(manifest['shards'])} shards into {args.out}; "
+          f"train on them with data.root={args.out}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.config import TrackingConfig
+    from trainer.tracking import sync_offline
+
+    encoder_file = Path(args.run_dir) / "encoder.pt"
+
+    def log_pending_model(run, record: dict) -> None:
+        """The encoder's MLflow model, skipped while offline: logged (and registered) now."""
+        pending = record.get("model_pending")
+        if pending is None or not encoder_file.exists():
+            return
+        from trainer.evaluate import load_encoder
+        from trainer.export import log_encoder_model
+        from trainer.run_files import atomic_write_text
+        from trainer.tracking import RUN_RECORD
+
+        encoder, run_cfg = load_encoder(encoder_file)
+        if log_encoder_model(run, encoder, run_cfg.data.image_size, pending.get("register_as", "")):
+            record["model_pending"] = None
+            atomic_write_text(Path(args.run_dir) / RUN_RECORD, json.dumps(record, indent=1))
+
+    run_id, record = sync_offline(args.run_dir, TrackingConfig(uri=args.uri, experiment=args.experiment),
+                                  args.run_id, log_pending_model)
+    print(f"replayed {args.run_dir} (params, tags, metrics, artifacts) into MLflow run {run_id} at "
+          f"{args.uri or record.get('uri')}")
+    return 0
+
+
+def submit_evaluation(args: argparse.Namespace) -> int:
+    """``simclr submit --cluster C --eval <simclr eval options>``: the evaluation as a SLURM job,
+    one rank per task (GPU), each extracting its share of the features."""
+    from launch.evaluation import eval_argv, eval_parser
+    from launch.slurm import load_cluster_config, submit_eval, wait_for_job
+    from trainer.dataclass_yaml import ConfigError
+
+    if args.config or args.overrides or args.sweep or args.resume:
+        raise ConfigError("--eval takes simclr eval's options only (after --eval); leave out --config, overrides, "
+                          "--sweep and --resume")
+    eval_args = eval_parser().parse_args(args.eval)  # validated here, before anything is submitted
+    bad = [f for f in eval_args.finetune if not 0 < f <= 1]
+    if bad:
+        raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
+    eval_args.nproc = 1  # the job's tasks are the ranks
+    job = submit_eval(eval_argv(eval_args), load_cluster_config(args.cluster), name=args.name, dry_run=args.dry_run)
+    if args.dry_run:
+        print(job)
+        return 0
+    out_dir = Path(eval_args.out or Path(eval_args.checkpoint).parent / "eval")
+    print(f"submitted evaluation job {job.job_id}\n  report   {out_dir / 'report.json'}\n  stdout   {job.paths.stdout}"
+          f"\n  stderr   {job.paths.stderr}")
+    if args.wait:
+        wait_for_job(job)
+        try:
+            report = job.results()[0]  # rank 0's
+        except Exception as exc:
+            print(f"job {job.job_id} did not finish ({job.state}): {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+            return 1
+        print(f"job {job.job_id} finished: " + ", ".join(f"{name} linear top-1 {row['linear_top1']:.3f}"
+                                                          for name, row in report["rows"].items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's first command: data from shipped photos, 2-rank CPU pretraining, linear probe."""
+    from data_pipeline.sample_data import make_demo_dataset
+
+    data = Path(args.workdir) / "demo_data"
+    if not (data / "train").exists():
+        make_demo_dataset(data)
+    config = "demo_cpu"  # the shipped recipe, from a clone or an installed wheel
+    run_dir = Path(args.workdir) / "runs" / "demo"
+    overrides = [f"data.root={data / 'train'}", f"data.val_root={data / 'val'}", f"train.run_dir={run_dir}",
+                 "checkpoint.resume=none", "train.overwrite=true", *args.overrides]
+    # through the parser, so that every option of the two commands has its default
+    rc = cmd_train(build_parser().parse_args(["train", "--nproc", "2", "--config", config, *overrides]))
+    if rc != 0:
+        return rc
+    cmd_eval(build_parser().parse_args(["eval", "--checkpoint", str(run_dir / "encoder.pt"), "--train-data",
+                                        str(data / "train"), "--val-data", str(data / "val"), "--device", "cpu",
+                                        "--workers", "2", "--probe-epochs", "100", "--tsne", "--mlflow"]))
+    from trainer.tracking import resolve_tracking_uri, where_to_open
+
+    uri = resolve_tracking_uri("")
+    print(f"\nMLflow run logged to {uri} (experiment 'simclr-demo').\n"
+          f"To see it: {where_to_open(uri).replace('mlflow ui', '.venv/bin/mlflow ui')}\n"
+          f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}\n"
+          f"What the encoder learnt, as a picture (queries and their nearest neighbours): "
+          f"{run_dir / 'eval' / 'neighbours.png'}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.slurm import load_cluster_config, resume_config, submit, wait_for_job
+    from trainer.config import load_config
+    from trainer.dataclass_yaml import ConfigError
+
+    if args.eval is not None:
+        return submit_evaluation(args)
+    if args.resume and args.config:
+        raise ConfigError("--resume takes the run's own config.yaml; leave out --config (overrides still apply)")
+    cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
+    cluster = load_cluster_config(args.cluster)
+    out = submit(cfg, cluster, sweep=args.sweep, dry_run=args.dry_run, name=args.name, resume=bool(args.resume))
+    if args.dry_run:
+        print(out)
+        return 0
+    from trainer.tracking import resolve_tracking_uri, where_to_open
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    for s in out:
+        print(f"submitted job {s.job_id}  run '{s.run_name}'\n  run dir  {s.run_dir}\n  stdout   {s.stdout}\n"
+              f"  stderr   {s.stderr}\n  MLflow   experiment '{cfg.tracking.experiment}' at {uri} "
+              f"({where_to_open(uri)})")
+    if args.wait:
+        failed = 0
+        for s in out:
+            try:
+                wait_for_job(s.job)  # through requeues, to the real end
+                result = s.job.results()[0]  # one result per task; rank 0 speaks for the job
+                print(f"job {s.job_id} finished: step {result['step']}, loss {result['loss']:.4f}, "
+                      f"MLflow run {result['run_id']}")
+            except Exception as exc:  # submitit re-raises the job's failure or cancellation here
+                failed += 1
+                print(f"job {s.job_id} did not finish ({s.job.state}): {str(exc).splitlines()[0][:300]}",
+                      file=sys.stderr)
+        return 1 if failed else 0
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_pipeline.sources import LABEL_MODES
+    from launch.evaluation import add_eval_args
+    from trainer.config import DEVICES
+
+    parser = argparse.ArgumentParser(
+        prog="simclr", description="SimCLR pretraining at scale: train, evaluate, benchmark and launch on SLURM. "
+        "Configs are YAML recipes plus key=value overrides.")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO lines (MLflow's) too; "
+                        "give it before the command: simclr --verbose train ...")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand whose --help says what it does and each option's default."""
+        return sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              **kwargs)
+
+    p = command("train", "pretrain (one process, or --nproc K local ranks)")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="local ranks to start on this node (one per GPU)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print it resolved; train nothing")
+    p.set_defaults(func=cmd_train)
+
+    p = command("eval", "linear probe + kNN of a trained encoder, beside a random-init baseline")
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = command("embed", "write a dataset's encoder features to disk (embeddings.npy, index.csv, meta.json)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint step_N.pt or an exported encoder.pt")
+    p.add_argument("--data", required=True, help="the dataset (any layout data.root accepts)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="", help="split of --data when it holds several (STL-10, CIFAR)")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks, each writing its own rows (one per GPU)")
+    p.add_argument("--head-layers", type=int, default=0, metavar="N",
+                   help="features after the first N layers of the projection head (needs a step_N.pt)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="of embeddings.npy")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2, help="data loading workers / DALI threads")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when visible")
+    p.add_argument("--chunk-rows", type=int, default=8192, help="rows a rank writes at once; a restart redoes "
+                   "at most one chunk per rank")
+    p.add_argument("--overwrite", action="store_true", help="replace embeddings of another checkpoint or dataset")
+    p.set_defaults(func=cmd_embed)
+
+    p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see simclr bench --help")
+    p.set_defaults(func=cmd_bench)
+
+    p = command("make-demo-data", "write a small ImageFolder dataset from photos shipped with "
+                       "scikit-image and scikit-learn")
+    p.add_argument("--out", default="demo_data", help="folder for train/, val/ and their .npz twins (a new one, or "
+                   "one make-demo-data wrote before: nothing else is ever replaced)")
+    p.add_argument("--size", type=int, default=64, help="side of each square crop (px)")
+    p.add_argument("--train-per-class", type=int, default=48, help="training crops per class (10 classes)")
+    p.add_argument("--val-per-class", type=int, default=16, help="held-out crops per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crops' positions")
+    p.set_defaults(func=cmd_make_demo_data)
+
+    p = command("make-shards", "write a dataset (any layout data.root accepts) as WebDataset tar shards "
+                       "with DALI index files, for fast starts and reads at scale")
+    p.add_argument("src", help="the dataset: image folder, .npz, STL-10 or CIFAR folder")
+    p.add_argument("out", help="a new (or empty) folder for shard-000000.tar ... and manifest.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--split", default="", help="split of SRC when it holds several (STL-10, CIFAR)")
+    p.add_argument("--labels", default="auto", choices=LABEL_MODES,
+                   help="for an image folder: class sub-folders, or none (unlabeled)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality for sources held as arrays")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave undecodable image files out")
+    p.set_defaults(func=cmd_make_shards)
+
+    p = command("sync", "replay a run folder (params, tags, metrics, artifacts) into MLflow "
+                       "(after an outage)")
+    p.add_argument("run_dir", help="the run folder (train.run_dir: it holds metrics.jsonl and mlflow_run.json)")
+    p.add_argument("--run-id", default=None, help="the MLflow run to complete (default: the run's own)")
+    p.add_argument("--uri", default="", help="the MLflow tracking URI (default: the run's own store)")
+    p.add_argument("--experiment", default="", help="default: the run's own experiment")
+    p.set_defaults(func=cmd_sync)
+
+    p = command("submit", "submit the training to SLURM through submitit (one task per GPU)")
+    _add_config_args(p)
+    p.add_argument("--cluster", required=True, help="cluster config YAML (see cluster_configs/)")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="key=v1,v2",
+                   help="submit a job array over the product of these values, e.g. optim.lr=0.3,0.6")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument("--name", default="simclr", help="SLURM job name")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and report how they ended")
+    p.add_argument("--eval", nargs=argparse.REMAINDER, default=None, metavar="EVAL_OPTIONS",
+                   help="submit an evaluation instead: everything after --eval is simclr eval's options (one rank "
+                        "per task), e.g. --eval --checkpoint RUN/encoder.pt --train-data D/train --val-data D/val")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an earlier submission's run folder (its config, checkpoint and MLflow run) as a "
+                        "new job, e.g. on another number of nodes or GPUs")
+    p.set_defaults(func=cmd_submit)
+
+    p = command("demo", "make demo data, pretrain with 2 CPU ranks, then linear-probe vs random init")
+    p.add_argument("--workdir", default=".", help="where demo_data/, runs/demo and mlflow.db are written")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the pretraining")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (benchmarks/throughput.py), --help included
+        argv = ["bench", "--", *argv[1:]]
+    verbose = "--verbose" in argv[:1]  # simclr --verbose <command>: the libraries' INFO lines too
+    if verbose:
+        argv = argv[1:]
+        os.environ["SIMCLR_VERBOSE"] = "1"  # the ranks inherit it
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    from trainer.errors import exit_code_of
+
+    sys.exit(exit_code_of(lambda: args.func(args)))

@@ -1,0 +1,1 @@
+"""simclr-scale trainer: config, model, loss, optimizer, schedule, step, loop, checkpoints, tracking."""

@@ -1,0 +1,24 @@
+"""``python -m trainer --config FILE [key=value ...]``: one rank of a training job, the program that
+torchrun starts (``torchrun --nproc_per_node=K -m trainer --config ...``, and ``simclr train --nproc K``
+through it). Needs nothing from ``launch``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.config import load_config
+from trainer.errors import exit_code_of
+from trainer.interrupts import train_in_foreground
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="one rank of a SimCLR pretraining job")
+    parser.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.5")
+    args = parser.parse_args(argv)
+    return exit_code_of(lambda: train_in_foreground(load_config(args.config, args.overrides)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

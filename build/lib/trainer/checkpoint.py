@@ -1,0 +1,351 @@
+"""One checkpoint format and one atomic writer, used by the train loop (regular, final and
+pre-emption checkpoints) and by ``simclr eval``. Files are ``<run_dir>/checkpoints/step_<N>.pt``;
+loading is ``weights_only``.
+
+``Checkpointer`` is what the loop holds. As torchtitan's, it is given the run's stateful parts
+(model, optimizer, scaler, online probe, ``TrainState``) and asks each for its own state; it adds
+every rank's RNG state and the config, finds and checks what to resume from, and reconciles a
+change of world size in one place (``resume``). Nothing outside this module and the parts' own
+``state_dict`` methods names a key of the file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.seeds import derive_seed
+from trainer.config import Config, config_to_dict
+from trainer.distributed import DistInfo
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+REQUIRED_KEYS = ("format_version", "model", "optimizer", "step", "epoch", "step_in_epoch", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """The loop's own state: where it is, which world sizes ran it, and its MLflow run. Its keys
+    are the top level of the checkpoint file (format 1)."""
+
+    steps_per_epoch: int
+    world_size: int  # this job's
+    step: int = 0
+    world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
+    mlflow_run_id: str | None = None
+    world_size_changed: bool = False  # set by a resume on another world size than the checkpoint's
+
+    def __post_init__(self) -> None:
+        self.world_size_history = self.world_size_history or [[0, self.world_size]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "step_in_epoch": self.step % self.steps_per_epoch, "world_size": self.world_size,
+                "world_size_history": self.world_size_history, "mlflow_run_id": self.mlflow_run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.mlflow_run_id = state["step"], state.get("mlflow_run_id")
+        self.world_size_history = state.get("world_size_history") or [[0, state.get("world_size", self.world_size)]]
+        if self.world_size_history[-1][1] != self.world_size:  # a resume on another world size
+            self.world_size_history.append([self.step, self.world_size])
+            self.world_size_changed = True
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint file of a run folder (by step; not opened), or None."""
+    found = list_checkpoints(checkpoint_dir(run_dir))
+    return found[0] if found else None
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoints in ``directory``, newest (highest step) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int) -> Path:
+    """Write ``state`` atomically (temp file, fsync, rename, fsync dir), then drop all but the
+    newest ``keep_last``. A crash at any moment leaves the previous checkpoints intact."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{state['step']:09d}.pt"
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:  # disk full (torch's zip writer raises RuntimeError), quota, I/O
+        written = tmp.stat().st_size if tmp.exists() else 0
+        full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(directory).free < max(written, 2**20)
+        tmp.unlink(missing_ok=True)  # keep what is on disk, leave no partial file
+        previous = list_checkpoints(directory)
+        kept = f"the previous checkpoint {previous[0]} is intact and stays the newest" if previous else \
+            "no earlier checkpoint exists"
+        why = "no space left on device" if full else str(exc).strip().splitlines()[0]
+        fewer = " (or lower checkpoint.keep_last)" if len(previous) > 1 else ""  # only older ones could go
+        raise CheckpointError(f"could not write checkpoint {final}: {why}; {kept}. Free space in {directory}"
+                              f"{fewer}, then run again to resume") from None
+    _fsync_dir(directory)
+    for old in list_checkpoints(directory)[keep_last:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the partial ``.step_*.pt.tmp-*`` files a killed writer left behind (they are never
+    read, and on a full disk each retry would add another)."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".step_*.pt.tmp-*")) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check one checkpoint (tensors to CPU, ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; use checkpoint.resume=auto or none")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, wrong pickle, foreign file: all mean 'unusable'
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                              "it may be truncated or not a simclr-scale checkpoint") from None
+    return _checked(state, path)
+
+
+def _checked(state: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"checkpoint {path} lacks {[k for k in REQUIRED_KEYS if k not in state]}; "
+                              "not a simclr-scale training checkpoint")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state['format_version']}, newer than this "
+                              f"simclr-scale ({FORMAT_VERSION}); upgrade the package")
+    return state
+
+
+def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | None, dict[str, Any] | None]:
+    """``none``: start fresh. A path: that file (an error if unusable). ``auto``: the newest valid
+    checkpoint of this run; a corrupt newest one is reported and the previous one used."""
+    if resume == "none":
+        return None, None
+    if resume != "auto":
+        return Path(resume), load_checkpoint(resume)
+    found = list_checkpoints(checkpoint_dir(run_dir))
+    for path in found:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping unusable checkpoint: {exc}", stacklevel=2)
+    if found:  # never start over on our own: that would abandon the run (and its MLflow run) silently
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} is usable ({len(found)} found, the newest "
+                              f"{found[0].name} unreadable: truncated or not a checkpoint), so the run cannot resume; "
+                              "nothing was started. Resume from a copy (checkpoint.resume=/path/to/step_N.pt), or "
+                              "start this run over with checkpoint.resume=none train.overwrite=true")
+    return None, None
+
+
+@dataclass
+class SavedWeights:
+    """What evaluation reads from a file: a training checkpoint (the SimCLR model, encoder and head,
+    and the run's config) or an exported encoder (its weights alone; the config is beside it)."""
+
+    path: Path
+    model: dict[str, torch.Tensor]  # a checkpoint: the SimCLR model; an export: the encoder
+    config: dict[str, Any] | None  # the run's config when the file is a checkpoint, else None
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.config is not None
+
+    def encoder(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights, whichever file this is."""
+        if not self.is_checkpoint:
+            return self.model
+        return {k[len("encoder."):]: v for k, v in self.model.items() if k.startswith("encoder.")}
+
+
+def load_weights(path: str | Path) -> SavedWeights:
+    """A checkpoint ``step_N.pt`` or an exported ``encoder.pt``, read once (``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint step_N.pt or an exported encoder.pt")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or not weights
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                              "pass a checkpoint step_N.pt or an exported encoder.pt") from None
+    if isinstance(content, dict) and "format_version" in content:
+        state = _checked(content, path)  # the checkpoint's own checks
+        return SavedWeights(path, state["model"], state["config"])
+    if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return SavedWeights(path, content, None)
+    raise CheckpointError(f"{path} is neither a simclr-scale checkpoint nor an exported encoder state dict")
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """A fresh start: torch the same on every rank (the same model init; DDP broadcasts it too),
+    Python's and NumPy's generators per rank."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch generator states in weights_only-loadable types."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- the run's checkpointer
+
+
+def check_compatible(state: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse a checkpoint whose model or global batch differs from this run's (the weights would
+    not load, or the data position would not match)."""
+    saved, wanted = state["config"], config_to_dict(cfg)
+    if saved.get("model") != wanted["model"]:
+        raise CheckpointError(f"checkpoint {path} was trained with model={saved.get('model')}, this run asks "
+                              f"for {wanted['model']}; use the same model settings or checkpoint.resume=none "
+                              "with a new train.run_dir")
+    if saved["data"]["batch_size"] != cfg.data.batch_size:
+        raise CheckpointError(f"checkpoint {path} used data.batch_size={saved['data']['batch_size']}, "
+                              f"this run {cfg.data.batch_size}: the data position would not match")
+
+
+class Checkpointer:
+    """This run's checkpoints, of the run's stateful parts (``train_state``'s keys are the file's
+    top level; the probe is optional: an older checkpoint without one gives a fresh probe).
+    ``resume`` finds and checks the state to continue from, loads every part, and restores this
+    rank's RNG; ``save`` gathers every rank's RNG state (a collective) and rank 0 writes
+    atomically, keeping the newest ``checkpoint.keep_last``."""
+
+    def __init__(self, cfg: Config, info: DistInfo, train_state: TrainState, model: Stateful, optimizer: Stateful,
+                 scaler: Stateful, online_probe: Stateful | None = None) -> None:
+        self.cfg, self.info, self.train_state = cfg, info, train_state
+        self.states = {"model": model, "optimizer": optimizer, "scaler": scaler}  # by their key in the file
+        if online_probe is not None:
+            self.states["online_probe"] = online_probe
+        self.run_dir = Path(cfg.train.run_dir)
+        self.directory = checkpoint_dir(self.run_dir)
+
+    def resume(self) -> bool:
+        """Load the newest usable checkpoint (or ``checkpoint.resume``) into the parts; False when
+        the run starts fresh."""
+        if self.info.is_main:
+            remove_stale_temp_files(self.directory)
+        if self.cfg.checkpoint.resume == "none":
+            self._start_over()
+        path, state = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
+        if state is None:
+            return False
+        check_compatible(state, self.cfg, path)
+        for key, part in self.states.items():
+            if state.get(key) is not None:  # an older checkpoint without a part (the probe): it starts fresh
+                part.load_state_dict(state[key])
+        self.train_state.load_state_dict(state)
+        rng = state.get("rng") or []
+        if len(rng) == self.info.world_size:
+            restore_rng(rng[self.info.rank])
+        else:  # another world size: this rank's streams derived from the run's seed and the step
+            seed_everything(derive_seed(self.cfg.train.seed, state["step"]), self.info.rank)
+        if self.info.is_main:
+            print(f"[simclr] resumed from {path} at step {state['step']}", flush=True)
+            if len(rng) != self.info.world_size:
+                print(f"[simclr] the checkpoint was written by {len(rng)} ranks, this job has {self.info.world_size}: "
+                      "the same global batches follow, each rank's random streams are derived afresh", flush=True)
+        return True
+    def _start_over(self) -> None:
+        """``checkpoint.resume=none`` in a folder that holds another run's checkpoints would leave
+        them to be picked by the next plain resume (with their MLflow run): refused, unless
+        ``train.overwrite=true`` says to replace that run's files."""
+        found = list_checkpoints(self.directory)
+        if not found:
+            return
+        if not self.cfg.train.overwrite:
+            raise CheckpointError(f"checkpoint.resume=none, but {self.run_dir} holds the checkpoints of an earlier run "
+                                  f"(newest {found[0].name}), which a later resume would pick up instead of this "
+                                  "run's; use a new train.run_dir, or add train.overwrite=true to replace that run")
+        if self.info.is_main:
+            for path in found:
+                path.unlink(missing_ok=True)
+            for name in ("metrics.jsonl", "mlflow_run.json", "encoder.pt", "curves.png"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            print(f"[simclr] train.overwrite=true: the earlier run's checkpoints and files in {self.run_dir} were "
+                  "removed", flush=True)
+        if self.info.distributed:
+            dist.barrier()  # no rank looks at the folder while rank 0 clears it
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        state = capture_rng()
+        if not self.info.distributed:
+            return [state]
+        states: list = [None] * self.info.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self) -> None:
+        """Every rank calls this at the same step (that of ``train_state``)."""
+        rng = self._gather_rng()
+        if self.info.is_main:
+            parts = {key: part.state_dict() for key, part in self.states.items()}
+            save_checkpoint({**parts, **self.train_state.state_dict(), "rng": rng, "config": config_to_dict(self.cfg)},
+                            self.directory, self.cfg.checkpoint.keep_last)

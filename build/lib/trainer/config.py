@@ -1,0 +1,245 @@
+"""The run configuration: typed dataclasses, validated once at load.
+
+A run is described by a YAML recipe plus ``key=value`` overrides. Everything is validated here,
+so that a typo or an out-of-range value fails before any process group or GPU is touched. The
+data sections (``DataConfig``, ``AugmentConfig``) belong to the data pipeline; the YAML/dataclass
+machinery lives in ``trainer.dataclass_yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from data_pipeline.config import AugmentConfig, DataConfig
+from trainer.dataclass_yaml import (
+    ConfigError,
+    build_dataclass,
+    merge,
+    parse_overrides,
+    read_yaml_mapping,
+    to_plain_dict,
+)
+
+__all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "config_from_dict", "config_to_dict",
+           "dump_config", "load_config"]
+
+
+# torchvision ResNets: the SimCLR paper's ResNet-50 (wide_resnet*_2 are its 2x widths), SimCLRv2's deeper ones
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when visible
+DEVICES: tuple[str, ...] = get_args(Device)
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "resnet18"
+    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
+    proj_hidden_dim: int = 0  # 0: same as the encoder's feature width (512 or 2048)
+    proj_out_dim: int = 128
+    proj_layers: int = 2  # linear layers in the projection head: 2 (SimCLR v1) or 3 (SimCLRv2)
+    sync_bn: bool = True  # convert BN to SyncBatchNorm on CUDA when world size > 1
+    sync_bn_group_size: int = 0  # 0: sync across the whole world; K: within groups of K ranks
+    channels_last: bool = True  # only applied on CUDA
+    compile: bool = False  # torch.compile the model (encoder + head); the first steps compile (warm-up)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float = 0.3  # base lr, scaled by lr_scaling with the global batch
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # linear: lr*B/256, sqrt: lr*sqrt(B)
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    trust_coefficient: float = 0.001  # LARS eta
+    trust_clip: bool = False  # LARC-style clipping of the trust ratio
+    exclude_bias_and_norm: bool = True  # ndim<=1 params: no weight decay, no LARS adaptation
+    warmup_epochs: float = 10.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    final_lr_fraction: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.1
+    gather_negatives: bool = True  # negatives from the global batch across ranks
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_consecutive_nonfinite: int = 20  # stop the run after this many skipped steps in a row
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    seed: int = 0
+    device: Device = "auto"
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    stop_after_steps: int = 0  # >0: stop early (schedule unchanged), as a time limit would
+    knn_every_epochs: int = 0  # >0: kNN monitor on data.val_root every N epochs
+    online_probe: bool = True  # a linear classifier trained on the detached features (when the data has labels)
+    stop_check_every: int = 10  # multi-rank runs agree on a stop request (pre-emption, Ctrl-C) every N steps
+    progress_bar: bool = True
+    overwrite: bool = False  # with checkpoint.resume=none: replace an earlier run's checkpoints in run_dir
+    micro_batch: int = 0  # >0: gradient caching in chunks of this many images per rank (see trainer/grad_cache.py)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | <path>
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # '' = MLflow's default local store in the working directory
+    experiment: str = "simclr"
+    run_name: str = ""
+    log_model: bool = True  # the finished encoder as an MLflow PyTorch model: runs:/<run_id>/encoder
+    register_as: str = ""  # also register that model under this name in the model registry
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU where NVML is present) as system/*
+    system_metrics_interval_s: float = 10.0
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: float = 600.0  # a dead or stuck rank ends the job after this long, not a hang
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _refuse(key, value, allowed)
+
+
+def _refuse(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}: {value!r} is out of range; {allowed}")
+
+
+def tracking_scheme(uri: str) -> str:
+    """The scheme of an MLflow tracking URI ('' for the default store or a plain local path)."""
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
+
+
+def known_tracking_schemes() -> set[str]:
+    """MLflow's built-in tracking stores and those plugins register (entry points)."""
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+    return {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+            "uc", *plugins}
+
+
+def expand_paths(cfg: Config) -> Config:
+    """``~`` in path keys (a shell leaves ``key=~/x`` alone), expanded once at load."""
+    def expand(path: str) -> str:
+        return str(Path(path).expanduser()) if path.startswith("~") else path
+
+    cfg.train.run_dir = expand(cfg.train.run_dir)
+    cfg.data.root, cfg.data.val_root = expand(cfg.data.root), expand(cfg.data.val_root)
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        cfg.checkpoint.resume = expand(cfg.checkpoint.resume)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types alone cannot express."""
+    d, o = cfg.data, cfg.optim
+    for problem in d.problems():  # the data sections check their own fields
+        _refuse(*problem)
+    scheme = tracking_scheme(cfg.tracking.uri)
+    _check(scheme in known_tracking_schemes(), "tracking.uri", cfg.tracking.uri,
+           f"MLflow does not know the scheme {scheme!r}; use http(s)://host:port, sqlite:///path.db, file:///dir, "
+           "a database URI (postgresql://, mysql://, mssql://), databricks, or '' for the default store")
+    _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
+           cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
+    _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
+           "needs tracking.log_model=true (the registered version is the logged model)")
+    _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.trust_coefficient > 0, "optim.trust_coefficient", o.trust_coefficient, "must be > 0")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction, "must be in [0, 1]")
+    _check(cfg.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", cfg.model.proj_hidden_dim, "must be >= 0")
+    _check(cfg.model.proj_out_dim > 0, "model.proj_out_dim", cfg.model.proj_out_dim, "must be > 0")
+    _check(cfg.model.proj_layers >= 1, "model.proj_layers", cfg.model.proj_layers,
+           "must be >= 1 (2: SimCLR v1's head, 3: SimCLRv2's)")
+    _check(cfg.model.sync_bn_group_size >= 0, "model.sync_bn_group_size", cfg.model.sync_bn_group_size,
+           "must be >= 0 (0 = whole world)")
+    t = cfg.train
+    _check(t.epochs > 0, "train.epochs", t.epochs, "must be a positive integer")
+    _check(t.log_every > 0, "train.log_every", t.log_every, "must be a positive integer")
+    _check(t.stop_after_steps >= 0, "train.stop_after_steps", t.stop_after_steps, "must be >= 0 (0 = off)")
+    _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch,
+           "must be >= 0 (0 = one pass; N = gradient caching in chunks of N images per rank)")
+    _check(t.stop_check_every > 0, "train.stop_check_every", t.stop_check_every,
+           "must be a positive integer (steps between agreements on a stop request)")
+    _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
+    _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
+    run_dir = Path(t.run_dir).expanduser()
+    _check(not run_dir.exists() or run_dir.is_dir(), "train.run_dir", t.run_dir,
+           "is a file; name a directory for the run's checkpoints and logs")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    _check(os.access(existing, os.W_OK | os.X_OK), "train.run_dir", t.run_dir,
+           f"cannot be created or written: {existing} is not writable by this user; choose a folder you can write")
+    c = cfg.checkpoint
+    _check(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be a positive integer")
+    _check(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be a positive integer")
+    _check(cfg.precision.max_consecutive_nonfinite > 0, "precision.max_consecutive_nonfinite",
+           cfg.precision.max_consecutive_nonfinite, "must be a positive integer")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0 seconds")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    data = dict(data or {})
+    if isinstance(data.get("precision"), str):  # shorthand `precision: bf16`
+        data["precision"] = {"dtype": data["precision"]}
+    return validate(expand_paths(build_dataclass(Config, data)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (a path, or a shipped recipe's name; the defaults when ``path`` is None)
+    and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        from trainer.recipes import find_recipe
+
+        data = read_yaml_mapping(find_recipe(path, "configs"), "config file",
+                                 "pass a recipe's name (demo_cpu, cifar10_resnet18, ...) or a YAML file")
+    return config_from_dict(merge(data, parse_overrides(overrides or [])))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, checkpoints and MLflow."""
+    return to_plain_dict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

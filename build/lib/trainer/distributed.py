@@ -1,0 +1,128 @@
+"""Process-group set-up, agreement across ranks, the autograd-aware all-gather, local torchrun.
+
+Every launcher (``simclr train``, plain torchrun, the submitit job) ends up with torchrun-style
+environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); this module reads
+only those, so there is one way in. With none set the run is a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import DistConfig
+from trainer.device import choose_device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistInfo:
+    """Join the process group described by the environment (or run alone)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = choose_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def any_rank(*flags: torch.Tensor | bool) -> list[bool]:
+    """For each flag, whether it is set on any rank (one MAX all-reduce), read on the host. Every
+    rank must call this at the same point: it is how all ranks agree to stop together. A host
+    read: the training step uses ``max_over_ranks`` instead and reads nothing."""
+    device = next((f.device for f in flags if isinstance(f, torch.Tensor)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(f, device=device).float().reshape(()) for f in flags])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+def max_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a device tensor) replaced in place by its maximum over ranks; nothing is read
+    on the host (the all-reduce is queued on the device like any kernel)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, program: list[str], port: int | None = None) -> list[str]:
+    """The command that starts ``nproc`` local ranks of ``program`` (``["-m", "trainer", ...]`` or a
+    script and its arguments) with torchrun, rendezvous on 127.0.0.1."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", *program]
+
+
+# torch >= 2.14 renames all_gather_into_tensor (and warns on the old name); older releases lack the new one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
+        out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+        _all_gather_single(out, tensor.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Every rank's loss depends on every rank's rows, so the gradient of a local row is the
+        # sum over ranks of their losses' gradients: all-reduce, then keep our slice.
+        grad = grad_out.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) over ranks along dim 0, differentiably.
+
+    The backward pass sums gradients over ranks; DDP's gradient averaging then divides by the
+    world size, so the step equals one process optimising the mean of all ranks' losses.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)

@@ -1,0 +1,163 @@
+"""``simclr embed``: the frozen encoder's features of every sample of a dataset, written to disk in
+dataset order, for retrieval, clustering, de-duplication and downstream models.
+
+``OUT/embeddings.npy`` is one N x d array (float16 or float32; readers memory-map it) that rank 0
+creates and every rank fills with its own rows, each chunk written whole at its byte offset
+(``os.pwrite``, not a shared writable memory map), so nothing is gathered on one rank and
+ImageNet's 1.28M x 2048 needs no more memory than a chunk. Chunk k goes to rank k % world; each
+finished chunk is appended to ``progress.rank<R>`` once its rows are on disk, so a stopped run
+started again (on any number of ranks) computes only the chunks no progress file names. A chunk's
+rows are always batched the same way, so 1 and K ranks write the same bytes. Beside it:
+``index.csv`` (row, sample, label, class) and ``meta.json`` (checkpoint and its sha256, arch, head
+layers, data, dtype, commit, complete).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline import IndexStore, build_eval_batches, open_source
+from trainer.checkpoint import CheckpointError
+from trainer.dataclass_yaml import ConfigError
+from trainer.evaluate import load_encoder
+from trainer.run_files import atomic_write_text
+from trainer.tracking import git_commit
+
+CHUNK_ROWS = 8192
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _done_chunks(out: Path) -> set[int]:
+    done: set[int] = set()
+    for progress in out.glob("progress.rank*"):
+        # only whole lines: the last piece, after the last newline, is empty or was cut short by a kill
+        for line in progress.read_text().split("\n")[:-1]:
+            if line.isdigit():
+                done.add(int(line))
+    return done
+
+
+def _prepare(out: Path, meta: dict, overwrite: bool, rank: int) -> None:
+    """Rank 0: a new output folder, the same run's folder to continue, or a refusal naming the clash."""
+    if rank != 0:
+        return
+    old_meta = out / "meta.json"
+    if old_meta.exists():
+        try:
+            old = json.loads(old_meta.read_text())
+        except ValueError:
+            old = {}
+        same = all(old.get(k) == meta[k] for k in ("checkpoint_sha256", "head_layers", "data", "split", "dtype",
+                                                     "samples", "dim", "chunk_rows"))
+        if not same and not overwrite:
+            raise ConfigError(f"{out} already holds embeddings of another checkpoint or dataset "
+                              f"({old.get('checkpoint', '?')}, {old.get('data', '?')}); choose another --out, or "
+                              "pass --overwrite to replace them")
+        if same:
+            return
+    elif (out / "embeddings.npy").exists() and not overwrite:
+        raise ConfigError(f"{out} holds an embeddings.npy without its meta.json; choose another --out, or pass "
+                          "--overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("progress.rank*"), out / "embeddings.npy", out / "index.csv"]:
+        stale.unlink(missing_ok=True)
+    np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=meta["dtype"],
+                              shape=(meta["samples"], meta["dim"])).flush()
+    atomic_write_text(out / "meta.json", json.dumps({**meta, "complete": False}, indent=2))
+
+
+def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: int = 0, dtype: str = "float16",
+          batch_size: int = 256, overwrite: bool = False, device: torch.device | None = None, rank: int = 0,
+          world_size: int = 1, chunk_rows: int = CHUNK_ROWS, workers: int = 2) -> dict:
+    """Embed every sample of ``data`` with the encoder of ``checkpoint`` into ``out`` (this rank's share)."""
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"--dtype {dtype}: use float16 or float32")
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a step_N.pt from a run's checkpoints/ "
+                              "or an exported encoder.pt")
+    device = device or torch.device("cpu")
+    encoder, cfg = load_encoder(checkpoint, head_layers)
+    encoder.eval().to(device)
+    data_cfg = dataclasses.replace(cfg.data, num_workers=workers)
+    store = IndexStore(Path(out), rank, world_size)
+    source = open_source(data, split, cfg.data.labels, store)
+    n = len(source)
+    side = cfg.data.image_size
+    with torch.no_grad():  # the feature width (eval mode: batch norm does not look at the batch)
+        dim = int(encoder(torch.zeros(1, 3, side, side, device=device)).reshape(1, -1).shape[1])
+    out_dir = Path(out)
+    meta = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(Path(checkpoint)),
+            "arch": cfg.model.arch, "head_layers": head_layers, "data": str(Path(data).resolve()), "split": split,
+            "samples": n, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows, "image_size": cfg.data.image_size,
+            "commit": git_commit()}
+    failure = None
+    try:
+        _prepare(out_dir, meta, overwrite, rank)
+    except ConfigError as exc:
+        failure = exc
+    if dist.is_available() and dist.is_initialized():  # a refusal on rank 0 ends every rank with its line
+        said = [str(failure) if failure else None]
+        dist.broadcast_object_list(said, src=0)
+        if said[0] and failure is None:
+            raise ConfigError(said[0])
+    if failure is not None:
+        raise failure
+    done = _done_chunks(out_dir)
+    chunks = [k for k in range(-(-n // chunk_rows)) if k not in done]
+    mine = chunks[rank::world_size]
+    array = np.lib.format.open_memmap(out_dir / "embeddings.npy", mode="r")
+    offset, row_bytes = array.offset, dim * array.dtype.itemsize
+    del array
+    fd = os.open(out_dir / "embeddings.npy", os.O_WRONLY)
+    try:
+        with open(out_dir / f"progress.rank{rank}", "a") as progress, torch.no_grad():
+            for k in mine:
+                start, stop = k * chunk_rows, min(n, (k + 1) * chunk_rows)
+                order = source.reading_order(np.arange(start, stop))  # rows come back in the layout's order
+                got = [encoder(images.to(device)).reshape(len(images), -1).float().cpu().numpy()
+                       for images, _ in build_eval_batches(data_cfg, source, device, batch_size, order.tolist())]
+                block = np.empty((stop - start, dim), dtype=dtype)
+                block[order - start] = np.concatenate(got)
+                os.pwrite(fd, block.tobytes(), offset + start * row_bytes)
+                os.fsync(fd)  # the rows are on disk before the progress line says so
+                progress.write(f"{k}\n")
+                progress.flush()
+                os.fsync(progress.fileno())
+    finally:
+        os.close(fd)
+    _barrier()
+    summary = {"samples": n, "dim": dim, "chunks": -(-n // chunk_rows), "already_done": len(done),
+               "computed_here": len(mine), "out": str(out_dir)}
+    if rank == 0:
+        with open(out_dir / "index.csv.tmp", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["row", "sample", "label", "class"])
+            labels = np.asarray(source.labels)
+            for i in range(n):
+                label = int(labels[i])
+                writer.writerow([i, source.sample_name(i), label,
+                                 source.classes[label] if 0 <= label < len(source.classes) else ""])
+        os.replace(out_dir / "index.csv.tmp", out_dir / "index.csv")
+        atomic_write_text(out_dir / "meta.json", json.dumps({**meta, "complete": True}, indent=2))
+    return summary

@@ -1,0 +1,71 @@
+"""The trained encoder as users take it away: ``encoder.pt`` (the encoder's state dict, loadable
+into a stock torchvision ResNet) and an MLflow PyTorch model that is a plain torchvision ResNet
+(SyncBatchNorm turned back into BatchNorm, on the CPU, in fp32), logged by the training run or,
+when MLflow was unreachable then, by ``simclr sync`` later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.model import encoder_state_dict
+from trainer.sync_batchnorm import revert_sync_batchnorm
+from trainer.tracking import MlflowRun
+
+
+def save_encoder(model: nn.Module, path: Path) -> Path:
+    """The SimCLR model's encoder (no projection head) as a state dict at ``path``."""
+    torch.save(encoder_state_dict(model), path)
+    return path
+
+
+def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int, register_as: str = "") -> str | None:
+    """Log ``encoder`` (no projection head) into ``run`` as an MLflow model taking normalised NCHW
+    float32 images of any size and returning features, with its signature, an input example and
+    pinned pip requirements; registered as ``register_as`` when given. Returns the model URI
+    (``runs:/<run_id>/encoder``), or None when there is no run or MLflow is unreachable."""
+    if run is None or not run.flush(force=True):
+        return None
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torchvision
+    from mlflow.models import ModelSignature
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+    from mlflow.types import Schema, TensorSpec
+
+    plain = revert_sync_batchnorm(encoder).cpu().float().eval()
+    size = min(image_size, 64)  # the example is stored as JSON: keep it small
+    example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        output = plain(torch.from_numpy(example)).numpy()
+    # any batch and any image size (the encoder pools globally): only channels and dtype are fixed
+    signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+                               Schema([TensorSpec(np.dtype(np.float32), (-1, output.shape[1]))]))
+    # the public release of a local build (2.14.1+cu128 -> 2.14.1): what pip can install elsewhere
+    requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    # MLflow's fluent API logs models; it takes the store as a process-wide setting, which must not
+    # outlive this call (a later run in this process resolving its default store would get ours)
+    previous = tracking_utils._tracking_uri
+    try:
+        mlflow.set_tracking_uri(run.uri)
+        # the logged model belongs to the run's experiment (else runs:/<id>/encoder cannot find it)
+        mlflow.set_experiment(experiment_id=run.client.get_run(run.run_id).info.experiment_id)
+        mlflow.pytorch.log_model(plain, name="encoder", run_id=run.run_id, signature=signature,
+                                 input_example=example, pip_requirements=requirements,
+                                 registered_model_name=register_as or None,
+                                 # a real torchvision module: .train(), parameters, fine-tuning; a pt2
+                                 # program (MLflow's default) is frozen in eval mode
+                                 serialization_format="pickle")
+    except Exception as exc:
+        run.warn("logging the encoder as an MLflow model", exc)
+        return None
+    finally:
+        mlflow.set_tracking_uri(previous)
+    uri = f"runs:/{run.run_id}/encoder"
+    registered = f", registered as {register_as}" if register_as else ""
+    print(f"[simclr] encoder logged as an MLflow model: mlflow.pytorch.load_model('{uri}'){registered}", flush=True)
+    return uri

@@ -1,0 +1,72 @@
+"""Ctrl-C, SIGTERM and SIGHUP for runs in the foreground (``simclr train``, ``python -m trainer``
+under ``simclr train --nproc K`` or torchrun): like the SLURM path, every rank stops at the next
+step boundary, a checkpoint is written and the MLflow run is closed as KILLED; the exit status is
+128 + the signal. A second Ctrl-C aborts at once. Only rank 0 says so.
+
+Under torchrun one Ctrl-C reaches a rank twice within milliseconds (the terminal signals the whole
+process group, and torchrun forwards what it got), so a repeat within ``SAME_INTERRUPT_S`` is the
+same interrupt; only a later one aborts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from trainer.config import Config
+from trainer.loop import train
+
+SAME_INTERRUPT_S = 1.0
+
+
+@contextmanager
+def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
+    """While inside, SIGINT, SIGTERM and SIGHUP set ``stop``; yields the signals received."""
+    received: list[int] = []
+    first_at = [0.0]
+
+    def handler(signum: int, _frame) -> None:
+        now = time.monotonic()
+        if received and signum == signal.SIGINT and now - first_at[0] > SAME_INTERRUPT_S:
+            print("[simclr] second Ctrl-C: aborted without a new checkpoint; the last one on disk is intact",
+                  file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if not received and os.environ.get("RANK", "0") == "0":
+            if sys.stderr.isatty():
+                print(file=sys.stderr)  # off the progress bar's line
+            print(f"[simclr] {signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
+                  "(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+        if not received:
+            first_at[0] = now
+        received.append(signum)
+        stop.set()
+
+    def abort_while_exiting(signum: int, _frame) -> None:
+        if time.monotonic() - first_at[0] <= SAME_INTERRUPT_S:
+            return  # the first Ctrl-C delivered again (torchrun)
+        print("[simclr] second Ctrl-C: aborted while exiting; the checkpoint written at the stop is intact",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)  # the interpreter's shutdown (MLflow's exit hooks, threads) is skipped
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if received:  # stopped by a signal, and now exiting: a second Ctrl-C still aborts at once, as promised
+            signal.signal(signal.SIGINT, abort_while_exiting)
+
+
+def train_in_foreground(cfg: Config) -> int:
+    """Train with Ctrl-C/SIGTERM handled; the exit status is 128 + the signal when one stopped the run."""
+    stop = threading.Event()
+    with stop_on_interrupt(stop) as received:
+        code = train(cfg, stop=stop).exit_code
+    return 128 + received[0] if received and code == 0 else code

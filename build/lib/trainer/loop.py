@@ -1,0 +1,306 @@
+"""The training entry point: every launcher (``simclr train``, torchrun, the SLURM job) calls ``train``.
+
+``train`` builds the run's parts (``trainer.parts``), resumes or starts the MLflow run, then loops:
+one ``train_step`` per batch, a metrics window logged every ``train.log_every`` steps, checkpoints
+every ``checkpoint.every_steps``, and ``finish_run`` at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
+
+from trainer.config import Config, dump_config
+from trainer.device import peak_memory_mb
+from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
+from trainer.evaluate import knn_monitor, probe_val_top1
+from trainer.export import log_encoder_model, save_encoder
+from trainer.metrics import MetricsWindow
+from trainer.parts import TrainParts, build_parts
+from trainer.plots import plot_curves
+from trainer.run_files import atomic_write_text
+from trainer.step import StepOutcome, train_step
+from trainer.tracking import Tracker, read_metrics_file, run_params
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    run_dir: Path
+    run_id: str | None
+    encoder_path: Path | None
+    preempted: bool = False
+    skipped_nonfinite: int = 0
+    skipped_overflow: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the run trained (or was pre-empted and checkpointed), 1 when it did nothing."""
+        return 0 if self.step > 0 or self.preempted else 1
+
+
+def train(cfg: Config, stop: threading.Event | None = None,
+          on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
+    """Pretrain SimCLR with the resolved ``cfg`` in this process (one rank of the job).
+
+    Setting ``stop`` (a signal handler does, on pre-emption) makes every rank checkpoint and return
+    at the next step boundary. ``on_start(tracker, info)`` runs once the MLflow run exists.
+    """
+    info = init_distributed(cfg.dist, cfg.train.device)
+    try:
+        parts = build_parts(cfg, info)
+        try:
+            return run_training(parts, stop or threading.Event(), on_start)
+        except BaseException as exc:  # the MLflow run must not stay RUNNING, whatever ended it
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            parts.tracker.finish(status)
+            if parts.info.is_main and parts.tracker.run_id:
+                print(f"[simclr] {parts.tracker.describe()} ended {status}", file=sys.stderr, flush=True)
+            raise
+    finally:
+        teardown()
+
+
+def run_training(parts: TrainParts, stop: threading.Event,
+                 on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
+    cfg = parts.cfg
+    step = start_run(parts)
+    if step >= parts.schedule.total:  # a finished run run again: nothing to train, export or log twice
+        encoder = parts.run_dir / "encoder.pt"
+        if parts.info.is_main:
+            print(f"[simclr] the run in {parts.run_dir} already finished (step {step}/{parts.schedule.total}); nothing "
+                  f"to do. Its encoder: {encoder}. To train again, use a new train.run_dir, or "
+                  "checkpoint.resume=none train.overwrite=true", flush=True)
+        return TrainResult(step, float("nan"), parts.run_dir, parts.tracker.run_id,
+                           encoder if encoder.exists() else None)
+    if on_start is not None:
+        on_start(parts.tracker, parts.info)
+    stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
+    shown = parts.info.is_main and cfg.train.progress_bar
+    bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not shown)
+    try:
+        with printed_above(bar if shown else None):
+            step, last_loss, preempted, skips = train_loop(parts, stop, step, stop_at, bar)
+    finally:
+        bar.close()  # ends the bar's line: a message that follows (an error too) starts on its own line
+    encoder_path = finish_run(parts, step, preempted)
+    return TrainResult(step, last_loss, parts.run_dir, parts.tracker.run_id, encoder_path, preempted,
+                       *skips.totals())
+
+
+@contextmanager
+def printed_above(bar: tqdm | None) -> Iterator[None]:
+    """While the progress bar is shown, every print (ours, MLflow's warnings, a signal's notice) goes
+    above it on a line of its own, never glued to the bar's line."""
+    if bar is None:
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = DummyTqdmFile(out), DummyTqdmFile(err)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int,
+               bar: tqdm) -> tuple[int, float, bool, SkipCounters]:
+    """Steps from ``step`` to ``stop_at`` (or a stop request): returns the step reached, the last
+    logged loss, whether it was stopped, and the skip counters."""
+    cfg, steps_per_epoch = parts.cfg, parts.steps_per_epoch
+    window, skips, last_loss, preempted = MetricsWindow(parts.info.device), SkipCounters(parts), float("nan"), False
+    parts.model.train()
+    while step < stop_at and not preempted:
+        parts.loader.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
+        for view1, view2, labels in window.timed(parts.loader):
+            outcome = train_step(parts, view1, view2, parts.schedule(step), labels)
+            skips.add(outcome)
+            step += 1
+            window.add(outcome.loss, outcome.accuracy, outcome.skipped)
+            bar.update(1)
+            # the online probe's epoch figures go in the same metrics row as a window ending there
+            epoch_end = step % steps_per_epoch == 0
+            extra = online_probe_metrics(parts) if parts.online_probe is not None and epoch_end else {}
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                last_loss = log_window(parts, window, skips, step, bar, extra)
+            elif extra:
+                parts.tracker.log_metrics(extra, step)
+            if knn_due(cfg, step, steps_per_epoch):
+                log_knn_monitor(parts, step)
+            preempted = stop_requested(parts, stop, step)
+            checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted
+            # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
+            if checkpoint_due and not skips.check(step):
+                parts.train_state.step, parts.train_state.mlflow_run_id = step, parts.tracker.run_id
+                parts.checkpointer.save()  # every rank, at the same step
+            if step >= stop_at or preempted:
+                break
+    return step, last_loss, preempted, skips
+
+
+def stop_requested(parts: TrainParts, stop: threading.Event, step: int) -> bool:
+    """Whether to stop after ``step``. One process reads its own flag every step; ranks agree every
+    ``train.stop_check_every`` steps (a small all-reduce read on the host, kept out of other steps),
+    so a pre-emption notice ends the run within that many steps, checkpointed."""
+    if not parts.info.distributed:
+        return stop.is_set()
+    if step % parts.cfg.train.stop_check_every:
+        return False
+    return any_rank(stop.is_set())[0]
+
+
+class SkipCounters:
+    """Skipped steps, counted on the device (no host read per step): non-finite losses, the
+    current streak of them, fp16 overflows. ``check`` reads them (at log windows and checkpoints)."""
+
+    def __init__(self, parts: TrainParts) -> None:
+        self.parts = parts
+        self.counts = torch.zeros(3, device=parts.info.device)  # nonfinite, streak, overflow
+
+    def add(self, outcome: StepOutcome) -> None:
+        nonfinite, streak, overflow = self.counts.unbind()
+        nonfinite += outcome.skipped
+        streak.add_(outcome.skipped).mul_(outcome.skipped)  # +1 on a skipped step, back to 0 on a good one
+        overflow += outcome.overflow
+
+    def totals(self) -> tuple[int, int]:
+        nonfinite, _, overflow = (int(v) for v in self.counts.tolist())
+        return nonfinite, overflow
+
+    def check(self, step: int) -> int:
+        """The current streak of skipped steps (a host read). A streak of
+        ``precision.max_consecutive_nonfinite`` ends the run: the MLflow run marked FAILED, the
+        last good checkpoint intact."""
+        streak = int(self.counts[1].item())
+        if streak >= self.parts.cfg.precision.max_consecutive_nonfinite:
+            self.parts.tracker.finish("FAILED")
+            raise NonFiniteLossError(
+                f"{streak} consecutive steps had a non-finite loss (found at step {step}); the last good "
+                f"checkpoint in {self.parts.checkpointer.directory} is intact. Lower optim.lr, raise "
+                "loss.temperature or use precision.dtype=bf16/fp32, then resume.")
+        return streak
+
+
+def start_run(parts: TrainParts) -> int:
+    """Resume from the newest usable checkpoint (or start fresh), then start the MLflow run, or
+    continue the checkpoint's, on rank 0. Returns the step to continue from."""
+    resumed = parts.checkpointer.resume()
+    state, world = parts.train_state, parts.info.world_size
+    if state.step >= parts.schedule.total:
+        parts.tracker.run_id = state.mlflow_run_id
+        return state.step
+    if parts.info.is_main:
+        cfg, config_file, step = parts.cfg, parts.run_dir / "config.yaml", state.step
+        parts.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_file, dump_config(cfg))
+        params = run_params(cfg, world, parts.loader.backend, parts.steps_per_epoch)
+        history = ",".join(f"{at}:{size}" for at, size in state.world_size_history)  # step:world size
+        parts.tracker.start(params, {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
+                                     "simclr.world_size_history": history}, run_id=state.mlflow_run_id)
+        if state.world_size_changed:
+            parts.tracker.log_params({f"world_size.from_step_{step}": world})
+            if parts.loader.source.order_depends_on_world_size and step % parts.steps_per_epoch:
+                print(f"[simclr] note: tar shards are dealt to ranks in blocks, so the rest of epoch "
+                      f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
+                      "this epoch are seen twice or not at all); from the next epoch on, each image is seen once",
+                      flush=True)
+        if not resumed:
+            parts.tracker.log_artifact(config_file)
+        announce(parts, step)
+    return state.step
+
+
+def announce(parts: TrainParts, step: int) -> None:
+    """Rank 0's start block: where the run writes, what it reads, and where to watch it."""
+    cfg, source, world = parts.cfg, parts.loader.source, parts.info.world_size
+    labels = np.asarray(source.labels)
+    known = int((labels >= 0).sum())
+    labelled = "labelled" if known == len(labels) else "unlabeled" if not known else f"{known} labelled"
+    classes = f", {len(source.classes)} classes" if source.classes else ""
+    print(f"[simclr] run folder {parts.run_dir} ({f'resumed at step {step}' if step else 'new run'}; "
+          f"{parts.schedule.total} steps in all)\n"
+          f"[simclr] data {cfg.data.root}: {len(source)} images{classes}, {labelled}; {parts.steps_per_epoch} steps "
+          f"per epoch of {cfg.data.batch_size} ({world} rank(s) x {cfg.data.batch_size // world}), "
+          f"{parts.loader.backend} backend on {parts.info.device}\n"
+          f"[simclr] {parts.tracker.describe()}", flush=True)
+
+
+def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm,
+               extra: dict[str, float] | None = None) -> float:
+    """Log the window's metrics (and ``extra``) at ``step`` (a collective), start a new window;
+    returns the loss."""
+    skips.check(step)
+    nonfinite, overflow = skips.totals()
+    metrics = {**window.summary(parts.cfg.data.batch_size), "lr": parts.schedule(step - 1),
+               "peak_memory_mb": peak_memory_mb(parts.info.device), "epoch": step / parts.steps_per_epoch,
+               "skipped_nonfinite": nonfinite, "skipped_overflow": overflow,
+               "skipped_corrupt_images": parts.loader.corrupt_skipped, **(extra or {})}
+    parts.tracker.log_metrics(metrics, step)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+    window.reset()
+    return metrics["loss"]
+
+
+def knn_due(cfg: Config, step: int, steps_per_epoch: int) -> bool:
+    every = cfg.train.knn_every_epochs
+    return bool(every and cfg.data.val_root and step % (steps_per_epoch * every) == 0)
+
+
+def online_probe_metrics(parts: TrainParts) -> dict[str, float]:
+    """At an epoch's end: the online probe's top-1 on that epoch's training batches and, with
+    data.val_root, on the validation set, every rank scoring its share (collectives: every rank)."""
+    metrics = {"online_probe_top1": parts.online_probe.epoch_top1()}
+    if parts.val_source is not None:
+        metrics["online_probe_val_top1"] = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source,
+                                                          parts.cfg.data, parts.info.device, parts.info.rank,
+                                                          parts.info.world_size)
+    return metrics
+
+
+def log_knn_monitor(parts: TrainParts, step: int) -> None:
+    """kNN top-1 of the current encoder on data.val_root, every rank extracting its share of the
+    features (a collective: no rank waits idle); the datasets were opened once, by build_parts."""
+    top1 = knn_monitor(parts.model.encoder, parts.loader.source, parts.val_source, parts.cfg.data, parts.info.device,
+                       shard=(parts.info.rank, parts.info.world_size))
+    parts.tracker.log_metrics({"knn_top1": top1}, step)
+
+
+def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
+    """On rank 0: export the encoder when the schedule is complete, plot the curves, close the
+    MLflow run. Returns the exported encoder's path (None when stopped early)."""
+    if not parts.info.is_main:
+        return None
+    total, encoder_path = parts.schedule.total, None
+    if not preempted and step >= total:
+        encoder_path = save_encoder(parts.model, parts.run_dir / "encoder.pt")
+        parts.tracker.log_artifact(encoder_path)
+        if parts.cfg.tracking.log_model:
+            register_as, size = parts.cfg.tracking.register_as, parts.cfg.data.image_size
+            logged = log_encoder_model(parts.tracker.mlflow, parts.model.encoder, size, register_as)
+            parts.tracker.model_pending(None if logged else register_as)  # simclr sync logs a pending one
+    plot = plot_curves(read_metrics_file(parts.tracker.local_file), parts.run_dir / "curves.png")
+    if plot is not None:
+        parts.tracker.log_artifact(plot)
+    parts.tracker.finish("KILLED" if preempted else "FINISHED")
+    print(f"[simclr] {'stopped' if step < total else 'finished'} at step {step}/{total}; "
+          f"{parts.tracker.describe()}", flush=True)
+    if step < total:
+        print(f"[simclr] checkpoint at step {step} in {parts.checkpointer.directory}; run the same command again "
+              "to resume (checkpoint.resume=auto)", flush=True)
+    return encoder_path

@@ -1,0 +1,90 @@
+"""The small files of a run folder (``config.yaml``, ``mlflow_run.json``, ``metrics.jsonl``):
+written whole or not at all, and read even after a kill or a full disk tore the last line.
+
+A kill or a full disk mid-write leaves a 0-byte ``config.yaml`` or a half ``metrics.jsonl`` line.
+Whole files are written to a temporary name, flushed and renamed (the old file stays until the new
+one is complete); the metrics file is append-only, so only its last line can be torn, and the
+reader drops such a line (saying so) instead of failing every later resume.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class DiskFullError(RuntimeError):
+    """No space left while writing a run file: a user error (free space, then resume)."""
+
+
+def _raise_readable(path: Path, exc: OSError) -> None:
+    if exc.errno == errno.ENOSPC:
+        raise DiskFullError(f"no space left on device while writing {path}; the run's checkpoints and earlier files "
+                            "are intact: free space, then run the same command again to resume") from None
+    raise exc
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` all at once: a crash or a full disk leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_readable(path, exc)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line; a full disk is a ``DiskFullError`` naming the file (no partial line is kept).
+    A torn last line (left by a kill) is dropped first, so that only the last line can ever be torn."""
+    path = Path(path)
+    try:
+        with open(path, "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(max(0, size - 65536))
+                tail = f.read()
+                if not tail.endswith(b"\n"):
+                    size -= len(tail) - (tail.rfind(b"\n") + 1)
+                    f.truncate(size)
+                    print(f"[simclr] note: dropped a line of {path} cut short by an earlier kill", file=sys.stderr,
+                          flush=True)
+            try:
+                f.write(line.encode() + b"\n")
+                f.flush()
+            except OSError:
+                f.truncate(size)  # drop what part of the line got in
+                raise
+    except OSError as exc:
+        _raise_readable(path, exc)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON rows of ``path`` ([] if absent). A last line cut short (a kill, a full disk) is
+    dropped with a note; a bad line elsewhere means the file is not ours, and is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n == len(lines) - 1:
+                print(f"[simclr] note: the last line of {path} was cut short (a kill or a full disk); it is left out",
+                      file=sys.stderr, flush=True)
+                continue
+            raise ValueError(f"{path}, line {n + 1}: not a JSON row ({line[:60]!r})") from None
+    return rows

@@ -1,0 +1,531 @@
+"""MLflow tracking on rank 0, with an offline fallback that never loses a metric.
+
+Every metric is appended to ``<run_dir>/metrics.jsonl`` first, then sent to MLflow in batches.
+If the server is unreachable (at start or mid-run) training goes on: one warning is printed, the
+unsent metrics stay queued and are retried every ``retry_s``; a run created late receives the
+whole backlog. ``simclr sync RUN_DIR`` replays the local file into MLflow afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.config import Config, TrackingConfig, config_to_dict
+from trainer.dataclass_yaml import flatten
+from trainer.run_files import append_line, atomic_write_text, read_jsonl
+
+RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and name, for `simclr sync`
+
+
+class TrackingError(RuntimeError):
+    """A tracking problem the user must act on (a run folder without metrics, a store that does not
+    answer when replaying); the CLI prints it as one line with status 2."""
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """The store a run logs to: ``tracking.uri``, else MLflow's own default (MLFLOW_TRACKING_URI,
+    or ``mlflow.db`` in the working directory)."""
+    import mlflow
+
+    return uri or mlflow.get_tracking_uri()
+
+
+def quiet_library_logs() -> None:
+    """MLflow's INFO lines (its system-metrics monitor starting and stopping, store migrations) stay
+    off the console, which shows our own lines; ``simclr --verbose`` (SIMCLR_VERBOSE=1) shows them.
+    Its warnings and errors still show."""
+    import logging
+
+    if os.environ.get("SIMCLR_VERBOSE", "") not in ("", "0"):
+        return
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def open_client(uri: str) -> Any:
+    """An MlflowClient for ``uri``. Opening a new sqlite store creates its schema, which breaks when
+    several processes (the runs of a local sweep) do it at once, so they take turns on a lock file
+    beside the database."""
+    from mlflow.tracking import MlflowClient
+
+    quiet_library_logs()
+    _fail_fast_over_http()
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def create_experiment(client: Any, uri: str, name: str) -> str:
+    """Create experiment ``name``. On a sqlite store its artifacts go beside the database
+    (``mlartifacts/<name>``), not into the working directory of whichever job created it."""
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name)
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _fail_fast_over_http() -> None:
+    """MLflow retries an unreachable server for minutes by default; our queue does the retrying,
+    so each request fails fast. Set when the first client is made, never at import, and only
+    where the user has not chosen values."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (``step``, ``time_ms`` and the metrics); [] if absent;
+    a torn last line is left out (``trainer.run_files.read_jsonl``)."""
+    return read_jsonl(path)
+
+
+def git_commit() -> str:
+    """HEAD of this checkout; where the tree is a copy without ``.git`` (a lent GPU machine), the
+    commit it was packed from, passed as SIMCLR_GIT_COMMIT (``make gpu-proof``)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        found = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        found = ""
+    return found or os.environ.get("SIMCLR_GIT_COMMIT", "") or "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for name, dist_name in (("torch", "torch"), ("torchvision", "torchvision"), ("mlflow", "mlflow"),
+                            ("dali", "nvidia-dali-cuda130"), ("dali", "nvidia-dali-cuda120")):
+        if name in versions:
+            continue
+        try:
+            versions[name] = metadata.version(dist_name)
+            if name == "dali":
+                versions["dali_build"] = dist_name
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_params(cfg: Config, world_size: int, backend: str, steps_per_epoch: int) -> dict[str, Any]:
+    """A training run's MLflow params: the flattened config, the job's shape, the code and libraries."""
+    return {**flatten(config_to_dict(cfg)), "world_size": world_size, "data.backend_resolved": backend,
+            "steps_per_epoch": steps_per_epoch, "git_commit": git_commit(),
+            **{f"version.{k}": v for k, v in library_versions().items()}}
+
+
+class RunLog:
+    """The run folder's own record, written first and never lost: every metric appended to
+    ``metrics.jsonl``, and the run's params, tags, name, store, MLflow run id, end status and a
+    model still to log in ``mlflow_run.json`` (what ``simclr sync`` replays)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self._record: dict[str, Any] | None = None
+
+    def log(self, metrics: dict[str, float], step: int, time_ms: int) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        append_line(self.metrics_file, json.dumps({"step": step, "time_ms": time_ms, **metrics}))
+
+    def begin(self, experiment: str, run_name: str, params: dict[str, Any]) -> None:
+        """A new run's record (a resumed run adds to the one its first job wrote)."""
+        self._record = {"experiment": experiment, "run_name": run_name,
+                        "params": {k: str(v) for k, v in params.items()}, "tags": {}}
+
+    def update(self, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None, **fields: Any) -> None:
+        """Add ``params`` and ``tags``; ``fields``: its store (``uri``), ``run_id``, the ``status``
+        it ended with and a model still to log (``model_pending``)."""
+        record = self._record
+        if record is None:  # a resumed run: add to what the first attempt recorded
+            record = read_run_record(self.run_dir) or {"params": {}, "tags": {}}
+        record["params"].update({k: str(v) for k, v in (params or {}).items()})
+        record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
+        record.update(fields)
+        self._record = record
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / RUN_RECORD, json.dumps(record, indent=1))
+
+
+class MlflowRun:
+    """One MLflow run, created or continued. Everything is queued and sent in batches; a store that
+    does not answer is warned about once and retried every ``retry_s`` (never blocking training);
+    MLflow's system-metrics monitor runs while the run is open. ``on_connect(uri, run_id)`` is told
+    where the run lives once it exists. A training run's sink has ``local_copy`` (its metrics file,
+    named in the warnings) and ``continues_training`` (a run left RUNNING is an unclean exit)."""
+
+    def __init__(self, cfg: TrackingConfig, retry_s: float = 30.0,
+                 on_connect: Callable[[str, str], None] | None = None, continues_training: bool = False,
+                 local_copy: Path | None = None) -> None:
+        self.cfg, self.retry_s = cfg, retry_s
+        self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
+        self.run_id: str | None = None
+        self.uri = ""
+        self.client = None
+        self.pending: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step) not sent yet
+        self.pending_params: dict[str, Any] = {}
+        self.pending_tags: dict[str, str] = {}
+        self._warned = False
+        self._offline = False  # the last request failed: wait retry_s before the next, forced or not
+        self._finishing = False  # finish: one more try, whatever the window
+        self._last_try = 0.0
+        self._run_created = False
+        self._started = self._finished = False
+        self._monitor = None  # MLflow's system-metrics thread, once the run exists
+
+    def warn(self, what: str, exc: Exception) -> None:
+        """The store failed while doing ``what``: offline until the next retry; one warning per run."""
+        self._offline = True
+        if not self._warned:
+            self._warned = True
+            kept = f"metrics are kept in {self.local_copy} and " if self.local_copy else "metrics are "
+            print(f"[tracking] WARNING: MLflow at {self.uri} is unreachable while {what} "
+                  f"({type(exc).__name__}: {str(exc)[:200]}); training continues, {kept}retried every "
+                  f"{self.retry_s:.0f}s", file=sys.stderr, flush=True)
+
+    def _connect(self) -> bool:
+        """Create (or reattach to) the run; True when the server answered."""
+        if self.run_id is not None and self._run_created:
+            return True
+        try:
+            if self.client is None:
+                self.uri = resolve_tracking_uri(self.cfg.uri)
+                self.client = open_client(self.uri)
+            if self.run_id is None:
+                exp = self.client.get_experiment_by_name(self.cfg.experiment)
+                if exp is None:
+                    try:
+                        exp_id = create_experiment(self.client, self.uri, self.cfg.experiment)
+                    except Exception:  # another rank or array task created it first
+                        exp_id = self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+                else:
+                    exp_id = exp.experiment_id
+                run = self.client.create_run(exp_id, run_name=self.cfg.run_name or None)
+                self.run_id = run.info.run_id
+                resumed = False
+            else:
+                if self.continues_training:  # not simclr sync completing a run
+                    self._mark_unclean_exit()
+                self.client.update_run(self.run_id, status="RUNNING")
+                resumed = True
+            self._run_created = True
+            if self.on_connect is not None:
+                self.on_connect(self.uri, self.run_id)
+            self._start_system_metrics(resumed)
+            return True
+        except Exception as exc:  # network errors come in many types; all mean 'try later'
+            self.warn("starting the run", exc)
+            return False
+
+    def _mark_unclean_exit(self) -> None:
+        """A run we continue should have been closed (FINISHED, KILLED, FAILED) by the job before;
+        still RUNNING means that job was killed hard (SIGKILL, node loss): count it in a tag."""
+        run = self.client.get_run(self.run_id)
+        if run.info.status == "RUNNING":
+            count = int(run.data.tags.get("simclr.unclean_exits", "0")) + 1
+            self.client.set_tag(self.run_id, "simclr.unclean_exits", str(count))
+            print(f"[tracking] MLflow run {self.run_id} was left RUNNING by a job that did not exit cleanly; "
+                  f"continuing it (tag simclr.unclean_exits={count})", file=sys.stderr, flush=True)
+
+    def _start_system_metrics(self, resumed: bool) -> None:
+        """MLflow's own monitor (psutil; NVML for GPUs where present), logging system/* metrics on
+        a thread of this process; a resumed run continues its steps."""
+        if not self.cfg.system_metrics or self._monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
+                                                 resume_logging=resumed, tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as exc:  # e.g. psutil missing: training goes on without system metrics
+            print(f"[tracking] system metrics are off ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+            self._monitor = None
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
+        """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
+        self._started = True
+        self.run_id = run_id
+        if run_id is None:
+            self.pending_params = dict(params)
+        self.pending_tags = dict(tags)
+        self.flush(force=True)
+        return self.run_id
+
+    def log(self, metrics: dict[str, float], step: int, time_ms: int) -> None:
+        self.pending.extend((k, float(v), time_ms, step) for k, v in metrics.items())
+        self.flush()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.pending_params.update(params)
+        self.flush(force=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.pending_tags.update(tags)
+        self.flush(force=True)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is queued; True when nothing is left. Once the server failed, it is offline
+        for ``retry_s``: every call until then returns at once (a server that accepts but never
+        answers would otherwise cost a request timeout per call); ``force`` tries again anyway
+        only after a success, or at the end of the run (``finish``)."""
+        if self._offline and (not force or not self._finishing) and time.time() - self._last_try < self.retry_s:
+            return False
+        self._last_try = time.time()
+        if not self._connect():
+            return False
+        from mlflow.entities import Metric, Param, RunTag
+
+        try:
+            params = [Param(k, str(v)[:6000]) for k, v in self.pending_params.items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
+            self.pending_params = {}
+            if self.pending_tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self.pending_tags.items()])
+                self.pending_tags = {}
+            while self.pending:
+                chunk = self.pending[:1000]
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
+                del self.pending[: len(chunk)]
+        except Exception as exc:
+            self.warn("logging", exc)
+            return False
+        self._offline = False
+        return True
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.flush(force=True):
+            try:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+                return
+            except Exception as exc:
+                self.warn("uploading artifacts", exc)
+        print(f"[tracking] artifact {path} kept locally (not uploaded)", file=sys.stderr)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run with ``status`` (once; later calls and a run never started do nothing)."""
+        if not self._started or self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            self._monitor.finish()
+        self._finishing = True
+        sent = self.flush(force=True)
+        # a busy sqlite store (a sweep's runs sharing one file) gets more chances; a server that failed
+        # just now would only cost another request timeout each
+        for wait_s in (1.0, 3.0) if self.uri.startswith("sqlite:") else ():
+            if sent:
+                break
+            time.sleep(wait_s)
+            sent = self.flush(force=True)
+        if sent and self.run_id:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as exc:
+                self.warn("closing the run", exc)
+        elif self.pending and self.local_copy:
+            print(f"[tracking] {len(self.pending)} metric values could not be sent; all metrics are in "
+                  f"{self.local_copy}. Replay them later, into this run on its own store (both recorded in "
+                  f"{RUN_RECORD}), with: simclr sync {self.local_copy.parent}", file=sys.stderr)
+
+    def describe(self) -> str:
+        return f"MLflow run {self.run_id} at {self.uri} ({where_to_open(self.uri, self.run_id)})"
+
+
+class Tracker:
+    """A training run's tracking, as torchtitan's logger container: one ``log_metrics`` feeds its
+    sinks, the run log (rank 0 always) and the MLflow run (rank 0, when ``tracking.enabled``). On
+    other ranks (``active=False``) every call is a no-op."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, active: bool, retry_s: float = 30.0) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.local_file = self.run_dir / "metrics.jsonl"
+        self.local = RunLog(run_dir) if active else None
+        self.mlflow: MlflowRun | None = None
+        if active and cfg.enabled:
+            self.mlflow = MlflowRun(cfg, retry_s, on_connect=self._record_run, continues_training=True,
+                                    local_copy=self.local_file)
+        self._run_id: str | None = None  # a finished run's, when MLflow is not started
+        self._started = self._finished = False
+
+    def _record_run(self, uri: str, run_id: str) -> None:
+        self.local.update(uri=uri, run_id=run_id)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.mlflow.run_id if self.mlflow is not None and self.mlflow.run_id else self._run_id
+
+    @run_id.setter
+    def run_id(self, value: str | None) -> None:
+        self._run_id = value
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
+        """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
+        self._started = True
+        if self.local is not None:
+            if run_id is None:
+                self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
+            self.local.update(tags=tags)
+        if self.mlflow is None:
+            return None
+        self.local.update(uri=resolve_tracking_uri(self.cfg.uri))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self.mlflow.start(params, tags, run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for sink in (self.local, self.mlflow):
+            if sink is not None:
+                sink.log(metrics, step, now)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params added later in a run (MLflow params cannot change, so new keys, e.g. a change of
+        world size on resume as ``world_size.from_step_<N>``)."""
+        if self.local is not None:
+            self.local.update(params=params)
+        if self.mlflow is not None:
+            self.mlflow.log_params(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.local is not None:
+            self.local.update(tags=tags)
+        if self.mlflow is not None:
+            self.mlflow.set_tags(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_artifact(path, artifact_path)
+
+    def model_pending(self, register_as: str | None) -> None:
+        """Record that the encoder's MLflow model is still to be logged (``simclr sync`` logs it),
+        or, with None, that it was."""
+        if self.local is not None:
+            self.local.update(model_pending=None if register_as is None else {"register_as": register_as})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the MLflow run with ``status``, recorded in the run log too (once)."""
+        if self.mlflow is None or not self._started or self._finished:
+            return
+        self._finished = True
+        self.local.update(status=status)
+        self.mlflow.finish(status)
+
+    def describe(self) -> str:
+        if self.mlflow is None:
+            return f"metrics in {self.local_file} (MLflow tracking is off)"
+        if self.mlflow.run_id is None:
+            return (f"metrics in {self.local_file} (MLflow at {self.mlflow.uri} not reached yet: simclr sync "
+                    f"{self.run_dir})")
+        return self.mlflow.describe()
+
+
+def where_to_open(uri: str, run_id: str | None = None) -> str:
+    """How a person opens ``uri`` in a browser: a tracking server is a web UI already; a local store
+    needs ``mlflow ui`` started on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/#/runs/{run_id}" if run_id else f"open {uri}"
+    return f"open the UI with: mlflow ui --backend-store-uri {uri}"
+
+
+def prepare_store(cfg: TrackingConfig) -> None:
+    """Create the store's schema and the experiment once, from the submitting process, so that the
+    tasks of a job array do not race to initialise a shared (e.g. sqlite) store."""
+    if not cfg.enabled:
+        return
+    try:
+        uri = resolve_tracking_uri(cfg.uri)
+        client = open_client(uri)
+        if client.get_experiment_by_name(cfg.experiment) is None:
+            create_experiment(client, uri, cfg.experiment)
+    except Exception as exc:  # the jobs fall back to offline metrics on their own
+        print(f"[tracking] WARNING: could not prepare MLflow store ({exc}); jobs will retry", file=sys.stderr)
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The run folder's ``mlflow_run.json`` ({} when absent)."""
+    path = Path(run_dir) / RUN_RECORD
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        raise TrackingError(f"{path} is not valid JSON (a copy cut short?); restore it from a backup or remove it, "
+                            "then sync into a new run with --uri") from None
+
+
+def run_id_of(run_dir: str | Path) -> str | None:
+    """The MLflow run of a run folder, from its record (``mlflow_run.json``); None when the run
+    never reached MLflow, or the folder has no readable record."""
+    try:
+        return read_run_record(run_dir).get("run_id")
+    except TrackingError:
+        return None
+
+
+def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
+                 before_finish: Callable[[MlflowRun, dict[str, Any]], None] | None = None
+                 ) -> tuple[str, dict[str, Any]]:
+    """Complete a run in MLflow from its folder: by default the run's own MLflow run on its own store
+    (both recorded in ``mlflow_run.json``), else ``run_id`` or a new run on ``cfg.uri``. Params,
+    tags and name, the metrics the run does not have yet (no duplicate points: a second sync adds
+    nothing), artifacts (config, encoder, curves), and the status the run ended with. Returns the
+    run id and the record (whose ``model_pending`` says whether the encoder's MLflow model is still
+    to be logged; ``before_finish(run, record)`` can log it). The folder gains only the run's id
+    and store in its record."""
+    run_dir = Path(run_dir)
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.exists():
+        raise TrackingError(f"{metrics_file} does not exist; pass the folder of a training run (its train.run_dir, "
+                            "which holds metrics.jsonl)")
+    record = read_run_record(run_dir)
+    try:  # read first: a folder that cannot be replayed must not leave an empty run behind
+        rows = read_metrics_file(metrics_file)
+    except ValueError as exc:
+        raise TrackingError(f"{exc}; {metrics_file} is damaged inside (not only its last line): fix or remove that "
+                            "line, then sync again") from None
+    own_store = not cfg.uri or cfg.uri == record.get("uri")
+    run_id = run_id or (record.get("run_id") if own_store else None)
+    cfg = dataclasses.replace(cfg, uri=cfg.uri or record.get("uri", ""),
+                              experiment=cfg.experiment or record.get("experiment") or "simclr",
+                              run_name=cfg.run_name or record.get("run_name", ""), system_metrics=False)
+    run = MlflowRun(cfg)
+    run.start({}, {**record.get("tags", {}), "simclr.synced_from": str(run_dir)}, run_id=run_id)
+    if not run.flush(force=True):
+        raise TrackingError(f"MLflow at {run.uri} is unreachable; nothing was lost ({run_dir} is unchanged): "
+                            "run simclr sync again when it answers")
+    logged = run.client.get_run(run.run_id)
+    run.pending_params = {k: v for k, v in record.get("params", {}).items() if k not in logged.data.params}
+    have = {(key, m.step, m.timestamp) for key in logged.data.metrics
+            for m in run.client.get_metric_history(run.run_id, key)}
+    for rec in rows:
+        step, t = rec.pop("step"), rec.pop("time_ms")
+        run.pending.extend((k, float(v), t, step) for k, v in rec.items() if (k, step, t) not in have)
+    if not run.flush(force=True):
+        raise TrackingError(f"MLflow at {run.uri} stopped answering during the sync; run simclr sync again "
+                            "(points already sent are not sent twice)")
+    for name in ("config.yaml", "encoder.pt", "curves.png"):
+        if (run_dir / name).exists():
+            run.log_artifact(run_dir / name)
+    if record.get("run_id") != run.run_id and own_store:  # a run created now: the next sync completes it
+        record.update(uri=run.uri, run_id=run.run_id)
+        atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
+    if before_finish is not None:
+        before_finish(run, record)
+    run.finish(record.get("status", "FINISHED"))
+    return run.run_id or "", record
