@@ -111,3 +111,11 @@ def test_each_quick_start_command_runs(index, demo_folder, tmp_path):
         extra = ["--overwrite"]
     proc = run_line(line, demo_folder, extra)
     assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-3000:])
+    if words[1:3] == ["bench", "startup"]:  # its JSON: a first start and a restart, the listings compared
+        import json
+
+        result = json.loads((tmp_path / "bench.json").read_text())
+        (row,) = result["rows"]
+        assert row["first_s"] > 0 and row["restart_s"] > 0 and row["first_calls"] is None  # --no-strace
+        assert list((tmp_path / "startup").glob("run_200_1/tree_index-*.bin"))  # the run folder kept the listing
+        assert set(result["listing"]["200"]) >= {"ours_s", "torchvision_make_dataset_s", "eval_indexed_s"}

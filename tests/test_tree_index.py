@@ -134,18 +134,3 @@ def test_only_rank_0_walks_the_tree(tmp_path, photo_data):
     assert not any(Path(p).parent == root and (root / Path(p).name).is_dir() for p in ranks[1]["stat"])
     assert ranks[0]["checked"] + ranks[1]["checked"] == 80 and ranks[1]["checked"] > 0  # the check split over ranks
 
-
-@pytest.mark.slow
-def test_startup_benchmark_writes_its_table(tmp_path):
-    """benchmarks/startup.py at a tiny size (CI): a first start and a restart through simclr train,
-    the listings against torchvision's, and the JSON it writes."""
-    from benchmarks.startup import main
-
-    result = main(["--sizes", "120", "--ranks", "1", "--rounds", "1", "--no-strace", "--work", str(tmp_path),
-                   "--out", str(tmp_path / "startup.json")])
-    assert json.loads((tmp_path / "startup.json").read_text())["rows"] == result["rows"]
-    (row,) = result["rows"]
-    assert row["files"] == 120 and row["first_s"] > 0 and row["restart_s"] > 0 and row["first_calls"] is None
-    assert (tmp_path / "run_120_1" / "tree_index-").parent.is_dir()
-    assert list((tmp_path / "run_120_1").glob("tree_index-*.bin"))  # the run folder kept the listing
-    assert set(result["listing"]["120"]) >= {"ours_s", "torchvision_make_dataset_s", "eval_indexed_s"}
