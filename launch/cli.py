@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-layers", type=int, default=0, metavar="N",
                    help="features after the first N layers of the projection head (needs a step_N.pt)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="of embeddings.npy")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data loading workers / DALI threads")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when visible")
     p.add_argument("--chunk-rows", type=int, default=8192, help="rows a rank writes at once; a restart redoes "

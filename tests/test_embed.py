@@ -31,12 +31,14 @@ def embed(*args: str, nproc: int = 1):
 
 @pytest.mark.slow
 def test_embeddings_are_the_encoders_features_in_dataset_order_on_one_and_two_ranks(trained, photo_data, tmp_path):
+    from trainer.embed import embed as embed_dataset
+
     one, two = tmp_path / "one", tmp_path / "two"
-    for out, nproc in ((one, 1), (two, 2)):
-        proc = embed("--checkpoint", str(trained / "encoder.pt"), "--data", str(photo_data / "train"), "--out",
-                     str(out), nproc=nproc)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "embedded 80 samples x 512 (float32)" in proc.stdout
+    embed_dataset(str(trained / "encoder.pt"), str(photo_data / "train"), str(one), dtype="float32", chunk_rows=16)
+    proc = embed("--checkpoint", str(trained / "encoder.pt"), "--data", str(photo_data / "train"), "--out", str(two),
+                 nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embedded 80 samples x 512 (float32)" in proc.stdout
     a, b = np.load(one / "embeddings.npy", mmap_mode="r"), np.load(two / "embeddings.npy", mmap_mode="r")
     assert a.shape == (80, 512) and a.dtype == np.float32 and np.array_equal(a, b)  # bitwise, 1 vs 2 ranks
     rows = list(csv.DictReader(open(one / "index.csv")))
@@ -62,9 +64,11 @@ def test_embeddings_are_the_encoders_features_in_dataset_order_on_one_and_two_ra
 
 @pytest.mark.slow
 def test_a_stopped_embed_finishes_without_redoing_finished_chunks(trained, photo_data, tmp_path):
+    from trainer.embed import embed as embed_dataset
+
     out = tmp_path / "out"
     args = ("--checkpoint", str(trained / "encoder.pt"), "--data", str(photo_data / "train"), "--out", str(out))
-    assert embed(*args).returncode == 0
+    embed_dataset(str(trained / "encoder.pt"), str(photo_data / "train"), str(out), dtype="float32", chunk_rows=16)
     full = np.load(out / "embeddings.npy").copy()
     # what a run stopped after two of its five chunks leaves: two progress lines (one cut short by
     # the kill), the other rows never written, meta.json not complete
@@ -82,16 +86,62 @@ def test_a_stopped_embed_finishes_without_redoing_finished_chunks(trained, photo
     assert json.loads((out / "meta.json").read_text())["complete"] is True
 
 
-def test_bad_input_is_one_line(trained, photo_data, tmp_path):
+def test_bad_input_is_one_line(trained, photo_data, tmp_path, capsys):
+    """In this process (the command line's own main): each mistake is one line, exit 2, nothing lost."""
+    import subprocess
+
+    from launch.cli import main
+
+    def simclr_embed(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            main(["embed", "--dtype", "float32", "--chunk-rows", "16", "--workers", "0", *args])
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        said = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, said.out, said.err)
+
     args = ("--data", str(photo_data / "train"), "--out", str(tmp_path / "out"))
-    assert_one_line_error(embed("--checkpoint", str(tmp_path / "nope.pt"), *args), "nope.pt", "does not exist")
-    assert_one_line_error(embed("--checkpoint", str(trained / "encoder.pt"), "--data", str(tmp_path / "missing"),
-                                "--out", str(tmp_path / "o2")), "missing", "does not exist")
-    assert embed("--checkpoint", str(trained / "encoder.pt"), *args).returncode == 0
+    assert_one_line_error(simclr_embed("--checkpoint", str(tmp_path / "nope.pt"), *args), "nope.pt", "does not exist")
+    assert_one_line_error(simclr_embed("--checkpoint", str(trained / "encoder.pt"), "--data", str(tmp_path / "missing"),
+                                       "--out", str(tmp_path / "o2")), "missing", "does not exist")
+    assert simclr_embed("--checkpoint", str(trained / "encoder.pt"), *args).returncode == 0
     step = sorted((trained / "checkpoints").glob("step_*.pt"))[-1]
-    clash = embed("--checkpoint", str(step), *args)  # another file (another checkpoint) into the same folder
+    clash = simclr_embed("--checkpoint", str(step), *args)  # another file (another checkpoint) into the same folder
     assert_one_line_error(clash, "already holds embeddings of another checkpoint", "--overwrite")
     assert np.load(tmp_path / "out" / "embeddings.npy").shape == (80, 512)  # nothing lost
-    replaced = embed("--checkpoint", str(step), "--overwrite", *args)
+    replaced = simclr_embed("--checkpoint", str(step), "--overwrite", *args)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["checkpoint"] == str(step.resolve())
+
+
+@pytest.mark.parametrize("layout", ["npz", "shards"])
+def test_every_layout_embeds_in_dataset_order(trained, photo_data, tmp_path, layout):
+    """Arrays and tar shards too (shards are read in their stored order; rows still land at their
+    sample's place)."""
+    from data_pipeline import build_eval_batches, open_source
+    from data_pipeline.shards import make_shards
+    from trainer.embed import embed as embed_dataset
+
+    data = photo_data / "train.npz"
+    if layout == "shards":
+        data = tmp_path / "shards"
+        make_shards(open_source(photo_data / "train"), data, 16)
+    done = embed_dataset(str(trained / "encoder.pt"), str(data), str(tmp_path / "out"), dtype="float32",
+                         chunk_rows=24, workers=0)
+    rows = np.load(tmp_path / "out" / "embeddings.npy")
+    assert done["samples"] == len(rows) == 80
+    encoder, cfg = load_encoder(trained / "encoder.pt")
+    encoder.eval()
+    source = open_source(data)
+    pick = [3, 41, 77]
+    got = {}
+    for i in pick:  # one at a time: each sample's own features, wherever the layout keeps it
+        images, _ = next(iter(build_eval_batches(cfg.data, source, torch.device("cpu"), 1, [i])))
+        with torch.no_grad():
+            got[i] = encoder(images).numpy()[0]
+    for i in pick:
+        assert np.allclose(rows[i], got[i], atol=1e-4), i
+    index = list(csv.DictReader(open(tmp_path / "out" / "index.csv")))
+    assert [r["sample"] for r in index[:2]] == [source.sample_name(0), source.sample_name(1)]

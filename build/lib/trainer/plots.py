@@ -117,17 +117,17 @@ def neighbours_plot(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], train_
                 spine.set_linewidth(3)
 
     def name_of(label: int) -> str:
-        return class_names[label] if 0 <= label < len(class_names) else str(label)
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        return name if len(name) <= 14 else name[:13] + "~"  # ImageNet's synsets and long names stay legible
 
     for p, name in enumerate(names):
         train_x, val_x = panels[name]
         nearest = nearest_neighbours(train_x, val_x[queries], k)
         found[name] = nearest.tolist()
         first = p * (k + 2)
-        axes[0, first].set_title(f"{name}\nquery", fontsize=8, fontweight="bold")
         for r, q in enumerate(queries):
             truth = int(val_labels[q])
-            show(axes[r, first], val_image(q), (f"{name}: query\n" if r == 0 else "query\n") + name_of(truth),
+            show(axes[r, first], val_image(q), (f"[{name}] " if r == 0 else "") + "query\n" + name_of(truth),
                  "black", frame="black")
             for c, t in enumerate(nearest[r].tolist()):
                 label = int(train_labels[t])
