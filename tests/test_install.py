@@ -76,12 +76,19 @@ def test_dali_is_built_for_the_cuda_major_of_the_pinned_torch():
 def test_a_built_wheel_ships_the_recipes_and_runs_outside_the_clone(tmp_path):
     """How clusters install (pip install . / git+URL / a wheel): the wheel carries configs/ and
     cluster_configs/, and the installed simclr finds them by name from a folder outside the clone."""
+    import shutil
     import sys
     import sysconfig
 
+    from benchmarks.gpu_pack import travelling_files
+
+    source = tmp_path / "source"  # a copy of the clone's files: a build writes build/ beside them
+    for rel in travelling_files():
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, source / rel)
     wheels = tmp_path / "dist"
     build = subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-                            str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
+                            str(wheels), str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("simclr_scale-*.whl")
     venv = tmp_path / "venv"

@@ -1,1 +1,0 @@
-"""Launchers: the ``simclr`` command line, local torchrun, and SLURM through submitit."""

@@ -1,5 +1,0 @@
-"""``python -m launch ...`` is the same as the ``simclr`` command."""
-
-from launch.cli import main
-
-main()

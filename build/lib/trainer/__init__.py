@@ -1,1 +1,0 @@
-"""simclr-scale trainer: config, model, loss, optimizer, schedule, step, loop, checkpoints, tracking."""
