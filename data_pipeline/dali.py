@@ -17,6 +17,7 @@ are fresh (the torchvision backend is bitwise-reproducible).
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -167,7 +168,8 @@ class _BatchFeed:
         if self.source.stored == "decoded":
             return self.source.read_decoded(idx), labels
         if self.source.stored == "files":  # read by fn.io.file.read in DALI's threads
-            return [np.frombuffer(self.source.sample_name(int(i)).encode(), dtype=np.uint8) for i in idx], labels
+            # the file system's bytes (os.fsencode): a name that is not UTF-8 reaches DALI as it is on disk
+            return [np.frombuffer(os.fsencode(self.source.sample_name(int(i))), dtype=np.uint8) for i in idx], labels
         return [np.frombuffer(self.source.read_encoded(int(i)), dtype=np.uint8) for i in idx], labels
 
 

@@ -325,3 +325,19 @@ def test_decoder_buffers_are_sized_from_the_images(tmp_path, photo_data):
     assert (large.max_width, large.max_height) == (1200, 900)
     assert large.device_padding == 7 * 2**20  # 2 x 1200 x 900 x 3 bytes, in whole MiB
     assert decoder_sizing(open_source(photo_data / "train.npz")) is None  # not decoded by DALI
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path, photo_data):
+    """DALI reads files by the bytes of their names: a Latin-1 name (os.fsdecode's surrogates) used
+    to raise UnicodeEncodeError mid-epoch."""
+    import os
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", tree)
+    first = sorted((tree / "coffee").iterdir())[0]
+    first.rename(tree / "coffee" / os.fsdecode(b"caf\xe9.jpg"))
+    loader = build_loader(DataConfig(root=str(tree), backend="dali", image_size=16, batch_size=16, num_workers=1),
+                          0, 0, 1, CPU)
+    batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch == 5 and sum(len(b[2]) for b in batches) == 80
