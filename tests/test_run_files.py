@@ -33,6 +33,26 @@ def test_a_torn_last_metrics_line_does_not_break_resume_or_sync(tiny_config, tmp
     assert run_id
 
 
+def test_a_damaged_middle_line_does_not_fail_a_finished_run(tiny_config, capsys):
+    """The curves are drawn from the readable rows and the run finishes (it ended with exit 1 and
+    MLflow FAILED, and the rerun said 'already finished')."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(**{"train.stop_after_steps": 4, "checkpoint.every_steps": 100})
+    train(cfg)
+    metrics = Path(cfg.train.run_dir) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[0] = lines[0][:10] + "\x00garbage"  # a middle line once the run goes on
+    metrics.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    result = train(tiny_config(**{"checkpoint.every_steps": 100}))
+    assert result.step == 20 and result.encoder_path is not None
+    assert (Path(cfg.train.run_dir) / "curves.png").exists()
+    assert "damaged line(s) of" in capsys.readouterr().err
+    run_id = json.loads((Path(cfg.train.run_dir) / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
+
+
 def test_a_bad_line_inside_the_file_is_an_error_naming_it(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')

@@ -294,7 +294,13 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
             register_as, size = parts.cfg.tracking.register_as, parts.cfg.data.image_size
             logged = log_encoder_model(parts.tracker.mlflow, parts.model.encoder, size, register_as)
             parts.tracker.model_pending(None if logged else register_as)  # simclr sync logs a pending one
-    plot = plot_curves(read_metrics_file(parts.tracker.local_file), parts.run_dir / "curves.png")
+    # the plot never fails a run: damaged lines are left out of it, and an unwritable folder only costs it
+    try:
+        plot = plot_curves(read_metrics_file(parts.tracker.local_file, lenient=True), parts.run_dir / "curves.png")
+    except OSError as exc:
+        plot = None
+        print(f"[simclr] note: curves.png not written ({exc}); the metrics are in {parts.tracker.local_file}",
+              flush=True)
     if plot is not None:
         parts.tracker.log_artifact(plot)
     parts.tracker.finish("KILLED" if preempted else "FINISHED")

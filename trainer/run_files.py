@@ -68,14 +68,15 @@ def append_line(path: str | Path, line: str) -> None:
         _raise_readable(path, exc)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, lenient: bool = False) -> list[dict[str, Any]]:
     """The JSON rows of ``path`` ([] if absent). A last line cut short (a kill, a full disk) is
-    dropped with a note; a bad line elsewhere means the file is not ours, and is an error."""
+    dropped with a note; a bad line elsewhere means the file is not ours, and is an error, unless
+    ``lenient`` (a plot: every readable row is drawn, and the damaged ones are named in one note)."""
     path = Path(path)
     if not path.exists():
         return []
     lines = path.read_text(errors="replace").splitlines()
-    rows = []
+    rows, damaged = [], []
     for n, line in enumerate(lines):
         if not line.strip():
             continue
@@ -86,5 +87,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 print(f"[simclr] note: the last line of {path} was cut short (a kill or a full disk); it is left out",
                       file=sys.stderr, flush=True)
                 continue
-            raise ValueError(f"{path}, line {n + 1}: not a JSON row ({line[:60]!r})") from None
+            if not lenient:
+                raise ValueError(f"{path}, line {n + 1}: not a JSON row ({line[:60]!r})") from None
+            damaged.append(n + 1)
+    if damaged:
+        print(f"[simclr] note: {len(damaged)} damaged line(s) of {path} left out of the plot (line "
+              f"{', '.join(map(str, damaged[:5]))}{' ...' if len(damaged) > 5 else ''})", file=sys.stderr, flush=True)
     return rows

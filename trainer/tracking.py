@@ -88,10 +88,10 @@ def _fail_fast_over_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
-def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
+def read_metrics_file(path: str | Path, lenient: bool = False) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl`` (``step``, ``time_ms`` and the metrics); [] if absent;
-    a torn last line is left out (``trainer.run_files.read_jsonl``)."""
-    return read_jsonl(path)
+    a torn last line is left out, and with ``lenient`` any damaged line (``trainer.run_files.read_jsonl``)."""
+    return read_jsonl(path, lenient)
 
 
 def git_commit() -> str:
