@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.nproc > 1:
         from data_pipeline.sources import DataError
-        from launch.local import run_local_ranks
+        from launch.local import JobContext, run_local_ranks
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
@@ -46,10 +46,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "image folder, an .npz file, an STL-10 or CIFAR folder, or a folder of tar shards")
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
-        return run_local_ranks(args.nproc, forwarded)
+        job = JobContext("training", resume_command(args, cfg), Path(cfg.train.run_dir))
+        return run_local_ranks(args.nproc, forwarded, job=job)
     from trainer.interrupts import train_in_foreground
 
     return train_in_foreground(cfg)
+
+
+def resume_command(args: argparse.Namespace, cfg) -> str:
+    """The command that resumes this run where it stopped: the same one, less what would start it
+    over (``checkpoint.resume=none``, a checkpoint of another folder, ``train.overwrite=true``)."""
+    import shlex
+
+    kept = [o for o in args.overrides if not o.startswith(("checkpoint.resume=", "train.overwrite="))]
+    if cfg.checkpoint.resume != "auto" and not any(o.startswith("checkpoint.resume=") for o in args.overrides):
+        kept.append("checkpoint.resume=auto")  # the recipe itself says otherwise
+    words = ["simclr", "train", "--nproc", str(args.nproc), *(["--config", args.config] if args.config else []), *kept]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -60,14 +73,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bad = [f for f in args.finetune if not 0 < f <= 1]
     if bad:  # before any work: the probe would run first, then fail
         raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
+    if args.timeout_s <= 0:
+        raise ConfigError(f"--timeout-s {args.timeout_s:g}: must be > 0 seconds")
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from launch.local import run_local_ranks
+        import shlex
+
+        from launch.local import JobContext, run_local_ranks
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, args.device)
-        return run_local_ranks(args.nproc, ["eval", *eval_argv(args)], module="launch")
+        argv = eval_argv(args)
+        again = " ".join(shlex.quote(w) for w in ["simclr", "eval", "--nproc", str(args.nproc), *argv])
+        return run_local_ranks(args.nproc, ["eval", *argv], module="launch", job=JobContext("evaluation", again))
     run_evaluation(args)
     return 0
 
@@ -79,7 +98,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from launch.local import run_local_ranks
+        import shlex
+
+        from launch.local import JobContext, run_local_ranks
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, args.device)
@@ -87,7 +108,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                 "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
                 "--nproc", str(args.nproc), *(["--overwrite"] if args.overwrite else [])]
-        return run_local_ranks(args.nproc, ["embed", *argv], module="launch")
+        again = " ".join(shlex.quote(w) for w in ["simclr", "embed", *argv])  # finished chunks are kept
+        return run_local_ranks(args.nproc, ["embed", *argv], module="launch", job=JobContext("embedding", again))
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
     from trainer.embed import embed

@@ -35,6 +35,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tsne", action="store_true", help="write t-SNE plots of the held-out features")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/eval)")
     p.add_argument("--mlflow", action="store_true", help="log the report, plots and metrics to MLflow")
+    p.add_argument("--timeout-s", type=float, default=600.0,
+                   help="with several ranks: how long a rank waits for the others before the job ends (a dead or "
+                        "stuck rank)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -49,7 +52,8 @@ def eval_argv(args: argparse.Namespace) -> list[str]:
     out = ["--checkpoint", str(args.checkpoint), "--train-data", str(args.train_data), "--val-data",
            str(args.val_data), "--train-split", args.train_split, "--val-split", args.val_split,
            "--probe-epochs", str(args.probe_epochs), "--device", args.device, "--workers", str(args.workers),
-           "--finetune-epochs", str(args.finetune_epochs), "--head-layers", str(args.head_layers)]
+           "--finetune-epochs", str(args.finetune_epochs), "--head-layers", str(args.head_layers),
+           "--timeout-s", f"{args.timeout_s:g}"]
     out += ["--finetune", *map(str, args.finetune)] if args.finetune else []
     out += ["--out", str(args.out)] if args.out else []
     out += [flag for flag, on in (("--no-baseline", args.no_baseline), ("--tsne", args.tsne),
@@ -75,7 +79,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
-    info = init_distributed(DistConfig(), args.device)
+    info = init_distributed(DistConfig(timeout_s=args.timeout_s), args.device)
     try:
         # rank 0 lists the image trees (reusing the training run's index beside the checkpoint) and
         # hands them to the other ranks

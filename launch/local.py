@@ -7,27 +7,52 @@ Started by us rather than through torchrun, so that what users see stays plain:
   docker stop, systemd) or a dropped ssh session (SIGHUP) reach this process, which passes the
   signal to every rank once. Each rank stops at a step boundary, checkpoints and closes its MLflow
   run as KILLED; this process exits 128 + the signal, with no traceback. A second Ctrl-C aborts.
+- **The ranks die with this process.** Each rank is told by the kernel (``PR_SET_PDEATHSIG``) when
+  this process is gone, however it went (``kill -KILL`` included), and stops as on SIGTERM: no
+  orphaned rank trains on alone.
 - **User errors.** A rank that finds a user error (exit 2) writes its one line to a file instead
   of printing it; this process prints the first rank's line once, stops the other ranks (they may
   wait in a collective for the one that left) and exits 2.
+- **Deaths.** A rank killed by a signal, or one that stopped answering (the others time out), is
+  named in one line: which rank, how, the newest checkpoint and the command that resumes. The
+  other ranks' errors (a consequence) are kept in the run folder's ``failure.log``, not printed;
+  the MLflow run is closed FAILED with tags naming the rank. A rank's own exception (a bug) is
+  the cause, and its traceback is printed whole.
 
 ``torchrun --nproc_per_node=K -m trainer ...`` still works for those who prefer it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.distributed import free_port
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 5.0  # after one rank fails, how long the others get to leave on their own
+TEMP_PREFIX = "simclr_ranks_"
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class JobContext:
+    """What the launcher tells a user when a rank dies: the job's name, its run folder (where the
+    newest checkpoint, the run's MLflow record and ``failure.log`` live; None for an evaluation) and
+    the command that continues it."""
+
+    what: str  # "training", "evaluation", "embedding"
+    again: str  # the command to run again (a resume for training)
+    run_dir: Path | None = None
 
 
 def rank_env(rank: int, nproc: int, port: int, error_dir: Path) -> dict[str, str]:
@@ -37,15 +62,64 @@ def rank_env(rank: int, nproc: int, port: int, error_dir: Path) -> dict[str, str
             "SIMCLR_ERROR_FILE": str(error_dir / f"rank{rank}"), "SIMCLR_LAUNCHED": "1"}
 
 
-def run_local_ranks(nproc: int, args: list[str], module: str = "trainer") -> int:
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when this process ends (Linux's
+    ``PR_SET_PDEATHSIG``); None where that call does not exist."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the call: nobody would tell us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def remove_stale_temp_folders() -> None:
+    """The error folders of launchers that were killed before they could remove their own."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's live launcher
+            pass
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (R, S, D, T stopped, Z...), '' when unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def run_local_ranks(nproc: int, args: list[str], module: str = "trainer", job: JobContext | None = None) -> int:
     """Run ``python -m <module> <args>`` as ``nproc`` ranks in the foreground (the training job, or
     ``launch eval``); returns 0, 128 + the signal that stopped it, 2 for a user error (its line
-    printed once), or the first failing rank's status."""
-    error_dir = Path(tempfile.mkdtemp(prefix="simclr_ranks_"))
+    printed once), or the first failing rank's status (a death said in one line, see the module)."""
+    remove_stale_temp_folders()
+    error_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}_"))
+    try:
+        return _run(nproc, args, module, job, error_dir)
+    finally:
+        shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error_dir: Path) -> int:
     port = free_port()
+    preexec = die_with_parent()
     procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env(r, nproc, port, error_dir),
-                              start_new_session=True) for r in range(nproc)]
+                              start_new_session=True, preexec_fn=preexec) for r in range(nproc)]
     received: list[int] = []
+    ended_at: dict[int, float] = {}  # rank -> when it ended (the first failure is the cause)
 
     def forward(signum: int, _frame) -> None:
         received.append(signum)
@@ -54,25 +128,112 @@ def run_local_ranks(nproc: int, args: list[str], module: str = "trainer") -> int
                 p.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    hung: dict[int, str] = {}  # ranks still there after the grace period: how they looked
     try:
         failed_at = None
         while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if p.returncode is not None:
+                    ended_at.setdefault(r, now)
             if failed_at is None and any(p.returncode not in (None, 0) for p in procs) and not received:
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
-                for p in procs:  # blocked in a collective with the rank that left: nothing to save
+                failed_at = now
+            if failed_at is not None and now - failed_at > GRACE_S:
+                for r, p in enumerate(procs):  # blocked in a collective with the rank that left: nothing to save
                     if p.poll() is None:
+                        hung[r] = process_state(p.pid)
                         p.kill()
             time.sleep(0.1)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    now = time.monotonic()
+    for r in range(nproc):
+        ended_at.setdefault(r, now)
     codes = [p.returncode for p in procs]
-    errors = sorted(error_dir.glob("rank*"), key=lambda f: int(f.name[4:]))
+    errors = sorted(error_dir.glob("rank*[0-9]"), key=lambda f: int(f.name[4:]))
     if errors and not received:
         print(errors[0].read_text().rstrip("\n"), file=sys.stderr, flush=True)
         return 2
     if received:
         return 130 if 130 in codes else 128 + received[0]
-    code = next((c for c in codes if c != 0), 0)
+    if all(c == 0 for c in codes):
+        return 0
+    report_death(codes, ended_at, hung, error_dir, job)
+    by_time = sorted(range(nproc), key=lambda r: ended_at[r])
+    # the first rank that failed on its own (not one this process killed after the grace period)
+    failing = [r for r in by_time if codes[r] != 0 and r not in hung] or [r for r in by_time if codes[r] != 0]
+    code = codes[failing[0]]
     return 128 - code if code < 0 else code  # a rank killed by signal N: 128 + N, as a shell reports it
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict[int, str], error_dir: Path,
+                 job: JobContext | None) -> None:
+    """One line naming the rank that ended the job and how, the newest checkpoint and the command
+    that continues; the other ranks' tracebacks into the run folder's ``failure.log``; the MLflow
+    run closed FAILED with tags. A rank's own exception (no signal, no hang) is printed whole."""
+    tracebacks = {int(f.name[4:].split(".")[0]): f.read_text() for f in error_dir.glob("rank*.traceback")}
+    by_time = sorted(range(len(codes)), key=lambda r: ended_at[r])
+    killed = [r for r in by_time if codes[r] is not None and codes[r] < 0 and r not in hung]
+    first_failed = next((r for r in by_time if codes[r] not in (0, None) and r not in hung), None)
+    first_error = tracebacks.get(first_failed, "").lower() if first_failed is not None else ""
+    timed_out = "timeout" in first_error or "timed out" in first_error
+    if killed:
+        cause, how = killed[0], f"was killed by {signal_name(-codes[killed[0]])}"
+    elif hung and (timed_out or first_failed is None):
+        cause = min(hung)
+        state = {"T": "stopped (SIGSTOP or a debugger)", "D": "stuck in the kernel (I/O)",
+                 "Z": "a zombie"}.get(hung[cause], "hung")
+        how = f"stopped answering ({state}); the other ranks gave up after dist.timeout_s"
+    else:
+        cause = first_failed if first_failed is not None else by_time[0]
+        how = f"failed (exit status {codes[cause]})"
+        if cause in tracebacks:  # a bug: the cause's traceback is what the user needs
+            print(tracebacks[cause].rstrip("\n"), file=sys.stderr, flush=True)
+    what = job.what if job is not None else "job"
+    parts = [f"[simclr] rank {cause} {how}; the {what} stopped"]
+    if job is not None and job.run_dir is not None:
+        parts += _record_failure(job.run_dir, cause, how, tracebacks)
+    if job is not None:
+        parts.append(f"{'resume' if job.run_dir is not None else 'run it again'} with: {job.again}")
+    print(". ".join(parts), file=sys.stderr, flush=True)
+
+
+def _record_failure(run_dir: Path, rank: int, how: str, tracebacks: dict[int, str]) -> list[str]:
+    """The run folder's side of a death: the ranks' tracebacks kept, the MLflow run closed FAILED
+    with tags naming the rank, and the newest checkpoint named. Returns the sentences to say."""
+    from trainer.checkpoint import latest_checkpoint
+
+    said = []
+    newest = latest_checkpoint(run_dir)
+    said.append(f"newest checkpoint: {newest}" if newest else "no checkpoint was written yet (it restarts at step 0)")
+    if tracebacks:
+        log = run_dir / "failure.log"
+        try:
+            log.write_text("".join(f"--- rank {r} ---\n{text}\n" for r, text in sorted(tracebacks.items())))
+            said.append(f"the other ranks' errors (a consequence) are in {log}")
+        except OSError:
+            pass
+    closed = close_run_failed(run_dir, rank, how)
+    if closed:
+        said.append(closed)
+    return said
+
+
+def close_run_failed(run_dir: Path, rank: int, how: str) -> str | None:
+    """Close the run's MLflow run as FAILED (rank 0 may have died before it could) with tags
+    ``simclr.failed_rank`` and ``simclr.failure``; the run record says FAILED too. Returns what to
+    say, or None when the run has no MLflow run yet."""
+    from trainer.tracking import TrackingError, close_recorded_run
+
+    try:
+        return close_recorded_run(run_dir, "FAILED", {"simclr.failed_rank": str(rank), "simclr.failure": how})
+    except TrackingError as exc:
+        return str(exc)

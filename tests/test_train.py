@@ -144,8 +144,7 @@ def test_stop_event_checkpoints_at_the_next_step_and_the_run_resumes(tiny_config
 
     cfg = tiny_config(**{"tracking.enabled": "false", "checkpoint.every_steps": 100})
     stop = threading.Event()
-    stop.set()
-    stopped = train(cfg, stop=stop)
+    stopped = train(cfg, stop=stop, on_start=lambda *_: stop.set())  # set once started (before: see test_run_ownership)
     assert stopped.preempted and stopped.step == 1 and stopped.encoder_path is None
     assert final_state(cfg.train.run_dir)["step"] == 1  # written although every_steps is 100
     finished = train(cfg)  # a fresh Event: nothing asks it to stop

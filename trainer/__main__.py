@@ -5,14 +5,16 @@ through it). Needs nothing from ``launch``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-
-from trainer.config import load_config
-from trainer.errors import exit_code_of
-from trainer.interrupts import train_in_foreground
 
 
 def main(argv: list[str] | None = None) -> int:
+    # imported here: a Ctrl-C while torch loads is one line (below), not an import traceback
+    from trainer.config import load_config
+    from trainer.errors import exit_code_of
+    from trainer.interrupts import train_in_foreground
+
     parser = argparse.ArgumentParser(prog="python -m trainer", description="one rank of a SimCLR pretraining job")
     parser.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.5")
@@ -21,4 +23,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            from trainer import STOPPED_AT_START
+
+            print(STOPPED_AT_START, file=sys.stderr, flush=True)
+        sys.exit(130)

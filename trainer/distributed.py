@@ -11,7 +11,9 @@ import datetime
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,13 @@ class DistInfo:
 def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistInfo:
     """Join the process group described by the environment (or run alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world_size > 1 and missing:  # a leftover of another job: init would wait dist.timeout_s for ranks never coming
+        from trainer.dataclass_yaml import ConfigError
+
+        raise ConfigError(f"WORLD_SIZE={world_size} is set in this shell but {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not: a leftover of another job? Run `unset "
+                          "WORLD_SIZE` for one process, or start ranks with simclr train --nproc K (or torchrun)")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_preference, local_rank)
@@ -80,6 +89,31 @@ def max_over_ranks(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
+
+
+T = TypeVar("T")
+
+
+def on_rank_zero(action: Callable[[], T], shared_errors: tuple[type[Exception], ...]) -> T | None:
+    """``action()`` on rank 0 only (None elsewhere). An error of ``shared_errors`` it raises is
+    raised on every rank, same type and message: the others would otherwise wait in their next
+    collective until the timeout. Every rank must call this at the same point."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return action()
+    result, said, failure = None, [None], None
+    if dist.get_rank() == 0:
+        try:
+            result = action()
+        except shared_errors as exc:
+            kind = next(i for i, error_type in enumerate(shared_errors) if isinstance(exc, error_type))
+            failure, said = exc, [(kind, str(exc))]
+    dist.broadcast_object_list(said, src=0)
+    if failure is not None:
+        raise failure
+    if said[0] is not None:
+        kind, message = said[0]
+        raise shared_errors[kind](message)
+    return result
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from data_pipeline import IndexStore, build_eval_batches, open_source
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
+from trainer.distributed import on_rank_zero
 from trainer.evaluate import load_encoder
 from trainer.run_files import atomic_write_text
 from trainer.tracking import git_commit
@@ -111,18 +112,8 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
             "arch": cfg.model.arch, "head_layers": head_layers, "data": str(Path(data).resolve()), "split": split,
             "samples": n, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows, "image_size": cfg.data.image_size,
             "commit": git_commit()}
-    failure = None
-    try:
-        _prepare(out_dir, meta, overwrite, rank)
-    except ConfigError as exc:
-        failure = exc
-    if dist.is_available() and dist.is_initialized():  # a refusal on rank 0 ends every rank with its line
-        said = [str(failure) if failure else None]
-        dist.broadcast_object_list(said, src=0)
-        if said[0] and failure is None:
-            raise ConfigError(said[0])
-    if failure is not None:
-        raise failure
+    # a refusal on rank 0 ends every rank with its line
+    on_rank_zero(lambda: _prepare(out_dir, meta, overwrite, rank), (ConfigError,))
     done = _done_chunks(out_dir)
     chunks = [k for k in range(-(-n // chunk_rows)) if k not in done]
     mine = chunks[rank::world_size]

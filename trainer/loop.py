@@ -7,6 +7,7 @@ every ``checkpoint.every_steps``, and ``finish_run`` at the end.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -19,15 +20,16 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
+from trainer import STOPPED_AT_START
 from trainer.config import Config, dump_config
 from trainer.device import peak_memory_mb
-from trainer.distributed import DistInfo, any_rank, init_distributed, teardown
+from trainer.distributed import DistInfo, any_rank, init_distributed, on_rank_zero, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.export import log_encoder_model, save_encoder
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
-from trainer.run_files import atomic_write_text
+from trainer.run_files import RunFolderInUseError, RunFolderLock, atomic_write_text
 from trainer.step import StepOutcome, train_step
 from trainer.tracking import Tracker, read_metrics_file, run_params
 
@@ -61,23 +63,29 @@ def train(cfg: Config, stop: threading.Event | None = None,
     at the next step boundary. ``on_start(tracker, info)`` runs once the MLflow run exists.
     """
     info = init_distributed(cfg.dist, cfg.train.device)
+    lock = RunFolderLock(cfg.train.run_dir)  # one run per folder, for the run's life; the writer (rank 0) holds it
     try:
+        on_rank_zero(lock.acquire, (RunFolderInUseError,))
         parts = build_parts(cfg, info)
         try:
             return run_training(parts, stop or threading.Event(), on_start)
         except BaseException as exc:  # the MLflow run must not stay RUNNING, whatever ended it
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             parts.tracker.finish(status)
-            if parts.info.is_main and parts.tracker.run_id:
+            # under simclr train --nproc the launcher says how the job ended, once
+            if parts.info.is_main and parts.tracker.run_id and not os.environ.get("SIMCLR_LAUNCHED"):
                 print(f"[simclr] {parts.tracker.describe()} ended {status}", file=sys.stderr, flush=True)
             raise
     finally:
+        lock.release()
         teardown()
 
 
 def run_training(parts: TrainParts, stop: threading.Event,
                  on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
     cfg = parts.cfg
+    if stop_before_start(parts, stop):  # Ctrl-C during start-up: no MLflow run, no step
+        return TrainResult(0, float("nan"), parts.run_dir, None, None, preempted=True)
     step = start_run(parts)
     if step >= parts.schedule.total:  # a finished run run again: nothing to train, export or log twice
         encoder = parts.run_dir / "encoder.pt"
@@ -152,6 +160,16 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             if step >= stop_at or preempted:
                 break
     return step, last_loss, preempted, skips
+
+
+def stop_before_start(parts: TrainParts, stop: threading.Event) -> bool:
+    """Whether a stop was requested while the run's parts were built (every rank agrees): then
+    nothing is started, trained or recorded, and rank 0 says so in one line."""
+    if not any_rank(stop.is_set())[0]:
+        return False
+    if parts.info.is_main:
+        print(STOPPED_AT_START, file=sys.stderr, flush=True)
+    return True
 
 
 def stop_requested(parts: TrainParts, stop: threading.Event, step: int) -> bool:

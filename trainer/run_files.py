@@ -1,5 +1,6 @@
 """The small files of a run folder (``config.yaml``, ``mlflow_run.json``, ``metrics.jsonl``):
-written whole or not at all, and read even after a kill or a full disk tore the last line.
+written whole or not at all, and read even after a kill or a full disk tore the last line. And the
+folder's lock: one run at a time writes into a run folder (``RunFolderLock``).
 
 A kill or a full disk mid-write leaves a 0-byte ``config.yaml`` or a half ``metrics.jsonl`` line.
 Whole files are written to a temporary name, flushed and renamed (the old file stays until the new
@@ -10,15 +11,85 @@ reader drops such a line (saying so) instead of failing every later resume.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 
 class DiskFullError(RuntimeError):
     """No space left while writing a run file: a user error (free space, then resume)."""
+
+
+class RunFolderInUseError(RuntimeError):
+    """Another process holds the run folder's lock: a user error naming the holder."""
+
+
+LOCK_FILE = ".simclr.lock"
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for the run's life, so that two runs never interleave
+    their metrics, checkpoints and MLflow runs in one folder. A POSIX record lock (``fcntl``): the
+    kernel releases it when the holder dies, however it dies (no stale lock after a SIGKILL), and
+    forked children (DataLoader workers) do not inherit it. The file names the holder (pid, host,
+    start) for the message a second process gets. Never open the lock file elsewhere in the holder:
+    closing any descriptor of it drops a POSIX lock."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = self.holder(fd)
+            os.close(fd)
+            raise RunFolderInUseError(
+                f"{self.path.parent} is in use by another run ({holder}); two runs in one folder would mix their "
+                "checkpoints and metrics. Wait for it to end or stop it, or give this run its own train.run_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._fd = fd
+
+    @staticmethod
+    def holder(fd: int) -> str:
+        try:
+            who = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return f"pid {who['pid']} on {who['host']}, since {who['started']}"
+        except (OSError, ValueError, KeyError):  # it has not written its name yet
+            return "a process that is just starting"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the lock; the file stays (removing it would race a new holder)
+            self._fd = None
+
+    def held_elsewhere(self) -> str | None:
+        """Who holds the lock now (None when nobody does): ``simclr sync`` leaves a run that is still
+        training as it is. Never call it in the holder's own process (the probe's close drops its lock)."""
+        if not self.path.exists():
+            return None
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock, only to test; dropped by the close
+            return None
+        except OSError:
+            return self.holder(fd)
+        finally:
+            os.close(fd)
 
 
 def _raise_readable(path: Path, exc: OSError) -> None:

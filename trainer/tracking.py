@@ -21,7 +21,7 @@ from typing import Any
 
 from trainer.config import Config, TrackingConfig, config_to_dict
 from trainer.dataclass_yaml import flatten
-from trainer.run_files import append_line, atomic_write_text, read_jsonl
+from trainer.run_files import RunFolderLock, append_line, atomic_write_text, read_jsonl
 
 RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and name, for `simclr sync`
 
@@ -86,6 +86,33 @@ def _fail_fast_over_http() -> None:
     where the user has not chosen values."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def store_problem(exc: BaseException) -> str:
+    """What an MLflow store error means, in words, with what to do: a store another MLflow version
+    made, a file store (MLflow 3 refuses them), a full disk, or a store that did not answer."""
+    import re
+
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "database or disk is full" in low or "no space left" in low:
+        return "the store's disk is full; free space there (training goes on, metrics are kept locally)"
+    found = re.search(r"found version (\w+), but expected (\w+)", text)
+    if found:
+        import mlflow
+
+        migrations = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+        if any(migrations.glob(f"{found.group(1)}_*.py")):
+            return (f"the store was made by an older MLflow (schema {found.group(1)}; this MLflow {mlflow.__version__} "
+                    f"expects {found.group(2)}); back it up, then upgrade it with: mlflow db upgrade URI, or use "
+                    "another tracking.uri")
+        return (f"the store was made by a newer MLflow than this one ({mlflow.__version__}; its schema "
+                f"{found.group(1)} is unknown here); use that MLflow version or another tracking.uri (do not run "
+                "mlflow db upgrade: it cannot downgrade)")
+    if "filesystem tracking backend" in low or "file store" in low:
+        return ("MLflow 3 refuses file stores (file:///dir, ./mlruns); use tracking.uri=sqlite:///DIR/mlflow.db, or "
+                "set MLFLOW_ALLOW_FILE_STORE=true")
+    return f"unreachable: {text.splitlines()[0][:200] if text else type(exc).__name__}"
 
 
 def read_metrics_file(path: str | Path, lenient: bool = False) -> list[dict[str, Any]]:
@@ -188,16 +215,17 @@ class MlflowRun:
         self._run_created = False
         self._started = self._finished = False
         self._monitor = None  # MLflow's system-metrics thread, once the run exists
+        self.problem = ""  # what the store's last failure was, in words (store_problem)
 
     def warn(self, what: str, exc: Exception) -> None:
         """The store failed while doing ``what``: offline until the next retry; one warning per run."""
         self._offline = True
+        self.problem = store_problem(exc)
         if not self._warned:
             self._warned = True
             kept = f"metrics are kept in {self.local_copy} and " if self.local_copy else "metrics are "
-            print(f"[tracking] WARNING: MLflow at {self.uri} is unreachable while {what} "
-                  f"({type(exc).__name__}: {str(exc)[:200]}); training continues, {kept}retried every "
-                  f"{self.retry_s:.0f}s", file=sys.stderr, flush=True)
+            print(f"[tracking] WARNING: MLflow at {self.uri} failed while {what}: {self.problem}; "
+                  f"training continues, {kept}retried every {self.retry_s:.0f}s", file=sys.stderr, flush=True)
 
     def _connect(self) -> bool:
         """Create (or reattach to) the run; True when the server answered."""
@@ -319,8 +347,9 @@ class MlflowRun:
                 self.warn("uploading artifacts", exc)
         print(f"[tracking] artifact {path} kept locally (not uploaded)", file=sys.stderr)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Close the run with ``status`` (once; later calls and a run never started do nothing)."""
+    def finish(self, status: str | None = "FINISHED") -> None:
+        """Close the run with ``status`` (once; later calls and a run never started do nothing);
+        None sends what is queued and leaves the run's status as it is."""
         if not self._started or self._finished:
             return
         self._finished = True
@@ -335,7 +364,7 @@ class MlflowRun:
                 break
             time.sleep(wait_s)
             sent = self.flush(force=True)
-        if sent and self.run_id:
+        if sent and self.run_id and status is not None:
             try:
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as exc:
@@ -383,7 +412,7 @@ class Tracker:
         if self.local is not None:
             if run_id is None:
                 self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
-            self.local.update(tags=tags)
+            self.local.update(tags=tags, status="RUNNING")  # until finish: a hard kill leaves RUNNING
         if self.mlflow is None:
             return None
         self.local.update(uri=resolve_tracking_uri(self.cfg.uri))
@@ -422,11 +451,12 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the MLflow run with ``status``, recorded in the run log too (once)."""
-        if self.mlflow is None or not self._started or self._finished:
+        if self.local is None or not self._started or self._finished:
             return
         self._finished = True
         self.local.update(status=status)
-        self.mlflow.finish(status)
+        if self.mlflow is not None:
+            self.mlflow.finish(status)
 
     def describe(self) -> str:
         if self.mlflow is None:
@@ -469,6 +499,30 @@ def read_run_record(run_dir: str | Path) -> dict[str, Any]:
                             "then sync into a new run with --uri") from None
 
 
+def close_recorded_run(run_dir: str | Path, status: str, tags: dict[str, str]) -> str | None:
+    """Close a run folder's MLflow run with ``status`` if its job could not (it died), adding
+    ``tags``; the record says so too. Returns what to tell the user, None when the run never
+    reached MLflow. A run already closed keeps its status and gains the tags."""
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir)
+    uri, run_id = record.get("uri"), record.get("run_id")
+    if not run_id:
+        return None
+    try:
+        client = open_client(uri)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+    except Exception as exc:
+        return (f"MLflow at {uri} did not answer ({store_problem(exc)}), so run {run_id} stays as it was; "
+                f"simclr sync {run_dir} completes it later")
+    record.setdefault("tags", {}).update(tags)
+    record["status"] = status
+    atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
+    return f"MLflow run {run_id} closed {status} (tag simclr.failed_rank={tags.get('simclr.failed_rank', '?')})"
+
+
 def run_id_of(run_dir: str | Path) -> str | None:
     """The MLflow run of a run folder, from its record (``mlflow_run.json``); None when the run
     never reached MLflow, or the folder has no readable record."""
@@ -507,8 +561,8 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     run = MlflowRun(cfg)
     run.start({}, {**record.get("tags", {}), "simclr.synced_from": str(run_dir)}, run_id=run_id)
     if not run.flush(force=True):
-        raise TrackingError(f"MLflow at {run.uri} is unreachable; nothing was lost ({run_dir} is unchanged): "
-                            "run simclr sync again when it answers")
+        raise TrackingError(f"MLflow at {run.uri}: {run.problem}; nothing was lost ({run_dir} is unchanged): "
+                            "run simclr sync again once that is fixed")
     logged = run.client.get_run(run.run_id)
     run.pending_params = {k: v for k, v in record.get("params", {}).items() if k not in logged.data.params}
     have = {(key, m.step, m.timestamp) for key in logged.data.metrics
@@ -527,5 +581,14 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
         atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
     if before_finish is not None:
         before_finish(run, record)
-    run.finish(record.get("status", "FINISHED"))
+    # a run still training, or one killed hard (its record says RUNNING: nobody closed it), stays as
+    # it is: closing it would hide the unclean exit that its next resume records
+    holder, status = RunFolderLock(run_dir).held_elsewhere(), record.get("status")
+    if holder or status in (None, "RUNNING"):
+        run.finish(None)
+        why = (f"is still training ({holder}); it closes its MLflow run itself" if holder else
+               "ended without closing (killed hard?); resuming it continues the same MLflow run and records that")
+        print(f"[simclr] note: the run in {run_dir} {why}. Its MLflow run stays RUNNING", flush=True)
+    else:
+        run.finish(status)
     return run.run_id or "", record
