@@ -1,0 +1,154 @@
+"""One run, one folder, one truth: a run folder is owned by one live run (a lock the kernel drops on
+any death), ranks die with their launcher, deaths and start-up interrupts are one line, and
+``simclr sync`` leaves a run that is still training, or was killed hard, as it is."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.runs import PY, REPO, assert_one_line_error, simclr, tiny_overrides
+from tests.test_failures import start_training, wait_for_steps
+from trainer import checkpoint as ckpt
+from trainer.loop import train
+from trainer.run_files import RunFolderInUseError, RunFolderLock, read_jsonl
+
+
+def ranks_of(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The rank processes a ``simclr train --nproc K`` started, by rank."""
+    found = {}
+    for child in psutil.Process(launcher.pid).children():
+        try:
+            found[int(child.environ()["RANK"])] = child
+        except (KeyError, psutil.Error):
+            pass
+    return found
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """In another process the lock is held; the second taker is refused naming pid and host; a
+    SIGKILL of the holder frees it at once (no stale lock)."""
+    code = ("import sys, time\nfrom trainer.run_files import RunFolderLock\n"
+            f"RunFolderLock({str(tmp_path)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([PY, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderInUseError, match=f"pid {holder.pid} on {socket.gethostname()}"):
+            RunFolderLock(tmp_path).acquire()
+        assert f"pid {holder.pid}" in RunFolderLock(tmp_path).held_elsewhere()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunFolderLock(tmp_path).held_elsewhere() is None
+    lock = RunFolderLock(tmp_path)
+    lock.acquire()
+    lock.release()
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_live_run_folder_is_refused_and_a_hard_kill_leaves_no_stale_lock(photo_data, tmp_path):
+    """Two ``simclr train`` into one folder interleaved their metrics (2,2,4,4) and MLflow runs;
+    now the second gets one line naming the first's pid and host. After a SIGKILL of the first,
+    the same command resumes (the kernel dropped the lock) and ``simclr sync`` meanwhile leaves
+    the killed run RUNNING, so the resume still records the unclean exit."""
+    run_dir = tmp_path / "run"
+    first = start_training(photo_data, run_dir, "trainer", **{"checkpoint.every_steps": 2})
+    wait_for_steps(run_dir, first, steps=2)
+    over = tiny_overrides(photo_data / "train", run_dir, **{"train.epochs": 200, "checkpoint.every_steps": 2,
+                                                            "train.log_every": 1})
+    second = simclr("train", *over)
+    assert_one_line_error(second, str(run_dir), f"pid {first.pid} on {socket.gethostname()}", "train.run_dir")
+    steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)), steps  # one writer: no step twice
+
+    # sync while it trains: the metrics go, the status stays RUNNING
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    synced = simclr("sync", str(run_dir))
+    assert synced.returncode == 0 and "still training" in synced.stdout, synced.stderr[-2000:]
+    run_id = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["mlflow_run_id"]
+    assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    synced = simclr("sync", str(run_dir))  # a hard-killed run: left RUNNING, not FINISHED
+    assert synced.returncode == 0 and "ended without closing" in synced.stdout, synced.stderr[-2000:]
+    assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+
+    step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["step"]
+    resumed = simclr("train", *over, f"train.stop_after_steps={step + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.tags["simclr.unclean_exits"] == "1" and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_stops_its_ranks_with_a_checkpoint(photo_data, tmp_path):
+    """``kill -KILL`` of ``simclr train --nproc 2`` left both ranks training alone (PPID 1) to the
+    end; now the kernel tells them (PR_SET_PDEATHSIG) and they stop at a step boundary, checkpoint
+    and close the MLflow run as KILLED; the lock is free for the rerun."""
+    run_dir = tmp_path / "run"
+    launcher = start_training(photo_data, run_dir, "launch", "train", "--nproc", "2")
+    wait_for_steps(run_dir, launcher, steps=2)
+    ranks = ranks_of(launcher)
+    assert sorted(ranks) == [0, 1]
+    launcher.kill()  # the launcher alone, as kill -KILL PID does
+    start = time.time()
+    gone, alive = psutil.wait_procs(list(ranks.values()), timeout=60)
+    assert not alive, "ranks outlived their launcher"
+    elapsed = time.time() - start
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state["mlflow_run_id"]).info.status == "KILLED"
+    assert RunFolderLock(run_dir).held_elsewhere() is None
+    launcher.communicate()
+    print(f"[measured] launcher SIGKILLed: both ranks checkpointed (step {state['step']}), ended {elapsed:.1f}s later")
+
+
+def test_ctrl_c_during_start_up_trains_nothing_and_starts_no_mlflow_run(tiny_config, capsys):
+    """A stop asked for while the run's parts are built: one line, no step, no checkpoint, no
+    MLflow run (it used to create one and train a step first)."""
+    cfg = tiny_config()
+    stop = threading.Event()
+    stop.set()
+    result = train(cfg, stop=stop)
+    assert result.preempted and result.step == 0 and result.run_id is None
+    assert "stopped during start-up, before the first step; nothing was trained" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(cfg.train.run_dir) is None
+    assert not (Path(cfg.train.run_dir) / "metrics.jsonl").exists()
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def test_ctrl_c_while_a_rank_imports_is_one_line(photo_data, tmp_path):
+    """SIGINT while ``python -m trainer`` is still loading torch: one line and 130, no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, "-m", "trainer", *tiny_overrides(photo_data / "train", tmp_path / "run")], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "stopped during start-up" in err, err[-2000:]
+
+
+def test_a_stray_world_size_is_one_line_at_once(tiny_config, monkeypatch):
+    """``WORLD_SIZE=2`` left in the shell: plain ``simclr train`` waited ``dist.timeout_s`` (600 s)
+    for ranks that never come, then printed a traceback."""
+    from trainer.dataclass_yaml import ConfigError
+
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    start = time.time()
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set .* RANK, MASTER_ADDR, MASTER_PORT are not.*unset"):
+        train(tiny_config())
+    assert time.time() - start < 5
