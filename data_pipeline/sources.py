@@ -101,3 +101,38 @@ def labelled_indices(source: Source, needed_by: str) -> np.ndarray:
                         "or split); point it at a labelled set (class sub-folders, a labelled .npz, STL-10's "
                         "train/test split, a CIFAR folder)")
     return keep
+
+
+def data_fingerprint(source: Source) -> dict:
+    """What a run was started on, to notice at a resume that the dataset changed under it: the
+    sample count, the class names, and a digest of the listing (each sample's name relative to the
+    dataset, and its label), so that a moved dataset matches itself."""
+    import hashlib
+
+    prefix = str(source.location).rstrip("/") + "/"
+    digest = hashlib.sha1()
+    for i in range(len(source)):
+        name = source.sample_name(i)
+        digest.update((name[len(prefix):] if name.startswith(prefix) else name).encode("utf-8", "surrogateescape"))
+        digest.update(b"\0")
+    digest.update(np.asarray(source.labels, dtype=np.int64).tobytes())
+    return {"samples": len(source), "classes": list(source.classes), "listing_sha1": digest.hexdigest()}
+
+
+def data_changes(started: dict, now: dict) -> list[str]:
+    """How the dataset of ``now`` differs from the one a run ``started`` on, one phrase a change
+    (empty: the same data)."""
+    changes = []
+    old_classes, new_classes = started.get("classes", []), now.get("classes", [])
+    if old_classes != new_classes:
+        added = [c for c in new_classes if c not in old_classes]
+        removed = [c for c in old_classes if c not in new_classes]
+        said = [f"{what} {', '.join(map(repr, names[:5]))}" for what, names in
+                (("classes added:", added), ("classes removed:", removed)) if names]
+        said = said or ["the classes were reordered"]
+        changes.append(f"{'; '.join(said)} ({len(old_classes)} -> {len(new_classes)} classes)")
+    if started.get("samples") != now.get("samples"):
+        changes.append(f"{now.get('samples')} images where the run started on {started.get('samples')}")
+    elif started.get("listing_sha1") != now.get("listing_sha1") and not changes:
+        changes.append("the same number of images, but other files or labels")
+    return changes

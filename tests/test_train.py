@@ -92,7 +92,7 @@ def test_mismatched_checkpoint_is_refused(tiny_config):
     cfg = tiny_config(**{"train.stop_after_steps": 2, "tracking.enabled": "false"})
     train(cfg)
     cfg2 = tiny_config(**{"model.proj_out_dim": 8, "tracking.enabled": "false"})
-    with pytest.raises(CheckpointError, match="model="):
+    with pytest.raises(CheckpointError, match="model.proj_out_dim 16 -> 8"):
         train(cfg2)
 
 

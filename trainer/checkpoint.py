@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +26,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.seeds import derive_seed
+from data_pipeline.sources import data_changes
 from trainer.config import Config, config_to_dict
+from trainer.dataclass_yaml import flatten
 from trainer.distributed import DistInfo
 
 FORMAT_VERSION = 1
@@ -54,6 +57,10 @@ class TrainState:
     world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
     mlflow_run_id: str | None = None
     world_size_changed: bool = False  # set by a resume on another world size than the checkpoint's
+    run_folder: dict[str, Any] = field(default_factory=dict)  # this run folder's path and inode
+    data: dict[str, Any] = field(default_factory=dict)  # the dataset's fingerprint (data_fingerprint)
+    parent_run_id: str | None = None  # set by a resume from another folder's checkpoint: the MLflow run it came from
+    parent_folder: str | None = None
 
     def __post_init__(self) -> None:
         self.world_size_history = self.world_size_history or [[0, self.world_size]]
@@ -61,7 +68,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "world_size": self.world_size,
-                "world_size_history": self.world_size_history, "mlflow_run_id": self.mlflow_run_id}
+                "world_size_history": self.world_size_history, "mlflow_run_id": self.mlflow_run_id,
+                "run_folder": self.run_folder, "data": self.data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.mlflow_run_id = state["step"], state.get("mlflow_run_id")
@@ -69,6 +77,23 @@ class TrainState:
         if self.world_size_history[-1][1] != self.world_size:  # a resume on another world size
             self.world_size_history.append([self.step, self.world_size])
             self.world_size_changed = True
+        saved = state.get("run_folder") or {}
+        if saved and not same_folder(saved, self.run_folder):
+            # a copied folder, or another run's checkpoint: this folder gets its own MLflow run, never
+            # appending to the one it came from (two folders would write one run's steps twice)
+            self.parent_run_id, self.parent_folder, self.mlflow_run_id = self.mlflow_run_id, saved.get("path"), None
+
+
+def folder_identity(run_dir: str | Path) -> dict[str, Any]:
+    """A run folder's identity: its resolved path and its inode. A moved folder keeps its inode, the
+    same folder seen on another node keeps its path; a copy has neither."""
+    path = Path(run_dir).resolve()
+    return {"path": str(path), "inode": path.stat().st_ino if path.exists() else None}
+
+
+def same_folder(saved: dict[str, Any], here: dict[str, Any]) -> bool:
+    return saved.get("path") == here.get("path") or (saved.get("inode") is not None
+                                                      and saved.get("inode") == here.get("inode"))
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -138,11 +163,25 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     return stale
 
 
+def check_integrity(path: Path, what: str = "checkpoint") -> None:
+    """Every part of a torch file against the CRC its zip stored (``torch.load`` does not check
+    them: flipped bytes inside a tensor would load silently and train on)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{what} {path} is unreadable ({exc}): truncated, or not a torch file") from None
+    if damaged is not None:
+        raise CheckpointError(f"{what} {path} is unreadable: its part {damaged} fails its CRC check (bytes changed "
+                              "on disk or in a copy); use an earlier checkpoint or a good copy")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check one checkpoint (tensors to CPU, ``weights_only=True``)."""
+    """Check one checkpoint's integrity, then load it (tensors to CPU, ``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; use checkpoint.resume=auto or none")
+    check_integrity(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, wrong pickle, foreign file: all mean 'unusable'
@@ -207,6 +246,7 @@ def load_weights(path: str | Path) -> SavedWeights:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass a checkpoint step_N.pt or an exported encoder.pt")
+    check_integrity(path, "weights file")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or not weights
@@ -258,17 +298,61 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the run's checkpointer
 
 
-def check_compatible(state: dict[str, Any], cfg: Config, path: Path) -> None:
-    """Refuse a checkpoint whose model or global batch differs from this run's (the weights would
-    not load, or the data position would not match)."""
-    saved, wanted = state["config"], config_to_dict(cfg)
-    if saved.get("model") != wanted["model"]:
-        raise CheckpointError(f"checkpoint {path} was trained with model={saved.get('model')}, this run asks "
-                              f"for {wanted['model']}; use the same model settings or checkpoint.resume=none "
-                              "with a new train.run_dir")
-    if saved["data"]["batch_size"] != cfg.data.batch_size:
-        raise CheckpointError(f"checkpoint {path} used data.batch_size={saved['data']['batch_size']}, "
-                              f"this run {cfg.data.batch_size}: the data position would not match")
+# What shapes the weights or the data position: a checkpoint with other values cannot continue.
+FIXED_KEYS = ("model.arch", "model.cifar_stem", "model.proj_hidden_dim", "model.proj_out_dim", "model.proj_layers",
+              "data.batch_size")
+# How a run executes, not what it learns: a resume may change these freely (each change is recorded).
+RUN_SETTINGS = ("model.sync_bn", "model.sync_bn_group_size", "model.channels_last", "model.compile", "data.root",
+                "data.val_root", "data.val_split", "data.backend", "data.num_workers", "data.prefetch_depth",
+                "data.on_device", "data.skip_corrupt", "train.device", "train.run_dir", "train.log_every",
+                "train.stop_after_steps", "train.knn_every_epochs", "train.online_probe", "train.stop_check_every",
+                "train.progress_bar", "train.overwrite", "train.micro_batch", "precision.max_consecutive_nonfinite",
+                "checkpoint.", "tracking.", "dist.")
+
+
+@dataclass
+class ResumeChanges:
+    """What differs between a checkpoint's run and this job: run settings (allowed), changed
+    hyper-parameters and a changed dataset (allowed by ``checkpoint.allow_changes=true``), each
+    recorded in MLflow as a change at ``step``."""
+
+    step: int
+    settings: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (old, new)
+    hyper: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.settings or self.hyper or self.data)
+
+
+def _said(diff: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in diff.items())
+
+
+def reconcile(state: dict[str, Any], cfg: Config, path: Path, data_now: dict[str, Any]) -> ResumeChanges:
+    """What this job changes against the checkpoint's run; refuses (one line naming the keys and the
+    fix) what cannot continue, and changed hyper-parameters or data unless
+    ``checkpoint.allow_changes=true``."""
+    saved, wanted = flatten(state["config"]), flatten(config_to_dict(cfg))
+    diff = {k: (saved[k], v) for k, v in wanted.items() if k in saved and saved[k] != v}
+    changes = ResumeChanges(int(state["step"]))
+    fixed = {k: d for k, d in diff.items() if k in FIXED_KEYS}
+    if fixed:
+        raise CheckpointError(f"checkpoint {path} cannot continue with {_said(fixed)} (the weights would not load, or "
+                              "the data position would not match); resume with the run's own values, or start a new "
+                              "run: checkpoint.resume=none with a new train.run_dir")
+    changes.settings = {k: d for k, d in diff.items() if k.startswith(RUN_SETTINGS) and k not in FIXED_KEYS}
+    changes.hyper = {k: d for k, d in diff.items() if k not in changes.settings and k not in FIXED_KEYS}
+    if state.get("data") and data_now:
+        changes.data = data_changes(state["data"], data_now)
+    if (changes.hyper or changes.data) and not cfg.checkpoint.allow_changes:
+        what = "; ".join(([f"changed settings: {_said(changes.hyper)}"] if changes.hyper else []) +
+                         ([f"data.root changed: {', '.join(changes.data)}"] if changes.data else []))
+        raise CheckpointError(f"the run in {cfg.train.run_dir} resumes from {path.name} (step {changes.step}), which "
+                              f"was trained otherwise ({what}). Resume with what the run started with (its "
+                              "config.yaml; the same dataset), or add checkpoint.allow_changes=true to go on with this "
+                              "(recorded in MLflow as a change at that step), or start a new train.run_dir")
+    return changes
 
 
 class Checkpointer:
@@ -286,6 +370,7 @@ class Checkpointer:
             self.states["online_probe"] = online_probe
         self.run_dir = Path(cfg.train.run_dir)
         self.directory = checkpoint_dir(self.run_dir)
+        self.changes = ResumeChanges(0)  # what a resume changed (set by resume)
 
     def resume(self) -> bool:
         """Load the newest usable checkpoint (or ``checkpoint.resume``) into the parts; False when
@@ -294,11 +379,15 @@ class Checkpointer:
             remove_stale_temp_files(self.directory)
         if self.cfg.checkpoint.resume == "none":
             self._start_over()
+        self.train_state.run_folder = folder_identity(self.run_dir)
         path, state = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
         if state is None:
             return False
-        check_compatible(state, self.cfg, path)
+        self.changes = reconcile(state, self.cfg, path, self.train_state.data)
+        classes_changed = (state.get("data") or {}).get("classes", []) != self.train_state.data.get("classes", [])
         for key, part in self.states.items():
+            if key == "online_probe" and classes_changed:  # other classes (allow_changes): a fresh probe
+                continue
             if state.get(key) is not None:  # an older checkpoint without a part (the probe): it starts fresh
                 part.load_state_dict(state[key])
         self.train_state.load_state_dict(state)

@@ -98,6 +98,9 @@ class CheckpointConfig:
     every_steps: int = 500
     keep_last: int = 3
     resume: str = "auto"  # auto | none | <path>
+    # a resume with other hyper-parameters or another dataset than the checkpoint's: refused unless true,
+    # then recorded in MLflow as a change at that step (config.yaml keeps the original)
+    allow_changes: bool = False
 
 
 @dataclass
@@ -203,6 +206,7 @@ def validate(cfg: Config) -> Config:
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
     _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
     run_dir = Path(t.run_dir).expanduser()
+    check_run_dir(run_dir, cfg.data.root, cfg.data.val_root)
     _check(not run_dir.exists() or run_dir.is_dir(), "train.run_dir", t.run_dir,
            "is a file; name a directory for the run's checkpoints and logs")
     existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
@@ -215,6 +219,24 @@ def validate(cfg: Config) -> Config:
            cfg.precision.max_consecutive_nonfinite, "must be a positive integer")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0 seconds")
     return cfg
+
+
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
+
+def check_run_dir(run_dir: Path, *data_roots: str) -> None:
+    """A run folder is a folder of its own: never the file system's root, a home folder, or a system
+    folder (``overwrite`` clears files there), and never inside a dataset (its own files, curves.png
+    among them, would be read as images: a new class)."""
+    where = run_dir.resolve()
+    shared = {Path("/"), Path.home().resolve(), *map(Path, ("/home", "/root", "/tmp", "/opt", "/mnt", "/var"))}
+    if where in shared or any(where == Path(s) or Path(s) in where.parents for s in SYSTEM_FOLDERS):
+        raise ConfigError(f"train.run_dir={run_dir}: {where} is a shared or system folder; name a folder of its own "
+                          "for the run, e.g. train.run_dir=runs/NAME")
+    for key, root in zip(("data.root", "data.val_root"), data_roots):
+        if root and (where == Path(root).resolve() or Path(root).resolve() in where.parents):
+            raise ConfigError(f"train.run_dir={run_dir} lies inside {key}={root}: the run's own files would be read "
+                              "as images (curves.png as a new class); put the run folder outside the dataset")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

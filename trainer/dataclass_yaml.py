@@ -91,6 +91,8 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def parse_value(raw: str) -> Any:
     """A command-line value as a YAML scalar or list (``0.5`` -> float, ``[0.2, 1.0]`` -> list)."""
+    if raw == "~":  # YAML's null, but on a command line the home folder (key=~ is a path; the shell leaves it)
+        return raw
     try:
         return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:

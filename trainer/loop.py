@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
 from trainer import STOPPED_AT_START
+from trainer.checkpoint import CheckpointError, ResumeChanges
 from trainer.config import Config, dump_config
 from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, on_rank_zero, teardown
@@ -221,16 +222,30 @@ def start_run(parts: TrainParts) -> int:
     resumed = parts.checkpointer.resume()
     state, world = parts.train_state, parts.info.world_size
     if state.step >= parts.schedule.total:
+        if not (parts.run_dir / "encoder.pt").exists():  # not finished: its schedule is shorter now
+            raise CheckpointError(f"the checkpoint is at step {state.step}, past the end of this run's schedule "
+                                  f"({parts.schedule.total} steps: train.epochs x {parts.steps_per_epoch} steps per "
+                                  "epoch); raise train.epochs to train on, or start a new train.run_dir")
         parts.tracker.run_id = state.mlflow_run_id
         return state.step
     if parts.info.is_main:
         cfg, config_file, step = parts.cfg, parts.run_dir / "config.yaml", state.step
         parts.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_file, dump_config(cfg))
+        changes = parts.checkpointer.changes
+        # config.yaml is what the run started with; a resume that changes something keeps its own beside it
+        first = not resumed or state.parent_folder is not None or not config_file.exists()
+        job_config = config_file if first else parts.run_dir / f"config.step_{step:09d}.yaml"
+        if first or changes:
+            atomic_write_text(job_config, dump_config(cfg))
         params = run_params(cfg, world, parts.loader.backend, parts.steps_per_epoch)
         history = ",".join(f"{at}:{size}" for at, size in state.world_size_history)  # step:world size
-        parts.tracker.start(params, {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
-                                     "simclr.world_size_history": history}, run_id=state.mlflow_run_id)
+        tags = {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
+                "simclr.world_size_history": history}
+        if state.parent_run_id or state.parent_folder:
+            tags.update({"simclr.parent_run_id": state.parent_run_id or "", "simclr.resumed_from": state.parent_folder})
+            print(f"[simclr] note: the checkpoint was written in another run folder ({state.parent_folder}); this "
+                  f"folder gets an MLflow run of its own (tag simclr.parent_run_id={state.parent_run_id})", flush=True)
+        parts.tracker.start(params, tags, run_id=state.mlflow_run_id)
         if state.world_size_changed:
             parts.tracker.log_params({f"world_size.from_step_{step}": world})
             if parts.loader.source.order_depends_on_world_size and step % parts.steps_per_epoch:
@@ -238,10 +253,27 @@ def start_run(parts: TrainParts) -> int:
                       f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
                       "this epoch are seen twice or not at all); from the next epoch on, each image is seen once",
                       flush=True)
-        if not resumed:
-            parts.tracker.log_artifact(config_file)
+        if first or changes:
+            parts.tracker.log_artifact(job_config)
+        if changes:
+            record_changes(parts, changes, job_config)
         announce(parts, step)
     return state.step
+
+
+def record_changes(parts: TrainParts, changes: ResumeChanges, job_config: Path) -> None:
+    """A resume that changed settings, hyper-parameters (checkpoint.allow_changes) or the dataset:
+    MLflow params ``changed_at_step_<N>.<key>`` = "old -> new" (params never change, so the run's
+    own stay as it started) and one line."""
+    at = f"changed_at_step_{changes.step}"
+    params = {f"{at}.{key}": f"{old} -> {new}" for key, (old, new) in {**changes.settings, **changes.hyper}.items()}
+    if changes.data:
+        params[f"{at}.data"] = "; ".join(changes.data)
+    parts.tracker.log_params(params)
+    said = [f"{key} {old} -> {new}" for key, (old, new) in {**changes.settings, **changes.hyper}.items()]
+    print(f"[simclr] resumed at step {changes.step} with changes: {'; '.join(said + changes.data)} (recorded in "
+          f"MLflow as {at}.*; config.yaml keeps what the run started with, this job's is {job_config.name})",
+          flush=True)
 
 
 def announce(parts: TrainParts, step: int) -> None:

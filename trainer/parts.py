@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline import IndexStore, TwoViewLoader, build_loader, open_val_source
-from data_pipeline.sources import Source, labelled_indices
+from data_pipeline.sources import Source, data_fingerprint, labelled_indices
 from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
@@ -129,7 +129,7 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
     probe = None
     if cfg.train.online_probe and (labels >= 0).any():  # built after the model: its init draws come last
         probe = OnlineProbe(m.model.feature_dim, int(labels.max()) + 1, device)
-    train_state = TrainState(loader.steps_per_epoch, info.world_size)
+    train_state = TrainState(loader.steps_per_epoch, info.world_size, data=data_fingerprint(loader.source))
     return TrainParts(
         cfg=cfg, info=info, loader=loader, model=m.model, ddp_model=m.ddp_model, optimizer=m.optimizer,
         schedule=schedule, precision=m.precision, forward_backward=m.forward_backward,
