@@ -152,3 +152,135 @@ def test_a_stray_world_size_is_one_line_at_once(tiny_config, monkeypatch):
     with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set .* RANK, MASTER_ADDR, MASTER_PORT are not.*unset"):
         train(tiny_config())
     assert time.time() - start < 5
+
+
+# ----------------------------------------------------------------------------------- what a resume checks
+
+
+def flip_bytes_inside_a_tensor(path: Path) -> str:
+    """XOR 64 bytes in the middle of the checkpoint's largest tensor, as a bad disk or copy would;
+    returns that member's name."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    raw[start:start + 64] = bytes(b ^ 0xFF for b in raw[start:start + 64])
+    path.write_bytes(bytes(raw))
+    return info.filename
+
+
+def test_a_checkpoint_with_flipped_bytes_is_named_not_loaded(tiny_config):
+    """64 flipped bytes inside a tensor loaded silently and the resume trained on weights up to
+    2.2e4; the zip's CRCs name the damaged part, and a plain resume falls back to the previous one."""
+    cfg = tiny_config(**{"train.stop_after_steps": 4, "tracking.enabled": "false"})
+    train(cfg)
+    newest, previous = ckpt.list_checkpoints(ckpt.checkpoint_dir(cfg.train.run_dir))[:2]
+    member = flip_bytes_inside_a_tensor(newest)
+    with pytest.raises(ckpt.CheckpointError, match=f"its part {member} fails its CRC check"):
+        ckpt.load_checkpoint(newest)
+    with pytest.raises(ckpt.CheckpointError, match="fails its CRC check"):
+        ckpt.load_weights(newest)  # simclr eval and embed read through the same check
+    with pytest.warns(UserWarning, match="fails its CRC check"):
+        path, state = ckpt.find_resume_checkpoint(cfg.train.run_dir, "auto")
+    assert path == previous and state["step"] == 2
+
+
+def test_a_copied_run_folder_starts_its_own_mlflow_run_naming_its_parent(tiny_config, tmp_path):
+    """Two copies of one folder, both resumed, appended to one MLflow run (step 6 held two losses);
+    now the copy gets a run of its own, tagged with the one it came from; the original continues its
+    own run. The same holds for another folder's step_N.pt passed as checkpoint.resume."""
+    import shutil
+
+    original = tiny_config(**{"train.stop_after_steps": 2})
+    first = train(original)
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(original.train.run_dir, copy_dir)
+    copied = train(tiny_config(**{"train.stop_after_steps": 4, "train.run_dir": str(copy_dir)}))
+    again = train(tiny_config(**{"train.stop_after_steps": 4}))
+    elsewhere = tmp_path / "elsewhere"
+    step2 = ckpt.list_checkpoints(ckpt.checkpoint_dir(copy_dir))[-1]
+    from_path = train(tiny_config(**{"train.stop_after_steps": 4, "train.run_dir": str(elsewhere),
+                                     "checkpoint.resume": str(step2)}))
+    client = MlflowClient(original.tracking.uri)
+    assert again.run_id == first.run_id
+    assert len({first.run_id, copied.run_id, from_path.run_id}) == 3
+    for result, parent in ((copied, first.run_id), (from_path, first.run_id)):
+        tags = client.get_run(result.run_id).data.tags
+        assert tags["simclr.parent_run_id"] == parent and tags["simclr.resumed_from"], tags
+    losses = client.get_metric_history(first.run_id, "loss")
+    assert sorted(m.step for m in losses) == [2, 4]  # the original's own steps, once each
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(copy_dir))["mlflow_run_id"] == copied.run_id
+
+
+def test_changed_hyper_parameters_are_refused_unless_allowed_then_recorded(tiny_config):
+    """Another optim.lr on resume was silent: config.yaml overwritten, MLflow params kept the old
+    value while the lr metric jumped. Now: refused naming the key; run settings pass; with
+    checkpoint.allow_changes=true the change is an MLflow param at its step, config.yaml kept."""
+    import yaml
+
+    first = train(tiny_config(**{"train.stop_after_steps": 2}))
+    with pytest.raises(ckpt.CheckpointError, match=r"optim.lr 0.5 -> 1.5.*checkpoint.allow_changes=true"):
+        train(tiny_config(**{"train.stop_after_steps": 4, "optim.lr": 1.5}))
+    with pytest.raises(ckpt.CheckpointError, match=r"model.proj_out_dim 16 -> 8 \(the weights would not load"):
+        train(tiny_config(**{"train.stop_after_steps": 4, "model.proj_out_dim": 8, "checkpoint.allow_changes": "true"}))
+    settings = train(tiny_config(**{"train.stop_after_steps": 4, "model.channels_last": "false",
+                                    "model.compile": "false", "model.sync_bn": "false", "data.num_workers": 1}))
+    changed = train(tiny_config(**{"train.stop_after_steps": 6, "model.channels_last": "false", "optim.lr": 1.5,
+                                   "model.sync_bn": "false", "data.num_workers": 1,
+                                   "checkpoint.allow_changes": "true"}))
+    assert first.run_id == settings.run_id == changed.run_id
+    run_dir = Path(changed.run_dir)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.5  # the original, kept
+    assert yaml.safe_load((run_dir / "config.step_000000004.yaml").read_text())["optim"]["lr"] == 1.5
+    params = MlflowClient(tiny_config().tracking.uri).get_run(first.run_id).data.params
+    assert params["optim.lr"] == "0.5" and params["changed_at_step_4.optim.lr"] == "0.5 -> 1.5"
+    assert params["changed_at_step_2.model.sync_bn"] == "True -> False"
+
+
+def test_a_changed_dataset_is_named_at_resume(photo_data, tmp_path):
+    """A class added under a resume was a 37-line RuntimeError (probe outputs); a shrunk dataset
+    said 'already finished' (step 39/24) with no encoder. Now one line names the change; with
+    checkpoint.allow_changes=true a new class trains on with a fresh online probe, and a step past
+    the shortened schedule is refused."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", tree)
+
+    def config(**over):
+        from trainer.config import load_config
+
+        return load_config(None, tiny_overrides(tree, tmp_path / "run", **{"tracking.enabled": "false", **over}))
+
+    train(config(**{"train.stop_after_steps": 6}))
+    shutil.copytree(tree / sorted(os.listdir(tree))[0], tree / "zebra")
+    with pytest.raises(ckpt.CheckpointError, match=r"data.root changed: classes added: 'zebra' \(10 -> 11 classes\)"):
+        train(config(**{"train.stop_after_steps": 8}))
+    grown = train(config(**{"train.stop_after_steps": 8, "checkpoint.allow_changes": "true"}))
+    assert grown.step == 8
+    shutil.rmtree(tree / "zebra")
+    for folder in tree.iterdir():  # 80 images -> 20: 10 steps an epoch -> 2, 4 steps in all
+        for extra in sorted(folder.iterdir())[2:]:
+            extra.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"classes removed: 'zebra'.*20 images where the run started on 88"):
+        train(config())
+    with pytest.raises(ckpt.CheckpointError, match=r"at step 8, past the end of this run's schedule \(4 steps"):
+        train(config(**{"checkpoint.allow_changes": "true"}))
+
+
+@pytest.mark.parametrize("run_dir,needle", [("~", "shared or system folder"), ("/", "shared or system folder"),
+                                            ("/etc", "shared or system folder"),
+                                            ("DATA/sub/run", "lies inside data.root")])
+def test_a_run_folder_of_its_own(photo_data, run_dir, needle):
+    """train.run_dir=~ said 'expected a string, got None'; / and /etc passed; a run folder inside
+    data.root turned its own curves.png into an 11th class."""
+    from trainer.config import load_config
+    from trainer.dataclass_yaml import ConfigError
+
+    run_dir = run_dir.replace("DATA", str(photo_data / "train"))
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [f"train.run_dir={run_dir}", f"data.root={photo_data / 'train'}"])
