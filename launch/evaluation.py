@@ -74,7 +74,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
     from data_pipeline import IndexStore, open_source
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
-    from trainer.evaluate import check_same_classes, compare, load_encoder, random_init_like
+    from trainer.evaluate import check_same_classes, compare, load_encoder, misleading_settings, random_init_like
     from trainer.run_files import atomic_write_text
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
@@ -89,6 +89,12 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
         train_set = open_source(args.train_data, args.train_split, cfg.data.labels, store)
         val_set = open_source(args.val_data, args.val_split, cfg.data.labels, store)
         check_same_classes(train_set, val_set)
+        same_data = [Path(args.train_data).resolve(), args.train_split] == [Path(args.val_data).resolve(),
+                                                                            args.val_split]
+        notes = misleading_settings(train_set, same_data, args.probe_epochs, tuple(args.finetune), args.finetune_epochs)
+        if info.is_main:
+            for note in notes:
+                print(f"[simclr] note: {note}", flush=True)
         device = info.device
         out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
         torch.manual_seed(cfg.train.seed)
@@ -105,7 +111,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
                        "train_data": str(args.train_data), "val_data": str(args.val_data),
                        "train_split": args.train_split, "val_split": args.val_split,
                        "arch": cfg.model.arch, "device": str(device), "ranks": info.world_size,
-                       "neighbours": str(report.neighbours) if report.neighbours else None}
+                       "neighbours": str(report.neighbours) if report.neighbours else None, "notes": notes}
         print("\n" + report.to_markdown())
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))

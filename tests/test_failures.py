@@ -590,6 +590,28 @@ def test_eval_refuses_different_class_sets(exported_encoder, photo_data, tmp_pat
     proc = simclr("eval", "--checkpoint", str(exported_encoder), "--train-data", str(two), "--val-data",
                   str(photo_data / "val"))
     assert_one_line_error(proc, "classes", str(two), "same classes")
+    lacking = tmp_path / "lacking"  # the held-out set lacks one class: named, not only both lists shown
+    shutil.copytree(photo_data / "val", lacking)
+    gone = sorted(p.name for p in lacking.iterdir())[3]
+    shutil.rmtree(lacking / gone)
+    proc = simclr("eval", "--checkpoint", str(exported_encoder), "--train-data", str(photo_data / "train"),
+                  "--val-data", str(lacking))
+    assert_one_line_error(proc, f"the held-out set lacks {gone!r}")
+
+
+def test_eval_says_when_its_numbers_mislead(exported_encoder, photo_data, tmp_path):
+    """--val-data equal to --train-data, --finetune 1e-9 (1 image per class), --probe-epochs 0 and
+    --finetune-epochs 0 all reported numbers with no note; now each is a note, in the report too."""
+    out = tmp_path / "eval"
+    proc = simclr("eval", "--checkpoint", str(exported_encoder), "--train-data", str(photo_data / "train"),
+                  "--val-data", str(photo_data / "train"), "--probe-epochs", "0", "--finetune", "1e-9",
+                  "--finetune-epochs", "0", "--no-baseline", "--device", "cpu", "--workers", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("[simclr] note:")]
+    for needle in ("the held-out set is the training set", "--probe-epochs 0", "--finetune-epochs 0",
+                   "--finetune 1e-09: 1e-09 of the labels rounds to no image in 10 of 10 classes"):
+        assert any(needle in note for note in notes), (needle, notes)
+    assert len(notes) == 4 and (out / "report.md").read_text().count("Note: ") == 4
 
 
 def test_eval_finetune_fraction_out_of_range_is_refused_before_any_work(exported_encoder, photo_data):

@@ -144,6 +144,7 @@ class Report:
         keys = self.scores()
         lines = ["| encoder | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         lines += [f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |" for name, row in self.rows.items()]
+        lines += [f"\nNote: {note}" for note in self.meta.get("notes", [])]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -305,9 +306,38 @@ def check_same_classes(train: Source, val: Source) -> None:
         def show(classes: list[str]) -> str:
             return ", ".join(classes[:6]) + (f", ... ({len(classes)} in all)" if len(classes) > 6 else "")
 
+        missing = [c for c in train.classes if c not in val.classes]
+        extra = [c for c in val.classes if c not in train.classes]
+        named = "; ".join(f"{what} {', '.join(map(repr, names[:6]))}{' ...' if len(names) > 6 else ''}"
+                          for what, names in (("the held-out set lacks", missing), ("the training set lacks", extra))
+                          if names and not numbered)
         raise DataError(f"the training set {train.location} has classes [{show(train.classes)}] but the held-out set "
-                        f"{val.location} has [{show(val.classes)}]: a probe needs the same classes in both; give "
-                        "two splits of one dataset")
+                        f"{val.location} has [{show(val.classes)}]{f' ({named})' if named else ''}: a probe needs the "
+                        "same classes in both; give two splits of one dataset")
+
+
+def misleading_settings(train: Source, same_data: bool, probe_epochs: int,
+                        finetune_fractions: tuple[float, ...], finetune_epochs: int) -> list[str]:
+    """Notes for settings that make a report's numbers mean something else than they seem (said on
+    the console and kept in the report)."""
+    notes = []
+    if same_data:
+        notes.append("the held-out set is the training set: the scores measure fitting, not generalisation; give "
+                     "--val-data a held-out split")
+    if probe_epochs == 0:
+        notes.append("--probe-epochs 0: the linear probe is not trained, so linear_top1/top5 are those of a random "
+                     "linear layer")
+    if finetune_fractions and finetune_epochs == 0:
+        notes.append("--finetune-epochs 0: nothing is fine-tuned, so the finetune_* scores are those of an untrained "
+                     "head")
+    per_class = np.bincount(np.asarray(train.labels)[np.asarray(train.labels) >= 0])
+    for fraction in finetune_fractions:
+        floored = int(sum(round(fraction * n) < 1 for n in per_class if n))
+        if floored:
+            notes.append(f"--finetune {fraction:g}: {fraction:g} of the labels rounds to no image in {floored} of "
+                         f"{len(per_class)} classes, so each of those keeps 1 image (a 1-image-per-class fine-tune, "
+                         "not the fraction asked for)")
+    return notes
 
 
 def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConfig, device: torch.device,
