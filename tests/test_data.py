@@ -111,3 +111,31 @@ def test_batch_must_split_over_ranks_and_fit_the_shard(photo_data):
 
 def test_blur_kernel_is_odd_and_about_a_tenth():
     assert blur_kernel_size(224) == 23 and blur_kernel_size(32) == 3 and blur_kernel_size(96) == 9
+
+
+def test_image_sizes_are_read_from_headers_and_a_bomb_is_named(tmp_path):
+    """Every format's size from its header (a JPEG's frame header past a 30 kB EXIF block too),
+    and a 20000 x 20000 PNG of a few kB named as too large before any decoder allocates 1.2 GB."""
+    import io
+    import os
+
+    from PIL import Image
+
+    from data_pipeline.file_checks import check_image_file, image_dimensions
+    from tests.helpers.runs import png_header
+
+    for fmt, kind, extra in (("PNG", "png", {}), ("BMP", "bmp", {}), ("WEBP", "webp", {"lossless": True}),
+                             ("WEBP", "webp", {"quality": 50}), ("JPEG", "jpeg", {"exif": b"Exif\0\0" + b"x" * 30000})):
+        buffer = io.BytesIO()
+        Image.new("RGB", (123, 45)).save(buffer, fmt, **extra)
+        path = tmp_path / f"image.{kind}"
+        path.write_bytes(buffer.getvalue())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert image_dimensions(kind, os.pread(fd, 4096, 0), fd) == (123, 45), (fmt, extra.keys())
+        finally:
+            os.close(fd)
+        assert check_image_file(path) is None
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 20000))
+    assert "20000 x 20000 pixels (400 megapixels, over the limit of 134" in check_image_file(bomb)

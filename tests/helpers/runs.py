@@ -64,9 +64,23 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(va["momentum_buffer"], vb["momentum_buffer"])
 
 
-# the broken files users have: an empty file, a JPEG cut short (an interrupted copy), and something else
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header chunk claiming ``width`` x ``height`` (a decompression bomb's
+    start: a decoder allocates for the claimed size), then its end chunk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
+
+
+# the broken files users have: an empty file, a JPEG cut short (an interrupted copy), something else,
+# and a small file that decodes to gigabytes (20000 x 20000: 1.2 GB)
 BAD_FILES = {"zero_byte": b"", "truncated_jpeg": b"\xff\xd8\xff\xe0 truncated garbage",
-             "not_an_image": b"%PDF-1.4 this is not an image"}
+             "not_an_image": b"%PDF-1.4 this is not an image", "decompression_bomb": png_header(20000, 20000)}
 
 
 def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, junk: bytes) -> tuple[Path, Path]:
