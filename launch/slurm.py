@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,34 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
         if getattr(cluster, key) <= 0:
             raise ConfigError(f"{p}: cluster.{key}={getattr(cluster, key)} must be a positive integer")
+    for key in ("gpus_per_node", "max_gpus", "mem_gb", "signal_delay_s", "max_requeues"):
+        if getattr(cluster, key) < 0:
+            raise ConfigError(f"{p}: cluster.{key}={getattr(cluster, key)} must be >= 0")
+    if cluster.signal_delay_s + 60 >= cluster.time_min * 60:
+        raise ConfigError(f"{p}: cluster.signal_delay_s={cluster.signal_delay_s} leaves no time to train within "
+                          f"cluster.time_min={cluster.time_min} ({cluster.time_min * 60} s): SLURM would warn the job "
+                          "of its end before it trains a minute; raise time_min or lower signal_delay_s")
+    check_single_lines(cluster, p)
     total = cluster.nodes * cluster.gpus_per_node
     if cluster.max_gpus and total > cluster.max_gpus:
         raise ConfigError(f"{p}: {cluster.nodes} nodes x {cluster.gpus_per_node} GPUs = {total} GPUs, more than "
                           f"cluster.max_gpus={cluster.max_gpus} allows; lower nodes or gpus_per_node")
     return cluster
+
+
+def check_single_lines(cluster: ClusterConfig, path: Path) -> None:
+    """Every string that goes into the sbatch script is one line: a line break in a partition name
+    would add an #SBATCH line of its own (or a command) to the job."""
+    strings = [(f"cluster.{f.name}", getattr(cluster, f.name)) for f in fields(cluster)
+               if isinstance(getattr(cluster, f.name), str)]
+    for section in ("extra_sbatch", "env"):
+        strings += [(f"cluster.{section} key", k) for k in getattr(cluster, section)]
+        strings += [(f"cluster.{section}.{k}", str(v)) for k, v in getattr(cluster, section).items()]
+    strings += [(f"cluster.setup[{i}]", line) for i, line in enumerate(cluster.setup)]
+    for key, value in strings:
+        if any(ord(c) < 32 and c != "\t" for c in value):
+            raise ConfigError(f"{path}: {key}={value!r} holds a line break or control character, which would add a "
+                              "line of its own to the sbatch script; give it on one line")
 
 
 def ranks_per_node(cluster: ClusterConfig) -> int:

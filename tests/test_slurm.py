@@ -67,6 +67,10 @@ def test_cli_dry_run_prints_script():
     ("nodes: 2\ngpus_per_node: 8\n", "cluster.partition is missing"),
     ("partition: gpu\nnodes: 4\ngpus_per_node: 8\nmax_gpus: 16\n", "32 GPUs, more than cluster.max_gpus=16"),
     ("partition: gpu\nnodes: zero\n", "cluster.nodes: expected an integer"),
+    # the job would be told of its end before it trains; negative resources; a line break that adds an #SBATCH line
+    ("partition: gpu\ntime_min: 1\nsignal_delay_s: 120\n", "cluster.signal_delay_s=120 leaves no time to train"),
+    ("partition: gpu\ngpus_per_node: -2\n", "cluster.gpus_per_node=-2 must be >= 0"),
+    ('partition: "gpu\\n#SBATCH --qos=high"\n', "cluster.partition='gpu\\n#SBATCH --qos=high' holds a line break"),
 ])
 def test_bad_cluster_config_is_refused_before_submitting(tmp_path, text, needle):
     path = tmp_path / "c.yaml"
