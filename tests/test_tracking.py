@@ -12,7 +12,7 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.runs import tiny_overrides
+from tests.helpers.runs import REPO, tiny_overrides
 from trainer.config import TrackingConfig, load_config
 from trainer.distributed import free_port
 from trainer.loop import train
@@ -139,7 +139,6 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
     """MLflow goes away mid-run: the metrics after that, the final status and the encoder's model
     stay local. `simclr sync RUN_DIR` (the hint printed) completes that very run on its own store:
     every point once, FINISHED, the model logged and registered; a second sync adds nothing."""
-    from tests.helpers.runs import REPO
     from trainer.tracking import MlflowRun, Tracker
 
     outage = {"on": False}
@@ -185,8 +184,54 @@ def test_an_unknown_tracking_uri_scheme_is_a_config_error():
 
     with pytest.raises(ConfigError, match="tracking.uri.*does not know the scheme 'garbage'"):
         load_config(None, ["tracking.uri=garbage://x"])
-    for uri in ("", "http://127.0.0.1:5000", "sqlite:///x.db", "file:///tmp/mlruns", "postgresql+psycopg2://h/db"):
+    for uri in ("", "http://127.0.0.1:5000", "sqlite:///x.db", "postgresql+psycopg2://h/db"):
         load_config(None, [f"tracking.uri={uri}"])
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns"])
+def test_a_file_store_is_refused_at_load_unless_mlflow_allows_it(uri, monkeypatch):
+    """MLflow 3 refuses file stores: our validation passed (and suggested) file:///dir, and every
+    run went untracked."""
+    from trainer.config import ConfigError
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError, match="a file store, which MLflow 3 refuses.*sqlite:///DIR/mlflow.db"):
+        load_config(None, [f"tracking.uri={uri}"])
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    load_config(None, [f"tracking.uri={uri}"])
+
+
+def test_store_problems_are_named_for_what_they_are(tmp_path):
+    """Every store problem was 'unreachable', with MLflow's own 'db upgrade' advice for a store that
+    a newer MLflow made (it cannot downgrade)."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from trainer.tracking import store_problem
+
+    uris = {"newer": f"sqlite:///{tmp_path}/newer.db", "older": f"sqlite:///{tmp_path}/older.db",
+            "file": f"file://{tmp_path}/mlruns", "down": "http://127.0.0.1:9"}
+    # in fresh processes: MLflow checks a store's schema once per process
+    probe = ("import sys\nfrom trainer.tracking import open_client, store_problem\nfor uri in sys.argv[1:]:\n"
+             "    try:\n        open_client(uri).get_experiment_by_name('x')\n        print('opened')\n"
+             "    except Exception as exc:\n        print(store_problem(exc))\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+
+    def open_stores(*wanted: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", probe, *wanted], cwd=REPO, env=env, capture_output=True, text=True)
+        return out.stdout.strip().splitlines()
+
+    assert open_stores(uris["newer"], uris["older"]) == ["opened", "opened"]  # their schemas, made by this MLflow
+    for case, version in (("newer", "ffffffffffff"), ("older", "451aebb31d03")):
+        with sqlite3.connect(tmp_path / f"{case}.db") as con:
+            con.execute("update alembic_version set version_num=?", (version,))
+    said = dict(zip(uris, open_stores(*uris.values())))
+    said["full"] = store_problem(OSError(28, "database or disk is full"))
+    for case, expected in (("newer", "made by a newer MLflow"), ("older", "made by an older MLflow"),
+                           ("file", "refuses file stores"), ("full", "disk is full"), ("down", "unreachable")):
+        assert expected in said[case], (case, said[case])
+        assert ("then upgrade it with: mlflow db upgrade" in said[case]) == (case == "older"), said[case]
 
 
 def test_a_hung_mlflow_server_costs_seconds_once_then_the_run_goes_on_offline(tiny_config):

@@ -176,8 +176,13 @@ def validate(cfg: Config) -> Config:
         _refuse(*problem)
     scheme = tracking_scheme(cfg.tracking.uri)
     _check(scheme in known_tracking_schemes(), "tracking.uri", cfg.tracking.uri,
-           f"MLflow does not know the scheme {scheme!r}; use http(s)://host:port, sqlite:///path.db, file:///dir, "
+           f"MLflow does not know the scheme {scheme!r}; use http(s)://host:port, sqlite:///path.db, "
            "a database URI (postgresql://, mysql://, mssql://), databricks, or '' for the default store")
+    file_store = cfg.tracking.uri and scheme in ("", "file")
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+    _check(not file_store or allowed, "tracking.uri", cfg.tracking.uri,
+           "a file store, which MLflow 3 refuses (every run would go untracked); use "
+           "tracking.uri=sqlite:///DIR/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to keep a file store")
     _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
     _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
