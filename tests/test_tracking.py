@@ -205,8 +205,6 @@ def test_store_problems_are_named_for_what_they_are(tmp_path):
     """Every store problem was 'unreachable', with MLflow's own 'db upgrade' advice for a store that
     a newer MLflow made (it cannot downgrade)."""
     import sqlite3
-    import subprocess
-    import sys
 
     from trainer.tracking import store_problem
 
@@ -303,3 +301,33 @@ def test_verbose_keeps_the_libraries_info_lines(monkeypatch):
     monkeypatch.delenv("SIMCLR_VERBOSE")
     quiet_library_logs()
     assert logger.level == logging.WARNING
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/bin/mount").exists(), reason="mounting a tmpfs needs root")
+def test_a_full_store_disk_is_one_warning_not_tracebacks(photo_data, tmp_path):
+    """An sqlite store on a full disk printed 8 MLflow tracebacks (MLflow logs each SQL error before
+    raising it) and was called 'unreachable'; now one warning says the disk is full, the run trains."""
+    from tests.helpers.runs import simclr
+
+    mnt = tmp_path / "store"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        uri = f"sqlite:///{mnt / 'mlflow.db'}"
+        load_config(None, [f"tracking.uri={uri}"])
+        from trainer.tracking import open_client
+
+        open_client(uri).search_experiments()  # the schema fits; then the disk fills up
+        with open(mnt / "filler", "wb") as f:
+            try:
+                f.write(b"\0" * (8 << 20))
+            except OSError:
+                pass
+        over = {"tracking.uri": uri, "train.stop_after_steps": 2}
+        proc = simclr("train", *tiny_overrides(photo_data / "train", tmp_path / "run", **over))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+        warnings = [line for line in proc.stderr.splitlines() if "WARNING: MLflow" in line]
+        assert len(warnings) == 1 and "the store's disk is full" in warnings[0], proc.stderr[-3000:]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

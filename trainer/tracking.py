@@ -49,6 +49,9 @@ def quiet_library_logs() -> None:
         return
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it logs every SQL error with its traceback before raising it (8 tracebacks for one full disk); we
+    # catch what it raises and name the problem in one line (store_problem)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def open_client(uri: str) -> Any:
@@ -96,7 +99,7 @@ def store_problem(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
     if "database or disk is full" in low or "no space left" in low:
-        return "the store's disk is full; free space there (training goes on, metrics are kept locally)"
+        return "the store's disk is full; free space there"
     found = re.search(r"found version (\w+), but expected (\w+)", text)
     if found:
         import mlflow
@@ -240,8 +243,11 @@ class MlflowRun:
                 if exp is None:
                     try:
                         exp_id = create_experiment(self.client, self.uri, self.cfg.experiment)
-                    except Exception:  # another rank or array task created it first
-                        exp_id = self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+                    except Exception as exc:  # another rank or array task created it first, or the store failed
+                        created = self.client.get_experiment_by_name(self.cfg.experiment)
+                        if created is None:
+                            raise exc
+                        exp_id = created.experiment_id
                 else:
                     exp_id = exp.experiment_id
                 run = self.client.create_run(exp_id, run_name=self.cfg.run_name or None)
