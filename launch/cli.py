@@ -86,7 +86,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_local_ranks(args.nproc, args.device)
         argv = eval_argv(args)
         again = " ".join(shlex.quote(w) for w in ["simclr", "eval", "--nproc", str(args.nproc), *argv])
-        return run_local_ranks(args.nproc, ["eval", *argv], module="launch", job=JobContext("evaluation", again))
+        job = JobContext("evaluation", again, timeout_knob="--timeout-s")
+        return run_local_ranks(args.nproc, ["eval", *argv], module="launch", job=job)
     run_evaluation(args)
     return 0
 

@@ -53,6 +53,7 @@ class JobContext:
     what: str  # "training", "evaluation", "embedding"
     again: str  # the command to run again (a resume for training)
     run_dir: Path | None = None
+    timeout_knob: str = "dist.timeout_s"  # what sets how long a rank waits for the others
 
 
 def rank_env(rank: int, nproc: int, port: int, error_dir: Path) -> dict[str, str]:
@@ -191,7 +192,8 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
         cause = min(hung)
         state = {"T": "stopped (SIGSTOP or a debugger)", "D": "stuck in the kernel (I/O)",
                  "Z": "a zombie"}.get(hung[cause], "hung")
-        how = f"stopped answering ({state}); the other ranks gave up after dist.timeout_s"
+        how = (f"stopped answering ({state}); the other ranks gave up after "
+               f"{job.timeout_knob if job is not None else 'their timeout'}")
     else:
         cause = first_failed if first_failed is not None else by_time[0]
         how = f"failed (exit status {codes[cause]})"
@@ -202,7 +204,7 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
     if job is not None and job.run_dir is not None:
         parts += _record_failure(job.run_dir, cause, how, tracebacks)
     if job is not None:
-        parts.append(f"{'resume' if job.run_dir is not None else 'run it again'} with: {job.again}")
+        parts.append(f"{'Resume' if job.run_dir is not None else 'Run it again'} with: {job.again}")
     print(". ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -213,12 +215,12 @@ def _record_failure(run_dir: Path, rank: int, how: str, tracebacks: dict[int, st
 
     said = []
     newest = latest_checkpoint(run_dir)
-    said.append(f"newest checkpoint: {newest}" if newest else "no checkpoint was written yet (it restarts at step 0)")
+    said.append(f"Newest checkpoint: {newest}" if newest else "No checkpoint was written yet (it restarts at step 0)")
     if tracebacks:
         log = run_dir / "failure.log"
         try:
             log.write_text("".join(f"--- rank {r} ---\n{text}\n" for r, text in sorted(tracebacks.items())))
-            said.append(f"the other ranks' errors (a consequence) are in {log}")
+            said.append(f"The other ranks' errors (a consequence) are in {log}")
         except OSError:
             pass
     closed = close_run_failed(run_dir, rank, how)

@@ -284,3 +284,28 @@ def test_a_run_folder_of_its_own(photo_data, run_dir, needle):
     run_dir = run_dir.replace("DATA", str(photo_data / "train"))
     with pytest.raises(ConfigError, match=needle):
         load_config(None, [f"train.run_dir={run_dir}", f"data.root={photo_data / 'train'}"])
+
+
+@pytest.mark.slow
+def test_eval_with_a_stuck_rank_ends_after_its_timeout_in_one_line(tiny_config, photo_data, tmp_path):
+    """``simclr eval --nproc 2`` with a stopped rank hung for a fixed 600 s, then printed a
+    traceback; --timeout-s bounds it, and the line names the rank and the command to run again."""
+    cfg = tiny_config(**{"tracking.enabled": "false", "train.epochs": 1})
+    train(cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, "-m", "launch", "eval", "--nproc", "2", "--timeout-s", "5", "--checkpoint",
+                             str(Path(cfg.train.run_dir) / "encoder.pt"), "--train-data", str(photo_data / "train"),
+                             "--val-data", str(photo_data / "val"), "--device", "cpu", "--workers", "0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while len(ranks_of(proc)) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.kill(ranks_of(proc)[1].pid, signal.SIGSTOP)
+    start = time.time()
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    (line,) = [x for x in out.splitlines() if x.startswith("[simclr] rank 1 ")]
+    assert "stopped answering (stopped (SIGSTOP" in line and "gave up after --timeout-s" in line
+    assert "Run it again with: simclr eval --nproc 2" in line and "--timeout-s 5" in line
+    print(f"[measured] eval --nproc 2, rank 1 stopped: ended {time.time() - start:.1f}s later (--timeout-s 5)")

@@ -131,7 +131,7 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, rank, sig
     how = "stopped answering (stopped (SIGSTOP" if sig == signal.SIGSTOP else f"was killed by {sig.name}"
     (line,) = [x for x in out.splitlines() if x.startswith(f"[simclr] rank {rank} ")]
     newest = ckpt.latest_checkpoint(run_dir)  # checkpoints intact
-    assert how in line and f"newest checkpoint: {newest}" in line and "resume with: simclr train --nproc 2" in line
+    assert how in line and f"Newest checkpoint: {newest}" in line and "Resume with: simclr train --nproc 2" in line
     assert elapsed < 10 + 45  # dist.timeout_s plus start-up slack
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(ckpt.load_checkpoint(newest)["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["simclr.failed_rank"] == str(rank)

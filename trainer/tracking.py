@@ -526,7 +526,7 @@ def close_recorded_run(run_dir: str | Path, status: str, tags: dict[str, str]) -
     record.setdefault("tags", {}).update(tags)
     record["status"] = status
     atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
-    return f"MLflow run {run_id} closed {status} (tag simclr.failed_rank={tags.get('simclr.failed_rank', '?')})"
+    return f"MLflow run {run_id}: {status} (tag simclr.failed_rank={tags.get('simclr.failed_rank', '?')})"
 
 
 def run_id_of(run_dir: str | Path) -> str | None:
