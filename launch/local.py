@@ -160,11 +160,10 @@ def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error
         return 130 if 130 in codes else 128 + received[0]
     if all(c == 0 for c in codes):
         return 0
-    report_death(codes, ended_at, hung, error_dir, job)
-    by_time = sorted(range(nproc), key=lambda r: ended_at[r])
-    # the first rank that failed on its own (not one this process killed after the grace period)
-    failing = [r for r in by_time if codes[r] != 0 and r not in hung] or [r for r in by_time if codes[r] != 0]
-    code = codes[failing[0]]
+    cause = report_death(codes, ended_at, hung, error_dir, job)
+    if cause in hung:  # killed by us after it hung: the job's status is that of a rank that gave up on it
+        cause = next((r for r in range(nproc) if codes[r] != 0 and r not in hung), cause)
+    code = codes[cause]
     return 128 - code if code < 0 else code  # a rank killed by signal N: 128 + N, as a shell reports it
 
 
@@ -175,20 +174,30 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def lost_peers(traceback_text: str) -> bool:
+    """Whether a rank's traceback is a collective that failed because another rank left or hung."""
+    text = traceback_text.lower()
+    return any(needle in text for needle in ("distbackenderror", "connection closed by peer", "connection reset",
+                                             "timed out", "timeout", "broken pipe"))
+
+
 def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict[int, str], error_dir: Path,
-                 job: JobContext | None) -> None:
+                 job: JobContext | None) -> int:
     """One line naming the rank that ended the job and how, the newest checkpoint and the command
     that continues; the other ranks' tracebacks into the run folder's ``failure.log``; the MLflow
-    run closed FAILED with tags. A rank's own exception (no signal, no hang) is printed whole."""
+    run closed FAILED with tags. A rank's own exception (no signal, no hang) is printed whole.
+    Returns the rank that caused the end."""
     tracebacks = {int(f.name[4:].split(".")[0]): f.read_text() for f in error_dir.glob("rank*.traceback")}
     by_time = sorted(range(len(codes)), key=lambda r: ended_at[r])
     killed = [r for r in by_time if codes[r] is not None and codes[r] < 0 and r not in hung]
-    first_failed = next((r for r in by_time if codes[r] not in (0, None) and r not in hung), None)
-    first_error = tracebacks.get(first_failed, "").lower() if first_failed is not None else ""
-    timed_out = "timeout" in first_error or "timed out" in first_error
+    failed = [r for r in by_time if codes[r] not in (0, None) and r not in hung]
+    # a rank's own error before one that only lost its peers (ranks ending within one poll tie on time)
+    failed.sort(key=lambda r: lost_peers(tracebacks.get(r, "")))
+    first_failed = failed[0] if failed else None
+    peers_lost = first_failed is not None and lost_peers(tracebacks.get(first_failed, ""))
     if killed:
         cause, how = killed[0], f"was killed by {signal_name(-codes[killed[0]])}"
-    elif hung and (timed_out or first_failed is None):
+    elif hung and (peers_lost or first_failed is None):
         cause = min(hung)
         state = {"T": "stopped (SIGSTOP or a debugger)", "D": "stuck in the kernel (I/O)",
                  "Z": "a zombie"}.get(hung[cause], "hung")
@@ -206,6 +215,7 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
     if job is not None:
         parts.append(f"{'Resume' if job.run_dir is not None else 'Run it again'} with: {job.again}")
     print(". ".join(parts), file=sys.stderr, flush=True)
+    return cause
 
 
 def _record_failure(run_dir: Path, rank: int, how: str, tracebacks: dict[int, str]) -> list[str]:

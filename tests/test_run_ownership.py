@@ -309,3 +309,30 @@ def test_eval_with_a_stuck_rank_ends_after_its_timeout_in_one_line(tiny_config, 
     assert "stopped answering (stopped (SIGSTOP" in line and "gave up after --timeout-s" in line
     assert "Run it again with: simclr eval --nproc 2" in line and "--timeout-s 5" in line
     print(f"[measured] eval --nproc 2, rank 1 stopped: ended {time.time() - start:.1f}s later (--timeout-s 5)")
+
+
+@pytest.mark.slow
+def test_a_bug_in_one_rank_shows_its_own_traceback_once(photo_data, tmp_path):
+    """Under --nproc 2 a rank's own exception is the cause: its traceback is printed (once), the
+    other rank's collective error (a consequence) goes to failure.log, and the line names the rank."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import trainer.step as step\n"
+        "    real, calls = step.nt_xent, []\n"
+        "    def failing(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            raise RuntimeError('boom in rank 1')\n"
+        "        return real(*args, **kwargs)\n"
+        "    step.nt_xent = failing\n")
+    run_dir = tmp_path / "run"
+    proc = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "train", run_dir),
+                  env_extra={"PYTHONPATH": f"{hook}:{REPO}"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("Traceback") == 1 and "RuntimeError: boom in rank 1" in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("[simclr] rank ")]
+    assert line.startswith("[simclr] rank 1 failed (exit status 1)") and "Resume with:" in line
+    assert "rank 0" in (run_dir / "failure.log").read_text()
