@@ -269,7 +269,9 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
     into its MLflow run) as a new job, e.g. on another number of nodes or GPUs."""
     from trainer.config import load_config
 
-    config_file = Path(run_dir) / "config.yaml"
+    # the newest job's config: config.yaml is the first's, config.step_<N>.yaml a resume's that changed something
+    changed = sorted(Path(run_dir).glob("config.step_*.yaml"))
+    config_file = changed[-1] if changed else Path(run_dir) / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; pass the run folder that simclr submit "
                           "printed (run dir ...)")
