@@ -346,12 +346,12 @@ def reconcile(state: dict[str, Any], cfg: Config, path: Path, data_now: dict[str
     if state.get("data") and data_now:
         changes.data = data_changes(state["data"], data_now)
     if (changes.hyper or changes.data) and not cfg.checkpoint.allow_changes:
-        what = "; ".join(([f"changed settings: {_said(changes.hyper)}"] if changes.hyper else []) +
+        what = "; ".join(([f"these settings changed: {_said(changes.hyper)}"] if changes.hyper else []) +
                          ([f"data.root changed: {', '.join(changes.data)}"] if changes.data else []))
-        raise CheckpointError(f"the run in {cfg.train.run_dir} resumes from {path.name} (step {changes.step}), which "
-                              f"was trained otherwise ({what}). Resume with what the run started with (its "
-                              "config.yaml; the same dataset), or add checkpoint.allow_changes=true to go on with this "
-                              "(recorded in MLflow as a change at that step), or start a new train.run_dir")
+        raise CheckpointError(f"the run in {cfg.train.run_dir} resumes from {path.name} (step {changes.step}), but "
+                              f"{what}. Resume with what the run started with (its config.yaml; the same dataset), "
+                              "or add checkpoint.allow_changes=true to go on with this (recorded in MLflow as a change "
+                              "at that step), or start a new train.run_dir")
     return changes
 
 
