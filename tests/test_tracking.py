@@ -331,3 +331,17 @@ def test_a_full_store_disk_is_one_warning_not_tracebacks(photo_data, tmp_path):
         assert len(warnings) == 1 and "the store's disk is full" in warnings[0], proc.stderr[-3000:]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_param_logged_again_with_another_value_never_blocks_the_queue(tmp_path, capsys):
+    """A job resumed twice from one step records its changes (changed_at_step_N.*) twice; MLflow
+    refuses the whole batch over the one param, and every later metric stayed queued behind it."""
+    from trainer.tracking import MlflowRun
+
+    run = MlflowRun(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", system_metrics=False))
+    run.start({"a": 1, "b": 2}, {})
+    run.log_params({"a": 5, "c": 3})
+    run.log({"loss": 1.0}, 1, 0)
+    assert not run.pending and not run.pending_params
+    assert run.client.get_run(run.run_id).data.params == {"a": "1", "b": "2", "c": "3"}
+    assert "MLflow param a stays '1'" in capsys.readouterr().err

@@ -327,9 +327,7 @@ class MlflowRun:
         from mlflow.entities import Metric, Param, RunTag
 
         try:
-            params = [Param(k, str(v)[:6000]) for k, v in self.pending_params.items()]
-            for i in range(0, len(params), 100):
-                self.client.log_batch(self.run_id, params=params[i : i + 100])
+            self._send_params([Param(k, str(v)[:6000]) for k, v in self.pending_params.items()])
             self.pending_params = {}
             if self.pending_tags:
                 self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self.pending_tags.items()])
@@ -343,6 +341,27 @@ class MlflowRun:
             return False
         self._offline = False
         return True
+
+    def _send_params(self, params: list) -> None:
+        """Params in batches. MLflow refuses a batch holding a param the run already has with another
+        value (a job resumed twice from one step records its changes twice): then the batch goes one
+        by one and such a param is left out with a note, never blocking everything queued after it."""
+        for i in range(0, len(params), 100):
+            batch = params[i : i + 100]
+            try:
+                self.client.log_batch(self.run_id, params=batch)
+            except Exception as exc:
+                if "changing param values is not allowed" not in str(exc).lower():
+                    raise
+                kept = self.client.get_run(self.run_id).data.params
+                for param in batch:
+                    if param.key in kept:
+                        if kept[param.key] != param.value:
+                            print(f"[tracking] note: MLflow param {param.key} stays {kept[param.key]!r} (a param "
+                                  f"cannot change; this job's value {param.value!r} is in the run folder's record)",
+                                  file=sys.stderr, flush=True)
+                        continue
+                    self.client.log_batch(self.run_id, params=[param])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.flush(force=True):
