@@ -280,7 +280,8 @@ def test_a_run_left_running_by_a_hard_kill_is_marked_on_resume(photo_data, tmp_p
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert run_status(uri, state["mlflow_run_id"]) == "RUNNING"  # nobody could close it
-    resumed = train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{"train.epochs": 2})))
+    over = {"train.epochs": 200, "train.log_every": 1, "train.stop_after_steps": state["step"] + 2}  # its own schedule
+    resumed = train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **over)))
     assert resumed.run_id == state["mlflow_run_id"]
     run = MlflowClient(uri).get_run(resumed.run_id)
     assert run.info.status == "FINISHED"

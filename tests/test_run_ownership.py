@@ -96,7 +96,7 @@ def test_killing_the_launcher_stops_its_ranks_with_a_checkpoint(photo_data, tmp_
     end; now the kernel tells them (PR_SET_PDEATHSIG) and they stop at a step boundary, checkpoint
     and close the MLflow run as KILLED; the lock is free for the rerun."""
     run_dir = tmp_path / "run"
-    launcher = start_training(photo_data, run_dir, "launch", "train", "--nproc", "2")
+    launcher = start_training(photo_data, run_dir, "launch", "train", "--nproc", "2", **{"train.stop_check_every": 2})
     wait_for_steps(run_dir, launcher, steps=2)
     ranks = ranks_of(launcher)
     assert sorted(ranks) == [0, 1]
