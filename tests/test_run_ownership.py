@@ -19,8 +19,10 @@ from mlflow.tracking import MlflowClient
 from tests.helpers.runs import PY, REPO, assert_one_line_error, simclr, tiny_overrides
 from tests.test_failures import start_training, wait_for_steps
 from trainer import checkpoint as ckpt
+from trainer.config import TrackingConfig, load_config
 from trainer.loop import train
 from trainer.run_files import RunFolderInUseError, RunFolderLock, read_jsonl
+from trainer.tracking import sync_offline
 
 
 def ranks_of(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
@@ -55,7 +57,8 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_live_run_folder_is_refused_and_a_hard_kill_leaves_no_stale_lock(photo_data, tmp_path):
+def test_a_second_run_into_a_live_run_folder_is_refused_and_a_hard_kill_leaves_no_stale_lock(photo_data, tmp_path,
+                                                                                              capsys):
     """Two ``simclr train`` into one folder interleaved their metrics (2,2,4,4) and MLflow runs;
     now the second gets one line naming the first's pid and host. After a SIGKILL of the first,
     the same command resumes (the kernel dropped the lock) and ``simclr sync`` meanwhile leaves
@@ -70,22 +73,22 @@ def test_a_second_run_into_a_live_run_folder_is_refused_and_a_hard_kill_leaves_n
     steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == sorted(set(steps)), steps  # one writer: no step twice
 
-    # sync while it trains: the metrics go, the status stays RUNNING
+    # sync while it trains: the metrics go, the status stays RUNNING (in this process: the lock is the other's)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    synced = simclr("sync", str(run_dir))
-    assert synced.returncode == 0 and "still training" in synced.stdout, synced.stderr[-2000:]
+    sync_offline(run_dir, TrackingConfig(), None)
+    assert "is still training" in capsys.readouterr().out
     run_id = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["mlflow_run_id"]
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
 
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    synced = simclr("sync", str(run_dir))  # a hard-killed run: left RUNNING, not FINISHED
-    assert synced.returncode == 0 and "ended without closing" in synced.stdout, synced.stderr[-2000:]
+    sync_offline(run_dir, TrackingConfig(), None)  # a hard-killed run: left RUNNING, not FINISHED
+    assert "ended without closing" in capsys.readouterr().out
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
 
     step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["step"]
-    resumed = simclr("train", *over, f"train.stop_after_steps={step + 2}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = train(load_config(None, [*over, f"train.stop_after_steps={step + 2}"]))  # the lock was dropped
+    assert resumed.run_id == run_id
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.tags["simclr.unclean_exits"] == "1" and run.info.status == "FINISHED"
 
