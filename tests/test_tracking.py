@@ -307,17 +307,14 @@ def test_verbose_keeps_the_libraries_info_lines(monkeypatch):
 def test_a_full_store_disk_is_one_warning_not_tracebacks(photo_data, tmp_path):
     """An sqlite store on a full disk printed 8 MLflow tracebacks (MLflow logs each SQL error before
     raising it) and was called 'unreachable'; now one warning says the disk is full, the run trains."""
-    from tests.helpers.runs import simclr
+    from tests.helpers.runs import seed_mlflow_store, simclr
 
     mnt = tmp_path / "store"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
     try:
         uri = f"sqlite:///{mnt / 'mlflow.db'}"
-        load_config(None, [f"tracking.uri={uri}"])
-        from trainer.tracking import open_client
-
-        open_client(uri).search_experiments()  # the schema fits; then the disk fills up
+        seed_mlflow_store(mnt / "mlflow.db")  # the schema fits (copied: no handle here keeps the mount busy)
         with open(mnt / "filler", "wb") as f:
             try:
                 f.write(b"\0" * (8 << 20))
