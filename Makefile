@@ -17,11 +17,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/simclr demo
 
-# two workers: much of the suite waits (ranks starting, collective timeouts, the SLURM clusters, which
-# run in one worker of their own: tests/conftest.py); serially it took ~35 minutes on 2 cores
+# Two pytest-xdist workers for all but the SLURM tests (much of the suite waits: ranks starting,
+# collective timeouts; serially it took ~35 minutes on 2 cores), then the SLURM tests in one process:
+# their clusters are module fixtures that must come up once each, one at a time.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 -m 'not slurm'
+	$(PY) -m pytest -q -m slurm
 
 # the lowest declared versions (constraints-lowest.txt), the whole suite but the SLURM clusters
 test-lowest:
@@ -29,7 +31,7 @@ test-lowest:
 	$(LOWEST)/bin/python -m pip install -q -c constraints-lowest.txt -e '.[dev]'
 	$(LOWEST)/bin/python -c "import torch, torchvision, mlflow; print('torch', torch.__version__, 'torchvision', \
 		torchvision.__version__, 'mlflow', mlflow.__version__)"
-	$(LOWEST)/bin/python -m pytest -q -n 2 --dist loadgroup -m 'not slurm'
+	$(LOWEST)/bin/python -m pytest -q -n 2 -m 'not slurm'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -18,14 +18,6 @@ from trainer.config import Config, load_config
 from trainer.distributed import free_port
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    # the SLURM clusters (one node, two nodes) are started by module fixtures and cannot run side by
-    # side: under pytest-xdist (make test runs two workers) every SLURM test goes to one worker
-    for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-
-
 def pytest_report_header(config) -> str:
     # a full disk fails checkpoints in many tests at once; this line makes that cause plain in a CI log
     import shutil
