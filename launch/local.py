@@ -141,7 +141,8 @@ def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error
                 failed_at = now
             if failed_at is not None and now - failed_at > GRACE_S:
                 for r, p in enumerate(procs):  # blocked in a collective with the rank that left: nothing to save
-                    if p.poll() is None:
+                    if p.poll() is None and r not in hung:
+                        # its state before our SIGKILL: once killed it reads R or Z until reaped
                         hung[r] = process_state(p.pid)
                         p.kill()
             time.sleep(0.1)

@@ -27,6 +27,18 @@ def pytest_report_header(config) -> str:
     return f"free disk under {tempfile.gettempdir()}: {free_gb:.1f} GiB (the suite needs about 4)"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (``make test``, ``--dist loadgroup``) the tests that share a module-scoped
+    fixture run on one worker: spread over two, each worker would build it (a trained run, the GPU
+    proof's rehearsal: up to a minute) once more."""
+    if not config.pluginmanager.hasplugin("xdist"):  # the GPU image has no xdist
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def photo_data(tmp_path_factory) -> Path:
     """``train/`` and ``val/`` ImageFolder JPEG trees (10 classes) plus ``train.npz`` / ``val.npz``."""

@@ -455,7 +455,7 @@ def concurrent_runs(photo_data: Path, tmp_path: Path, uri: str, count: int = 4) 
     for i in range(count):
         over = tiny_overrides(photo_data / "train", tmp_path / f"run{i}", **{
             "tracking.uri": uri, "train.epochs": 1, "train.log_every": 1, "tracking.experiment": "sweep",
-            "tracking.run_name": f"point{i}", "train.seed": i})
+            "tracking.run_name": f"point{i}", "train.seed": i, "checkpoint.every_steps": 100})
         procs.append(subprocess.Popen([PY, "-m", "trainer", *over], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]

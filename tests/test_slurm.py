@@ -141,7 +141,7 @@ def test_two_task_job_trains_and_logs(slurm, photo_data, tmp_path):
 
 @pytest.mark.slurm
 def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, photo_data, tmp_path):
-    common = {"train.epochs": 6, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
+    common = {"train.epochs": 4, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs", **common))
     cluster = load_cluster_config(REPO / "cluster_configs/local_test.yaml")
     cluster.log_dir = str(tmp_path / "logs")
@@ -157,7 +157,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, pho
     results = sub.job.results()
     print(f"[measured] USR2 pre-emption: checkpointed, requeued and finished {time.time() - noticed:.1f}s after the "
           "notice; 0 steps lost")
-    assert results[0]["step"] == 60
+    assert results[0]["step"] == 40
     log = Path(sub.stdout).read_text()
     assert "checkpointed and requeued (restart 1/2)" in log and "resumed from" in log
     restarts = subprocess.run(["scontrol", "show", "job", sub.job_id], capture_output=True, text=True).stdout
@@ -170,14 +170,14 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, pho
     assert ref.returncode == 0, ref.stderr[-2000:]
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "ref"))
-    assert a["step"] == b["step"] == 60
+    assert a["step"] == b["step"] == 40
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # one MLflow run, continued across the requeue
     client, runs = mlflow_runs(tmp_path / "m.db")
     preempt_runs = [r for r in runs if r.info.run_name == "preempt"]
     assert len(preempt_runs) == 1
     steps = [m.step for m in client.get_metric_history(preempt_runs[0].info.run_id, "loss")]
-    assert steps[-1] == 60 and steps == sorted(set(steps))
+    assert steps[-1] == 40 and steps == sorted(set(steps))
 
 
 @pytest.mark.slurm
@@ -223,7 +223,7 @@ def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_dat
     two.update(max_requeues=0, log_dir=str(tmp_path / "logs"))
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     (tmp_path / "one.yaml").write_text(yaml.safe_dump({**two, "tasks_per_node": 1}))
-    common = {"train.epochs": 6, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
+    common = {"train.epochs": 4, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs", **common))
     (sub,) = submit(cfg, load_cluster_config(tmp_path / "two.yaml"), name="shrink")
     run_dir = Path(sub.run_dir)
@@ -236,7 +236,7 @@ def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_dat
         sub.job.results()
     assert f"--resume {run_dir}" in Path(sub.stderr).read_text()
     stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
-    assert stopped["world_size"] == 2 and 0 < stopped["step"] < 60
+    assert stopped["world_size"] == 2 and 0 < stopped["step"] < 40
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([PY, "-m", "launch", "submit", "--cluster", str(tmp_path / "one.yaml"), "--resume",
@@ -244,7 +244,7 @@ def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_dat
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     final = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
-    assert final["step"] == 60 and final["world_size"] == 1
+    assert final["step"] == 40 and final["world_size"] == 1
     assert final["mlflow_run_id"] == stopped["mlflow_run_id"]
     client, runs = mlflow_runs(tmp_path / "m.db")
     (run,) = [r for r in runs if r.info.run_id == final["mlflow_run_id"]]
