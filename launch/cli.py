@@ -98,29 +98,46 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import shlex
+    import shlex
+    import signal
 
+    argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--split", args.split,
+            "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
+            "--nproc", str(args.nproc), *(["--overwrite"] if args.overwrite else [])]
+    again = " ".join(shlex.quote(w) for w in ["simclr", "embed", *argv])  # finished chunks are kept
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from launch.local import JobContext, run_local_ranks
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, args.device)
-        argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--split", args.split,
-                "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-                "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
-                "--nproc", str(args.nproc), *(["--overwrite"] if args.overwrite else [])]
-        again = " ".join(shlex.quote(w) for w in ["simclr", "embed", *argv])  # finished chunks are kept
         return run_local_ranks(args.nproc, ["embed", *argv], module="launch", job=JobContext("embedding", again))
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
     from trainer.embed import embed
 
+    # SIGTERM and SIGHUP stop it as Ctrl-C does: its finished chunks are on disk, the rest is redone
+    received: list[int] = []
+
+    def stop(signum: int, _frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     info = init_distributed(DistConfig(), args.device)
     try:
         done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype, args.batch_size,
                      args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows, args.workers)
+    except KeyboardInterrupt:
+        signum = received[0] if received else signal.SIGINT
+        if info.is_main:
+            print(f"[simclr] {signal.Signals(signum).name}: embedding stopped; the finished chunks are kept in "
+                  f"{args.out}. Run again to go on: {again}", file=sys.stderr, flush=True)
+        return 128 + signum
     finally:
         teardown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if info.is_main:
         print(f"[simclr] embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
               f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were already "

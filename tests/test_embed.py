@@ -116,6 +116,39 @@ def test_bad_input_is_one_line(trained, photo_data, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["checkpoint"] == str(step.resolve())
 
 
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_a_stopped_embed_says_so_and_how_to_go_on(photo_data, tmp_path, capsys, monkeypatch, how):
+    """A signal mid-embedding (here from inside the work, so it always lands mid-run) is one line that
+    names it and gives the command that goes on; not the training's 'nothing was trained'."""
+    import os
+    import signal
+    import time
+
+    import trainer.embed
+    from launch.cli import main
+    from trainer import STOPPED_AT_START
+
+    def interrupted(*_args, **_kwargs):
+        if how == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler stops it at once
+        raise AssertionError("SIGTERM did not stop the embedding")
+
+    monkeypatch.setattr(trainer.embed, "embed", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(["embed", "--checkpoint", "enc.pt", "--data", str(photo_data / "train"), "--out", str(out)])
+    assert stop.value.code == 128 + signal.Signals[how]
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("[simclr]")]
+    assert line.startswith(f"[simclr] {how}: embedding stopped; the finished chunks are kept in {out}")
+    assert f"Run again to go on: simclr embed --checkpoint enc.pt --data {photo_data / 'train'}" in line
+    assert STOPPED_AT_START not in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers given back
+
+
 @pytest.mark.parametrize("layout", ["npz", "shards"])
 def test_every_layout_embeds_in_dataset_order(trained, photo_data, tmp_path, layout):
     """Arrays and tar shards too (shards are read in their stored order; rows still land at their
