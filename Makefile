@@ -18,17 +18,13 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/simclr demo
 
 # Two pytest-xdist workers for all but the SLURM tests (serially the suite took ~35 minutes on 2
-# cores); tests sharing a module fixture share a worker (tests/conftest.py). Beside them, the SLURM
-# tests in one process of their own (their clusters are module fixtures that must come up once each,
-# one at a time; they mostly wait on the cluster), their output printed once both are done.
-SLURM_LOG := $(VENV)/slurm-tests.log
+# cores; tests sharing a module fixture share a worker, see tests/conftest.py), then the SLURM tests
+# in one process: their clusters are module fixtures that must come up once each, one at a time.
+# (Run beside the xdist workers they saved nothing: the two cores were busy, and both halves slowed.)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -p no:xdist -m slurm > $(SLURM_LOG) 2>&1 & slurm=$$!; \
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m 'not slurm'; rest=$$?; \
-	wait $$slurm; slurm_status=$$?; \
-	echo "--- the SLURM tests (run beside the others) ---"; cat $(SLURM_LOG); \
-	test $$rest = 0 && test $$slurm_status = 0
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m 'not slurm'
+	$(PY) -m pytest -q -p no:xdist -m slurm
 
 # the lowest declared versions (constraints-lowest.txt), the whole suite but the SLURM clusters
 test-lowest:

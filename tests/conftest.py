@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.runs import tiny_overrides
-from trainer.config import Config, load_config
-from trainer.distributed import free_port
+# One compute thread per process, set before torch loads: the suite runs on two xdist workers (and
+# the SLURM tests beside them) on two cores, and more OpenMP threads than cores spin while they wait.
+# The subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from tests.helpers.runs import tiny_overrides  # noqa: E402
+from trainer.config import Config, load_config  # noqa: E402
+from trainer.distributed import free_port  # noqa: E402
 
 
 def pytest_report_header(config) -> str:
