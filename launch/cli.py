@@ -105,7 +105,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
             "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
             "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
             "--nproc", str(args.nproc), *(["--overwrite"] if args.overwrite else [])]
-    again = " ".join(shlex.quote(w) for w in ["simclr", "embed", *argv])  # finished chunks are kept
+    # the command that goes on (finished chunks are kept): the user's own words where this is `simclr embed`
+    words = sys.argv[1:] if sys.argv[1:2] == ["embed"] else ["embed", *argv]
+    again = " ".join(shlex.quote(w) for w in ["simclr", *words])
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from launch.local import JobContext, run_local_ranks
         from trainer.device import check_local_ranks
