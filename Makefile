@@ -23,8 +23,8 @@ demo: $(STAMP)
 # (Run beside the xdist workers they saved nothing: the two cores were busy, and both halves slowed.)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m 'not slurm'
-	$(PY) -m pytest -q -p no:xdist -m slurm
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m 'not slurm' --durations=15
+	$(PY) -m pytest -q -p no:xdist -m slurm --durations=5
 
 # the lowest declared versions (constraints-lowest.txt), the whole suite but the SLURM clusters
 test-lowest:

@@ -38,10 +38,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     proof's rehearsal: up to a minute) once more."""
     if not config.pluginmanager.hasplugin("xdist"):  # the GPU image has no xdist
         return
+    grouped = set()
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            grouped.add(item.nodeid)
+    # the groups first: a group (a minute or more) left to the end runs while the other worker idles
+    items.sort(key=lambda item: item.nodeid not in grouped)
 
 
 @pytest.fixture(scope="session")
