@@ -18,12 +18,12 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/simclr demo
 
 # Two pytest-xdist workers for all but the SLURM tests (serially the suite took ~35 minutes on 2
-# cores; tests sharing a module fixture share a worker, see tests/conftest.py), then the SLURM tests
+# cores; the tests that build a module fixture go first, see tests/conftest.py), then the SLURM tests
 # in one process: their clusters are module fixtures that must come up once each, one at a time.
 # (Run beside the xdist workers they saved nothing: the two cores were busy, and both halves slowed.)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m 'not slurm' --durations=15
+	$(PY) -m pytest -q -n 2 -m 'not slurm' --durations=15
 	$(PY) -m pytest -q -p no:xdist -m slurm --durations=5
 
 # the lowest declared versions (constraints-lowest.txt), the whole suite but the SLURM clusters
@@ -32,7 +32,7 @@ test-lowest:
 	$(LOWEST)/bin/python -m pip install -q -c constraints-lowest.txt -e '.[dev]'
 	$(LOWEST)/bin/python -c "import torch, torchvision, mlflow; print('torch', torch.__version__, 'torchvision', \
 		torchvision.__version__, 'mlflow', mlflow.__version__)"
-	$(LOWEST)/bin/python -m pytest -q -n 2 --dist loadgroup -m 'not slurm'
+	$(LOWEST)/bin/python -m pytest -q -n 2 -m 'not slurm'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

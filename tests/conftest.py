@@ -33,19 +33,19 @@ def pytest_report_header(config) -> str:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (``make test``, ``--dist loadgroup``) the tests that share a module-scoped
-    fixture run on one worker: spread over two, each worker would build it (a trained run, the GPU
-    proof's rehearsal: up to a minute) once more."""
+    """Under pytest-xdist (``make test``) the tests that use a module-scoped fixture (a trained run,
+    the GPU proof's rehearsal: up to a minute to build) go first: at the end of the collection such a
+    module ran alone while the other worker idled. (``--dist loadgroup`` would keep each module on one
+    worker, so its fixture is built once, but xdist 3.8 marks a group by setting ``item._nodeid``,
+    which pytest 9.2 no longer reads: the groups did not form.)"""
     if not config.pluginmanager.hasplugin("xdist"):  # the GPU image has no xdist
         return
-    grouped = set()
-    for item in items:
+
+    def uses_a_module_fixture(item) -> bool:
         info = getattr(item, "_fixtureinfo", None)
-        if info and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-            grouped.add(item.nodeid)
-    # the groups first: a group (a minute or more) left to the end runs while the other worker idles
-    items.sort(key=lambda item: item.nodeid not in grouped)
+        return bool(info) and any(defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
+
+    items.sort(key=lambda item: not uses_a_module_fixture(item))
 
 
 @pytest.fixture(scope="session")
