@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-# One compute thread per process, set before torch loads: the suite runs on two xdist workers (and
-# the SLURM tests beside them) on two cores, and more OpenMP threads than cores spin while they wait.
+# One compute thread per process, set before torch loads: the suite runs on two xdist workers on
+# two cores, and more OpenMP threads than cores spin while they wait.
 # The subprocesses the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
