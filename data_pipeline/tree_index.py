@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from data_pipeline.sources import IMAGE_EXTENSIONS, DataError
 
-MAGIC = b"SIMCLR-TREE-INDEX 1\n"
+MAGIC = b"SIMCLR-TREE-INDEX 2\n"  # 2: the header carries the body's length and sha256
 RACY_NS = 2_000_000_000  # a folder changed this close to the index's writing is listed again (coarse mtimes)
 
 
@@ -200,7 +200,6 @@ class TreeIndex:
 
     # -- storage --------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        head = json.dumps({"root": str(self.root), "written_ns": self.written_ns}).encode()
         fields: list[bytes] = []
         enc = os.fsencode
         for rel, f in self.folders.items():
@@ -209,14 +208,28 @@ class TreeIndex:
                        str(len(f.bad)).encode(), *map(enc, f.files), *map(enc, f.subdirs), *map(enc, f.links)]
             for name, why in f.bad.items():
                 fields += [enc(name), why.encode()]
-        return MAGIC + head + b"\n" + b"\0".join(fields)
+        body = b"\0".join(fields)
+        head = json.dumps({"root": str(self.root), "written_ns": self.written_ns, "body_bytes": len(body),
+                           "body_sha256": hashlib.sha256(body).hexdigest()}).encode()
+        return MAGIC + head + b"\n" + body
 
     @classmethod
     def from_bytes(cls, data: bytes, root: Path) -> TreeIndex:
+        """The index ``data`` holds; ``ValueError`` (saying why) unless it is whole: a derived file is
+        never trusted in part (a cut body parses, and would silently drop the images it lost)."""
         if not data.startswith(MAGIC):
-            raise ValueError("not a tree index")
+            raise ValueError("not a tree index of this version")
         head, _, body = data[len(MAGIC):].partition(b"\n")
-        meta = json.loads(head)
+        try:
+            meta = json.loads(head)
+        except ValueError:
+            raise ValueError("its header is not JSON") from None
+        if not isinstance(meta, dict) or not {"root", "written_ns", "body_bytes", "body_sha256"} <= meta.keys():
+            raise ValueError("its header is not an index header")
+        if meta["body_bytes"] != len(body):
+            raise ValueError(f"it holds {len(body)} bytes where its header says {meta['body_bytes']} (cut short?)")
+        if meta["body_sha256"] != hashlib.sha256(body).hexdigest():
+            raise ValueError("its checksum does not match its content")
         if meta["root"] != str(root):
             raise ValueError("an index of another tree")
         parts, dec, i, folders = body.split(b"\0") if body else [], os.fsdecode, 0, {}
@@ -272,13 +285,15 @@ def _load_or_scan(root: Path, store: IndexStore | None) -> tuple[TreeIndex, bool
     if path is not None and path.is_file():
         try:
             index = TreeIndex.from_bytes(path.read_bytes(), root)
-        except (OSError, ValueError, KeyError, IndexError):  # a damaged index only costs a listing
+            if "" not in index.folders:
+                raise ValueError("it lacks the tree's root folder")
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # a damaged index costs a listing
+            print(f"[simclr] note: the kept listing {path} is damaged ({exc}); listing {root} again", flush=True)
             index = None
-        if index is not None and "" in index.folders:
+        if index is not None:
             changes = index.refresh()
-            if changes:
-                print(f"[simclr] {changes.describe(root)}; a resumed run reads the new list from its step on "
-                      "(its data order is not the first start's)", flush=True)
+            if changes:  # whether a resume may go on with other files is the checkpoint's to say
+                print(f"[simclr] {changes.describe(root)}", flush=True)
             return index, bool(changes) or index.relisted > 0
     return TreeIndex.scan(root), True
 

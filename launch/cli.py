@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.credentials import redact_uri
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a recipe: a YAML file, or a shipped recipe's name (demo_cpu, cifar10_resnet18, "
@@ -228,7 +230,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     run_id, record = sync_offline(args.run_dir, TrackingConfig(uri=args.uri, experiment=args.experiment),
                                   args.run_id, log_pending_model)
     print(f"replayed {args.run_dir} (params, tags, metrics, artifacts) into MLflow run {run_id} at "
-          f"{args.uri or record.get('uri')}")
+          f"{redact_uri(args.uri) or record.get('uri')}")
     return 0
 
 
@@ -286,7 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                         "--workers", "2", "--probe-epochs", "100", "--tsne", "--mlflow"]))
     from trainer.tracking import resolve_tracking_uri, where_to_open
 
-    uri = resolve_tracking_uri("")
+    uri = redact_uri(resolve_tracking_uri(""))
     print(f"\nMLflow run logged to {uri} (experiment 'simclr-demo').\n"
           f"To see it: {where_to_open(uri).replace('mlflow ui', '.venv/bin/mlflow ui')}\n"
           f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}\n"
@@ -312,7 +314,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     from trainer.tracking import resolve_tracking_uri, where_to_open
 
-    uri = resolve_tracking_uri(cfg.tracking.uri)
+    uri = redact_uri(resolve_tracking_uri(cfg.tracking.uri))
     for s in out:
         print(f"submitted job {s.job_id}  run '{s.run_name}'\n  run dir  {s.run_dir}\n  stdout   {s.stdout}\n"
               f"  stderr   {s.stderr}\n  MLflow   experiment '{cfg.tracking.experiment}' at {uri} "

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import shlex
 import signal
 import socket
 import sys
@@ -96,9 +98,19 @@ def check_single_lines(cluster: ClusterConfig, path: Path) -> None:
         strings += [(f"cluster.{section}.{k}", str(v)) for k, v in getattr(cluster, section).items()]
     strings += [(f"cluster.setup[{i}]", line) for i, line in enumerate(cluster.setup)]
     for key, value in strings:
-        if any(ord(c) < 32 and c != "\t" for c in value):
-            raise ConfigError(f"{path}: {key}={value!r} holds a line break or control character, which would add a "
-                              "line of its own to the sbatch script; give it on one line")
+        check_one_line(key, value, f"{path}: ")
+    for name in cluster.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"{path}: cluster.env key {name!r} is not a variable name (letters, digits and _, not "
+                              "starting with a digit); rename it")
+
+
+def check_one_line(key: str, value: str, where: str = "") -> None:
+    """A string bound for the sbatch script holds no line break or control character (it would add
+    a line of its own: an #SBATCH option, or a command)."""
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        raise ConfigError(f"{where}{key}={value!r} holds a line break or control character, which would add a "
+                          "line of its own to the sbatch script; give it on one line")
 
 
 def ranks_per_node(cluster: ClusterConfig) -> int:
@@ -205,7 +217,8 @@ def make_executor(cluster: ClusterConfig, name: str):
     if cluster.network_interface:
         env.setdefault("GLOO_SOCKET_IFNAME", cluster.network_interface)
         env.setdefault("NCCL_SOCKET_IFNAME", cluster.network_interface)
-    setup = [f"export {k}={v}" for k, v in env.items()] + list(cluster.setup)
+    # values are quoted: "8.0 9.0" stays one value, and a ';' in one runs nothing
+    setup = [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()] + list(cluster.setup)
     extra = dict(cluster.extra_sbatch)
     if cluster.exclusive:
         extra["exclusive"] = True
@@ -230,10 +243,21 @@ def make_executor(cluster: ClusterConfig, name: str):
     return executor
 
 
-def sbatch_script(executor) -> str:
-    """The sbatch file submitit would submit (for ``--dry-run``)."""
+def sbatch_script(executor, runs: list[Config] | None = None) -> str:
+    """The sbatch file submitit would submit (for ``--dry-run``): a job array when there are several
+    runs, followed by one comment line per array task naming its run."""
     inner = executor._executor
-    return inner._make_submission_file_text("python -u -m submitit.core._submit '%j'", "dry-run")
+    saved = dict(inner.parameters)
+    if runs and len(runs) > 1:
+        inner.parameters["map_count"] = len(runs)  # what submitit sets for an array submission
+    try:
+        text = inner._make_submission_file_text("python -u -m submitit.core._submit '%j'", "dry-run")
+    finally:
+        inner.parameters = saved
+    if runs and len(runs) > 1:
+        text += f"\n# a job array of {len(runs)} runs (SLURM_ARRAY_TASK_ID: MLflow run name, run folder):\n"
+        text += "".join(f"#   {i}: {r.tracking.run_name}  {r.train.run_dir}\n" for i, r in enumerate(runs))
+    return text
 
 
 @dataclass
@@ -284,6 +308,7 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
     continues ``cfg``'s run folder (``resume_config``) instead of starting a new one."""
     if resume and sweep:
         raise ConfigError("--resume continues one run; it cannot be combined with --sweep")
+    check_one_line("--name", name)
     runs = [cfg] if resume else plan_runs(cfg, sweep or [], name)
     world = cluster.nodes * ranks_per_node(cluster)
     for run in runs:
@@ -292,7 +317,7 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
                          "nodes x ranks per node (--cluster with other nodes or gpus_per_node)", resume, ConfigError)
     executor = make_executor(cluster, name)
     if dry_run:
-        return sbatch_script(executor)
+        return sbatch_script(executor, runs)
     from trainer.tracking import prepare_store
 
     prepare_store(cfg.tracking)
@@ -329,6 +354,7 @@ def submit_eval(eval_args: list[str], cluster: ClusterConfig, name: str = "simcl
                 dry_run: bool = False) -> Any:
     """One evaluation job over ``cluster``'s ranks (``simclr submit --eval``); its sbatch script
     when ``dry_run``."""
+    check_one_line("--name", name)
     executor = make_executor(cluster, name)
     if dry_run:
         return sbatch_script(executor)

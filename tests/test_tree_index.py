@@ -101,7 +101,7 @@ def test_restart_lists_only_changed_folders_and_says_what_changed(tmp_path, phot
     changed = list_image_files(root, "auto", store)
     out = capsys.readouterr().out
     assert "3 image(s) added, 2 removed" in out and "coffee/" in out and "zebra/" in out
-    assert "a resumed run reads the new list from its step on" in out
+    assert "reads the new list" not in out  # whether a resume may go on is the checkpoint's to say (refused by default)
     assert sorted(scanned) == sorted([str(root), *(str(root / d) for d in ("coffee", "rocket", "chelsea", "zebra"))])
     fresh = list_image_files(root, "auto", None)
     assert changed.paths == fresh.paths and changed.classes == fresh.classes == same.classes + ["zebra"]
@@ -134,3 +134,38 @@ def test_only_rank_0_walks_the_tree(tmp_path, photo_data):
     assert not any(Path(p).parent == root and (root / Path(p).name).is_dir() for p in ranks[1]["stat"])
     assert ranks[0]["checked"] + ranks[1]["checked"] == 80 and ranks[1]["checked"] > 0  # the check split over ranks
 
+
+
+def _damaged_copies(good: bytes) -> dict[str, bytes]:
+    """The kept index damaged as disks and people damage files."""
+    head_end = good.index(b"\n", len(b"SIMCLR-TREE-INDEX 2\n")) + 1
+    body = good[head_end:]
+    cut_in_last_name = len(good) - 3  # every folder still parses: only the checksum can tell
+    swapped = good[:head_end] + body.replace(b"coffee", b"coffeX", 1)  # a valid header over a wrong body
+    return {"cut at 60%": good[: len(good) * 6 // 10], "cut at 20%": good[: len(good) // 5],
+            "cut in the last name": good[:cut_in_last_name], "header only": good[:head_end],
+            "random bytes": os.urandom(3000), "empty": b"", "header a JSON list": b"SIMCLR-TREE-INDEX 2\n[1,2]\n",
+            "header not JSON": b"SIMCLR-TREE-INDEX 2\n{oops\n" + body, "valid header, wrong body": swapped,
+            "version 1": b"SIMCLR-TREE-INDEX 1\n" + good[len(b"SIMCLR-TREE-INDEX 2\n"):]}
+
+
+def test_a_damaged_kept_index_is_listed_again_with_one_note(tmp_path, photo_data, capsys):
+    """A kept index that is cut, garbage, or a valid header over a wrong body is never used in part
+    (it would drop images or crash the resume): the tree is listed again, with one note, and the
+    index is rewritten whole."""
+    root = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", root)
+    store = IndexStore(tmp_path / "run")
+    want = list_image_files(root, "auto", store)
+    index_file = store.path_for(root)
+    good = index_file.read_bytes()
+    capsys.readouterr()
+    for case, damaged in _damaged_copies(good).items():
+        assert damaged != good, case
+        index_file.write_bytes(damaged)
+        got = list_image_files(root, "auto", store)
+        out = capsys.readouterr().out
+        assert got.paths == want.paths and got.labels.tolist() == want.labels.tolist(), case
+        assert got.classes == want.classes, case
+        assert out.count("note: the kept listing") == 1 and "is damaged" in out and "listing" in out, (case, out)
+        assert TreeIndex.from_bytes(index_file.read_bytes(), root).walk() == TreeIndex.scan(root).walk(), case

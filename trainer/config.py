@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from data_pipeline.config import AugmentConfig, DataConfig
+from trainer.credentials import take_credentials
 from trainer.dataclass_yaml import (
     ConfigError,
     build_dataclass,
@@ -248,7 +249,10 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     data = dict(data or {})
     if isinstance(data.get("precision"), str):  # shorthand `precision: bf16`
         data["precision"] = {"dtype": data["precision"]}
-    return validate(expand_paths(build_dataclass(Config, data)))
+    cfg = build_dataclass(Config, data)
+    # a password in the URI moves to MLflow's environment here, before anything prints or stores the config
+    cfg.tracking.uri = take_credentials(cfg.tracking.uri)
+    return validate(expand_paths(cfg))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

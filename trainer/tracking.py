@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import Config, TrackingConfig, config_to_dict
+from trainer.credentials import redact_uri, take_credentials, usable_uri
 from trainer.dataclass_yaml import flatten
 from trainer.run_files import RunFolderLock, append_line, atomic_write_text, read_jsonl
 
@@ -36,7 +37,7 @@ def resolve_tracking_uri(uri: str) -> str:
     or ``mlflow.db`` in the working directory)."""
     import mlflow
 
-    return uri or mlflow.get_tracking_uri()
+    return usable_uri(uri or mlflow.get_tracking_uri())
 
 
 def quiet_library_logs() -> None:
@@ -206,7 +207,7 @@ class MlflowRun:
         self.cfg, self.retry_s = cfg, retry_s
         self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
         self.run_id: str | None = None
-        self.uri = ""
+        self.uri = self._client_uri = ""
         self.client = None
         self.pending: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step) not sent yet
         self.pending_params: dict[str, Any] = {}
@@ -236,13 +237,14 @@ class MlflowRun:
             return True
         try:
             if self.client is None:
-                self.uri = resolve_tracking_uri(self.cfg.uri)
-                self.client = open_client(self.uri)
+                self._client_uri = resolve_tracking_uri(self.cfg.uri)
+                self.uri = redact_uri(self._client_uri)  # what is shown and recorded
+                self.client = open_client(self._client_uri)
             if self.run_id is None:
                 exp = self.client.get_experiment_by_name(self.cfg.experiment)
                 if exp is None:
                     try:
-                        exp_id = create_experiment(self.client, self.uri, self.cfg.experiment)
+                        exp_id = create_experiment(self.client, self._client_uri, self.cfg.experiment)
                     except Exception as exc:  # another rank or array task created it first, or the store failed
                         created = self.client.get_experiment_by_name(self.cfg.experiment)
                         if created is None:
@@ -286,7 +288,7 @@ class MlflowRun:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
-                                                 resume_logging=resumed, tracking_uri=self.uri)
+                                                 resume_logging=resumed, tracking_uri=self._client_uri)
             self._monitor.start()
         except Exception as exc:  # e.g. psutil missing: training goes on without system metrics
             print(f"[tracking] system metrics are off ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
@@ -440,7 +442,7 @@ class Tracker:
             self.local.update(tags=tags, status="RUNNING")  # until finish: a hard kill leaves RUNNING
         if self.mlflow is None:
             return None
-        self.local.update(uri=resolve_tracking_uri(self.cfg.uri))
+        self.local.update(uri=redact_uri(resolve_tracking_uri(self.cfg.uri)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return self.mlflow.start(params, tags, run_id)
 
@@ -534,7 +536,7 @@ def close_recorded_run(run_dir: str | Path, status: str, tags: dict[str, str]) -
     if not run_id:
         return None
     try:
-        client = open_client(uri)
+        client = open_client(usable_uri(uri))
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
         if client.get_run(run_id).info.status == "RUNNING":
@@ -566,7 +568,7 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     nothing), artifacts (config, encoder, curves), and the status the run ended with. Returns the
     run id and the record (whose ``model_pending`` says whether the encoder's MLflow model is still
     to be logged; ``before_finish(run, record)`` can log it). The folder gains only the run's id
-    and store in its record."""
+    and store in its record (``synced_to`` for another store: a second sync there adds nothing)."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.exists():
@@ -578,8 +580,11 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     except ValueError as exc:
         raise TrackingError(f"{exc}; {metrics_file} is damaged inside (not only its last line): fix or remove that "
                             "line, then sync again") from None
+    cfg = dataclasses.replace(cfg, uri=take_credentials(cfg.uri))
     own_store = not cfg.uri or cfg.uri == record.get("uri")
-    run_id = run_id or (record.get("run_id") if own_store else None)
+    # a run replayed into another store is remembered, so a second sync there continues it
+    copies = record.get("synced_to") or {}
+    run_id = run_id or (record.get("run_id") if own_store else copies.get(cfg.uri))
     cfg = dataclasses.replace(cfg, uri=cfg.uri or record.get("uri", ""),
                               experiment=cfg.experiment or record.get("experiment") or "simclr",
                               run_name=cfg.run_name or record.get("run_name", ""), system_metrics=False)
@@ -601,8 +606,11 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     for name in ("config.yaml", "encoder.pt", "curves.png"):
         if (run_dir / name).exists():
             run.log_artifact(run_dir / name)
-    if record.get("run_id") != run.run_id and own_store:  # a run created now: the next sync completes it
+    if own_store and record.get("run_id") != run.run_id:  # a run created now: the next sync completes it
         record.update(uri=run.uri, run_id=run.run_id)
+        atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
+    elif not own_store and copies.get(cfg.uri) != run.run_id:
+        record["synced_to"] = {**copies, cfg.uri: run.run_id}
         atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
     if before_finish is not None:
         before_finish(run, record)
