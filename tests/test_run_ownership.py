@@ -5,6 +5,7 @@ any death), ranks die with their launcher, deaths and start-up interrupts are on
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from tests.test_failures import start_training, wait_for_steps
 from trainer import checkpoint as ckpt
 from trainer.config import TrackingConfig, load_config
 from trainer.loop import train
-from trainer.run_files import RunFolderInUseError, RunFolderLock, read_jsonl
+from trainer.run_files import RunFolderGoneError, RunFolderInUseError, RunFolderLock, read_jsonl
 from trainer.tracking import sync_offline
 
 
@@ -339,3 +340,74 @@ def test_a_bug_in_one_rank_shows_its_own_traceback_once(photo_data, tmp_path):
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("[simclr] rank ")]
     assert line.startswith("[simclr] rank 1 failed (exit status 1)") and "Resume with:" in line
     assert "rank 0" in (run_dir / "failure.log").read_text()
+
+
+def test_deleting_the_lock_file_lets_no_second_run_in(tmp_path):
+    """The lock is on the folder itself too: with ``.simclr.lock`` deleted under a live holder a
+    second taker is still refused; the holder's next check writes the file again, naming itself."""
+    code = ("import sys\nfrom trainer.run_files import RunFolderLock\n"
+            f"lock = RunFolderLock({str(tmp_path)!r})\nlock.acquire()\nprint('held', flush=True)\n"
+            "sys.stdin.readline()\nlock.check()\nprint('checked', flush=True)\nsys.stdin.readline()\n")
+    holder = subprocess.Popen([PY, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / ".simclr.lock").unlink()
+        with pytest.raises(RunFolderInUseError, match="was deleted"):
+            RunFolderLock(tmp_path).acquire()
+        assert RunFolderLock(tmp_path).held_elsewhere()
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "checked"
+        with pytest.raises(RunFolderInUseError, match=f"pid {holder.pid} on"):
+            RunFolderLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunFolderLock(tmp_path)  # the kernel dropped both locks with the holder
+    lock.acquire()
+    lock.release()
+
+
+def test_a_removed_run_folder_is_named_and_never_made_again(tmp_path):
+    run_dir = tmp_path / "run"
+    lock = RunFolderLock(run_dir)
+    lock.acquire()
+    try:
+        lock.check()  # untouched: fine
+        shutil.rmtree(run_dir)
+        with pytest.raises(RunFolderGoneError, match="was removed while the run trained"):
+            lock.check()
+        assert not run_dir.exists()
+    finally:
+        lock.release()
+
+
+@pytest.mark.slow
+def test_a_run_folder_moved_while_training_stops_and_resumes_where_it_went(photo_data, tmp_path):
+    """A renamed run folder split the run in two (the old path made again, later checkpoints there,
+    steps logged twice on resume). Now the run stops at its next log step with one line naming the
+    new place and its newest checkpoint, writes nothing where it was, and resumes there with every
+    step logged once, in metrics.jsonl and in MLflow."""
+    run_dir, moved = tmp_path / "run", tmp_path / "run_renamed"
+    proc = start_training(photo_data, run_dir, "launch", "train", **{"checkpoint.every_steps": 2})
+    wait_for_steps(run_dir, proc, steps=3)
+    run_dir.rename(moved)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("simclr: error:")]
+    assert len(errors) == 1 and f"was moved to {moved}" in errors[0] and f"train.run_dir={moved}" in errors[0], out
+    assert "newest checkpoint is now" in errors[0] and "Traceback" not in out
+    assert not run_dir.exists()  # nothing written where it was
+
+    steps_before = [row["step"] for row in read_jsonl(moved / "metrics.jsonl")]
+    newest = ckpt.load_checkpoint(ckpt.latest_checkpoint(moved))["step"]
+    over = tiny_overrides(photo_data / "train", moved, **{"train.epochs": 200, "checkpoint.every_steps": 2,
+                                                          "train.log_every": 1,
+                                                          "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                          "train.stop_after_steps": max(steps_before) + 2})
+    result = train(load_config(None, over))
+    steps = [row["step"] for row in read_jsonl(moved / "metrics.jsonl")]
+    assert newest <= max(steps_before) and steps == sorted(set(steps)) and max(steps) == max(steps_before) + 2, steps
+    history = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(result.run_id,
+                                                                                                       "loss")]
+    assert sorted(history) == steps, history  # each step once

@@ -30,7 +30,7 @@ from trainer.export import log_encoder_model, save_encoder
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
-from trainer.run_files import RunFolderInUseError, RunFolderLock, atomic_write_text
+from trainer.run_files import RunFolderGoneError, RunFolderInUseError, RunFolderLock, atomic_write_text
 from trainer.step import StepOutcome, train_step
 from trainer.tracking import Tracker, read_metrics_file, run_params
 
@@ -68,10 +68,14 @@ def train(cfg: Config, stop: threading.Event | None = None,
     try:
         on_rank_zero(lock.acquire, (RunFolderInUseError,))
         parts = build_parts(cfg, info)
+        parts.folder_lock = lock
         try:
             return run_training(parts, stop or threading.Event(), on_start)
         except BaseException as exc:  # the MLflow run must not stay RUNNING, whatever ended it
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            if isinstance(exc, RunFolderGoneError):  # nothing more is written where the folder was
+                parts.tracker.detach_run_folder()
+                parts.tracker.set_tags({"simclr.failure": str(exc)[:500]})
             parts.tracker.finish(status)
             # under simclr train --nproc the launcher says how the job ended, once
             if parts.info.is_main and parts.tracker.run_id and not os.environ.get("SIMCLR_LAUNCHED"):
@@ -143,17 +147,19 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             step += 1
             window.add(outcome.loss, outcome.accuracy, outcome.skipped)
             bar.update(1)
+            epoch_end, log_due = step % steps_per_epoch == 0, step % cfg.train.log_every == 0 or step == stop_at
+            preempted = stop_requested(parts, stop, step)
+            checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted
+            if log_due or checkpoint_due or epoch_end:  # before anything is written: is the folder still ours?
+                check_run_folder(parts)
             # the online probe's epoch figures go in the same metrics row as a window ending there
-            epoch_end = step % steps_per_epoch == 0
             extra = online_probe_metrics(parts) if parts.online_probe is not None and epoch_end else {}
-            if step % cfg.train.log_every == 0 or step == stop_at:
+            if log_due:
                 last_loss = log_window(parts, window, skips, step, bar, extra)
             elif extra:
                 parts.tracker.log_metrics(extra, step)
             if knn_due(cfg, step, steps_per_epoch):
                 log_knn_monitor(parts, step)
-            preempted = stop_requested(parts, stop, step)
-            checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
             if checkpoint_due and not skips.check(step):
                 parts.train_state.step, parts.train_state.mlflow_run_id = step, parts.tracker.run_id
@@ -161,6 +167,13 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             if step >= stop_at or preempted:
                 break
     return step, last_loss, preempted, skips
+
+
+def check_run_folder(parts: TrainParts) -> None:
+    """Every rank stops together (``RunFolderGoneError``) when rank 0 finds the run folder moved or
+    removed: a host read, at log steps and checkpoints only."""
+    if parts.folder_lock is not None:
+        on_rank_zero(parts.folder_lock.check, (RunFolderGoneError,))
 
 
 def stop_before_start(parts: TrainParts, stop: threading.Event) -> bool:

@@ -22,6 +22,7 @@ from trainer.optim import build_optimizer
 from trainer.precision import PrecisionPolicy
 from trainer.schedule import WarmupCosine, build_schedule
 from trainer.step import ForwardBackward, build_forward_backward
+from trainer.run_files import RunFolderLock
 from trainer.tracking import Tracker
 
 
@@ -41,6 +42,7 @@ class TrainParts:
     train_state: TrainState  # step, world sizes, MLflow run id: the loop's own checkpoint state
     online_probe: OnlineProbe | None = None  # train.online_probe on labelled data
     val_source: Source | None = None  # data.val_root, opened once per run
+    folder_lock: RunFolderLock | None = None  # rank 0's hold on the run folder, checked before its writes
 
     @property
     def run_dir(self) -> Path:

@@ -32,54 +32,152 @@ class RunFolderInUseError(RuntimeError):
 LOCK_FILE = ".simclr.lock"
 
 
+class RunFolderGoneError(RuntimeError):
+    """The run folder was moved or removed while the run trained: the run stops without writing
+    anything into the old path (no second, partial run folder)."""
+
+
 class RunFolderLock:
     """An exclusive lock on a run folder for the run's life, so that two runs never interleave
-    their metrics, checkpoints and MLflow runs in one folder. A POSIX record lock (``fcntl``): the
-    kernel releases it when the holder dies, however it dies (no stale lock after a SIGKILL), and
-    forked children (DataLoader workers) do not inherit it. The file names the holder (pid, host,
-    start) for the message a second process gets. Never open the lock file elsewhere in the holder:
-    closing any descriptor of it drops a POSIX lock."""
+    their metrics, checkpoints and MLflow runs in one folder.
+
+    Two locks, both dropped by the kernel when the holder dies, however it dies (no stale lock after
+    a SIGKILL): a ``flock`` on the folder itself, which deleting a file cannot undo, and a POSIX
+    record lock on ``.simclr.lock``, which names the holder (pid, host, start) for the message a
+    second process gets (and is the lock where a network file system refuses ``flock`` on a folder).
+    Forked children (DataLoader workers) hold neither. Never open the lock file elsewhere in the
+    holder: closing any descriptor of it drops a POSIX lock.
+
+    ``check`` (at log steps and checkpoints) finds a folder moved or removed under the run, and
+    writes the lock file again if someone deleted it."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:  # other errors: no flock on folders here (some network file systems), the file lock stands
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(dir_fd)
+                self._refuse(self._holder_of_file())
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            os.close(dir_fd)
             if exc.errno not in (errno.EACCES, errno.EAGAIN):
                 os.close(fd)
                 raise
             holder = self.holder(fd)
             os.close(fd)
-            raise RunFolderInUseError(
-                f"{self.path.parent} is in use by another run ({holder}); two runs in one folder would mix their "
-                "checkpoints and metrics. Wait for it to end or stop it, or give this run its own train.run_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-        self._fd = fd
+            self._refuse(holder)
+        self._fd, self._dir_fd = fd, dir_fd
+        self._write_holder()
+        os.register_at_fork(after_in_child=self._close_in_child)
+
+    def _refuse(self, holder: str) -> None:
+        raise RunFolderInUseError(
+            f"{self.run_dir} is in use by another run ({holder}); two runs in one folder would mix their "
+            "checkpoints and metrics. Wait for it to end or stop it, or give this run its own train.run_dir")
+
+    def _holder_of_file(self) -> str:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return f"its {LOCK_FILE} was deleted, so its name is unknown"
+        try:
+            return self.holder(fd)
+        finally:
+            os.close(fd)
+
+    def _write_holder(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+
+    def _close_in_child(self) -> None:
+        # a forked child sharing the folder's flock would keep it after the holder dies
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     @staticmethod
     def holder(fd: int) -> str:
         try:
             who = json.loads(os.pread(fd, 4096, 0) or b"{}")
             return f"pid {who['pid']} on {who['host']}, since {who['started']}"
-        except (OSError, ValueError, KeyError):  # it has not written its name yet
+        except (OSError, ValueError, KeyError, TypeError):  # it has not written its name yet
             return "a process that is just starting"
 
+    def check(self) -> None:
+        """Raise ``RunFolderGoneError`` (saying where the run's files are now) if the folder was moved
+        or removed since ``acquire``; write the lock file again if it was deleted."""
+        if self._dir_fd is None:
+            return
+        held = os.fstat(self._dir_fd)
+        try:
+            now = os.stat(self.run_dir)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            self._heal_lock_file()
+            return
+        try:
+            where = os.readlink(f"/proc/self/fd/{self._dir_fd}")
+        except OSError:
+            where = ""
+        if not where or where.endswith(" (deleted)") or held.st_nlink == 0:
+            raise RunFolderGoneError(f"the run folder {self.run_dir} was removed while the run trained; the run "
+                                     "stopped without writing anything more (nothing of it is left to resume)")
+        newest = sorted(Path(where, "checkpoints").glob("step_*.pt"))
+        kept = f"its newest checkpoint is now {newest[-1]}" if newest else "it holds no checkpoint yet"
+        raise RunFolderGoneError(
+            f"the run folder {self.run_dir} was moved to {where} while the run trained; the run stopped without "
+            f"writing into the old path ({kept}). Resume it there with train.run_dir={where}")
+
+    def _heal_lock_file(self) -> None:
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # whoever made it cannot get the folder's flock: the folder stays ours
+            return
+        os.close(self._fd)  # the deleted file's lock guards nothing now
+        self._fd = fd
+        self._write_holder()
+
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # drops the lock; the file stays (removing it would race a new holder)
-            self._fd = None
+        for fd in (self._fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)  # drops the lock; the file stays (removing it would race a new holder)
+        self._fd = self._dir_fd = None
 
     def held_elsewhere(self) -> str | None:
         """Who holds the lock now (None when nobody does): ``simclr sync`` leaves a run that is still
         training as it is. Never call it in the holder's own process (the probe's close drops its lock)."""
+        try:
+            dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only to test; dropped by the close
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                return self._holder_of_file()
+        finally:
+            os.close(dir_fd)
         if not self.path.exists():
             return None
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)

@@ -24,6 +24,7 @@ from trainer.credentials import redact_uri, take_credentials, usable_uri
 from trainer.dataclass_yaml import flatten
 from trainer.run_files import RunFolderLock, append_line, atomic_write_text, read_jsonl
 
+FAILURE_TAGS = ("simclr.failed_rank", "simclr.failure")  # a failed job's; removed when the run is resumed
 RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and name, for `simclr sync`
 
 
@@ -172,7 +173,7 @@ class RunLog:
         self._record: dict[str, Any] | None = None
 
     def log(self, metrics: dict[str, float], step: int, time_ms: int) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # never mkdir here: a folder moved away under the run must not come back half (RunFolderLock.check)
         append_line(self.metrics_file, json.dumps({"step": step, "time_ms": time_ms, **metrics}))
 
     def begin(self, experiment: str, run_name: str, params: dict[str, Any]) -> None:
@@ -190,8 +191,20 @@ class RunLog:
         record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
         record.update(fields)
         self._record = record
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / RUN_RECORD, json.dumps(record, indent=1))
+
+
+    def resolve_failure(self) -> dict[str, str]:
+        """A job that failed (a rank died) is resumed: its failure tags (``FAILURE_TAGS``) move to
+        ``simclr.earlier_failures``, so that a run that then finishes does not read as failed."""
+        record = read_run_record(self.run_dir) or {"params": {}, "tags": {}}
+        tags = record.get("tags", {})
+        if "simclr.failed_rank" not in tags:
+            return {}
+        said = f"rank {tags.pop('simclr.failed_rank')}: {tags.pop('simclr.failure', '?')}"
+        earlier = "; ".join(filter(None, [tags.get("simclr.earlier_failures", ""), said]))
+        self._record = record
+        return {"simclr.earlier_failures": earlier[-5000:]}
 
 
 class MlflowRun:
@@ -212,6 +225,7 @@ class MlflowRun:
         self.pending: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step) not sent yet
         self.pending_params: dict[str, Any] = {}
         self.pending_tags: dict[str, str] = {}
+        self.tags_to_delete: set[str] = set()
         self._warned = False
         self._offline = False  # the last request failed: wait retry_s before the next, forced or not
         self._finishing = False  # finish: one more try, whatever the window
@@ -334,6 +348,10 @@ class MlflowRun:
             if self.pending_tags:
                 self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self.pending_tags.items()])
                 self.pending_tags = {}
+            present = self.client.get_run(self.run_id).data.tags if self.tags_to_delete else {}
+            for key in sorted(self.tags_to_delete & present.keys()):
+                self.client.delete_tag(self.run_id, key)
+            self.tags_to_delete = set()
             while self.pending:
                 chunk = self.pending[:1000]
                 self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
@@ -421,6 +439,7 @@ class Tracker:
                                     local_copy=self.local_file)
         self._run_id: str | None = None  # a finished run's, when MLflow is not started
         self._started = self._finished = False
+        self.logged_through = 0  # a resumed run's last step already in metrics.jsonl (and MLflow): not logged again
 
     def _record_run(self, uri: str, run_id: str) -> None:
         self.local.update(uri=uri, run_id=run_id)
@@ -439,14 +458,29 @@ class Tracker:
         if self.local is not None:
             if run_id is None:
                 self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
+            else:
+                # a job resumed from a checkpoint older than its last logged step recomputes those steps
+                # (bitwise, or with the changes it records): the values already logged stand
+                rows = read_metrics_file(self.local_file, lenient=True) if self.local_file.exists() else []
+                self.logged_through = max((int(r.get("step", 0)) for r in rows), default=0)
+                tags = {**tags, **self.local.resolve_failure()}
             self.local.update(tags=tags, status="RUNNING")  # until finish: a hard kill leaves RUNNING
         if self.mlflow is None:
             return None
         self.local.update(uri=redact_uri(resolve_tracking_uri(self.cfg.uri)))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if "simclr.earlier_failures" in tags:
+            self.mlflow.tags_to_delete = set(FAILURE_TAGS)
         return self.mlflow.start(params, tags, run_id)
 
+    def detach_run_folder(self) -> None:
+        """The run folder was moved or removed: nothing more is written where it was."""
+        self.local = None
+        if self.mlflow is not None:
+            self.mlflow.local_copy = None
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         for sink in (self.local, self.mlflow):
             if sink is not None:
@@ -478,10 +512,11 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the MLflow run with ``status``, recorded in the run log too (once)."""
-        if self.local is None or not self._started or self._finished:
+        if (self.local is None and self.mlflow is None) or not self._started or self._finished:
             return
         self._finished = True
-        self.local.update(status=status)
+        if self.local is not None:  # None once the run folder is gone
+            self.local.update(status=status)
         if self.mlflow is not None:
             self.mlflow.finish(status)
 
