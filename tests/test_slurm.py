@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from launch.slurm import load_cluster_config, parse_sweep, plan_runs, submit, wait_for_job
 from tests.helpers.runs import PY, REPO, simclr, tiny_overrides
@@ -99,6 +100,42 @@ def test_sweep_plans_one_named_run_each_in_its_own_dir():
     assert len({r.train.run_dir for r in runs}) == 2 and all(r.train.run_dir.startswith("runs/x/") for r in runs)
     with pytest.raises(ConfigError, match="temperature"):
         plan_runs(load_config(None), ["loss.temperature=0.1,-1"], "job")  # each point is validated
+
+
+
+def test_every_value_in_the_sbatch_script_is_quoted_or_refused(tmp_path):
+    """Cluster ``env:`` values reached the script unquoted (``"8.0 9.0"`` kept 8.0; a ``;`` ran a
+    command). Now the script passes ``bash -n`` and its exports, run with ``set -x``, give the exact
+    values and run nothing; a bad variable name, or a line break in ``--name``, is refused by name."""
+    values = {"TORCH_CUDA_ARCH_LIST": "8.0 9.0", "PAYLOAD": "a b;touch PWNED $(touch PWNED2) `touch PWNED3`'\"x"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"partition": "debug", "nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2,
+                                    "time_min": 10, "log_dir": str(tmp_path / "logs"), "env": values}))
+    script = submit(load_config(None, ["data.root=/d"]), load_cluster_config(path), dry_run=True,
+                    name="j;touch PWNED4 'q'")
+    (tmp_path / "job.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")]).returncode == 0
+    exports = "\n".join(line for line in script.splitlines() if line.startswith("export "))
+    shown = subprocess.run(["bash", "-c", f"set -x\n{exports}\nprintf '%s\\n' \"$TORCH_CUDA_ARCH_LIST\" \"$PAYLOAD\""],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.splitlines() == list(values.values()), shown
+    assert not list(tmp_path.glob("PWNED*"))
+
+    path.write_text(yaml.safe_dump({"partition": "debug", "env": {"BAD NAME": "1"}}))
+    with pytest.raises(ConfigError, match="cluster.env key 'BAD NAME' is not a variable name"):
+        load_cluster_config(path)
+    proc = simclr("submit", "--cluster", "cluster_configs/local_test.yaml", "--dry-run", "--name",
+                  "x\n#SBATCH --uid=0", "data.root=/d")
+    assert proc.returncode == 2 and "--name='x\\n#SBATCH --uid=0' holds a line break" in proc.stderr, proc.stderr
+    assert "#SBATCH --uid" not in proc.stdout
+
+
+def test_a_sweep_dry_run_shows_the_job_array_and_its_runs():
+    proc = simclr("submit", "--cluster", "cluster_configs/local_test.yaml", "--dry-run", "--sweep",
+                  "optim.lr=0.1,0.2", "--name", "lrs", "data.root=/d", "data.batch_size=8", "train.run_dir=runs/s")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-1%2" in proc.stdout
+    assert "#   0: lrs[lr=0.1]  runs/s/" in proc.stdout and "#   1: lrs[lr=0.2]  runs/s/" in proc.stdout
 
 
 # --------------------------------------------------------------------------- against real SLURM

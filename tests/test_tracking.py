@@ -342,3 +342,49 @@ def test_a_param_logged_again_with_another_value_never_blocks_the_queue(tmp_path
     assert not run.pending and not run.pending_params
     assert run.client.get_run(run.run_id).data.params == {"a": "1", "b": "2", "c": "3"}
     assert "MLflow param a stays '1'" in capsys.readouterr().err
+
+
+def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(mlflow_server, photo_data, tmp_path,
+                                                                   tmp_path_factory):
+    """``http://user:secret@host``: the run reaches the server (credentials as MLflow's basic-auth
+    variables), and the secret is in no console line, param, tag, artifact or store row, nor in any
+    file of the run folder (config, record, checkpoints), after a run and a ``simclr sync``."""
+    secret = "S3cr3tPassw0rd"
+    uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(photo_data / "train", run_dir, **{"tracking.uri": uri, "train.epochs": 1,
+                                                           "train.stop_after_steps": 4})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    runs = [subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+            for args in (["train", *over], ["sync", str(run_dir)], ["sync", str(run_dir), "--uri", uri])]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert secret not in proc.stdout + proc.stderr
+    assert f"at {mlflow_server}" in runs[0].stdout  # the server's own address, which a browser opens
+    record = json.loads((run_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "KILLED" or run.data.metrics["loss"] > 0
+    assert run.data.params["tracking.uri"] == uri.replace(secret, "***")
+    leaks = [str(p) for p in Path(tmp_path_factory.getbasetemp()).rglob("*")
+             if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaks == []  # the server's store and artifacts, the run folder and its checkpoints
+
+
+def test_credentials_are_redacted_and_handed_to_the_client_only(monkeypatch):
+    from trainer.credentials import redact_uri, take_credentials, usable_uri
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    assert take_credentials("https://bob:p%40ss@mlflow.example:5000/x") == "https://bob:***@mlflow.example:5000/x"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p%40ss" and os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"
+    assert usable_uri("https://bob:***@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
+    db = "postgresql://bob:hunter2@db.example/mlflow"
+    assert take_credentials(db) == "postgresql://bob:***@db.example/mlflow"
+    assert usable_uri("postgresql://bob:***@db.example/mlflow") == db
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redact_uri("sqlite:///a/b.db") == "sqlite:///a/b.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI"):
+        usable_uri("postgresql://bob:***@db.example/mlflow")

@@ -20,9 +20,9 @@ from trainer.model import build_model, uses_channels_last
 from trainer.online_probe import OnlineProbe
 from trainer.optim import build_optimizer
 from trainer.precision import PrecisionPolicy
+from trainer.run_files import RunFolderLock
 from trainer.schedule import WarmupCosine, build_schedule
 from trainer.step import ForwardBackward, build_forward_backward
-from trainer.run_files import RunFolderLock
 from trainer.tracking import Tracker
 
 

@@ -62,7 +62,7 @@ class RunFolderLock:
         dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:  # other errors: no flock on folders here (some network file systems), the file lock stands
+        except OSError as exc:  # other errors: no flock on folders here (some network file systems): the file lock
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 os.close(dir_fd)
                 self._refuse(self._holder_of_file())
