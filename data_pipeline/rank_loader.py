@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from data_pipeline.config import DataConfig
 from data_pipeline.file_checks import find_corrupt_images
-from data_pipeline.sources import DataError, Source
+from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source
 
 
 class RankLoader:
@@ -76,7 +76,7 @@ class RankLoader:
             i, why = min(bad.items(), key=lambda item: self.source.sample_name(item[0]))
             fix = "give this user read access to it" if why.startswith("unreadable") else self.source.damaged_fix
             raise DataError(f"cannot decode image {self.source.sample_name(i)}: {why} ({len(bad)} bad file(s) in "
-                            f"{self.source.location}); {fix}, or set data.skip_corrupt=true to skip such files")
+                            f"{self.source.location}); {fix}, {SKIP_CORRUPT_HINT}")
         self.mark_corrupt(list(bad))
 
     def mark_corrupt(self, indices: list[int]) -> None:

@@ -27,6 +27,10 @@ LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
 Stored = Literal["decoded", "encoded", "files"]
 
 
+# the training run's way past a damaged file; a command without data.skip_corrupt replaces it (SKIP_CORRUPT_HINT)
+SKIP_CORRUPT_HINT = "or set data.skip_corrupt=true to skip such images"
+
+
 class DataError(ValueError):
     """A dataset problem the user must fix (missing path, empty folder, unreadable image)."""
 

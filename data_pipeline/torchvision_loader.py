@@ -21,7 +21,7 @@ from data_pipeline.augment import eval_transform, finetune_transform, simclr_tra
 from data_pipeline.config import DataConfig
 from data_pipeline.rank_loader import RankLoader
 from data_pipeline.seeds import augmentation_seed
-from data_pipeline.sources import DataError, Source
+from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source
 
 
 def decode_sample(source: Source, index: int) -> torch.Tensor:
@@ -31,13 +31,11 @@ def decode_sample(source: Source, index: int) -> torch.Tensor:
         return torch.from_numpy(source.read_decoded(np.asarray([index]))[0]).permute(2, 0, 1)
     path, raw, fix = source.sample_name(index), source.read_encoded(index), source.damaged_fix
     if not raw:
-        raise DataError(f"cannot decode image {path}: it is empty (0 bytes); {fix}, "
-                        "or set data.skip_corrupt=true to skip such images")
+        raise DataError(f"cannot decode image {path}: it is empty (0 bytes); {fix}, {SKIP_CORRUPT_HINT}")
     try:
         return decode_image(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}; {fix}, "
-                        "or set data.skip_corrupt=true to skip such images") from None
+        raise DataError(f"cannot decode image {path}: {exc}; {fix}, {SKIP_CORRUPT_HINT}") from None
 
 
 class TwoViewDataset(Dataset):

@@ -335,6 +335,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("simclr-scale")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.sources import LABEL_MODES
     from launch.evaluation import add_eval_args
@@ -345,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Configs are YAML recipes plus key=value overrides.")
     parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO lines (MLflow's) too; "
                         "give it before the command: simclr --verbose train ...")
+    parser.add_argument("--version", action="version", version=f"simclr-scale {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str, **kwargs) -> argparse.ArgumentParser:
@@ -438,6 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``key=value`` overrides may follow the options too
+    (``simclr train --nproc 2 train.epochs=1``): argparse takes positionals in one run only."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message for what it does not know
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser (benchmarks/throughput.py), --help included
@@ -446,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     if verbose:
         argv = argv[1:]
         os.environ["SIMCLR_VERBOSE"] = "1"  # the ranks inherit it
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from trainer.errors import exit_code_of
 

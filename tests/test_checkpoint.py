@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -16,14 +18,16 @@ def test_atomic_save_keeps_last_k(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_auto_resume_skips_corrupt_newest(tmp_path):
+def test_auto_resume_skips_corrupt_newest(tmp_path, capsys):
     run = tmp_path
     d = ckpt.checkpoint_dir(run)
     ckpt.save_checkpoint(state(3), d, keep_last=5)
     newest = ckpt.save_checkpoint(state(6), d, keep_last=5)
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as a crash mid-copy would leave it
-    with pytest.warns(UserWarning, match="step_000000006.pt is unreadable"):
-        path, loaded = ckpt.find_resume_checkpoint(run, "auto")
+    path, loaded = ckpt.find_resume_checkpoint(run, "auto")
+    said = capsys.readouterr().err
+    assert "note: skipping an unusable checkpoint" in said and "step_000000006.pt is unreadable" in said
+    assert "Warning" not in said  # one line of ours, not Python's two-line warning
     assert path.name == "step_000000003.pt" and loaded["step"] == 3
     assert newest.exists()  # reported, not deleted
 
@@ -55,3 +59,30 @@ def test_rng_roundtrip_through_weights_only_file(tmp_path):
     loaded = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path)[0])  # weights_only=True inside
     ckpt.restore_rng(loaded["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_checkpoint_that_is_a_folder_code_or_a_string_version_is_one_clear_line(tmp_path):
+    """A run folder passed as a checkpoint was said 'not to exist'; a pickle carrying code got
+    torch's advice to load it unsafely; a string format_version gave a TypeError."""
+    run = tmp_path / "run"
+    newest = ckpt.save_checkpoint(state(3), ckpt.checkpoint_dir(run), keep_last=2)
+    for load in (lambda p: ckpt.find_resume_checkpoint(tmp_path, str(p)), ckpt.load_weights):
+        with pytest.raises(ckpt.CheckpointError, match=f"{run} is a folder \\(its newest checkpoint: {newest}\\)"):
+            load(run)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "PWNED"),))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "step": 1, "model": Payload()}, evil)
+    for load in (ckpt.load_checkpoint, ckpt.load_weights):
+        with pytest.raises(ckpt.CheckpointError, match="holds Python objects other than tensors") as err:
+            load(evil)
+        assert "weights_only" not in str(err.value) and "will likely succeed" not in str(err.value)
+    assert not (tmp_path / "PWNED").exists()
+
+    odd = tmp_path / "vstr.pt"
+    torch.save({**state(2), "format_version": "1"}, odd)
+    with pytest.raises(ckpt.CheckpointError, match="format_version '1', not a number"):
+        ckpt.load_checkpoint(odd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,24 @@ def test_bad_input_is_one_line(trained, photo_data, tmp_path, capsys):
     assert simclr_embed("--checkpoint", str(trained / "encoder.pt"), *args).returncode == 0
     step = sorted((trained / "checkpoints").glob("step_*.pt"))[-1]
     clash = simclr_embed("--checkpoint", str(step), *args)  # another file (another checkpoint) into the same folder
-    assert_one_line_error(clash, "already holds embeddings of another checkpoint", "--overwrite")
+    assert_one_line_error(clash, "already holds other embeddings", f"--checkpoint {(trained / 'encoder.pt').resolve()}"
+                          f" there, {step.resolve()} now", "--overwrite")
     assert np.load(tmp_path / "out" / "embeddings.npy").shape == (80, 512)  # nothing lost
+    head = simclr_embed("--checkpoint", str(step), "--head-layers", "1", *args[:-1], str(tmp_path / "h"))
+    assert head.returncode == 0, head.stderr[-3000:]
+    other_head = simclr_embed("--checkpoint", str(step), "--head-layers", "2", *args[:-1], str(tmp_path / "h"))
+    assert_one_line_error(other_head, "--head-layers 1 there, 2 now")  # it named the same checkpoint twice
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert_one_line_error(simclr_embed("--checkpoint", str(step), *args[:-1], str(out)), f"--out {out}")
+    assert_one_line_error(simclr_embed("--checkpoint", str(trained), *args), f"{trained} is a folder")
+    bad_tree = tmp_path / "bad_tree"
+    shutil.copytree(photo_data / "train", bad_tree)
+    victim = sorted(bad_tree.rglob("*.jpg"))[5]
+    victim.write_bytes(victim.read_bytes()[:300])  # truncated
+    corrupt = simclr_embed("--checkpoint", str(step), "--data", str(bad_tree), "--out", str(tmp_path / "c"))
+    assert_one_line_error(corrupt, str(victim), "run the same command again")
+    assert "skip_corrupt" not in corrupt.stderr and not (tmp_path / "c" / "embeddings.npy").exists()
     replaced = simclr_embed("--checkpoint", str(step), "--overwrite", *args)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["checkpoint"] == str(step.resolve())

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
-import warnings
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,24 +177,45 @@ def check_integrity(path: Path, what: str = "checkpoint") -> None:
                               "on disk or in a copy); use an earlier checkpoint or a good copy")
 
 
+def read_torch_file(path: Path, what: str, expected: str) -> Any:
+    """The content of a torch file we wrote (tensors to CPU, ``weights_only``: never code), after its
+    integrity check; a folder, a missing file, or a file holding code is one line saying what to pass
+    (``expected``)."""
+    if path.is_dir():
+        newest = latest_checkpoint(path)
+        hint = f" (its newest checkpoint: {newest})" if newest else ""
+        raise CheckpointError(f"{what} {path} is a folder{hint}; pass {expected}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist; pass {expected}")
+    check_integrity(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():  # torch's advice to unpickle anyway is not repeated
+            raise CheckpointError(f"{what} {path} holds Python objects other than tensors and plain values (a "
+                                  "pickle can run code when loaded), so it is not loaded; simclr-scale writes none: "
+                                  f"pass {expected} written by simclr-scale") from None
+        raise CheckpointError(f"{what} {path} is unreadable (not a torch file); pass {expected}") from None
+    except Exception as exc:  # truncated zip, foreign file: all mean 'unusable'
+        raise CheckpointError(f"{what} {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]});"
+                              f" it may be truncated or not ours; pass {expected}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check one checkpoint's integrity, then load it (tensors to CPU, ``weights_only=True``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; use checkpoint.resume=auto or none")
-    check_integrity(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, wrong pickle, foreign file: all mean 'unusable'
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
-                              "it may be truncated or not a simclr-scale checkpoint") from None
+    state = read_torch_file(path, "checkpoint", "a checkpoint file step_N.pt, or use checkpoint.resume=auto "
+                            "with train.run_dir set to the run's folder")
     return _checked(state, path)
 
 
 def _checked(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise CheckpointError(f"checkpoint {path} lacks {[k for k in REQUIRED_KEYS if k not in state]}; "
-                              "not a simclr-scale training checkpoint")
+        missing = [k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
+        raise CheckpointError(f"checkpoint {path} lacks {missing}; not a simclr-scale training checkpoint")
+    if not isinstance(state["format_version"], int) or isinstance(state["format_version"], bool):
+        raise CheckpointError(f"checkpoint {path} has format_version {state['format_version']!r}, not a number: "
+                              "not written by simclr-scale (or edited); use a checkpoint the run wrote")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {state['format_version']}, newer than this "
                               f"simclr-scale ({FORMAT_VERSION}); upgrade the package")
@@ -212,7 +234,7 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | Non
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
-            warnings.warn(f"skipping unusable checkpoint: {exc}", stacklevel=2)
+            print(f"[simclr] note: skipping an unusable checkpoint: {exc}", file=sys.stderr, flush=True)
     if found:  # never start over on our own: that would abandon the run (and its MLflow run) silently
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} is usable ({len(found)} found, the newest "
                               f"{found[0].name} unreadable: truncated or not a checkpoint), so the run cannot resume; "
@@ -244,14 +266,7 @@ class SavedWeights:
 def load_weights(path: str | Path) -> SavedWeights:
     """A checkpoint ``step_N.pt`` or an exported ``encoder.pt``, read once (``weights_only``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; pass a checkpoint step_N.pt or an exported encoder.pt")
-    check_integrity(path, "weights file")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or not weights
-        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                              "pass a checkpoint step_N.pt or an exported encoder.pt") from None
+    content = read_torch_file(path, "weights file", "a checkpoint step_N.pt or an exported encoder.pt")
     if isinstance(content, dict) and "format_version" in content:
         state = _checked(content, path)  # the checkpoint's own checks
         return SavedWeights(path, state["model"], state["config"])

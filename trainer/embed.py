@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import IndexStore, build_eval_batches, open_source
+from data_pipeline.file_checks import find_corrupt_images
+from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import on_rank_zero
@@ -59,6 +61,43 @@ def _done_chunks(out: Path) -> set[int]:
     return done
 
 
+# what each key of meta.json is, in the words of the command line (a refusal names what differs)
+MEANING = {"checkpoint_sha256": "--checkpoint", "head_layers": "--head-layers", "data": "--data",
+           "split": "--split", "dtype": "--dtype", "samples": "images", "chunk_rows": "--chunk-rows", "dim": "width"}
+
+
+def check_out_folder(out: Path) -> None:
+    """--out names a folder this user can write (or create): a file there, or a read-only disk, is
+    one line now rather than a traceback after the model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder for embeddings.npy, index.csv and meta.json")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: {existing} is not writable by this user (or is on a "
+                          "read-only disk); choose a folder you can write")
+
+
+def check_images(source, data: str) -> None:
+    """The dataset's files, checked once before any chunk (as a training run does at start), with a
+    fix that this command takes; the verdicts are kept with the listing in --out."""
+    checks = source.file_checks()
+    if checks is None:
+        return
+    pending = checks.pending()
+    found = find_corrupt_images([source.sample_name(i) for i in pending])
+    by_name = {source.sample_name(i): i for i in pending}
+    fresh = {by_name[str(p)]: why for p, why in found.items()}
+    checks.record(pending, fresh)
+    bad = {**checks.known_bad(), **fresh}
+    if bad:
+        i, why = min(bad.items(), key=lambda item: source.sample_name(item[0]))
+        raise DataError(f"cannot decode image {source.sample_name(i)}: {why} ({len(bad)} bad file(s) in {data}); "
+                        f"{EMBED_FIX}")
+
+
+EMBED_FIX = "remove or replace it, then run the same command again (finished chunks are kept)"
+
+
 def _prepare(out: Path, meta: dict, overwrite: bool, rank: int) -> None:
     """Rank 0: a new output folder, the same run's folder to continue, or a refusal naming the clash."""
     if rank != 0:
@@ -69,12 +108,13 @@ def _prepare(out: Path, meta: dict, overwrite: bool, rank: int) -> None:
             old = json.loads(old_meta.read_text())
         except ValueError:
             old = {}
-        same = all(old.get(k) == meta[k] for k in ("checkpoint_sha256", "head_layers", "data", "split", "dtype",
-                                                     "samples", "dim", "chunk_rows"))
+        shown = {"checkpoint_sha256": "checkpoint"}  # a digest says less than the file it came from
+        differs = [f"{said} {old.get(shown.get(key, key), '?')} there, {meta[shown.get(key, key)]} now"
+                   for key, said in MEANING.items() if old.get(key) != meta[key]]
+        same = not differs
         if not same and not overwrite:
-            raise ConfigError(f"{out} already holds embeddings of another checkpoint or dataset "
-                              f"({old.get('checkpoint', '?')}, {old.get('data', '?')}); choose another --out, or "
-                              "pass --overwrite to replace them")
+            raise ConfigError(f"{out} already holds other embeddings ({'; '.join(differs)}); choose another --out, "
+                              "or pass --overwrite to replace them")
         if same:
             return
     elif (out / "embeddings.npy").exists() and not overwrite:
@@ -97,6 +137,7 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
     if not Path(checkpoint).exists():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist; pass a step_N.pt from a run's checkpoints/ "
                               "or an exported encoder.pt")
+    check_out_folder(Path(out))
     device = device or torch.device("cpu")
     encoder, cfg = load_encoder(checkpoint, head_layers)
     encoder.eval().to(device)
@@ -113,6 +154,7 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
             "samples": n, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows, "image_size": cfg.data.image_size,
             "commit": git_commit()}
     # a refusal on rank 0 ends every rank with its line
+    on_rank_zero(lambda: check_images(source, data), (DataError,))
     on_rank_zero(lambda: _prepare(out_dir, meta, overwrite, rank), (ConfigError,))
     done = _done_chunks(out_dir)
     chunks = [k for k in range(-(-n // chunk_rows)) if k not in done]
@@ -126,8 +168,11 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
             for k in mine:
                 start, stop = k * chunk_rows, min(n, (k + 1) * chunk_rows)
                 order = source.reading_order(np.arange(start, stop))  # rows come back in the layout's order
-                got = [encoder(images.to(device)).reshape(len(images), -1).float().cpu().numpy()
-                       for images, _ in build_eval_batches(data_cfg, source, device, batch_size, order.tolist())]
+                try:
+                    got = [encoder(images.to(device)).reshape(len(images), -1).float().cpu().numpy()
+                           for images, _ in build_eval_batches(data_cfg, source, device, batch_size, order.tolist())]
+                except DataError as exc:  # a file that passed the check but does not decode
+                    raise DataError(str(exc).replace(SKIP_CORRUPT_HINT, "").rstrip(", ") + f"; {EMBED_FIX}") from None
                 block = np.empty((stop - start, dim), dtype=dtype)
                 block[order - start] = np.concatenate(got)
                 os.pwrite(fd, block.tobytes(), offset + start * row_bytes)
