@@ -284,7 +284,8 @@ def test_a_run_left_running_by_a_hard_kill_is_marked_on_resume(photo_data, tmp_p
     resumed = train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **over)))
     assert resumed.run_id == state["mlflow_run_id"]
     run = MlflowClient(uri).get_run(resumed.run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "KILLED"  # stopped at train.stop_after_steps, short of its schedule: not FINISHED
+    assert run.data.tags["simclr.stopped_early"].startswith(f"at step {state['step'] + 2} of ")
     assert run.data.tags["simclr.unclean_exits"] == "1"
 
 

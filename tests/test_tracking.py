@@ -388,3 +388,37 @@ def test_credentials_are_redacted_and_handed_to_the_client_only(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI"):
         usable_uri("postgresql://bob:***@db.example/mlflow")
+
+
+def test_a_resumed_job_logs_no_step_twice_and_a_failure_made_good_stops_reading_as_failed(tmp_path):
+    """After a rank died and the run was resumed from an older checkpoint, steps 6 and 8 were logged
+    twice and the finished run kept ``simclr.failed_rank``. Now the steps already logged are not
+    logged again, the failure tags move to ``simclr.earlier_failures``, and an early stop's tag goes
+    once the run finishes."""
+    from trainer.tracking import close_recorded_run, read_run_record
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", system_metrics=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = Tracker(cfg, run_dir, active=True)
+    run_id = first.start({"a": 1}, {})
+    for step in (2, 4, 6, 8):
+        first.log_metrics({"loss": float(step)}, step)
+    first.finish("FAILED")
+    close_recorded_run(run_dir, "FAILED", {"simclr.failed_rank": "1", "simclr.failure": "was killed by SIGKILL"})
+
+    second = Tracker(cfg, run_dir, active=True)  # resumed from the step-4 checkpoint
+    assert second.start({"a": 1}, {}, run_id=run_id) == run_id
+    for step in (6, 8, 10):
+        second.log_metrics({"loss": 100.0 + step}, step)
+    second.set_tags({"simclr.stopped_early": "at step 10 of 20"})
+    second.delete_tags(["simclr.stopped_early"])
+    second.finish("FINISHED")
+    client = MlflowClient(cfg.uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == \
+        [(2, 2.0), (4, 4.0), (6, 6.0), (8, 8.0), (10, 110.0)]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10]
+    for tags in (client.get_run(run_id).data.tags, read_run_record(run_dir)["tags"]):
+        assert "simclr.failed_rank" not in tags and "simclr.failure" not in tags and "simclr.stopped_early" not in tags
+        assert tags["simclr.earlier_failures"] == "rank 1: was killed by SIGKILL"

@@ -366,7 +366,12 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
               flush=True)
     if plot is not None:
         parts.tracker.log_artifact(plot)
-    parts.tracker.finish("KILLED" if preempted else "FINISHED")
+    if step < total:  # stopped before the schedule's end (a signal, train.stop_after_steps): not FINISHED
+        why = "a stop request (signal)" if preempted else f"train.stop_after_steps={parts.cfg.train.stop_after_steps}"
+        parts.tracker.set_tags({"simclr.stopped_early": f"at step {step} of {total} ({why}); resume to go on"})
+    else:
+        parts.tracker.delete_tags(["simclr.stopped_early"])  # an earlier job's stop, now made good
+    parts.tracker.finish("FINISHED" if step >= total else "KILLED")
     print(f"[simclr] {'stopped' if step < total else 'finished'} at step {step}/{total}; "
           f"{parts.tracker.describe()}", flush=True)
     if step < total:

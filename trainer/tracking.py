@@ -189,6 +189,8 @@ class RunLog:
             record = read_run_record(self.run_dir) or {"params": {}, "tags": {}}
         record["params"].update({k: str(v) for k, v in (params or {}).items()})
         record["tags"].update({k: str(v) for k, v in (tags or {}).items()})
+        for key in fields.pop("drop_tags", []):
+            record["tags"].pop(key, None)
         record.update(fields)
         self._record = record
         atomic_write_text(self.run_dir / RUN_RECORD, json.dumps(record, indent=1))
@@ -469,7 +471,7 @@ class Tracker:
             return None
         self.local.update(uri=redact_uri(resolve_tracking_uri(self.cfg.uri)))
         if "simclr.earlier_failures" in tags:
-            self.mlflow.tags_to_delete = set(FAILURE_TAGS)
+            self.mlflow.tags_to_delete |= set(FAILURE_TAGS)
         return self.mlflow.start(params, tags, run_id)
 
     def detach_run_folder(self) -> None:
@@ -499,6 +501,14 @@ class Tracker:
             self.local.update(tags=tags)
         if self.mlflow is not None:
             self.mlflow.set_tags(tags)
+
+    def delete_tags(self, keys: list[str]) -> None:
+        """Tags that no longer hold (an early stop, once the run finished), from the record and MLflow."""
+        if self.local is not None:
+            self.local.update(drop_tags=keys)
+        if self.mlflow is not None:
+            self.mlflow.tags_to_delete |= set(keys)
+            self.mlflow.flush(force=True)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.mlflow is not None:
