@@ -132,6 +132,30 @@ def test_ctrl_c_during_start_up_trains_nothing_and_starts_no_mlflow_run(tiny_con
     assert experiment is None or not client.search_runs([experiment.experiment_id])
 
 
+def test_ctrl_c_while_the_mlflow_run_is_created_trains_nothing_and_keeps_no_run(tiny_config, capsys, monkeypatch):
+    """Ctrl-C while the MLflow run was being created still trained a step, wrote step_1.pt and left
+    a KILLED run with no metrics; now nothing is trained and the new run is not kept."""
+    from trainer.tracking import Tracker
+
+    cfg, stop = tiny_config(), threading.Event()
+    real_start = Tracker.start
+
+    def start_then_interrupt(self, *args, **kwargs):
+        run_id = real_start(self, *args, **kwargs)
+        stop.set()  # what the SIGINT handler does
+        return run_id
+
+    monkeypatch.setattr(Tracker, "start", start_then_interrupt)
+    result = train(cfg, stop=stop)
+    assert result.preempted and result.step == 0 and result.run_id is None
+    assert "before the first step; nothing was trained" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(cfg.train.run_dir) is None
+    run_dir = Path(cfg.train.run_dir)
+    assert not any((run_dir / name).exists() for name in ("metrics.jsonl", "mlflow_run.json", "config.yaml"))
+    client = MlflowClient(cfg.tracking.uri)
+    assert not client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+
+
 def test_ctrl_c_while_a_rank_imports_is_one_line(photo_data, tmp_path):
     """SIGINT while ``python -m trainer`` is still loading torch: one line and 130, no traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

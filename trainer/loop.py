@@ -92,6 +92,12 @@ def run_training(parts: TrainParts, stop: threading.Event,
     if stop_before_start(parts, stop):  # Ctrl-C during start-up: no MLflow run, no step
         return TrainResult(0, float("nan"), parts.run_dir, None, None, preempted=True)
     step = start_run(parts)
+    if stop_before_start(parts, stop):  # Ctrl-C while the MLflow run was created: still no step
+        if step == 0:
+            parts.tracker.discard()  # a new run that never trained: its MLflow run and record go
+        else:
+            parts.tracker.finish("KILLED")
+        return TrainResult(step, float("nan"), parts.run_dir, None, None, preempted=True)
     if step >= parts.schedule.total:  # a finished run run again: nothing to train, export or log twice
         encoder = parts.run_dir / "encoder.pt"
         if parts.info.is_main:

@@ -421,6 +421,18 @@ class MlflowRun:
                   f"{self.local_copy}. Replay them later, into this run on its own store (both recorded in "
                   f"{RUN_RECORD}), with: simclr sync {self.local_copy.parent}", file=sys.stderr)
 
+    def discard(self) -> None:
+        """Delete the run this job created (nothing was logged to it but its params and tags)."""
+        self._finished = True
+        if self._monitor is not None:
+            self._monitor.finish()
+        if self.run_id is not None and self._run_created:
+            try:
+                self.client.delete_run(self.run_id)
+            except Exception as exc:
+                self.warn("deleting the run stopped at start-up", exc)
+        self.run_id = None
+
     def describe(self) -> str:
         return f"MLflow run {self.run_id} at {self.uri} ({where_to_open(self.uri, self.run_id)})"
 
@@ -473,6 +485,16 @@ class Tracker:
         if "simclr.earlier_failures" in tags:
             self.mlflow.tags_to_delete |= set(FAILURE_TAGS)
         return self.mlflow.start(params, tags, run_id)
+
+    def discard(self) -> None:
+        """A new run stopped before its first step: its MLflow run (deleted) and its record go, as if
+        it had never started; a resumed run is only closed."""
+        self._finished = True
+        if self.mlflow is not None:
+            self.mlflow.discard()
+        if self.local is not None:
+            for name in (RUN_RECORD, "config.yaml"):
+                (self.run_dir / name).unlink(missing_ok=True)
 
     def detach_run_folder(self) -> None:
         """The run folder was moved or removed: nothing more is written where it was."""
