@@ -182,6 +182,21 @@ def test_a_stray_world_size_is_one_line_at_once(tiny_config, monkeypatch):
     assert time.time() - start < 5
 
 
+def test_all_four_rank_variables_left_in_the_shell_say_so_at_once_and_end_in_one_line(photo_data, tmp_path):
+    """WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT all left set: a silent wait, then a 41-line
+    DistStoreError. Now a line at once says what is waited for and how to unset it, and the end
+    is one line naming the fix."""
+    from trainer.distributed import LAUNCHER_MARKS, free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_MARKS}
+    env.update(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    over = tiny_overrides(photo_data / "train", tmp_path / "run", **{"dist.timeout_s": 3})
+    proc = subprocess.run([PY, "-m", "launch", "train", *over], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "(no launcher set them): waiting up to dist.timeout_s=3 s" in proc.stderr.splitlines()[0], proc.stderr
+    assert_one_line_error(proc, "could not join a process group of WORLD_SIZE=2", "unset WORLD_SIZE RANK")
+
+
 # ----------------------------------------------------------------------------------- what a resume checks
 
 

@@ -38,6 +38,10 @@ class DistInfo:
         return self.world_size > 1
 
 
+# environment variables that say a launcher started this process (torchrun, ours, SLURM, MPI)
+LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "SIMCLR_LAUNCHED", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistInfo:
     """Join the process group described by the environment (or run alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,7 +63,22 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistIn
             backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if not any(name in os.environ for name in LAUNCHER_MARKS):  # set by hand, or left over from another job
+            print(f"[simclr] WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR/MASTER_PORT={where} are set in this shell "
+                  f"(no launcher set them): waiting up to dist.timeout_s={cfg.timeout_s:g} s for the other ranks. If "
+                  "they are leftovers of another job: unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT", file=sys.stderr,
+                  flush=True)
+        try:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+        except (dist.DistStoreError, dist.DistNetworkError) as exc:
+            from trainer.dataclass_yaml import ConfigError
+
+            said = str(exc).splitlines()[0][:200]
+            raise ConfigError(f"rank {rank} could not join a process group of WORLD_SIZE={world_size} at {where} "
+                              f"within dist.timeout_s={cfg.timeout_s:g} s ({said}); start every rank with simclr train "
+                              "--nproc K, torchrun or simclr submit, or unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT "
+                              "to run one process") from None
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
