@@ -32,20 +32,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_world_size(cfg.data.batch_size, args.nproc, f"of --nproc {args.nproc}", "--nproc", resumed,
                          ConfigError)
     if getattr(args, "dry_run", False):
+        from trainer.checkpoint import check_resume
         from trainer.config import dump_config
 
+        check_data_paths(cfg)
+        plan = check_resume(cfg)  # the refusal the run would meet, now
         print(dump_config(cfg), end="")
-        print(f"[simclr] config OK ({args.config or 'the defaults'}, {args.nproc} rank(s)); --dry-run: nothing trained")
+        print(f"[simclr] config OK ({args.config or 'the defaults'}, {args.nproc} rank(s)); the run {plan}; "
+              "--dry-run: nothing trained")
         return 0
     if args.nproc > 1:
-        from data_pipeline.sources import DataError
         from launch.local import JobContext, run_local_ranks
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
-        if not Path(cfg.data.root).exists():  # fail here, once, instead of in every rank
-            raise DataError(f"data path {cfg.data.root or '(empty)'} does not exist; set data.root to an "
-                            "image folder, an .npz file, an STL-10 or CIFAR folder, or a folder of tar shards")
+        check_data_paths(cfg)  # here, once, instead of in every rank
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
         job = JobContext("training", resume_command(args, cfg), Path(cfg.train.run_dir))
@@ -53,6 +54,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.interrupts import train_in_foreground
 
     return train_in_foreground(cfg)
+
+
+def check_data_paths(cfg) -> None:
+    from data_pipeline.sources import DataError
+
+    for key, root in (("data.root", cfg.data.root), ("data.val_root", cfg.data.val_root)):
+        if (key == "data.root" or root) and not (root and Path(root).exists()):
+            raise DataError(f"data path {root or '(empty)'} does not exist; set {key} to an image folder, an .npz "
+                            "file, an STL-10 or CIFAR folder, or a folder of tar shards")
 
 
 def resume_command(args: argparse.Namespace, cfg) -> str:

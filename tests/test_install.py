@@ -115,8 +115,9 @@ def test_a_built_wheel_ships_the_recipes_and_runs_outside_the_clone(tmp_path):
     demo = subprocess.run([simclr, "demo", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
                           timeout=120)
     assert demo.returncode == 0 and "--workdir" in demo.stdout, demo.stderr[-3000:]
-    check = subprocess.run([simclr, "train", "--config", "demo_cpu", "--dry-run"], cwd=elsewhere, env=env,
-                           capture_output=True, text=True, timeout=300)
+    (tmp_path / "data").mkdir()
+    check = subprocess.run([simclr, "train", "--config", "demo_cpu", "--dry-run", f"data.root={tmp_path / 'data'}"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "config OK (demo_cpu" in check.stdout, check.stderr[-3000:]
     cluster = subprocess.run([str(python), "-c", "from launch.slurm import load_cluster_config as l; "
                               "print(l('single_node').partition)"], cwd=elsewhere, env=env, capture_output=True,

@@ -134,3 +134,35 @@ def test_a_run_dir_under_an_unwritable_folder_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(config.os, "access", lambda p, mode: str(p) != str(tmp_path) and real(p, mode))
     with pytest.raises(ConfigError, match=f"train.run_dir.*{tmp_path} is not writable"):
         load_config(None, [f"train.run_dir={tmp_path / 'new' / 'run'}"])
+
+
+def test_a_dry_run_that_cannot_run_is_not_ok(photo_data, tmp_path, capsys):
+    """``--dry-run`` said "config OK" for a missing or empty data.root and for a run folder the run
+    could not resume; now it meets the same refusal the run would, and says what the run would do."""
+    from launch.cli import main
+    from tests.helpers.runs import tiny_overrides
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    def dry(*over: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main(["train", "--dry-run", *over])
+        said = capsys.readouterr()
+        return stop.value.code, said.out, said.err
+
+    run = tmp_path / "run"
+    base = tiny_overrides(photo_data / "train", run, **{"tracking.enabled": "false", "train.stop_after_steps": 2})
+    code, _, err = dry(*base, f"data.root={tmp_path / 'nowhere'}")
+    assert code == 2 and "data path" in err and "nowhere" in err and "does not exist" in err
+    code, _, err = dry(*base, "data.root=")
+    assert code == 2 and "data path (empty) does not exist; set data.root" in err
+    code, out, _ = dry(*base)
+    assert code == 0 and "config OK" in out and "the run starts a new run" in out
+    train(load_config(None, base))
+    code, out, _ = dry(*base)
+    assert code == 0 and "the run resumes from" in out and "(step 2)" in out
+    code, _, err = dry(*base, "data.batch_size=16")
+    assert code == 2 and "cannot continue with data.batch_size 8 -> 16" in err, err
+    code, _, err = dry(*base, "checkpoint.resume=none")
+    assert code == 2 and "train.overwrite=true" in err

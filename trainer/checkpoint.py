@@ -370,6 +370,29 @@ def reconcile(state: dict[str, Any], cfg: Config, path: Path, data_now: dict[str
     return changes
 
 
+def check_start_over(cfg: Config, found: list[Path]) -> None:
+    """``checkpoint.resume=none`` over an earlier run's checkpoints needs ``train.overwrite=true``."""
+    if found and not cfg.train.overwrite:
+        raise CheckpointError(f"checkpoint.resume=none, but {cfg.train.run_dir} holds the checkpoints of an earlier "
+                              f"run (newest {found[0].name}), which a later resume would pick up instead of this "
+                              "run's; use a new train.run_dir, or add train.overwrite=true to replace that run")
+
+
+def check_resume(cfg: Config) -> str:
+    """What a start of ``cfg`` would do with its run folder, in words, or the refusal the run would
+    meet (the checks of ``Checkpointer.resume``, less the dataset's, which needs its listing)."""
+    if cfg.checkpoint.resume == "none":
+        check_start_over(cfg, list_checkpoints(checkpoint_dir(cfg.train.run_dir)))
+        return "starts a new run"
+    path, state = find_resume_checkpoint(cfg.train.run_dir, cfg.checkpoint.resume)
+    if state is None:
+        return "starts a new run"
+    changes = reconcile(state, cfg, path, {})
+    changed = f", with changes: {', '.join([*changes.settings, *changes.hyper])}" if changes.settings or changes.hyper \
+        else ""
+    return f"resumes from {path} (step {changes.step}){changed}; the dataset is compared with the checkpoint's at start"
+
+
 class Checkpointer:
     """This run's checkpoints, of the run's stateful parts (``train_state``'s keys are the file's
     top level; the probe is optional: an older checkpoint without one gives a fresh probe).
@@ -424,10 +447,7 @@ class Checkpointer:
         found = list_checkpoints(self.directory)
         if not found:
             return
-        if not self.cfg.train.overwrite:
-            raise CheckpointError(f"checkpoint.resume=none, but {self.run_dir} holds the checkpoints of an earlier run "
-                                  f"(newest {found[0].name}), which a later resume would pick up instead of this "
-                                  "run's; use a new train.run_dir, or add train.overwrite=true to replace that run")
+        check_start_over(self.cfg, found)
         if self.info.is_main:
             for path in found:
                 path.unlink(missing_ok=True)
