@@ -88,6 +88,8 @@ def check_image_file(path: Path | str) -> str | None:
         return "it is empty (0 bytes)"
     if kind is None:
         return "not a JPEG/PNG/BMP/WebP image"
+    if kind == "webp" and head[12:16] == b"VP8X" and len(head) > 20 and head[20] & 0x02:  # VP8X's animation flag
+        return "an animated WebP (the decoders read still images; convert it to one, e.g. its first frame)"
     if kind == "jpeg" and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
     if dims is not None and dims[0] * dims[1] > MAX_IMAGE_PIXELS:

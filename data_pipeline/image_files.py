@@ -114,6 +114,19 @@ def list_image_files(root: str | Path, labels: str = "auto", store: IndexStore |
     index = shared_tree_index(root, store)
     top = index.folders[""]
     class_dirs, loose = top.subdirs, top.files
+    for link in top.links:  # a class folder that links back to the root (or above) holds every image again
+        target = os.path.realpath(root / link)
+        if os.path.realpath(root).startswith(target.rstrip(os.sep) + os.sep) or target == os.path.realpath(root):
+            raise DataError(f"class folder {root / link} is a symbolic link to {target}, which holds {root} itself: "
+                            f"every image would count again, as class '{link}'; remove the link")
+    unread: dict[str, int] = {}
+    for folder in index.folders.values():
+        for suffix, count in folder.unread.items():
+            unread[suffix] = unread.get(suffix, 0) + count
+    if unread and (store is None or store.rank == 0):
+        said = ", ".join(f"{count} {suffix}" for suffix, count in sorted(unread.items()))
+        print(f"[simclr] note: {sum(unread.values())} file(s) under {root} are images of formats that are not read "
+              f"({said}) and are left out; convert them to JPEG, PNG or WebP to train on them", flush=True)
     if labels == "none" or (labels == "auto" and not class_dirs):
         rels = index.walk("", skip_links=True)
         if not rels:

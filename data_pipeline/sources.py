@@ -22,6 +22,8 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# images that neither decoder reads as a still photo: counted and named, never silently dropped
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".svg")
 LabelMode = Literal["auto", "folders", "none"]  # how a folder of image files is labelled (data.labels)
 LABEL_MODES: tuple[str, ...] = get_args(LabelMode)
 Stored = Literal["decoded", "encoded", "files"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from data_pipeline.sources import IMAGE_EXTENSIONS, DataError
+from data_pipeline.sources import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, DataError
 
 MAGIC = b"SIMCLR-TREE-INDEX 2\n"  # 2: the header carries the body's length and sha256
 RACY_NS = 2_000_000_000  # a folder changed this close to the index's writing is listed again (coarse mtimes)
@@ -42,6 +42,7 @@ class Folder:
     links: list[str] = field(default_factory=list)  # the root's sub-folders that are symbolic links
     checked: bool = False  # every file checked since the folder was last listed with other files
     bad: dict[str, str] = field(default_factory=dict)  # file name -> what is wrong with it
+    unread: dict[str, int] = field(default_factory=dict)  # images of formats not read (GIF, TIFF, ...): suffix -> count
 
 
 @dataclass
@@ -91,7 +92,7 @@ class TreeIndex:
                             f"access (chmod -R a+rX {path}) or move it out of {self.root}")
         try:
             mtime = os.stat(path).st_mtime_ns  # before the listing: a change during it shows on the next start
-            files, subdirs, links = [], [], []
+            files, subdirs, links, unread = [], [], [], {}
             with os.scandir(path) as entries:
                 for entry in entries:
                     name = entry.name
@@ -100,8 +101,11 @@ class TreeIndex:
                     # a name with an image suffix is nearly always a file: test that first (the entry's
                     # type, no syscall). The root's sub-folders are classes, links followed
                     # (Path.is_dir); below them rglob's rule: linked folders are not descended into.
-                    if _suffix(name).lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    suffix = _suffix(name).lower()
+                    if suffix in IMAGE_EXTENSIONS and entry.is_file():
                         files.append(name)
+                    elif suffix in UNREAD_IMAGE_EXTENSIONS:
+                        unread[suffix] = unread.get(suffix, 0) + 1
                     elif entry.is_dir(follow_symlinks=not rel):
                         subdirs.append(name)
                         if not rel and entry.is_symlink():
@@ -109,7 +113,7 @@ class TreeIndex:
         except PermissionError:
             raise DataError(f"folder {path} cannot be read by this user (permissions); give it read access "
                             f"(chmod -R a+rX {path}) or move it out of {self.root}") from None
-        return Folder(mtime, sorted(files), sorted(subdirs), sorted(links))
+        return Folder(mtime, sorted(files), sorted(subdirs), sorted(links), unread=unread)
 
     def _scan_below(self, rel: str, changes: TreeChanges) -> None:
         """List ``rel`` and every folder below it, each file counted as added."""
@@ -204,6 +208,7 @@ class TreeIndex:
         enc = os.fsencode
         for rel, f in self.folders.items():
             fields += [enc(rel) if rel else b".", str(f.mtime_ns).encode(), b"1" if f.checked else b"0",
+                       json.dumps(f.unread).encode(),
                        str(len(f.files)).encode(), str(len(f.subdirs)).encode(), str(len(f.links)).encode(),
                        str(len(f.bad)).encode(), *map(enc, f.files), *map(enc, f.subdirs), *map(enc, f.links)]
             for name, why in f.bad.items():
@@ -235,16 +240,16 @@ class TreeIndex:
         parts, dec, i, folders = body.split(b"\0") if body else [], os.fsdecode, 0, {}
         while i < len(parts):
             rel = "" if parts[i] == b"." else dec(parts[i])
-            mtime, checked = int(parts[i + 1]), parts[i + 2] == b"1"
-            nf, nd, nl, nb = (int(x) for x in parts[i + 3 : i + 7])
-            i += 7
+            mtime, checked, unread = int(parts[i + 1]), parts[i + 2] == b"1", json.loads(parts[i + 3])
+            nf, nd, nl, nb = (int(x) for x in parts[i + 4 : i + 8])
+            i += 8
             files = [dec(x) for x in parts[i : i + nf]]
             subdirs = [dec(x) for x in parts[i + nf : i + nf + nd]]
             links = [dec(x) for x in parts[i + nf + nd : i + nf + nd + nl]]
             i += nf + nd + nl
             bad = {dec(parts[i + 2 * k]): parts[i + 2 * k + 1].decode() for k in range(nb)}
             i += 2 * nb
-            folders[rel] = Folder(mtime, files, subdirs, links, checked, bad)
+            folders[rel] = Folder(mtime, files, subdirs, links, checked, bad, unread)
         return cls(root, folders, meta["written_ns"])
 
 

@@ -450,3 +450,19 @@ def test_a_run_folder_moved_while_training_stops_and_resumes_where_it_went(photo
     history = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(result.run_id,
                                                                                                        "loss")]
     assert sorted(history) == steps, history  # each step once
+
+
+def test_a_run_file_that_links_out_of_the_folder_is_refused(tiny_config, tmp_path):
+    """A ``metrics.jsonl`` that is a symbolic link out of the run folder was appended through."""
+    from trainer.run_files import RunFileError
+
+    cfg = tiny_config(**{"train.stop_after_steps": 2})
+    train(cfg)
+    metrics = Path(cfg.train.run_dir) / "metrics.jsonl"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    metrics.unlink()
+    metrics.symlink_to(outside)
+    with pytest.raises(RunFileError, match="metrics.jsonl is a symbolic link .*cp --remove-destination"):
+        train(tiny_config(**{"train.stop_after_steps": 4}))
+    assert outside.read_text() == "mine\n"

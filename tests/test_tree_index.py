@@ -169,3 +169,24 @@ def test_a_damaged_kept_index_is_listed_again_with_one_note(tmp_path, photo_data
         assert got.classes == want.classes, case
         assert out.count("note: the kept listing") == 1 and "is damaged" in out and "listing" in out, (case, out)
         assert TreeIndex.from_bytes(index_file.read_bytes(), root).walk() == TreeIndex.scan(root).walk(), case
+
+
+def test_images_of_formats_not_read_are_counted_and_a_link_back_to_the_root_is_refused(tmp_path, photo_data, capsys):
+    """An animated GIF was silently not listed; a link at the root pointing to the root became an
+    11th class holding every image again."""
+    from data_pipeline.sources import DataError
+
+    root = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", root)
+    (root / "coffee" / "anim.gif").write_bytes(b"GIF89a" + b"\0" * 20)
+    (root / "rocket" / "scan.TIFF").write_bytes(b"II*\0" + b"\0" * 20)
+    want = list_image_files(photo_data / "train", "auto", None)
+    got = list_image_files(root, "auto", IndexStore(tmp_path / "run"))
+    assert len(got) == len(want)
+    out = capsys.readouterr().out
+    assert "note: 2 file(s) under" in out and "1 .gif, 1 .tiff" in out and "convert them" in out
+    list_image_files(root, "auto", IndexStore(tmp_path / "run"))  # from the kept index: still said
+    assert "1 .gif, 1 .tiff" in capsys.readouterr().out
+    os.symlink(".", root / "selfloop")
+    with pytest.raises(DataError, match="selfloop is a symbolic link to .* which holds .* itself"):
+        list_image_files(root, "auto", None)

@@ -12,11 +12,11 @@ from data_pipeline.sources import DataError
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
-from trainer.run_files import DiskFullError, RunFolderGoneError, RunFolderInUseError
+from trainer.run_files import DiskFullError, RunFileError, RunFolderGoneError, RunFolderInUseError
 from trainer.tracking import TrackingError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrackingError, DiskFullError,
-                                            RunFolderInUseError, RunFolderGoneError)
+                                            RunFolderInUseError, RunFolderGoneError, RunFileError)
 
 
 def exit_code_of(command: Callable[[], int], prog: str = "simclr") -> int:

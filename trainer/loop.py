@@ -30,7 +30,14 @@ from trainer.export import log_encoder_model, save_encoder
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
-from trainer.run_files import RunFolderGoneError, RunFolderInUseError, RunFolderLock, atomic_write_text
+from trainer.run_files import (
+    RunFileError,
+    RunFolderGoneError,
+    RunFolderInUseError,
+    RunFolderLock,
+    atomic_write_text,
+    check_own_files,
+)
 from trainer.step import StepOutcome, train_step
 from trainer.tracking import Tracker, read_metrics_file, run_params
 
@@ -66,7 +73,7 @@ def train(cfg: Config, stop: threading.Event | None = None,
     info = init_distributed(cfg.dist, cfg.train.device)
     lock = RunFolderLock(cfg.train.run_dir)  # one run per folder, for the run's life; the writer (rank 0) holds it
     try:
-        on_rank_zero(lock.acquire, (RunFolderInUseError,))
+        on_rank_zero(lambda: (lock.acquire(), check_own_files(cfg.train.run_dir)), (RunFolderInUseError, RunFileError))
         parts = build_parts(cfg, info)
         parts.folder_lock = lock
         try:

@@ -29,7 +29,24 @@ class RunFolderInUseError(RuntimeError):
     """Another process holds the run folder's lock: a user error naming the holder."""
 
 
+class RunFileError(RuntimeError):
+    """A run file that is not the run's own (a symbolic link out of the folder): a user error."""
+
+
 LOCK_FILE = ".simclr.lock"
+OWN_FILES = ("metrics.jsonl", "mlflow_run.json", "config.yaml")  # written by the run, in place or replaced
+
+
+def check_own_files(run_dir: str | Path) -> None:
+    """The run writes only into its own folder: a run file that is a symbolic link (appending would
+    write through it, to wherever it points) is refused, naming the fix."""
+    for name in OWN_FILES:
+        path = Path(run_dir) / name
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise RunFileError(f"{path} is a symbolic link (to {target}); a run writes only into its own folder. "
+                               f"Replace the link with the file itself (cp --remove-destination {target} {path}) "
+                               "or remove it, then run again")
 
 
 class RunFolderGoneError(RuntimeError):

@@ -111,10 +111,23 @@ def png_header(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
 
 
+def animated_webp() -> bytes:
+    """A real two-frame animated WebP (Pillow writes it): torchvision refused it mid-run, DALI trained on it."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, "WEBP", save_all=True, append_images=[Image.new("RGB", (8, 8), "blue")],
+                                         duration=100)
+    return buf.getvalue()
+
+
 # the broken files users have: an empty file, a JPEG cut short (an interrupted copy), something else,
-# and a small file that decodes to gigabytes (20000 x 20000: 1.2 GB)
+# a small file that decodes to gigabytes (20000 x 20000: 1.2 GB), and an animation
 BAD_FILES = {"zero_byte": b"", "truncated_jpeg": b"\xff\xd8\xff\xe0 truncated garbage",
-             "not_an_image": b"%PDF-1.4 this is not an image", "decompression_bomb": png_header(20000, 20000)}
+             "not_an_image": b"%PDF-1.4 this is not an image", "decompression_bomb": png_header(20000, 20000),
+             "animated_webp": animated_webp()}
 
 
 def corrupt_copy(photo_data: Path, tmp_path: Path, class_name: str, index: int, junk: bytes) -> tuple[Path, Path]:
