@@ -5,6 +5,7 @@ when MLflow was unreachable then, by ``simclr sync`` later."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,17 @@ from torch import nn
 from trainer.model import encoder_state_dict
 from trainer.sync_batchnorm import revert_sync_batchnorm
 from trainer.tracking import MlflowRun
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def save_encoder(model: nn.Module, path: Path) -> Path:
@@ -50,6 +62,11 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
     # MLflow's fluent API logs models; it takes the store as a process-wide setting, which must not
     # outlive this call (a later run in this process resolving its default store would get ours)
     previous = tracking_utils._tracking_uri
+    # MLflow warns in five lines that a pickled model runs code when loaded: our choice (see below), said
+    # once in our own line and in docs/tracking.md
+    pickle_warning = logging.getLogger("mlflow.pytorch")
+    quiet = _DropMessage("Saving pytorch model by Pickle")
+    pickle_warning.addFilter(quiet)
     try:
         mlflow.set_tracking_uri(run._client_uri)
         # the logged model belongs to the run's experiment (else runs:/<id>/encoder cannot find it)
@@ -65,7 +82,9 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
         return None
     finally:
         mlflow.set_tracking_uri(previous)
+        pickle_warning.removeFilter(quiet)
     uri = f"runs:/{run.run_id}/encoder"
     registered = f", registered as {register_as}" if register_as else ""
-    print(f"[simclr] encoder logged as an MLflow model: mlflow.pytorch.load_model('{uri}'){registered}", flush=True)
+    print(f"[simclr] encoder logged as an MLflow model: mlflow.pytorch.load_model('{uri}'){registered} (a pickled "
+          "module: load it from stores you trust; encoder.pt holds the weights alone)", flush=True)
     return uri
