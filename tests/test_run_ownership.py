@@ -431,7 +431,9 @@ def test_a_run_folder_moved_while_training_stops_and_resumes_where_it_went(photo
     proc = start_training(photo_data, run_dir, "launch", "train", **{"checkpoint.every_steps": 2})
     wait_for_steps(run_dir, proc, steps=3)
     run_dir.rename(moved)
+    start = time.time()
     out = proc.communicate(timeout=120)[0]
+    print(f"[measured] run folder moved: the run ended {time.time() - start:.1f}s later, nothing written where it was")
     assert proc.returncode == 2, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("simclr: error:")]
     assert len(errors) == 1 and f"was moved to {moved}" in errors[0] and f"train.run_dir={moved}" in errors[0], out

@@ -350,16 +350,19 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(mlflow_server
                                                                    tmp_path_factory):
     """``http://user:secret@host``: the run reaches the server (credentials as MLflow's basic-auth
     variables), and the secret is in no console line, param, tag, artifact or store row, nor in any
-    file of the run folder (config, record, checkpoints), after a run and a ``simclr sync``."""
+    file of the run folder (config, record, checkpoints), after a run and a ``simclr sync``. A sync
+    into another store, twice, makes one run there (it made two)."""
     secret = "S3cr3tPassw0rd"
     uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
     run_dir = tmp_path / "run"
     over = tiny_overrides(photo_data / "train", run_dir, **{"tracking.uri": uri, "train.epochs": 1,
                                                            "train.stop_after_steps": 4})
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    other = f"sqlite:///{tmp_path / 'other.db'}"
     runs = [subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, capture_output=True, text=True,
                            timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
-            for args in (["train", *over], ["sync", str(run_dir)], ["sync", str(run_dir), "--uri", uri])]
+            for args in (["train", *over], ["sync", str(run_dir)], ["sync", str(run_dir), "--uri", uri],
+                         ["sync", str(run_dir), "--uri", other], ["sync", str(run_dir), "--uri", other])]
     for proc in runs:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert secret not in proc.stdout + proc.stderr
@@ -369,6 +372,10 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(mlflow_server
     run = client.get_run(record["run_id"])
     assert run.info.status == "KILLED" or run.data.metrics["loss"] > 0
     assert run.data.params["tracking.uri"] == uri.replace(secret, "***")
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # its own store under a user name is its own
+    copy = MlflowClient(other)
+    (copied,) = copy.search_runs([copy.get_experiment_by_name(record["experiment"]).experiment_id])  # twice, one run
+    assert [m.step for m in copy.get_metric_history(copied.info.run_id, "loss")] == [2, 4]
     leaks = [str(p) for p in Path(tmp_path_factory.getbasetemp()).rglob("*")
              if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []  # the server's store and artifacts, the run folder and its checkpoints

@@ -72,3 +72,8 @@ def usable_uri(uri: str) -> str:
 
 class CredentialsMissing(RuntimeError):
     """A redacted database URI whose password is not in the environment."""
+
+
+def store_key(uri: str) -> str:
+    """``uri`` without its user part: the same store whoever logs into it (``simclr sync`` compares stores so)."""
+    return _split(uri)[3]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import Config, TrackingConfig, config_to_dict
-from trainer.credentials import redact_uri, take_credentials, usable_uri
+from trainer.credentials import redact_uri, store_key, take_credentials, usable_uri
 from trainer.dataclass_yaml import flatten
 from trainer.run_files import RunFolderLock, append_line, atomic_write_text, read_jsonl
 
@@ -648,10 +648,10 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
         raise TrackingError(f"{exc}; {metrics_file} is damaged inside (not only its last line): fix or remove that "
                             "line, then sync again") from None
     cfg = dataclasses.replace(cfg, uri=take_credentials(cfg.uri))
-    own_store = not cfg.uri or cfg.uri == record.get("uri")
+    own_store = not cfg.uri or store_key(cfg.uri) == store_key(record.get("uri", ""))
     # a run replayed into another store is remembered, so a second sync there continues it
     copies = record.get("synced_to") or {}
-    run_id = run_id or (record.get("run_id") if own_store else copies.get(cfg.uri))
+    run_id = run_id or (record.get("run_id") if own_store else copies.get(store_key(cfg.uri)))
     cfg = dataclasses.replace(cfg, uri=cfg.uri or record.get("uri", ""),
                               experiment=cfg.experiment or record.get("experiment") or "simclr",
                               run_name=cfg.run_name or record.get("run_name", ""), system_metrics=False)
@@ -676,8 +676,8 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     if own_store and record.get("run_id") != run.run_id:  # a run created now: the next sync completes it
         record.update(uri=run.uri, run_id=run.run_id)
         atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
-    elif not own_store and copies.get(cfg.uri) != run.run_id:
-        record["synced_to"] = {**copies, cfg.uri: run.run_id}
+    elif not own_store and copies.get(store_key(cfg.uri)) != run.run_id:
+        record["synced_to"] = {**copies, store_key(cfg.uri): run.run_id}
         atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
     if before_finish is not None:
         before_finish(run, record)
