@@ -67,8 +67,10 @@ def test_a_checkpoint_that_is_a_folder_code_or_a_string_version_is_one_clear_lin
     run = tmp_path / "run"
     newest = ckpt.save_checkpoint(state(3), ckpt.checkpoint_dir(run), keep_last=2)
     for load in (lambda p: ckpt.find_resume_checkpoint(tmp_path, str(p)), ckpt.load_weights):
-        with pytest.raises(ckpt.CheckpointError, match=f"{run} is a folder \\(its newest checkpoint: {newest}\\)"):
-            load(run)
+        for folder in (run, run / "checkpoints"):
+            said = f"{folder} is a folder \\(its newest checkpoint: {newest}\\)"
+            with pytest.raises(ckpt.CheckpointError, match=said):
+                load(folder)
 
     class Payload:
         def __reduce__(self):

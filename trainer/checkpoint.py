@@ -181,8 +181,8 @@ def read_torch_file(path: Path, what: str, expected: str) -> Any:
     """The content of a torch file we wrote (tensors to CPU, ``weights_only``: never code), after its
     integrity check; a folder, a missing file, or a file holding code is one line saying what to pass
     (``expected``)."""
-    if path.is_dir():
-        newest = latest_checkpoint(path)
+    if path.is_dir():  # a run folder, or its checkpoints/ folder
+        newest = latest_checkpoint(path) or next(iter(list_checkpoints(path)), None)
         hint = f" (its newest checkpoint: {newest})" if newest else ""
         raise CheckpointError(f"{what} {path} is a folder{hint}; pass {expected}")
     if not path.is_file():
