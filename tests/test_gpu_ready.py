@@ -61,8 +61,9 @@ def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_
         monkeypatch.setattr(mlflow.pytorch, "log_model", lambda model, **kw: logged.update(model=model, **kw))
         monkeypatch.setattr(mlflow, "set_experiment", lambda **kw: None)
         experiment = types.SimpleNamespace(info=types.SimpleNamespace(experiment_id="0"))
-        run = types.SimpleNamespace(flush=lambda force=False: True, uri=f"sqlite:///{tmp_path}/mlflow.db",
-                                    run_id="run", client=types.SimpleNamespace(get_run=lambda run_id: experiment))
+        store = f"sqlite:///{tmp_path}/mlflow.db"
+        run = types.SimpleNamespace(flush=lambda force=False: True, uri=store, client_uri=store, run_id="run",
+                                    client=types.SimpleNamespace(get_run=lambda run_id: experiment))
         assert log_encoder_model(run, model.encoder, 32) == "runs:/run/encoder"
     finally:
         dist.destroy_process_group()

@@ -166,3 +166,24 @@ def test_a_dry_run_that_cannot_run_is_not_ok(photo_data, tmp_path, capsys):
     assert code == 2 and "cannot continue with data.batch_size 8 -> 16" in err, err
     code, _, err = dry(*base, "checkpoint.resume=none")
     assert code == 2 and "train.overwrite=true" in err
+
+
+def test_overrides_after_options_and_the_version(photo_data, tmp_path, capsys):
+    """``simclr train --nproc 2 train.epochs=1`` was "unrecognized arguments"; ``simclr --version``
+    asked for a command."""
+    from importlib.metadata import version
+
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"simclr-scale {version('simclr-scale')}"
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main(["train", f"data.root={photo_data / 'train'}", "--dry-run", f"train.run_dir={run}", "train.epochs=3",
+              "tracking.enabled=false"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and f"run_dir: {run}" in out and "epochs: 3" in out
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--dry-run", "--no-such-option", "train.epochs=3"])
+    assert stop.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err

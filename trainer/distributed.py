@@ -64,7 +64,8 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistIn
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        if not any(name in os.environ for name in LAUNCHER_MARKS):  # set by hand, or left over from another job
+        by_hand = not any(name in os.environ for name in LAUNCHER_MARKS)  # or left over from another job
+        if by_hand:
             print(f"[simclr] WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR/MASTER_PORT={where} are set in this shell "
                   f"(no launcher set them): waiting up to dist.timeout_s={cfg.timeout_s:g} s for the other ranks. If "
                   "they are leftovers of another job: unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT", file=sys.stderr,
@@ -72,6 +73,8 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistIn
         try:
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
         except (dist.DistStoreError, dist.DistNetworkError) as exc:
+            if not by_hand:  # a launcher names the rank that did not come, from what it sees of them all
+                raise
             from trainer.dataclass_yaml import ConfigError
 
             said = str(exc).splitlines()[0][:200]

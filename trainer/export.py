@@ -68,7 +68,7 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
     quiet = _DropMessage("Saving pytorch model by Pickle")
     pickle_warning.addFilter(quiet)
     try:
-        mlflow.set_tracking_uri(run._client_uri)
+        mlflow.set_tracking_uri(run.client_uri)
         # the logged model belongs to the run's experiment (else runs:/<id>/encoder cannot find it)
         mlflow.set_experiment(experiment_id=run.client.get_run(run.run_id).info.experiment_id)
         mlflow.pytorch.log_model(plain, name="encoder", run_id=run.run_id, signature=signature,

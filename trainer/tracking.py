@@ -222,7 +222,7 @@ class MlflowRun:
         self.cfg, self.retry_s = cfg, retry_s
         self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
         self.run_id: str | None = None
-        self.uri = self._client_uri = ""
+        self.uri = self.client_uri = ""
         self.client = None
         self.pending: list[tuple[str, float, int, int]] = []  # (key, value, time ms, step) not sent yet
         self.pending_params: dict[str, Any] = {}
@@ -253,14 +253,14 @@ class MlflowRun:
             return True
         try:
             if self.client is None:
-                self._client_uri = resolve_tracking_uri(self.cfg.uri)
-                self.uri = redact_uri(self._client_uri)  # what is shown and recorded
-                self.client = open_client(self._client_uri)
+                self.client_uri = resolve_tracking_uri(self.cfg.uri)
+                self.uri = redact_uri(self.client_uri)  # what is shown and recorded
+                self.client = open_client(self.client_uri)
             if self.run_id is None:
                 exp = self.client.get_experiment_by_name(self.cfg.experiment)
                 if exp is None:
                     try:
-                        exp_id = create_experiment(self.client, self._client_uri, self.cfg.experiment)
+                        exp_id = create_experiment(self.client, self.client_uri, self.cfg.experiment)
                     except Exception as exc:  # another rank or array task created it first, or the store failed
                         created = self.client.get_experiment_by_name(self.cfg.experiment)
                         if created is None:
@@ -304,7 +304,7 @@ class MlflowRun:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
-                                                 resume_logging=resumed, tracking_uri=self._client_uri)
+                                                 resume_logging=resumed, tracking_uri=self.client_uri)
             self._monitor.start()
         except Exception as exc:  # e.g. psutil missing: training goes on without system metrics
             print(f"[tracking] system metrics are off ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
