@@ -108,3 +108,17 @@ def test_sync_of_a_damaged_metrics_file_is_one_line_and_creates_no_run(tmp_path)
         sync_offline(run_dir, TrackingConfig(uri=uri), None)
     client = MlflowClient(uri)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_a_damaged_run_record_is_written_again_at_resume(tiny_config, capsys):
+    """``mlflow_run.json`` replaced by garbage blocked every resume ("not valid JSON ... remove it");
+    the checkpoint knows the MLflow run, so the record is written again from it with one note."""
+    cfg = tiny_config(**{"train.stop_after_steps": 2})
+    first = train(cfg)
+    record = Path(cfg.train.run_dir) / "mlflow_run.json"
+    record.write_text("{garbage")
+    resumed = train(tiny_config(**{"train.stop_after_steps": 4}))
+    assert resumed.run_id == first.run_id and resumed.step == 4
+    assert "mlflow_run.json is not valid JSON" in capsys.readouterr().err
+    kept = json.loads(record.read_text())
+    assert kept["run_id"] == first.run_id and kept["params"]["optim.lr"] == "0.5" and kept["status"] == "KILLED"

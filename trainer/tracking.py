@@ -473,6 +473,13 @@ class Tracker:
             if run_id is None:
                 self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
             else:
+                try:
+                    read_run_record(self.run_dir)
+                except TrackingError as exc:  # a derived file: written again from this job and the checkpoint
+                    print(f"[simclr] note: {str(exc).split(';')[0]}; written again from this job's params and the "
+                          f"checkpoint's MLflow run {run_id}", file=sys.stderr, flush=True)
+                    self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
+                    self.local.update(run_id=run_id)
                 # a job resumed from a checkpoint older than its last logged step recomputes those steps
                 # (bitwise, or with the changes it records): the values already logged stand
                 rows = read_metrics_file(self.local_file, lenient=True) if self.local_file.exists() else []
