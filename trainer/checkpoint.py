@@ -184,6 +184,8 @@ def read_torch_file(path: Path, what: str, expected: str) -> Any:
     if path.is_dir():  # a run folder, or its checkpoints/ folder
         newest = latest_checkpoint(path) or next(iter(list_checkpoints(path)), None)
         hint = f" (its newest checkpoint: {newest})" if newest else ""
+        if what == "weights file" and (path / "encoder.pt").is_file():  # a finished run: its export is the answer
+            hint = f" (its exported encoder: {path / 'encoder.pt'}; newest checkpoint: {newest})"
         raise CheckpointError(f"{what} {path} is a folder{hint}; pass {expected}")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist; pass {expected}")
