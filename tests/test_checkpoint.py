@@ -72,6 +72,10 @@ def test_a_checkpoint_that_is_a_folder_code_or_a_string_version_is_one_clear_lin
             with pytest.raises(ckpt.CheckpointError, match=said):
                 load(folder)
 
+    (run / "encoder.pt").write_bytes(b"")  # a finished run: eval and embed are pointed at its export
+    with pytest.raises(ckpt.CheckpointError, match=f"its exported encoder: {run / 'encoder.pt'}"):
+        ckpt.load_weights(run)
+
     class Payload:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "PWNED"),))
