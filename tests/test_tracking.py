@@ -356,7 +356,8 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(mlflow_server
     uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
     run_dir = tmp_path / "run"
     over = tiny_overrides(photo_data / "train", run_dir, **{"tracking.uri": uri, "train.epochs": 1,
-                                                           "train.stop_after_steps": 4})
+                                                           "train.stop_after_steps": 4,
+                                                           "tracking.experiment": "credentials"})  # its own
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     trained = subprocess.run([sys.executable, "-m", "launch", "train", *over], cwd=REPO, capture_output=True,
                              text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
