@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def log_to_mlflow(result: dict, out: Path) -> None:
     """One run in experiment 'simclr-bench' with the configuration, headline figures, JSON and plot."""
-    run = MlflowRun(TrackingConfig(experiment="simclr-bench", run_name=out.stem, system_metrics=False))
+    run = MlflowRun(TrackingConfig(experiment="simclr-bench", run_name=out.stem, system_metrics=False),
+                    source="simclr bench")
     run.start({**result["config"], "device": result["device"], "git_commit": result["git_commit"]}, {})
     run.log({"images_per_s": result["ssl"]["images_per_s"], "views_per_s": result["ssl"]["views_per_s"],
                          "ssl_over_supervised_time": result["ssl"]["ssl_over_supervised_time"],

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from trainer import package_version
 from trainer.credentials import redact_uri
 
 
@@ -343,15 +344,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
                       file=sys.stderr)
         return 1 if failed else 0
     return 0
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("simclr-scale")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:

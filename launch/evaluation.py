@@ -139,7 +139,7 @@ def _log_eval_to_mlflow(report: Report, out_dir: Path, checkpoint: str, cfg) -> 
     tracking = cfg.tracking
     if run_id is None:
         tracking = dataclasses.replace(tracking, experiment=f"{tracking.experiment}-eval")
-    run = MlflowRun(dataclasses.replace(tracking, system_metrics=False))
+    run = MlflowRun(dataclasses.replace(tracking, system_metrics=False), source="simclr eval")
     run.start({"eval.checkpoint": checkpoint}, {"simclr.eval": "1"}, run_id=run_id)
     metrics = {f"eval.{name.replace(' ', '_')}.{k}": row[k] for name, row in report.rows.items()
                for k in report.scores()}

@@ -4,6 +4,7 @@ any death), ranks die with their launcher, deaths and start-up interrupts are on
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -297,14 +298,20 @@ def test_a_changed_dataset_is_named_at_resume(photo_data, tmp_path):
     def config(**over):
         from trainer.config import load_config
 
-        return load_config(None, tiny_overrides(tree, tmp_path / "run", **{"tracking.enabled": "false", **over}))
+        return load_config(None, tiny_overrides(tree, tmp_path / "run", **over))
 
-    train(config(**{"train.stop_after_steps": 6}))
+    first = train(config(**{"train.stop_after_steps": 6}))
     shutil.copytree(tree / sorted(os.listdir(tree))[0], tree / "zebra")
     with pytest.raises(ckpt.CheckpointError, match=r"data.root changed: classes added: 'zebra' \(10 -> 11 classes\)"):
         train(config(**{"train.stop_after_steps": 8}))
     grown = train(config(**{"train.stop_after_steps": 8, "checkpoint.allow_changes": "true"}))
-    assert grown.step == 8
+    assert grown.step == 8 and grown.run_id == first.run_id
+    # MLflow's Datasets: the first start's data and, after the allowed change, the new data as well
+    inputs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(grown.run_id).inputs.dataset_inputs
+    said = [(i.dataset.name, json.loads(i.dataset.profile)["num_samples"]) for i in inputs]
+    assert said == [("tree", 80), ("tree", 88)], said
+    assert all(i.tags[0].key == "mlflow.data.context" and i.tags[0].value == "training" for i in inputs)
+    assert json.loads(inputs[0].dataset.source)["uri"] == str(tree)
     shutil.rmtree(tree / "zebra")
     for folder in tree.iterdir():  # 80 images -> 20: 10 steps an epoch -> 2, 4 steps in all
         for extra in sorted(folder.iterdir())[2:]:

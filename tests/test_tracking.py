@@ -41,10 +41,37 @@ def check_run(uri, run_id, steps_expected):
 
 def test_real_server_run_has_params_metrics_artifacts(mlflow_server, photo_data, tmp_path):
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run",
-                                           **{"tracking.uri": mlflow_server, "train.epochs": 1}))
+                                           **{"tracking.uri": mlflow_server, "train.epochs": 1,
+                                              "data.val_root": str(photo_data / "val")}))
     result = train(cfg)
     run = check_run(mlflow_server, result.run_id, [2, 4, 6, 8, 10])
     assert run.info.status == "FINISHED"
+    # what MLflow's UI builds its pages from: the model-training workspace, who ran what from which commit
+    client = MlflowClient(mlflow_server)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = run.data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.name"] == "simclr train" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == head and tags["simclr.version"]
+    note = tags["mlflow.note.content"]
+    assert note.startswith("SimCLR resnet18 on ") and "80 images, 10 classes" in note and "batch 8" in note, note
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # context -> dataset
+    assert sorted(inputs) == ["training", "validation"]
+    assert json.loads(inputs["training"].source)["uri"] == str(photo_data / "train")
+    assert json.loads(inputs["validation"].profile)["num_samples"] == 40 and inputs["training"].name.endswith("train")
+
+
+def test_an_experiment_the_user_made_keeps_its_kind(mlflow_server):
+    from trainer.tracking import MlflowRun
+
+    client = MlflowClient(mlflow_server)
+    exp_id = client.create_experiment("users-own", tags={"mlflow.experimentKind": "genai_development"})
+    run = MlflowRun(TrackingConfig(uri=mlflow_server, experiment="users-own", system_metrics=False),
+                    source="simclr eval")
+    run.start({}, {})
+    run.finish()
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "genai_development"
+    assert client.get_run(run.run_id).data.tags["mlflow.source.name"] == "simclr eval"
 
 
 def test_resumed_job_continues_the_same_run(mlflow_server, photo_data, tmp_path):

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
+from data_pipeline.sources import data_fingerprint
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError, ResumeChanges
 from trainer.config import Config, dump_config
@@ -39,7 +40,7 @@ from trainer.run_files import (
     check_own_files,
 )
 from trainer.step import StepOutcome, train_step
-from trainer.tracking import Tracker, read_metrics_file, run_params
+from trainer.tracking import Tracker, dataset_input, read_metrics_file, run_params
 
 
 class NonFiniteLossError(RuntimeError):
@@ -266,7 +267,7 @@ def start_run(parts: TrainParts) -> int:
         params = run_params(cfg, world, parts.loader.backend, parts.steps_per_epoch)
         history = ",".join(f"{at}:{size}" for at, size in state.world_size_history)  # step:world size
         tags = {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
-                "simclr.world_size_history": history}
+                "simclr.world_size_history": history, "mlflow.note.content": describe_run(parts)}
         if state.parent_run_id or state.parent_folder:
             tags.update({"simclr.parent_run_id": state.parent_run_id or "", "simclr.resumed_from": state.parent_folder})
             print(f"[simclr] note: the checkpoint was written in another run folder ({state.parent_folder}); this "
@@ -279,12 +280,33 @@ def start_run(parts: TrainParts) -> int:
                       f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
                       "this epoch are seen twice or not at all); from the next epoch on, each image is seen once",
                       flush=True)
+        if first or changes.data:  # the data it trains on (again when a resume changed it)
+            log_datasets(parts, validation=first)
         if first or changes:
             parts.tracker.log_artifact(job_config)
         if changes:
             record_changes(parts, changes, job_config)
         announce(parts, step)
     return state.step
+
+
+def log_datasets(parts: TrainParts, validation: bool) -> None:
+    """The training data (and, with ``validation``, data.val_root) as MLflow dataset inputs, by the
+    fingerprint the resume checks use."""
+    inputs = [dataset_input(parts.cfg.data.root, parts.train_state.data, "training")] if parts.train_state.data else []
+    if validation and parts.val_source is not None:
+        inputs.append(dataset_input(parts.cfg.data.val_root, data_fingerprint(parts.val_source), "validation"))
+    parts.tracker.log_datasets(inputs)
+
+
+def describe_run(parts: TrainParts) -> str:
+    """The run's description on its MLflow page: what was trained, on what, how."""
+    cfg, source = parts.cfg, parts.loader.source
+    classes = f", {len(source.classes)} classes" if source.classes else ""
+    return (f"SimCLR {cfg.model.arch} on {cfg.data.root} ({len(source)} images{classes}): 2 views of "
+            f"{cfg.data.image_size} px, world size {parts.info.world_size}, batch {cfg.data.batch_size}, "
+            f"{cfg.train.epochs} epochs ({parts.schedule.total} steps), {cfg.optim.name} lr {cfg.optim.lr:g}, "
+            f"temperature {cfg.loss.temperature:g}")
 
 
 def record_changes(parts: TrainParts, changes: ResumeChanges, job_config: Path) -> None:

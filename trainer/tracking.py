@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer import package_version
 from trainer.config import Config, TrackingConfig, config_to_dict
 from trainer.credentials import redact_uri, store_key, take_credentials, usable_uri
 from trainer.dataclass_yaml import flatten
@@ -82,7 +83,31 @@ def create_experiment(client: Any, uri: str, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / name)
-    return client.create_experiment(name, artifact_location=location)
+    # MLflow 3's UI opens an experiment without a kind in its GenAI workspace; ours are model training
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND: "custom_model_development"})
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
+def standard_tags(source: str) -> dict[str, str]:
+    """MLflow's own system tags for a run we start, so that its UI shows who ran what from which
+    commit ("Created by", "Source"): the user, the command, the kind of source, the commit (where
+    known; the packaged version is always in ``simclr.version``)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = str(os.getuid())
+    tags = {"mlflow.user": user, "mlflow.source.name": source,
+            "mlflow.source.type": "JOB" if "SLURM_JOB_ID" in os.environ else "LOCAL",
+            "simclr.version": package_version()}
+    commit = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def _fail_fast_over_http() -> None:
@@ -155,6 +180,23 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def dataset_input(location: str, fingerprint: dict[str, Any], context: str) -> Any:
+    """An MLflow dataset input for a dataset we fingerprinted (``data_fingerprint``): its digest is
+    the fingerprint's (cut to MLflow's 32-character column), its source the data root or shard
+    folder, its profile the count and classes; ``context`` is ``training`` or ``validation``. What
+    fills the run page's Datasets column and the search and comparison by dataset."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    name = Path(location).name or location
+    if name in ("train", "val", "test", "validation"):  # a split: name it after its dataset too
+        name = f"{Path(location).parent.name}/{name}"
+    profile = {"num_samples": fingerprint["samples"], "num_classes": len(fingerprint.get("classes", [])),
+               "classes": fingerprint.get("classes", [])[:50]}
+    dataset = Dataset(name=name, digest=fingerprint["listing_sha1"][:32], source_type="local",
+                      source=json.dumps({"uri": str(location)}), profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
 def run_params(cfg: Config, world_size: int, backend: str, steps_per_epoch: int) -> dict[str, Any]:
     """A training run's MLflow params: the flattened config, the job's shape, the code and libraries."""
     return {**flatten(config_to_dict(cfg)), "world_size": world_size, "data.backend_resolved": backend,
@@ -218,8 +260,8 @@ class MlflowRun:
 
     def __init__(self, cfg: TrackingConfig, retry_s: float = 30.0,
                  on_connect: Callable[[str, str], None] | None = None, continues_training: bool = False,
-                 local_copy: Path | None = None) -> None:
-        self.cfg, self.retry_s = cfg, retry_s
+                 local_copy: Path | None = None, source: str = "simclr") -> None:
+        self.cfg, self.retry_s, self.source = cfg, retry_s, source
         self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
         self.run_id: str | None = None
         self.uri = self.client_uri = ""
@@ -228,6 +270,7 @@ class MlflowRun:
         self.pending_params: dict[str, Any] = {}
         self.pending_tags: dict[str, str] = {}
         self.tags_to_delete: set[str] = set()
+        self.pending_inputs: list[Any] = []  # DatasetInputs not sent yet
         self._warned = False
         self._offline = False  # the last request failed: wait retry_s before the next, forced or not
         self._finishing = False  # finish: one more try, whatever the window
@@ -268,7 +311,8 @@ class MlflowRun:
                         exp_id = created.experiment_id
                 else:
                     exp_id = exp.experiment_id
-                run = self.client.create_run(exp_id, run_name=self.cfg.run_name or None)
+                run = self.client.create_run(exp_id, run_name=self.cfg.run_name or None,
+                                             tags=standard_tags(self.source))
                 self.run_id = run.info.run_id
                 resumed = False
             else:
@@ -350,6 +394,9 @@ class MlflowRun:
             if self.pending_tags:
                 self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self.pending_tags.items()])
                 self.pending_tags = {}
+            if self.pending_inputs:
+                self.client.log_inputs(self.run_id, datasets=self.pending_inputs)
+                self.pending_inputs = []
             present = self.client.get_run(self.run_id).data.tags if self.tags_to_delete else {}
             for key in sorted(self.tags_to_delete & present.keys()):
                 self.client.delete_tag(self.run_id, key)
@@ -450,7 +497,7 @@ class Tracker:
         self.mlflow: MlflowRun | None = None
         if active and cfg.enabled:
             self.mlflow = MlflowRun(cfg, retry_s, on_connect=self._record_run, continues_training=True,
-                                    local_copy=self.local_file)
+                                    local_copy=self.local_file, source="simclr train")
         self._run_id: str | None = None  # a finished run's, when MLflow is not started
         self._started = self._finished = False
         self.logged_through = 0  # a resumed run's last step already in metrics.jsonl (and MLflow): not logged again
@@ -502,6 +549,12 @@ class Tracker:
         if self.local is not None:
             for name in (RUN_RECORD, "config.yaml"):
                 (self.run_dir / name).unlink(missing_ok=True)
+
+    def log_datasets(self, inputs: list[Any]) -> None:
+        """Dataset inputs (``dataset_input``) for MLflow's Datasets column."""
+        if self.mlflow is not None and inputs:
+            self.mlflow.pending_inputs.extend(inputs)
+            self.mlflow.flush(force=True)
 
     def detach_run_folder(self) -> None:
         """The run folder was moved or removed: nothing more is written where it was."""
@@ -662,7 +715,7 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     cfg = dataclasses.replace(cfg, uri=cfg.uri or record.get("uri", ""),
                               experiment=cfg.experiment or record.get("experiment") or "simclr",
                               run_name=cfg.run_name or record.get("run_name", ""), system_metrics=False)
-    run = MlflowRun(cfg)
+    run = MlflowRun(cfg, source="simclr sync")
     run.start({}, {**record.get("tags", {}), "simclr.synced_from": str(run_dir)}, run_id=run_id)
     if not run.flush(force=True):
         raise TrackingError(f"MLflow at {run.uri}: {run.problem}; nothing was lost ({run_dir} is unchanged): "
