@@ -292,7 +292,10 @@ def start_run(parts: TrainParts) -> int:
 
 def log_datasets(parts: TrainParts, validation: bool) -> None:
     """The training data (and, with ``validation``, data.val_root) as MLflow dataset inputs, by the
-    fingerprint the resume checks use."""
+    fingerprint the resume checks use. Nothing is built without MLflow (the GPU proof runs where it
+    is not installed)."""
+    if parts.tracker.mlflow is None:
+        return
     inputs = [dataset_input(parts.cfg.data.root, parts.train_state.data, "training")] if parts.train_state.data else []
     if validation and parts.val_source is not None:
         inputs.append(dataset_input(parts.cfg.data.val_root, data_fingerprint(parts.val_source), "validation"))
