@@ -177,7 +177,12 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
             if checkpoint_due and not skips.check(step):
                 parts.train_state.step, parts.train_state.mlflow_run_id = step, parts.tracker.run_id
-                parts.checkpointer.save()  # every rank, at the same step
+                try:
+                    parts.checkpointer.save()  # every rank, at the same step
+                except FileNotFoundError:  # the folder went away after this step's check: say where it is
+                    if parts.info.is_main and parts.folder_lock is not None:
+                        parts.folder_lock.check()
+                    raise
             if step >= stop_at or preempted:
                 break
     return step, last_loss, preempted, skips
