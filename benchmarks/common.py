@@ -41,6 +41,22 @@ def benchmark_parts(arch: str, image_size: int, precision: str, info: DistInfo, 
     return build_model_parts(cfg, info, lr=0.1)
 
 
+def synthetic_views(groups: list[tuple[int, int]], images: int, device: torch.device) -> list[torch.Tensor]:
+    """Random size groups as a loader yields them: ``groups`` holds (size, views) each."""
+    return [torch.randn(views, images, 3, size, size, device=device) for size, views in groups]
+
+
+def parse_views(text: str) -> list[tuple[int, int]]:
+    """``2x224+6x96`` -> [(224, 2), (96, 6)]: (size, views) of each size group."""
+    try:
+        groups = [(int(size), int(count)) for count, size in (part.split("x") for part in text.split("+"))]
+    except ValueError:
+        raise ValueError(f"views {text!r}: write them as COUNTxSIZE groups joined by +, e.g. 2x224+6x96") from None
+    if sum(count for _, count in groups) < 2 or any(count < 1 or size < 8 for size, count in groups):
+        raise ValueError(f"views {text!r}: at least 2 views in all, each group 1 view or more of 8 px or more")
+    return groups
+
+
 def alone_on(device: torch.device) -> DistInfo:
     """One process on ``device``."""
     return DistInfo(rank=0, world_size=1, local_rank=0, device=device)

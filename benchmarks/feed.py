@@ -78,8 +78,8 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
     device, counter = parts.info.device, SyncCounter()
     fixed = None
     if mode == "model":
-        _, _, (v1, v2, labels) = next(source)
-        fixed = (v1.clone(), v2.clone(), labels.clone())
+        _, _, (groups, labels) = next(source)
+        fixed = ([g.clone() for g in groups], labels.clone())
     waits, firsts, lr = [], [], parts.schedule(parts.schedule.total // 2)  # a mid-schedule lr
     warmup_start = start = time.perf_counter()
     with counter.installed():
@@ -91,20 +91,20 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
             t = time.perf_counter()
             if fixed is None:
                 with counter.paused():  # the loader's own host work is not the step's
-                    _, step, (v1, v2, labels) = next(source)
+                    _, step, (groups, labels) = next(source)
             else:
-                v1, v2, labels = fixed
+                groups, labels = fixed
                 step = -1
             waited = time.perf_counter() - t
             if i >= warmup:
                 (firsts if step == 0 else waits).append(waited)
             if mode != "loader":
-                train_step(parts, v1, v2, lr, labels)  # with the online probe when the run has one
+                train_step(parts, groups, lr, labels)  # with the online probe when the run has one
         synchronize(device)
         counter.active = False
     elapsed = time.perf_counter() - start
     probe_share = online_probe_share(parts, fixed, lr, steps) if mode == "model" else None
-    views = 2 * parts.cfg.data.batch_size * steps  # global: every rank runs the same number of steps
+    views = parts.loader.views.count * parts.cfg.data.batch_size * steps  # global: every rank runs as many steps
     median_wait = statistics.median(waits) if waits else 0.0
     # warm-up (torch.compile's compilation, cuDNN autotuning, the pipeline's start) apart from steady state
     return {"mode": mode, "steps": steps, "warmup_steps": warmup, "warmup_s": start - warmup_start,
@@ -127,10 +127,10 @@ def online_probe_share(parts, batch, lr: float, steps: int) -> float | None:
     from benchmarks.common import timed_interleaved
     from trainer.step import train_step
 
-    v1, v2, labels = batch
-    features = torch.randn(len(labels), parts.model.feature_dim, device=v1.device)
-    keep = torch.zeros((), device=v1.device)
-    times = timed_interleaved({"step": lambda: train_step(parts, v1, v2, lr),
+    groups, labels = batch
+    features = torch.randn(len(labels), parts.model.feature_dim, device=labels.device)
+    keep = torch.zeros((), device=labels.device)
+    times = timed_interleaved({"step": lambda: train_step(parts, groups, lr),
                                "probe": lambda: probe.update(features, labels, keep)}, parts.info.device, 1, steps)
     probe.epoch_top1()  # forget the counts of these timing calls
     return statistics.median(times["probe"]) / statistics.median(times["step"])

@@ -29,16 +29,15 @@ from trainer.config import ARCHS, DEVICES
 def measure_point(arch: str, image_size: int, cifar_stem: bool, precision: str, batch: int, micro: int,
                   device: torch.device) -> dict:
     """Two steps at global batch ``batch`` (micro 0: the plain pass); the second is timed."""
-    from benchmarks.common import alone_on, benchmark_parts
+    from benchmarks.common import alone_on, benchmark_parts, synthetic_views
     from trainer.device import peak_memory_mb, synchronize
     from trainer.step import train_step
 
     parts = benchmark_parts(arch, image_size, precision, alone_on(device), micro_batch=micro, cifar_stem=cifar_stem)
-    view1 = torch.randn(batch, 3, image_size, image_size, device=device)
-    view2 = torch.randn(batch, 3, image_size, image_size, device=device)
+    views = synthetic_views([(image_size, 2)], batch, device)
 
     def step() -> None:
-        train_step(parts, view1, view2, lr=0.1)
+        train_step(parts, views, lr=0.1)
 
     try:
         step()

@@ -42,7 +42,7 @@ def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: i
 def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: int) -> None:
     import torch.distributed as dist
 
-    from benchmarks.common import benchmark_parts
+    from benchmarks.common import benchmark_parts, synthetic_views
     from trainer.config import DistConfig
     from trainer.device import synchronize
     from trainer.distributed import init_distributed, teardown
@@ -50,12 +50,11 @@ def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: in
 
     info = init_distributed(DistConfig(), "auto")
     parts = benchmark_parts(arch, image_size, "fp32", info)
-    view1, view2 = (torch.randn(global_batch // info.world_size, 3, image_size, image_size, device=info.device)
-                    for _ in range(2))
+    views = synthetic_views([(image_size, 2)], global_batch // info.world_size, info.device)
     times = []
     for i in range(2 + iters):
         start = time.perf_counter()
-        train_step(parts, view1, view2, lr=0.1)  # the training step: DDP, SyncBatchNorm, gathered NT-Xent, LARS
+        train_step(parts, views, lr=0.1)  # the training step: DDP, SyncBatchNorm, gathered NT-Xent, LARS
         synchronize(info.device)
         if i >= 2:
             times.append(time.perf_counter() - start)

@@ -9,10 +9,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alone_on, benchmark_parts, summary, timed
+from benchmarks.common import alone_on, benchmark_parts, summary, synthetic_views, timed
 from trainer.config import ModelConfig, OptimConfig
 from trainer.device import peak_memory_mb, synchronize
-from trainer.loss import nt_xent
+from trainer.grad_cache import model_input
 from trainer.model import uses_channels_last
 from trainer.optim import build_optimizer, guarded_step
 from trainer.precision import PrecisionPolicy
@@ -22,33 +22,36 @@ PHASES = ("forward", "loss_gather", "backward_allreduce", "optimizer")
 
 
 def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, warmup: int, iters: int,
-                   device: torch.device) -> dict:
-    """The SSL step is ``trainer.step.train_step`` itself. The phase breakdown takes the same parts
-    apart, with a device synchronise around each phase, so the phases add up to a little more
-    than the real (un-instrumented) step."""
+                   device: torch.device, views: list[tuple[int, int]] | None = None) -> dict:
+    """The SSL step is ``trainer.step.train_step`` itself, on ``views`` ((size, count) size groups;
+    default two views of ``image_size``). The phase breakdown takes the same parts apart, with a
+    device synchronise around each phase, so the phases add up to a little more than the real
+    (un-instrumented) step."""
     parts = benchmark_parts(arch, image_size, precision, alone_on(device))
     model, opt, policy = parts.model, parts.optimizer, parts.precision
-    fmt = torch.channels_last if uses_channels_last(ModelConfig(), device) else torch.contiguous_format
-    view1, view2 = (torch.randn(batch_size, 3, image_size, image_size, device=device) for _ in range(2))
-    images = torch.cat([view1, view2]).contiguous(memory_format=fmt)
+    channels_last = uses_channels_last(ModelConfig(), device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    groups = synthetic_views(views or [(image_size, 2)], batch_size, device)
+    n_views = sum(g.shape[0] for g in groups)
+    images = model_input(groups, channels_last)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
 
     def forward():
         with policy.autocast():
-            return model(images).chunk(2)
+            return model(images).projections.view(n_views, batch_size, -1)
 
     def step():  # the training step itself
-        train_step(parts, view1, view2, lr=0.1)
+        train_step(parts, groups, lr=0.1)
 
     full = timed(step, device, warmup, iters)
 
     phases: dict[str, list[float]] = {k: [] for k in PHASES}
     for i in range(warmup + iters):
         marks = [time.perf_counter()]
-        z1, z2 = forward()
+        z = forward()
         synchronize(device)
         marks.append(time.perf_counter())
-        loss, _ = nt_xent(z1, z2, 0.1)
+        loss, _ = parts.loss_fn(z)  # the run's loss
         synchronize(device)
         marks.append(time.perf_counter())
         opt.zero_grad(set_to_none=True)
@@ -67,7 +70,7 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
     head = torch.nn.Linear(model.feature_dim, 1000).to(device)
     sup_opt = build_optimizer(torch.nn.ModuleList([encoder, head]), OptimConfig(name="lars"), lr=0.1)
     sup_policy = PrecisionPolicy(precision, device)
-    one_view = images[:batch_size].contiguous(memory_format=fmt)
+    one_view = groups[0][0].contiguous(memory_format=fmt)
 
     def supervised_step():
         with policy.autocast():
@@ -81,7 +84,8 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
     sup = timed(supervised_step, device, warmup, iters)
     ssl_median, sup_median = statistics.median(full), statistics.median(sup)
     return {
-        "ssl_step": summary(full), "images_per_s": batch_size / ssl_median, "views_per_s": 2 * batch_size / ssl_median,
+        "ssl_step": summary(full), "images_per_s": batch_size / ssl_median,
+        "views_per_s": n_views * batch_size / ssl_median,
         "phases": {k: summary(v) for k, v in phases.items()},
         "supervised_step": summary(sup), "supervised_images_per_s": batch_size / sup_median,
         "ssl_over_supervised_time": ssl_median / sup_median, "peak_memory_mb": peak_memory_mb(device),

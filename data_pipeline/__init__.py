@@ -1,6 +1,6 @@
-"""Data backends behind one seam: ``build_loader`` returns an iterator of (view1, view2, labels)
-on the run's device, with ``steps_per_epoch`` (equal on every rank) and ``set_epoch(epoch,
-start_step)`` for mid-epoch resume, whichever backend is chosen."""
+"""Data backends behind one seam: ``build_loader`` returns an iterator of (view size groups,
+labels) on the run's device (``data_pipeline.views``), with ``steps_per_epoch`` (equal on every
+rank) and ``set_epoch(epoch, start_step)`` for mid-epoch resume, whichever backend is chosen."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ from data_pipeline.config import DataConfig, check_world_size
 from data_pipeline.layouts import open_source
 from data_pipeline.sources import DataError, Source
 from data_pipeline.tree_index import IndexStore
+from data_pipeline.views import ViewSpec
 
-__all__ = ["DataError", "IndexStore", "TwoViewLoader", "build_eval_batches", "build_loader", "open_source",
-           "open_train_source", "open_val_source", "resolve_backend"]
+__all__ = ["DataError", "IndexStore", "build_eval_batches", "build_loader", "open_source",
+           "open_train_source", "open_val_source", "resolve_backend", "ViewLoader"]
 
 
-class TwoViewLoader(Protocol):
+class ViewLoader(Protocol):
     """What every training backend offers the trainer (both share ``data_pipeline.rank_loader``)."""
 
     backend: str  # "torchvision" or "dali"
     source: Source  # the dataset it reads
     steps_per_epoch: int  # the same on every rank
+    views: ViewSpec  # the views each batch carries, and their sizes epoch by epoch
     corrupt_skipped: int  # distinct corrupt images found so far, each read as the next good one (data.skip_corrupt)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -34,8 +36,9 @@ class TwoViewLoader(Protocol):
     def check_files(self) -> None:
         """Check each sample's file once (a collective); the first iteration does it otherwise."""
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(view1, view2, labels) per step on the run's device, float32 NCHW views."""
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """(size groups, labels) per step on the run's device: each group a float32
+        ``(views, images, 3, s, s)`` tensor, views in the specification's order."""
 
 
 def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
@@ -59,7 +62,7 @@ def open_val_source(cfg: DataConfig, store: IndexStore | None = None) -> Source:
 
 
 def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device,
-                 index_folder: Path | None = None) -> TwoViewLoader:
+                 index_folder: Path | None = None) -> ViewLoader:
     """The training loader for this rank, validated: the global batch must split evenly over
     ranks and every rank's part must hold at least one batch. ``index_folder``: where the job keeps
     its listing of an image tree and the files' checks (the run folder), so that a restart neither

@@ -8,6 +8,8 @@ from torchvision.transforms import v2
 
 from data_pipeline.config import AugmentConfig
 
+SOLARIZE_THRESHOLD = 128  # of 0..255, as BYOL's
+
 
 def blur_kernel_size(image_size: int) -> int:
     """Odd window of about 10% of the side (SimCLR), at least 3."""
@@ -31,6 +33,8 @@ def simclr_transform(cfg: AugmentConfig, image_size: int) -> v2.Compose:
     if cfg.blur_prob > 0:
         steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=cfg.blur_sigma)],
                                     p=cfg.blur_prob))
+    if cfg.solarize_prob > 0:  # BYOL's second view: pixels at or above mid-grey inverted
+        steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=cfg.solarize_prob))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
     return v2.Compose(steps)
 

@@ -5,6 +5,7 @@ Plain dataclasses; the trainer's config composes them as ``data`` and validates 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,8 +25,107 @@ class AugmentConfig:
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5  # the CIFAR variant sets 0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0  # BYOL's second view: 0.2
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+MIN_SIZE = 8
+
+
+@dataclass
+class SizeSchedule:
+    """A crop size that grows (or shrinks) linearly over epochs, FFCV's progressive resizing: ``start``
+    px until ``from_epoch``, ``end`` px from ``to_epoch`` on, in between the linear value rounded to a
+    multiple of ``step`` (changing only at epoch boundaries)."""
+
+    start: int = 160
+    end: int = 224
+    from_epoch: int = 0
+    to_epoch: int = 0
+    step: int = 32
+
+    def at(self, epoch: int) -> int:
+        if epoch <= self.from_epoch:
+            return self.start
+        if epoch >= self.to_epoch:
+            return self.end
+        value = self.start + (self.end - self.start) * (epoch - self.from_epoch) / (self.to_epoch - self.from_epoch)
+        return max(MIN_SIZE, int(round(value / self.step)) * self.step)
+
+
+@dataclass
+class ViewGroup:
+    """``count`` views of ``size`` px (0: ``data.image_size``; a ``SizeSchedule``; or a list of
+    ``[epoch, size]`` steps). Every other field overrides ``data.augment`` for this group only
+    (unset: the run's value)."""
+
+    count: int = 2
+    size: int | SizeSchedule | list[tuple[int, int]] = 0
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] | None = None
+    flip_prob: float | None = None
+    jitter_strength: float | None = None
+    jitter_prob: float | None = None
+    grayscale_prob: float | None = None
+    blur_prob: float | None = None
+    blur_sigma: tuple[float, float] | None = None
+    solarize_prob: float | None = None
+
+    def size_at(self, epoch: int, image_size: int) -> int:
+        """The crop size in force at ``epoch``."""
+        if isinstance(self.size, SizeSchedule):
+            return self.size.at(epoch)
+        if isinstance(self.size, list):
+            return [size for at, size in self.size if at <= epoch][-1]
+        return self.size or image_size
+
+    def augment(self, base: AugmentConfig) -> AugmentConfig:
+        """``base`` with this group's overrides."""
+        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)
+                     if hasattr(self, f.name) and getattr(self, f.name) is not None}
+        return dataclasses.replace(base, **overrides)
+
+    def problems(self, key: str, base: AugmentConfig) -> list[tuple[str, Any, str]]:
+        """(key, value, what is allowed) for each bad field, as ``DataConfig.problems``."""
+        found: list[tuple[str, Any, str]] = []
+        if self.count < 1:
+            found.append((f"{key}.count", self.count, "must be at least 1 view (drop the group to have none)"))
+        size = self.size
+        if isinstance(size, SizeSchedule):
+            for name in ("start", "end"):
+                if getattr(size, name) < MIN_SIZE:
+                    found.append((f"{key}.size.{name}", getattr(size, name), f"must be at least {MIN_SIZE} pixels"))
+            if size.from_epoch < 0 or size.to_epoch < size.from_epoch:
+                found.append((f"{key}.size", f"from_epoch={size.from_epoch}, to_epoch={size.to_epoch}",
+                              "the schedule must end after it starts: 0 <= from_epoch <= to_epoch"))
+            if size.step < 1:
+                found.append((f"{key}.size.step", size.step, "must be at least 1 pixel (FFCV rounds to 32)"))
+        elif isinstance(size, list):
+            epochs = [at for at, _ in size]
+            if not size or epochs[0] != 0 or epochs != sorted(set(epochs)):
+                found.append((f"{key}.size", size, "a list of [epoch, size] steps must start at epoch 0 with "
+                              "epochs increasing, e.g. [[0, 160], [40, 192], [80, 224]]"))
+            if any(s < MIN_SIZE for _, s in size):
+                found.append((f"{key}.size", size, f"every size must be at least {MIN_SIZE} pixels"))
+        elif size != 0 and size < MIN_SIZE:
+            found.append((f"{key}.size", size, f"must be at least {MIN_SIZE} pixels (0: data.image_size)"))
+        return found + augment_problems(self.augment(base), key)
+
+
+def augment_problems(a: AugmentConfig, key: str = "data.augment") -> list[tuple[str, Any, str]]:
+    """(key, value, what is allowed) for each augmentation parameter out of range."""
+    checks = [
+        (0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "crop_scale", a.crop_scale,
+         "must be [min, max] with 0 < min <= max <= 1"),
+        (0 < a.crop_ratio[0] <= a.crop_ratio[1], "crop_ratio", a.crop_ratio, "must be [min, max] with 0 < min <= max"),
+        *((0 <= getattr(a, name) <= 1, name, getattr(a, name), "must be a probability in [0, 1]")
+          for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob")),
+        (a.jitter_strength >= 0, "jitter_strength", a.jitter_strength, "must be >= 0"),
+        (0 < a.blur_sigma[0] <= a.blur_sigma[1], "blur_sigma", a.blur_sigma, "must be [min, max] with 0 < min <= max"),
+        (all(s > 0 for s in a.std), "std", a.std, "every entry must be > 0"),
+    ]
+    return [(f"{key}.{name}", value, allowed) for ok, name, value, allowed in checks if not ok]
 
 
 @dataclass
@@ -43,11 +143,13 @@ class DataConfig:
     on_device: bool = False  # DALI, array datasets: keep every image on the device once, gather batches there
     skip_corrupt: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # view groups (data_pipeline.views): [] = two views of image_size with `augment`; e.g. multi-crop
+    # [{count: 2, size: 224, crop_scale: [0.14, 1]}, {count: 6, size: 96, crop_scale: [0.05, 0.14]}]
+    views: list[ViewGroup] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, Any, str]]:
         """(key, value, what is allowed) for each field out of range, checks that types alone cannot
         express; the run's config raises the first at load."""
-        a = self.augment
         checks = [
             (self.batch_size >= 2, "data.batch_size", self.batch_size,
              "must be at least 2 (global batch): with one image there are no negatives and the loss is 0"),
@@ -58,18 +160,14 @@ class DataConfig:
             *((split in ("", *STL10_SPLITS), name, split, f"must be one of {', '.join(STL10_SPLITS)} (STL-10; "
                "CIFAR: train, test) or empty for a set with no splits")
               for name, split in (("data.split", self.split), ("data.val_split", self.val_split))),
-            (0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "data.augment.crop_scale", a.crop_scale,
-             "must be [min, max] with 0 < min <= max <= 1"),
-            (0 < a.crop_ratio[0] <= a.crop_ratio[1], "data.augment.crop_ratio", a.crop_ratio,
-             "must be [min, max] with 0 < min <= max"),
-            *((0 <= getattr(a, name) <= 1, f"data.augment.{name}", getattr(a, name), "must be a probability in [0, 1]")
-              for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob")),
-            (a.jitter_strength >= 0, "data.augment.jitter_strength", a.jitter_strength, "must be >= 0"),
-            (0 < a.blur_sigma[0] <= a.blur_sigma[1], "data.augment.blur_sigma", a.blur_sigma,
-             "must be [min, max] with 0 < min <= max"),
-            (all(s > 0 for s in a.std), "data.augment.std", a.std, "every entry must be > 0"),
         ]
-        return [(key, value, allowed) for ok, key, value, allowed in checks if not ok]
+        found = [(key, value, allowed) for ok, key, value, allowed in checks if not ok] + augment_problems(self.augment)
+        for i, group in enumerate(self.views):
+            found += group.problems(f"data.views[{i}]", self.augment)
+        if self.views and sum(g.count for g in self.views) < 2:
+            found.append(("data.views", [g.count for g in self.views],
+                          "needs at least 2 views in all (a view's positives are the other views of its image)"))
+        return found
 
 
 def check_world_size(batch_size: int, world_size: int, ranks: str = "", knob: str = "",

@@ -1,4 +1,4 @@
-"""NVIDIA DALI backend: decode once, then two independently augmented SimCLR views.
+"""NVIDIA DALI backend: decode once, then every view of the view specification cut from that decode.
 
 One pipeline definition serves both modes: on a GPU (``device_id=local_rank``) images are decoded
 by nvJPEG (``device="mixed"``) and augmented on the GPU, and batches reach torch without a host
@@ -12,12 +12,18 @@ as DALI prefetches, the next epoch's first batches are decoded while this one en
 boundary costs nothing. Only a jump (a resume mid-epoch, or any position other than the next)
 builds a new pipeline there: positions are exact, and the DALI augmentation draws after a resume
 are fresh (the torchvision backend is bitwise-reproducible).
+
+A resolution schedule (``data.views[*].size`` over epochs) changes the crop size at an epoch
+boundary. DALI's ``random_resized_crop`` takes its size when the pipeline is built, so the loader
+builds a new pipeline at each boundary where a size changes (seeded by that position, so a resume
+there gives the same views); the time to its first batch is kept in ``rebuilds`` and logged.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,11 +31,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from data_pipeline.augment import blur_kernel_size, jitter_params
+from data_pipeline.augment import SOLARIZE_THRESHOLD, blur_kernel_size, jitter_params
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.rank_loader import RankLoader
 from data_pipeline.seeds import augmentation_seed
 from data_pipeline.sources import DataError, Source
+from data_pipeline.views import stack_size_groups
 
 # nvJPEG's per-thread buffers at most this large: NVIDIA's ResNet-50 example and solo-learn use these
 # fixed figures for ImageNet, which cost ~1.7 GB of device and ~2.25 GB of pinned memory a pipeline
@@ -113,6 +120,10 @@ def simclr_view(images, cfg: AugmentConfig, image_size: int, fn, types):
         if fn.random.coin_flip(probability=cfg.blur_prob):
             view = fn.gaussian_blur(view, window_size=blur_kernel_size(image_size),
                                     sigma=_uniform(fn, *cfg.blur_sigma))
+    if cfg.solarize_prob > 0:
+        if fn.random.coin_flip(probability=cfg.solarize_prob):
+            bright = view >= SOLARIZE_THRESHOLD
+            view = fn.cast(bright * (255 - view) + (1 - bright) * view, dtype=types.UINT8)
     return fn.crop_mirror_normalize(view, dtype=types.FLOAT, output_layout="CHW",
                                     mean=[255 * m for m in cfg.mean], std=[255 * s for s in cfg.std],
                                     mirror=fn.random.coin_flip(probability=cfg.flip_prob))
@@ -193,17 +204,16 @@ def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types,
                              preallocate_width_hint=sizing.max_width, preallocate_height_hint=sizing.max_height), label
 
 
-def build_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, batch_size: int, seed: int,
-                   device_id: int | None, sizing: DecoderSizing | None = None):
-    """The SimCLR pipeline: (view1, view2, label) per sample that ``feed`` hands over."""
+def build_pipeline(source: Source, feed: _BatchFeed, cfg: DataConfig, views: list[tuple[int, AugmentConfig]],
+                   batch_size: int, seed: int, device_id: int | None, sizing: DecoderSizing | None = None):
+    """The SimCLR pipeline: every view of ``views`` ((size, augmentation) each), then the label,
+    per sample that ``feed`` hands over; each image is decoded once."""
     dali, fn, types = _dali()
 
     @dali.pipeline_def(enable_conditionals=True)
     def simclr_pipeline():
         images, label = _decoded(source, feed, device_id, fn, types, sizing)
-        view1 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
-        view2 = simclr_view(images, cfg.augment, cfg.image_size, fn, types)
-        return view1, view2, label
+        return (*(simclr_view(images, augment, size, fn, types) for size, augment in views), label)
 
     pipe = simclr_pipeline(batch_size=batch_size, num_threads=max(1, cfg.num_workers), device_id=device_id,
                            seed=seed % (2**31 - 1), prefetch_queue_depth=cfg.prefetch_depth, exec_dynamic=True)
@@ -255,8 +265,9 @@ def dali_eval_batches(source: Source, cfg: DataConfig, batch_size: int, device: 
 
 
 class DaliLoader(RankLoader):
-    """(view1, view2, labels) on ``device`` per step, from one DALI pipeline that runs across epochs
-    (``pipelines_built`` counts the builds)."""
+    """(view size groups, labels) on ``device`` per step, from one DALI pipeline that runs across
+    epochs (``pipelines_built`` counts the builds; ``rebuilds`` holds (epoch, seconds to the first
+    batch) of those a resolution schedule asked for)."""
 
     backend = "dali"
 
@@ -270,6 +281,8 @@ class DaliLoader(RankLoader):
         self.device_images = self._upload() if cfg.on_device else None
         self._batches: Iterator | None = None  # the running pipeline's DALI iterator
         self._next = (-1, -1)  # the (epoch, step) its next batch belongs to
+        self._sizes: list[int] = []  # the running pipeline's view sizes
+        self.rebuilds: list[tuple[int, float]] = []
 
     def _upload(self) -> torch.Tensor:
         """data.on_device: the whole array set on the device, once per run (CIFAR-10: 150 MB as uint8)."""
@@ -289,28 +302,33 @@ class DaliLoader(RankLoader):
         batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
         feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
         pipe_seed = augmentation_seed(self.seed, epoch, self.rank, step, bits=31)
-        pipe = build_pipeline(self.source, feed, self.cfg, self.batch_size, pipe_seed, _device_id(self.device),
+        views = self.views.views(epoch)
+        pipe = build_pipeline(self.source, feed, self.cfg, views, self.batch_size, pipe_seed, _device_id(self.device),
                               self.decoder_sizing)
-        self._batches = DALIGenericIterator([pipe], ["view1", "view2", "label"], size=-1, auto_reset=False,
-                                            prepare_first_batch=False)
+        self._batches = DALIGenericIterator([pipe], [*(f"view{v}" for v in range(len(views))), "label"], size=-1,
+                                            auto_reset=False, prepare_first_batch=False)
         self.pipelines_built += 1
-        self._next = (epoch, step)
+        self._next, self._sizes = (epoch, step), [size for size, _ in views]
 
     def close(self) -> None:
         """Release the pipeline (its threads and buffers); the next iteration builds a new one."""
         self._batches, self._next = None, (-1, -1)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self.check_files()  # before DALI's decoder sees a file: a corrupt one can bring the process down
-        if self._batches is None or self._next != (self.epoch, self.start_step):
-            self._start(self.epoch, self.start_step)  # a resume, or a jump: the only rebuilds
+        resized = self._batches is not None and self._sizes != self.views.sizes(self.epoch)
+        if self._batches is None or self._next != (self.epoch, self.start_step) or resized:
+            started = time.perf_counter()
+            self._start(self.epoch, self.start_step)  # a resume, a jump or a new crop size: the only rebuilds
         for step in range(self.start_step, self.steps_per_epoch):
             batch = next(self._batches)[0]
+            if resized:
+                self.rebuilds.append((self.epoch, time.perf_counter() - started))
+                resized = False
             last = step + 1 == self.steps_per_epoch
             self._next = (self.epoch + 1, 0) if last else (self.epoch, step + 1)
-            yield (batch["view1"].to(self.device, non_blocking=True),
-                   batch["view2"].to(self.device, non_blocking=True),
-                   batch["label"].reshape(-1).long().to(self.device, non_blocking=True))
+            views = [batch[f"view{v}"].to(self.device, non_blocking=True) for v in range(len(self._sizes))]
+            yield stack_size_groups(views), batch["label"].reshape(-1).long().to(self.device, non_blocking=True)
 
 
 def rank_batches(source: Source, rank: int, world_size: int, seed: int, batch_size: int, epoch: int,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from data_pipeline.config import DataConfig
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source
+from data_pipeline.views import view_spec
 
 
 class RankLoader:
@@ -30,6 +31,7 @@ class RankLoader:
                  device: torch.device) -> None:
         self.source, self.cfg, self.seed = source, cfg, seed
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.views = view_spec(cfg)
         self.batch_size = cfg.batch_size // world_size
         self.steps_per_epoch = (len(source) // world_size) // self.batch_size  # the same on every rank
         self.epoch, self.start_step = 0, 0

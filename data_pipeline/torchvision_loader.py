@@ -6,6 +6,7 @@ the views an uninterrupted one would, whatever the worker count.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import sys
@@ -22,6 +23,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.rank_loader import RankLoader
 from data_pipeline.seeds import augmentation_seed
 from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source
+from data_pipeline.views import collate_views, view_spec
 
 
 def decode_sample(source: Source, index: int) -> torch.Tensor:
@@ -38,11 +40,25 @@ def decode_sample(source: Source, index: int) -> torch.Tensor:
         raise DataError(f"cannot decode image {path}: {exc}; {fix}, {SKIP_CORRUPT_HINT}") from None
 
 
-class TwoViewDataset(Dataset):
+class MultiViewDataset(Dataset):
+    """(views, label, corrupt) per sample: every view of the run's view specification at this epoch,
+    cut from one decode of the image, in view order."""
+
     def __init__(self, source: Source, cfg: DataConfig, seed: int) -> None:
         self.source, self.seed, self.epoch = source, seed, 0
         self.skip_corrupt = cfg.skip_corrupt
-        self.transform = simclr_transform(cfg.augment, cfg.image_size)
+        self.spec = view_spec(cfg)  # the loader's own, shared
+        self._transforms: dict[tuple, v2.Compose] = {}  # by (size, augmentation)
+
+    def view_transforms(self) -> list[v2.Compose]:
+        """One transform per view at the current epoch (views of one recipe share theirs)."""
+        out = []
+        for size, augment in self.spec.views(self.epoch):
+            key = (size, dataclasses.astuple(augment))
+            if key not in self._transforms:
+                self._transforms[key] = simclr_transform(augment, size)
+            out.append(self._transforms[key])
+        return out
 
     def __len__(self) -> int:
         return len(self.source)
@@ -60,12 +76,12 @@ class TwoViewDataset(Dataset):
                     raise
         raise DataError(f"no image in {self.source.location} could be decoded")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int, int]:
         image, label, corrupt = self._decode(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(augmentation_seed(self.seed, self.epoch, index, bits=47))
-            view1, view2 = self.transform(image), self.transform(image)
-        return view1, view2, label, corrupt
+            views = tuple(transform(image) for transform in self.view_transforms())
+        return views, label, corrupt
 
 
 def release_dead_pipelines() -> None:
@@ -88,35 +104,34 @@ def _worker_init(_: int) -> None:
 
 
 class TorchvisionLoader(RankLoader):
-    """Iterator of (view1, view2, labels) on ``device``; ``steps_per_epoch`` is the same on every rank."""
+    """Iterator of (view size groups, labels) on ``device``; ``steps_per_epoch`` is the same on every rank."""
 
     backend = "torchvision"
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int, rank: int, world_size: int,
                  device: torch.device) -> None:
         super().__init__(source, cfg, seed, rank, world_size, device)
-        self.dataset = TwoViewDataset(source, cfg, seed)
+        self.dataset = MultiViewDataset(source, cfg, seed)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         super().set_epoch(epoch, start_step)
         self.dataset.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self.check_files()
         if self.cfg.num_workers:
             release_dead_pipelines()
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.replaced(self.indices()).tolist(),
-                            num_workers=self.cfg.num_workers, drop_last=True,
+                            num_workers=self.cfg.num_workers, drop_last=True, collate_fn=collate_views,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
                             persistent_workers=False)
         yield from self._batches(loader)
 
-    def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for view1, view2, labels, corrupt in loader:
+    def _batches(self, loader: DataLoader) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        for groups, labels, corrupt in loader:
             if (corrupt >= 0).any():
                 self.mark_corrupt(corrupt[corrupt >= 0].tolist())
-            yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True),
-                   labels.to(self.device, non_blocking=True))
+            yield [g.to(self.device, non_blocking=True) for g in groups], labels.to(self.device, non_blocking=True)
 
 
 class LabelledDataset(Dataset):

@@ -47,8 +47,8 @@ def views(root, backend="dali", size=32, batches=4, **aug):
                      augment=AugmentConfig(**aug))
     loader = build_loader(cfg, seed=0, rank=0, world_size=1, device=CPU)
     out = []
-    for i, (v1, v2, _) in enumerate(loader):
-        out += [v1, v2]
+    for i, ((pair,), _) in enumerate(loader):
+        out += list(pair)
         if i + 1 == batches:
             break
     return torch.cat(out)
@@ -61,13 +61,14 @@ def test_views_shapes_dtype_layout_normalisation_labels(photo_data):
     assert dali.steps_per_epoch == tv.steps_per_epoch == 10
     batches = list(dali)
     assert len(batches) == 10
-    v1, v2, y = batches[0]
+    (pair,), y = batches[0]
+    v1, v2 = pair
     assert v1.shape == v2.shape == (8, 3, 24, 24) and v1.dtype == torch.float32 and v1.is_contiguous()
     assert y.dtype == torch.int64
     assert not torch.equal(v1, v2)
     assert -1.5 < v1.mean().item() < 1.5 and v1.min() < -0.5 and v1.max() > 0.5  # normalised
     # the same sample order (and so labels) as the torchvision backend
-    assert [b[2].tolist() for b in batches] == [b[2].tolist() for b in tv]
+    assert [b[1].tolist() for b in batches] == [b[1].tolist() for b in tv]
 
 
 def test_crop_areas_within_range(coord_npz):
@@ -161,7 +162,7 @@ def test_corrupt_file_skipped_and_counted(photo_data, tmp_path, junk):
     cfg = DataConfig(root=str(root), backend="dali", image_size=16, batch_size=16, num_workers=1, skip_corrupt=True)
     loader = build_loader(cfg, 0, 0, 1, CPU)
     batches = list(loader)
-    assert len(batches) == loader.steps_per_epoch == 5 and all(b[0].shape[0] == 16 for b in batches)
+    assert len(batches) == loader.steps_per_epoch == 5 and all(b[0][0].shape[1] == 16 for b in batches)
     assert loader.corrupt_skipped == 1
 
 
@@ -229,18 +230,18 @@ def test_one_pipeline_serves_every_epoch_with_exact_positions(tmp_path):
     seen = []
     for epoch in range(3):
         loader.set_epoch(epoch)
-        seen.append([b[2].tolist() for b in loader])
+        seen.append([b[1].tolist() for b in loader])
     assert seen == expected[:3] and loader.pipelines_built == 1
     loader.set_epoch(3)
-    part = [b[2].tolist() for _, b in zip(range(2), loader)]  # stopped after 2 steps (stop_after_steps)
+    part = [b[1].tolist() for _, b in zip(range(2), loader)]  # stopped after 2 steps (stop_after_steps)
     loader.set_epoch(3, 2)
-    rest = [b[2].tolist() for b in loader]
+    rest = [b[1].tolist() for b in loader]
     assert part + rest == expected[3] and loader.pipelines_built == 1
     resumed = build_loader(cfg, seed=3, rank=0, world_size=1, device=CPU)
     resumed.set_epoch(1, 4)  # a resume mid-epoch: one pipeline, at that position
-    assert [b[2].tolist() for b in resumed] == expected[1][4:] and resumed.pipelines_built == 1
+    assert [b[1].tolist() for b in resumed] == expected[1][4:] and resumed.pipelines_built == 1
     resumed.set_epoch(0, 1)  # a jump backwards: rebuilt there
-    assert [b[2].tolist() for b in resumed] == expected[0][1:] and resumed.pipelines_built == 2
+    assert [b[1].tolist() for b in resumed] == expected[0][1:] and resumed.pipelines_built == 2
 
 
 def test_array_sources_are_fed_whole_batches(tmp_path, monkeypatch):
@@ -276,7 +277,7 @@ def test_on_device_arrays_give_the_same_batches(tmp_path, photo_data):
     for epoch in (0, 1):
         host.set_epoch(epoch)
         kept.set_epoch(epoch)
-        for (h1, _, hy), (k1, _, ky) in zip(host, kept, strict=True):
+        for ((h1,), hy), ((k1,), ky) in zip(host, kept, strict=True):
             assert torch.equal(hy, ky) and torch.equal(h1, k1)  # fixed augmentation: identical views
     assert kept.pipelines_built == 1
     with pytest.raises(DataError, match="data.on_device=true keeps an array dataset"):
@@ -340,4 +341,4 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path, photo_data):
     loader = build_loader(DataConfig(root=str(tree), backend="dali", image_size=16, batch_size=16, num_workers=1),
                           0, 0, 1, CPU)
     batches = list(loader)
-    assert len(batches) == loader.steps_per_epoch == 5 and sum(len(b[2]) for b in batches) == 80
+    assert len(batches) == loader.steps_per_epoch == 5 and sum(len(b[1]) for b in batches) == 80

@@ -18,7 +18,8 @@ def cfg(root, **kw):
 
 def test_two_views_shapes_labels_normalisation(photo_data):
     loader = build_loader(cfg(photo_data / "train"), seed=0, rank=0, world_size=1, device=torch.device("cpu"))
-    v1, v2, y = next(iter(loader))
+    (views,), y = next(iter(loader))  # one size group: SimCLR's two views
+    v1, v2 = views
     assert v1.shape == v2.shape == (8, 3, 24, 24) and v1.dtype == torch.float32
     assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(10))
     assert not torch.equal(v1, v2)  # independently augmented
@@ -32,14 +33,14 @@ def test_npz_source_matches_folder_labels(photo_data):
     assert len(arr) == len(folder) == 80 and arr.images.shape[1:] == (32, 32, 3)
     assert sorted(np.bincount(arr.labels)) == sorted(np.bincount(folder.labels))
     loader = build_loader(cfg(photo_data / "train.npz"), 0, 0, 1, torch.device("cpu"))
-    assert next(iter(loader))[0].shape == (8, 3, 24, 24)
+    assert next(iter(loader))[0][0].shape == (2, 8, 3, 24, 24)
 
 
 def test_augmentation_is_reproducible_per_seed_epoch_and_position(photo_data):
     def first_batch(seed, epoch, start=0):
         loader = build_loader(cfg(photo_data / "train"), seed, 0, 1, torch.device("cpu"))
         loader.set_epoch(epoch, start)
-        return next(iter(loader))[0]
+        return next(iter(loader))[0][0]
 
     assert torch.equal(first_batch(0, 0), first_batch(0, 0))
     assert not torch.equal(first_batch(0, 0), first_batch(0, 1))
@@ -47,7 +48,7 @@ def test_augmentation_is_reproducible_per_seed_epoch_and_position(photo_data):
     loader = build_loader(cfg(photo_data / "train"), 0, 0, 1, torch.device("cpu"))
     it = iter(loader)
     next(it)
-    assert torch.equal(next(it)[0], first_batch(0, 0, start=1))  # mid-epoch resume position
+    assert torch.equal(next(it)[0][0], first_batch(0, 0, start=1))  # mid-epoch resume position
 
 
 def test_shards_are_disjoint_equal_and_cover():
@@ -97,7 +98,7 @@ def test_corrupt_image_skipped_and_counted(photo_data, tmp_path, junk):
     root, _ = corrupt_copy(photo_data, tmp_path, "astronaut", 0, junk)
     loader = build_loader(cfg(root, skip_corrupt=True), 0, 0, 1, torch.device("cpu"))
     batches = list(loader)
-    assert len(batches) == loader.steps_per_epoch and all(b[0].shape[0] == 8 for b in batches)
+    assert len(batches) == loader.steps_per_epoch and all(b[0][0].shape[1] == 8 for b in batches)
     assert loader.corrupt_skipped == 1
 
 

@@ -33,8 +33,7 @@ def test_each_new_encoder_trains_a_step_with_the_cifar_stem_and_exports(photo_da
     parts = build_parts(cfg, CPU_ALONE)
     assert isinstance(parts.model.encoder.conv1, nn.Conv2d) and parts.model.encoder.conv1.stride == (1, 1)
     before = {k: v.clone() for k, v in parts.model.state_dict().items()}
-    views = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
-    outcome = train_step(parts, *views, lr=0.1)
+    outcome = train_step(parts, [torch.randn(2, 4, 3, 16, 16)], lr=0.1)
     assert torch.isfinite(outcome.loss) and outcome.skipped.item() == 0
     after = parts.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the step changed the weights
@@ -54,7 +53,7 @@ def test_the_projection_head_has_the_configured_layers():
     linears = [m for m in three.projector if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 32), (32, 32), (32, 16)]
     assert [type(m) for m in two.projector] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]  # v1 keys unchanged
-    assert three(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    assert three([torch.randn(2, 3, 32, 32)]).projections.shape == (2, 16)
 
 
 def test_eval_from_inside_the_projection_head(photo_data, tmp_path):
@@ -85,3 +84,63 @@ def test_eval_from_inside_the_projection_head(photo_data, tmp_path):
         load_encoder(result.encoder_path, head_layers=1)
     with pytest.raises(CheckpointError, match="has 3 layers"):
         load_encoder(step_file, head_layers=4)
+
+
+# ------------------------------------------------------------------------------------------ timm encoders
+TIMM = ["resnet10t", "convnext_atto", "vit_tiny_patch16_224"]  # BatchNorm CNN, LayerNorm CNN, ViT
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_a_timm_encoder_trains_multi_crop_and_exports_what_timm_loads(photo_data, tmp_path, name):
+    import timm
+
+    from trainer.parts import build_parts
+    from trainer.step import train_step
+
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
+        "model.arch": f"timm/{name}", "model.cifar_stem": "false", "data.batch_size": 4, "data.image_size": 64,
+        "tracking.enabled": "false"}))
+    parts = build_parts(cfg, CPU_ALONE)
+    assert parts.model.feature_dim == timm.create_model(name, num_classes=0).num_features
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    outcome = train_step(parts, [torch.randn(2, 4, 3, 64, 64), torch.randn(2, 4, 3, 32, 32)], lr=0.1)  # 2x64 + 2x32
+    assert torch.isfinite(outcome.loss) and outcome.skipped.item() == 0
+    assert any(not torch.equal(before[k], v) for k, v in parts.model.state_dict().items())
+    # LARS: every norm layer's parameters (BatchNorm, LayerNorm) and every bias adapt no rate and decay no weight
+    excluded = {id(p) for p in param_groups(parts.model, 1e-6, True)[1]["params"]}
+    norms = [m for m in parts.model.encoder.modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))]
+    assert norms and all(id(p) in excluded for m in norms for p in m.parameters())
+    assert all(id(p) in excluded for n, p in parts.model.named_parameters() if n.endswith(".bias"))
+    plain = timm.create_model(name, num_classes=0)
+    plain.load_state_dict(encoder_state_dict(parts.model))  # strict: the very keys timm's model has
+
+
+def test_timm_names_and_stems_are_checked_at_load(tmp_path):
+    from trainer.config import ConfigError
+
+    run = f"train.run_dir={tmp_path}/run"
+    with pytest.raises(ConfigError, match=r"model.arch='timm/convnxt_tiny': timm .* has no model 'convnxt_tiny'"):
+        load_config(None, ["model.arch=timm/convnxt_tiny", run])
+    with pytest.raises(ConfigError, match=r"model.cifar_stem=true .* timm/resnet10t is a timm model"):
+        load_config(None, ["model.arch=timm/resnet10t", "model.cifar_stem=true", run])
+    with pytest.raises(ConfigError, match=r"model.arch='resnet51' is not an encoder we build.*timm/<name>"):
+        load_config(None, ["model.arch=resnet51", run])
+
+
+def test_sync_batchnorm_keeps_timms_batchnorm_with_activation():
+    """timm's BatchNormAct2d (RegNet, EfficientNet) normalises, then drops and activates: converted to
+    our SyncBatchNorm it still does all three, and the exported encoder is timm's own module again."""
+    import timm
+
+    from trainer.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+
+    torch.manual_seed(0)
+    plain = timm.create_model("regnetx_002", num_classes=0).train()
+    x = torch.randn(4, 3, 32, 32)
+    synced = convert_sync_batchnorm(timm.create_model("regnetx_002", num_classes=0).train())
+    synced.load_state_dict(plain.state_dict())
+    assert any(isinstance(m, SyncBatchNorm) for m in synced.modules())
+    assert torch.allclose(synced(x), plain(x), atol=1e-5)  # the activations are still applied
+    back = revert_sync_batchnorm(synced)
+    assert {type(m).__name__ for m in back.modules()} == {type(m).__name__ for m in plain.modules()}
+    assert torch.allclose(back.eval()(x), plain.eval()(x), atol=1e-5)

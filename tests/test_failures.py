@@ -128,10 +128,10 @@ def test_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(photo_data, tm
 
 
 def test_a_crash_marks_the_mlflow_run_failed(tiny_config, monkeypatch, tmp_path):
-    import trainer.step as step_module
+    import trainer.losses.nt_xent as loss_module
 
     calls = {"n": 0}
-    real = step_module.nt_xent
+    real = loss_module.nt_xent
 
     def crash_on_third(*args, **kwargs):
         calls["n"] += 1
@@ -139,7 +139,7 @@ def test_a_crash_marks_the_mlflow_run_failed(tiny_config, monkeypatch, tmp_path)
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(step_module, "nt_xent", crash_on_third)
+    monkeypatch.setattr(loss_module, "nt_xent", crash_on_third)
     cfg = tiny_config()
     with pytest.raises(RuntimeError, match="boom"):
         train(cfg)
@@ -639,9 +639,9 @@ def test_rank_zero_says_at_start_where_the_run_writes_what_it_reads_and_where_to
     assert f"[simclr] run folder {result.run_dir} (new run; 20 steps in all)" in out
     assert "80 images, 10 classes, labelled; 10 steps per epoch of 8 (1 rank(s) x 8), torchvision backend" in out
     assert f"MLflow run {result.run_id} at sqlite:///" in out and "mlflow ui --backend-store-uri" in out
-    import trainer.step as step_module
+    import trainer.losses.nt_xent as loss_module
 
-    monkeypatch.setattr(step_module, "nt_xent", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(loss_module, "nt_xent", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         train(tiny_config())
     err = capsys.readouterr().err

@@ -52,7 +52,7 @@ def test_flat_unlabeled_folder_pretrains_on_both_backends(tmp_path):
     for backend in BACKENDS:
         loader, batches = all_batches(data_cfg(tmp_path, backend))
         assert loader.steps_per_epoch == len(batches) == 2
-        assert batches[0][0].shape == (8, 3, 24, 24) and batches[0][2].tolist() == [-1] * 8
+        assert batches[0][0][0].shape == (2, 8, 3, 24, 24) and batches[0][1].tolist() == [-1] * 8
 
 
 def test_nested_unlabeled_tree_with_grayscale_and_rgba_pngs(tmp_path):
@@ -141,7 +141,7 @@ def test_stl10_trains_on_both_backends(tmp_path):
     for backend in BACKENDS:
         loader, batches = all_batches(data_cfg(root, backend, split="train+unlabeled"), rank=1, world=2)
         assert len(batches) == loader.steps_per_epoch == (50 // 2) // 4
-        assert batches[0][0].shape == (4, 3, 24, 24)
+        assert batches[0][0][0].shape == (2, 4, 3, 24, 24)
 
 
 @pytest.mark.parametrize("hundred", [False, True], ids=["cifar10", "cifar100"])
@@ -256,8 +256,8 @@ def test_shards_split_over_ranks_with_equal_steps_and_exact_labels(tmp_path, bac
     for rank in range(2):
         loader, batches = all_batches(cfg, rank, 2, epoch=3)
         steps.add((loader.steps_per_epoch, len(batches)))
-        for view1, _, labels in batches:
-            colour = view1.mean(dim=(1, 2, 3)) * 255  # each image is flat: its mean is its colour
+        for (pair,), labels in batches:
+            colour = pair[0].mean(dim=(1, 2, 3)) * 255  # each image is flat: its mean is its colour
             assert torch.allclose(colour, 20 + 20 * labels.float(), atol=4), (colour, labels)
             seen.append(labels)
         shards_read = set(source.shard_of[loader.indices()])
@@ -274,10 +274,10 @@ def test_shards_resume_mid_epoch_at_the_same_samples(tmp_path, backend):
     _, resumed = all_batches(cfg, 1, 2, epoch=2, start=3)
     assert len(resumed) == len(whole) - 3
     for a, b in zip(whole[3:], resumed):
-        assert torch.equal(a[2], b[2])
+        assert torch.equal(a[1], b[1])
         if backend == "torchvision":  # bitwise: per-sample seeds (DALI draws fresh augmentations)
-            assert torch.equal(a[0], b[0])
-        assert torch.allclose(b[0].mean(dim=(1, 2, 3)) * 255, 20 + 20 * b[2].float(), atol=4)
+            assert torch.equal(a[0][0], b[0][0])
+        assert torch.allclose(b[0][0][0].mean(dim=(1, 2, 3)) * 255, 20 + 20 * b[1].float(), atol=4)
 
 
 def test_file_checks_are_kept_with_the_index_for_a_restart(tmp_path, photo_data, monkeypatch):
@@ -386,7 +386,7 @@ def test_one_corrupt_image_policy_on_both_backends(photo_data, tmp_path):
         labels, counts = [], []
         for epoch in range(2):  # 5 batches of 16: every sample once per epoch
             loader.set_epoch(epoch)
-            labels.append(torch.cat([batch[2] for batch in loader]).tolist())
+            labels.append(torch.cat([batch[1] for batch in loader]).tolist())
             counts.append(loader.corrupt_skipped)
             position = int(np.flatnonzero(loader.indices() == bad_index)[0])
             assert labels[-1][position] == source.labels[bad_index + 1], backend  # the replacement's label

@@ -73,11 +73,12 @@ def test_dali_gpu_pipeline_outputs_on_the_gpu(photo_data):
     loader = build_loader(cfg, 0, 0, 1, torch.device("cuda", 0))
     batches = list(loader)
     assert len(batches) == loader.steps_per_epoch == 5
-    v1, v2, y = batches[0]
+    (pair,), y = batches[0]
+    v1, v2 = pair
     assert v1.is_cuda and v2.is_cuda and y.is_cuda
     assert v1.shape == (16, 3, 24, 24) and v1.dtype == torch.float32 and not torch.equal(v1, v2)
     cpu = build_loader(DataConfig(**{**cfg.__dict__, "backend": "dali"}), 0, 0, 1, torch.device("cpu"))
-    assert [b[2].tolist() for b in cpu] == [b[2].cpu().tolist() for b in batches]  # same order, GPU or CPU
+    assert [b[1].tolist() for b in cpu] == [b[1].cpu().tolist() for b in batches]  # same order, GPU or CPU
     for epoch in (1, 2):  # later epochs come from the same pipeline
         loader.set_epoch(epoch)
         assert len(list(loader)) == 5
@@ -106,7 +107,7 @@ def test_dali_on_device_arrays_stay_on_the_gpu(photo_data):
     for epoch in (0, 1):
         loader.set_epoch(epoch)
         host.set_epoch(epoch)
-        got = [(v1, y) for v1, _, y in loader]
-        assert [y.tolist() for _, y in got] == [y.tolist() for _, _, y in host]
+        got = [(pair[0], y) for (pair,), y in loader]
+        assert [y.tolist() for _, y in got] == [y.tolist() for _, y in host]
         assert all(v1.is_cuda and v1.shape == (16, 3, 24, 24) for v1, _ in got)
     assert loader.pipelines_built == 1

@@ -17,13 +17,12 @@ from trainer.step import train_step
 CPU_ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def one_step(photo_data, tmp_path, micro_batch: int, bn_train: bool, batch: int = 16, **extra):
+def one_step(photo_data, tmp_path, micro_batch: int, bn_train: bool, batch: int = 16, small_views: int = 0, **extra):
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / f"run{micro_batch}", **{
         "data.batch_size": batch, "train.micro_batch": micro_batch, "tracking.enabled": "false", **extra}))
     parts = build_parts(cfg, CPU_ALONE)
     parts.model.train(bn_train)
-    view1, view2 = global_views(batch, cfg.data.image_size)
-    outcome = train_step(parts, view1, view2, lr=0.0)
+    outcome = train_step(parts, global_views(batch, cfg.data.image_size, small_views), lr=0.0)
     grads = {k: p.grad.clone() for k, p in parts.model.named_parameters()}
     return outcome, grads, {k: b.clone() for k, b in parts.model.named_buffers()}
 
@@ -32,9 +31,10 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_cached_gradients_equal_the_single_pass_when_samples_are_independent(photo_data, tmp_path):
-    plain, plain_grads, _ = one_step(photo_data, tmp_path, 0, bn_train=False)
-    cached, cached_grads, _ = one_step(photo_data, tmp_path, 4, bn_train=False)  # B/4
+@pytest.mark.parametrize("small_views", [0, 4])  # two views; multi-crop 2 x 16 px + 4 x 8 px
+def test_cached_gradients_equal_the_single_pass_when_samples_are_independent(photo_data, tmp_path, small_views):
+    plain, plain_grads, _ = one_step(photo_data, tmp_path, 0, bn_train=False, small_views=small_views)
+    cached, cached_grads, _ = one_step(photo_data, tmp_path, 4, bn_train=False, small_views=small_views)  # B/4
     assert max(g.abs().max().item() for g in plain_grads.values()) > 1e-4  # not trivially zero
     assert max_diff(plain_grads, cached_grads) <= 1e-5
     assert cached.loss.item() == pytest.approx(plain.loss.item(), abs=1e-6)

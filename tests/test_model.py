@@ -13,7 +13,8 @@ def test_encoder_and_head_shapes(arch, feat):
     model = SimCLRModel(ModelConfig(arch=arch, proj_out_dim=64))
     assert model.feature_dim == feat
     assert model.encoder(torch.randn(2, 3, 64, 64)).shape == (2, feat)
-    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 64)
+    out = model([torch.randn(2, 3, 64, 64), torch.randn(4, 3, 32, 32)])  # two size groups, one head pass
+    assert [f.shape for f in out.features] == [(2, feat), (4, feat)] and out.projections.shape == (6, 64)
     head = [type(m) for m in model.projector]
     assert head == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert model.projector[0].out_features == feat  # default hidden width = encoder width

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.helpers.runs import final_state, run_torchrun, tiny_overrides
@@ -48,14 +49,35 @@ def test_no_gradient_reaches_the_encoder_and_the_probe_learns(photo_data, tmp_pa
             "train.online_probe": probe, "tracking.enabled": "false", "data.batch_size": 8}))
         parts = build_parts(cfg, CPU_ALONE)
         assert (parts.online_probe is not None) == (probe == "true")
-        view1, view2 = global_views(8, cfg.data.image_size)
-        train_step(parts, view1, view2, lr=0.0, labels=torch.arange(8) % 10)
+        train_step(parts, global_views(8, cfg.data.image_size), lr=0.0, labels=torch.arange(8) % 10)
         grads[probe] = {k: p.grad.clone() for k, p in parts.model.named_parameters()}
         if parts.online_probe is not None:
             assert parts.online_probe.classifier.weight.grad.abs().sum() > 0
             assert parts.online_probe.seen.item() == 8
     for key in grads["true"]:
         assert torch.equal(grads["true"][key], grads["false"][key]), key
+
+
+@pytest.mark.parametrize("micro_batch", [0, 4])
+def test_the_probe_is_handed_the_first_views_features(photo_data, tmp_path, micro_batch):
+    """The step hands the probe the encoder's features of each image's first view (plain and
+    gradient-cached steps alike); the model keeps nothing for it."""
+    from tests.helpers.grad_cache_batch import global_views
+    from trainer.parts import build_parts
+    from trainer.step import train_step
+
+    cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
+        "tracking.enabled": "false", "data.batch_size": 8, "train.micro_batch": micro_batch}))
+    parts = build_parts(cfg, CPU_ALONE)
+    parts.model.eval()  # BatchNorm on running statistics: the features of a view do not depend on its batch
+    handed = []
+    parts.online_probe.update = lambda features, labels, skip: handed.append(features)
+    groups = global_views(8, cfg.data.image_size, small_views=2)
+    with torch.no_grad():
+        expected = parts.model.encoder(groups[0][0])
+    train_step(parts, groups, lr=0.0, labels=torch.arange(8) % 10)
+    assert handed[0].shape == expected.shape and torch.allclose(handed[0], expected, atol=1e-5)
+    assert not handed[0].requires_grad
 
 
 def test_unlabeled_data_has_no_probe(tmp_path):

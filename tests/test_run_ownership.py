@@ -370,14 +370,14 @@ def test_a_bug_in_one_rank_shows_its_own_traceback_once(photo_data, tmp_path):
     (hook / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import trainer.step as step\n"
-        "    real, calls = step.nt_xent, []\n"
+        "    import trainer.losses.nt_xent as loss\n"
+        "    real, calls = loss.nt_xent, []\n"
         "    def failing(*args, **kwargs):\n"
         "        calls.append(1)\n"
         "        if len(calls) == 3:\n"
         "            raise RuntimeError('boom in rank 1')\n"
         "        return real(*args, **kwargs)\n"
-        "    step.nt_xent = failing\n")
+        "    loss.nt_xent = failing\n")
     run_dir = tmp_path / "run"
     proc = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "train", run_dir),
                   env_extra={"PYTHONPATH": f"{hook}:{REPO}"})

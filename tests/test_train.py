@@ -65,21 +65,21 @@ def test_mixed_precision_trains(tiny_config, dtype):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint_intact(tiny_config, monkeypatch):
-    import trainer.step as step_module
+    import trainer.losses.nt_xent as loss_module
 
     cfg = tiny_config(**{"precision.max_consecutive_nonfinite": 3, "tracking.enabled": "false",
                          "checkpoint.every_steps": 2})
-    real = step_module.nt_xent
+    real = loss_module.nt_xent
     calls = {"n": 0}
 
-    def flaky(z1, z2, temperature, gather=True):
+    def flaky(views, temperature, gather=True):
         calls["n"] += 1
-        loss, acc = real(z1, z2, temperature, gather)
+        loss, acc = real(views, temperature, gather)
         if calls["n"] == 3 or calls["n"] > 4:  # one isolated bad step, then a run of them
             loss = loss * float("nan")
         return loss, acc
 
-    monkeypatch.setattr(step_module, "nt_xent", flaky)
+    monkeypatch.setattr(loss_module, "nt_xent", flaky)
     # the streak (steps 5, 6, 7, 8) is read on the host at the log window of step 8 (train.log_every=2)
     with pytest.raises(NonFiniteLossError, match="4 consecutive steps.*found at step 8.*checkpoint.*intact"):
         train(cfg)

@@ -30,16 +30,16 @@ __all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "config_from_
            "dump_config", "load_config"]
 
 
-# torchvision ResNets: the SimCLR paper's ResNet-50 (wide_resnet*_2 are its 2x widths), SimCLRv2's deeper ones
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
-ARCHS: tuple[str, ...] = get_args(Arch)
+# torchvision ResNets: the SimCLR paper's ResNet-50 (wide_resnet*_2 are its 2x widths), SimCLRv2's deeper ones;
+# any other encoder is a timm model, model.arch=timm/<name>
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when visible
 DEVICES: tuple[str, ...] = get_args(Device)
 
 
 @dataclass
 class ModelConfig:
-    arch: Arch = "resnet18"
+    arch: str = "resnet18"  # a torchvision ResNet (ARCHS) or timm/<name>: any timm model, e.g. timm/convnext_tiny
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
     proj_hidden_dim: int = 0  # 0: same as the encoder's feature width (512 or 2048)
     proj_out_dim: int = 128
@@ -68,6 +68,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
+    name: str = "nt_xent"  # a loss registered in trainer/losses/ (nt_xent: SimCLR's, for any number of views)
     temperature: float = 0.1
     gather_negatives: bool = True  # negatives from the global batch across ranks
 
@@ -188,7 +189,14 @@ def validate(cfg: Config) -> Config:
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
     _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
            "needs tracking.log_model=true (the registered version is the logged model)")
+    from trainer.losses import LOSSES
+
+    _check(cfg.loss.name in LOSSES, "loss.name", cfg.loss.name, f"choose one of {', '.join(sorted(LOSSES))}")
     _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
+    if cfg.model.arch not in ARCHS or cfg.model.cifar_stem:
+        from trainer.model import check_arch  # imports timm only for a timm encoder
+
+        check_arch(cfg.model.arch, cfg.model.cifar_stem)
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")

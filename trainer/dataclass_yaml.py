@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,12 @@ def _closest(name: str, options: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else f"; valid keys: {', '.join(options)}"
 
 
+def _forms(args: tuple[Any, ...]) -> str:
+    """What each member of a union looks like in YAML, for the error."""
+    return ", ".join("a mapping with " + "/".join(f.name for f in dataclasses.fields(a)) if dataclasses.is_dataclass(a)
+                     else "a list" if typing.get_origin(a) is list else getattr(a, "__name__", str(a)) for a in args)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
     origin = typing.get_origin(tp)
@@ -33,9 +40,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
         return value
-    if origin is typing.Union:  # Optional[X]
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):  # Optional[X], or X | Y chosen by the value's shape
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        shape = dict if isinstance(value, dict) else list if isinstance(value, list) else None
+        fits = [a for a in args if (dataclasses.is_dataclass(a) if shape is dict else typing.get_origin(a) is shape)]
+        if shape is None:
+            fits = [a for a in args if not dataclasses.is_dataclass(a) and typing.get_origin(a) is None]
+        if not fits:
+            raise ConfigError(f"{key}: {value!r} is none of the allowed forms ({_forms(args)})")
+        return _coerce(value, fits[0], key)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -1,5 +1,6 @@
 """The trained encoder as users take it away: ``encoder.pt`` (the encoder's state dict, loadable
-into a stock torchvision ResNet) and an MLflow PyTorch model that is a plain torchvision ResNet
+into a stock torchvision ResNet, or ``timm.create_model(name, num_classes=0)``) and an MLflow
+PyTorch model that is the plain torchvision or timm module
 (SyncBatchNorm turned back into BatchNorm, on the CPU, in fp32), logged by the training run or,
 when MLflow was unreachable then, by ``simclr sync`` later."""
 
@@ -59,6 +60,10 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
     # the public release of a local build (2.14.1+cu128 -> 2.14.1): what pip can install elsewhere
     requirements = [f"torch=={torch.__version__.split('+')[0]}",
                     f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    if type(plain).__module__.startswith("timm."):  # the pickled module's class lives in timm
+        import timm
+
+        requirements.append(f"timm=={timm.__version__}")
     # MLflow's fluent API logs models; it takes the store as a process-wide setting, which must not
     # outlive this call (a later run in this process resolving its default store would get ours)
     previous = tracking_utils._tracking_uri

@@ -155,8 +155,8 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
     parts.model.train()
     while step < stop_at and not preempted:
         parts.loader.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
-        for view1, view2, labels in window.timed(parts.loader):
-            outcome = train_step(parts, view1, view2, parts.schedule(step), labels)
+        for size_groups, labels in window.timed(parts.loader):
+            outcome = train_step(parts, size_groups, parts.schedule(step), labels)
             skips.add(outcome)
             step += 1
             window.add(outcome.loss, outcome.accuracy, outcome.skipped)

@@ -1,30 +1,87 @@
-"""The encoder (a torchvision ResNet, random init) and SimCLR's projection head."""
+"""The encoder (a torchvision ResNet or any timm model, random init) and SimCLR's projection head.
+
+``model.arch`` names the encoder: a torchvision ResNet (``resnet50``) or ``timm/<name>`` for any
+timm model (``timm/convnext_tiny``, ``timm/vit_small_patch16_224``), built without its classifier so
+that it returns pooled features. No weights are downloaded.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torchvision
 from torch import nn
 
-from trainer.config import ModelConfig
+from trainer.config import ARCHS, ModelConfig
+from trainer.dataclass_yaml import ConfigError
 from trainer.sync_batchnorm import convert_sync_batchnorm
 
-# the width of each encoder's pooled features (what the probe and the head see)
+# the torchvision encoders we build, and the width of their pooled features
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
                 "wide_resnet50_2": 2048, "wide_resnet101_2": 2048}
 
 
+TIMM_PREFIX = "timm/"
+
+
+class EncoderError(ConfigError):
+    """An encoder that cannot be built as configured (an unknown name, a stem that does not apply)."""
+
+
+def timm_name(arch: str) -> str | None:
+    """The timm model name of ``timm/<name>``, None for a torchvision encoder."""
+    return arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else None
+
+
+def check_arch(arch: str, cifar_stem: bool = False) -> None:
+    """EncoderError naming the fix when ``arch`` is neither a torchvision ResNet we build nor a timm
+    model, or when ``cifar_stem`` is asked of an encoder it does not apply to (timm's own stems)."""
+    name = timm_name(arch)
+    if name is None:
+        if arch not in ARCHS:
+            raise EncoderError(f"model.arch={arch!r} is not an encoder we build; choose one of "
+                               f"{', '.join(ARCHS)}, or timm/<name> for a timm model (e.g. timm/resnet50d)")
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (close: {', '.join(TIMM_PREFIX + c for c in close)})" if close else ""
+        raise EncoderError(f"model.arch={arch!r}: timm {timm.__version__} has no model {name!r}{hint}; "
+                           "python -c \"import timm; print(timm.list_models('*convnext*'))\" lists them")
+    if cifar_stem:
+        raise EncoderError(f"model.cifar_stem=true replaces a torchvision ResNet's stem; {arch} is a timm model with "
+                           "its own: set model.cifar_stem=false (for small images pick a timm variant made for them, "
+                           "or a torchvision resnet with the CIFAR stem)")
+
+
 def build_encoder(arch: str, cifar_stem: bool = False) -> nn.Module:
-    """A torchvision ResNet without its classifier (``fc`` is Identity); never downloads weights."""
-    if arch not in FEATURE_DIMS:
-        raise ValueError(f"unknown encoder {arch!r}; choose one of {', '.join(FEATURE_DIMS)}")
+    """The encoder without its classifier, returning pooled features (``num_features`` wide):
+    a torchvision ResNet (``fc`` is Identity) or a timm model (``num_classes=0``); never downloads
+    weights."""
+    check_arch(arch, cifar_stem)
+    name = timm_name(arch)
+    if name is not None:
+        import timm
+
+        try:  # ViTs: position embeddings interpolated to each crop size (multi-crop, resolution schedules)
+            return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        except TypeError:  # a model without the option (CNNs take any size as they are)
+            return timm.create_model(name, pretrained=False, num_classes=0)
     net = getattr(torchvision.models, arch)(weights=None)
     if cifar_stem:  # small images: keep resolution in the stem, as in the SimCLR paper's CIFAR runs
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
+    net.num_features = FEATURE_DIMS[arch]
     return net
+
+
+def feature_dim(encoder: nn.Module) -> int:
+    """The width of the encoder's pooled features (what the probe and the head see)."""
+    return int(encoder.num_features)
 
 
 class ProjectionHead(nn.Sequential):
@@ -40,21 +97,24 @@ class ProjectionHead(nn.Sequential):
         super().__init__(*blocks)
 
 
+class ModelOutput(NamedTuple):
+    features: list[torch.Tensor]  # the encoder's pooled features, one (views x images, F) tensor per size group
+    projections: torch.Tensor  # the head's output for every view, size groups in order: (all views x images, d)
+
+
 class SimCLRModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.feature_dim = FEATURE_DIMS[cfg.arch]
         self.encoder = build_encoder(cfg.arch, cfg.cifar_stem)
+        self.feature_dim = feature_dim(self.encoder)
         self.projector = ProjectionHead(self.feature_dim, cfg.proj_hidden_dim or self.feature_dim, cfg.proj_out_dim,
                                         cfg.proj_layers)
 
-        self.probe_features: list[torch.Tensor] | None = None  # set by the step when an online probe reads them
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(images)
-        if self.probe_features is not None and torch.is_grad_enabled():  # the pass that trains (not grad
-            self.probe_features.append(features[: features.shape[0] // 2].detach())  # caching's first one): view 1
-        return self.projector(features)
+    def forward(self, size_groups: list[torch.Tensor]) -> ModelOutput:
+        """One encoder pass per size group ``(views x images, 3, s, s)`` (BatchNorm sees all the views
+        of a size together, as SwAV's multi-crop), one head pass over every view's features."""
+        features = [self.encoder(images) for images in size_groups]
+        return ModelOutput(features, self.projector(torch.cat(features) if len(features) > 1 else features[0]))
 
 
 def head_features(model: SimCLRModel, head_layers: int) -> nn.Module:
@@ -106,8 +166,9 @@ def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1, ran
 
 
 def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The encoder's weights under torchvision's own key names (``conv1.weight``, ``layer1...``),
-    so ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` takes them and reports
-    only ``fc.*`` missing. SyncBatchNorm buffers map to BatchNorm's names unchanged."""
+    """The encoder's weights under its library's own key names: torchvision's (``conv1.weight``,
+    ``layer1...``, so ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` takes them
+    and reports only ``fc.*`` missing) or timm's (``timm.create_model(name, num_classes=0)`` loads
+    them strictly). SyncBatchNorm buffers map to BatchNorm's names unchanged."""
     model = getattr(model, "module", model)
     return {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data_pipeline import IndexStore, TwoViewLoader, build_loader, open_val_source
+from data_pipeline import IndexStore, ViewLoader, build_loader, open_val_source
 from data_pipeline.sources import Source, data_fingerprint, labelled_indices
 from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
+from trainer.losses import LossFn, build_loss
 from trainer.model import build_model, uses_channels_last
 from trainer.online_probe import OnlineProbe
 from trainer.optim import build_optimizer
@@ -30,7 +31,7 @@ from trainer.tracking import Tracker
 class TrainParts:
     cfg: Config
     info: DistInfo
-    loader: TwoViewLoader  # (view1, view2, labels) on info.device, steps_per_epoch equal on every rank
+    loader: ViewLoader  # (view size groups, labels) on info.device, steps_per_epoch equal on every rank
     model: nn.Module  # the SimCLR model (encoder + projection head)
     ddp_model: nn.Module  # the model wrapped in DDP when distributed, else the model itself
     optimizer: torch.optim.Optimizer
@@ -63,6 +64,8 @@ class ModelParts:
     optimizer: torch.optim.Optimizer
     precision: PrecisionPolicy
     forward_backward: ForwardBackward
+    loss_fn: LossFn  # the run's loss (loss.name), inside forward_backward; the benchmarks time it alone too
+    online_probe: OnlineProbe | None = None
 
 
 def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
@@ -84,11 +87,11 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
         ddp_model = torch.compile(ddp_model)
     precision = PrecisionPolicy(cfg.precision.dtype, device)
     channels_last = uses_channels_last(cfg.model, device)
+    loss_fn = build_loss(cfg.loss)
     return ModelParts(model=model, ddp_model=ddp_model, optimizer=build_optimizer(model, cfg.optim, lr),
-                      precision=precision,
-                      forward_backward=build_forward_backward(model, ddp_model, precision, cfg.loss.temperature,
-                                                              cfg.loss.gather_negatives, cfg.train.micro_batch,
-                                                              channels_last))
+                      precision=precision, loss_fn=loss_fn,
+                      forward_backward=build_forward_backward(model, ddp_model, precision, loss_fn,
+                                                              cfg.train.micro_batch, channels_last))
 
 
 def buffer_sync(every_forward: bool) -> dict[str, bool]:

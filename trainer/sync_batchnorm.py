@@ -75,7 +75,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm whose training statistics span the ranks of ``process_group`` (None: all ranks).
     Outside training, or alone, it is plain BatchNorm. ``plain_class`` is the BatchNorm class it
-    replaced, restored by ``revert_sync_batchnorm``."""
+    replaced, restored by ``revert_sync_batchnorm``. A BatchNorm that carries modules of its own
+    after the normalisation (timm's ``BatchNormAct2d``: dropout, then activation) keeps them as its
+    children, applied in order, under their own names (so state dict keys do not change)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, plain_class: type = nn.BatchNorm2d,
@@ -92,6 +94,12 @@ class SyncBatchNorm(_BatchNorm):
         return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._normalise(x)
+        for after in self.children():  # timm's BatchNormAct2d: drop, act
+            out = after(out)
+        return out
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         if not (self.training and self._distributed()):
             return super().forward(x)
@@ -114,6 +122,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, plain_class=type(module))
         _copy_state(module, out)
+        out.plain_template = [copy.deepcopy(module)]  # a list: not a submodule, not in the state dict
+        for name, child in module.named_children():
+            out.add_module(name, child)
         return out
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, process_group))
@@ -131,6 +142,11 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
 def _to_plain(module: nn.Module) -> nn.Module:
     if isinstance(module, SyncBatchNorm):
+        template = getattr(module, "plain_template", None)
+        if template is not None:  # the module it replaced, children and all (timm's act layers)
+            out = copy.deepcopy(template[0])
+            out.load_state_dict(module.state_dict())
+            return out
         out = module.plain_class(module.num_features, module.eps, module.momentum, module.affine,
                                  module.track_running_stats)
         _copy_state(module, out)

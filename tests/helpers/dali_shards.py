@@ -18,7 +18,7 @@ for attempt in ("a", "b"):
     loader = build_loader(cfg, seed=7, rank=rank, world_size=world, device=torch.device("cpu"))
     for epoch in (0, 1):
         loader.set_epoch(epoch)
-        seen[f"{attempt}{epoch}"] = [y for _, _, labels in loader for y in labels.tolist()]
+        seen[f"{attempt}{epoch}"] = [y for _, labels in loader for y in labels.tolist()]
 seen["steps"] = loader.steps_per_epoch
 json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
 dist.destroy_process_group()

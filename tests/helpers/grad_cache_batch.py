@@ -3,6 +3,10 @@
 import torch
 
 
-def global_views(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_views(batch: int, size: int, small_views: int = 0) -> list[torch.Tensor]:
+    """Size groups: two views of ``size`` px, and ``small_views`` of half that (multi-crop)."""
     gen = torch.Generator().manual_seed(123)
-    return torch.randn(batch, 3, size, size, generator=gen), torch.randn(batch, 3, size, size, generator=gen)
+    groups = [torch.randn(2, batch, 3, size, size, generator=gen)]
+    if small_views:
+        groups.append(torch.randn(small_views, batch, 3, size // 2, size // 2, generator=gen))
+    return groups

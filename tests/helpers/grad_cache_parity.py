@@ -18,10 +18,10 @@ cfg = load_config(None, overrides)
 info = init_distributed(cfg.dist, "cpu")
 parts = build_parts(cfg, info)
 parts.model.eval()
-view1, view2 = global_views(cfg.data.batch_size, cfg.data.image_size)
+groups = global_views(cfg.data.batch_size, cfg.data.image_size)
 n = cfg.data.batch_size // info.world_size
 mine = slice(info.rank * n, (info.rank + 1) * n)
-outcome = train_step(parts, view1[mine], view2[mine], lr=0.0)
+outcome = train_step(parts, [g[:, mine] for g in groups], lr=0.0)
 loss = outcome.loss.clone()
 if info.distributed:
     torch.distributed.all_reduce(loss)

@@ -26,7 +26,7 @@ for epoch in (0, 1):
     host.set_epoch(epoch)
     kept.set_epoch(epoch)
     expected = rank_indices(len(host.source), info.rank, info.world_size, 3, epoch)
-    for step, ((h1, _, hy), (k1, _, ky)) in enumerate(zip(host, kept, strict=True)):
+    for step, (((h1,), hy), ((k1,), ky)) in enumerate(zip(host, kept, strict=True)):
         rows.append({"epoch": epoch, "host": hy.tolist(), "on_device": ky.tolist(),
                      "order": expected[step * host.batch_size : (step + 1) * host.batch_size].tolist(),
                      "views_equal": bool(torch.equal(h1, k1))})

@@ -20,7 +20,7 @@ real_build_loader = trainer.parts.build_loader
 class RecordingLoader:
     def __init__(self, loader) -> None:
         self.loader, self.source, self.backend, self.first_step = loader, loader.source, loader.backend, 0
-        self.steps_per_epoch, self.corrupt_skipped = loader.steps_per_epoch, 0
+        self.steps_per_epoch, self.corrupt_skipped, self.views = loader.steps_per_epoch, 0, loader.views
         self.check_files = loader.check_files
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -29,12 +29,12 @@ class RecordingLoader:
 
     def __iter__(self):
         rank = dist.get_rank() if dist.is_initialized() else 0
-        for i, (view1, view2, labels) in enumerate(self.loader):
-            sums = (view1.sum((1, 2, 3)) + 2 * view2.sum((1, 2, 3))).tolist()
+        for i, (groups, labels) in enumerate(self.loader):
+            sums = (groups[0][0].sum((1, 2, 3)) + 2 * groups[0][1].sum((1, 2, 3))).tolist()
             row = {"step": self.first_step + i, "samples": labels.tolist(), "view_sums": [round(v, 3) for v in sums]}
             with open(out_dir / f"rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            yield view1, view2, labels
+            yield groups, labels
 
 
 trainer.parts.build_loader = lambda *args, **kwargs: RecordingLoader(real_build_loader(*args, **kwargs))

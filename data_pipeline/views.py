@@ -1,0 +1,97 @@
+"""Views as a specification: which crops of each image a training batch carries.
+
+``data.views`` is a list of view groups, each ``count`` crops of one ``size`` (fixed, or following
+a schedule over epochs) with its own augmentation overrides (``crop_scale``, ``blur_prob``,
+``solarize_prob``, ...). Two groups of 2 x 224 px and 6 x 96 px are SwAV's multi-crop; two groups of
+one view each with different blur and solarisation are BYOL's asymmetric recipe; an empty list is
+SimCLR's two views of ``data.image_size``.
+
+A batch is a list of **size groups**: consecutive views of the same size at this epoch, stacked as
+one ``(views, images, 3, size, size)`` tensor, so the model runs one forward per size group (as SwAV
+does). Views keep their order across groups, so view ``v`` of an image is the same crop recipe in
+every step of the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from data_pipeline.config import AugmentConfig, DataConfig, ViewGroup
+
+
+def default_views() -> list[ViewGroup]:
+    """SimCLR's two views of ``data.image_size`` with the run's augmentation."""
+    return [ViewGroup(count=2)]
+
+
+@dataclass
+class ViewSpec:
+    """The run's views resolved against ``data.image_size`` and ``data.augment``."""
+
+    groups: list[ViewGroup] = field(default_factory=default_views)
+    image_size: int = 224
+    base: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def count(self) -> int:
+        return sum(g.count for g in self.groups)
+
+    def views(self, epoch: int) -> list[tuple[int, AugmentConfig]]:
+        """(size, augmentation) of each view at ``epoch``, in view order."""
+        return [(g.size_at(epoch, self.image_size), g.augment(self.base)) for g in self.groups for _ in range(g.count)]
+
+    def group_sizes(self, epoch: int) -> list[tuple[int, int]]:
+        """(size, views) of each size group at ``epoch``: consecutive views of one size run together."""
+        out: list[tuple[int, int]] = []
+        for size, _ in self.views(epoch):
+            if out and out[-1][0] == size:
+                out[-1] = (size, out[-1][1] + 1)
+            else:
+                out.append((size, 1))
+        return out
+
+    def sizes(self, epoch: int) -> list[int]:
+        return [size for size, _ in self.views(epoch)]
+
+    def describe(self, epoch: int = 0) -> str:
+        """e.g. ``2x224 + 6x96 px``."""
+        return " + ".join(f"{n}x{size}" for size, n in self.group_sizes(epoch)) + " px"
+
+    def changes_size(self) -> bool:
+        """Whether any group's size follows a schedule."""
+        return any(not isinstance(g.size, int) for g in self.groups)
+
+
+def size_runs(shapes: list[tuple[int, ...]]) -> list[list[int]]:
+    """Indices of consecutive views of one shape: the size groups."""
+    runs: list[list[int]] = []
+    for i, shape in enumerate(shapes):
+        if i and shape == shapes[i - 1]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def stack_size_groups(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-view batches ``(images, 3, s, s)`` into size groups ``(views, images, 3, s, s)``."""
+    return [torch.stack([views[i] for i in run]) for run in size_runs([tuple(v.shape) for v in views])]
+
+
+def collate_views(samples: list[tuple[tuple[torch.Tensor, ...], int, int]]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """DataLoader's collate for samples of (views, label, corrupt): the views stacked straight into
+    size groups (one copy, in the worker, so pinned memory holds the groups themselves)."""
+    n = len(samples)
+    groups = []
+    for run in size_runs([tuple(v.shape) for v in samples[0][0]]):
+        group = torch.stack([sample[0][v] for v in run for sample in samples])
+        groups.append(group.view(len(run), n, *group.shape[1:]))
+    return groups, torch.tensor([s[1] for s in samples]), torch.tensor([s[2] for s in samples])
+
+
+def view_spec(cfg: DataConfig) -> ViewSpec:
+    """The run's views: ``data.views``, or SimCLR's two views of ``data.image_size``."""
+    return ViewSpec(cfg.views or default_views(), cfg.image_size, cfg.augment)
