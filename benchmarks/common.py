@@ -17,6 +17,7 @@ import torch
 from trainer.config import config_from_dict
 from trainer.device import synchronize
 from trainer.distributed import DistInfo
+from trainer.encoders import timm_name
 from trainer.parts import ModelParts, build_model_parts
 from trainer.tracking import git_commit, library_versions
 
@@ -32,9 +33,11 @@ def device_name(device: torch.device) -> str:
 def benchmark_parts(arch: str, image_size: int, precision: str, info: DistInfo, micro_batch: int = 0,
                     compile_model: bool = False, cifar_stem: bool | None = None) -> ModelParts:
     """The training run's own model, optimizer (LARS), precision and forward-backward, for timing
-    ``trainer.step.train_step`` on synthetic images (the CIFAR stem by default at 64 px and below)."""
+    ``trainer.step.train_step`` on synthetic images (the CIFAR stem by default at 64 px and below,
+    for a torchvision ResNet)."""
     torch.manual_seed(0)
-    stem = image_size <= 64 if cifar_stem is None else cifar_stem
+    # timm encoders keep their own stems
+    stem = image_size <= 64 and timm_name(arch) is None if cifar_stem is None else cifar_stem
     cfg = config_from_dict({"model": {"arch": arch, "cifar_stem": stem, "compile": compile_model},
                             "precision": {"dtype": precision}, "optim": {"name": "lars"},
                             "train": {"micro_batch": micro_batch}})

@@ -213,6 +213,7 @@ def run_ranks(args: argparse.Namespace) -> list[list[dict]]:
 
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import RESULTS, device_name, result_header, write_json
+    from data_pipeline.views import view_spec
     from trainer.config import load_config
 
     args = parse_args(argv)
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = combine(per_rank)
     result = {**result_header("feed", device_name(device)),
               "config": {"config": args.config, "overrides": args.overrides, "arch": cfg.model.arch,
-                         "image_size": cfg.data.image_size, "global_batch": cfg.data.batch_size,
+                         "image_size": cfg.data.image_size, "views": view_spec(cfg.data).describe(),
+                         "global_batch": cfg.data.batch_size,
                          "precision": cfg.precision.dtype, "ranks": args.nproc, "steps": args.steps,
                          "warmup": args.warmup, "data": cfg.data.root, "backend": rows[0]["backend"],
                          "rebuild_each_epoch": args.rebuild_each_epoch, "compile": cfg.model.compile,

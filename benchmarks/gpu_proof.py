@@ -43,7 +43,9 @@ TOTAL_CAP_S = 360  # 6 minutes: the machine's start and the carried DALI and dat
 COMMIT_FILE = REPO / ".gpu_proof" / "commit"
 TAIL_LINES = 40  # of a failed stage's output, on the console
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
-STAGE_NAMES = ("gpu_tests", "feed_cifar10_resnet18", "feed_imagenette_resnet50", "quality_cifar10")
+STAGE_NAMES = ("gpu_tests", "feed_cifar10_resnet18", "feed_imagenette_resnet50", "feed_imagenette_resnet50_multicrop",
+               "quality_cifar10")
+MULTICROP = "data.views=[{count: 2, size: %d}, {count: 6, size: %d, crop_scale: [0.05, 0.14]}]"  # SwAV's 2 + 6
 
 # What comes back from the GPU machine's results folder (the device tool's rules)
 MAX_FILES, MAX_FILE_MB, MAX_TOTAL_MB, MAX_DEPTH = 8, 16, 64, 2
@@ -53,7 +55,9 @@ LOG_CAP_MB = 12  # the log is cut to this, so it always comes back
 # Planning figures for the stages whose speed nothing has measured yet (H100/H200-class, eager,
 # bf16): used only to print and check a stage's plan. The quality stage is planned from what
 # stage 2 measured.
-PLAN_GPU_VIEWS_PER_S = {"feed_cifar10_resnet18": 25_000.0, "feed_imagenette_resnet50": 4_000.0}
+PLAN_GPU_VIEWS_PER_S = {"feed_cifar10_resnet18": 25_000.0, "feed_imagenette_resnet50": 4_000.0,
+                        # 8 views an image at 1.55x the FLOPs of two 224 px views
+                        "feed_imagenette_resnet50_multicrop": 4_000.0 * 8 / 2 / 1.55}
 STAGE_START_S = 20.0  # imports, CUDA context, DALI pipeline build, cuDNN autotuning
 EVAL_SPEEDUP = 1.5  # eval images/s over training views/s: a forward only, but decode-bound
 PROBE_STEP_S = 0.0005  # one linear-probe step on cached features (GPU); CPU dry runs are slower
@@ -104,10 +108,10 @@ def returnable_problems(folder: Path) -> list[str]:
 
 
 def feed_stage(name: str, cap_s: int, out: Path, recipe: str, overrides: list[str], steps: int, warmup: int,
-               batch: int, views_per_s: float, what: str) -> Stage:
+               batch: int, views_per_s: float, what: str, views: int = 2) -> Stage:
     """A feed benchmark stage: three modes (e2e, model, loader), each warm-up + steps."""
     path = out / f"{name}.json"
-    planned = STAGE_START_S + 3 * (warmup + steps) * 2 * batch / views_per_s
+    planned = STAGE_START_S + 3 * (warmup + steps) * views * batch / views_per_s
     return Stage(name, cap_s, [sys.executable, "-m", "benchmarks.feed", "--config", recipe, *overrides,
                                "--steps", str(steps), "--warmup", str(warmup), "--out", str(path)], [path],
                  planned, what)
@@ -164,14 +168,17 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
         cifar = [*tiny, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=16"]
         imagenette = [*tiny, f"data.root={data / 'imagenette2-224-subset' / 'train'}", "data.batch_size=8",
                       "model.proj_hidden_dim=64"]
-        quality = Stage("quality_cifar10", 80, [*quality_cmd, "--probe-epochs", "5", *tiny, "data.batch_size=16"],
+        quality = Stage("quality_cifar10", 70, [*quality_cmd, "--probe-epochs", "5", *tiny, "data.batch_size=16"],
                         [out / "quality_cifar10_cpu.json"], 0.0,
                         "CIFAR-10 (here: the photos in its layout) pretraining, then linear probe and kNN")
         return [tests,
                 feed_stage("feed_cifar10_resnet18", 60, out, "configs/cifar10_resnet18.yaml", cifar, 3, 1, 16, 20.0,
                            "feed: CIFAR-10 JPEGs, ResNet-18, tiny"),
-                feed_stage("feed_imagenette_resnet50", 80, out, "configs/imagenet_resnet50.yaml", imagenette, 2, 1, 8,
+                feed_stage("feed_imagenette_resnet50", 70, out, "configs/imagenet_resnet50.yaml", imagenette, 2, 1, 8,
                            6.0, "feed: Imagenette, ResNet-50, tiny"),
+                feed_stage("feed_imagenette_resnet50_multicrop", 60, out, "configs/imagenet_resnet50.yaml",
+                           [*imagenette, MULTICROP % (16, 8)], 1, 1, 8, 12.0,
+                           "feed: Imagenette, ResNet-50, multi-crop 2x16 + 6x8 px, tiny", views=8),
                 quality]
     common = ["train.device=cuda", "precision=bf16", "data.backend=dali", "data.num_workers=8"]
     cifar = [*common, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=512"]
@@ -183,7 +190,11 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
             feed_stage("feed_imagenette_resnet50", 55, out, "configs/imagenet_resnet50.yaml", imagenette, 30, 5, 256,
                        PLAN_GPU_VIEWS_PER_S["feed_imagenette_resnet50"],
                        "feed: Imagenette, ResNet-50, 224 px, bf16, batch 256"),
-            Stage("quality_cifar10", 170, [*quality_cmd, "--probe-epochs", "100", *common, "data.batch_size=512"],
+            feed_stage("feed_imagenette_resnet50_multicrop", 40, out, "configs/imagenet_resnet50.yaml",
+                       [*imagenette, MULTICROP % (224, 96)], 20, 5, 256,
+                       PLAN_GPU_VIEWS_PER_S["feed_imagenette_resnet50_multicrop"],
+                       "feed: Imagenette, ResNet-50, multi-crop 2x224 + 6x96 px, bf16, batch 256", views=8),
+            Stage("quality_cifar10", 130, [*quality_cmd, "--probe-epochs", "100", *common, "data.batch_size=512"],
                   [out / "quality_cifar10_cuda.json"], 0.0,
                   "CIFAR-10 ResNet-18 pretraining sized to the cap, then linear probe and kNN vs random init")]
 

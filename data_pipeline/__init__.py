@@ -28,6 +28,7 @@ class ViewLoader(Protocol):
     source: Source  # the dataset it reads
     steps_per_epoch: int  # the same on every rank
     views: ViewSpec  # the views each batch carries, and their sizes epoch by epoch
+    rebuilds: list[tuple[int, float]]  # (epoch, seconds to its first batch) of pipelines rebuilt for a new crop size
     corrupt_skipped: int  # distinct corrupt images found so far, each read as the next good one (data.skip_corrupt)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

@@ -282,7 +282,6 @@ class DaliLoader(RankLoader):
         self._batches: Iterator | None = None  # the running pipeline's DALI iterator
         self._next = (-1, -1)  # the (epoch, step) its next batch belongs to
         self._sizes: list[int] = []  # the running pipeline's view sizes
-        self.rebuilds: list[tuple[int, float]] = []
 
     def _upload(self) -> torch.Tensor:
         """data.on_device: the whole array set on the device, once per run (CIFAR-10: 150 MB as uint8)."""

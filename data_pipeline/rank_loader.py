@@ -38,6 +38,7 @@ class RankLoader:
         self.corrupt: set[int] = set()  # sample indices found corrupt
         self.replacement: np.ndarray | None = None  # sample -> itself, or the next good sample
         self.files_checked = False
+        self.rebuilds: list[tuple[int, float]] = []  # (epoch, seconds) of pipelines rebuilt for a new crop size
 
     @property
     def corrupt_skipped(self) -> int:

@@ -167,6 +167,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         feed_main(bench_args[1:])
         return 0
+    if bench_args[:1] == ["views"]:  # simclr bench views ...: step time of view specifications (benchmarks/views.py)
+        from benchmarks.views import main as views_main
+
+        views_main(bench_args[1:])
+        return 0
     if bench_args[:1] == ["startup"]:  # simclr bench startup ...: start-up on large trees (benchmarks/startup.py)
         from benchmarks.startup import main as startup_main
 
@@ -391,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace embeddings of another checkpoint or dataset")
     p.set_defaults(func=cmd_embed)
 
-    p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS)",
+    p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS); "
+                         "simclr bench feed|views|startup for the others",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see simclr bench --help")
     p.set_defaults(func=cmd_bench)

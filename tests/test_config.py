@@ -6,7 +6,8 @@ import pytest
 from trainer.config import ConfigError, config_to_dict, load_config
 from trainer.dataclass_yaml import parse_overrides
 
-RECIPES = ["configs/demo_cpu.yaml", "configs/cifar10_resnet18.yaml", "configs/imagenet_resnet50.yaml"]
+RECIPES = ["configs/demo_cpu.yaml", "configs/cifar10_resnet18.yaml", "configs/imagenet_resnet50.yaml",
+           "configs/imagenet_resnet50_multicrop.yaml", "configs/imagenet_resnet50_progressive.yaml"]
 
 
 def test_defaults_and_overrides():
@@ -54,7 +55,7 @@ def test_unknown_key_suggests_closest():
     ("precision.dtype=fp8", "precision.dtype: 'fp8' is not allowed; choose one of fp32, bf16, fp16"),
     ("train.epochs=ten", "train.epochs: expected an integer, got 'ten'"),
     ("model.cifar_stem=maybe", "model.cifar_stem: expected true or false"),
-    ("model.arch=vit", "model.arch: 'vit' is not allowed"),
+    ("model.arch=vit", "model.arch='vit' is not an encoder we build"),
     ("data.augment.grayscale_prob=1.5", "grayscale_prob"),
     ("optim.momentum=1", "optim.momentum"),
 ])

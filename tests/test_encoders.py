@@ -10,7 +10,8 @@ from torch import nn
 from tests.helpers.runs import tiny_overrides
 from trainer.config import ARCHS, ModelConfig, load_config
 from trainer.distributed import DistInfo
-from trainer.model import FEATURE_DIMS, SimCLRModel, encoder_state_dict
+from trainer.encoders import FEATURE_DIMS
+from trainer.model import SimCLRModel, encoder_state_dict
 from trainer.optim import param_groups
 
 CPU_ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -27,7 +27,8 @@ from benchmarks.gpu_proof import (
 )
 from tests.helpers.runs import PY, REPO
 
-STAGES = ["gpu_tests", "feed_cifar10_resnet18", "feed_imagenette_resnet50", "quality_cifar10"]
+STAGES = ["gpu_tests", "feed_cifar10_resnet18", "feed_imagenette_resnet50", "feed_imagenette_resnet50_multicrop",
+          "quality_cifar10"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_rehearsed_proof_returns_every_stage_evidence_in_out(rehearsal):
         assert f.stat().st_size <= MAX_FILE_MB * 2**20 and len(rel.parts) - 1 <= MAX_DEPTH
         assert all(RETURNABLE_NAME.match(part) for part in rel.parts), rel
     assert sorted(p.name for p in files) == ["feed_cifar10_resnet18.json", "feed_imagenette_resnet50.json",
-                                             "gpu_proof_cpu_dry.json", "gpu_proof_cpu_dry.log",
+                                             "feed_imagenette_resnet50_multicrop.json", "gpu_proof_cpu_dry.json",
+                                             "gpu_proof_cpu_dry.log",
                                              "quality_cifar10_cpu.json"]
     summary = json.loads((out / "gpu_proof_cpu_dry.json").read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -77,7 +79,7 @@ def test_rehearsed_proof_returns_every_stage_evidence_in_out(rehearsal):
     for name in STAGES:
         assert f"[gpu-proof] {name}: planned" in console and f"[gpu-proof] {name}: " in console
     assert "views/s" in console and "linear " in console  # key figures on the console
-    for name in ("feed_cifar10_resnet18", "feed_imagenette_resnet50"):
+    for name in ("feed_cifar10_resnet18", "feed_imagenette_resnet50", "feed_imagenette_resnet50_multicrop"):
         feed = json.loads((out / f"{name}.json").read_text())
         assert [r["mode"] for r in feed["rows"]] == ["e2e", "model", "loader"]
         assert feed["config"]["backend"] == "DaliLoader" and feed["git_commit"] == head

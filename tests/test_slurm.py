@@ -54,9 +54,12 @@ def test_dry_run_script_carries_each_cluster_option(path, capsys):
     assert "srun" in script and "--kill-on-bad-exit=1" in script
 
 
-def test_cli_dry_run_prints_script():
+@pytest.mark.parametrize("recipe,extra", [
+    ("configs/imagenet_resnet50.yaml", []),
+    ("configs/imagenet_resnet50_multicrop.yaml", ["model.arch=timm/convnext_tiny"])])
+def test_cli_dry_run_prints_script(recipe, extra):
     proc = subprocess.run([PY, "-m", "launch", "submit", "--cluster", "cluster_configs/single_node.yaml",
-                           "--config", "configs/imagenet_resnet50.yaml", "--dry-run", "data.root=/d"],
+                           "--config", recipe, "--dry-run", "data.root=/d", *extra],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --gpus-per-node=8" in proc.stdout and "submitit.core._submit" in proc.stdout

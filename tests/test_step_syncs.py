@@ -19,8 +19,14 @@ STEADY = {"train.log_every": 4, "train.stop_check_every": 4, "checkpoint.every_s
 # fp16 convolutions on the CPU take PyTorch's slow reference kernels (~3 s a step here): half the batch
 @pytest.mark.parametrize("extra", [{"precision.dtype": "fp32"}, {"precision.dtype": "bf16"},
                                    {"precision.dtype": "fp16", "data.batch_size": 4}, {"train.micro_batch": 4},
-                                   {"optim.name": "sgd"}, {"optim.name": "adamw"}],
-                         ids=["fp32", "bf16", "fp16", "grad_cache", "sgd", "adamw"])
+                                   {"optim.name": "sgd"}, {"optim.name": "adamw"},
+                                   # multi-crop with a resolution schedule and per-group blur, cached or not
+                                   {"data.views": "[{count: 2, size: [[0, 16], [1, 24]]}, {count: 3, size: 8, "
+                                                  "blur_prob: 0.0, solarize_prob: 0.2}]", "train.micro_batch": 4},
+                                   {"data.views": "[{count: 2}, {count: 4, size: 8}]", "model.arch": "timm/resnet10t",
+                                    "model.cifar_stem": "false"}],
+                         ids=["fp32", "bf16", "fp16", "grad_cache", "sgd", "adamw", "multi_crop_cached",
+                              "multi_crop_timm"])
 def test_no_host_sync_in_a_steady_state_step(photo_data, tmp_path, extra):
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{**STEADY, **extra}))
     assert count_window_syncs(cfg) == {}

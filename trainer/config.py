@@ -25,14 +25,14 @@ from trainer.dataclass_yaml import (
     read_yaml_mapping,
     to_plain_dict,
 )
+from trainer.distributed import DistConfig
+from trainer.encoders import ARCHS, check_arch
+from trainer.losses import LOSSES, LossConfig
 
-__all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "config_from_dict", "config_to_dict",
-           "dump_config", "load_config"]
+__all__ = ["ARCHS", "AugmentConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "LossConfig",
+           "config_from_dict", "config_to_dict", "dump_config", "load_config"]
 
 
-# torchvision ResNets: the SimCLR paper's ResNet-50 (wide_resnet*_2 are its 2x widths), SimCLRv2's deeper ones;
-# any other encoder is a timm model, model.arch=timm/<name>
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 Device = Literal["auto", "cpu", "cuda"]  # auto: CUDA when visible
 DEVICES: tuple[str, ...] = get_args(Device)
 
@@ -64,13 +64,6 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     schedule: Literal["cosine", "constant"] = "cosine"
     final_lr_fraction: float = 0.0
-
-
-@dataclass
-class LossConfig:
-    name: str = "nt_xent"  # a loss registered in trainer/losses/ (nt_xent: SimCLR's, for any number of views)
-    temperature: float = 0.1
-    gather_negatives: bool = True  # negatives from the global batch across ranks
 
 
 @dataclass
@@ -115,12 +108,6 @@ class TrackingConfig:
     register_as: str = ""  # also register that model under this name in the model registry
     system_metrics: bool = True  # CPU, memory, disk, network (and GPU where NVML is present) as system/*
     system_metrics_interval_s: float = 10.0
-
-
-@dataclass
-class DistConfig:
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_s: float = 600.0  # a dead or stuck rank ends the job after this long, not a hang
 
 
 @dataclass
@@ -189,14 +176,9 @@ def validate(cfg: Config) -> Config:
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
     _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
            "needs tracking.log_model=true (the registered version is the logged model)")
-    from trainer.losses import LOSSES
-
     _check(cfg.loss.name in LOSSES, "loss.name", cfg.loss.name, f"choose one of {', '.join(sorted(LOSSES))}")
     _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
-    if cfg.model.arch not in ARCHS or cfg.model.cifar_stem:
-        from trainer.model import check_arch  # imports timm only for a timm encoder
-
-        check_arch(cfg.model.arch, cfg.model.cifar_stem)
+    check_arch(cfg.model.arch, cfg.model.cifar_stem)  # imports timm only for a timm encoder
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")

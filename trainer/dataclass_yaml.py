@@ -28,8 +28,14 @@ def _closest(name: str, options: list[str]) -> str:
 
 def _forms(args: tuple[Any, ...]) -> str:
     """What each member of a union looks like in YAML, for the error."""
-    return ", ".join("a mapping with " + "/".join(f.name for f in dataclasses.fields(a)) if dataclasses.is_dataclass(a)
-                     else "a list" if typing.get_origin(a) is list else getattr(a, "__name__", str(a)) for a in args)
+    def form(a: Any) -> str:
+        if dataclasses.is_dataclass(a):
+            return "a mapping with " + "/".join(f.name for f in dataclasses.fields(a))
+        if typing.get_origin(a) is list:
+            return "a list"
+        return "an integer" if a is int else f"a {getattr(a, '__name__', a)}"
+
+    return ", ".join(form(a) for a in args)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -52,9 +58,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         fits = [a for a in args if (dataclasses.is_dataclass(a) if shape is dict else typing.get_origin(a) is shape)]
         if shape is None:
             fits = [a for a in args if not dataclasses.is_dataclass(a) and typing.get_origin(a) is None]
-        if not fits:
-            raise ConfigError(f"{key}: {value!r} is none of the allowed forms ({_forms(args)})")
-        return _coerce(value, fits[0], key)
+        if fits and shape is not None:
+            return _coerce(value, fits[0], key)
+        for tp_ in fits:
+            try:
+                return _coerce(value, tp_, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is none of the allowed forms ({_forms(args)})")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

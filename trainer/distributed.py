@@ -13,13 +13,18 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from trainer.config import DistConfig
 from trainer.device import choose_device
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: float = 600.0  # a dead or stuck rank ends the job after this long, not a hang
 
 
 @dataclass(frozen=True)

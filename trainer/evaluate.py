@@ -18,7 +18,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, Source, labelled_indices
 from trainer.checkpoint import CheckpointError, SavedWeights, load_weights
 from trainer.config import Config, config_from_dict, load_config
-from trainer.model import SimCLRModel, build_encoder, head_features
+from trainer.encoders import build_encoder
+from trainer.model import SimCLRModel, head_features
 
 
 @torch.no_grad()

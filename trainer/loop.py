@@ -166,8 +166,8 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
             checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted
             if log_due or checkpoint_due or epoch_end:  # before anything is written: is the folder still ours?
                 check_run_folder(parts)
-            # the online probe's epoch figures go in the same metrics row as a window ending there
-            extra = online_probe_metrics(parts) if parts.online_probe is not None and epoch_end else {}
+            # the epoch's figures (view sizes, the online probe's) go in the same metrics row as a window ending there
+            extra = epoch_metrics(parts, step // steps_per_epoch - 1) if epoch_end else {}
             if log_due:
                 last_loss = log_window(parts, window, skips, step, bar, extra)
             elif extra:
@@ -311,8 +311,11 @@ def describe_run(parts: TrainParts) -> str:
     """The run's description on its MLflow page: what was trained, on what, how."""
     cfg, source = parts.cfg, parts.loader.source
     classes = f", {len(source.classes)} classes" if source.classes else ""
-    return (f"SimCLR {cfg.model.arch} on {cfg.data.root} ({len(source)} images{classes}): 2 views of "
-            f"{cfg.data.image_size} px, world size {parts.info.world_size}, batch {cfg.data.batch_size}, "
+    views = parts.loader.views
+    sizes = views.describe(0) + (f", {views.describe(cfg.train.epochs - 1)} in the last epoch" if views.changes_size()
+                                 else "")
+    return (f"SimCLR {cfg.model.arch} on {cfg.data.root} ({len(source)} images{classes}): views {sizes}, "
+            f"world size {parts.info.world_size}, batch {cfg.data.batch_size}, "
             f"{cfg.train.epochs} epochs ({parts.schedule.total} steps), {cfg.optim.name} lr {cfg.optim.lr:g}, "
             f"temperature {cfg.loss.temperature:g}")
 
@@ -366,6 +369,20 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
 def knn_due(cfg: Config, step: int, steps_per_epoch: int) -> bool:
     every = cfg.train.knn_every_epochs
     return bool(every and cfg.data.val_root and step % (steps_per_epoch * every) == 0)
+
+
+def epoch_metrics(parts: TrainParts, epoch: int) -> dict[str, float]:
+    """At the end of ``epoch``: the crop size of each view group in force during it, the stall of a
+    pipeline rebuilt for a new size at its start (DALI), the online probe's figures (collectives)."""
+    spec = parts.loader.views
+    metrics: dict[str, float] = {f"view_size_{i}": group.size_at(epoch, spec.image_size)
+                                 for i, group in enumerate(spec.groups)}
+    for at, seconds in parts.loader.rebuilds:
+        if at == epoch:
+            metrics["pipeline_rebuild_s"] = seconds
+    if parts.online_probe is not None:
+        metrics.update(online_probe_metrics(parts))
+    return metrics
 
 
 def online_probe_metrics(parts: TrainParts) -> dict[str, float]:

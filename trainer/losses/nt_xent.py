@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.config import LossConfig
 from trainer.distributed import gather_with_grad, rank
-from trainer.losses import LossFn, register_loss
+from trainer.losses.registry import LossConfig, LossFn, register_loss
 
 
 def contrastive_loss(local: torch.Tensor, columns: torch.Tensor, first_row: int,

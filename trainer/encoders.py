@@ -1,0 +1,79 @@
+"""Encoders by name: a torchvision ResNet (``resnet50``) or ``timm/<name>`` for any timm model
+(``timm/convnext_tiny``, ``timm/vit_small_patch16_224``), built without its classifier so that it
+returns pooled features. No weights are downloaded. The config checks names here at load."""
+
+from __future__ import annotations
+
+import torchvision
+from torch import nn
+
+from trainer.dataclass_yaml import ConfigError
+
+# torchvision ResNets: the SimCLR paper's ResNet-50 (wide_resnet*_2 are its 2x widths), SimCLRv2's deeper ones;
+# any other encoder is a timm model, model.arch=timm/<name>
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
+
+# the torchvision encoders we build, and the width of their pooled features
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+                "wide_resnet50_2": 2048, "wide_resnet101_2": 2048}
+
+
+TIMM_PREFIX = "timm/"
+
+
+class EncoderError(ConfigError):
+    """An encoder that cannot be built as configured (an unknown name, a stem that does not apply)."""
+
+
+def timm_name(arch: str) -> str | None:
+    """The timm model name of ``timm/<name>``, None for a torchvision encoder."""
+    return arch[len(TIMM_PREFIX):] if arch.startswith(TIMM_PREFIX) else None
+
+
+def check_arch(arch: str, cifar_stem: bool = False) -> None:
+    """EncoderError naming the fix when ``arch`` is neither a torchvision ResNet we build nor a timm
+    model, or when ``cifar_stem`` is asked of an encoder it does not apply to (timm's own stems)."""
+    name = timm_name(arch)
+    if name is None:
+        if arch not in ARCHS:
+            raise EncoderError(f"model.arch={arch!r} is not an encoder we build; choose one of "
+                               f"{', '.join(ARCHS)}, or timm/<name> for a timm model (e.g. timm/resnet50d)")
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (close: {', '.join(TIMM_PREFIX + c for c in close)})" if close else ""
+        raise EncoderError(f"model.arch={arch!r}: timm {timm.__version__} has no model {name!r}{hint}; "
+                           "python -c \"import timm; print(timm.list_models('*convnext*'))\" lists them")
+    if cifar_stem:
+        raise EncoderError(f"model.cifar_stem=true replaces a torchvision ResNet's stem; {arch} is a timm model with "
+                           "its own: set model.cifar_stem=false (for small images pick a timm variant made for them, "
+                           "or a torchvision resnet with the CIFAR stem)")
+
+
+def build_encoder(arch: str, cifar_stem: bool = False) -> nn.Module:
+    """The encoder without its classifier, returning pooled features (``num_features`` wide):
+    a torchvision ResNet (``fc`` is Identity) or a timm model (``num_classes=0``); never downloads
+    weights."""
+    check_arch(arch, cifar_stem)
+    name = timm_name(arch)
+    if name is not None:
+        import timm
+
+        try:  # ViTs: position embeddings interpolated to each crop size (multi-crop, resolution schedules)
+            return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        except TypeError:  # a model without the option (CNNs take any size as they are)
+            return timm.create_model(name, pretrained=False, num_classes=0)
+    net = getattr(torchvision.models, arch)(weights=None)
+    if cifar_stem:  # small images: keep resolution in the stem, as in the SimCLR paper's CIFAR runs
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    net.num_features = FEATURE_DIMS[arch]
+    return net
+
+
+def feature_dim(encoder: nn.Module) -> int:
+    """The width of the encoder's pooled features (what the probe and the head see)."""
+    return int(encoder.num_features)
