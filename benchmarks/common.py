@@ -17,7 +17,7 @@ import torch
 from trainer.config import config_from_dict
 from trainer.device import synchronize
 from trainer.distributed import DistInfo
-from trainer.encoders import timm_name
+from trainer.encoders import EncoderError, check_arch, timm_name
 from trainer.parts import ModelParts, build_model_parts
 from trainer.tracking import git_commit, library_versions
 
@@ -47,6 +47,17 @@ def benchmark_parts(arch: str, image_size: int, precision: str, info: DistInfo, 
 def synthetic_views(groups: list[tuple[int, int]], images: int, device: torch.device) -> list[torch.Tensor]:
     """Random size groups as a loader yields them: ``groups`` holds (size, views) each."""
     return [torch.randn(views, images, 3, size, size, device=device) for size, views in groups]
+
+
+def encoder_arch(text: str) -> str:
+    """argparse type of ``--arch``: a torchvision ResNet or timm/<name>, checked as the config checks it."""
+    import argparse
+
+    try:
+        check_arch(text)
+    except EncoderError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_views(text: str) -> list[tuple[int, int]]:

@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, device_name, result_header, write_json
-from trainer.config import ARCHS, DEVICES
+from benchmarks.common import RESULTS, device_name, encoder_arch, result_header, write_json
+from trainer.config import DEVICES
 
 
 def measure_point(arch: str, image_size: int, cifar_stem: bool, precision: str, batch: int, micro: int,
@@ -64,7 +64,7 @@ def run_point(args: argparse.Namespace, batch: int, micro: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.grad_cache", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet18", choices=ARCHS)
+    p.add_argument("--arch", default="resnet18", type=encoder_arch, help="a torchvision ResNet or timm/<name>")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem (16x the activations at 32 px)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])

@@ -15,13 +15,13 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, device_name, result_header, write_json
+from benchmarks.common import RESULTS, device_name, encoder_arch, result_header, write_json
 from benchmarks.lars import bench_lars
 from benchmarks.loss import bench_loss
 from benchmarks.pipeline import compare_loaders, fallback_data
 from benchmarks.scaling import bench_scaling
 from benchmarks.step import bench_ssl_step
-from trainer.config import ARCHS, DEVICES, TrackingConfig
+from trainer.config import DEVICES, TrackingConfig
 from trainer.device import choose_device
 from trainer.plots import pyplot, save_figure
 from trainer.precision import AUTOCAST_DTYPES
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="simclr bench feed --help: the feed benchmark (does the data pipeline keep the "
                                        "training step busy)")
-    p.add_argument("--arch", default="resnet18", choices=ARCHS, help="encoder")
+    p.add_argument("--arch", default="resnet18", type=encoder_arch, help="encoder: a torchvision ResNet or timm/<name>")
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (px)")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch (images)")
     p.add_argument("--precision", default="fp32", choices=list(AUTOCAST_DTYPES), help="autocast dtype")

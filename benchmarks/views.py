@@ -23,6 +23,7 @@ from benchmarks.common import (
     alone_on,
     benchmark_parts,
     device_name,
+    encoder_arch,
     parse_views,
     result_header,
     summary,
@@ -69,7 +70,7 @@ def bench_views(arch: str, specs: list[str], batch_size: int, precision: str, wa
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="simclr bench views", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet18", help="encoder: a torchvision ResNet or timm/<name>")
+    p.add_argument("--arch", default="resnet18", type=encoder_arch, help="encoder: a torchvision ResNet or timm/<name>")
     p.add_argument("--views", nargs="+", default=["2x32", "2x32+6x16", "2x24"],
                    help="view specifications COUNTxSIZE[+COUNTxSIZE...]; ratios are to the first")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
@@ -83,12 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
         for spec in args.views:
             parse_views(spec)
     except ValueError as exc:
-        p.error(str(exc))
-    from trainer.config import ConfigError, config_from_dict
-
-    try:
-        config_from_dict({"model": {"arch": args.arch}})
-    except ConfigError as exc:
         p.error(str(exc))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)

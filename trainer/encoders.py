@@ -45,7 +45,7 @@ def check_arch(arch: str, cifar_stem: bool = False) -> None:
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f" (close: {', '.join(TIMM_PREFIX + c for c in close)})" if close else ""
         raise EncoderError(f"model.arch={arch!r}: timm {timm.__version__} has no model {name!r}{hint}; "
-                           "python -c \"import timm; print(timm.list_models('*convnext*'))\" lists them")
+                           f"python -c \"import timm; print(timm.list_models('*{name.split('_')[0]}*'))\" lists them")
     if cifar_stem:
         raise EncoderError(f"model.cifar_stem=true replaces a torchvision ResNet's stem; {arch} is a timm model with "
                            "its own: set model.cifar_stem=false (for small images pick a timm variant made for them, "
