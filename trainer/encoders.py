@@ -4,6 +4,8 @@ returns pooled features. No weights are downloaded. The config checks names here
 
 from __future__ import annotations
 
+import difflib
+
 import torchvision
 from torch import nn
 
@@ -42,7 +44,7 @@ def check_arch(arch: str, cifar_stem: bool = False) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" (close: {', '.join(TIMM_PREFIX + c for c in close)})" if close else ""
         raise EncoderError(f"model.arch={arch!r}: timm {timm.__version__} has no model {name!r}{hint}; "
                            f"python -c \"import timm; print(timm.list_models('*{name.split('_')[0]}*'))\" lists them")
