@@ -34,7 +34,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "the head's first layer); needs a training checkpoint step_N.pt")
     p.add_argument("--tsne", action="store_true", help="write t-SNE plots of the held-out features")
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/eval)")
-    p.add_argument("--mlflow", action="store_true", help="log the report, plots and metrics to MLflow")
+    p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=None,
+                   help="log the figures (eval/...), the report and the plots to MLflow: into the training run the "
+                        "checkpoint belongs to, else into an evaluation run of its own. Default: on, unless the run "
+                        "was trained with tracking.enabled=false; --no-mlflow skips it")
     p.add_argument("--timeout-s", type=float, default=600.0,
                    help="with several ranks: how long a rank waits for the others before the job ends (a dead or "
                         "stuck rank)")
@@ -56,8 +59,8 @@ def eval_argv(args: argparse.Namespace) -> list[str]:
            "--timeout-s", f"{args.timeout_s:g}"]
     out += ["--finetune", *map(str, args.finetune)] if args.finetune else []
     out += ["--out", str(args.out)] if args.out else []
-    out += [flag for flag, on in (("--no-baseline", args.no_baseline), ("--tsne", args.tsne),
-                                  ("--mlflow", args.mlflow)) if on]
+    out += [flag for flag, on in (("--no-baseline", args.no_baseline), ("--tsne", args.tsne)) if on]
+    out += [] if args.mlflow is None else ["--mlflow" if args.mlflow else "--no-mlflow"]
     return out
 
 
@@ -119,15 +122,30 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
         print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
         if report.neighbours:
             print(f"nearest neighbours (8 queries, each beside its 8 nearest training images): {report.neighbours}")
-        if args.mlflow:
+        if args.mlflow or (args.mlflow is None and cfg.tracking.enabled):
             _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
+        elif args.mlflow is None:
+            print("[simclr] note: not logged to MLflow (the run was trained with tracking.enabled=false); pass "
+                  "--mlflow to log this evaluation", flush=True)
         return report.to_dict()
     finally:
         teardown()
 
 
+def eval_metric_names(report: Report) -> dict[str, float]:
+    """The report's figures as MLflow metrics in the ``eval`` chart group: the evaluated encoder's as
+    ``eval/<score>`` (what the runs table of a sweep compares), the others' as ``eval/<row>_<score>``."""
+    out = {}
+    for name, row in report.rows.items():
+        prefix = "eval/" if name == "SimCLR" else f"eval/{name.replace(' ', '_')}_"
+        out.update({f"{prefix}{k}": row[k] for k in report.scores() if k in row})
+    return out
+
+
 def _log_eval_to_mlflow(report: Report, out_dir: Path, checkpoint: str, cfg) -> None:
-    """Into the training run when the checkpoint names one, else a new run in '<experiment>-eval'."""
+    """Into the training run when the checkpoint's folder names one, else into an evaluation run of
+    its own in '<experiment>-eval', tagged with the checkpoint's path. A store that cannot be reached
+    costs one warning: the report on disk is the evaluation."""
     import dataclasses
     import time
 
@@ -139,12 +157,17 @@ def _log_eval_to_mlflow(report: Report, out_dir: Path, checkpoint: str, cfg) -> 
     tracking = cfg.tracking
     if run_id is None:
         tracking = dataclasses.replace(tracking, experiment=f"{tracking.experiment}-eval")
-    run = MlflowRun(dataclasses.replace(tracking, system_metrics=False), source="simclr eval")
-    run.start({"eval.checkpoint": checkpoint}, {"simclr.eval": "1"}, run_id=run_id)
-    metrics = {f"eval.{name.replace(' ', '_')}.{k}": row[k] for name, row in report.rows.items()
-               for k in report.scores()}
-    run.log(metrics, step=0, time_ms=int(time.time() * 1000))
+    run = MlflowRun(dataclasses.replace(tracking, system_metrics=False), source="simclr eval", retry_s=0.0,
+                    goes_on=f"the evaluation is not logged there; its report is in {out_dir}")
+    tags = {"simclr.eval": "1", "simclr.checkpoint": str(path)}
+    run.start({"eval.checkpoint": str(path)} if run_id is None else {}, tags, run_id=run_id)
+    if not run.flush(force=True):  # the store did not answer: said once, by the run
+        return
+    run.log(eval_metric_names(report), step=0, time_ms=int(time.time() * 1000))
     for file in sorted(out_dir.glob("*.png")) + [out_dir / "report.json", out_dir / "report.md"]:
         run.log_artifact(file, "eval")
-    run.finish()
+    if run_id is None:
+        run.finish()
+    else:  # the training run keeps the status its training ended with
+        run.finish(None)
     print(f"logged to {run.describe()}")

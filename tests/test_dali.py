@@ -197,7 +197,7 @@ def test_skipped_corrupt_images_are_counted_in_the_training_metrics(photo_data, 
         "data.backend": "dali", "data.skip_corrupt": "true", "train.stop_after_steps": 2, "tracking.enabled": "false"}))
     train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["skipped_corrupt_images"] == 1
+    assert rows[-1]["data/skipped_corrupt_images"] == 1
 
 
 @pytest.mark.parametrize("split", ["val", "val.npz"])

@@ -40,9 +40,9 @@ def trained_run(photo_data, tmp_path_factory):
 def test_knn_monitor_is_logged_during_pretraining(trained_run):
     run, result = trained_run
     rows = [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines()]
-    knn = [r for r in rows if "knn_top1" in r]
-    assert [r["step"] for r in knn] == [10, 20] and all(0 <= r["knn_top1"] <= 1 for r in knn)
-    history = MlflowClient(f"sqlite:///{run}/m.db").get_metric_history(result.run_id, "knn_top1")
+    knn = [r for r in rows if "knn/top1" in r]
+    assert [r["step"] for r in knn] == [10, 20] and all(0 <= r["knn/top1"] <= 1 for r in knn)
+    history = MlflowClient(f"sqlite:///{run}/m.db").get_metric_history(result.run_id, "knn/top1")
     assert [m.step for m in history] == [10, 20]
 
 
@@ -65,7 +65,7 @@ def test_eval_command_reports_probe_knn_finetune_tsne_and_logs_to_the_training_r
     assert "| SimCLR |" in proc.stdout and "| random init |" in proc.stdout
     client = MlflowClient(f"sqlite:///{run}/m.db")
     metrics = client.get_run(result.run_id).data.metrics
-    assert "eval.SimCLR.linear_top1" in metrics and "eval.random_init.knn_top1" in metrics
+    assert "eval/linear_top1" in metrics and "eval/random_init_knn_top1" in metrics
     assert {a.path for a in client.list_artifacts(result.run_id, "eval")} >= {"eval/tsne_simclr.png",
                                                                               "eval/report.json",
                                                                               "eval/neighbours.png"}
@@ -122,6 +122,45 @@ def test_bench_command_writes_table_json_and_plot(tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_logs_by_default_and_a_lone_encoder_gets_a_run_of_its_own(trained_run, photo_data, tmp_path, capfd):
+    """No flag needed: an encoder whose folder names no run (copied away from its run folder) gets an
+    evaluation run of its own, tagged with its path; a store that cannot be reached costs one warning,
+    never the evaluation; --no-mlflow logs nothing."""
+    import shutil
+
+    from launch.evaluation import eval_parser, run_evaluation
+    from trainer.distributed import free_port
+
+    run, result = trained_run
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(result.encoder_path, lone / "encoder.pt")
+    shutil.copy(result.run_dir / "config.yaml", lone / "config.yaml")
+
+    def evaluate(*extra: str) -> dict:
+        return run_evaluation(eval_parser().parse_args([
+            "--checkpoint", str(lone / "encoder.pt"), "--train-data", str(photo_data / "train"), "--val-data",
+            str(photo_data / "val"), "--probe-epochs", "1", "--workers", "0", "--device", "cpu", "--no-baseline",
+            *extra]))
+
+    capfd.readouterr()
+    report = evaluate()
+    client = MlflowClient(f"sqlite:///{run}/m.db")
+    (own,) = client.search_runs([client.get_experiment_by_name("simclr-eval").experiment_id])
+    assert own.data.tags["simclr.checkpoint"] == str((lone / "encoder.pt").resolve())
+    assert own.data.tags["mlflow.source.name"] == "simclr eval"
+    assert own.data.metrics["eval/linear_top1"] == pytest.approx(report["rows"]["SimCLR"]["linear_top1"])
+    assert "logged to MLflow run" in capfd.readouterr().out
+    text = (lone / "config.yaml").read_text().replace(f"sqlite:///{run}/m.db", f"http://127.0.0.1:{free_port()}")
+    (lone / "config.yaml").write_text(text)
+    assert evaluate()["rows"]["SimCLR"]["linear_top1"] == report["rows"]["SimCLR"]["linear_top1"]
+    said = capfd.readouterr()
+    assert said.err.count("WARNING") == 1 and "the evaluation is not logged there" in said.err, said.err
+    evaluate("--no-mlflow")
+    said = capfd.readouterr()
+    assert "WARNING" not in said.err and "logged to" not in said.out
+
+
 def test_demo_command_runs_end_to_end(tmp_path):
     """`make demo`'s command, shortened: pretraining (2 ranks), the MLflow model, eval and the report."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
@@ -140,7 +179,7 @@ def test_demo_command_runs_end_to_end(tmp_path):
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     run_id = json.loads((tmp_path / "runs" / "demo" / "mlflow_run.json").read_text())["run_id"]
-    assert "eval.SimCLR.linear_top1" in client.get_run(run_id).data.metrics
+    assert "eval/linear_top1" in client.get_run(run_id).data.metrics
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_zero_byte_image_is_skipped_on_the_torchvision_backend(photo_data, tmp_p
     result = train(cfg)
     assert result.step == 10
     rows = (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert '"skipped_corrupt_images": 1' in rows
+    assert '"data/skipped_corrupt_images": 1' in rows
 
 
 def test_a_corrupt_file_is_named_before_any_mlflow_run_exists(photo_data, tmp_path):
@@ -403,7 +403,7 @@ def test_sync_replays_params_tags_name_artifacts_and_metrics(photo_data, tmp_pat
     assert run.info.run_name == "offline-run" and run.info.status == "FINISHED"
     assert run.data.params["optim.name"] == "lars" and run.data.params["world_size"] == "1"
     assert run.data.tags["simclr.device"] == "cpu"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8, 10]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6, 8, 10]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "encoder.pt", "curves.png"}
 
 
@@ -471,7 +471,7 @@ def assert_nothing_lost(uri: str, count: int = 4) -> None:
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["optim.name"] == "lars" and "version.torch" in run.data.params
-        for key in ("loss", "contrastive_acc", "lr", "images_per_s"):
+        for key in ("train/loss", "train/contrastive_acc", "train/lr", "perf/images_per_s"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 6)), key
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "encoder.pt",
                                                                              "curves.png"}
@@ -562,7 +562,7 @@ def test_resume_none_into_a_folder_with_checkpoints_needs_overwrite(tiny_config)
 def tracking_rows(run_dir):
     from trainer.tracking import read_metrics_file
 
-    return [r for r in read_metrics_file(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+    return [r for r in read_metrics_file(Path(run_dir) / "metrics.jsonl") if "train/loss" in r]
 
 
 def test_a_finished_run_run_again_says_so_and_does_nothing(tiny_config, capsys):

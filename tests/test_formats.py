@@ -314,7 +314,7 @@ def test_two_gloo_ranks_pretrain_on_shards(tmp_path, photo_data, backend):
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 10 and np.isfinite(rows[-1]["loss"])  # 80 images, batch 8: 10 steps
+    assert rows[-1]["step"] == 10 and np.isfinite(rows[-1]["train/loss"])  # 80 images, batch 8: 10 steps
     assert (tmp_path / "run" / "encoder.pt").exists()
 
 

@@ -31,11 +31,11 @@ def test_the_probe_resumes_exactly(photo_data, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    rows = [r for r in metrics(tmp_path / "a") if "online_probe_top1" in r]
+    rows = [r for r in metrics(tmp_path / "a") if "probe/train_top1" in r]
     assert [r["step"] for r in rows] == [10, 20]  # once per epoch
-    assert all(0 <= r["online_probe_top1"] <= 1 and 0 <= r["online_probe_val_top1"] <= 1 for r in rows)
-    resumed_rows = [r for r in metrics(tmp_path / "b") if "online_probe_top1" in r]
-    assert resumed_rows[-1]["online_probe_val_top1"] == rows[-1]["online_probe_val_top1"]
+    assert all(0 <= r["probe/train_top1"] <= 1 and 0 <= r["probe/val_top1"] <= 1 for r in rows)
+    resumed_rows = [r for r in metrics(tmp_path / "b") if "probe/train_top1" in r]
+    assert resumed_rows[-1]["probe/val_top1"] == rows[-1]["probe/val_top1"]
 
 
 def test_no_gradient_reaches_the_encoder_and_the_probe_learns(photo_data, tmp_path):

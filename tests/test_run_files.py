@@ -28,7 +28,7 @@ def test_a_torn_last_metrics_line_does_not_break_resume_or_sync(tiny_config, tmp
     result = train(tiny_config())  # resumed to the end: finish_run reads the file back (curves)
     assert result.step == 20 and result.encoder_path is not None
     rows = read_jsonl(metrics)
-    assert [r["step"] for r in rows if "loss" in r][-1] == 20
+    assert [r["step"] for r in rows if "train/loss" in r][-1] == 20
     run_id, _ = sync_offline(cfg.train.run_dir, TrackingConfig(uri=f"sqlite:///{tmp_path / 'other.db'}"), None)
     assert run_id
 

@@ -255,7 +255,7 @@ def test_a_copied_run_folder_starts_its_own_mlflow_run_naming_its_parent(tiny_co
     for result, parent in ((copied, first.run_id), (from_path, first.run_id)):
         tags = client.get_run(result.run_id).data.tags
         assert tags["simclr.parent_run_id"] == parent and tags["simclr.resumed_from"], tags
-    losses = client.get_metric_history(first.run_id, "loss")
+    losses = client.get_metric_history(first.run_id, "train/loss")
     assert sorted(m.step for m in losses) == [2, 4]  # the original's own steps, once each
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(copy_dir))["mlflow_run_id"] == copied.run_id
 
@@ -457,7 +457,7 @@ def test_a_run_folder_moved_while_training_stops_and_resumes_where_it_went(photo
     steps = [row["step"] for row in read_jsonl(moved / "metrics.jsonl")]
     assert newest <= max(steps_before) and steps == sorted(set(steps)) and max(steps) == max(steps_before) + 2, steps
     history = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(result.run_id,
-                                                                                                       "loss")]
+                                                                                                       "train/loss")]
     assert sorted(history) == steps, history  # each step once
 
 

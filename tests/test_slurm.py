@@ -176,7 +176,7 @@ def test_two_task_job_trains_and_logs(slurm, photo_data, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["world_size"] == "2" and run.data.tags["slurm.job_id"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8, 10]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6, 8, 10]
 
 
 @pytest.mark.slurm
@@ -216,7 +216,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, pho
     client, runs = mlflow_runs(tmp_path / "m.db")
     preempt_runs = [r for r in runs if r.info.run_name == "preempt"]
     assert len(preempt_runs) == 1
-    steps = [m.step for m in client.get_metric_history(preempt_runs[0].info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(preempt_runs[0].info.run_id, "train/loss")]
     assert steps[-1] == 40 and steps == sorted(set(steps))
 
 

@@ -102,7 +102,7 @@ def test_two_node_job_preempted_requeues_and_continues_bitwise(two_nodes, photo_
     assert all(torch.equal(ours["model"][k], ref["model"][k]) for k in ours["model"])
     client, runs = mlflow_runs(tmp_path / "m.db")
     (run,) = [r for r in runs if r.info.run_name == "preempt2"]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert run.info.status == "FINISHED" and steps[-1] == 80 and steps == sorted(set(steps))
 
 

@@ -1,6 +1,7 @@
 """MLflow tracking against a real `mlflow server` on 127.0.0.1, the local default store, and an
 unreachable server (training goes on, nothing is lost)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,9 +26,10 @@ def check_run(uri, run_id, steps_expected):
     params = run.data.params
     assert params["optim.name"] == "lars" and params["world_size"] == "1" and params["loss.temperature"] == "0.2"
     assert "version.torch" in params and "git_commit" in params
-    loss = client.get_metric_history(run_id, "loss")
+    loss = client.get_metric_history(run_id, "train/loss")
     assert [m.step for m in loss] == steps_expected
-    for key in ("contrastive_acc", "lr", "images_per_s", "data_wait_fraction", "peak_memory_mb"):
+    for key in ("train/contrastive_acc", "train/lr", "perf/images_per_s", "perf/data_wait_fraction",
+                "perf/peak_memory_mb"):
         assert client.get_metric_history(run_id, key), key
     arts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "encoder.pt", "curves.png"} <= arts
@@ -59,6 +61,31 @@ def test_real_server_run_has_params_metrics_artifacts(mlflow_server, photo_data,
     assert sorted(inputs) == ["training", "validation"]
     assert json.loads(inputs["training"].source)["uri"] == str(photo_data / "train")
     assert json.loads(inputs["validation"].profile)["num_samples"] == 40 and inputs["training"].name.endswith("train")
+    # its evaluation logs into it by default; then the run as the UI's pages read it, through the REST API
+    from launch.evaluation import eval_parser, run_evaluation
+
+    run_evaluation(eval_parser().parse_args([
+        "--checkpoint", str(result.encoder_path), "--train-data", str(photo_data / "train"), "--val-data",
+        str(photo_data / "val"), "--probe-epochs", "1", "--workers", "0", "--device", "cpu", "--no-baseline"]))
+    import urllib.request
+
+    def rest(path: str) -> dict:
+        with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/{path}", timeout=30) as answer:
+            return json.loads(answer.read())
+
+    page = rest(f"runs/get?run_id={result.run_id}")["run"]
+    experiment = rest(f"experiments/get?experiment_id={page['info']['experiment_id']}")["experiment"]
+    assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    tags = {t["key"]: t["value"] for t in page["data"]["tags"]}
+    assert tags["mlflow.source.git.commit"] == head and tags["mlflow.note.content"] == note and tags["mlflow.user"]
+    assert sorted(i["tags"][0]["value"] for i in page["inputs"]["dataset_inputs"]) == ["training", "validation"]
+    keys = {m["key"] for m in page["data"]["metrics"]}
+    assert {"train/loss", "train/contrastive_acc", "perf/images_per_s", "probe/train_top1", "probe/val_top1",
+            "eval/linear_top1", "eval/knn_top1"} <= keys
+    assert all(key.split("/")[0] in ("train", "perf", "data", "probe", "knn", "eval", "system") for key in keys), keys
+    with urllib.request.urlopen(f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs/"
+                                f"{result.run_id}", timeout=30) as answer:  # the page itself is served
+        assert answer.status == 200 and "text/html" in answer.headers["Content-Type"]
 
 
 def test_an_experiment_the_user_made_keeps_its_kind(mlflow_server):
@@ -102,7 +129,7 @@ def test_unreachable_server_training_goes_on_and_metrics_are_kept(photo_data, tm
     err = capfd.readouterr().err
     assert err.count("WARNING: MLflow at") == 1 and "failed while starting the run: unreachable" in err  # warned once
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10] and all("loss" in r for r in rows)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10] and all("train/loss" in r for r in rows)
 
 
 def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
@@ -116,7 +143,7 @@ def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
     assert tracker.mlflow.pending  # queued, not dropped
     tracker.mlflow.client = MlflowClient(mlflow_server)  # back
     tracker.finish()
-    history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
@@ -189,7 +216,7 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
     result = train(cfg)
     client = MlflowClient(cfg.tracking.uri)
     assert client.get_run(result.run_id).info.status == "RUNNING"  # the close never reached the store
-    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [2, 4]
 
     def sync():
         proc = subprocess.run([sys.executable, "-m", "launch", "sync", cfg.train.run_dir], cwd=REPO,
@@ -199,12 +226,12 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
     sync()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(result.run_id, "train/loss")]
     assert steps == list(range(2, 21, 2))  # each point once
     assert client.get_registered_model("synced-encoder").latest_versions
     assert len(client.search_runs([run.info.experiment_id])) == 1  # no duplicate run
     sync()
-    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == steps
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == steps
     assert len(client.search_model_versions("name='synced-encoder'")) == 1
 
 
@@ -408,12 +435,12 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(mlflow_server
     record = json.loads((run_dir / "mlflow_run.json").read_text())
     client = MlflowClient(mlflow_server)
     run = client.get_run(record["run_id"])
-    assert run.info.status == "KILLED" or run.data.metrics["loss"] > 0
+    assert run.info.status == "KILLED" or run.data.metrics["train/loss"] > 0
     assert run.data.params["tracking.uri"] == uri.replace(secret, "***")
     assert len(client.search_runs([run.info.experiment_id])) == 1  # its own store under a user name is its own
     copy = MlflowClient(other)
     (copied,) = copy.search_runs([copy.get_experiment_by_name(record["experiment"]).experiment_id])  # twice, one run
-    assert [m.step for m in copy.get_metric_history(copied.info.run_id, "loss")] == [2, 4]
+    assert [m.step for m in copy.get_metric_history(copied.info.run_id, "train/loss")] == [2, 4]
     # the server's store and artifacts, and this test's own tree (not other tests' copies of this file)
     searched = [tmp_path, *Path(tmp_path_factory.getbasetemp()).glob("mlflow_server*")]
     leaks = [str(p) for where in searched for p in where.rglob("*")
@@ -464,10 +491,33 @@ def test_a_resumed_job_logs_no_step_twice_and_a_failure_made_good_stops_reading_
     second.delete_tags(["simclr.stopped_early"])
     second.finish("FINISHED")
     client = MlflowClient(cfg.uri)
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == \
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == \
         [(2, 2.0), (4, 4.0), (6, 6.0), (8, 8.0), (10, 110.0)]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10]
     for tags in (client.get_run(run_id).data.tags, read_run_record(run_dir)["tags"]):
         assert "simclr.failed_rank" not in tags and "simclr.failure" not in tags and "simclr.stopped_early" not in tags
         assert tags["simclr.earlier_failures"] == "rank 1: was killed by SIGKILL"
+
+
+def test_a_run_recorded_before_the_metric_grouping_still_plots_and_syncs(tiny_config, tmp_path):
+    """Metrics are grouped for MLflow's charts (train/, perf/, data/, probe/, knn/); a run folder
+    written with the former plain names (loss, images_per_s, ...) still plots and replays as it was."""
+    from trainer.plots import plot_curves
+    from trainer.tracking import read_metrics_file, sync_offline
+
+    cfg = tiny_config(**{"tracking.enabled": "false", "train.epochs": 1})
+    result = train(cfg)
+    metrics_file = result.run_dir / "metrics.jsonl"
+    rows = read_metrics_file(metrics_file)
+    assert {"train/loss", "train/contrastive_acc", "train/lr", "perf/images_per_s", "perf/data_wait_fraction",
+            "data/skipped_corrupt_images", "data/view_size_0", "probe/train_top1"} <= set().union(*rows)
+    from trainer.metrics import FORMER_NAMES
+
+    former = {new: old for old, new in FORMER_NAMES.items()}
+    metrics_file.write_text("".join(json.dumps({former.get(k, k): v for k, v in row.items()}) + "\n" for row in rows))
+    assert plot_curves(read_metrics_file(metrics_file), tmp_path / "old.png") is not None
+    store = f"sqlite:///{tmp_path / 'old.db'}"
+    run_id, _ = sync_offline(result.run_dir, dataclasses.replace(cfg.tracking, uri=store, enabled=True), None)
+    history = MlflowClient(store).get_metric_history(run_id, "loss")  # replayed under the names it was recorded with
+    assert [m.step for m in history] == [2, 4, 6, 8, 10]

@@ -91,7 +91,7 @@ def test_dali_builds_a_new_pipeline_only_where_the_size_changes(tmp_path):
         sizes.append({groups[0].shape[-1] for groups, _ in loader})
     assert sizes == [{16}, {16}, {24}]
     assert loader.pipelines_built == 2 and [at for at, _ in loader.rebuilds] == [2]
-    assert loader.rebuilds[0][1] > 0  # the stall is measured (and logged as pipeline_rebuild_s)
+    assert loader.rebuilds[0][1] > 0  # the stall is measured (and logged as perf/pipeline_rebuild_s)
 
 
 @pytest.mark.parametrize("spec,said", [
@@ -136,7 +136,7 @@ def test_a_recipe_with_views_and_a_timm_encoder_works_with_every_command(photo_d
     proc = simclr("train", *common)  # one rank finishes it
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    sizes = [(r["step"], r["view_size_0"], r["view_size_1"]) for r in rows if "view_size_0" in r]
+    sizes = [(r["step"], r["data/view_size_0"], r["data/view_size_1"]) for r in rows if "data/view_size_0" in r]
     assert sizes == [(10, 24, 16), (20, 32, 16)]  # logged at each epoch's end: the size in force during it
     assert rows[-1]["step"] == 20 and (run / "encoder.pt").exists()
     proc = simclr("eval", "--checkpoint", str(run / "encoder.pt"), "--train-data", str(photo_data / "train"),

@@ -356,14 +356,14 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
     returns the loss."""
     skips.check(step)
     nonfinite, overflow = skips.totals()
-    metrics = {**window.summary(parts.cfg.data.batch_size), "lr": parts.schedule(step - 1),
-               "peak_memory_mb": peak_memory_mb(parts.info.device), "epoch": step / parts.steps_per_epoch,
-               "skipped_nonfinite": nonfinite, "skipped_overflow": overflow,
-               "skipped_corrupt_images": parts.loader.corrupt_skipped, **(extra or {})}
+    metrics = {**window.summary(parts.cfg.data.batch_size), "train/lr": parts.schedule(step - 1),
+               "train/epoch": step / parts.steps_per_epoch, "train/skipped_nonfinite": nonfinite,
+               "train/skipped_overflow": overflow, "perf/peak_memory_mb": peak_memory_mb(parts.info.device),
+               "data/skipped_corrupt_images": parts.loader.corrupt_skipped, **(extra or {})}
     parts.tracker.log_metrics(metrics, step)
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", img_s=f"{metrics['perf/images_per_s']:.0f}")
     window.reset()
-    return metrics["loss"]
+    return metrics["train/loss"]
 
 
 def knn_due(cfg: Config, step: int, steps_per_epoch: int) -> bool:
@@ -375,11 +375,11 @@ def epoch_metrics(parts: TrainParts, epoch: int) -> dict[str, float]:
     """At the end of ``epoch``: the crop size of each view group in force during it, the stall of a
     pipeline rebuilt for a new size at its start (DALI), the online probe's figures (collectives)."""
     spec = parts.loader.views
-    metrics: dict[str, float] = {f"view_size_{i}": group.size_at(epoch, spec.image_size)
+    metrics: dict[str, float] = {f"data/view_size_{i}": group.size_at(epoch, spec.image_size)
                                  for i, group in enumerate(spec.groups)}
     for at, seconds in parts.loader.rebuilds:
         if at == epoch:
-            metrics["pipeline_rebuild_s"] = seconds
+            metrics["perf/pipeline_rebuild_s"] = seconds
     if parts.online_probe is not None:
         metrics.update(online_probe_metrics(parts))
     return metrics
@@ -388,9 +388,9 @@ def epoch_metrics(parts: TrainParts, epoch: int) -> dict[str, float]:
 def online_probe_metrics(parts: TrainParts) -> dict[str, float]:
     """At an epoch's end: the online probe's top-1 on that epoch's training batches and, with
     data.val_root, on the validation set, every rank scoring its share (collectives: every rank)."""
-    metrics = {"online_probe_top1": parts.online_probe.epoch_top1()}
+    metrics = {"probe/train_top1": parts.online_probe.epoch_top1()}
     if parts.val_source is not None:
-        metrics["online_probe_val_top1"] = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source,
+        metrics["probe/val_top1"] = probe_val_top1(parts.model.encoder, parts.online_probe, parts.val_source,
                                                           parts.cfg.data, parts.info.device, parts.info.rank,
                                                           parts.info.world_size)
     return metrics
@@ -401,7 +401,7 @@ def log_knn_monitor(parts: TrainParts, step: int) -> None:
     features (a collective: no rank waits idle); the datasets were opened once, by build_parts."""
     top1 = knn_monitor(parts.model.encoder, parts.loader.source, parts.val_source, parts.cfg.data, parts.info.device,
                        shard=(parts.info.rank, parts.info.world_size))
-    parts.tracker.log_metrics({"knn_top1": top1}, step)
+    parts.tracker.log_metrics({"knn/top1": top1}, step)
 
 
 def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:

@@ -6,12 +6,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 Batch = TypeVar("Batch")
+
+
+# MLflow's charts group metrics by the name before "/": the training itself, speed, the data, the
+# online probe, the kNN monitor, an evaluation (system/ is MLflow's own). Runs recorded before the
+# grouping used the plain names on the left; whatever reads a run's metrics reads both.
+FORMER_NAMES = {"loss": "train/loss", "contrastive_acc": "train/contrastive_acc", "lr": "train/lr",
+                "epoch": "train/epoch", "skipped_nonfinite": "train/skipped_nonfinite",
+                "skipped_overflow": "train/skipped_overflow", "images_per_s": "perf/images_per_s",
+                "data_wait_fraction": "perf/data_wait_fraction", "peak_memory_mb": "perf/peak_memory_mb",
+                "skipped_corrupt_images": "data/skipped_corrupt_images", "online_probe_top1": "probe/train_top1",
+                "online_probe_val_top1": "probe/val_top1", "knn_top1": "knn/top1"}
+
+
+def current_names(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row (a run's or one recorded before the grouping) under today's names."""
+    return {FORMER_NAMES.get(key, key): value for key, value in row.items()}
 
 
 class MetricsWindow:
@@ -57,5 +73,6 @@ class MetricsWindow:
             stats /= dist.get_world_size()
         loss, accuracy = stats.tolist()
         elapsed = time.perf_counter() - self.started
-        return {"loss": loss, "contrastive_acc": accuracy, "images_per_s": images_per_step * self.steps / elapsed,
-                "data_wait_fraction": self.data_wait_s / elapsed}
+        return {"train/loss": loss, "train/contrastive_acc": accuracy,
+                "perf/images_per_s": images_per_step * self.steps / elapsed,
+                "perf/data_wait_fraction": self.data_wait_s / elapsed}

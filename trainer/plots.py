@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from trainer.metrics import current_names
+
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the file-only Agg backend (no display on clusters or in CI)."""
@@ -28,8 +30,9 @@ def save_figure(fig: Any, out: str | Path, dpi: int = 90) -> Path:
 
 
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    """Loss, contrastive accuracy and lr against step, from the local metrics rows (works offline)."""
-    rows = [r for r in rows if "loss" in r]
+    """Loss, contrastive accuracy and lr against step, from the local metrics rows (works offline;
+    rows recorded before the metric names were grouped too)."""
+    rows = [row for row in map(current_names, rows) if "train/loss" in row]
     if not rows:
         return None
     try:
@@ -39,7 +42,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
         return None
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.5))
     steps = [r["step"] for r in rows]
-    for ax, key in zip(axes, ("loss", "contrastive_acc", "lr")):
+    for ax, key in zip(axes, ("train/loss", "train/contrastive_acc", "train/lr")):
         ax.plot(steps, [r.get(key, float("nan")) for r in rows])
         ax.set_title(key)
         ax.set_xlabel("step")

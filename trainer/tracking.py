@@ -260,8 +260,9 @@ class MlflowRun:
 
     def __init__(self, cfg: TrackingConfig, retry_s: float = 30.0,
                  on_connect: Callable[[str, str], None] | None = None, continues_training: bool = False,
-                 local_copy: Path | None = None, source: str = "simclr") -> None:
+                 local_copy: Path | None = None, source: str = "simclr", goes_on: str = "") -> None:
         self.cfg, self.retry_s, self.source = cfg, retry_s, source
+        self.goes_on = goes_on  # what the warning says carries on without the store (default: the training)
         self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
         self.run_id: str | None = None
         self.uri = self.client_uri = ""
@@ -287,8 +288,9 @@ class MlflowRun:
         if not self._warned:
             self._warned = True
             kept = f"metrics are kept in {self.local_copy} and " if self.local_copy else "metrics are "
-            print(f"[tracking] WARNING: MLflow at {self.uri} failed while {what}: {self.problem}; "
-                  f"training continues, {kept}retried every {self.retry_s:.0f}s", file=sys.stderr, flush=True)
+            goes_on = self.goes_on or f"training continues, {kept}retried every {self.retry_s:.0f}s"
+            print(f"[tracking] WARNING: MLflow at {self.uri} failed while {what}: {self.problem}; {goes_on}",
+                  file=sys.stderr, flush=True)
 
     def _connect(self) -> bool:
         """Create (or reattach to) the run; True when the server answered."""
