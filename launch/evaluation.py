@@ -158,7 +158,7 @@ def _log_eval_to_mlflow(report: Report, out_dir: Path, checkpoint: str, cfg) -> 
     if run_id is None:
         tracking = dataclasses.replace(tracking, experiment=f"{tracking.experiment}-eval")
     run = MlflowRun(dataclasses.replace(tracking, system_metrics=False), source="simclr eval", retry_s=0.0,
-                    goes_on=f"the evaluation is not logged there; its report is in {out_dir}")
+                    goes_on=f"the evaluation is not logged there; its report is in {out_dir}", reopens=False)
     tags = {"simclr.eval": "1", "simclr.checkpoint": str(path)}
     run.start({"eval.checkpoint": str(path)} if run_id is None else {}, tags, run_id=run_id)
     if not run.flush(force=True):  # the store did not answer: said once, by the run

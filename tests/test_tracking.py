@@ -74,6 +74,7 @@ def test_real_server_run_has_params_metrics_artifacts(mlflow_server, photo_data,
             return json.loads(answer.read())
 
     page = rest(f"runs/get?run_id={result.run_id}")["run"]
+    assert page["info"]["status"] == "FINISHED"  # the evaluation added to the run; it did not reopen it
     experiment = rest(f"experiments/get?experiment_id={page['info']['experiment_id']}")["experiment"]
     assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
     tags = {t["key"]: t["value"] for t in page["data"]["tags"]}

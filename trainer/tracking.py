@@ -260,8 +260,11 @@ class MlflowRun:
 
     def __init__(self, cfg: TrackingConfig, retry_s: float = 30.0,
                  on_connect: Callable[[str, str], None] | None = None, continues_training: bool = False,
-                 local_copy: Path | None = None, source: str = "simclr", goes_on: str = "") -> None:
+                 local_copy: Path | None = None, source: str = "simclr", goes_on: str = "",
+                 reopens: bool = True) -> None:
         self.cfg, self.retry_s, self.source = cfg, retry_s, source
+        self.reopens = reopens  # a continued run is RUNNING again until finished (not so when eval adds to it)
+        self.experiment_id = ""
         self.goes_on = goes_on  # what the warning says carries on without the store (default: the training)
         self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
         self.run_id: str | None = None
@@ -315,12 +318,14 @@ class MlflowRun:
                     exp_id = exp.experiment_id
                 run = self.client.create_run(exp_id, run_name=self.cfg.run_name or None,
                                              tags=standard_tags(self.source))
-                self.run_id = run.info.run_id
+                self.run_id, self.experiment_id = run.info.run_id, str(exp_id)
                 resumed = False
             else:
                 if self.continues_training:  # not simclr sync completing a run
                     self._mark_unclean_exit()
-                self.client.update_run(self.run_id, status="RUNNING")
+                if self.reopens:
+                    self.client.update_run(self.run_id, status="RUNNING")
+                self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
                 resumed = True
             self._run_created = True
             if self.on_connect is not None:
@@ -483,7 +488,7 @@ class MlflowRun:
         self.run_id = None
 
     def describe(self) -> str:
-        return f"MLflow run {self.run_id} at {self.uri} ({where_to_open(self.uri, self.run_id)})"
+        return f"MLflow run {self.run_id} at {self.uri} ({where_to_open(self.uri, self.run_id, self.experiment_id)})"
 
 
 class Tracker:
@@ -623,12 +628,20 @@ class Tracker:
         return self.mlflow.describe()
 
 
-def where_to_open(uri: str, run_id: str | None = None) -> str:
-    """How a person opens ``uri`` in a browser: a tracking server is a web UI already; a local store
-    needs ``mlflow ui`` started on it."""
+# MLflow 3's UI opens in its GenAI view unless the address asks for the model-training one
+TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def where_to_open(uri: str, run_id: str | None = None, experiment_id: str = "") -> str:
+    """How a person opens ``uri`` in a browser, in MLflow's model-training view: a tracking server is
+    a web UI already (the run's own page when known); a local store needs ``mlflow ui`` started on it."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')}/#/runs/{run_id}" if run_id else f"open {uri}"
-    return f"open the UI with: mlflow ui --backend-store-uri {uri}"
+        base = uri.rstrip("/")
+        if run_id and experiment_id:
+            return f"open {base}/#/experiments/{experiment_id}/runs/{run_id}{TRAINING_VIEW}"
+        return f"open {base}/#/experiments{TRAINING_VIEW}"
+    page = f"experiments/{experiment_id}/runs/{run_id}" if run_id and experiment_id else "experiments"
+    return f"open the UI with: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/#/{page}{TRAINING_VIEW}"
 
 
 def prepare_store(cfg: TrackingConfig) -> None:
