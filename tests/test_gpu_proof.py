@@ -217,8 +217,8 @@ def test_the_gpu_plan_fits_six_minutes_and_each_stage_its_cap(tmp_path):
 
     stages = plan(argparse.Namespace(dry=False, data=str(tmp_path)), tmp_path / "out", tmp_path / "work")
     assert [s.name for s in stages] == STAGES and sum(s.cap_s for s in stages) <= TOTAL_CAP_S
-    for stage in stages[:3]:
+    for stage in stages[:-1]:
         assert 0 < stage.planned_s <= stage.cap_s, stage
         assert all(str(tmp_path / "out") not in arg or arg.endswith(".json") for arg in stage.command)
-    quality = stages[3].command
+    quality = stages[-1].command
     assert str(tmp_path / "work") in quality[quality.index("--run-dir") + 1]  # checkpoints stay out of $OUT

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import difflib
 
-import torchvision
 from torch import nn
 
 from trainer.dataclass_yaml import ConfigError
@@ -67,6 +66,8 @@ def build_encoder(arch: str, cifar_stem: bool = False) -> nn.Module:
             return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
         except TypeError:  # a model without the option (CNNs take any size as they are)
             return timm.create_model(name, pretrained=False, num_classes=0)
+    import torchvision  # here: importing it costs seconds, and the config checks names without it
+
     net = getattr(torchvision.models, arch)(weights=None)
     if cifar_stem:  # small images: keep resolution in the stem, as in the SimCLR paper's CIFAR runs
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
