@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 LOWEST := .venv-lowest
 
-.PHONY: demo test test-lowest lint bench clean gpu-proof gpu-proof-dry gpu-proof-pack gpu-proof-rehearsal
+.PHONY: demo test test-lowest lint bench clean gpu-proof gpu-proof-dry
 
 # the exact, tested set (constraints.txt); setup.cfg itself only declares ranges
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -37,23 +37,14 @@ test-lowest:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The GPU proof (README, "The GPU proof"). The lent machine runs what gpu-proof-pack prints, with its
-# own python3 and no make: `python3 -m benchmarks.gpu_proof` is the proof, this target only a shortcut.
-gpu-proof:
-	$(PYTHON) -m benchmarks.gpu_proof
+# The GPU proof (README, "The GPU proof"): a GPU node's acceptance check, on the data in DATA
+# (cifar10-jpeg/{train,test}, imagenette2-224-subset/train); `python3 -m benchmarks.gpu_proof` is the proof
+gpu-proof: $(STAMP)
+	$(PY) -m benchmarks.gpu_proof --data "$(DATA)"
 
 # the same stages at tiny sizes on this CPU
 gpu-proof-dry: $(STAMP)
 	$(PY) -m benchmarks.gpu_proof --dry
-
-# here, before a lent GPU: DALI and the datasets in parts (.gpu_part_*), the commit and plan (.gpu_proof/),
-# and the calls to make, in order, with what each carries and a device-minute estimate
-gpu-proof-pack: $(STAMP)
-	$(PY) -m benchmarks.gpu_pack
-
-# the dry plan's calls run here as the GPU machine runs them (CI: tests/test_gpu_proof.py)
-gpu-proof-rehearsal: $(STAMP)
-	$(PY) -m benchmarks.gpu_pack rehearse
 
 clean:
 	rm -rf runs demo_data mlflow.db mlartifacts .pytest_cache $(LOWEST)

@@ -1,5 +1,5 @@
-"""Checks that need a CUDA device; skipped elsewhere (CI has no GPU). Run on a lent GPU machine by
-``make gpu-proof``: SyncBatchNorm numerics on CUDA, no host sync in the steady-state step under
+"""Checks that need a CUDA device; skipped elsewhere (CI has no GPU). Run on a GPU node by the GPU
+proof (``python3 -m benchmarks.gpu_proof``): SyncBatchNorm numerics on CUDA, no host sync in the steady-state step under
 CUDA's sync debug mode, the DALI GPU pipeline (one per run), bf16 + channels_last training."""
 
 import json

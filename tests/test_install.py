@@ -80,10 +80,10 @@ def test_a_built_wheel_ships_the_recipes_and_runs_outside_the_clone(tmp_path):
     import sys
     import sysconfig
 
-    from benchmarks.gpu_pack import travelling_files
-
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
     source = tmp_path / "source"  # a copy of the clone's files: a build writes build/ beside them
-    for rel in travelling_files():
+    for rel in [f for f in listed if f and (REPO / f).is_file()]:
         (source / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, source / rel)
     wheels = tmp_path / "dist"

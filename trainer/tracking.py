@@ -152,8 +152,8 @@ def read_metrics_file(path: str | Path, lenient: bool = False) -> list[dict[str,
 
 
 def git_commit() -> str:
-    """HEAD of this checkout; where the tree is a copy without ``.git`` (a lent GPU machine), the
-    commit it was packed from, passed as SIMCLR_GIT_COMMIT (``make gpu-proof``)."""
+    """HEAD of this checkout; where the tree is a copy without ``.git`` (a container image, an
+    exported tree), the commit it came from, passed as SIMCLR_GIT_COMMIT."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5)
