@@ -18,8 +18,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.runs import PY, REPO, assert_one_line_error, simclr, tiny_overrides
-from tests.test_failures import start_training, wait_for_steps
+from tests.helpers.runs import PY, REPO, assert_one_line_error, simclr, start_training, tiny_overrides, wait_for_steps
 from trainer import checkpoint as ckpt
 from trainer.config import TrackingConfig, load_config
 from trainer.loop import train

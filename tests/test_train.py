@@ -110,7 +110,7 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, rank, sig
 
     from mlflow.tracking import MlflowClient
 
-    from tests.test_failures import start_training
+    from tests.helpers.runs import start_training
     from tests.test_run_ownership import ranks_of
 
     run_dir = tmp_path / "run"

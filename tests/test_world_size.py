@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.runs import run_torchrun, tiny_overrides
+from tests.helpers.runs import run_status, run_torchrun, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
+from trainer.config import load_config
+from trainer.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,15 @@ def test_a_batch_that_does_not_divide_over_the_new_world_names_the_valid_sizes(p
     cfg = DataConfig(root=str(photo_data / "train"), backend="torchvision", image_size=16, batch_size=12)
     with pytest.raises(DataError, match=r"does not divide over 5 ranks.*valid world sizes.*1, 2, 3, 4, 6, 12"):
         build_loader(cfg, 0, 0, 5, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_process_into_the_same_run(photo_data, tmp_path):
+    over = {"train.epochs": 2, "train.stop_after_steps": 3}  # the val set: 5 steps an epoch
+    first = simclr("train", "--nproc", "2", *tiny_overrides(photo_data / "val", tmp_path / "run", **over))
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 3 and state["world_size"] == 2
+    resumed = train(load_config(None, tiny_overrides(photo_data / "val", tmp_path / "run", **{"train.epochs": 2})))
+    assert resumed.step == 10 and resumed.run_id == state["mlflow_run_id"]
+    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", resumed.run_id) == "FINISHED"

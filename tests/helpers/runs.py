@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -152,3 +153,27 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path(), **(env_extra or {})}
     cmd = torchrun_command(nproc, [str(REPO / "tests" / "helpers" / script), *args])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """The MLflow run's status (RUNNING, FINISHED, KILLED, FAILED)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id).info.status
+
+
+def start_training(photo_data: Path, run_dir: Path, *launcher: str, **over) -> subprocess.Popen:
+    overrides = tiny_overrides(photo_data / "train", run_dir, **{"train.epochs": 200, "checkpoint.every_steps": 1000,
+                                                                "train.log_every": 1, **over})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([PY, "-m", *launcher, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int = 3, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.3)
