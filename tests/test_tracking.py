@@ -144,7 +144,7 @@ def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
     assert tracker.mlflow.pending  # queued, not dropped
     tracker.mlflow.client = MlflowClient(mlflow_server)  # back
     tracker.finish()
-    history = MlflowClient(mlflow_server).get_metric_history(run_id, "train/loss")
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
@@ -492,7 +492,7 @@ def test_a_resumed_job_logs_no_step_twice_and_a_failure_made_good_stops_reading_
     second.delete_tags(["simclr.stopped_early"])
     second.finish("FINISHED")
     client = MlflowClient(cfg.uri)
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == \
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == \
         [(2, 2.0), (4, 4.0), (6, 6.0), (8, 8.0), (10, 110.0)]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10]
