@@ -44,13 +44,8 @@ class ViewSpec:
 
     def group_sizes(self, epoch: int) -> list[tuple[int, int]]:
         """(size, views) of each size group at ``epoch``: consecutive views of one size run together."""
-        out: list[tuple[int, int]] = []
-        for size, _ in self.views(epoch):
-            if out and out[-1][0] == size:
-                out[-1] = (size, out[-1][1] + 1)
-            else:
-                out.append((size, 1))
-        return out
+        sizes = self.sizes(epoch)
+        return [(sizes[run[0]], len(run)) for run in size_runs(sizes)]
 
     def sizes(self, epoch: int) -> list[int]:
         return [size for size, _ in self.views(epoch)]
@@ -64,7 +59,7 @@ class ViewSpec:
         return any(not isinstance(g.size, int) for g in self.groups)
 
 
-def size_runs(shapes: list[tuple[int, ...]]) -> list[list[int]]:
+def size_runs(shapes: list) -> list[list[int]]:
     """Indices of consecutive views of one shape: the size groups."""
     runs: list[list[int]] = []
     for i, shape in enumerate(shapes):
