@@ -387,6 +387,34 @@ def test_a_full_store_disk_is_one_warning_not_tracebacks(photo_data, tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+def test_an_artifact_logged_while_the_store_is_offline_is_uploaded_at_finish(tmp_path, capsys):
+    """One timed-out request makes the store 'offline' for retry_s; an artifact logged in that window
+    (a sweep's encoder.pt, while four runs share one server) waits in the queue like a metric."""
+    from trainer.tracking import MlflowRun
+
+    run = MlflowRun(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", system_metrics=False), retry_s=3600)
+    run.start({"a": 1}, {})
+    real_log_batch, calls = run.client.log_batch, []
+
+    def log_batch_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeoutError("read timed out")
+        return real_log_batch(*args, **kwargs)
+
+    run.client.log_batch = log_batch_failing_once
+    run.log({"loss": 1.0}, 1, 0)  # fails: offline for an hour
+    (tmp_path / "encoder.pt").write_bytes(b"weights")
+    run.log_artifact(tmp_path / "encoder.pt")
+    run.log_artifact(tmp_path / "curves.png")  # gone before it could be sent: skipped, never an error
+    assert run.pending and run.pending_artifacts
+    run.finish("FINISHED")
+    stored = run.client.get_run(run.run_id)
+    assert stored.info.status == "FINISHED" and stored.data.metrics == {"loss": 1.0}
+    assert [a.path for a in run.client.list_artifacts(run.run_id)] == ["encoder.pt"]
+    assert "not uploaded" not in capsys.readouterr().err
+
+
 def test_a_param_logged_again_with_another_value_never_blocks_the_queue(tmp_path, capsys):
     """A job resumed twice from one step records its changes (changed_at_step_N.*) twice; MLflow
     refuses the whole batch over the one param, and every later metric stayed queued behind it."""

@@ -275,6 +275,7 @@ class MlflowRun:
         self.pending_tags: dict[str, str] = {}
         self.tags_to_delete: set[str] = set()
         self.pending_inputs: list[Any] = []  # DatasetInputs not sent yet
+        self.pending_artifacts: list[tuple[str, str | None]] = []  # (file, folder in the run) not uploaded yet
         self._warned = False
         self._offline = False  # the last request failed: wait retry_s before the next, forced or not
         self._finishing = False  # finish: one more try, whatever the window
@@ -412,6 +413,11 @@ class MlflowRun:
                 chunk = self.pending[:1000]
                 self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
                 del self.pending[: len(chunk)]
+            while self.pending_artifacts:
+                path, artifact_path = self.pending_artifacts[0]
+                if Path(path).exists():  # a run folder cleaned up meanwhile: nothing left to send
+                    self.client.log_artifact(self.run_id, path, artifact_path)
+                del self.pending_artifacts[0]
         except Exception as exc:
             self.warn("logging", exc)
             return False
@@ -440,13 +446,10 @@ class MlflowRun:
                     self.client.log_batch(self.run_id, params=[param])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.flush(force=True):
-            try:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-                return
-            except Exception as exc:
-                self.warn("uploading artifacts", exc)
-        print(f"[tracking] artifact {path} kept locally (not uploaded)", file=sys.stderr)
+        """Queued like a metric: a store that failed a moment ago gets it at the next flush or at
+        ``finish`` (one timed-out request must not cost a sweep's run its encoder)."""
+        self.pending_artifacts.append((str(path), artifact_path))
+        self.flush(force=True)
 
     def finish(self, status: str | None = "FINISHED") -> None:
         """Close the run with ``status`` (once; later calls and a run never started do nothing);
@@ -470,7 +473,11 @@ class MlflowRun:
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as exc:
                 self.warn("closing the run", exc)
-        elif self.pending and self.local_copy:
+        if self.pending_artifacts:
+            names = ", ".join(Path(p).name for p, _ in self.pending_artifacts)
+            later = f"; simclr sync {self.local_copy.parent} uploads them" if self.local_copy else ""
+            print(f"[tracking] not uploaded (kept locally): {names}{later}", file=sys.stderr, flush=True)
+        if not sent and self.pending and self.local_copy:
             print(f"[tracking] {len(self.pending)} metric values could not be sent; all metrics are in "
                   f"{self.local_copy}. Replay them later, into this run on its own store (both recorded in "
                   f"{RUN_RECORD}), with: simclr sync {self.local_copy.parent}", file=sys.stderr)
