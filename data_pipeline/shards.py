@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.atomic_files import atomic_path, atomic_write
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sampling import block_rank_indices
 from data_pipeline.sources import IMAGE_EXTENSIONS, DataError, Source
@@ -222,9 +223,8 @@ def make_shards(source: Source, out: str | Path, shard_size: int, seed: int = 0,
     for k, start in enumerate(range(0, len(order), shard_size)):
         chunk = order[start : start + shard_size]
         name = f"shard-{k:06d}.tar"
-        tmp = out / f".{name}.tmp"
         lines = []
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with atomic_path(out / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for position, i in enumerate(chunk, start):
                 key = f"{position:09d}"
                 data, ext = _encoded_sample(source, int(i), quality)
@@ -233,8 +233,7 @@ def make_shards(source: Source, out: str | Path, shard_size: int, seed: int = 0,
                     cls = str(int(labels[i])).encode()
                     line += f" cls {_add_member(tar, f'{key}.cls', cls)} {len(cls)} {key}.cls"
                 lines.append(line)
-        (out / f"shard-{k:06d}.idx").write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
-        os.replace(tmp, out / name)
+        atomic_write(out / f"shard-{k:06d}.idx", f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
         entries.append({"name": name, "bytes": (out / name).stat().st_size, "samples": len(chunk),
                         **({"labels": labels[chunk].tolist()} if labelled else {})})
         if progress:
@@ -242,7 +241,5 @@ def make_shards(source: Source, out: str | Path, shard_size: int, seed: int = 0,
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "samples": int(len(order)), "seed": seed,
                 "source": str(source.location),
                 "classes": list(source.classes) if labelled else [], "shards": entries}
-    tmp = out / f".{SHARD_MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / SHARD_MANIFEST)
+    atomic_write(out / SHARD_MANIFEST, json.dumps(manifest, indent=1))
     return manifest

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from data_pipeline.atomic_files import atomic_write
 from data_pipeline.sources import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, DataError
 
 MAGIC = b"SIMCLR-TREE-INDEX 2\n"  # 2: the header carries the body's length and sha256
@@ -275,13 +276,11 @@ class IndexStore:
         if path is None or self.rank != 0:
             return
         index.written_ns = time.time_ns()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(index.to_bytes())
-            os.replace(tmp, path)
+            atomic_write(path, index.to_bytes())
         except OSError:
-            tmp.unlink(missing_ok=True)
+            pass
 
 
 def _load_or_scan(root: Path, store: IndexStore | None) -> tuple[TreeIndex, bool]:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.atomic_files import atomic_path
 from data_pipeline.seeds import derive_seed
 from data_pipeline.sources import data_changes
 from trainer.config import Config, config_to_dict
@@ -116,31 +117,24 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int) -> Path:
     """Write ``state`` atomically (temp file, fsync, rename, fsync dir), then drop all but the
     newest ``keep_last``. A crash at any moment leaves the previous checkpoints intact."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{state['step']:09d}.pt"
-    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    written = free = 0  # how far a failed write got, and the room left then: a full disk or another failure
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        # an open file, closed before the temporary is removed: torch's writer given a path keeps its
+        # descriptor alive in the traceback, and the space of a file still open is not freed
+        with atomic_path(final) as tmp, open(tmp, "wb") as f:
+            try:
+                torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            except BaseException:  # measured while the partial file still holds its space
+                written, free = os.fstat(f.fileno()).st_size, shutil.disk_usage(directory).free
+                raise
     except (OSError, RuntimeError) as exc:  # disk full (torch's zip writer raises RuntimeError), quota, I/O
-        written = tmp.stat().st_size if tmp.exists() else 0
-        full = getattr(exc, "errno", None) == errno.ENOSPC or shutil.disk_usage(directory).free < max(written, 2**20)
-        tmp.unlink(missing_ok=True)  # keep what is on disk, leave no partial file
+        full = getattr(exc, "errno", None) == errno.ENOSPC or free < max(written, 2**20)
         previous = list_checkpoints(directory)
         kept = f"the previous checkpoint {previous[0]} is intact and stays the newest" if previous else \
             "no earlier checkpoint exists"
@@ -148,7 +142,6 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int
         fewer = " (or lower checkpoint.keep_last)" if len(previous) > 1 else ""  # only older ones could go
         raise CheckpointError(f"could not write checkpoint {final}: {why}; {kept}. Free space in {directory}"
                               f"{fewer}, then run again to resume") from None
-    _fsync_dir(directory)
     for old in list_checkpoints(directory)[keep_last:]:
         old.unlink(missing_ok=True)
     return final

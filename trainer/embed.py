@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import IndexStore, build_eval_batches, open_source
+from data_pipeline.atomic_files import atomic_path
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError
 from trainer.checkpoint import CheckpointError
@@ -186,7 +187,7 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
     summary = {"samples": n, "dim": dim, "chunks": -(-n // chunk_rows), "already_done": len(done),
                "computed_here": len(mine), "out": str(out_dir)}
     if rank == 0:
-        with open(out_dir / "index.csv.tmp", "w", newline="") as f:
+        with atomic_path(out_dir / "index.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["row", "sample", "label", "class"])
             labels = np.asarray(source.labels)
@@ -194,6 +195,5 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
                 label = int(labels[i])
                 writer.writerow([i, source.sample_name(i), label,
                                  source.classes[label] if 0 <= label < len(source.classes) else ""])
-        os.replace(out_dir / "index.csv.tmp", out_dir / "index.csv")
         atomic_write_text(out_dir / "meta.json", json.dumps({**meta, "complete": True}, indent=2))
     return summary

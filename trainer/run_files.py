@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.atomic_files import atomic_write
+
 
 class DiskFullError(RuntimeError):
     """No space left while writing a run file: a user error (free space, then resume)."""
@@ -216,17 +218,10 @@ def _raise_readable(path: Path, exc: OSError) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` all at once: a crash or a full disk leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        _raise_readable(path, exc)
+        _raise_readable(Path(path), exc)
 
 
 def append_line(path: str | Path, line: str) -> None:
