@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data_pipeline.arrays import STL10_SPLITS
+from data_pipeline.resume_policy import fixed, hyper, setting
 from data_pipeline.sources import DataError, LabelMode
 
 
@@ -17,17 +18,17 @@ from data_pipeline.sources import DataError, LabelMode
 class AugmentConfig:
     """SimCLR augmentation parameters: the one source of truth for every data backend."""
 
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    jitter_strength: float = 1.0  # s: brightness/contrast/saturation 0.8s, hue 0.2s
-    jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5  # the CIFAR variant sets 0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_prob: float = 0.0  # BYOL's second view: 0.2
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_scale: tuple[float, float] = hyper((0.08, 1.0))
+    crop_ratio: tuple[float, float] = hyper((3 / 4, 4 / 3))
+    flip_prob: float = hyper(0.5)
+    jitter_strength: float = hyper(1.0)  # s: brightness/contrast/saturation 0.8s, hue 0.2s
+    jitter_prob: float = hyper(0.8)
+    grayscale_prob: float = hyper(0.2)
+    blur_prob: float = hyper(0.5)  # the CIFAR variant sets 0
+    blur_sigma: tuple[float, float] = hyper((0.1, 2.0))
+    solarize_prob: float = hyper(0.0)  # BYOL's second view: 0.2
+    mean: tuple[float, float, float] = hyper((0.485, 0.456, 0.406))
+    std: tuple[float, float, float] = hyper((0.229, 0.224, 0.225))
 
 
 MIN_SIZE = 8
@@ -130,22 +131,22 @@ def augment_problems(a: AugmentConfig, key: str = "data.augment") -> list[tuple[
 
 @dataclass
 class DataConfig:
-    root: str = ""  # image folder, .npz, STL-10 or CIFAR folder, or tar shards (see README: data layouts)
-    split: str = ""  # of an STL-10 (unlabeled|train|test|train+unlabeled) or CIFAR (train|test) folder
-    val_root: str = ""  # held-out set for evaluation ('' = none)
-    val_split: str = ""  # split of val_root, as for split
-    labels: LabelMode = "auto"  # image folders: class sub-folders, or none (unlabeled)
-    backend: Literal["auto", "dali", "torchvision"] = "auto"  # auto: dali on CUDA, else torchvision
-    image_size: int = 224
-    batch_size: int = 256  # GLOBAL batch (images, not views); divided evenly across ranks
-    num_workers: int = 4  # DataLoader workers / DALI CPU threads per rank
-    prefetch_depth: int = 2  # DALI: batches prepared ahead of the one being trained on
-    on_device: bool = False  # DALI, array datasets: keep every image on the device once, gather batches there
-    skip_corrupt: bool = False
+    root: str = setting("")  # image folder, .npz, STL-10 or CIFAR folder, or tar shards (see README: data layouts)
+    split: str = hyper("")  # of an STL-10 (unlabeled|train|test|train+unlabeled) or CIFAR (train|test) folder
+    val_root: str = setting("")  # held-out set for evaluation ('' = none)
+    val_split: str = setting("")  # split of val_root, as for split
+    labels: LabelMode = hyper("auto")  # image folders: class sub-folders, or none (unlabeled)
+    backend: Literal["auto", "dali", "torchvision"] = setting("auto")  # auto: dali on CUDA, else torchvision
+    image_size: int = hyper(224)
+    batch_size: int = fixed(256)  # GLOBAL batch (images, not views); divided evenly across ranks
+    num_workers: int = setting(4)  # DataLoader workers / DALI CPU threads per rank
+    prefetch_depth: int = setting(2)  # DALI: batches prepared ahead of the one being trained on
+    on_device: bool = setting(False)  # DALI, array datasets: keep every image on the device once, gather batches there
+    skip_corrupt: bool = setting(False)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # view groups (data_pipeline.views): [] = two views of image_size with `augment`; e.g. multi-crop
     # [{count: 2, size: 224, crop_scale: [0.14, 1]}, {count: 6, size: 96, crop_scale: [0.05, 0.14]}]
-    views: list[ViewGroup] = field(default_factory=list)
+    views: list[ViewGroup] = hyper(factory=list)
 
     def problems(self) -> list[tuple[str, Any, str]]:
         """(key, value, what is allowed) for each field out of range, checks that types alone cannot

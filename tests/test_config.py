@@ -150,3 +150,31 @@ def test_install_page_version_ranges_are_those_setup_cfg_declares():
     for name in ("torch", "torchvision", "mlflow", "submitit"):
         spec = ",".join(str(s) for s in sorted(reqs[name].specifier, key=lambda s: s.operator != ">="))
         assert f"{name} {spec}" in readme, f"docs/install.md should say '{name} {spec}' (setup.cfg)"
+
+
+def test_every_config_field_says_what_a_resume_may_do_with_it():
+    """A new key declared without fixed(...), setting(...) or hyper(...) would silently count as a
+    hyper-parameter; the run's whole config, flattened, has a policy for every key."""
+    import dataclasses
+
+    from data_pipeline.resume_policy import hyper, resume_policies
+    from trainer.checkpoint import RESUME_POLICY
+    from trainer.config import Config
+    from trainer.dataclass_yaml import flatten
+
+    undeclared = [key for key, policy in resume_policies(Config).items() if policy is None]
+    assert undeclared == [], f"declare these with fixed/setting/hyper (data_pipeline/resume_policy.py): {undeclared}"
+    assert set(RESUME_POLICY) == set(flatten(config_to_dict(Config())))
+    assert RESUME_POLICY["model.arch"] == "fixed" and RESUME_POLICY["data.batch_size"] == "fixed"
+    assert RESUME_POLICY["tracking.uri"] == "setting" and RESUME_POLICY["optim.lr"] == "hyper"
+
+    @dataclasses.dataclass
+    class Section:
+        said: int = hyper(1)
+        silent: int = 2
+
+    @dataclasses.dataclass
+    class Whole:
+        part: Section = dataclasses.field(default_factory=Section)
+
+    assert resume_policies(Whole) == {"part.said": "hyper", "part.silent": None}

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic_files import atomic_path
+from data_pipeline.resume_policy import resume_policies
 from data_pipeline.seeds import derive_seed
 from data_pipeline.sources import data_changes
 from trainer.config import Config, config_to_dict
@@ -308,16 +309,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the run's checkpointer
 
 
-# What shapes the weights or the data position: a checkpoint with other values cannot continue.
-FIXED_KEYS = ("model.arch", "model.cifar_stem", "model.proj_hidden_dim", "model.proj_out_dim", "model.proj_layers",
-              "data.batch_size")
-# How a run executes, not what it learns: a resume may change these freely (each change is recorded).
-RUN_SETTINGS = ("model.sync_bn", "model.sync_bn_group_size", "model.channels_last", "model.compile", "data.root",
-                "data.val_root", "data.val_split", "data.backend", "data.num_workers", "data.prefetch_depth",
-                "data.on_device", "data.skip_corrupt", "train.device", "train.run_dir", "train.log_every",
-                "train.stop_after_steps", "train.knn_every_epochs", "train.online_probe", "train.stop_check_every",
-                "train.progress_bar", "train.overwrite", "train.micro_batch", "precision.max_consecutive_nonfinite",
-                "checkpoint.", "tracking.", "dist.")
+# What a resume may do with each key: declared on the config's fields (data_pipeline/resume_policy.py)
+RESUME_POLICY = resume_policies(Config)
 
 
 @dataclass
@@ -346,13 +339,14 @@ def reconcile(state: dict[str, Any], cfg: Config, path: Path, data_now: dict[str
     saved, wanted = flatten(state["config"]), flatten(config_to_dict(cfg))
     diff = {k: (saved[k], v) for k, v in wanted.items() if k in saved and saved[k] != v}
     changes = ResumeChanges(int(state["step"]))
-    fixed = {k: d for k, d in diff.items() if k in FIXED_KEYS}
+    policy = {k: RESUME_POLICY.get(k, "hyper") for k in diff}  # a key of an older release: a hyper-parameter
+    fixed = {k: d for k, d in diff.items() if policy[k] == "fixed"}
     if fixed:
         raise CheckpointError(f"checkpoint {path} cannot continue with {_said(fixed)} (the weights would not load, or "
                               "the data position would not match); resume with the run's own values, or start a new "
                               "run: checkpoint.resume=none with a new train.run_dir")
-    changes.settings = {k: d for k, d in diff.items() if k.startswith(RUN_SETTINGS) and k not in FIXED_KEYS}
-    changes.hyper = {k: d for k, d in diff.items() if k not in changes.settings and k not in FIXED_KEYS}
+    changes.settings = {k: d for k, d in diff.items() if policy[k] == "setting"}
+    changes.hyper = {k: d for k, d in diff.items() if policy[k] == "hyper"}
     if state.get("data") and data_now:
         changes.data = data_changes(state["data"], data_now)
     if (changes.hyper or changes.data) and not cfg.checkpoint.allow_changes:

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from data_pipeline.config import AugmentConfig, DataConfig
+from data_pipeline.resume_policy import fixed, hyper, setting
 from trainer.credentials import take_credentials
 from trainer.dataclass_yaml import (
     ConfigError,
@@ -39,75 +40,75 @@ DEVICES: tuple[str, ...] = get_args(Device)
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # a torchvision ResNet (ARCHS) or timm/<name>: any timm model, e.g. timm/convnext_tiny
-    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
-    proj_hidden_dim: int = 0  # 0: same as the encoder's feature width (512 or 2048)
-    proj_out_dim: int = 128
-    proj_layers: int = 2  # linear layers in the projection head: 2 (SimCLR v1) or 3 (SimCLRv2)
-    sync_bn: bool = True  # convert BN to SyncBatchNorm on CUDA when world size > 1
-    sync_bn_group_size: int = 0  # 0: sync across the whole world; K: within groups of K ranks
-    channels_last: bool = True  # only applied on CUDA
-    compile: bool = False  # torch.compile the model (encoder + head); the first steps compile (warm-up)
+    arch: str = fixed("resnet18")  # a torchvision ResNet (ARCHS) or timm/<name> (any timm model)
+    cifar_stem: bool = fixed(False)  # 3x3 stride-1 first conv and no max-pool, for 32-64 px images
+    proj_hidden_dim: int = fixed(0)  # 0: same as the encoder's feature width (512 or 2048)
+    proj_out_dim: int = fixed(128)
+    proj_layers: int = fixed(2)  # linear layers in the projection head: 2 (SimCLR v1) or 3 (SimCLRv2)
+    sync_bn: bool = setting(True)  # convert BN to SyncBatchNorm on CUDA when world size > 1
+    sync_bn_group_size: int = setting(0)  # 0: sync across the whole world; K: within groups of K ranks
+    channels_last: bool = setting(True)  # only applied on CUDA
+    compile: bool = setting(False)  # torch.compile the model (encoder + head); the first steps compile (warm-up)
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["lars", "sgd", "adamw"] = "lars"
-    lr: float = 0.3  # base lr, scaled by lr_scaling with the global batch
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # linear: lr*B/256, sqrt: lr*sqrt(B)
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
-    trust_coefficient: float = 0.001  # LARS eta
-    trust_clip: bool = False  # LARC-style clipping of the trust ratio
-    exclude_bias_and_norm: bool = True  # ndim<=1 params: no weight decay, no LARS adaptation
-    warmup_epochs: float = 10.0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    final_lr_fraction: float = 0.0
+    name: Literal["lars", "sgd", "adamw"] = hyper("lars")
+    lr: float = hyper(0.3)  # base lr, scaled by lr_scaling with the global batch
+    lr_scaling: Literal["linear", "sqrt", "none"] = hyper("linear")  # linear: lr*B/256, sqrt: lr*sqrt(B)
+    weight_decay: float = hyper(1e-6)
+    momentum: float = hyper(0.9)
+    betas: tuple[float, float] = hyper((0.9, 0.999))  # adamw only
+    trust_coefficient: float = hyper(0.001)  # LARS eta
+    trust_clip: bool = hyper(False)  # LARC-style clipping of the trust ratio
+    exclude_bias_and_norm: bool = hyper(True)  # ndim<=1 params: no weight decay, no LARS adaptation
+    warmup_epochs: float = hyper(10.0)
+    schedule: Literal["cosine", "constant"] = hyper("cosine")
+    final_lr_fraction: float = hyper(0.0)
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    max_consecutive_nonfinite: int = 20  # stop the run after this many skipped steps in a row
+    dtype: Literal["fp32", "bf16", "fp16"] = hyper("fp32")
+    max_consecutive_nonfinite: int = setting(20)  # stop the run after this many skipped steps in a row
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    seed: int = 0
-    device: Device = "auto"
-    run_dir: str = "runs/default"
-    log_every: int = 10
-    stop_after_steps: int = 0  # >0: stop early (schedule unchanged), as a time limit would
-    knn_every_epochs: int = 0  # >0: kNN monitor on data.val_root every N epochs
-    online_probe: bool = True  # a linear classifier trained on the detached features (when the data has labels)
-    stop_check_every: int = 10  # multi-rank runs agree on a stop request (pre-emption, Ctrl-C) every N steps
-    progress_bar: bool = True
-    overwrite: bool = False  # with checkpoint.resume=none: replace an earlier run's checkpoints in run_dir
-    micro_batch: int = 0  # >0: gradient caching in chunks of this many images per rank (see trainer/grad_cache.py)
+    epochs: int = hyper(100)
+    seed: int = hyper(0)
+    device: Device = setting("auto")
+    run_dir: str = setting("runs/default")
+    log_every: int = setting(10)
+    stop_after_steps: int = setting(0)  # >0: stop early (schedule unchanged), as a time limit would
+    knn_every_epochs: int = setting(0)  # >0: kNN monitor on data.val_root every N epochs
+    online_probe: bool = setting(True)  # a linear classifier on the detached features (labelled data)
+    stop_check_every: int = setting(10)  # multi-rank runs agree on a stop request (pre-emption, Ctrl-C) every N steps
+    progress_bar: bool = setting(True)
+    overwrite: bool = setting(False)  # with checkpoint.resume=none: replace an earlier run's checkpoints in run_dir
+    micro_batch: int = setting(0)  # >0: gradient caching, chunks of this many images per rank (grad_cache.py)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500
-    keep_last: int = 3
-    resume: str = "auto"  # auto | none | <path>
+    every_steps: int = setting(500)
+    keep_last: int = setting(3)
+    resume: str = setting("auto")  # auto | none | <path>
     # a resume with other hyper-parameters or another dataset than the checkpoint's: refused unless true,
     # then recorded in MLflow as a change at that step (config.yaml keeps the original)
-    allow_changes: bool = False
+    allow_changes: bool = setting(False)
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    uri: str = ""  # '' = MLflow's default local store in the working directory
-    experiment: str = "simclr"
-    run_name: str = ""
-    log_model: bool = True  # the finished encoder as an MLflow PyTorch model: runs:/<run_id>/encoder
-    register_as: str = ""  # also register that model under this name in the model registry
-    system_metrics: bool = True  # CPU, memory, disk, network (and GPU where NVML is present) as system/*
-    system_metrics_interval_s: float = 10.0
+    enabled: bool = setting(True)
+    uri: str = setting("")  # '' = MLflow's default local store in the working directory
+    experiment: str = setting("simclr")
+    run_name: str = setting("")
+    log_model: bool = setting(True)  # the finished encoder as an MLflow PyTorch model: runs:/<run_id>/encoder
+    register_as: str = setting("")  # also register that model under this name in the model registry
+    system_metrics: bool = setting(True)  # CPU, memory, disk, network (and GPU where NVML is present) as system/*
+    system_metrics_interval_s: float = setting(10.0)
 
 
 @dataclass

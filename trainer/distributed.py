@@ -18,13 +18,14 @@ from typing import Literal, TypeVar
 import torch
 import torch.distributed as dist
 
+from data_pipeline.resume_policy import setting
 from trainer.device import choose_device
 
 
 @dataclass
 class DistConfig:
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_s: float = 600.0  # a dead or stuck rank ends the job after this long, not a hang
+    backend: Literal["auto", "nccl", "gloo"] = setting("auto")
+    timeout_s: float = setting(600.0)  # a dead or stuck rank ends the job after this long, not a hang
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.resume_policy import hyper
+
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class LossConfig:
-    name: str = "nt_xent"  # a loss registered in trainer/losses/ (nt_xent: SimCLR's, for any number of views)
-    temperature: float = 0.1
-    gather_negatives: bool = True  # negatives from the global batch across ranks
+    name: str = hyper("nt_xent")  # a loss registered in trainer/losses/ (nt_xent: SimCLR's, for any number of views)
+    temperature: float = hyper(0.1)
+    gather_negatives: bool = hyper(True)  # negatives from the global batch across ranks
 
 
 LossBuilder = Callable[[LossConfig], LossFn]
