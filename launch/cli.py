@@ -21,8 +21,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.dataclass_yaml import ConfigError
+    from trainer.loop import preflight
 
     cfg = load_config(args.config, args.overrides)  # validate before any rank starts
+    preflight(cfg)
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
     if cfg.data.batch_size % args.nproc:

@@ -306,12 +306,15 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
            name: str = "simclr", resume: bool = False) -> list[Submitted] | str:
     """Submit one job per sweep point, each into a run folder of its own; ``resume``: one job that
     continues ``cfg``'s run folder (``resume_config``) instead of starting a new one."""
+    from trainer.loop import preflight
+
     if resume and sweep:
         raise ConfigError("--resume continues one run; it cannot be combined with --sweep")
     check_one_line("--name", name)
     runs = [cfg] if resume else plan_runs(cfg, sweep or [], name)
     world = cluster.nodes * ranks_per_node(cluster)
     for run in runs:
+        preflight(run)  # before a job waits in the queue, not when it starts
         check_world_size(run.data.batch_size, world,
                          f"this cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)})",
                          "nodes x ranks per node (--cluster with other nodes or gpus_per_node)", resume, ConfigError)

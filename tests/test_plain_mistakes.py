@@ -127,13 +127,14 @@ def test_an_unreadable_data_root_is_named_as_such(photo_data, monkeypatch):
 def test_a_run_dir_under_an_unwritable_folder_is_named(tmp_path, monkeypatch):
     import os
 
-    from trainer import config
+    from trainer import run_files
     from trainer.config import ConfigError, load_config
+    from trainer.loop import preflight
 
     real = os.access
-    monkeypatch.setattr(config.os, "access", lambda p, mode: str(p) != str(tmp_path) and real(p, mode))
+    monkeypatch.setattr(run_files.os, "access", lambda p, mode: str(p) != str(tmp_path) and real(p, mode))
     with pytest.raises(ConfigError, match=f"train.run_dir.*{tmp_path} is not writable"):
-        load_config(None, [f"train.run_dir={tmp_path / 'new' / 'run'}"])
+        preflight(load_config(None, [f"train.run_dir={tmp_path / 'new' / 'run'}"]))
 
 
 def test_a_dry_run_that_cannot_run_is_not_ok(photo_data, tmp_path, capsys):

@@ -329,10 +329,11 @@ def test_a_run_folder_of_its_own(photo_data, run_dir, needle):
     data.root turned its own curves.png into an 11th class."""
     from trainer.config import load_config
     from trainer.dataclass_yaml import ConfigError
+    from trainer.loop import preflight
 
     run_dir = run_dir.replace("DATA", str(photo_data / "train"))
     with pytest.raises(ConfigError, match=needle):
-        load_config(None, [f"train.run_dir={run_dir}", f"data.root={photo_data / 'train'}"])
+        preflight(load_config(None, [f"train.run_dir={run_dir}", f"data.root={photo_data / 'train'}"]))
 
 
 @pytest.mark.slow

@@ -238,24 +238,28 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
 
 def test_an_unknown_tracking_uri_scheme_is_a_config_error():
     from trainer.config import ConfigError
+    from trainer.loop import preflight
 
     with pytest.raises(ConfigError, match="tracking.uri.*does not know the scheme 'garbage'"):
-        load_config(None, ["tracking.uri=garbage://x"])
+        preflight(load_config(None, ["tracking.uri=garbage://x"]))
+    preflight(load_config(None, ["tracking.uri=garbage://x", "tracking.enabled=false"]))  # not opened: no check
     for uri in ("", "http://127.0.0.1:5000", "sqlite:///x.db", "postgresql+psycopg2://h/db"):
-        load_config(None, [f"tracking.uri={uri}"])
+        preflight(load_config(None, [f"tracking.uri={uri}"]))
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns"])
-def test_a_file_store_is_refused_at_load_unless_mlflow_allows_it(uri, monkeypatch):
+def test_a_file_store_is_refused_before_the_run_unless_mlflow_allows_it(uri, monkeypatch):
     """MLflow 3 refuses file stores: our validation passed (and suggested) file:///dir, and every
     run went untracked."""
     from trainer.config import ConfigError
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    from trainer.tracking import check_store_uri
+
     with pytest.raises(ConfigError, match="a file store, which MLflow 3 refuses.*sqlite:///DIR/mlflow.db"):
-        load_config(None, [f"tracking.uri={uri}"])
+        check_store_uri(load_config(None, [f"tracking.uri={uri}"]).tracking.uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    load_config(None, [f"tracking.uri={uri}"])
+    check_store_uri(uri)
 
 
 def test_store_problems_are_named_for_what_they_are(tmp_path):

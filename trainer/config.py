@@ -8,7 +8,6 @@ machinery lives in ``trainer.dataclass_yaml``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -133,20 +132,6 @@ def _refuse(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}: {value!r} is out of range; {allowed}")
 
 
-def tracking_scheme(uri: str) -> str:
-    """The scheme of an MLflow tracking URI ('' for the default store or a plain local path)."""
-    return uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
-
-
-def known_tracking_schemes() -> set[str]:
-    """MLflow's built-in tracking stores and those plugins register (entry points)."""
-    from importlib.metadata import entry_points
-
-    plugins = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
-    return {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
-            "uc", *plugins}
-
-
 def expand_paths(cfg: Config) -> Config:
     """``~`` in path keys (a shell leaves ``key=~/x`` alone), expanded once at load."""
     def expand(path: str) -> str:
@@ -160,19 +145,11 @@ def expand_paths(cfg: Config) -> Config:
 
 
 def validate(cfg: Config) -> Config:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express: the values alone, never the file system, the
+    environment or a store (``preflight`` in trainer/loop.py checks those before a run starts)."""
     d, o = cfg.data, cfg.optim
     for problem in d.problems():  # the data sections check their own fields
         _refuse(*problem)
-    scheme = tracking_scheme(cfg.tracking.uri)
-    _check(scheme in known_tracking_schemes(), "tracking.uri", cfg.tracking.uri,
-           f"MLflow does not know the scheme {scheme!r}; use http(s)://host:port, sqlite:///path.db, "
-           "a database URI (postgresql://, mysql://, mssql://), databricks, or '' for the default store")
-    file_store = cfg.tracking.uri and scheme in ("", "file")
-    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
-    _check(not file_store or allowed, "tracking.uri", cfg.tracking.uri,
-           "a file store, which MLflow 3 refuses (every run would go untracked); use "
-           "tracking.uri=sqlite:///DIR/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to keep a file store")
     _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
     _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
@@ -202,13 +179,6 @@ def validate(cfg: Config) -> Config:
            "must be a positive integer (steps between agreements on a stop request)")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
     _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
-    run_dir = Path(t.run_dir).expanduser()
-    check_run_dir(run_dir, cfg.data.root, cfg.data.val_root)
-    _check(not run_dir.exists() or run_dir.is_dir(), "train.run_dir", t.run_dir,
-           "is a file; name a directory for the run's checkpoints and logs")
-    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    _check(os.access(existing, os.W_OK | os.X_OK), "train.run_dir", t.run_dir,
-           f"cannot be created or written: {existing} is not writable by this user; choose a folder you can write")
     c = cfg.checkpoint
     _check(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be a positive integer")
     _check(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be a positive integer")
@@ -216,24 +186,6 @@ def validate(cfg: Config) -> Config:
            cfg.precision.max_consecutive_nonfinite, "must be a positive integer")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0 seconds")
     return cfg
-
-
-SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
-
-
-def check_run_dir(run_dir: Path, *data_roots: str) -> None:
-    """A run folder is a folder of its own: never the file system's root, a home folder, or a system
-    folder (``overwrite`` clears files there), and never inside a dataset (its own files, curves.png
-    among them, would be read as images: a new class)."""
-    where = run_dir.resolve()
-    shared = {Path("/"), Path.home().resolve(), *map(Path, ("/home", "/root", "/tmp", "/opt", "/mnt", "/var"))}
-    if where in shared or any(where == Path(s) or Path(s) in where.parents for s in SYSTEM_FOLDERS):
-        raise ConfigError(f"train.run_dir={run_dir}: {where} is a shared or system folder; name a folder of its own "
-                          "for the run, e.g. train.run_dir=runs/NAME")
-    for key, root in zip(("data.root", "data.val_root"), data_roots):
-        if root and (where == Path(root).resolve() or Path(root).resolve() in where.parents):
-            raise ConfigError(f"train.run_dir={run_dir} lies inside {key}={root}: the run's own files would be read "
-                              "as images (curves.png as a new class); put the run folder outside the dataset")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

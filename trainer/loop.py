@@ -38,9 +38,10 @@ from trainer.run_files import (
     RunFolderLock,
     atomic_write_text,
     check_own_files,
+    check_run_dir,
 )
 from trainer.step import StepOutcome, train_step
-from trainer.tracking import Tracker, dataset_input, read_metrics_file, run_params
+from trainer.tracking import Tracker, check_store_uri, dataset_input, read_metrics_file, run_params
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,6 +65,15 @@ class TrainResult:
         return 0 if self.step > 0 or self.preempted else 1
 
 
+def preflight(cfg: Config) -> None:
+    """What the config's values cannot say: whether the run folder can be the run's (a folder of its
+    own, writable) and the tracking store is one MLflow opens. Each check lives with what it checks;
+    train runs them before anything starts, and the launchers before they start ranks or queue a job."""
+    check_run_dir(cfg.train.run_dir, cfg.data.root, cfg.data.val_root)
+    if cfg.tracking.enabled:
+        check_store_uri(cfg.tracking.uri)
+
+
 def train(cfg: Config, stop: threading.Event | None = None,
           on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
     """Pretrain SimCLR with the resolved ``cfg`` in this process (one rank of the job).
@@ -71,6 +81,7 @@ def train(cfg: Config, stop: threading.Event | None = None,
     Setting ``stop`` (a signal handler does, on pre-emption) makes every rank checkpoint and return
     at the next step boundary. ``on_start(tracker, info)`` runs once the MLflow run exists.
     """
+    preflight(cfg)
     info = init_distributed(cfg.dist, cfg.train.device)
     lock = RunFolderLock(cfg.train.run_dir)  # one run per folder, for the run's life; the writer (rank 0) holds it
     try:

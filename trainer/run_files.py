@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.atomic_files import atomic_write
+from trainer.dataclass_yaml import ConfigError
 
 
 class DiskFullError(RuntimeError):
@@ -222,6 +223,31 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         atomic_write(path, text)
     except OSError as exc:
         _raise_readable(Path(path), exc)
+
+
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
+
+def check_run_dir(run_dir: str | Path, *data_roots: str) -> None:
+    """A run folder is a folder of its own: never the file system's root, a home folder, or a system
+    folder (``overwrite`` clears files there), and never inside a dataset (its own files, curves.png
+    among them, would be read as images: a new class); a folder, or one this user can create."""
+    shown, run_dir = run_dir, Path(run_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir: {shown!r} is a file; name a directory for the run's checkpoints and logs")
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.run_dir: {shown!r} cannot be created or written: {existing} is not writable by this "
+                          "user; choose a folder you can write")
+    where = run_dir.resolve()
+    shared = {Path("/"), Path.home().resolve(), *map(Path, ("/home", "/root", "/tmp", "/opt", "/mnt", "/var"))}
+    if where in shared or any(where == Path(s) or Path(s) in where.parents for s in SYSTEM_FOLDERS):
+        raise ConfigError(f"train.run_dir={run_dir}: {where} is a shared or system folder; name a folder of its own "
+                          "for the run, e.g. train.run_dir=runs/NAME")
+    for key, root in zip(("data.root", "data.val_root"), data_roots):
+        if root and (where == Path(root).resolve() or Path(root).resolve() in where.parents):
+            raise ConfigError(f"train.run_dir={run_dir} lies inside {key}={root}: the run's own files would be read "
+                              "as images (curves.png as a new class); put the run folder outside the dataset")
 
 
 def append_line(path: str | Path, line: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from trainer import package_version
 from trainer.config import Config, TrackingConfig, config_to_dict
 from trainer.credentials import redact_uri, store_key, take_credentials, usable_uri
-from trainer.dataclass_yaml import flatten
+from trainer.dataclass_yaml import ConfigError, flatten
 from trainer.run_files import RunFolderLock, append_line, atomic_write_text, read_jsonl
 
 FAILURE_TAGS = ("simclr.failed_rank", "simclr.failure")  # a failed job's; removed when the run is resumed
@@ -32,6 +32,37 @@ RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and nam
 class TrackingError(RuntimeError):
     """A tracking problem the user must act on (a run folder without metrics, a store that does not
     answer when replaying); the CLI prints it as one line with status 2."""
+
+
+def tracking_scheme(uri: str) -> str:
+    """The scheme of an MLflow tracking URI ('' for the default store or a plain local path)."""
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
+
+
+def known_tracking_schemes() -> set[str]:
+    """MLflow's built-in tracking stores and those plugins register (entry points)."""
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+    return {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+            "uc", *plugins}
+
+
+
+
+def check_store_uri(uri: str) -> None:
+    """A tracking URI MLflow can open: a known scheme, and no file store unless MLflow is told to
+    allow one (MLflow 3 refuses them: every run would go untracked)."""
+    scheme = tracking_scheme(uri)
+    if scheme not in known_tracking_schemes():
+        raise ConfigError(f"tracking.uri: {uri!r} is out of range; MLflow does not know the scheme {scheme!r}; use "
+                          "http(s)://host:port, sqlite:///path.db, a database URI (postgresql://, mysql://, mssql://), "
+                          "databricks, or '' for the default store")
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+    if uri and scheme in ("", "file") and not allowed:
+        raise ConfigError(f"tracking.uri: {uri!r} is out of range; a file store, which MLflow 3 refuses (every run "
+                          "would go untracked); use tracking.uri=sqlite:///DIR/mlflow.db, or set "
+                          "MLFLOW_ALLOW_FILE_STORE=true to keep a file store")
 
 
 def resolve_tracking_uri(uri: str) -> str:
