@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from trainer import package_version
@@ -21,12 +23,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.dataclass_yaml import ConfigError
+    from trainer.device import check_local_ranks
     from trainer.loop import preflight
 
     cfg = load_config(args.config, args.overrides)  # validate before any rank starts
     preflight(cfg)
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
     if cfg.data.batch_size % args.nproc:
         from data_pipeline.config import check_world_size
         from trainer.checkpoint import latest_checkpoint
@@ -46,9 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.nproc > 1:
         from launch.local import JobContext, run_local_ranks
-        from trainer.device import check_local_ranks
 
-        check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
         check_data_paths(cfg)  # here, once, instead of in every rank
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
@@ -84,37 +84,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``simclr eval``: one process, or ``--nproc K`` local ranks that each extract their share."""
     from launch.evaluation import eval_argv, run_evaluation
     from trainer.dataclass_yaml import ConfigError
+    from trainer.device import check_local_ranks
 
     bad = [f for f in args.finetune if not 0 < f <= 1]
     if bad:  # before any work: the probe would run first, then fail
         raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
     if args.timeout_s <= 0:
         raise ConfigError(f"--timeout-s {args.timeout_s:g}: must be > 0 seconds")
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
+    check_local_ranks(args.nproc, args.device)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         import shlex
 
         from launch.local import JobContext, run_local_ranks
-        from trainer.device import check_local_ranks
 
-        check_local_ranks(args.nproc, args.device)
         argv = eval_argv(args)
         again = " ".join(shlex.quote(w) for w in ["simclr", "eval", "--nproc", str(args.nproc), *argv])
         job = JobContext("evaluation", again, timeout_knob="--timeout-s")
         return run_local_ranks(args.nproc, ["eval", *argv], module="launch", job=job)
-    run_evaluation(args)
+    from launch.local import signal_name
+    from trainer.interrupts import exit_status_of_interrupt, interrupt_on_signals
+
+    with interrupt_on_signals() as received:  # SIGTERM, SIGHUP: as Ctrl-C
+        try:
+            run_evaluation(args)
+        except KeyboardInterrupt:
+            code = exit_status_of_interrupt(received)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"[simclr] {signal_name(code - 128)}: evaluation stopped; its report is written whole at the "
+                      "end, so nothing was left half-written. Run the same command again", file=sys.stderr, flush=True)
+            return code
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """``simclr embed``: the frozen encoder's features of a dataset, one rank or ``--nproc K``."""
-    from trainer.dataclass_yaml import ConfigError
-
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc {args.nproc}: the number of local ranks must be at least 1")
     import shlex
     import signal
+
+    from trainer.device import check_local_ranks
+
+    check_local_ranks(args.nproc, args.device)
 
     argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--split", args.split,
             "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
@@ -125,36 +134,28 @@ def cmd_embed(args: argparse.Namespace) -> int:
     again = " ".join(shlex.quote(w) for w in ["simclr", *words])
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from launch.local import JobContext, run_local_ranks
-        from trainer.device import check_local_ranks
 
-        check_local_ranks(args.nproc, args.device)
         return run_local_ranks(args.nproc, ["embed", *argv], module="launch", job=JobContext("embedding", again))
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
     from trainer.embed import embed
+    from trainer.interrupts import exit_status_of_interrupt, interrupt_on_signals
 
     # SIGTERM and SIGHUP stop it as Ctrl-C does: its finished chunks are on disk, the rest is redone
-    received: list[int] = []
-
-    def stop(signum: int, _frame) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    info = init_distributed(DistConfig(), args.device)
-    try:
-        done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype, args.batch_size,
-                     args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows, args.workers)
-    except KeyboardInterrupt:
-        signum = received[0] if received else signal.SIGINT
-        if info.is_main:
-            print(f"[simclr] {signal.Signals(signum).name}: embedding stopped; the finished chunks are kept in "
-                  f"{args.out}. Run again to go on: {again}", file=sys.stderr, flush=True)
-        return 128 + signum
-    finally:
-        teardown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with interrupt_on_signals() as received:
+        info = init_distributed(DistConfig(), args.device)
+        try:
+            done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype,
+                         args.batch_size, args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows,
+                         args.workers)
+        except KeyboardInterrupt:
+            code = exit_status_of_interrupt(received)
+            if info.is_main:
+                print(f"[simclr] {signal.Signals(code - 128).name}: embedding stopped; the finished chunks are kept "
+                      f"in {args.out}. Run again to go on: {again}", file=sys.stderr, flush=True)
+            return code
+        finally:
+            teardown()
     if info.is_main:
         print(f"[simclr] embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
               f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were already "
@@ -298,12 +299,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [f"data.root={data / 'train'}", f"data.val_root={data / 'val'}", f"train.run_dir={run_dir}",
                  "checkpoint.resume=none", "train.overwrite=true", *args.overrides]
     # through the parser, so that every option of the two commands has its default
+    started = time.monotonic()
     rc = cmd_train(build_parser().parse_args(["train", "--nproc", "2", "--config", config, *overrides]))
     if rc != 0:
         return rc
+    pretrain_s = time.monotonic() - started
     cmd_eval(build_parser().parse_args(["eval", "--checkpoint", str(run_dir / "encoder.pt"), "--train-data",
                                         str(data / "train"), "--val-data", str(data / "val"), "--device", "cpu",
                                         "--workers", "2", "--probe-epochs", "100", "--tsne", "--mlflow"]))
+    results = write_demo_results(Path(args.workdir) / "demo_results.json", run_dir, pretrain_s, overrides)
     from trainer.tracking import resolve_tracking_uri, where_to_open
 
     uri = redact_uri(resolve_tracking_uri(""))
@@ -311,8 +315,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"To see it: {where_to_open(uri).replace('mlflow ui', '.venv/bin/mlflow ui')}\n"
           f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}\n"
           f"What the encoder learnt, as a picture (queries and their nearest neighbours): "
-          f"{run_dir / 'eval' / 'neighbours.png'}")
+          f"{run_dir / 'eval' / 'neighbours.png'}\n"
+          f"The figures, with the machine, versions and commit they came from: {results}")
     return 0
+
+
+def write_demo_results(out: Path, run_dir: Path, pretrain_s: float, overrides: list[str]) -> Path:
+    """The demo's figures as a result file like every benchmark's (device, versions, commit): README's
+    demo table quotes benchmarks/results/demo_cpu.json, a copy of one such file."""
+    import torch
+
+    from benchmarks.common import device_name, result_header, write_json
+    from trainer.tracking import read_metrics_file
+
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    rows = read_metrics_file(run_dir / "metrics.jsonl", lenient=True)
+    steps = max(row["step"] for row in rows)
+    probe = {key: [row[f"probe/{key}"] for row in rows if f"probe/{key}" in row] for key in ("val_top1", "train_top1")}
+    result = {**result_header("demo", device_name(torch.device("cpu"))), "recipe": "demo_cpu", "ranks": 2,
+              "overrides": [o for o in overrides if not o.startswith(("data.", "train.run_dir"))], "steps": steps,
+              "pretrain_wall_s": round(pretrain_s, 1), "rows": report["rows"],
+              "online_probe_by_epoch": probe}
+    return write_json(result, out)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

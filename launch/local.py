@@ -36,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.distributed import free_port
+from trainer.distributed import free_port, lost_peer
+from trainer.interrupts import on_signals
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 5.0  # after one rank fails, how long the others get to leave on their own
@@ -119,18 +120,15 @@ def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error
     preexec = die_with_parent()
     procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env(r, nproc, port, error_dir),
                               start_new_session=True, preexec_fn=preexec) for r in range(nproc)]
-    received: list[int] = []
     ended_at: dict[int, float] = {}  # rank -> when it ended (the first failure is the cause)
 
-    def forward(signum: int, _frame) -> None:
-        received.append(signum)
+    def forward(signum: int) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     hung: dict[int, str] = {}  # ranks still there after the grace period: how they looked
-    try:
+    with on_signals(FORWARDED, forward) as received:
         failed_at = None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
@@ -146,9 +144,6 @@ def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error
                         hung[r] = process_state(p.pid)
                         p.kill()
             time.sleep(0.1)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     now = time.monotonic()
     for r in range(nproc):
         ended_at.setdefault(r, now)
@@ -175,13 +170,6 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def lost_peers(traceback_text: str) -> bool:
-    """Whether a rank's traceback is a collective that failed because another rank left or hung."""
-    text = traceback_text.lower()
-    return any(needle in text for needle in ("distbackenderror", "connection closed by peer", "connection reset",
-                                             "timed out", "timeout", "broken pipe"))
-
-
 def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict[int, str], error_dir: Path,
                  job: JobContext | None) -> int:
     """One line naming the rank that ended the job and how, the newest checkpoint and the command
@@ -193,9 +181,9 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
     killed = [r for r in by_time if codes[r] is not None and codes[r] < 0 and r not in hung]
     failed = [r for r in by_time if codes[r] not in (0, None) and r not in hung]
     # a rank's own error before one that only lost its peers (ranks ending within one poll tie on time)
-    failed.sort(key=lambda r: lost_peers(tracebacks.get(r, "")))
+    failed.sort(key=lambda r: lost_peer(tracebacks.get(r, "")))
     first_failed = failed[0] if failed else None
-    peers_lost = first_failed is not None and lost_peers(tracebacks.get(first_failed, ""))
+    peers_lost = first_failed is not None and lost_peer(tracebacks.get(first_failed, ""))
     if killed:
         cause, how = killed[0], f"was killed by {signal_name(-codes[killed[0]])}"
     elif hung and (peers_lost or first_failed is None):

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch.distributed
-
 from data_pipeline.config import check_world_size
+from launch.submitit_adapter import requeue_running_job, submission_script
 from trainer.config import Config, config_from_dict, config_to_dict
 from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
+from trainer.distributed import lost_peer
 
 
 @dataclass
@@ -141,38 +141,33 @@ class TrainingJob:
     def __call__(self) -> dict[str, Any]:
         import submitit
 
+        from trainer.interrupts import on_signals
         from trainer.loop import train
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        received: list[int] = []
         stop = threading.Event()
-
-        def stop_at_next_step(signum, _frame) -> None:
-            received.append(signum)
-            stop.set()
-
-        # Replace submitit's handlers (which would exit mid-step): stop at the next step boundary.
+        cfg = config_from_dict(self.config)
+        # In place of submitit's handlers (which would exit mid-step): stop at the next step boundary.
         # USR2 (time limit near, or a pre-emption notice) -> checkpoint and requeue; TERM (scancel,
         # or SLURM requeueing/pre-empting on its own) -> checkpoint and let SLURM decide.
-        signal.signal(signal.SIGUSR2, stop_at_next_step)
-        signal.signal(signal.SIGTERM, stop_at_next_step)
-        cfg = config_from_dict(self.config)
-        try:
-            result = train(cfg, stop=stop, on_start=_tag_slurm_facts)
-        except RuntimeError as exc:
-            if not _lost_a_peer(exc):
+        # ours for the rest of the task: a second notice while requeueing must not reach submitit's
+        with on_signals((signal.SIGUSR2, signal.SIGTERM), lambda _signum: stop.set()) as received:
+            try:
+                result = train(cfg, stop=stop, on_start=_tag_slurm_facts)
+            except RuntimeError as exc:
+                if not lost_peer(exc):
+                    raise
+                run_dir = cfg.train.run_dir
+                print(f"[simclr] rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost contact with the "
+                      f"other ranks ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a rank or its node died. "
+                      f"The last checkpoint in {run_dir} is intact; go on with: simclr submit --cluster CLUSTER "
+                      f"--resume {run_dir}", file=sys.stderr, flush=True)
                 raise
-            run_dir = cfg.train.run_dir
-            print(f"[simclr] rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost contact with the other "
-                  f"ranks ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a rank or its node died. The last "
-                  f"checkpoint in {run_dir} is intact; go on with: simclr submit --cluster CLUSTER --resume {run_dir}",
-                  file=sys.stderr, flush=True)
-            raise
-        if result.preempted:
-            if signal.SIGUSR2 in received:
-                self._requeue_or_stop(int(os.environ.get("RANK", "0")))
-            print(f"[simclr] stopped by SIGTERM at step {result.step}; checkpoint written", flush=True)
-            sys.exit(-1)
+            if result.preempted:
+                if signal.SIGUSR2 in received:
+                    self._requeue_or_stop(int(os.environ.get("RANK", "0")))
+                print(f"[simclr] stopped by SIGTERM at step {result.step}; checkpoint written", flush=True)
+                sys.exit(-1)
         return {"step": result.step, "loss": result.loss, "run_id": result.run_id, "run_dir": str(result.run_dir)}
 
     def _requeue_or_stop(self, rank: int) -> None:
@@ -183,22 +178,11 @@ class TrainingJob:
                                f"the checkpoint in {run_dir} is intact; go on with: simclr submit --cluster CLUSTER "
                                f"--resume {run_dir}")
         if rank == 0:
-            from submitit import JobEnvironment
-
-            JobEnvironment()._requeue(self.max_requeues - restarts)
+            requeue_running_job(self.max_requeues - restarts)
             print(f"[simclr] checkpointed and requeued (restart {restarts + 1}/{self.max_requeues})", flush=True)
         else:
             time.sleep(120)  # rank 0 is requeueing; SLURM ends this task
         sys.exit(-1)  # like submitit itself: no result file, the job is not over
-
-
-def _lost_a_peer(exc: BaseException) -> bool:
-    """A collective failed because another rank (or its node) is gone: torch's distributed errors,
-    and the transport errors gloo and NCCL raise as plain RuntimeErrors."""
-    text = str(exc)
-    return isinstance(exc, torch.distributed.DistError) or any(
-        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "gloo/transport",
-                                  "NCCL communicator was aborted", "Socket Timeout", "timed out"))
 
 
 def _tag_slurm_facts(tracker, info) -> None:
@@ -246,14 +230,7 @@ def make_executor(cluster: ClusterConfig, name: str):
 def sbatch_script(executor, runs: list[Config] | None = None) -> str:
     """The sbatch file submitit would submit (for ``--dry-run``): a job array when there are several
     runs, followed by one comment line per array task naming its run."""
-    inner = executor._executor
-    saved = dict(inner.parameters)
-    if runs and len(runs) > 1:
-        inner.parameters["map_count"] = len(runs)  # what submitit sets for an array submission
-    try:
-        text = inner._make_submission_file_text("python -u -m submitit.core._submit '%j'", "dry-run")
-    finally:
-        inner.parameters = saved
+    text = submission_script(executor, len(runs or []))
     if runs and len(runs) > 1:
         text += f"\n# a job array of {len(runs)} runs (SLURM_ARRAY_TASK_ID: MLflow run name, run folder):\n"
         text += "".join(f"#   {i}: {r.tracking.run_name}  {r.train.run_dir}\n" for i, r in enumerate(runs))

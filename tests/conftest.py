@@ -33,11 +33,10 @@ def pytest_report_header(config) -> str:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (``make test``) the tests that use a module-scoped fixture (a trained run,
-    the GPU proof's rehearsal: up to a minute to build) go first: at the end of the collection such a
-    module ran alone while the other worker idled. (``--dist loadgroup`` would keep each module on one
-    worker, so its fixture is built once, but xdist 3.8 marks a group by setting ``item._nodeid``,
-    which pytest 9.2 no longer reads: the groups did not form.)"""
+    """Under pytest-xdist (``make test``) the tests that use a module-scoped fixture (a trained run:
+    up to a minute to build) go first, so that no such module is left to run alone at the end while
+    the other worker idles. (Not ``--dist loadgroup``: with xdist 3.8 and pytest 9.2 its groups do
+    not form.)"""
     if not config.pluginmanager.hasplugin("xdist"):  # the GPU image has no xdist
         return
 

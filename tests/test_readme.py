@@ -3,6 +3,7 @@ run here on tiny data, so that what a newcomer copies works."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -119,3 +120,55 @@ def test_each_quick_start_command_runs(index, demo_folder, tmp_path):
         assert row["first_s"] > 0 and row["restart_s"] > 0 and row["first_calls"] is None  # --no-strace
         assert list((tmp_path / "startup").glob("run_200_1/tree_index-*.bin"))  # the run folder kept the listing
         assert set(result["listing"]["200"]) >= {"ours_s", "torchvision_make_dataset_s", "eval_indexed_s"}
+
+
+# a quoted result: three decimals (accuracies, calls per file), outside `code`
+QUOTED = re.compile(r"(?<![\d.])\d+\.\d{3}(?![\d])")
+SOURCE = re.compile(r"<!-- figures: (.+?) -->")
+
+
+def figures_without_a_source(text: str, results: Path) -> list[str]:
+    """Every three-decimal figure of ``text`` must sit in a block (a table or a paragraph) under a
+    ``<!-- figures: FILE.json ... -->`` line and equal, rounded, a number in one of those files."""
+    problems, sources = [], None
+    for n, line in enumerate(text.splitlines(), 1):
+        if (marker := SOURCE.search(line)):
+            sources = []
+            for name in marker.group(1).split():
+                if not (results / name).is_file():
+                    problems.append(f"line {n}: {name} is not in {results}")
+                    continue
+                sources.extend(numbers_in(json.loads((results / name).read_text())))
+            continue
+        if not line.strip():
+            sources = None
+            continue
+        for figure in QUOTED.findall(re.sub(r"`[^`]*`", "", line)):
+            if sources is None:
+                problems.append(f"line {n}: {figure} has no <!-- figures: ... --> source above its block")
+            elif not any(round(v, 3) == float(figure) for v in sources):
+                problems.append(f"line {n}: {figure} is in none of its files")
+    return problems
+
+
+def numbers_in(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in numbers_in(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in numbers_in(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def test_every_quoted_figure_comes_from_a_results_file(tmp_path):
+    results = REPO / "benchmarks" / "results"
+    problems = {page.relative_to(REPO).as_posix(): figures_without_a_source(page.read_text(), results)
+                for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
+    assert {page: p for page, p in problems.items() if p} == {}
+    (tmp_path / "run.json").write_text(json.dumps({"rows": {"SimCLR": {"linear_top1": 0.6125}}}))
+    assert figures_without_a_source("<!-- figures: run.json -->\n| SimCLR | 0.613 |\n", tmp_path) == []
+    assert figures_without_a_source("<!-- figures: run.json -->\n| SimCLR | 0.650 |\n", tmp_path) == [
+        "line 2: 0.650 is in none of its files"]
+    assert figures_without_a_source("<!-- figures: run.json -->\n| a | 0.613 |\n\n| b | 0.613 |\n", tmp_path) == [
+        "line 4: 0.613 has no <!-- figures: ... --> source above its block"]
+    assert figures_without_a_source("<!-- figures: gone.json -->\n", tmp_path) == [
+        f"line 1: gone.json is not in {tmp_path}"]

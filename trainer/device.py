@@ -31,8 +31,11 @@ def choose_device(preference: str = "auto", local_rank: int = 0) -> torch.device
 
 
 def check_local_ranks(nproc: int, preference: str = "auto", backend: str = "auto") -> None:
-    """Refuse, before any rank starts, more local CUDA ranks than visible GPUs: ranks would share a
-    GPU, which NCCL refuses ("duplicate GPU") after every rank has started."""
+    """``--nproc``, for every command that starts local ranks: at least one, and, before any rank
+    starts, no more CUDA ranks than visible GPUs (ranks would share a GPU, which NCCL refuses
+    ("duplicate GPU") after every rank has started)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: the number of local ranks must be at least 1")
     uses_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
     if nproc <= 1 or not uses_cuda or backend == "gloo":
         return

@@ -188,3 +188,18 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+# what a collective raises when another rank (or its node) left or hung: gloo's and NCCL's transport
+# errors arrive as plain RuntimeErrors, so their words are the evidence
+LOST_PEER_SIGNS = ("distbackenderror", "disterror", "connection closed by peer", "connection reset", "broken pipe",
+                   "gloo/transport", "nccl communicator was aborted", "socket timeout", "timed out", "timeout")
+
+
+def lost_peer(error: BaseException | str) -> bool:
+    """Whether a rank's failure (its exception, or the traceback a launcher collected) is only the
+    loss of a peer, a consequence of another rank's death, not a cause. One rule for every launcher."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return any(sign in text.lower() for sign in LOST_PEER_SIGNS)

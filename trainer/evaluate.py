@@ -297,8 +297,8 @@ def random_init_like(cfg: Config, head_layers: int = 0) -> nn.Module:
 
 
 def check_same_classes(train: Source, val: Source) -> None:
-    """A probe trained on one class list and scored on another reports a meaningless number (it said
-    top-1 0.162 for 2 classes against 10, and exited 0)."""
+    """A probe trained on one class list and scored on another reports a meaningless number, and
+    would exit 0: the two sets must name the same classes."""
     # an .npz names its classes by their numbers: against numbers only the count can be compared
     # (labels are class indices in both); real names must agree
     numbered = all(c.isdigit() for c in train.classes) or all(c.isdigit() for c in val.classes)

@@ -15,22 +15,57 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from trainer.config import Config
 from trainer.loop import train
 
 SAME_INTERRUPT_S = 1.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def on_signals(signals: tuple[int, ...], handler: Callable[[int], None]) -> Iterator[list[int]]:
+    """The one way a command takes signals: while inside, each of ``signals`` is recorded (the
+    yielded list) and then handed to ``handler``; the previous handlers are back on leaving."""
+    received: list[int] = []
+
+    def record(signum: int, _frame) -> None:
+        received.append(signum)
+        handler(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in signals}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def interrupt_on_signals() -> Iterator[list[int]]:
+    """For commands with no step boundary to stop at (eval, embed): SIGTERM and SIGHUP end them as
+    Ctrl-C does (KeyboardInterrupt), so that they leave in one line with 128 + the signal."""
+    def interrupt(_signum: int) -> None:
+        raise KeyboardInterrupt
+
+    with on_signals((signal.SIGTERM, signal.SIGHUP), interrupt) as received:
+        yield received
+
+
+def exit_status_of_interrupt(received: list[int]) -> int:
+    """128 + the signal that ended a command (SIGINT when Ctrl-C came as KeyboardInterrupt itself)."""
+    return 128 + (received[0] if received else signal.SIGINT)
 
 
 @contextmanager
 def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
     """While inside, SIGINT, SIGTERM and SIGHUP set ``stop``; yields the signals received."""
-    received: list[int] = []
     first_at = [0.0]
+    received: list[int] = []
 
-    def handler(signum: int, _frame) -> None:
+    def handler(signum: int) -> None:
         now = time.monotonic()
         if received and signum == signal.SIGINT and now - first_at[0] > SAME_INTERRUPT_S:
             print("[simclr] second Ctrl-C: aborted without a new checkpoint; the last one on disk is intact",
@@ -54,12 +89,10 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
         sys.stdout.flush()
         os._exit(128 + signum)  # the interpreter's shutdown (MLflow's exit hooks, threads) is skipped
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        yield received
+        with on_signals(STOP_SIGNALS, handler):
+            yield received
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
         if received:  # stopped by a signal, and now exiting: a second Ctrl-C still aborts at once, as promised
             signal.signal(signal.SIGINT, abort_while_exiting)
 
