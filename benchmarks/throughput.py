@@ -96,7 +96,7 @@ def log_to_mlflow(result: dict, out: Path) -> None:
     run = MlflowRun(TrackingConfig(experiment="simclr-bench", run_name=out.stem, system_metrics=False),
                     source="simclr bench")
     run.start({**result["config"], "device": result["device"], "git_commit": result["git_commit"]}, {})
-    run.log({"images_per_s": result["ssl"]["images_per_s"], "views_per_s": result["ssl"]["views_per_s"],
+    run.log_metrics({"images_per_s": result["ssl"]["images_per_s"], "views_per_s": result["ssl"]["views_per_s"],
                          "ssl_over_supervised_time": result["ssl"]["ssl_over_supervised_time"],
                          "lars_speedup_vs_timm": result["lars"].get("speedup", 0.0),
                          "loss_speedup_vs_naive_max": max(r["speedup"] for r in result["loss"])},

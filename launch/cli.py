@@ -11,6 +11,8 @@ from pathlib import Path
 
 from trainer import package_version
 from trainer.credentials import redact_uri
+from trainer.rank_report import OPTION as REPORT_OPTION
+from trainer.rank_report import RankReport
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +145,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     # SIGTERM and SIGHUP stop it as Ctrl-C does: its finished chunks are on disk, the rest is redone
     with interrupt_on_signals() as received:
-        info = init_distributed(DistConfig(), args.device)
+        info = init_distributed(DistConfig(), args.device, launched=args.report_to is not None)
         try:
             done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype,
                          args.batch_size, args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows,
@@ -417,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="data loading workers / DALI threads")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when visible")
+    p.add_argument(REPORT_OPTION, default=None, help=argparse.SUPPRESS)  # set by the local launcher
     p.add_argument("--chunk-rows", type=int, default=8192, help="rows a rank writes at once; a restart redoes "
                    "at most one chunk per rank")
     p.add_argument("--overwrite", action="store_true", help="replace embeddings of another checkpoint or dataset")
@@ -505,4 +508,4 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from trainer.errors import exit_code_of
 
-    sys.exit(exit_code_of(lambda: args.func(args)))
+    sys.exit(exit_code_of(lambda: args.func(args), report=RankReport.given(getattr(args, "report_to", None))))

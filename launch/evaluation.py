@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config import DEVICES
+from trainer.rank_report import OPTION as REPORT_OPTION
 
 if TYPE_CHECKING:
     from trainer.evaluate import Report
@@ -41,6 +42,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=600.0,
                    help="with several ranks: how long a rank waits for the others before the job ends (a dead or "
                         "stuck rank)")
+    p.add_argument(REPORT_OPTION, default=None, help=argparse.SUPPRESS)  # set by the local launcher
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -82,7 +84,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
-    info = init_distributed(DistConfig(timeout_s=args.timeout_s), args.device)
+    info = init_distributed(DistConfig(timeout_s=args.timeout_s), args.device, launched=args.report_to is not None)
     try:
         # rank 0 lists the image trees (reusing the training run's index beside the checkpoint) and
         # hands them to the other ranks
@@ -163,7 +165,7 @@ def _log_eval_to_mlflow(report: Report, out_dir: Path, checkpoint: str, cfg) -> 
     run.start({"eval.checkpoint": str(path)} if run_id is None else {}, tags, run_id=run_id)
     if not run.flush(force=True):  # the store did not answer: said once, by the run
         return
-    run.log(eval_metric_names(report), step=0, time_ms=int(time.time() * 1000))
+    run.log_metrics(eval_metric_names(report), step=0, time_ms=int(time.time() * 1000))
     for file in sorted(out_dir.glob("*.png")) + [out_dir / "report.json", out_dir / "report.md"]:
         run.log_artifact(file, "eval")
     if run_id is None:

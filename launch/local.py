@@ -38,6 +38,8 @@ from pathlib import Path
 
 from trainer.distributed import free_port, lost_peer
 from trainer.interrupts import on_signals
+from trainer.rank_report import OPTION as REPORT_OPTION
+from trainer.rank_report import tracebacks, user_errors
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 5.0  # after one rank fails, how long the others get to leave on their own
@@ -57,11 +59,10 @@ class JobContext:
     timeout_knob: str = "dist.timeout_s"  # what sets how long a rank waits for the others
 
 
-def rank_env(rank: int, nproc: int, port: int, error_dir: Path) -> dict[str, str]:
+def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
             "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-            "SIMCLR_ERROR_FILE": str(error_dir / f"rank{rank}"), "SIMCLR_LAUNCHED": "1"}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
 
 
 def die_with_parent() -> Callable[[], None] | None:
@@ -118,7 +119,11 @@ def run_local_ranks(nproc: int, args: list[str], module: str = "trainer", job: J
 def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error_dir: Path) -> int:
     port = free_port()
     preexec = die_with_parent()
-    procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env(r, nproc, port, error_dir),
+    # each rank reports what ended it into error_dir (trainer/rank_report.py); after a launch
+    # subcommand's name (eval, embed), or first for python -m trainer
+    at = 1 if module == "launch" else 0
+    args = [*args[:at], REPORT_OPTION, str(error_dir), *args[at:]]
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args], env=rank_env(r, nproc, port),
                               start_new_session=True, preexec_fn=preexec) for r in range(nproc)]
     ended_at: dict[int, float] = {}  # rank -> when it ended (the first failure is the cause)
 
@@ -148,9 +153,9 @@ def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error
     for r in range(nproc):
         ended_at.setdefault(r, now)
     codes = [p.returncode for p in procs]
-    errors = sorted(error_dir.glob("rank*[0-9]"), key=lambda f: int(f.name[4:]))
+    errors = user_errors(error_dir)
     if errors and not received:
-        print(errors[0].read_text().rstrip("\n"), file=sys.stderr, flush=True)
+        print(errors[0], file=sys.stderr, flush=True)
         return 2
     if received:
         return 130 if 130 in codes else 128 + received[0]
@@ -176,14 +181,14 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
     that continues; the other ranks' tracebacks into the run folder's ``failure.log``; the MLflow
     run closed FAILED with tags. A rank's own exception (no signal, no hang) is printed whole.
     Returns the rank that caused the end."""
-    tracebacks = {int(f.name[4:].split(".")[0]): f.read_text() for f in error_dir.glob("rank*.traceback")}
+    failures = tracebacks(error_dir)
     by_time = sorted(range(len(codes)), key=lambda r: ended_at[r])
     killed = [r for r in by_time if codes[r] is not None and codes[r] < 0 and r not in hung]
     failed = [r for r in by_time if codes[r] not in (0, None) and r not in hung]
     # a rank's own error before one that only lost its peers (ranks ending within one poll tie on time)
-    failed.sort(key=lambda r: lost_peer(tracebacks.get(r, "")))
+    failed.sort(key=lambda r: lost_peer(failures.get(r, "")))
     first_failed = failed[0] if failed else None
-    peers_lost = first_failed is not None and lost_peer(tracebacks.get(first_failed, ""))
+    peers_lost = first_failed is not None and lost_peer(failures.get(first_failed, ""))
     if killed:
         cause, how = killed[0], f"was killed by {signal_name(-codes[killed[0]])}"
     elif hung and (peers_lost or first_failed is None):
@@ -195,19 +200,19 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
     else:
         cause = first_failed if first_failed is not None else by_time[0]
         how = f"failed (exit status {codes[cause]})"
-        if cause in tracebacks:  # a bug: the cause's traceback is what the user needs
-            print(tracebacks[cause].rstrip("\n"), file=sys.stderr, flush=True)
+        if cause in failures:  # a bug: the cause's traceback is what the user needs
+            print(failures[cause].rstrip("\n"), file=sys.stderr, flush=True)
     what = job.what if job is not None else "job"
     parts = [f"[simclr] rank {cause} {how}; the {what} stopped"]
     if job is not None and job.run_dir is not None:
-        parts += _record_failure(job.run_dir, cause, how, tracebacks)
+        parts += _record_failure(job.run_dir, cause, how, failures)
     if job is not None:
         parts.append(f"{'Resume' if job.run_dir is not None else 'Run it again'} with: {job.again}")
     print(". ".join(parts), file=sys.stderr, flush=True)
     return cause
 
 
-def _record_failure(run_dir: Path, rank: int, how: str, tracebacks: dict[int, str]) -> list[str]:
+def _record_failure(run_dir: Path, rank: int, how: str, failures: dict[int, str]) -> list[str]:
     """The run folder's side of a death: the ranks' tracebacks kept, the MLflow run closed FAILED
     with tags naming the rank, and the newest checkpoint named. Returns the sentences to say."""
     from trainer.checkpoint import latest_checkpoint
@@ -215,10 +220,10 @@ def _record_failure(run_dir: Path, rank: int, how: str, tracebacks: dict[int, st
     said = []
     newest = latest_checkpoint(run_dir)
     said.append(f"Newest checkpoint: {newest}" if newest else "No checkpoint was written yet (it restarts at step 0)")
-    if tracebacks:
+    if failures:
         log = run_dir / "failure.log"
         try:
-            log.write_text("".join(f"--- rank {r} ---\n{text}\n" for r, text in sorted(tracebacks.items())))
+            log.write_text("".join(f"--- rank {r} ---\n{text}\n" for r, text in sorted(failures.items())))
             said.append(f"The other ranks' errors (a consequence) are in {log}")
         except OSError:
             pass

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.runs import assert_one_line_error, simclr, tiny_overrides
+from tests.helpers.runs import assert_one_line_error, checkpoint_run_id, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.loop import train
 
@@ -92,12 +92,12 @@ def test_resume_none_into_a_folder_with_checkpoints_needs_overwrite(tiny_config)
     with pytest.raises(CheckpointError, match="earlier run.*new train.run_dir.*train.overwrite=true"):
         train(tiny_config(**{"checkpoint.resume": "none", "train.stop_after_steps": 2}))
     assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_000000002.pt"]  # untouched
-    first_run = ckpt.load_checkpoint(ckpt.list_checkpoints(directory)[0])["mlflow_run_id"]
+    first_run = checkpoint_run_id(ckpt.load_checkpoint(ckpt.list_checkpoints(directory)[0]))
     result = train(tiny_config(**{"checkpoint.resume": "none", "train.overwrite": "true",
                                   "train.stop_after_steps": 4}))
     assert result.step == 4 and result.run_id != first_run
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(directory)[0])
-    assert state["mlflow_run_id"] == result.run_id  # the next plain resume continues the new run
+    assert checkpoint_run_id(state) == result.run_id  # the next plain resume continues the new run
     assert [r["step"] for r in tracking_rows(directory.parent)] == [2, 4]
 
 

@@ -168,7 +168,7 @@ def test_quality_stage_is_sized_from_everything_it_runs():
 
 def test_a_tree_without_git_names_its_commit(tmp_path, monkeypatch):
     """A tree without .git (a container image, an exported tree) names its commit through SIMCLR_GIT_COMMIT."""
-    from trainer import tracking
+    from trainer.tracking import provenance as tracking
 
     monkeypatch.setattr(tracking.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", ""))
     monkeypatch.setenv("SIMCLR_GIT_COMMIT", "0123abcd" * 5)

@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.runs import REPO, run_status, start_training, tiny_overrides, wait_for_steps
+from tests.helpers.runs import REPO, checkpoint_run_id, run_status, start_training, tiny_overrides, wait_for_steps
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.loop import train
@@ -54,7 +54,7 @@ def test_local_run_stops_at_a_step_boundary_with_a_checkpoint_and_a_killed_run(p
     newest = ckpt.latest_checkpoint(run_dir)
     state = ckpt.load_checkpoint(newest)
     assert state["step"] >= 3 and f"stopped at step {state['step']}" in out and "resume" in out
-    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
+    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoint_run_id(state)) == "KILLED"
     print(f"[measured] {sig.name}: stopped {elapsed:.1f}s after the signal, 0 steps lost")
 
 
@@ -71,7 +71,7 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank_at_one_step(photo_data, tm
     assert out.count("SIGINT: stopping at the next step boundary") == 1, out[-3000:]  # said once, not per rank
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and f"stopped at step {state['step']}" in out
-    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
+    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoint_run_id(state)) == "KILLED"
     print(f"[measured] Ctrl-C under torchrun (2 ranks): ended {elapsed:.1f}s after the signal, 0 steps lost")
 
 
@@ -96,7 +96,7 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(photo
     assert "Traceback" not in out and "resume" in out, out[-3000:]
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert state["step"] >= 3 and f"stopped at step {state['step']}" in out
-    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", state["mlflow_run_id"]) == "KILLED"
+    assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoint_run_id(state)) == "KILLED"
 
 
 @pytest.mark.slow
@@ -142,10 +142,10 @@ def test_a_run_left_running_by_a_hard_kill_is_marked_on_resume(photo_data, tmp_p
     proc.wait()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
-    assert run_status(uri, state["mlflow_run_id"]) == "RUNNING"  # nobody could close it
+    assert run_status(uri, checkpoint_run_id(state)) == "RUNNING"  # nobody could close it
     over = {"train.epochs": 200, "train.log_every": 1, "train.stop_after_steps": state["step"] + 2}  # its own schedule
     resumed = train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **over)))
-    assert resumed.run_id == state["mlflow_run_id"]
+    assert resumed.run_id == checkpoint_run_id(state)
     run = MlflowClient(uri).get_run(resumed.run_id)
     assert run.info.status == "KILLED"  # stopped at train.stop_after_steps, short of its schedule: not FINISHED
     assert run.data.tags["simclr.stopped_early"].startswith(f"at step {state['step'] + 2} of ")

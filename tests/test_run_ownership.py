@@ -18,7 +18,16 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.runs import PY, REPO, assert_one_line_error, simclr, start_training, tiny_overrides, wait_for_steps
+from tests.helpers.runs import (
+    PY,
+    REPO,
+    assert_one_line_error,
+    checkpoint_run_id,
+    simclr,
+    start_training,
+    tiny_overrides,
+    wait_for_steps,
+)
 from trainer import checkpoint as ckpt
 from trainer.config import TrackingConfig, load_config
 from trainer.loop import train
@@ -78,7 +87,7 @@ def test_a_second_run_into_a_live_run_folder_is_refused_and_a_hard_kill_leaves_n
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sync_offline(run_dir, TrackingConfig(), None)
     assert "is still training" in capsys.readouterr().out
-    run_id = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["mlflow_run_id"]
+    run_id = checkpoint_run_id(ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir)))
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
 
     os.killpg(first.pid, signal.SIGKILL)
@@ -110,7 +119,7 @@ def test_killing_the_launcher_stops_its_ranks_with_a_checkpoint(photo_data, tmp_
     assert not alive, "ranks outlived their launcher"
     elapsed = time.time() - start
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
-    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state["mlflow_run_id"]).info.status == "KILLED"
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(checkpoint_run_id(state)).info.status == "KILLED"
     assert RunFolderLock(run_dir).held_elsewhere() is None
     launcher.communicate()
     print(f"[measured] launcher SIGKILLed: both ranks checkpointed (step {state['step']}), ended {elapsed:.1f}s later")
@@ -256,7 +265,7 @@ def test_a_copied_run_folder_starts_its_own_mlflow_run_naming_its_parent(tiny_co
         assert tags["simclr.parent_run_id"] == parent and tags["simclr.resumed_from"], tags
     losses = client.get_metric_history(first.run_id, "train/loss")
     assert sorted(m.step for m in losses) == [2, 4]  # the original's own steps, once each
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(copy_dir))["mlflow_run_id"] == copied.run_id
+    assert checkpoint_run_id(ckpt.load_checkpoint(ckpt.latest_checkpoint(copy_dir))) == copied.run_id
 
 
 def test_changed_hyper_parameters_are_refused_unless_allowed_then_recorded(tiny_config):

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from launch.slurm import load_cluster_config, parse_sweep, plan_runs, submit, wait_for_job
-from tests.helpers.runs import PY, REPO, simclr, tiny_overrides
+from tests.helpers.runs import PY, REPO, checkpoint_run_id, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
 
@@ -309,9 +309,9 @@ def test_two_task_job_goes_on_as_a_one_task_job_in_the_same_run(slurm, photo_dat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     final = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
     assert final["step"] == 40 and final["world_size"] == 1
-    assert final["mlflow_run_id"] == stopped["mlflow_run_id"]
+    assert checkpoint_run_id(final) == checkpoint_run_id(stopped)
     client, runs = mlflow_runs(tmp_path / "m.db")
-    (run,) = [r for r in runs if r.info.run_id == final["mlflow_run_id"]]
+    (run,) = [r for r in runs if r.info.run_id == checkpoint_run_id(final)]
     assert run.info.status == "FINISHED" and len(runs) == 1
     assert run.data.tags["simclr.world_size_history"] == f"0:2,{stopped['step']}:1"
 

@@ -407,7 +407,7 @@ def test_an_artifact_logged_while_the_store_is_offline_is_uploaded_at_finish(tmp
         return real_log_batch(*args, **kwargs)
 
     run.client.log_batch = log_batch_failing_once
-    run.log({"loss": 1.0}, 1, 0)  # fails: offline for an hour
+    run.log_metrics({"loss": 1.0}, 1, 0)  # fails: offline for an hour
     (tmp_path / "encoder.pt").write_bytes(b"weights")
     run.log_artifact(tmp_path / "encoder.pt")
     run.log_artifact(tmp_path / "curves.png")  # gone before it could be sent: skipped, never an error
@@ -427,7 +427,7 @@ def test_a_param_logged_again_with_another_value_never_blocks_the_queue(tmp_path
     run = MlflowRun(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", system_metrics=False))
     run.start({"a": 1, "b": 2}, {})
     run.log_params({"a": 5, "c": 3})
-    run.log({"loss": 1.0}, 1, 0)
+    run.log_metrics({"loss": 1.0}, 1, 0)
     assert not run.pending and not run.pending_params
     assert run.client.get_run(run.run_id).data.params == {"a": "1", "b": "2", "c": "3"}
     assert "MLflow param a stays '1'" in capsys.readouterr().err
@@ -554,3 +554,29 @@ def test_a_run_recorded_before_the_metric_grouping_still_plots_and_syncs(tiny_co
     run_id, _ = sync_offline(result.run_dir, dataclasses.replace(cfg.tracking, uri=store, enabled=True), None)
     history = MlflowClient(store).get_metric_history(run_id, "loss")  # replayed under the names it was recorded with
     assert [m.step for m in history] == [2, 4, 6, 8, 10]
+
+
+def test_a_new_sink_is_one_file_and_its_registration(tiny_config, monkeypatch):
+    """tests/helpers/csv_sink.py registers a CSV sink: it receives every metric the run log does,
+    the run's end, and its own state back from the checkpoint on resume; MLflow is untouched by it."""
+    import csv
+
+    from tests.helpers import csv_sink  # noqa: F401  (registers "csv")
+    from trainer import checkpoint as ckpt
+    from trainer.tracking import read_metrics_file
+    from trainer.tracking.tracker import SINKS
+
+    try:
+        cfg = tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 4})
+        train(cfg)
+        run_dir = Path(cfg.train.run_dir)
+        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+        assert state["tracking"]["csv"]["rows_written"] > 0 and "mlflow" not in state["tracking"]
+        train(tiny_config(**{"tracking.enabled": "false"}))  # resumed: to the end
+        rows = list(csv.reader((run_dir / "metrics.csv").open()))
+        logged = [(str(r["step"]), k) for r in read_metrics_file(run_dir / "metrics.jsonl") for k in r
+                  if k not in ("step", "time_ms")]
+        assert [(step, key) for step, key, _ in rows[1:] if step != "end"] == logged
+        assert [row for row in rows if row[0] == "end"] == [["end", "status", "KILLED"], ["end", "status", "FINISHED"]]
+    finally:
+        SINKS.pop("csv", None)

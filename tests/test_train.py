@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.runs import assert_bitwise_equal, final_state, simclr, tiny_overrides
+from tests.helpers.runs import assert_bitwise_equal, checkpoint_run_id, final_state, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.loop import NonFiniteLossError, train
@@ -135,7 +135,7 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, rank, sig
     newest = ckpt.latest_checkpoint(run_dir)  # checkpoints intact
     assert how in line and f"Newest checkpoint: {newest}" in line and "Resume with: simclr train --nproc 2" in line
     assert elapsed < 10 + 45  # dist.timeout_s plus start-up slack
-    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(ckpt.load_checkpoint(newest)["mlflow_run_id"])
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(checkpoint_run_id(ckpt.load_checkpoint(newest)))
     assert run.info.status == "FAILED" and run.data.tags["simclr.failed_rank"] == str(rank)
     assert not list(Path(tempfile.gettempdir()).glob(f"simclr_ranks_{launcher.pid}_*"))
     print(f"[measured] rank {rank} {sig.name}: the job ended {elapsed:.1f}s later (dist.timeout_s=10)")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.runs import run_status, run_torchrun, simclr, tiny_overrides
+from tests.helpers.runs import checkpoint_run_id, run_status, run_torchrun, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.loop import train
@@ -68,7 +68,7 @@ def test_resume_on_another_world_size_continues_the_same_batches_and_run(indexed
     assert state["step"] == 20 and state["world_size_history"] == [[0, before], [7, after]]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("simclr").experiment_id],
-                              filter_string=f"attributes.run_id = '{state['mlflow_run_id']}'")
+                              filter_string=f"attributes.run_id = '{checkpoint_run_id(state)}'")
     (run,) = runs
     assert run.info.status == "FINISHED"
     assert run.data.tags["simclr.world_size_history"] == f"0:{before},7:{after}"
@@ -94,5 +94,5 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_into_the_same_run(photo_da
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
     assert state["step"] == 3 and state["world_size"] == 2
     resumed = train(load_config(None, tiny_overrides(photo_data / "val", tmp_path / "run", **{"train.epochs": 2})))
-    assert resumed.step == 10 and resumed.run_id == state["mlflow_run_id"]
+    assert resumed.step == 10 and resumed.run_id == checkpoint_run_id(state)
     assert run_status(f"sqlite:///{tmp_path / 'mlflow.db'}", resumed.run_id) == "FINISHED"

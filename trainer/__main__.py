@@ -14,12 +14,16 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config
     from trainer.errors import exit_code_of
     from trainer.interrupts import train_in_foreground
+    from trainer.rank_report import HELP, OPTION, RankReport
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="one rank of a SimCLR pretraining job")
     parser.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.5")
+    parser.add_argument(OPTION, default=None, metavar="DIR", help=HELP)
     args = parser.parse_args(argv)
-    return exit_code_of(lambda: train_in_foreground(load_config(args.config, args.overrides)))
+    report = RankReport.given(args.report_to)
+    return exit_code_of(lambda: train_in_foreground(load_config(args.config, args.overrides),
+                                                    launched=report is not None), report=report)
 
 
 if __name__ == "__main__":

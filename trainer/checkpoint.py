@@ -51,18 +51,20 @@ class Stateful(Protocol):
 
 @dataclass
 class TrainState:
-    """The loop's own state: where it is, which world sizes ran it, and its MLflow run. Its keys
-    are the top level of the checkpoint file (format 1)."""
+    """The loop's own state: where it is, which world sizes ran it, and its tracking (the tracker's
+    state, opaque here: which MLflow run it continues). Its keys are the top level of the checkpoint
+    file (format 1)."""
 
     steps_per_epoch: int
     world_size: int  # this job's
     step: int = 0
     world_size_history: list[list[int]] = field(default_factory=list)  # [step, world size] at each (re)start
-    mlflow_run_id: str | None = None
+    tracking: dict[str, Any] = field(default_factory=dict)  # Tracker.state_dict()
     world_size_changed: bool = False  # set by a resume on another world size than the checkpoint's
     run_folder: dict[str, Any] = field(default_factory=dict)  # this run folder's path and inode
     data: dict[str, Any] = field(default_factory=dict)  # the dataset's fingerprint (data_fingerprint)
-    parent_run_id: str | None = None  # set by a resume from another folder's checkpoint: the MLflow run it came from
+    # set by a resume from another folder's checkpoint: the tracking it came from, and that folder
+    parent_tracking: dict[str, Any] = field(default_factory=dict)
     parent_folder: str | None = None
 
     def __post_init__(self) -> None:
@@ -71,11 +73,11 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch, "world_size": self.world_size,
-                "world_size_history": self.world_size_history, "mlflow_run_id": self.mlflow_run_id,
+                "world_size_history": self.world_size_history, "tracking": self.tracking,
                 "run_folder": self.run_folder, "data": self.data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.mlflow_run_id = state["step"], state.get("mlflow_run_id")
+        self.step, self.tracking = state["step"], tracking_state(state)
         self.world_size_history = state.get("world_size_history") or [[0, state.get("world_size", self.world_size)]]
         if self.world_size_history[-1][1] != self.world_size:  # a resume on another world size
             self.world_size_history.append([self.step, self.world_size])
@@ -84,7 +86,15 @@ class TrainState:
         if saved and not same_folder(saved, self.run_folder):
             # a copied folder, or another run's checkpoint: this folder gets its own MLflow run, never
             # appending to the one it came from (two folders would write one run's steps twice)
-            self.parent_run_id, self.parent_folder, self.mlflow_run_id = self.mlflow_run_id, saved.get("path"), None
+            self.parent_tracking, self.parent_folder, self.tracking = self.tracking, saved.get("path"), {}
+
+
+def tracking_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's tracking state; one written before the tracker kept its own state named only
+    its MLflow run (``mlflow_run_id``)."""
+    if "tracking" in state:
+        return dict(state["tracking"] or {})
+    return {"mlflow": {"run_id": state["mlflow_run_id"]}} if state.get("mlflow_run_id") else {}
 
 
 def folder_identity(run_dir: str | Path) -> dict[str, Any]:

@@ -44,12 +44,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-# environment variables that say a launcher started this process (torchrun, ours, SLURM, MPI)
-LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "SIMCLR_LAUNCHED", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# environment variables that say a launcher started this process (torchrun, SLURM, MPI); ours says so
+# with an argument (``launched``)
+LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
-def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistInfo:
-    """Join the process group described by the environment (or run alone)."""
+def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched: bool = False) -> DistInfo:
+    """Join the process group described by the environment (or run alone); ``launched``: started by
+    our local launcher (which names a rank that does not come)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world_size > 1 and missing:  # a leftover of another job: init would wait dist.timeout_s for ranks never coming
@@ -70,7 +72,7 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto") -> DistIn
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        by_hand = not any(name in os.environ for name in LAUNCHER_MARKS)  # or left over from another job
+        by_hand = not launched and not any(name in os.environ for name in LAUNCHER_MARKS)  # or leftovers
         if by_hand:
             print(f"[simclr] WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR/MASTER_PORT={where} are set in this shell "
                   f"(no launcher set them): waiting up to dist.timeout_s={cfg.timeout_s:g} s for the other ranks. If "

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from data_pipeline.sources import DataError
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
+from trainer.rank_report import RankReport
 from trainer.run_files import DiskFullError, RunFileError, RunFolderGoneError, RunFolderInUseError
 from trainer.tracking import TrackingError
 
@@ -19,19 +19,16 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointEr
                                             RunFolderInUseError, RunFolderGoneError, RunFileError)
 
 
-def exit_code_of(command: Callable[[], int], prog: str = "simclr") -> int:
+def exit_code_of(command: Callable[[], int], prog: str = "simclr", report: RankReport | None = None) -> int:
     """Run ``command``; a user error becomes a one-line message on stderr and status 2, Ctrl-C 130
-    (one line, no traceback). A rank started by ``simclr train --nproc K`` writes its line to
-    SIMCLR_ERROR_FILE instead, and any other error's traceback beside it: the launcher prints the
-    first rank's line once, and decides whether a traceback is the cause of a failure or only a
-    consequence of another rank's death."""
-    error_file = os.environ.get("SIMCLR_ERROR_FILE")
+    (one line, no traceback). A rank started by our launcher reports to it instead (``report``,
+    trainer/rank_report.py)."""
     try:
         return command()
     except USER_ERRORS as exc:
         line = f"{prog}: error: {exc}"
-        if error_file:
-            Path(error_file).write_text(line + "\n")
+        if report is not None:
+            report.user_error(line)
         else:
             print(line, file=sys.stderr)
         return 2
@@ -40,9 +37,9 @@ def exit_code_of(command: Callable[[], int], prog: str = "simclr") -> int:
             print(STOPPED_AT_START, file=sys.stderr, flush=True)
         return 130
     except Exception:
-        if not error_file:
+        if report is None:
             raise
         import traceback
 
-        Path(f"{error_file}.traceback").write_text(traceback.format_exc())
+        report.traceback(traceback.format_exc())
         return 1

@@ -97,9 +97,10 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(signal.SIGINT, abort_while_exiting)
 
 
-def train_in_foreground(cfg: Config) -> int:
-    """Train with Ctrl-C/SIGTERM handled; the exit status is 128 + the signal when one stopped the run."""
+def train_in_foreground(cfg: Config, launched: bool = False) -> int:
+    """Train with Ctrl-C/SIGTERM handled; the exit status is 128 + the signal when one stopped the run.
+    ``launched``: a rank of our local launcher (``--report-to``), which says how the job ended."""
     stop = threading.Event()
     with stop_on_interrupt(stop) as received:
-        code = train(cfg, stop=stop).exit_code
+        code = train(cfg, stop=stop, launched=launched).exit_code
     return 128 + received[0] if received and code == 0 else code

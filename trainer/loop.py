@@ -7,7 +7,6 @@ every ``checkpoint.every_steps``, and ``finish_run`` at the end.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -75,14 +74,15 @@ def preflight(cfg: Config) -> None:
 
 
 def train(cfg: Config, stop: threading.Event | None = None,
-          on_start: Callable[[Tracker, DistInfo], None] | None = None) -> TrainResult:
+          on_start: Callable[[Tracker, DistInfo], None] | None = None, launched: bool = False) -> TrainResult:
     """Pretrain SimCLR with the resolved ``cfg`` in this process (one rank of the job).
 
     Setting ``stop`` (a signal handler does, on pre-emption) makes every rank checkpoint and return
     at the next step boundary. ``on_start(tracker, info)`` runs once the MLflow run exists.
+    ``launched``: a rank of our local launcher, which names a missing rank and says how the job ended.
     """
     preflight(cfg)
-    info = init_distributed(cfg.dist, cfg.train.device)
+    info = init_distributed(cfg.dist, cfg.train.device, launched=launched)
     lock = RunFolderLock(cfg.train.run_dir)  # one run per folder, for the run's life; the writer (rank 0) holds it
     try:
         on_rank_zero(lambda: (lock.acquire(), check_own_files(cfg.train.run_dir)), (RunFolderInUseError, RunFileError))
@@ -96,8 +96,7 @@ def train(cfg: Config, stop: threading.Event | None = None,
                 parts.tracker.detach_run_folder()
                 parts.tracker.set_tags({"simclr.failure": str(exc)[:500]})
             parts.tracker.finish(status)
-            # under simclr train --nproc the launcher says how the job ended, once
-            if parts.info.is_main and parts.tracker.run_id and not os.environ.get("SIMCLR_LAUNCHED"):
+            if parts.info.is_main and parts.tracker.run_id and not launched:  # else the launcher says it, once
                 print(f"[simclr] {parts.tracker.describe()} ended {status}", file=sys.stderr, flush=True)
             raise
     finally:
@@ -187,7 +186,7 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
                 log_knn_monitor(parts, step)
             # No checkpoint inside a streak of skipped steps: the last one on disk stays a healthy state.
             if checkpoint_due and not skips.check(step):
-                parts.train_state.step, parts.train_state.mlflow_run_id = step, parts.tracker.run_id
+                parts.train_state.step, parts.train_state.tracking = step, parts.tracker.state_dict()
                 try:
                     parts.checkpointer.save()  # every rank, at the same step
                 except FileNotFoundError:  # the folder went away after this step's check: say where it is
@@ -264,12 +263,12 @@ def start_run(parts: TrainParts) -> int:
     continue the checkpoint's, on rank 0. Returns the step to continue from."""
     resumed = parts.checkpointer.resume()
     state, world = parts.train_state, parts.info.world_size
+    parts.tracker.load_state_dict(state.tracking)
     if state.step >= parts.schedule.total:
         if not (parts.run_dir / "encoder.pt").exists():  # not finished: its schedule is shorter now
             raise CheckpointError(f"the checkpoint is at step {state.step}, past the end of this run's schedule "
                                   f"({parts.schedule.total} steps: train.epochs x {parts.steps_per_epoch} steps per "
                                   "epoch); raise train.epochs to train on, or start a new train.run_dir")
-        parts.tracker.run_id = state.mlflow_run_id
         return state.step
     if parts.info.is_main:
         cfg, config_file, step = parts.cfg, parts.run_dir / "config.yaml", state.step
@@ -284,11 +283,12 @@ def start_run(parts: TrainParts) -> int:
         history = ",".join(f"{at}:{size}" for at, size in state.world_size_history)  # step:world size
         tags = {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
                 "simclr.world_size_history": history, "mlflow.note.content": describe_run(parts)}
-        if state.parent_run_id or state.parent_folder:
-            tags.update({"simclr.parent_run_id": state.parent_run_id or "", "simclr.resumed_from": state.parent_folder})
+        if state.parent_folder:
+            parent_run = Tracker.run_id_in(state.parent_tracking) or ""
+            tags.update({"simclr.parent_run_id": parent_run, "simclr.resumed_from": state.parent_folder})
             print(f"[simclr] note: the checkpoint was written in another run folder ({state.parent_folder}); this "
-                  f"folder gets an MLflow run of its own (tag simclr.parent_run_id={state.parent_run_id})", flush=True)
-        parts.tracker.start(params, tags, run_id=state.mlflow_run_id)
+                  f"folder gets an MLflow run of its own (tag simclr.parent_run_id={parent_run})", flush=True)
+        parts.tracker.start(params, tags)
         if state.world_size_changed:
             parts.tracker.log_params({f"world_size.from_step_{step}": world})
             if parts.loader.source.order_depends_on_world_size and step % parts.steps_per_epoch:
@@ -310,7 +310,7 @@ def log_datasets(parts: TrainParts, validation: bool) -> None:
     """The training data (and, with ``validation``, data.val_root) as MLflow dataset inputs, by the
     fingerprint the resume checks use. Nothing is built without MLflow (the GPU proof runs where it
     is not installed)."""
-    if parts.tracker.mlflow is None:
+    if not parts.tracker.takes_datasets:
         return
     inputs = [dataset_input(parts.cfg.data.root, parts.train_state.data, "training")] if parts.train_state.data else []
     if validation and parts.val_source is not None:
@@ -426,7 +426,7 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
         parts.tracker.log_artifact(encoder_path)
         if parts.cfg.tracking.log_model:
             register_as, size = parts.cfg.tracking.register_as, parts.cfg.data.image_size
-            logged = log_encoder_model(parts.tracker.mlflow, parts.model.encoder, size, register_as)
+            logged = parts.tracker.log_model(lambda run: log_encoder_model(run, parts.model.encoder, size, register_as))
             parts.tracker.model_pending(None if logged else register_as)  # simclr sync logs a pending one
     # the plot never fails a run: damaged lines are left out of it, and an unwritable folder only costs it
     try:

@@ -86,6 +86,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in errors[0], (needle, errors[0])
 
 
+def checkpoint_run_id(state: dict) -> str | None:
+    """The MLflow run a loaded checkpoint continues (its tracking state is the tracker's own)."""
+    from trainer.tracking import Tracker
+
+    return Tracker.run_id_in(ckpt.tracking_state(state))
+
+
 def final_state(run_dir: Path) -> dict:
     """The newest checkpoint of a run folder, loaded."""
     return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
