@@ -3,6 +3,7 @@ listed once per job by ``data_pipeline.tree_index``."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import numpy as np
 from data_pipeline.sampling import rank_indices
 from data_pipeline.sources import IMAGE_EXTENSIONS, LABEL_MODES, DataError
 from data_pipeline.tree_index import IndexStore, TreeIndex, shared_tree_index
+
+log = logging.getLogger("simclr.data")  # shown by trainer.logs' handler (this layer cannot import it)
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # folders that hold a split, not a class
 
@@ -125,8 +128,8 @@ def list_image_files(root: str | Path, labels: str = "auto", store: IndexStore |
             unread[suffix] = unread.get(suffix, 0) + count
     if unread and (store is None or store.rank == 0):
         said = ", ".join(f"{count} {suffix}" for suffix, count in sorted(unread.items()))
-        print(f"[simclr] note: {sum(unread.values())} file(s) under {root} are images of formats that are not read "
-              f"({said}) and are left out; convert them to JPEG, PNG or WebP to train on them", flush=True)
+        log.info(f"note: {sum(unread.values())} file(s) under {root} are images of formats that are not read "
+                 f"({said}) and are left out; convert them to JPEG, PNG or WebP to train on them")
     if labels == "none" or (labels == "auto" and not class_dirs):
         rels = index.walk("", skip_links=True)
         if not rels:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import torch.distributed as dist
 
 from data_pipeline.atomic_files import atomic_write
 from data_pipeline.sources import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, DataError
+
+log = logging.getLogger("simclr.data")  # shown by trainer.logs' handler (this layer cannot import it)
 
 MAGIC = b"SIMCLR-TREE-INDEX 2\n"  # 2: the header carries the body's length and sha256
 RACY_NS = 2_000_000_000  # a folder changed this close to the index's writing is listed again (coarse mtimes)
@@ -292,12 +295,12 @@ def _load_or_scan(root: Path, store: IndexStore | None) -> tuple[TreeIndex, bool
             if "" not in index.folders:
                 raise ValueError("it lacks the tree's root folder")
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # a damaged index costs a listing
-            print(f"[simclr] note: the kept listing {path} is damaged ({exc}); listing {root} again", flush=True)
+            log.info(f"note: the kept listing {path} is damaged ({exc}); listing {root} again")
             index = None
         if index is not None:
             changes = index.refresh()
             if changes:  # whether a resume may go on with other files is the checkpoint's to say
-                print(f"[simclr] {changes.describe(root)}", flush=True)
+                log.info(f"{changes.describe(root)}")
             return index, bool(changes) or index.relisted > 0
     return TreeIndex.scan(root), True
 

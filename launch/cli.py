@@ -11,8 +11,11 @@ from pathlib import Path
 
 from trainer import package_version
 from trainer.credentials import redact_uri
+from trainer.logs import get_logger
 from trainer.rank_report import OPTION as REPORT_OPTION
 from trainer.rank_report import RankReport
+
+log = get_logger()
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_data_paths(cfg)
         plan = check_resume(cfg)  # the refusal the run would meet, now
         print(dump_config(cfg), end="")
-        print(f"[simclr] config OK ({args.config or 'the defaults'}, {args.nproc} rank(s)); the run {plan}; "
-              "--dry-run: nothing trained")
+        log.info(f"config OK ({args.config or 'the defaults'}, {args.nproc} rank(s)); the run {plan}; "
+                 "--dry-run: nothing trained")
         return 0
     if args.nproc > 1:
         from launch.local import JobContext, run_local_ranks
@@ -112,8 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             code = exit_status_of_interrupt(received)
             if os.environ.get("RANK", "0") == "0":
-                print(f"[simclr] {signal_name(code - 128)}: evaluation stopped; its report is written whole at the "
-                      "end, so nothing was left half-written. Run the same command again", file=sys.stderr, flush=True)
+                log.warning(f"{signal_name(code - 128)}: evaluation stopped; its report is written whole at the "
+                            "end, so nothing was left half-written. Run the same command again")
             return code
     return 0
 
@@ -153,15 +156,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             code = exit_status_of_interrupt(received)
             if info.is_main:
-                print(f"[simclr] {signal.Signals(code - 128).name}: embedding stopped; the finished chunks are kept "
-                      f"in {args.out}. Run again to go on: {again}", file=sys.stderr, flush=True)
+                log.warning(f"{signal.Signals(code - 128).name}: embedding stopped; the finished chunks are kept "
+                            f"in {args.out}. Run again to go on: {again}")
             return code
         finally:
             teardown()
     if info.is_main:
-        print(f"[simclr] embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
-              f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were already "
-              f"done)")
+        log.info(f"embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
+                 f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were "
+                 "already done)")
     return 0
 
 
@@ -387,8 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simclr", description="SimCLR pretraining at scale: train, evaluate, benchmark and launch on SLURM. "
         "Configs are YAML recipes plus key=value overrides.")
-    parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO lines (MLflow's) too; "
-                        "give it before the command: simclr --verbose train ...")
+    parser.add_argument("--verbose", action="store_true", help="show debug lines and the libraries' INFO lines "
+                        "(MLflow's) too; give it before the command: simclr --verbose train ...")
+    parser.add_argument("--quiet", action="store_true", help="show only warnings and errors (and the command's "
+                        "results); give it before the command: simclr --quiet train ...")
     parser.add_argument("--version", action="version", version=f"simclr-scale {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -500,10 +505,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser (benchmarks/throughput.py), --help included
         argv = ["bench", "--", *argv[1:]]
-    verbose = "--verbose" in argv[:1]  # simclr --verbose <command>: the libraries' INFO lines too
-    if verbose:
-        argv = argv[1:]
-        os.environ["SIMCLR_VERBOSE"] = "1"  # the ranks inherit it
+    if argv[:1] in (["--verbose"], ["--quiet"]):  # before the command: for this process and its ranks
+        from trainer.logs import set_verbosity
+
+        set_verbosity(argv.pop(0)[2:])
     args = parse_command_line(build_parser(), argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from trainer.errors import exit_code_of

@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config import DEVICES
+from trainer.logs import get_logger
 from trainer.rank_report import OPTION as REPORT_OPTION
+
+log = get_logger()
 
 if TYPE_CHECKING:
     from trainer.evaluate import Report
@@ -99,7 +102,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
         notes = misleading_settings(train_set, same_data, args.probe_epochs, tuple(args.finetune), args.finetune_epochs)
         if info.is_main:
             for note in notes:
-                print(f"[simclr] note: {note}", flush=True)
+                log.info(f"note: {note}")
         device = info.device
         out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
         torch.manual_seed(cfg.train.seed)
@@ -127,8 +130,8 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
         if args.mlflow or (args.mlflow is None and cfg.tracking.enabled):
             _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
         elif args.mlflow is None:
-            print("[simclr] note: not logged to MLflow (the run was trained with tracking.enabled=false); pass "
-                  "--mlflow to log this evaluation", flush=True)
+            log.info("note: not logged to MLflow (the run was trained with tracking.enabled=false); pass "
+                     "--mlflow to log this evaluation")
         return report.to_dict()
     finally:
         teardown()

@@ -38,9 +38,11 @@ from pathlib import Path
 
 from trainer.distributed import free_port, lost_peer
 from trainer.interrupts import on_signals
+from trainer.logs import get_logger
 from trainer.rank_report import OPTION as REPORT_OPTION
 from trainer.rank_report import tracebacks, user_errors
 
+log = get_logger()
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 5.0  # after one rank fails, how long the others get to leave on their own
 TEMP_PREFIX = "simclr_ranks_"
@@ -203,12 +205,12 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
         if cause in failures:  # a bug: the cause's traceback is what the user needs
             print(failures[cause].rstrip("\n"), file=sys.stderr, flush=True)
     what = job.what if job is not None else "job"
-    parts = [f"[simclr] rank {cause} {how}; the {what} stopped"]
+    parts = [f"rank {cause} {how}; the {what} stopped"]
     if job is not None and job.run_dir is not None:
         parts += _record_failure(job.run_dir, cause, how, failures)
     if job is not None:
         parts.append(f"{'Resume' if job.run_dir is not None else 'Run it again'} with: {job.again}")
-    print(". ".join(parts), file=sys.stderr, flush=True)
+    log.warning(". ".join(parts))
     return cause
 
 

@@ -29,6 +29,9 @@ from launch.submitit_adapter import requeue_running_job, submission_script
 from trainer.config import Config, config_from_dict, config_to_dict
 from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
 from trainer.distributed import lost_peer
+from trainer.logs import get_logger
+
+log = get_logger()
 
 
 @dataclass
@@ -158,15 +161,15 @@ class TrainingJob:
                 if not lost_peer(exc):
                     raise
                 run_dir = cfg.train.run_dir
-                print(f"[simclr] rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost contact with the "
-                      f"other ranks ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a rank or its node died. "
-                      f"The last checkpoint in {run_dir} is intact; go on with: simclr submit --cluster CLUSTER "
-                      f"--resume {run_dir}", file=sys.stderr, flush=True)
+                log.warning(f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost contact with the "
+                            f"other ranks ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a rank or its "
+                            f"node died. The last checkpoint in {run_dir} is intact; go on with: simclr submit "
+                            f"--cluster CLUSTER --resume {run_dir}")
                 raise
             if result.preempted:
                 if signal.SIGUSR2 in received:
                     self._requeue_or_stop(int(os.environ.get("RANK", "0")))
-                print(f"[simclr] stopped by SIGTERM at step {result.step}; checkpoint written", flush=True)
+                log.info(f"stopped by SIGTERM at step {result.step}; checkpoint written")
                 sys.exit(-1)
         return {"step": result.step, "loss": result.loss, "run_id": result.run_id, "run_dir": str(result.run_dir)}
 
@@ -179,7 +182,7 @@ class TrainingJob:
                                f"--resume {run_dir}")
         if rank == 0:
             requeue_running_job(self.max_requeues - restarts)
-            print(f"[simclr] checkpointed and requeued (restart {restarts + 1}/{self.max_requeues})", flush=True)
+            log.info(f"checkpointed and requeued (restart {restarts + 1}/{self.max_requeues})")
         else:
             time.sleep(120)  # rank 0 is requeueing; SLURM ends this task
         sys.exit(-1)  # like submitit itself: no result file, the job is not over

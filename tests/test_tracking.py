@@ -356,10 +356,10 @@ def test_verbose_keeps_the_libraries_info_lines(monkeypatch):
 
     logger = logging.getLogger("mlflow")
     monkeypatch.setattr(logger, "level", logging.INFO)
-    monkeypatch.setenv("SIMCLR_VERBOSE", "1")  # what simclr --verbose sets for every rank
+    monkeypatch.setenv("SIMCLR_VERBOSITY", "verbose")  # what simclr --verbose sets for every rank
     quiet_library_logs()
     assert logger.level == logging.INFO
-    monkeypatch.delenv("SIMCLR_VERBOSE")
+    monkeypatch.delenv("SIMCLR_VERBOSITY")
     quiet_library_logs()
     assert logger.level == logging.WARNING
 
@@ -517,7 +517,8 @@ def test_a_resumed_job_logs_no_step_twice_and_a_failure_made_good_stops_reading_
     close_recorded_run(run_dir, "FAILED", {"simclr.failed_rank": "1", "simclr.failure": "was killed by SIGKILL"})
 
     second = Tracker(cfg, run_dir, active=True)  # resumed from the step-4 checkpoint
-    assert second.start({"a": 1}, {}, run_id=run_id) == run_id
+    second.load_state_dict(first.state_dict())  # what the checkpoint kept
+    assert second.start({"a": 1}, {}) == run_id
     for step in (6, 8, 10):
         second.log_metrics({"loss": 100.0 + step}, step)
     second.set_tags({"simclr.stopped_early": "at step 10 of 20"})

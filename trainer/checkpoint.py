@@ -16,7 +16,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,9 @@ from data_pipeline.sources import data_changes
 from trainer.config import Config, config_to_dict
 from trainer.dataclass_yaml import flatten
 from trainer.distributed import DistInfo
+from trainer.logs import get_logger
+
+log = get_logger()
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -240,7 +242,7 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | Non
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
-            print(f"[simclr] note: skipping an unusable checkpoint: {exc}", file=sys.stderr, flush=True)
+            log.warning(f"note: skipping an unusable checkpoint: {exc}")
     if found:  # never start over on our own: that would abandon the run (and its MLflow run) silently
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} is usable ({len(found)} found, the newest "
                               f"{found[0].name} unreadable: truncated or not a checkpoint), so the run cannot resume; "
@@ -434,10 +436,10 @@ class Checkpointer:
         else:  # another world size: this rank's streams derived from the run's seed and the step
             seed_everything(derive_seed(self.cfg.train.seed, state["step"]), self.info.rank)
         if self.info.is_main:
-            print(f"[simclr] resumed from {path} at step {state['step']}", flush=True)
+            log.info(f"resumed from {path} at step {state['step']}")
             if len(rng) != self.info.world_size:
-                print(f"[simclr] the checkpoint was written by {len(rng)} ranks, this job has {self.info.world_size}: "
-                      "the same global batches follow, each rank's random streams are derived afresh", flush=True)
+                log.info(f"the checkpoint was written by {len(rng)} ranks, this job has {self.info.world_size}: "
+                         "the same global batches follow, each rank's random streams are derived afresh")
         return True
     def _start_over(self) -> None:
         """``checkpoint.resume=none`` in a folder that holds another run's checkpoints would leave
@@ -452,8 +454,8 @@ class Checkpointer:
                 path.unlink(missing_ok=True)
             for name in ("metrics.jsonl", "mlflow_run.json", "encoder.pt", "curves.png"):
                 (self.run_dir / name).unlink(missing_ok=True)
-            print(f"[simclr] train.overwrite=true: the earlier run's checkpoints and files in {self.run_dir} were "
-                  "removed", flush=True)
+            log.info(f"train.overwrite=true: the earlier run's checkpoints and files in {self.run_dir} were "
+                     "removed")
         if self.info.distributed:
             dist.barrier()  # no rank looks at the folder while rank 0 clears it
 

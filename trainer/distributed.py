@@ -20,6 +20,9 @@ import torch.distributed as dist
 
 from data_pipeline.resume_policy import setting
 from trainer.device import choose_device
+from trainer.logs import get_logger
+
+log = get_logger()
 
 
 @dataclass
@@ -74,10 +77,9 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         by_hand = not launched and not any(name in os.environ for name in LAUNCHER_MARKS)  # or leftovers
         if by_hand:
-            print(f"[simclr] WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR/MASTER_PORT={where} are set in this shell "
-                  f"(no launcher set them): waiting up to dist.timeout_s={cfg.timeout_s:g} s for the other ranks. If "
-                  "they are leftovers of another job: unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT", file=sys.stderr,
-                  flush=True)
+            log.warning(f"WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR/MASTER_PORT={where} are set in this shell "
+                        f"(no launcher set them): waiting up to dist.timeout_s={cfg.timeout_s:g} s for the other "
+                        "ranks. If they are leftovers of another job: unset WORLD_SIZE RANK MASTER_ADDR MASTER_PORT")
         try:
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
         except (dist.DistStoreError, dist.DistNetworkError) as exc:

@@ -12,9 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainer.logs import get_logger
 from trainer.model import encoder_state_dict
 from trainer.sync_batchnorm import revert_sync_batchnorm
 from trainer.tracking import MlflowRun
+
+log = get_logger()
 
 
 class _DropMessage(logging.Filter):
@@ -90,6 +93,6 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
         pickle_warning.removeFilter(quiet)
     uri = f"runs:/{run.run_id}/encoder"
     registered = f", registered as {register_as}" if register_as else ""
-    print(f"[simclr] encoder logged as an MLflow model: mlflow.pytorch.load_model('{uri}'){registered} (a pickled "
-          "module: load it from stores you trust; encoder.pt holds the weights alone)", flush=True)
+    log.info(f"encoder logged as an MLflow model: mlflow.pytorch.load_model('{uri}'){registered} (a pickled "
+             "module: load it from stores you trust; encoder.pt holds the weights alone)")
     return uri

@@ -19,7 +19,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from trainer.config import Config
+from trainer.logs import get_logger
 from trainer.loop import train
+
+log = get_logger()
 
 SAME_INTERRUPT_S = 1.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -68,14 +71,13 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
     def handler(signum: int) -> None:
         now = time.monotonic()
         if received and signum == signal.SIGINT and now - first_at[0] > SAME_INTERRUPT_S:
-            print("[simclr] second Ctrl-C: aborted without a new checkpoint; the last one on disk is intact",
-                  file=sys.stderr, flush=True)
+            log.warning("second Ctrl-C: aborted without a new checkpoint; the last one on disk is intact")
             raise KeyboardInterrupt
         if not received and os.environ.get("RANK", "0") == "0":
             if sys.stderr.isatty():
                 print(file=sys.stderr)  # off the progress bar's line
-            print(f"[simclr] {signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
-                  "(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+            log.warning(f"{signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
+                        "(Ctrl-C again to abort at once)")
         if not received:
             first_at[0] = now
         received.append(signum)
@@ -84,8 +86,7 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
     def abort_while_exiting(signum: int, _frame) -> None:
         if time.monotonic() - first_at[0] <= SAME_INTERRUPT_S:
             return  # the first Ctrl-C delivered again (torchrun)
-        print("[simclr] second Ctrl-C: aborted while exiting; the checkpoint written at the stop is intact",
-              file=sys.stderr, flush=True)
+        log.warning("second Ctrl-C: aborted while exiting; the checkpoint written at the stop is intact")
         sys.stdout.flush()
         os._exit(128 + signum)  # the interpreter's shutdown (MLflow's exit hooks, threads) is skipped
 

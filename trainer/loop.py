@@ -7,6 +7,7 @@ every ``checkpoint.every_steps``, and ``finish_run`` at the end.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, on_rank_zero, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.export import log_encoder_model, save_encoder
+from trainer.logs import get_logger, run_log_file
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves
@@ -41,6 +43,8 @@ from trainer.run_files import (
 )
 from trainer.step import StepOutcome, train_step
 from trainer.tracking import Tracker, check_store_uri, dataset_input, read_metrics_file, run_params
+
+log = get_logger()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,8 +88,11 @@ def train(cfg: Config, stop: threading.Event | None = None,
     preflight(cfg)
     info = init_distributed(cfg.dist, cfg.train.device, launched=launched)
     lock = RunFolderLock(cfg.train.run_dir)  # one run per folder, for the run's life; the writer (rank 0) holds it
+    stack = contextlib.ExitStack()
     try:
         on_rank_zero(lambda: (lock.acquire(), check_own_files(cfg.train.run_dir)), (RunFolderInUseError, RunFileError))
+        if info.is_main:  # the run's own log, beside its metrics (rank 0 holds the folder now)
+            stack.enter_context(run_log_file(cfg.train.run_dir))
         parts = build_parts(cfg, info)
         parts.folder_lock = lock
         try:
@@ -97,9 +104,10 @@ def train(cfg: Config, stop: threading.Event | None = None,
                 parts.tracker.set_tags({"simclr.failure": str(exc)[:500]})
             parts.tracker.finish(status)
             if parts.info.is_main and parts.tracker.run_id and not launched:  # else the launcher says it, once
-                print(f"[simclr] {parts.tracker.describe()} ended {status}", file=sys.stderr, flush=True)
+                log.warning(f"{parts.tracker.describe()} ended {status}")
             raise
     finally:
+        stack.close()
         lock.release()
         teardown()
 
@@ -119,9 +127,9 @@ def run_training(parts: TrainParts, stop: threading.Event,
     if step >= parts.schedule.total:  # a finished run run again: nothing to train, export or log twice
         encoder = parts.run_dir / "encoder.pt"
         if parts.info.is_main:
-            print(f"[simclr] the run in {parts.run_dir} already finished (step {step}/{parts.schedule.total}); nothing "
-                  f"to do. Its encoder: {encoder}. To train again, use a new train.run_dir, or "
-                  "checkpoint.resume=none train.overwrite=true", flush=True)
+            log.info(f"the run in {parts.run_dir} already finished (step {step}/{parts.schedule.total}); nothing "
+                     f"to do. Its encoder: {encoder}. To train again, use a new train.run_dir, or "
+                     "checkpoint.resume=none train.overwrite=true")
         return TrainResult(step, float("nan"), parts.run_dir, parts.tracker.run_id,
                            encoder if encoder.exists() else None)
     if on_start is not None:
@@ -286,16 +294,15 @@ def start_run(parts: TrainParts) -> int:
         if state.parent_folder:
             parent_run = Tracker.run_id_in(state.parent_tracking) or ""
             tags.update({"simclr.parent_run_id": parent_run, "simclr.resumed_from": state.parent_folder})
-            print(f"[simclr] note: the checkpoint was written in another run folder ({state.parent_folder}); this "
-                  f"folder gets an MLflow run of its own (tag simclr.parent_run_id={parent_run})", flush=True)
+            log.info(f"note: the checkpoint was written in another run folder ({state.parent_folder}); this "
+                     f"folder gets an MLflow run of its own (tag simclr.parent_run_id={parent_run})")
         parts.tracker.start(params, tags)
         if state.world_size_changed:
             parts.tracker.log_params({f"world_size.from_step_{step}": world})
             if parts.loader.source.order_depends_on_world_size and step % parts.steps_per_epoch:
-                print(f"[simclr] note: tar shards are dealt to ranks in blocks, so the rest of epoch "
-                      f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
-                      "this epoch are seen twice or not at all); from the next epoch on, each image is seen once",
-                      flush=True)
+                log.info(f"note: tar shards are dealt to ranks in blocks, so the rest of epoch "
+                         f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
+                         "this epoch are seen twice or not at all); from the next epoch on, each image is seen once")
         if first or changes.data:  # the data it trains on (again when a resume changed it)
             log_datasets(parts, validation=first)
         if first or changes:
@@ -341,9 +348,8 @@ def record_changes(parts: TrainParts, changes: ResumeChanges, job_config: Path) 
         params[f"{at}.data"] = "; ".join(changes.data)
     parts.tracker.log_params(params)
     said = [f"{key} {old} -> {new}" for key, (old, new) in {**changes.settings, **changes.hyper}.items()]
-    print(f"[simclr] resumed at step {changes.step} with changes: {'; '.join(said + changes.data)} (recorded in "
-          f"MLflow as {at}.*; config.yaml keeps what the run started with, this job's is {job_config.name})",
-          flush=True)
+    log.info(f"resumed at step {changes.step} with changes: {'; '.join(said + changes.data)} (recorded in "
+             f"MLflow as {at}.*; config.yaml keeps what the run started with, this job's is {job_config.name})")
 
 
 def announce(parts: TrainParts, step: int) -> None:
@@ -353,12 +359,12 @@ def announce(parts: TrainParts, step: int) -> None:
     known = int((labels >= 0).sum())
     labelled = "labelled" if known == len(labels) else "unlabeled" if not known else f"{known} labelled"
     classes = f", {len(source.classes)} classes" if source.classes else ""
-    print(f"[simclr] run folder {parts.run_dir} ({f'resumed at step {step}' if step else 'new run'}; "
-          f"{parts.schedule.total} steps in all)\n"
-          f"[simclr] data {cfg.data.root}: {len(source)} images{classes}, {labelled}; {parts.steps_per_epoch} steps "
-          f"per epoch of {cfg.data.batch_size} ({world} rank(s) x {cfg.data.batch_size // world}), "
-          f"{parts.loader.backend} backend on {parts.info.device}\n"
-          f"[simclr] {parts.tracker.describe()}", flush=True)
+    log.info(f"run folder {parts.run_dir} ({f'resumed at step {step}' if step else 'new run'}; "
+             f"{parts.schedule.total} steps in all)")
+    log.info(f"data {cfg.data.root}: {len(source)} images{classes}, {labelled}; {parts.steps_per_epoch} steps "
+             f"per epoch of {cfg.data.batch_size} ({world} rank(s) x {cfg.data.batch_size // world}), "
+             f"{parts.loader.backend} backend on {parts.info.device}")
+    log.info(parts.tracker.describe())
 
 
 def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm,
@@ -433,8 +439,7 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
         plot = plot_curves(read_metrics_file(parts.tracker.local_file, lenient=True), parts.run_dir / "curves.png")
     except OSError as exc:
         plot = None
-        print(f"[simclr] note: curves.png not written ({exc}); the metrics are in {parts.tracker.local_file}",
-              flush=True)
+        log.info(f"note: curves.png not written ({exc}); the metrics are in {parts.tracker.local_file}")
     if plot is not None:
         parts.tracker.log_artifact(plot)
     if step < total:  # stopped before the schedule's end (a signal, train.stop_after_steps): not FINISHED
@@ -443,9 +448,9 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
     else:
         parts.tracker.delete_tags(["simclr.stopped_early"])  # an earlier job's stop, now made good
     parts.tracker.finish("FINISHED" if step >= total else "KILLED")
-    print(f"[simclr] {'stopped' if step < total else 'finished'} at step {step}/{total}; "
-          f"{parts.tracker.describe()}", flush=True)
+    log.info(f"{'stopped' if step < total else 'finished'} at step {step}/{total}; "
+             f"{parts.tracker.describe()}")
     if step < total:
-        print(f"[simclr] checkpoint at step {step} in {parts.checkpointer.directory}; run the same command again "
-              "to resume (checkpoint.resume=auto)", flush=True)
+        log.info(f"checkpoint at step {step} in {parts.checkpointer.directory}; run the same command again "
+                 "to resume (checkpoint.resume=auto)")
     return encoder_path

@@ -16,6 +16,7 @@ from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
+from trainer.logs import get_logger
 from trainer.losses import LossFn, build_loss
 from trainer.model import build_model, uses_channels_last
 from trainer.online_probe import OnlineProbe
@@ -25,6 +26,8 @@ from trainer.run_files import RunFolderLock
 from trainer.schedule import WarmupCosine, build_schedule
 from trainer.step import ForwardBackward, build_forward_backward
 from trainer.tracking import Tracker
+
+log = get_logger()
 
 
 @dataclass
@@ -116,8 +119,8 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         raise ConfigError(f"train.micro_batch={micro} does not divide this rank's share of the batch ({per_rank} = "
                           f"data.batch_size {cfg.data.batch_size} / {info.world_size} ranks); use one of {valid}")
     if device.type == "cpu" and cfg.precision.dtype == "fp16" and info.is_main:
-        print("[simclr] warning: precision.dtype=fp16 on the CPU runs about 20x slower than fp32 (no fast fp16 "
-              "kernels there); use precision.dtype=fp32 or bf16 on the CPU", flush=True)
+        log.info("warning: precision.dtype=fp16 on the CPU runs about 20x slower than fp32 (no fast fp16 "
+                 "kernels there); use precision.dtype=fp32 or bf16 on the CPU")
     seed_everything(cfg.train.seed, info.rank)
     index_folder = Path(cfg.train.run_dir)  # the listings of image trees and their files' checks
     loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, device, index_folder)
@@ -130,6 +133,9 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         labelled_indices(val_source, why)
     schedule = build_schedule(cfg.optim, cfg.data.batch_size, loader.steps_per_epoch, cfg.train.epochs)
     m = build_model_parts(cfg, info, schedule(0))
+    log.debug(f"model {cfg.model.arch}: {sum(p.numel() for p in m.model.parameters()):,} parameters, "
+              f"{len(m.optimizer.param_groups)} optimizer groups; loader {loader.backend}, "
+              f"{loader.steps_per_epoch} steps per epoch")
     labels = np.asarray(loader.source.labels)
     probe = None
     if cfg.train.online_probe and (labels >= 0).any():  # built after the model: its init draws come last

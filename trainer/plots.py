@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
+from trainer.logs import get_logger
 from trainer.metrics import current_names
+
+log = get_logger()
 
 
 def pyplot() -> Any:
@@ -38,7 +41,7 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
     try:
         pyplot()
     except ImportError:  # a bare GPU image without matplotlib: the metrics file is the record
-        print("[simclr] matplotlib is not installed: no curves.png (metrics.jsonl holds the curves)", flush=True)
+        log.info("matplotlib is not installed: no curves.png (metrics.jsonl holds the curves)")
         return None
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.5))
     steps = [r["step"] for r in rows]

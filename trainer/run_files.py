@@ -15,13 +15,15 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from data_pipeline.atomic_files import atomic_write
 from trainer.dataclass_yaml import ConfigError
+from trainer.logs import get_logger
+
+log = get_logger()
 
 
 class DiskFullError(RuntimeError):
@@ -263,8 +265,7 @@ def append_line(path: str | Path, line: str) -> None:
                 if not tail.endswith(b"\n"):
                     size -= len(tail) - (tail.rfind(b"\n") + 1)
                     f.truncate(size)
-                    print(f"[simclr] note: dropped a line of {path} cut short by an earlier kill", file=sys.stderr,
-                          flush=True)
+                    log.warning(f"note: dropped a line of {path} cut short by an earlier kill")
             try:
                 f.write(line.encode() + b"\n")
                 f.flush()
@@ -291,13 +292,12 @@ def read_jsonl(path: str | Path, lenient: bool = False) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except ValueError:
             if n == len(lines) - 1:
-                print(f"[simclr] note: the last line of {path} was cut short (a kill or a full disk); it is left out",
-                      file=sys.stderr, flush=True)
+                log.warning(f"note: the last line of {path} was cut short (a kill or a full disk); it is left out")
                 continue
             if not lenient:
                 raise ValueError(f"{path}, line {n + 1}: not a JSON row ({line[:60]!r})") from None
             damaged.append(n + 1)
     if damaged:
-        print(f"[simclr] note: {len(damaged)} damaged line(s) of {path} left out of the plot (line "
-              f"{', '.join(map(str, damaged[:5]))}{' ...' if len(damaged) > 5 else ''})", file=sys.stderr, flush=True)
+        log.warning(f"note: {len(damaged)} damaged line(s) of {path} left out of the plot (line "
+                    f"{', '.join(map(str, damaged[:5]))}{' ...' if len(damaged) > 5 else ''})")
     return rows

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from data_pipeline.resume_policy import hyper
+from trainer.registry import registrar
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -29,14 +30,7 @@ LossBuilder = Callable[[LossConfig], LossFn]
 LOSSES: dict[str, LossBuilder] = {}
 
 
-def register_loss(name: str) -> Callable[[LossBuilder], LossBuilder]:
-    """Register ``builder(cfg) -> loss_fn`` as ``loss.name=<name>``."""
-
-    def register(builder: LossBuilder) -> LossBuilder:
-        LOSSES[name] = builder
-        return builder
-
-    return register
+register_loss = registrar(LOSSES)  # @register_loss("name"): builder(cfg) -> loss_fn, as loss.name=<name>
 
 
 def build_loss(cfg: LossConfig) -> LossFn:

@@ -4,7 +4,6 @@ system-metrics monitor while the run is open. Also eval's, sync's and the benchm
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +11,12 @@ from typing import Any
 
 from trainer.config import TrackingConfig
 from trainer.credentials import redact_uri
+from trainer.logs import get_logger
 from trainer.tracking.provenance import standard_tags
 from trainer.tracking.run_log import RUN_RECORD
 from trainer.tracking.store import create_experiment, open_client, resolve_tracking_uri, store_problem, where_to_open
+
+tracking_log = get_logger("tracking")
 
 
 class MlflowRun:
@@ -59,8 +61,7 @@ class MlflowRun:
             self._warned = True
             kept = f"metrics are kept in {self.local_copy} and " if self.local_copy else "metrics are "
             goes_on = self.goes_on or f"training continues, {kept}retried every {self.retry_s:.0f}s"
-            print(f"[tracking] WARNING: MLflow at {self.uri} failed while {what}: {self.problem}; {goes_on}",
-                  file=sys.stderr, flush=True)
+            tracking_log.warning(f"WARNING: MLflow at {self.uri} failed while {what}: {self.problem}; {goes_on}")
 
     def _connect(self) -> bool:
         """Create (or reattach to) the run; True when the server answered."""
@@ -110,8 +111,8 @@ class MlflowRun:
         if run.info.status == "RUNNING":
             count = int(run.data.tags.get("simclr.unclean_exits", "0")) + 1
             self.client.set_tag(self.run_id, "simclr.unclean_exits", str(count))
-            print(f"[tracking] MLflow run {self.run_id} was left RUNNING by a job that did not exit cleanly; "
-                  f"continuing it (tag simclr.unclean_exits={count})", file=sys.stderr, flush=True)
+            tracking_log.warning(f"MLflow run {self.run_id} was left RUNNING by a job that did not exit cleanly; "
+                                 f"continuing it (tag simclr.unclean_exits={count})")
 
     def _start_system_metrics(self, resumed: bool) -> None:
         """MLflow's own monitor (psutil; NVML for GPUs where present), logging system/* metrics on
@@ -125,7 +126,7 @@ class MlflowRun:
                                                  resume_logging=resumed, tracking_uri=self.client_uri)
             self._monitor.start()
         except Exception as exc:  # e.g. psutil missing: training goes on without system metrics
-            print(f"[tracking] system metrics are off ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+            tracking_log.warning(f"system metrics are off ({type(exc).__name__}: {exc})")
             self._monitor = None
 
     def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
@@ -205,9 +206,9 @@ class MlflowRun:
                 for param in batch:
                     if param.key in kept:
                         if kept[param.key] != param.value:
-                            print(f"[tracking] note: MLflow param {param.key} stays {kept[param.key]!r} (a param "
-                                  f"cannot change; this job's value {param.value!r} is in the run folder's record)",
-                                  file=sys.stderr, flush=True)
+                            tracking_log.warning(f"note: MLflow param {param.key} stays {kept[param.key]!r} (a "
+                                                 f"param cannot change; this job's value {param.value!r} is in the "
+                                                 "run folder's record)")
                         continue
                     self.client.log_batch(self.run_id, params=[param])
 
@@ -242,11 +243,11 @@ class MlflowRun:
         if self.pending_artifacts:
             names = ", ".join(Path(p).name for p, _ in self.pending_artifacts)
             later = f"; simclr sync {self.local_copy.parent} uploads them" if self.local_copy else ""
-            print(f"[tracking] not uploaded (kept locally): {names}{later}", file=sys.stderr, flush=True)
+            tracking_log.warning(f"not uploaded (kept locally): {names}{later}")
         if not sent and self.pending and self.local_copy:
-            print(f"[tracking] {len(self.pending)} metric values could not be sent; all metrics are in "
-                  f"{self.local_copy}. Replay them later, into this run on its own store (both recorded in "
-                  f"{RUN_RECORD}), with: simclr sync {self.local_copy.parent}", file=sys.stderr)
+            tracking_log.warning(f"{len(self.pending)} metric values could not be sent; all metrics are in "
+                                 f"{self.local_copy}. Replay them later, into this run on its own store (both "
+                                 f"recorded in {RUN_RECORD}), with: simclr sync {self.local_copy.parent}")
 
     def discard(self) -> None:
         """Delete the run this job created (nothing was logged to it but its params and tags)."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from trainer.config import TrackingConfig
 from trainer.credentials import usable_uri
 from trainer.dataclass_yaml import ConfigError
+from trainer.logs import get_logger
+
+tracking_log = get_logger("tracking")
 
 
 class TrackingError(RuntimeError):
@@ -58,11 +60,13 @@ def resolve_tracking_uri(uri: str) -> str:
 
 def quiet_library_logs() -> None:
     """MLflow's INFO lines (its system-metrics monitor starting and stopping, store migrations) stay
-    off the console, which shows our own lines; ``simclr --verbose`` (SIMCLR_VERBOSE=1) shows them.
-    Its warnings and errors still show."""
+    off the console, which shows our own lines; ``simclr --verbose`` shows them. Its warnings and
+    errors still show."""
     import logging
 
-    if os.environ.get("SIMCLR_VERBOSE", "") not in ("", "0"):
+    from trainer.logs import verbosity
+
+    if verbosity() == "verbose":
         return
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -167,4 +171,4 @@ def prepare_store(cfg: TrackingConfig) -> None:
         if client.get_experiment_by_name(cfg.experiment) is None:
             create_experiment(client, uri, cfg.experiment)
     except Exception as exc:  # the jobs fall back to offline metrics on their own
-        print(f"[tracking] WARNING: could not prepare MLflow store ({exc}); jobs will retry", file=sys.stderr)
+        tracking_log.warning(f"WARNING: could not prepare MLflow store ({exc}); jobs will retry")

@@ -11,10 +11,13 @@ from typing import Any
 
 from trainer.config import TrackingConfig
 from trainer.credentials import store_key, take_credentials, usable_uri
+from trainer.logs import get_logger
 from trainer.run_files import RunFolderLock, atomic_write_text
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.run_log import RUN_RECORD, read_metrics_file, read_run_record
 from trainer.tracking.store import TrackingError, open_client, store_problem
+
+log = get_logger()
 
 
 def close_recorded_run(run_dir: str | Path, status: str, tags: dict[str, str]) -> str | None:
@@ -103,7 +106,7 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
         run.finish(None)
         why = (f"is still training ({holder}); it closes its MLflow run itself" if holder else
                "ended without closing (killed hard?); resuming it continues the same MLflow run and records that")
-        print(f"[simclr] note: the run in {run_dir} {why}. Its MLflow run stays RUNNING", flush=True)
+        log.info(f"note: the run in {run_dir} {why}. Its MLflow run stays RUNNING")
     else:
         run.finish(status)
     return run.run_id or "", record

@@ -7,7 +7,6 @@ is one, used by the tests)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +14,13 @@ from typing import Any, Protocol
 
 from trainer.config import TrackingConfig
 from trainer.credentials import redact_uri
+from trainer.logs import get_logger
+from trainer.registry import registrar
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.run_log import FAILURE_TAGS, RUN_RECORD, RunLog, read_metrics_file, read_run_record
 from trainer.tracking.store import TrackingError, resolve_tracking_uri
+
+log = get_logger()
 
 
 class Sink(Protocol):
@@ -39,13 +42,8 @@ SinkFactory = Callable[[TrackingConfig, Path], "Sink | None"]
 SINKS: dict[str, SinkFactory] = {}
 
 
-def register_sink(name: str) -> Callable[[SinkFactory], SinkFactory]:
-    """Register ``factory(tracking config, run folder) -> Sink | None`` (None: off for this run)."""
-    def register(factory: SinkFactory) -> SinkFactory:
-        SINKS[name] = factory
-        return factory
-
-    return register
+# @register_sink("name"): factory(tracking config, run folder) -> Sink | None (None: off for this run)
+register_sink = registrar(SINKS)
 
 
 class Tracker:
@@ -108,8 +106,8 @@ class Tracker:
                 try:
                     read_run_record(self.run_dir)
                 except TrackingError as exc:  # a derived file: written again from this job and the checkpoint
-                    print(f"[simclr] note: {str(exc).split(';')[0]}; written again from this job's params and the "
-                          f"checkpoint's MLflow run {run_id}", file=sys.stderr, flush=True)
+                    log.warning(f"note: {str(exc).split(';')[0]}; written again from this job's params and the "
+                                f"checkpoint's MLflow run {run_id}")
                     self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
                     self.local.update(run_id=run_id)
                 # a job resumed from a checkpoint older than its last logged step recomputes those steps

@@ -1,0 +1,66 @@
+"""Our lines go through the ``simclr`` logger: the console's words unchanged (INFO on stdout,
+warnings on stderr), --quiet and --verbose, and the run's own log in RUN_DIR/simclr.log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.logs import configure, get_logger
+from trainer.loop import train
+
+
+@pytest.fixture
+def verbosity(monkeypatch):
+    """Set this process's verbosity as simclr --quiet/--verbose would; restored after the test."""
+    def set_to(level: str) -> None:
+        monkeypatch.setenv("SIMCLR_VERBOSITY", level)
+        configure(level)
+
+    yield set_to
+    monkeypatch.delenv("SIMCLR_VERBOSITY", raising=False)
+    configure("")
+
+
+def test_a_run_says_the_same_words_and_keeps_them_in_its_folder(tiny_config, capsys):
+    cfg = tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 2})
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "[simclr] run folder " in out and "[simclr] stopped at step 2/" in out
+    text = (Path(cfg.train.run_dir) / "simclr.log").read_text()
+    assert "INFO simclr: run folder " in text and "INFO simclr: stopped at step 2/" in text
+    train(tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 4}))  # resumed: appended
+    text = (Path(cfg.train.run_dir) / "simclr.log").read_text()
+    assert "stopped at step 2/" in text and "resumed from " in text and "stopped at step 4/" in text
+
+
+def test_quiet_shows_only_warnings_and_verbose_shows_debug_lines(tiny_config, verbosity, capsys):
+    log = get_logger("test")
+    verbosity("quiet")
+    log.info("an info line")
+    log.warning("note: a warning line")
+    train(tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 2}))
+    captured = capsys.readouterr()
+    assert "[simclr]" not in captured.out and "[simclr] note: a warning line" in captured.err
+    assert "stopped at step 2/" in (Path(tiny_config().train.run_dir) / "simclr.log").read_text()  # the file has all
+    verbosity("verbose")
+    train(tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 4}))
+    out = capsys.readouterr().out
+    assert "[simclr] model resnet18: " in out and " parameters, " in out
+    verbosity("")
+    log.debug("a debug line")
+    assert "a debug line" not in capsys.readouterr().out
+
+
+def test_ranks_other_than_zero_show_only_warnings(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    try:
+        configure("")
+        get_logger().info("rank 1 info")
+        get_logger().warning("rank 1 has something of its own to say")
+        captured = capsys.readouterr()
+        assert "rank 1 info" not in captured.out and "rank 1 has something" in captured.err
+    finally:
+        monkeypatch.delenv("RANK")
+        configure("")
