@@ -229,27 +229,20 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    import json
-
     from trainer.config import TrackingConfig
     from trainer.tracking import sync_offline
 
     encoder_file = Path(args.run_dir) / "encoder.pt"
 
-    def log_pending_model(run, record: dict) -> None:
+    def log_pending_model(run, pending: dict) -> bool:
         """The encoder's MLflow model, skipped while offline: logged (and registered) now."""
-        pending = record.get("model_pending")
-        if pending is None or not encoder_file.exists():
-            return
+        if not encoder_file.exists():
+            return False
         from trainer.evaluate import load_encoder
         from trainer.export import log_encoder_model
-        from trainer.run_files import atomic_write_text
-        from trainer.tracking import RUN_RECORD
 
         encoder, run_cfg = load_encoder(encoder_file)
-        if log_encoder_model(run, encoder, run_cfg.data.image_size, pending.get("register_as", "")):
-            record["model_pending"] = None
-            atomic_write_text(Path(args.run_dir) / RUN_RECORD, json.dumps(record, indent=1))
+        return log_encoder_model(run, encoder, run_cfg.data.image_size, pending.get("register_as", "")) is not None
 
     run_id, record = sync_offline(args.run_dir, TrackingConfig(uri=args.uri, experiment=args.experiment),
                                   args.run_id, log_pending_model)

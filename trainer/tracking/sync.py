@@ -45,14 +45,14 @@ def close_recorded_run(run_dir: str | Path, status: str, tags: dict[str, str]) -
 
 
 def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
-                 before_finish: Callable[[MlflowRun, dict[str, Any]], None] | None = None
+                 log_pending_model: Callable[[MlflowRun, dict[str, Any]], bool] | None = None
                  ) -> tuple[str, dict[str, Any]]:
     """Complete a run in MLflow from its folder: by default the run's own MLflow run on its own store
     (both recorded in ``mlflow_run.json``), else ``run_id`` or a new run on ``cfg.uri``. Params,
     tags and name, the metrics the run does not have yet (no duplicate points: a second sync adds
     nothing), artifacts (config, encoder, curves), and the status the run ended with. Returns the
     run id and the record (whose ``model_pending`` says whether the encoder's MLflow model is still
-    to be logged; ``before_finish(run, record)`` can log it). The folder gains only the run's id
+    to be logged; ``log_pending_model(run, pending)`` logs it and says so). The folder gains only the run's id
     and store in its record (``synced_to`` for another store: a second sync there adds nothing)."""
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.jsonl"
@@ -97,8 +97,10 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     elif not own_store and copies.get(store_key(cfg.uri)) != run.run_id:
         record["synced_to"] = {**copies, store_key(cfg.uri): run.run_id}
         atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
-    if before_finish is not None:
-        before_finish(run, record)
+    if record.get("model_pending") is not None and log_pending_model is not None \
+            and log_pending_model(run, record["model_pending"]):
+        record["model_pending"] = None
+        atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
     # a run still training, or one killed hard (its record says RUNNING: nobody closed it), stays as
     # it is: closing it would hide the unclean exit that its next resume records
     holder, status = RunFolderLock(run_dir).held_elsewhere(), record.get("status")
