@@ -28,6 +28,7 @@ from trainer.dataclass_yaml import (
 from trainer.distributed import DistConfig
 from trainer.encoders import ARCHS, check_arch
 from trainer.losses import LOSSES, LossConfig
+from trainer.profiling import ProfileConfig
 
 __all__ = ["ARCHS", "AugmentConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "LossConfig",
            "config_from_dict", "config_to_dict", "dump_config", "load_config"]
@@ -86,6 +87,7 @@ class TrainConfig:
     progress_bar: bool = setting(True)
     overwrite: bool = setting(False)  # with checkpoint.resume=none: replace an earlier run's checkpoints in run_dir
     micro_batch: int = setting(0)  # >0: gradient caching, chunks of this many images per rank (grad_cache.py)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces of chosen steps
 
 
 @dataclass
@@ -179,6 +181,8 @@ def validate(cfg: Config) -> Config:
            "must be a positive integer (steps between agreements on a stop request)")
     _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
     _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
+    for problem in t.profile.problems():
+        _refuse(*problem)
     c = cfg.checkpoint
     _check(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be a positive integer")
     _check(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be a positive integer")

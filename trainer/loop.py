@@ -142,6 +142,7 @@ def run_training(parts: TrainParts, stop: threading.Event,
         with printed_above(bar if shown else None):
             step, last_loss, preempted, skips = train_loop(parts, stop, step, stop_at, bar)
     finally:
+        parts.profiler.close()  # stopped inside the profiled steps: recording ends
         bar.close()  # ends the bar's line: a message that follows (an error too) starts on its own line
     encoder_path = finish_run(parts, step, preempted)
     return TrainResult(step, last_loss, parts.run_dir, parts.tracker.run_id, encoder_path, preempted,
@@ -174,9 +175,11 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
     while step < stop_at and not preempted:
         parts.loader.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
         for size_groups, labels in window.timed(parts.loader):
+            parts.profiler.before_step(step)
             outcome = train_step(parts, size_groups, parts.schedule(step), labels)
             skips.add(outcome)
             step += 1
+            parts.profiler.after_step(step)
             window.add(outcome.loss, outcome.accuracy, outcome.skipped)
             bar.update(1)
             epoch_end, log_due = step % steps_per_epoch == 0, step % cfg.train.log_every == 0 or step == stop_at
@@ -442,6 +445,10 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
         log.info(f"note: curves.png not written ({exc}); the metrics are in {parts.tracker.local_file}")
     if plot is not None:
         parts.tracker.log_artifact(plot)
+    # the profiled ranks' traces (another rank's, written after the run's last step, may come too late
+    # for MLflow: it stays in the folder)
+    for trace in sorted((parts.run_dir / "profile").glob("rank*")):
+        parts.tracker.log_artifact(trace, "profile")
     if step < total:  # stopped before the schedule's end (a signal, train.stop_after_steps): not FINISHED
         why = "a stop request (signal)" if preempted else f"train.stop_after_steps={parts.cfg.train.stop_after_steps}"
         parts.tracker.set_tags({"simclr.stopped_early": f"at step {step} of {total} ({why}); resume to go on"})

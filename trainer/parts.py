@@ -22,6 +22,7 @@ from trainer.model import build_model, uses_channels_last
 from trainer.online_probe import OnlineProbe
 from trainer.optim import build_optimizer
 from trainer.precision import PrecisionPolicy
+from trainer.profiling import StepProfiler
 from trainer.run_files import RunFolderLock
 from trainer.schedule import WarmupCosine, build_schedule
 from trainer.step import ForwardBackward, build_forward_backward
@@ -43,10 +44,11 @@ class TrainParts:
     forward_backward: ForwardBackward  # plain or gradient-cached, chosen once (trainer.step)
     checkpointer: Checkpointer
     tracker: Tracker  # MLflow on rank 0; a no-op elsewhere
-    train_state: TrainState  # step, world sizes, MLflow run id: the loop's own checkpoint state
+    train_state: TrainState  # step, world sizes, the tracker's state: the loop's own checkpoint state
     online_probe: OnlineProbe | None = None  # train.online_probe on labelled data
     val_source: Source | None = None  # data.val_root, opened once per run
     folder_lock: RunFolderLock | None = None  # rank 0's hold on the run folder, checked before its writes
+    profiler: StepProfiler | None = None  # train.profile: torch.profiler over the steps asked for
 
     @property
     def run_dir(self) -> Path:
@@ -148,4 +150,5 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
                                   probe.checkpoint_part() if probe is not None else None),
         tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
         train_state=train_state, online_probe=probe, val_source=val_source,
+        profiler=StepProfiler(cfg.train.profile, info.rank, device, Path(cfg.train.run_dir)),
     )

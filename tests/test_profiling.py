@@ -1,0 +1,40 @@
+"""Profiler traces on demand (train.profile): a 2-rank run writes one Chrome trace per profiled rank,
+holding the step's convolutions and the loss's all-gather; outside the steps nothing is recorded."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.runs import simclr, tiny_overrides
+from trainer.config import ConfigError, load_config
+
+
+def test_two_ranks_write_traces_of_the_asked_steps(photo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    over = tiny_overrides(photo_data / "val", run_dir, **{  # 40 images: 5 steps of 8
+        "train.epochs": 1, "data.batch_size": 8, "train.profile.steps": "[2,4]", "train.profile.ranks": "[0,1]",
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    proc = simclr("train", "--nproc", "2", *over)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "profile of steps 3-4" in proc.stdout
+    names = sorted(p.name for p in (run_dir / "profile").iterdir())
+    assert names == ["rank0_steps3-4.trace.json.gz", "rank1_steps3-4.trace.json.gz"]
+    for name in names:
+        events = json.loads(gzip.decompress((run_dir / "profile" / name).read_bytes()))["traceEvents"]
+        ops = [e.get("name", "") for e in events]
+        assert "aten::convolution" in ops and "aten::convolution_backward" in ops
+        assert "_GatherWithGrad" in ops and any("all_gather" in op or "allgather" in op for op in ops)
+        assert ops.count("Optimizer.step#LARS.step") == 2  # steps 3 and 4, no more
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("simclr").experiment_id])
+    assert "profile/rank0_steps3-4.trace.json.gz" in {a.path for a in client.list_artifacts(run.info.run_id, "profile")}
+
+
+@pytest.mark.parametrize("steps", ["[3]", "[4,2]", "[-1,2]"])
+def test_a_profile_window_that_is_not_start_before_end_is_refused(steps):
+    with pytest.raises(ConfigError, match=r"train.profile.steps.*\[START, END\]"):
+        load_config(None, [f"train.profile.steps={steps}"])

@@ -1,0 +1,89 @@
+"""Profiler traces on demand: ``train.profile.steps=[START,END]`` runs ``torch.profiler`` over those
+steps on the ranks in ``train.profile.ranks`` and writes one gzipped Chrome/Perfetto trace per rank
+to ``RUN_DIR/profile/`` (open it in https://ui.perfetto.dev or chrome://tracing); on CUDA also a
+memory snapshot of the same steps (https://pytorch.org/memory_viz). Outside those steps nothing is
+installed: the profiler exists only while it records."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_pipeline.atomic_files import atomic_write
+from data_pipeline.resume_policy import setting
+from trainer.logs import get_logger
+
+log = get_logger()
+
+
+@dataclass
+class ProfileConfig:
+    steps: list[int] = setting(factory=list)  # [START, END]: profile steps START+1..END (a step's number is its count)
+    ranks: list[int] = setting(factory=lambda: [0])  # the ranks that record (each writes its own trace)
+    record_shapes: bool = setting(False)  # input shapes of each operator (bigger traces)
+    with_stack: bool = setting(False)  # Python stacks of each operator (much bigger traces)
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        if not self.steps:
+            return []
+        ok = len(self.steps) == 2 and 0 <= self.steps[0] < self.steps[1]
+        return [] if ok else [("train.profile.steps", self.steps,
+                               "give [START, END] with 0 <= START < END, e.g. [10, 13]: steps 11 to 13")]
+
+
+class StepProfiler:
+    """Starts ``torch.profiler`` before step START+1 and writes the trace after step END, on a
+    profiled rank; on any other rank, or when no steps are asked for, each call is one comparison."""
+
+    def __init__(self, cfg: ProfileConfig, rank: int, device: torch.device, run_dir: Path) -> None:
+        self.cfg, self.device = cfg, device
+        self.start, self.end = (cfg.steps[0], cfg.steps[1]) if cfg.steps and rank in cfg.ranks else (-1, -1)
+        self.out = Path(run_dir) / "profile" / f"rank{rank}_steps{self.start + 1}-{self.end}"
+        self._profiler: torch.profiler.profile | None = None
+
+    def before_step(self, step: int) -> None:
+        """``step``: the steps done so far (the next one is step + 1)."""
+        if step != self.start:
+            return
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # its start/stop lines are not ours to show
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        self._profiler = torch.profiler.profile(activities=activities, record_shapes=self.cfg.record_shapes,
+                                                with_stack=self.cfg.with_stack)
+        self._profiler.__enter__()
+
+    def after_step(self, step: int) -> list[Path]:
+        """After step ``step``: at END, stop recording and write the files; returns them."""
+        if self._profiler is None or step != self.end:
+            return []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._profiler.__exit__(None, None, None)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        files = [self.out.with_suffix(".trace.json.gz")]
+        with tempfile.TemporaryDirectory() as tmp:  # written whole: rank 0 may be uploading the folder
+            self._profiler.export_chrome_trace(f"{tmp}/trace.json")
+            atomic_write(files[0], gzip.compress(Path(f"{tmp}/trace.json").read_bytes()))
+        self._profiler = None
+        if self.device.type == "cuda":
+            files.append(self.out.with_suffix(".memory.pickle"))
+            torch.cuda.memory._dump_snapshot(str(files[1]))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        log.info(f"profile of steps {self.start + 1}-{self.end}: {', '.join(str(f) for f in files)} (open the trace "
+                 "in https://ui.perfetto.dev or chrome://tracing)")
+        return files
+
+    def close(self) -> None:
+        """A run that stopped inside the profiled steps: recording ends, nothing is written."""
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            self._profiler = None
+            if self.device.type == "cuda":
+                torch.cuda.memory._record_memory_history(enabled=None)
