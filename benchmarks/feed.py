@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -81,6 +82,7 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
         _, _, (groups, labels) = next(source)
         fixed = ([g.clone() for g in groups], labels.clone())
     waits, firsts, lr = [], [], parts.schedule(parts.schedule.total // 2)  # a mid-schedule lr
+    traces: list[str] = []  # train.profile.steps: the end-to-end mode's steps, as in training
     warmup_start = start = time.perf_counter()
     with counter.installed():
         for i in range(warmup + steps):
@@ -98,8 +100,12 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
             waited = time.perf_counter() - t
             if i >= warmup:
                 (firsts if step == 0 else waits).append(waited)
+            if mode == "e2e":
+                parts.profiler.before_step(i)
             if mode != "loader":
                 train_step(parts, groups, lr, labels)  # with the online probe when the run has one
+            if mode == "e2e":
+                traces += [str(f) for f in parts.profiler.after_step(i + 1)]
         synchronize(device)
         counter.active = False
     elapsed = time.perf_counter() - start
@@ -107,7 +113,7 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
     views = parts.loader.views.count * parts.cfg.data.batch_size * steps  # global: every rank runs as many steps
     median_wait = statistics.median(waits) if waits else 0.0
     # warm-up (torch.compile's compilation, cuDNN autotuning, the pipeline's start) apart from steady state
-    return {"mode": mode, "steps": steps, "warmup_steps": warmup, "warmup_s": start - warmup_start,
+    return {"mode": mode, "profile": traces, "steps": steps, "warmup_steps": warmup, "warmup_s": start - warmup_start,
             "elapsed_s": elapsed, "views_per_s": views / elapsed,
             "step_s": elapsed / steps, "data_wait_share": (sum(waits) + sum(firsts)) / elapsed,
             "epoch_boundaries": len(firsts),
@@ -246,6 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{rows[0]['backend'].replace('Loader', '').lower()}{'_rebuild' if args.rebuild_each_epoch else ''}")
     out = write_json(result, Path(args.out) if args.out else RESULTS / f"{name}.json")
     print(f"wrote {out}")
+    traces = [Path(f) for rank_rows in per_rank for row in rank_rows for f in row.get("profile", [])]
+    if traces:  # from the ranks' temporary run folders to beside the result
+        folder = out.with_name(f"{out.stem}_profile")
+        folder.mkdir(parents=True, exist_ok=True)
+        for trace in traces:
+            shutil.copy2(trace, folder / trace.name)
+        print(f"profile (train.profile.steps of the e2e mode): {folder}")
     return result
 
 

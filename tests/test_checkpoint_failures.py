@@ -122,3 +122,15 @@ def test_a_finished_run_run_again_says_so_and_does_nothing(tiny_config, capsys):
     assert len(client.search_logged_models(experiment_ids=[client.get_run(first.run_id).info.experiment_id])) == \
         len(models)  # no second MLflow model
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_a_run_folder_gone_during_a_checkpoint_write_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """The folder moved between the loop's check and the write: the loop must see FileNotFoundError
+    (it names where the folder went), not 'no space left on device'."""
+    def save(obj, f, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+    with pytest.raises(FileNotFoundError):
+        ckpt.save_checkpoint({"step": 4}, tmp_path / "checkpoints", keep_last=2)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # no partial file left

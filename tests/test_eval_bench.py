@@ -171,6 +171,9 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert "| SimCLR |" in proc.stdout and "| random init |" in proc.stdout
     assert "mlflow.pytorch.load_model('runs:/" in proc.stdout
     assert (tmp_path / "runs" / "demo" / "eval" / "report.json").exists()
+    results = json.loads((tmp_path / "demo_results.json").read_text())  # the figures README quotes, with their source
+    assert results["benchmark"] == "demo" and results["steps"] > 0 and results["git_commit"]
+    assert set(results["rows"]) == {"SimCLR", "random init"} and "val_top1" in results["online_probe_by_epoch"]
     # the evaluation logs into the training's MLflow run (found from the run folder's record) and leaves
     # no training files of its own in the eval folder
     assert "logged to MLflow run" in proc.stdout

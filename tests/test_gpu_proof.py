@@ -183,6 +183,7 @@ def test_feed_benchmark_on_two_ranks_reports_the_worst_rank(photo_data, tmp_path
     proc = subprocess.run([PY, "-m", "benchmarks.feed", "--config", "configs/cifar10_resnet18.yaml",
                            f"data.root={photo_data / 'train'}", "data.backend=dali", "data.num_workers=1",
                            "train.device=cpu", "precision=fp32", "data.batch_size=16", "data.image_size=16",
+                           "train.profile.steps=[1,2]", "train.profile.ranks=[0,1]",
                            "--nproc", "2", "--steps", "3", "--warmup", "1", "--out", str(out)], cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -191,6 +192,9 @@ def test_feed_benchmark_on_two_ranks_reports_the_worst_rank(photo_data, tmp_path
     for row in result["rows"]:
         assert row["ranks"] == 2 and row["views_per_s"] > 0 and row["host_syncs_per_step"] == 0
     assert result["rows"][1]["online_probe_share"] is not None  # model mode times the probe too
+    # the same profiling switch as training: each rank's trace of the e2e mode's second step, beside the result
+    assert sorted(p.name for p in (tmp_path / "feed_profile").iterdir()) == [
+        "rank0_steps2-2.trace.json.gz", "rank1_steps2-2.trace.json.gz"]
 
 
 def test_the_gpu_plan_fits_six_minutes_and_each_stage_its_cap(tmp_path):

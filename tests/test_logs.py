@@ -35,22 +35,20 @@ def test_a_run_says_the_same_words_and_keeps_them_in_its_folder(tiny_config, cap
     assert "stopped at step 2/" in text and "resumed from " in text and "stopped at step 4/" in text
 
 
-def test_quiet_shows_only_warnings_and_verbose_shows_debug_lines(tiny_config, verbosity, capsys):
+def test_quiet_shows_only_warnings_and_verbose_shows_debug_lines(verbosity, capsys):
     log = get_logger("test")
     verbosity("quiet")
     log.info("an info line")
     log.warning("note: a warning line")
-    train(tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 2}))
     captured = capsys.readouterr()
-    assert "[simclr]" not in captured.out and "[simclr] note: a warning line" in captured.err
-    assert "stopped at step 2/" in (Path(tiny_config().train.run_dir) / "simclr.log").read_text()  # the file has all
+    assert "an info line" not in captured.out and "[simclr] note: a warning line" in captured.err
     verbosity("verbose")
-    train(tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 4}))
-    out = capsys.readouterr().out
-    assert "[simclr] model resnet18: " in out and " parameters, " in out
-    verbosity("")
     log.debug("a debug line")
-    assert "a debug line" not in capsys.readouterr().out
+    assert "[simclr] a debug line" in capsys.readouterr().out
+    verbosity("")
+    log.debug("another debug line")
+    log.info("an info line again")
+    assert capsys.readouterr().out == "[simclr] an info line again\n"
 
 
 def test_ranks_other_than_zero_show_only_warnings(monkeypatch, capsys):

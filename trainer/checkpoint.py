@@ -136,7 +136,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{state['step']:09d}.pt"
-    written = free = 0  # how far a failed write got, and the room left then: a full disk or another failure
+    written, free = 0, None  # how far a failed write got, and the room left then: a full disk or another failure
     try:
         # an open file, closed before the temporary is removed: torch's writer given a path keeps its
         # descriptor alive in the traceback, and the space of a file still open is not freed
@@ -146,8 +146,10 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int
             except BaseException:  # measured while the partial file still holds its space
                 written, free = os.fstat(f.fileno()).st_size, shutil.disk_usage(directory).free
                 raise
+    except FileNotFoundError:  # the run folder was moved or removed meanwhile: the loop says where it went
+        raise
     except (OSError, RuntimeError) as exc:  # disk full (torch's zip writer raises RuntimeError), quota, I/O
-        full = getattr(exc, "errno", None) == errno.ENOSPC or free < max(written, 2**20)
+        full = getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < max(written, 2**20))
         previous = list_checkpoints(directory)
         kept = f"the previous checkpoint {previous[0]} is intact and stays the newest" if previous else \
             "no earlier checkpoint exists"
