@@ -124,7 +124,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """``simclr embed``: the frozen encoder's features of a dataset, one rank or ``--nproc K``."""
     import shlex
-    import signal
 
     from trainer.device import check_local_ranks
 
@@ -141,6 +140,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from launch.local import JobContext, run_local_ranks
 
         return run_local_ranks(args.nproc, ["embed", *argv], module="launch", job=JobContext("embedding", again))
+    from launch.local import signal_name
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
     from trainer.embed import embed
@@ -156,7 +156,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             code = exit_status_of_interrupt(received)
             if info.is_main:
-                log.warning(f"{signal.Signals(code - 128).name}: embedding stopped; the finished chunks are kept "
+                log.warning(f"{signal_name(code - 128)}: embedding stopped; the finished chunks are kept "
                             f"in {args.out}. Run again to go on: {again}")
             return code
         finally:

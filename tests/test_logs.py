@@ -62,3 +62,20 @@ def test_ranks_other_than_zero_show_only_warnings(monkeypatch, capsys):
     finally:
         monkeypatch.delenv("RANK")
         configure("")
+
+
+def test_a_rank_set_after_import_is_honoured_when_the_process_joins(monkeypatch, capsys):
+    """submitit exports SLURM's RANK on the task, after our modules were imported: joining the
+    process group reads it again, so rank 1 of a SLURM job shows only its warnings."""
+    from trainer.distributed import DistConfig, init_distributed, teardown
+
+    configure("")
+    monkeypatch.setenv("RANK", "1")  # WORLD_SIZE unset: this process runs alone, as far as torch goes
+    try:
+        init_distributed(DistConfig(), "cpu")
+        get_logger().info("rank 1 info")
+        assert "rank 1 info" not in capsys.readouterr().out
+    finally:
+        teardown()
+        monkeypatch.delenv("RANK")
+        configure("")

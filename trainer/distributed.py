@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from data_pipeline.resume_policy import setting
 from trainer.device import choose_device
+from trainer.logs import configure as configure_logs
 from trainer.logs import get_logger
 
 log = get_logger()
@@ -55,6 +56,7 @@ LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
 def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched: bool = False) -> DistInfo:
     """Join the process group described by the environment (or run alone); ``launched``: started by
     our local launcher (which names a rank that does not come)."""
+    configure_logs()  # RANK may have been set since the import (submitit exports SLURM's on the task)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world_size > 1 and missing:  # a leftover of another job: init would wait dist.timeout_s for ranks never coming
