@@ -65,6 +65,7 @@ def test_a_checkpoint_that_is_a_folder_code_or_a_string_version_is_one_clear_lin
     """A run folder passed as a checkpoint was said 'not to exist'; a pickle carrying code got
     torch's advice to load it unsafely; a string format_version gave a TypeError."""
     run = tmp_path / "run"
+    run.mkdir()
     newest = ckpt.save_checkpoint(state(3), ckpt.checkpoint_dir(run), keep_last=2)
     for load in (lambda p: ckpt.find_resume_checkpoint(tmp_path, str(p)), ckpt.load_weights):
         for folder in (run, run / "checkpoints"):

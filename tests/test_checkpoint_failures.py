@@ -134,3 +134,12 @@ def test_a_run_folder_gone_during_a_checkpoint_write_is_not_called_a_full_disk(t
     with pytest.raises(FileNotFoundError):
         ckpt.save_checkpoint({"step": 4}, tmp_path / "checkpoints", keep_last=2)
     assert list((tmp_path / "checkpoints").iterdir()) == []  # no partial file left
+
+
+def test_a_checkpoint_write_does_not_make_a_moved_run_folder_again(tmp_path):
+    """CI: the run folder was renamed just before a save; making the checkpoint folder with its
+    parents put the old path back (a run split in two). The save must fail where the folder is gone."""
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):
+        ckpt.save_checkpoint({"step": 4}, run / "checkpoints", keep_last=2)
+    assert not run.exists()

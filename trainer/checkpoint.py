@@ -132,9 +132,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path, keep_last: int) -> Path:
     """Write ``state`` atomically (temp file, fsync, rename, fsync dir), then drop all but the
-    newest ``keep_last``. A crash at any moment leaves the previous checkpoints intact."""
+    newest ``keep_last``. A crash at any moment leaves the previous checkpoints intact. The folder
+    above ``directory`` (the run folder) must exist: made again here, a run folder moved meanwhile
+    would be split in two, so its absence raises FileNotFoundError for the loop to explain."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(exist_ok=True)
     final = directory / f"step_{state['step']:09d}.pt"
     written, free = 0, None  # how far a failed write got, and the room left then: a full disk or another failure
     try:

@@ -66,7 +66,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._profiler.__exit__(None, None, None)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.parent.mkdir(exist_ok=True)  # not its parents: a moved run folder is not made again
         files = [self.out.with_suffix(".trace.json.gz")]
         with tempfile.TemporaryDirectory() as tmp:  # written whole: rank 0 may be uploading the folder
             self._profiler.export_chrome_trace(f"{tmp}/trace.json")
