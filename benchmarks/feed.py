@@ -72,8 +72,8 @@ def batches_forever(loader, start_epoch: int = 0, rebuild_each_epoch: bool = Fal
 def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
     """One mode on this rank, its batches drawn from ``source`` (one ``batches_forever`` for every
     mode: one pipeline runs across them): per-step waits for data, wall time, syncs, peak memory."""
-    from benchmarks.host_syncs import SyncCounter
     from trainer.device import memory_in_use_mb, peak_memory_mb, synchronize
+    from trainer.host_syncs import SyncCounter
     from trainer.step import train_step
 
     device, counter = parts.info.device, SyncCounter()

@@ -24,10 +24,10 @@ from data_pipeline.sources import data_fingerprint
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError, ResumeChanges
 from trainer.config import Config, dump_config
-from trainer.device import peak_memory_mb
 from trainer.distributed import DistInfo, any_rank, init_distributed, on_rank_zero, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.export import log_encoder_model, save_encoder
+from trainer.host_syncs import SyncCounter
 from trainer.logs import get_logger, run_log_file
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
@@ -171,12 +171,16 @@ def train_loop(parts: TrainParts, stop: threading.Event, step: int, stop_at: int
     logged loss, whether it was stopped, and the skip counters."""
     cfg, steps_per_epoch = parts.cfg, parts.steps_per_epoch
     window, skips, last_loss, preempted = MetricsWindow(parts.info.device), SkipCounters(parts), float("nan"), False
+    sync_count_step = step + 2  # a steady-state step of this job (the first ones allocate): its host syncs counted
     parts.model.train()
     while step < stop_at and not preempted:
         parts.loader.set_epoch(step // steps_per_epoch, step % steps_per_epoch)
         for size_groups, labels in window.timed(parts.loader):
             parts.profiler.before_step(step)
-            outcome = train_step(parts, size_groups, parts.schedule(step), labels)
+            parts.clock.start_step()
+            step_fn = counting_syncs if step == sync_count_step else train_step
+            outcome = step_fn(parts, size_groups, parts.schedule(step), labels)
+            parts.clock.end_step()
             skips.add(outcome)
             step += 1
             parts.profiler.after_step(step)
@@ -376,14 +380,31 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
     returns the loss."""
     skips.check(step)
     nonfinite, overflow = skips.totals()
-    metrics = {**window.summary(parts.cfg.data.batch_size), "train/lr": parts.schedule(step - 1),
+    summary, rows = window.summary(parts.cfg.data.batch_size, parts.clock.window())
+    metrics = {**summary, "train/lr": parts.schedule(step - 1),
                "train/epoch": step / parts.steps_per_epoch, "train/skipped_nonfinite": nonfinite,
-               "train/skipped_overflow": overflow, "perf/peak_memory_mb": peak_memory_mb(parts.info.device),
-               "data/skipped_corrupt_images": parts.loader.corrupt_skipped, **(extra or {})}
+               "train/skipped_overflow": overflow, "data/skipped_corrupt_images": parts.loader.corrupt_skipped,
+               **(extra or {})}
     parts.tracker.log_metrics(metrics, step)
+    parts.bottlenecks.window(rows, window.steps, step, parts.tracker)
+    if parts.info.is_main and not parts.bottlenecks.first_epoch_said and step >= parts.steps_per_epoch:
+        parts.bottlenecks.first_epoch_said = True  # said once per job, at the first window past epoch 1
+        log.info(parts.bottlenecks.verdict(f"at step {step}, epoch {step / parts.steps_per_epoch:.1f}"))
     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", img_s=f"{metrics['perf/images_per_s']:.0f}")
     window.reset()
+    parts.clock.reset()
     return metrics["train/loss"]
+
+
+def counting_syncs(parts: TrainParts, size_groups: list[torch.Tensor], lr: float,
+                   labels: torch.Tensor | None) -> StepOutcome:
+    """``train_step``, counting its host syncs (``trainer.host_syncs``) for the verdict."""
+    counter = SyncCounter()
+    with counter.installed():
+        counter.active = True
+        outcome = train_step(parts, size_groups, lr, labels)
+    parts.bottlenecks.syncs = sum(counter.counts.values())
+    return outcome
 
 
 def knn_due(cfg: Config, step: int, steps_per_epoch: int) -> bool:
@@ -449,6 +470,9 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
     # for MLflow: it stays in the folder)
     for trace in sorted((parts.run_dir / "profile").glob("rank*")):
         parts.tracker.log_artifact(trace, "profile")
+    said = parts.bottlenecks.verdict("at the end" if step >= total else f"at step {step}, stopped")
+    log.info(said)
+    parts.tracker.set_tags({"simclr.verdict": said.split(": ", 1)[1][:5000]})
     if step < total:  # stopped before the schedule's end (a signal, train.stop_after_steps): not FINISHED
         why = "a stop request (signal)" if preempted else f"train.stop_after_steps={parts.cfg.train.stop_after_steps}"
         parts.tracker.set_tags({"simclr.stopped_early": f"at step {step} of {total} ({why}); resume to go on"})

@@ -1,15 +1,18 @@
 """The training metrics of one logging window: loss and accuracy summed on the device (no host
 sync per step), averaged over ranks when logged; wall time and the share of it spent waiting
-for data."""
+for data; every rank's own figures, gathered with them (``trainer.bottlenecks`` reads them)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from trainer.device import peak_memory_mb
 
 Batch = TypeVar("Batch")
 
@@ -64,15 +67,42 @@ class MetricsWindow:
         self.loss_sum += torch.where(keep, loss, 0.0)
         self.accuracy_sum += torch.where(keep, accuracy, 0.0)
 
-    def summary(self, images_per_step: int) -> dict[str, float]:
-        """Loss and contrastive accuracy averaged over the window's steps and every rank (a
-        collective: all ranks call it at the same step), throughput and data-wait share."""
-        stats = torch.stack([self.loss_sum, self.accuracy_sum]) / max(1, self.steps)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
-            stats /= dist.get_world_size()
-        loss, accuracy = stats.tolist()
+    def summary(self, images_per_step: int, own: dict[str, float]) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """The window's job metrics and one row per rank. One all-gather (every rank calls it at the
+        same step) carries each rank's loss and accuracy (averaged over ranks, as before) and its own
+        figures: data-wait share, ms per step, ``own`` (``StepClock.window``) and peak memory. Speed
+        figures are the median rank's, data wait and memory the worst rank's; with several ranks, the
+        slowest rank (the most data wait plus own forward per step) and the spread over ranks."""
         elapsed = time.perf_counter() - self.started
-        return {"train/loss": loss, "train/contrastive_acc": accuracy,
-                "perf/images_per_s": images_per_step * self.steps / elapsed,
-                "perf/data_wait_fraction": self.data_wait_s / elapsed}
+        mine = {"data_wait_fraction": self.data_wait_s / elapsed, "window_ms": elapsed * 1000 / max(1, self.steps),
+                **own, "peak_memory_mb": peak_memory_mb(self.loss_sum.device)}
+        names = list(mine)
+        local = torch.cat([(torch.stack([self.loss_sum, self.accuracy_sum]) / max(1, self.steps)).double(),
+                           torch.tensor([mine[n] for n in names], dtype=torch.float64).to(self.loss_sum.device)])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+            dist.all_gather_into_tensor(gathered, local)
+            local = gathered
+        table = local.view(world, -1).tolist()
+        rows = [dict(zip(names, values[2:])) for values in table]
+        metrics = {"train/loss": sum(v[0] for v in table) / world,
+                   "train/contrastive_acc": sum(v[1] for v in table) / world,
+                   "perf/images_per_s": images_per_step * self.steps / elapsed,
+                   "perf/data_wait_fraction": max(r["data_wait_fraction"] for r in rows),
+                   "perf/peak_memory_mb": max(r["peak_memory_mb"] for r in rows)}
+        for name in ("own_ms", "loss_ms", "backward_ms", "optimizer_ms", "step_ms_p50", "step_ms_p95"):
+            values = [r[name] for r in rows if r.get(name, float("nan")) == r.get(name, float("nan"))]  # not NaN
+            if values:
+                metrics[f"perf/{name}"] = statistics.median(values)
+        if world > 1:
+            busy = [r["data_wait_fraction"] * r["window_ms"] + (r["own_ms"] if r["own_ms"] == r["own_ms"] else 0.0)
+                    for r in rows]
+            slowest = max(range(world), key=busy.__getitem__)
+            waits, owns = [r["data_wait_fraction"] for r in rows], [r["own_ms"] for r in rows]
+            metrics.update({"ranks/slowest_rank": slowest,
+                            "ranks/slowest_data_wait_fraction": waits[slowest],
+                            "ranks/data_wait_spread": max(waits) - min(waits)})
+            if all(o == o for o in owns):
+                metrics.update({"ranks/slowest_own_ms": owns[slowest], "ranks/own_ms_spread": max(owns) - min(owns)})
+        return metrics, rows

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline import IndexStore, ViewLoader, build_loader, open_val_source
 from data_pipeline.sources import Source, data_fingerprint, labelled_indices
+from trainer.bottlenecks import Bottlenecks
 from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
@@ -26,6 +27,7 @@ from trainer.profiling import StepProfiler
 from trainer.run_files import RunFolderLock
 from trainer.schedule import WarmupCosine, build_schedule
 from trainer.step import ForwardBackward, build_forward_backward
+from trainer.step_clock import StepClock
 from trainer.tracking import Tracker
 
 log = get_logger()
@@ -49,6 +51,8 @@ class TrainParts:
     val_source: Source | None = None  # data.val_root, opened once per run
     folder_lock: RunFolderLock | None = None  # rank 0's hold on the run folder, checked before its writes
     profiler: StepProfiler | None = None  # train.profile: torch.profiler over the steps asked for
+    clock: StepClock | None = None  # where this rank's step time goes (marks in the step, read at log steps)
+    bottlenecks: Bottlenecks | None = None  # rank 0: every rank's figures, stragglers, the verdict
 
     @property
     def run_dir(self) -> Path:
@@ -70,6 +74,7 @@ class ModelParts:
     precision: PrecisionPolicy
     forward_backward: ForwardBackward
     loss_fn: LossFn  # the run's loss (loss.name), inside forward_backward; the benchmarks time it alone too
+    clock: StepClock  # marks the loss and the optimizer step of the steps it is told of
     online_probe: OnlineProbe | None = None
 
 
@@ -92,11 +97,13 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
         ddp_model = torch.compile(ddp_model)
     precision = PrecisionPolicy(cfg.precision.dtype, device)
     channels_last = uses_channels_last(cfg.model, device)
-    loss_fn = build_loss(cfg.loss)
-    return ModelParts(model=model, ddp_model=ddp_model, optimizer=build_optimizer(model, cfg.optim, lr),
-                      precision=precision, loss_fn=loss_fn,
-                      forward_backward=build_forward_backward(model, ddp_model, precision, loss_fn,
-                                                              cfg.train.micro_batch, channels_last))
+    loss_fn, clock, optimizer = build_loss(cfg.loss), StepClock(device), build_optimizer(model, cfg.optim, lr)
+    clock.watch_optimizer(optimizer)
+    clock.watch_collectives(model)
+    return ModelParts(model=model, ddp_model=ddp_model, optimizer=optimizer, precision=precision, loss_fn=loss_fn,
+                      clock=clock, forward_backward=build_forward_backward(model, ddp_model, precision,
+                                                                           clock.timing_loss(loss_fn),
+                                                                           cfg.train.micro_batch, channels_last))
 
 
 def buffer_sync(every_forward: bool) -> dict[str, bool]:
@@ -150,5 +157,6 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
                                   probe.checkpoint_part() if probe is not None else None),
         tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
         train_state=train_state, online_probe=probe, val_source=val_source,
-        profiler=StepProfiler(cfg.train.profile, info.rank, device, Path(cfg.train.run_dir)),
+        profiler=StepProfiler(cfg.train.profile, info.rank, device, Path(cfg.train.run_dir)), clock=m.clock,
+        bottlenecks=Bottlenecks(cfg.train.run_dir, cfg.data, device.type, info.is_main),
     )

@@ -14,6 +14,7 @@ BatchNorm over their concatenated batch (``tests/test_sync_batchnorm.py``).
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -28,12 +29,13 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+                group, clock=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         dims = [d for d in range(x.ndim) if d != 1]
         xf = x.float()
         count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        dist.all_reduce(stats, group=group)
+        with clock.collective() if clock is not None else nullcontext():  # a wait for the slowest rank: not own work
+            dist.all_reduce(stats, group=group)
         c = x.shape[1]
         total = stats[2 * c :]
         mean = stats[:c] / total
@@ -69,7 +71,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(weight.dtype if weight is not None else grad_out.dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -85,6 +87,7 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
         self.plain_class = plain_class
+        self.step_clock = None  # trainer.step_clock.StepClock: times the forward's all-reduce
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.ndim < 2:
@@ -103,7 +106,8 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         if not (self.training and self._distributed()):
             return super().forward(x)
-        out, mean, var, total = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, self.process_group)
+        out, mean, var, total = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, self.process_group,
+                                                             self.step_clock)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -4,7 +4,8 @@ On a GPU each of these blocks the CPU until the queued kernels have run, so it c
 next step's: ``Tensor.item``, ``.tolist``, ``.cpu``, ``.numpy``, ``bool``/``float``/``int`` of a
 tensor, and Python data turned into a tensor on a device (``torch.tensor(x, device=...)``,
 ``torch.as_tensor(x, device=...)``). Counting the calls (rather than asking CUDA) works on the CPU
-too, so the sync-count test runs in CI and the feed benchmark reports syncs per step anywhere.
+too, so the sync-count test runs in CI, the feed benchmark reports syncs per step anywhere, and a
+training run counts those of one steady-state step for its verdict (``trainer.bottlenecks``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,176 @@
+"""Where the time goes, per rank (#35): each log window gathers every rank's figures; a rank slow
+at its data or its own forward for two windows is named once; the run ends with a verdict.
+
+The 2-rank runs are slowed from outside, as a node is in real life: rank 1's loader worker paused
+most of the time (a node reading from a cold cache), or rank 1 itself paused part of the time (a
+throttled device), by SIGSTOP/SIGCONT in a duty cycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.runs import PY, REPO, tiny_overrides
+from trainer.bottlenecks import StragglerWatch, Tally, find_stragglers, verdict
+from trainer.config import load_config
+from trainer.run_files import read_jsonl
+
+
+def row(wait_ms: float = 1.0, own_ms: float = 30.0, window_ms: float = 100.0) -> dict[str, float]:
+    return {"data_wait_fraction": wait_ms / window_ms, "window_ms": window_ms, "own_ms": own_ms, "loss_ms": 1.0,
+            "backward_ms": 50.0, "optimizer_ms": 10.0}
+
+
+def test_a_straggler_is_named_after_two_windows_once_per_episode():
+    watch = StragglerWatch(["a", "b", "c", "d"])
+    slow_data = [row(), row(), row(), row(wait_ms=40.0)]
+    assert watch.window(slow_data) == []  # one window is not yet a straggler
+    (named,) = watch.window(slow_data)
+    assert (named.rank, named.host, named.cause) == (3, "d", "data")
+    assert "rank 3 on d waits for data" in named.line(20) and "sbatch --exclude" in named.line(20)
+    assert watch.window(slow_data) == []  # the same episode: said once
+    assert watch.window([row()] * 4) == []  # keeps pace again: the episode ends
+    watch.window(slow_data)
+    assert [s.rank for s in watch.window(slow_data)] == [3]  # a new episode is named again
+    slow_compute = [row(), row(own_ms=70.0), row(), row()]
+    watch.window(slow_compute)
+    (named,) = watch.window(slow_compute)
+    assert (named.rank, named.cause) == (1, "compute") and "computes slowly" in named.line(9)
+
+
+@pytest.mark.parametrize("rows", [
+    [row(own_ms=30.0), row(own_ms=33.0)],  # noise: within 1.25x of the median
+    [row(wait_ms=0.1), row(wait_ms=0.9)],  # 9x the other, but under the margin worth a line
+    [row(own_ms=float("nan")), row(own_ms=float("nan"))],  # no step timed
+    [row(wait_ms=40.0)],  # one rank: nobody to compare with
+])
+def test_balanced_or_tiny_differences_name_no_straggler(rows):
+    assert find_stragglers(rows, ["a", "b"]) == {}
+
+
+def test_the_verdict_is_data_bound_over_a_tenth_of_waiting_else_compute_bound():
+    from trainer.config import Config
+
+    data = Config().data
+    starved, balanced = Tally(), Tally()
+    starved.add([row(wait_ms=30.0), row(wait_ms=5.0)], steps=10)
+    balanced.add([row(wait_ms=5.0), row(wait_ms=5.0)], steps=10)
+    said = verdict(starved, "at the end", data, "cuda", syncs=0)
+    assert said.startswith("verdict (at the end): data-bound: the ranks wait for data 30% of their time (rank 0)")
+    assert "dali backend" in said and "data.backend=dali" not in said and "host syncs in a steady-state step: 0" in said
+    said = verdict(balanced, "at the end", data, "cpu", syncs=None)
+    assert said.startswith("verdict (at the end): compute-bound") and "own forward 30%" in said, said
+    assert "optimizer 10%" in said and "host syncs" not in said
+
+
+@pytest.mark.parametrize("load", ["starved", "balanced"])
+def test_a_starved_run_is_data_bound_a_balanced_one_compute_bound(photo_data, tmp_path, load):
+    """Starved: a tiny model, heavy augmentation, no loader workers; balanced: the loading overlapped
+    by a worker. Each logs every figure of the window."""
+    from trainer.loop import train
+
+    run_dir = tmp_path / "run"
+    setup = ({"model.arch": "timm/resnet10t", "model.cifar_stem": "false", "data.image_size": 32,
+              "data.augment.blur_prob": 1.0} if load == "starved" else {"data.num_workers": 1})
+    train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{
+        **setup, "train.epochs": 1, "train.log_every": 5})))
+    said = [line for line in (run_dir / "simclr.log").read_text().splitlines() if "verdict (" in line]
+    assert len(said) == 2, said
+    if load == "starved":
+        assert all("data-bound" in line and "data.num_workers=0" in line for line in said), said
+    else:
+        assert all("compute-bound" in line and "own forward" in line for line in said), said
+    rows = read_jsonl(run_dir / "ranks.jsonl")
+    assert [(r["step"], r["rank"]) for r in rows] == [(5, 0), (10, 0)]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")[-1]
+    for name in ("perf/own_ms", "perf/loss_ms", "perf/backward_ms", "perf/optimizer_ms", "perf/step_ms_p50",
+                 "perf/step_ms_p95", "perf/peak_memory_mb"):
+        assert metrics[name] > 0, name
+    assert metrics["perf/step_ms_p95"] >= metrics["perf/step_ms_p50"]
+
+
+def rank_processes(root: psutil.Process) -> dict[int, psutil.Process]:
+    """The training ranks under ``root`` (a process whose RANK its parent does not share)."""
+    found = {}
+    for proc in root.children(recursive=True):
+        try:
+            rank = proc.environ().get("RANK")
+            if rank is not None and proc.parent().environ().get("RANK") != rank:
+                found[int(rank)] = proc
+        except psutil.Error:
+            continue
+    return found
+
+
+def pause_rank_one(root: psutil.Process, done: threading.Event, what: str) -> None:
+    """Until ``done``, pause rank 1's loader workers 90% of the time (``what="workers"``: a node
+    whose storage answers slowly) or rank 1 itself two thirds of the time, in short slices
+    (``"rank"``: a device that runs at a third of its speed)."""
+    paused_s, running_s = (0.3, 0.03) if what == "workers" else (0.04, 0.02)
+    victims: list[psutil.Process] = []
+    while not done.is_set():
+        if not victims or what == "workers":  # a new epoch may start new workers
+            rank = rank_processes(root).get(1)
+            victims = [] if rank is None else rank.children() if what == "workers" else [rank]
+        for signum, wait in ((signal.SIGSTOP, paused_s), (signal.SIGCONT, running_s)):
+            for proc in victims:
+                try:
+                    proc.send_signal(signum)
+                except psutil.Error:
+                    pass
+            time.sleep(wait)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slow", ["none", "data", "compute"])
+def test_two_ranks_name_the_straggler_and_its_cause(photo_data, tmp_path, slow):
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    # loader workers only where they are paused: 2 processes on a 2-core machine share nothing
+    over = tiny_overrides(photo_data / "train", run_dir, **{
+        "train.epochs": 2, "train.log_every": 3, "data.num_workers": 1 if slow == "data" else 0,
+        "tracking.uri": f"sqlite:///{db}"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, "-m", "launch", "train", "--nproc", "2", *over], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    done, thread = threading.Event(), None
+    if slow != "none":
+        thread = threading.Thread(target=pause_rank_one, args=(psutil.Process(proc.pid), done,
+                                                              "workers" if slow == "data" else "rank"), daemon=True)
+    if thread is not None:
+        thread.start()
+    try:
+        out = proc.communicate(timeout=240)[0]
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()
+    print(out[-4000:], file=sys.stderr)
+    assert proc.returncode == 0, out[-3000:]
+    named = [line for line in out.splitlines() if "straggler:" in line]
+    rows = read_jsonl(run_dir / "ranks.jsonl")
+    for r in rows:
+        print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}), file=sys.stderr)
+    assert {r["rank"] for r in rows} == {0, 1}
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("simclr").experiment_id])
+    tags = run.data.tags
+    if slow == "none":
+        assert named == [], named
+        assert not any(t.startswith("simclr.straggler") for t in tags)
+        (end,) = [line for line in out.splitlines() if "verdict (at the end)" in line]
+        assert "host syncs in a steady-state step: 0" in end and tags["simclr.verdict"] in end, end
+        return
+    cause = "waits for data" if slow == "data" else "computes slowly"
+    assert len(named) == 1 and f"rank 1 on {os.uname().nodename} {cause}" in named[0], named
+    assert cause in tags["simclr.straggler.rank1"]
+    slowest = [m.value for m in client.get_metric_history(run.info.run_id, "ranks/slowest_rank")]
+    assert slowest.count(1.0) >= len(slowest) // 2, slowest

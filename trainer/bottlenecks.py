@@ -1,0 +1,188 @@
+"""Who holds the job back, and why: rank 0's reading of every rank's window figures.
+
+In synchronous data parallelism every rank moves at the pace of the slowest, so the job's images/s
+cannot say who is slow. What tells is how each rank spends its own time: its wait for data, and its
+own forward (a batch in hand to the step's first collective), which no other rank can slow
+(``trainer.step_clock``). Each log window brings one row per rank (``MetricsWindow.summary``).
+
+- A **straggler** is a rank whose data wait or own forward stays above ``RATIO`` x the median
+  rank's, by more than ``margin_ms``, for ``WINDOWS`` windows in a row: named once per episode
+  (until it keeps pace again), with its host and what to try, and tagged in MLflow.
+- The **verdict** (after the first epoch and at the end): data-bound when the worst rank waits for
+  data more than ``DATA_BOUND`` of its time, else compute-bound with the shares of a step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch.distributed as dist
+
+from trainer.logs import get_logger
+from trainer.run_files import append_line
+
+log = get_logger()
+
+RATIO, WINDOWS, DATA_BOUND = 1.25, 2, 0.10
+
+
+def margin_ms(step_ms: float) -> float:
+    """The least excess over the median worth a line: 1 ms, or 2% of a step when steps are long."""
+    return max(1.0, 0.02 * step_ms)
+
+
+@dataclass
+class Straggling:
+    rank: int
+    host: str
+    cause: str  # "data" or "compute"
+    value_ms: float  # its data wait or own forward, ms per step
+    median_ms: float
+
+    def line(self, step: int) -> str:
+        ratio = self.value_ms / self.median_ms if self.median_ms > 0 else float("inf")
+        by = f"{ratio:.1f}x the median rank's" if ratio != float("inf") else "while the others do not"
+        if self.cause == "data":
+            return (f"straggler: rank {self.rank} on {self.host} waits for data {by} ({self.value_ms:.1f} vs "
+                    f"{self.median_ms:.1f} ms per step, {WINDOWS} windows to step {step}); every rank moves at its "
+                    "pace. Try: check that node's storage and page cache (a cold cache, a slow disk or mount), more "
+                    "data.num_workers, packed shards (simclr shard), or exclude the node (sbatch --exclude)")
+        return (f"straggler: rank {self.rank} on {self.host} computes slowly: its own forward takes {by} "
+                f"({self.value_ms:.1f} vs {self.median_ms:.1f} ms per step, {WINDOWS} windows to step {step}); every "
+                "rank moves at its pace. Try: check that device's clocks, temperature and other processes on it "
+                "(nvidia-smi -q -d PERFORMANCE), or exclude the node (sbatch --exclude)")
+
+
+def find_stragglers(rows: list[dict[str, float]], hosts: list[str]) -> dict[int, Straggling]:
+    """This window's slow ranks (one window: ``StragglerWatch`` asks for ``WINDOWS`` in a row)."""
+    if len(rows) < 2:
+        return {}
+    waits = [r["data_wait_fraction"] * r["window_ms"] for r in rows]
+    owns = [r["own_ms"] for r in rows]
+    margin = margin_ms(median(r["window_ms"] for r in rows))
+    found = {}
+    for rank, (wait, own) in enumerate(zip(waits, owns)):
+        excess = {}
+        for cause, value, values in (("data", wait, waits), ("compute", own, owns)):
+            mid = median(values)
+            if value == value and value > RATIO * mid and value - mid > margin:  # value == value: not NaN
+                excess[cause] = (value - mid, value, mid)
+        if excess:
+            cause = max(excess, key=lambda c: excess[c][0])
+            found[rank] = Straggling(rank, hosts[rank], cause, excess[cause][1], excess[cause][2])
+    return found
+
+
+@dataclass
+class StragglerWatch:
+    hosts: list[str]
+    streak: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (cause, windows in a row)
+    named: set[int] = field(default_factory=set)  # ranks named in their current episode
+
+    def window(self, rows: list[dict[str, float]]) -> list[Straggling]:
+        """The stragglers to name now: slow for ``WINDOWS`` windows in a row, not named yet in
+        this episode (an episode ends at a window where the rank keeps pace)."""
+        found, new = find_stragglers(rows, self.hosts), []
+        for rank in range(len(rows)):
+            if rank not in found:
+                self.streak.pop(rank, None)
+                self.named.discard(rank)
+                continue
+            cause = found[rank].cause
+            before_cause, before = self.streak.get(rank, (cause, 0))
+            count = before + 1 if before_cause == cause else 1
+            self.streak[rank] = (cause, count)
+            if count >= WINDOWS and rank not in self.named:
+                self.named.add(rank)
+                new.append(found[rank])
+        return new
+
+
+PHASE_NAMES = (("own_ms", "own forward"), ("loss_ms", "loss and its gather"), ("backward_ms", "backward"),
+               ("optimizer_ms", "optimizer"))
+
+
+@dataclass
+class Tally:
+    """Every rank's figures summed over windows (weighted by their steps), for the verdict."""
+
+    steps: int = 0
+    wait_ms: list[float] = field(default_factory=list)  # per rank, summed over steps
+    window_ms: list[float] = field(default_factory=list)
+    phases_ms: dict[str, float] = field(default_factory=dict)  # the median rank's, summed over steps
+
+    def add(self, rows: list[dict[str, float]], steps: int) -> None:
+        if not self.wait_ms:
+            self.wait_ms, self.window_ms = [0.0] * len(rows), [0.0] * len(rows)
+        self.steps += steps
+        for rank, row in enumerate(rows):
+            self.wait_ms[rank] += row["data_wait_fraction"] * row["window_ms"] * steps
+            self.window_ms[rank] += row["window_ms"] * steps
+        for name, _ in PHASE_NAMES:
+            values = [row[name] for row in rows if row[name] == row[name]]
+            if values:
+                self.phases_ms[name] = self.phases_ms.get(name, 0.0) + median(values) * steps
+
+
+def verdict(tally: Tally, when: str, data: Any, device: str, syncs: int | None) -> str:
+    """One line: data-bound (the worst rank waits for data over ``DATA_BOUND`` of its time: the
+    backend, workers and what to try) or compute-bound (the shares of a step), and the host syncs
+    of a steady-state step. ``data`` is the run's ``DataConfig``."""
+    if not tally.steps:
+        return f"verdict ({when}): no step was timed"
+    shares = [w / t if t else 0.0 for w, t in zip(tally.wait_ms, tally.window_ms)]
+    worst = max(range(len(shares)), key=shares.__getitem__)
+    step_ms = median(tally.window_ms) / tally.steps
+    synced = "" if syncs is None else f"; host syncs in a steady-state step: {syncs}"
+    where = f" (rank {worst})" if len(shares) > 1 else ""
+    if shares[worst] > DATA_BOUND:
+        backend = data.backend if data.backend != "auto" else ("dali" if device == "cuda" else "torchvision")
+        unit = "CPU threads" if backend == "dali" else "workers"
+        workers = ("loading in the training process (data.num_workers=0)" if data.num_workers == 0 and
+                   backend == "torchvision" else f"{data.num_workers} {unit} per rank")
+        tries = [] if backend == "dali" else ["data.backend=dali (decoding and augmenting on the GPU)"]
+        tries += [f"more data.num_workers (this host has {os.cpu_count()} CPUs)",
+                  "data.on_device=true when the images fit in device memory (arrays, DALI)",
+                  "packed shards (simclr shard) when reading many small files from network storage"]
+        return (f"verdict ({when}): data-bound: the ranks wait for data {shares[worst]:.0%} of their time{where}; "
+                f"{backend} backend, {workers}, {step_ms:.1f} ms per step. Try: " + "; ".join(tries) + synced)
+    parts = ", ".join(f"{label} {tally.phases_ms[name] / tally.steps / step_ms:.0%}" for name, label in PHASE_NAMES
+                      if name in tally.phases_ms and step_ms > 0)
+    return (f"verdict ({when}): compute-bound: the ranks wait for data {shares[worst]:.0%} of their time{where}; "
+            f"of a {step_ms:.1f} ms step: {parts or 'no phase timed'} (the rest: the loop, and waiting for the slowest "
+            f"rank){synced}")
+
+
+class Bottlenecks:
+    """Rank 0's watch over the run's windows: every rank's rows into ``RUN_DIR/ranks.jsonl``,
+    stragglers named (and tagged), the verdict after the first epoch and at the end. Built on every
+    rank (the hosts are gathered once, a collective); only rank 0 reads the windows."""
+
+    def __init__(self, run_dir: str | Path, data: Any, device_type: str, is_main: bool) -> None:
+        hosts = [socket.gethostname()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            hosts = [""] * dist.get_world_size()
+            dist.all_gather_object(hosts, socket.gethostname())
+        self.file, self.data, self.device_type, self.is_main = Path(run_dir) / "ranks.jsonl", data, device_type, is_main
+        self.watch, self.tally = StragglerWatch(hosts), Tally()
+        self.syncs: int | None = None  # host syncs counted in one steady-state step of this job
+        self.first_epoch_said = False
+
+    def window(self, rows: list[dict[str, float]], steps: int, step: int, tracker: Any) -> None:
+        if not self.is_main:
+            return
+        for rank, row in enumerate(rows):
+            append_line(self.file, json.dumps({"step": step, "rank": rank, "host": self.watch.hosts[rank], **row}))
+        self.tally.add(rows, steps)
+        for slow in self.watch.window(rows):
+            log.warning(slow.line(step))
+            tracker.set_tags({f"simclr.straggler.rank{slow.rank}": slow.line(step).split(": ", 1)[1][:500]})
+
+    def verdict(self, when: str) -> str:
+        return verdict(self.tally, when, self.data, self.device_type, self.syncs)

@@ -1,0 +1,125 @@
+"""Where one rank's step time goes, without asking the host for anything per step.
+
+A step is cut at four marks: the batch in hand, the loss called (its gather of negatives), the
+optimizer step starting and ending. On the CPU a mark is the host clock; on CUDA it is an event
+recorded on the stream, read at the log step (which waits for the device anyway). From the marks of
+a window's steps: the own forward, the loss with its gather, the backward (with DDP's gradient
+all-reduce), the optimizer, and the host's step time p50/p95 (batch in hand to the step's return:
+on CUDA the time to queue it, unless the queue is full).
+
+The own forward is this rank's work alone, which no other rank can slow: the batch in hand to the
+loss, less the time spent in the forward's collectives (SyncBatchNorm's all-reduce of statistics
+in every layer, where a rank waits for the slowest: ``collective`` times each). Under torch.compile
+the collectives inside the compiled model are not timed, and the own forward includes their waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any
+
+import numpy as np
+import torch
+
+# the phases a window reports, in ms per step: (name, from mark, to mark)
+PHASES = (("own_ms", "batch", "loss"), ("loss_ms", "loss", "backward"),
+          ("backward_ms", "backward", "optimizer"), ("optimizer_ms", "optimizer", "optimizer_done"))
+
+
+class StepClock:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._current: dict[str, Any] | None = None  # the marks of the step in progress; None outside steps
+        self._waits: list[tuple[Any, Any]] = []  # its collectives before the loss: (start, end)
+        self._last: Any = None  # the newest CUDA event, waited for before the window is read
+        self._started = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self._steps: list[tuple[dict[str, Any], list[tuple[Any, Any]]]] = []
+        self._host_ms: list[float] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._last = event
+            return event
+        return time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        """Mark ``name`` in the step in progress (the first time only; outside steps nothing)."""
+        if self._current is not None and name not in self._current:
+            self._current[name] = self._now()
+
+    @contextmanager
+    def collective(self) -> Iterator[None]:
+        """Time a collective of the forward (before the loss), to leave out of the own forward."""
+        if self._current is None or "loss" in self._current or torch.compiler.is_compiling():
+            yield
+            return
+        start = self._now()
+        yield
+        self._waits.append((start, self._now()))
+
+    def start_step(self) -> None:
+        self._started = time.perf_counter()
+        self._current, self._waits = {"batch": self._now()}, []
+
+    def end_step(self) -> None:
+        if self._current is None:
+            return
+        self._host_ms.append((time.perf_counter() - self._started) * 1000)
+        self._steps.append((self._current, self._waits))
+        self._current = None
+
+    def timing_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``loss_fn``, marking when it is called and when it returns (the backward starts)."""
+        @wraps(loss_fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.mark("loss")
+            out = loss_fn(*args, **kwargs)
+            self.mark("backward")
+            return out
+        return timed
+
+    def watch_collectives(self, model: torch.nn.Module) -> None:
+        """Let ``model``'s SyncBatchNorm layers time their forward all-reduce here."""
+        from trainer.sync_batchnorm import SyncBatchNorm
+
+        for module in model.modules():
+            if isinstance(module, SyncBatchNorm):
+                module.step_clock = self
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mark the optimizer's step (torch's step hooks: nothing is wrapped)."""
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.register_step_pre_hook(lambda *_: self.mark("optimizer"))
+            optimizer.register_step_post_hook(lambda *_: self.mark("optimizer_done"))
+
+    def _between(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+    def _ms(self, marks: dict[str, Any], waits: list[tuple[Any, Any]], name: str, start: str, end: str) -> float:
+        if start not in marks or end not in marks:
+            return float("nan")
+        ms = self._between(marks[start], marks[end])
+        if name == "own_ms":
+            ms -= sum(self._between(a, b) for a, b in waits)
+        return ms
+
+    def window(self) -> dict[str, float]:
+        """The window's figures (ms per step, mean over its steps; host p50/p95); NaN where no step
+        was timed. Reading CUDA events waits for the last one: call at log steps only."""
+        if self.cuda and self._last is not None:
+            self._last.synchronize()
+        figures = {}
+        for name, start, end in PHASES:
+            values = [self._ms(marks, waits, name, start, end) for marks, waits in self._steps]
+            figures[name] = float(np.nanmean(values)) if values and not np.isnan(values).all() else float("nan")
+        host = np.array(self._host_ms) if self._host_ms else np.array([np.nan])
+        figures["step_ms_p50"], figures["step_ms_p95"] = (float(np.percentile(host, q)) for q in (50, 95))
+        return figures
