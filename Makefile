@@ -21,10 +21,11 @@ demo: $(STAMP)
 # cores; the tests that build a module fixture go first, see tests/conftest.py), then the SLURM tests
 # in one process: their clusters are module fixtures that must come up once each, one at a time.
 # (Run beside the xdist workers they saved nothing: the two cores were busy, and both halves slowed.)
+# The tests that compare timings across ranks (marked alone) run there too, with nothing beside them.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 -m 'not slurm' --durations=15
-	$(PY) -m pytest -q -p no:xdist -m slurm --durations=5
+	$(PY) -m pytest -q -n 2 -m 'not slurm and not alone' --durations=15
+	$(PY) -m pytest -q -p no:xdist -m 'slurm or alone' --durations=8
 
 # the lowest declared versions (constraints-lowest.txt), the whole suite but the SLURM clusters
 test-lowest:
