@@ -150,7 +150,7 @@ def rank_main(args: argparse.Namespace) -> list[dict]:
 
     run_dir = tempfile.mkdtemp(prefix="simclr_feed_")
     cfg = load_config(args.config, [*args.overrides, "tracking.enabled=false", f"train.run_dir={run_dir}"])
-    info = init_distributed(cfg.dist, cfg.train.device)
+    info = init_distributed(cfg.dist, cfg.train.device, run_dir=Path(run_dir))
     try:
         parts = build_parts(cfg, info)
         parts.model.train()

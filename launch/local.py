@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.distributed import free_port, lost_peer
+from trainer.distributed import flight_recorder_dumps, free_port, lost_peer
 from trainer.interrupts import on_signals
 from trainer.logs import get_logger
 from trainer.rank_report import OPTION as REPORT_OPTION
@@ -185,8 +185,10 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
     Returns the rank that caused the end."""
     failures = tracebacks(error_dir)
     by_time = sorted(range(len(codes)), key=lambda r: ended_at[r])
-    killed = [r for r in by_time if codes[r] is not None and codes[r] < 0 and r not in hung]
-    failed = [r for r in by_time if codes[r] not in (0, None) and r not in hung]
+    # NCCL's watchdog ends a rank whose collective timed out with SIGABRT: beside a hung rank, a consequence
+    aborted = {r for r in by_time if hung and codes[r] == -signal.SIGABRT}
+    killed = [r for r in by_time if codes[r] is not None and codes[r] < 0 and r not in hung and r not in aborted]
+    failed = [r for r in by_time if codes[r] not in (0, None) and r not in hung and r not in aborted]
     # a rank's own error before one that only lost its peers (ranks ending within one poll tie on time)
     failed.sort(key=lambda r: lost_peer(failures.get(r, "")))
     first_failed = failed[0] if failed else None
@@ -208,6 +210,9 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
     parts = [f"rank {cause} {how}; the {what} stopped"]
     if job is not None and job.run_dir is not None:
         parts += _record_failure(job.run_dir, cause, how, failures)
+        dumps = flight_recorder_dumps(job.run_dir) if hung or peers_lost else None
+        if dumps:  # NCCL's record of the collective each rank was in when the others gave up
+            parts.append(dumps)
     if job is not None:
         parts.append(f"{'Resume' if job.run_dir is not None else 'Run it again'} with: {job.again}")
     log.warning(". ".join(parts))

@@ -28,7 +28,7 @@ from data_pipeline.config import check_world_size
 from launch.submitit_adapter import requeue_running_job, submission_script
 from trainer.config import Config, config_from_dict, config_to_dict
 from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
-from trainer.distributed import lost_peer
+from trainer.distributed import flight_recorder_dumps, lost_peer
 from trainer.logs import get_logger
 
 log = get_logger()
@@ -161,10 +161,11 @@ class TrainingJob:
                 if not lost_peer(exc):
                     raise
                 run_dir = cfg.train.run_dir
+                dumps = flight_recorder_dumps(Path(run_dir))
                 log.warning(f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost contact with the "
                             f"other ranks ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a rank or its "
-                            f"node died. The last checkpoint in {run_dir} is intact; go on with: simclr submit "
-                            f"--cluster CLUSTER --resume {run_dir}")
+                            f"node died or hung. The last checkpoint in {run_dir} is intact; go on with: simclr submit "
+                            f"--cluster CLUSTER --resume {run_dir}" + (f". {dumps}" if dumps else ""))
                 raise
             if result.preempted:
                 if signal.SIGUSR2 in received:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
@@ -30,6 +32,9 @@ log = get_logger()
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = setting("auto")
     timeout_s: float = setting(600.0)  # a dead or stuck rank ends the job after this long, not a hang
+    # NCCL's flight recorder: each rank's last N collectives, dumped into the run folder when one times
+    # out (what each rank was waiting in); 0 turns it off. gloo has none.
+    flight_recorder_entries: int = setting(2000)
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,34 @@ class DistInfo:
 LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
-def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched: bool = False) -> DistInfo:
+FLIGHT_RECORDER_PREFIX = "nccl_trace_rank_"  # + the rank: NCCL's flight recorder dumps in the run folder
+
+
+def flight_recorder_env(run_dir: Path | None, entries: int) -> dict[str, str]:
+    """The variables that turn NCCL's flight recorder on: the last ``entries`` collectives of each
+    rank kept, and dumped to ``run_dir/nccl_trace_rank_<R>`` when a collective times out (both the
+    torch 2.11 names and today's). Empty when off or without a run folder."""
+    if not entries or run_dir is None:
+        return {}
+    prefix = str(Path(run_dir).resolve() / FLIGHT_RECORDER_PREFIX)
+    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": str(entries), "TORCH_FR_BUFFER_SIZE": str(entries),
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,
+            "TORCH_FR_DUMP_TEMP_FILE": prefix}
+
+
+def flight_recorder_dumps(run_dir: Path | None) -> str | None:
+    """A sentence naming the flight recorder's dumps in ``run_dir`` and how to read them; None if none."""
+    if run_dir is None or not any(Path(run_dir).glob(f"{FLIGHT_RECORDER_PREFIX}*")):
+        return None
+    return (f"NCCL's flight recorder dumped what each rank last ran in {Path(run_dir) / FLIGHT_RECORDER_PREFIX}* "
+            f"(read them with: torchfrtrace {shlex.quote(str(run_dir))} -p {FLIGHT_RECORDER_PREFIX})")
+
+
+def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched: bool = False,
+                     run_dir: Path | None = None) -> DistInfo:
     """Join the process group described by the environment (or run alone); ``launched``: started by
-    our local launcher (which names a rank that does not come)."""
+    our local launcher (which names a rank that does not come). On NCCL, the flight recorder is on
+    (``cfg.flight_recorder_entries``) and dumps into ``run_dir``; a variable the user set wins."""
     configure_logs()  # RANK may have been set since the import (submitit exports SLURM's on the task)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -76,6 +106,9 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
             backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
+        if backend == "nccl":  # read when the process group is made
+            for name, value in flight_recorder_env(run_dir, cfg.flight_recorder_entries).items():
+                os.environ.setdefault(name, value)
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         by_hand = not launched and not any(name in os.environ for name in LAUNCHER_MARKS)  # or leftovers
         if by_hand:

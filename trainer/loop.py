@@ -86,7 +86,7 @@ def train(cfg: Config, stop: threading.Event | None = None,
     ``launched``: a rank of our local launcher, which names a missing rank and says how the job ended.
     """
     preflight(cfg)
-    info = init_distributed(cfg.dist, cfg.train.device, launched=launched)
+    info = init_distributed(cfg.dist, cfg.train.device, launched=launched, run_dir=Path(cfg.train.run_dir))
     lock = RunFolderLock(cfg.train.run_dir)  # one run per folder, for the run's life; the writer (rank 0) holds it
     stack = contextlib.ExitStack()
     try:
