@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -137,3 +138,15 @@ def write_json(result: dict[str, Any], out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return out
+
+
+def keep_traces(traces: list[str], out: Path) -> list[str]:
+    """Profiler traces written in temporary run folders, copied beside the result ``out`` (into
+    ``<out stem>_profile/``); returns the copies' paths, for the result to name."""
+    if not traces:
+        return []
+    folder = out.with_name(f"{out.stem}_profile")
+    folder.mkdir(parents=True, exist_ok=True)
+    for trace in traces:
+        shutil.copy2(trace, folder / Path(trace).name)
+    return [str(folder / Path(trace).name) for trace in traces]

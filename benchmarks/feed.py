@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -218,7 +217,7 @@ def run_ranks(args: argparse.Namespace) -> list[list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.common import RESULTS, device_name, result_header, write_json
+    from benchmarks.common import RESULTS, device_name, keep_traces, result_header, write_json
     from data_pipeline.views import view_spec
     from trainer.config import load_config
 
@@ -250,15 +249,14 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(result)
     name = (f"feed_{device.type}_{cfg.model.arch}_{cfg.data.image_size}px_b{cfg.data.batch_size}_"
             f"{rows[0]['backend'].replace('Loader', '').lower()}{'_rebuild' if args.rebuild_each_epoch else ''}")
-    out = write_json(result, Path(args.out) if args.out else RESULTS / f"{name}.json")
+    out = Path(args.out) if args.out else RESULTS / f"{name}.json"
+    # the e2e mode's traces (train.profile.steps), from the ranks' temporary run folders to beside the result
+    result["profile"] = keep_traces([f for rank_rows in per_rank for row in rank_rows for f in row.get("profile", [])],
+                                    out)
+    write_json(result, out)
     print(f"wrote {out}")
-    traces = [Path(f) for rank_rows in per_rank for row in rank_rows for f in row.get("profile", [])]
-    if traces:  # from the ranks' temporary run folders to beside the result
-        folder = out.with_name(f"{out.stem}_profile")
-        folder.mkdir(parents=True, exist_ok=True)
-        for trace in traces:
-            shutil.copy2(trace, folder / trace.name)
-        print(f"profile (train.profile.steps of the e2e mode): {folder}")
+    if result["profile"]:
+        print(f"profile (train.profile.steps of the e2e mode): {Path(result['profile'][0]).parent}")
     return result
 
 

@@ -4,7 +4,11 @@ the plain supervised step of the same encoder for the SSL overhead."""
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,17 +20,21 @@ from trainer.grad_cache import model_input
 from trainer.model import uses_channels_last
 from trainer.optim import build_optimizer, guarded_step
 from trainer.precision import PrecisionPolicy
+from trainer.profiling import ProfileConfig, StepProfiler
 from trainer.step import train_step
 
 PHASES = ("forward", "loss_gather", "backward_allreduce", "optimizer")
 
 
 def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, warmup: int, iters: int,
-                   device: torch.device, views: list[tuple[int, int]] | None = None) -> dict:
+                   device: torch.device, views: list[tuple[int, int]] | None = None,
+                   profile: list[int] | None = None) -> dict:
     """The SSL step is ``trainer.step.train_step`` itself, on ``views`` ((size, count) size groups;
     default two views of ``image_size``). The phase breakdown takes the same parts apart, with a
     device synchronise around each phase, so the phases add up to a little more than the real
-    (un-instrumented) step."""
+    (un-instrumented) step. ``profile`` ([START, END], as ``train.profile.steps``): after the timing,
+    END more steps, START+1..END of them under the profiler; the result's ``profile`` lists the trace
+    files (in a temporary folder)."""
     parts = benchmark_parts(arch, image_size, precision, alone_on(device))
     model, opt, policy = parts.model, parts.optimizer, parts.precision
     channels_last = uses_channels_last(ModelConfig(), device)
@@ -44,6 +52,7 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
         train_step(parts, groups, lr=0.1)
 
     full = timed(step, device, warmup, iters)
+    traces = profile_steps(step, profile, device) if profile else []
 
     phases: dict[str, list[float]] = {k: [] for k in PHASES}
     for i in range(warmup + iters):
@@ -89,4 +98,17 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
         "phases": {k: summary(v) for k, v in phases.items()},
         "supervised_step": summary(sup), "supervised_images_per_s": batch_size / sup_median,
         "ssl_over_supervised_time": ssl_median / sup_median, "peak_memory_mb": peak_memory_mb(device),
+        "profile": traces,
     }
+
+
+def profile_steps(step: Callable[[], Any], steps: list[int], device: torch.device) -> list[str]:
+    """``steps[1]`` calls of ``step``, ``steps[0]+1..steps[1]`` of them under the profiler (the
+    training run's ``StepProfiler``, writing into a temporary folder); returns the trace files."""
+    profiler = StepProfiler(ProfileConfig(steps=list(steps)), 0, device, Path(tempfile.mkdtemp(prefix="simclr_bench_")))
+    files: list[Path] = []
+    for i in range(steps[1]):
+        profiler.before_step(i)
+        step()
+        files += profiler.after_step(i + 1)
+    return [str(f) for f in files]

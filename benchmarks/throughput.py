@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, device_name, encoder_arch, result_header, write_json
+from benchmarks.common import RESULTS, device_name, encoder_arch, keep_traces, result_header, write_json
 from benchmarks.lars import bench_lars
 from benchmarks.loss import bench_loss
 from benchmarks.pipeline import compare_loaders, fallback_data
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="images for --loaders (default: shipped photos)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<device>_<cfg>.json)")
     p.add_argument("--mlflow", action="store_true", help="also log the figures to MLflow (default store)")
+    p.add_argument("--profile", type=int, nargs=2, default=None, metavar=("START", "END"),
+                   help="after the timing, profile steps START+1..END of the SSL step (as train.profile.steps): "
+                        "a Chrome/Perfetto trace beside the JSON, in <out>_profile/")
     args = p.parse_args(argv)
     from trainer.config import ConfigError
 
@@ -60,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [v for v in values if v < least]
         if bad:
             raise ConfigError(f"simclr bench {flag} {bad[0]}: must be at least {least}")
+    if args.profile and not 0 <= args.profile[0] < args.profile[1]:
+        raise ConfigError(f"simclr bench --profile {args.profile[0]} {args.profile[1]}: give START END with "
+                          "0 <= START < END, e.g. --profile 2 4 (steps 3 and 4)")
     return args
 
 
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
                    "precision": args.precision, "warmup": args.warmup, "iters": args.iters},
         "ssl": bench_ssl_step(args.arch, args.image_size, args.batch_size, args.precision, args.warmup, args.iters,
-                              device),
+                              device, profile=args.profile),
         "loss": bench_loss(args.loss_batches, args.loss_worlds, args.loss_iters, device),
         "lars": bench_lars(args.arch, args.iters, device),
         "scaling": bench_scaling(args.scaling, args.arch, args.image_size, args.batch_size * max(args.scaling),
@@ -83,9 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(result)
     out = Path(args.out) if args.out else RESULTS / (f"throughput_{device.type}_{args.arch}_{args.image_size}px_"
                                                      f"b{args.batch_size}_{args.precision}.json")
+    result["ssl"]["profile"] = keep_traces(result["ssl"]["profile"], out)  # the result names the kept copies
     write_json(result, out)
     plot(result, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    if result["ssl"]["profile"]:
+        print(f"profile (--profile {args.profile[0]} {args.profile[1]}): {Path(result['ssl']['profile'][0]).parent}")
     if args.mlflow:
         log_to_mlflow(result, out)
     return result

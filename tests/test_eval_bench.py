@@ -1,9 +1,11 @@
 """`simclr eval`, the kNN monitor and `simclr bench` on tiny inputs (the numbers are not asserted,
 only that the protocol works and reports what it should)."""
 
+import gzip
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +110,8 @@ def test_bench_command_writes_table_json_and_plot(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([PY, "-m", "launch", "bench", "--arch", "resnet18", "--image-size", "16",
                            "--batch-size", "4", "--warmup", "1", "--iters", "2", "--loss-batches", "64",
-                           "--loss-worlds", "2", "--loss-iters", "1", "--scaling", "1", "2", "--out", str(out)],
+                           "--loss-worlds", "2", "--loss-iters", "1", "--scaling", "1", "2", "--profile", "1", "2",
+                           "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -119,6 +122,11 @@ def test_bench_command_writes_table_json_and_plot(tmp_path):
     assert result["device"] and result["versions"]["torch"] and "git_commit" in result
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "SSL step (2 views)" in proc.stdout and "naive/ours" in proc.stdout
+    # --profile 1 2: step 2 of extra steps after the timing, traced beside the result (as train.profile.steps)
+    (trace,) = result["ssl"]["profile"]
+    assert trace == str(tmp_path / "bench_profile" / "rank0_steps2-2.trace.json.gz")
+    ops = [e.get("name") for e in json.loads(gzip.decompress(Path(trace).read_bytes()))["traceEvents"]]
+    assert "aten::convolution" in ops and ops.count("Optimizer.step#LARS.step") == 1
 
 
 @pytest.mark.slow
