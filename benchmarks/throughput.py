@@ -31,8 +31,9 @@ from trainer.tracking import MlflowRun
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="simclr bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="simclr bench feed --help: the feed benchmark (does the data pipeline keep the "
-                                       "training step busy)")
+                                epilog="the others: simclr bench feed (does the data pipeline keep the step busy), "
+                                       "views (step time of view specifications), startup (start-up on large trees), "
+                                       "overhead (our loop vs a bare DDP loop); each takes --help")
     p.add_argument("--arch", default="resnet18", type=encoder_arch, help="encoder: a torchvision ResNet or timm/<name>")
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (px)")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch (images)")

@@ -168,26 +168,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# simclr bench NAME ...: the named benchmark's module (its main takes the rest); plain simclr bench: throughput
+BENCHMARKS = {"feed": "benchmarks.feed",  # does the data pipeline keep the step busy
+              "views": "benchmarks.views",  # step time of view specifications
+              "startup": "benchmarks.startup",  # start-up on large trees
+              "overhead": "benchmarks.overhead"}  # our loop vs a bare DDP loop
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    if bench_args[:1] == ["feed"]:  # simclr bench feed ...: the feed benchmark (benchmarks/feed.py)
-        from benchmarks.feed import main as feed_main
-
-        feed_main(bench_args[1:])
-        return 0
-    if bench_args[:1] == ["views"]:  # simclr bench views ...: step time of view specifications (benchmarks/views.py)
-        from benchmarks.views import main as views_main
-
-        views_main(bench_args[1:])
-        return 0
-    if bench_args[:1] == ["startup"]:  # simclr bench startup ...: start-up on large trees (benchmarks/startup.py)
-        from benchmarks.startup import main as startup_main
-
-        startup_main(bench_args[1:])
-        return 0
-    from benchmarks.throughput import main as bench_main
-
-    bench_main(bench_args)
+    name = bench_args[0] if bench_args[:1] and bench_args[0] in BENCHMARKS else None
+    module = importlib.import_module(BENCHMARKS[name] if name else "benchmarks.throughput")
+    module.main(bench_args[1:] if name else bench_args)
     return 0
 
 
@@ -424,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS); "
-                         "simclr bench feed|views|startup for the others",
+                         "simclr bench feed|views|startup|overhead for the others",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see simclr bench --help")
     p.set_defaults(func=cmd_bench)

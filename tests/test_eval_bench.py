@@ -222,3 +222,19 @@ def test_eval_on_two_ranks_equals_one_process(photo_data, tmp_path):
     for name, row in reports[1]["rows"].items():
         for key, value in row.items():
             assert abs(reports[2]["rows"][name][key] - value) <= 1e-5, (name, key)
+
+
+@pytest.mark.slow
+def test_bench_overhead_times_our_loop_against_a_bare_one(tmp_path):
+    """simclr bench overhead: 2 CPU ranks run the bare loop, the bare loop with our step, and our
+    whole loop (run_training: its collectives on both ranks) on one batch; ratios to the bare loop."""
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([PY, "-m", "launch", "bench", "overhead", "--steps", "3", "--warmup", "1", "--repeats", "1",
+                           "--batch-size", "8", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {mode: row["steps"] for mode, row in result["rows"].items()} == {"bare": 3, "our step": 3, "ours": 3}
+    assert result["overhead_mean"] == result["rows"]["ours"]["mean_ms"] / result["rows"]["bare"]["mean_ms"]
+    assert result["git_commit"] and result["versions"]["torch"] and result["config"]["nproc"] == 2
+    assert "overhead (ours / bare)" in proc.stdout and "target" in proc.stdout

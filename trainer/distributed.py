@@ -218,6 +218,16 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``tensor`` (same length everywhere), one row per rank: one all-gather (a
+    collective: every rank calls it); alone, a single row."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor.view(1, -1)
+    out = tensor.new_empty(dist.get_world_size() * tensor.numel())
+    _all_gather_single(out, tensor.contiguous())
+    return out.view(dist.get_world_size(), -1)
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) over ranks along dim 0, differentiably.
 

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 
 from trainer.device import peak_memory_mb
+from trainer.distributed import gather_rows
 
 Batch = TypeVar("Batch")
 
@@ -79,12 +79,8 @@ class MetricsWindow:
         names = list(mine)
         local = torch.cat([(torch.stack([self.loss_sum, self.accuracy_sum]) / max(1, self.steps)).double(),
                            torch.tensor([mine[n] for n in names], dtype=torch.float64).to(self.loss_sum.device)])
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if world > 1:
-            gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-            dist.all_gather_into_tensor(gathered, local)
-            local = gathered
-        table = local.view(world, -1).tolist()
+        table = gather_rows(local).tolist()
+        world = len(table)
         rows = [dict(zip(names, values[2:])) for values in table]
         metrics = {"train/loss": sum(v[0] for v in table) / world,
                    "train/contrastive_acc": sum(v[1] for v in table) / world,
