@@ -83,15 +83,15 @@ def test_a_starved_run_is_data_bound_a_balanced_one_compute_bound(photo_data, tm
     setup = ({"model.arch": "timm/resnet10t", "model.cifar_stem": "false", "data.image_size": 32,
               "data.augment.blur_prob": 1.0} if load == "starved" else {"data.num_workers": 1})
     train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{
-        **setup, "train.epochs": 1, "train.log_every": 5})))
+        **setup, "train.epochs": 2, "train.log_every": 5})))
     said = [line for line in (run_dir / "simclr.log").read_text().splitlines() if "verdict (" in line]
-    assert len(said) == 2, said
+    assert len(said) == 2 and "verdict (at step 10, epoch 1.0)" in said[0] and "verdict (at the end)" in said[1], said
     if load == "starved":
         assert all("data-bound" in line and "data.num_workers=0" in line for line in said), said
     else:
         assert all("compute-bound" in line and "own forward" in line for line in said), said
     rows = read_jsonl(run_dir / "ranks.jsonl")
-    assert [(r["step"], r["rank"]) for r in rows] == [(5, 0), (10, 0)]
+    assert [(r["step"], r["rank"]) for r in rows] == [(5, 0), (10, 0), (15, 0), (20, 0)]
     metrics = read_jsonl(run_dir / "metrics.jsonl")[-1]
     for name in ("perf/own_ms", "perf/loss_ms", "perf/backward_ms", "perf/optimizer_ms", "perf/step_ms_p50",
                  "perf/step_ms_p95", "perf/peak_memory_mb"):

@@ -387,8 +387,9 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
                **(extra or {})}
     parts.tracker.log_metrics(metrics, step)
     parts.bottlenecks.window(rows, window.steps, step, parts.tracker)
-    if parts.info.is_main and not parts.bottlenecks.first_epoch_said and step >= parts.steps_per_epoch:
-        parts.bottlenecks.first_epoch_said = True  # said once per job, at the first window past epoch 1
+    last = min(parts.schedule.total, parts.cfg.train.stop_after_steps or parts.schedule.total)
+    if parts.info.is_main and not parts.bottlenecks.first_epoch_said and parts.steps_per_epoch <= step < last:
+        parts.bottlenecks.first_epoch_said = True  # once per job, at the first window past epoch 1; the end says its own
         log.info(parts.bottlenecks.verdict(f"at step {step}, epoch {step / parts.steps_per_epoch:.1f}"))
     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", img_s=f"{metrics['perf/images_per_s']:.0f}")
     window.reset()
