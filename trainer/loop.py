@@ -389,7 +389,7 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
     parts.bottlenecks.window(rows, window.steps, step, parts.tracker)
     last = min(parts.schedule.total, parts.cfg.train.stop_after_steps or parts.schedule.total)
     if parts.info.is_main and not parts.bottlenecks.first_epoch_said and parts.steps_per_epoch <= step < last:
-        parts.bottlenecks.first_epoch_said = True  # once per job, at the first window past epoch 1; the end says its own
+        parts.bottlenecks.first_epoch_said = True  # once a job, at the first window past epoch 1 (not at the end)
         log.info(parts.bottlenecks.verdict(f"at step {step}, epoch {step / parts.steps_per_epoch:.1f}"))
     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", img_s=f"{metrics['perf/images_per_s']:.0f}")
     window.reset()
@@ -471,6 +471,8 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
     # for MLflow: it stays in the folder)
     for trace in sorted((parts.run_dir / "profile").glob("rank*")):
         parts.tracker.log_artifact(trace, "profile")
+    if (parts.run_dir / "ranks.jsonl").exists():  # every rank's window figures (trainer.bottlenecks)
+        parts.tracker.log_artifact(parts.run_dir / "ranks.jsonl")
     said = parts.bottlenecks.verdict("at the end" if step >= total else f"at step {step}, stopped")
     log.info(said)
     parts.tracker.set_tags({"simclr.verdict": said.split(": ", 1)[1][:5000]})
