@@ -58,6 +58,7 @@ def test_unknown_key_suggests_closest():
     ("model.arch=vit", "model.arch='vit' is not an encoder we build"),
     ("data.augment.grayscale_prob=1.5", "grayscale_prob"),
     ("optim.momentum=1", "optim.momentum"),
+    ("dist.flight_recorder_entries=-1", "dist.flight_recorder_entries: -1 is out of range"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, needle):
     with pytest.raises(ConfigError) as err:

@@ -3,6 +3,7 @@ proof (``python3 -m benchmarks.gpu_proof``): SyncBatchNorm numerics on CUDA, no 
 CUDA's sync debug mode, the DALI GPU pipeline (one per run), bf16 + channels_last training."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,10 +57,21 @@ def test_no_host_sync_in_the_steady_state_step_under_cuda_sync_debug(tiny_config
 
 
 def test_cuda_training_bf16_channels_last(tiny_config):
+    """Also the CUDA side of #35: the step clock's events read at log steps, the profiler's trace
+    with GPU activity and its memory snapshot."""
+    from trainer.run_files import read_jsonl
+
     cfg = tiny_config(**{"train.device": "cuda", "precision.dtype": "bf16", "train.stop_after_steps": 4,
-                         "tracking.enabled": "false", "data.backend": "torchvision", "checkpoint.every_steps": 100})
+                         "tracking.enabled": "false", "data.backend": "torchvision", "checkpoint.every_steps": 100,
+                         "train.profile.steps": "[2,3]"})
     result = train(cfg)
     assert result.step == 4 and torch.isfinite(torch.tensor(result.loss))
+    rows = read_jsonl(f"{cfg.train.run_dir}/ranks.jsonl")
+    assert [r["step"] for r in rows] == [2, 4]
+    for name in ("own_ms", "loss_ms", "backward_ms", "optimizer_ms"):  # CUDA events: device time, > 0
+        assert all(r[name] > 0 for r in rows), (name, rows)
+    profile = sorted(p.name for p in (Path(cfg.train.run_dir) / "profile").iterdir())
+    assert profile == ["rank0_steps3-3.memory.pickle", "rank0_steps3-3.trace.json.gz"]
 
 
 def test_dali_gpu_pipeline_outputs_on_the_gpu(photo_data):

@@ -189,6 +189,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.precision.max_consecutive_nonfinite > 0, "precision.max_consecutive_nonfinite",
            cfg.precision.max_consecutive_nonfinite, "must be a positive integer")
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0 seconds")
+    _check(cfg.dist.flight_recorder_entries >= 0, "dist.flight_recorder_entries", cfg.dist.flight_recorder_entries,
+           "must be >= 0 (collectives NCCL's flight recorder keeps per rank; 0 turns it off)")
     return cfg
 
 

@@ -61,16 +61,19 @@ LAUNCHER_MARKS = ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
 FLIGHT_RECORDER_PREFIX = "nccl_trace_rank_"  # + the rank: NCCL's flight recorder dumps in the run folder
 
 
-def flight_recorder_env(run_dir: Path | None, entries: int) -> dict[str, str]:
+def flight_recorder_env(run_dir: Path | None, entries: int, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The variables that turn NCCL's flight recorder on: the last ``entries`` collectives of each
-    rank kept, and dumped to ``run_dir/nccl_trace_rank_<R>`` when a collective times out (both the
-    torch 2.11 names and today's). Empty when off or without a run folder."""
+    rank kept, and dumped to ``run_dir/nccl_trace_rank_<R>`` when a collective times out. A setting
+    already in ``environ`` (under today's name or the deprecated ``TORCH_NCCL_*`` one) is left as it
+    is. Empty when off or without a run folder."""
     if not entries or run_dir is None:
         return {}
-    prefix = str(Path(run_dir).resolve() / FLIGHT_RECORDER_PREFIX)
-    return {"TORCH_NCCL_TRACE_BUFFER_SIZE": str(entries), "TORCH_FR_BUFFER_SIZE": str(entries),
-            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,
-            "TORCH_FR_DUMP_TEMP_FILE": prefix}
+    environ = os.environ if environ is None else environ
+    wanted = {("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"): str(entries),
+              ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"): str(Path(run_dir).resolve() /
+                                                                               FLIGHT_RECORDER_PREFIX),
+              ("TORCH_NCCL_DUMP_ON_TIMEOUT",): "1"}
+    return {names[0]: value for names, value in wanted.items() if not any(n in environ for n in names)}
 
 
 def flight_recorder_dumps(run_dir: Path | None) -> str | None:
@@ -107,8 +110,7 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         if backend == "nccl":  # read when the process group is made
-            for name, value in flight_recorder_env(run_dir, cfg.flight_recorder_entries).items():
-                os.environ.setdefault(name, value)
+            os.environ.update(flight_recorder_env(run_dir, cfg.flight_recorder_entries))
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         by_hand = not launched and not any(name in os.environ for name in LAUNCHER_MARKS)  # or leftovers
         if by_hand:
