@@ -75,13 +75,14 @@ def test_the_verdict_is_data_bound_over_a_tenth_of_waiting_else_compute_bound():
 @pytest.mark.alone
 @pytest.mark.parametrize("load", ["starved", "balanced"])
 def test_a_starved_run_is_data_bound_a_balanced_one_compute_bound(photo_data, tmp_path, load):
-    """Starved: a tiny model, heavy augmentation, no loader workers; balanced: the loading overlapped
-    by a worker. Each logs every figure of the window."""
+    """Starved: a tiny model, heavy augmentation, no loader workers; balanced: a ResNet-18 at 32 px,
+    the loading overlapped by a worker (started again each epoch: its first batch is waited for).
+    Each logs every figure of the window."""
     from trainer.loop import train
 
     run_dir = tmp_path / "run"
     setup = ({"model.arch": "timm/resnet10t", "model.cifar_stem": "false", "data.image_size": 32,
-              "data.augment.blur_prob": 1.0} if load == "starved" else {"data.num_workers": 1})
+              "data.augment.blur_prob": 1.0} if load == "starved" else {"data.num_workers": 1, "data.image_size": 32})
     train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{
         **setup, "train.epochs": 2, "train.log_every": 5})))
     said = [line for line in (run_dir / "simclr.log").read_text().splitlines() if "verdict (" in line]
