@@ -38,7 +38,9 @@ def test_a_straggler_is_named_after_two_windows_once_per_episode():
     assert (named.rank, named.host, named.cause) == (3, "d", "data")
     assert "rank 3 on d waits for data" in named.line(20) and "sbatch --exclude" in named.line(20)
     assert watch.window(slow_data) == []  # the same episode: said once
-    assert watch.window([row()] * 4) == []  # keeps pace again: the episode ends
+    assert watch.window([row()] * 4) == []  # one window at pace: the same episode (a cold cache comes and goes)
+    assert watch.window(slow_data) == [] and watch.window(slow_data) == []
+    assert watch.window([row()] * 4) == [] and watch.window([row()] * 4) == []  # two at pace: it ends
     watch.window(slow_data)
     assert [s.rank for s in watch.window(slow_data)] == [3]  # a new episode is named again
     slow_compute = [row(), row(own_ms=70.0), row(), row()]
@@ -173,7 +175,8 @@ def test_two_ranks_name_the_straggler_and_its_cause(photo_data, tmp_path, slow):
         assert "host syncs in a steady-state step: 0" in end and tags["simclr.verdict"] in end, end
         return
     cause = "waits for data" if slow == "data" else "computes slowly"
-    assert len(named) == 1 and f"rank 1 on {os.uname().nodename} {cause}" in named[0], named
+    # once an episode; the pauses come and go, so a later episode may be named too: always rank 1's
+    assert named and all(f"rank 1 on {os.uname().nodename} {cause}" in line for line in named), named
     if slow == "data":  # within two windows of slow loading (the first one also holds the start-up)
         assert "2 windows to step 6)" in named[0] or "2 windows to step 9)" in named[0], named
     assert cause in tags["simclr.straggler.rank1"]

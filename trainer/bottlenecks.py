@@ -7,7 +7,7 @@ own forward (a batch in hand to the step's first collective), which no other ran
 
 - A **straggler** is a rank whose data wait or own forward stays above ``RATIO`` x the median
   rank's, by more than ``margin_ms``, for ``WINDOWS`` windows in a row: named once per episode
-  (until it keeps pace again), with its host and what to try, and tagged in MLflow.
+  (until it keeps pace again for ``WINDOWS`` windows), with its host and what to try, and tagged in MLflow.
 - The **verdict** (after the first epoch and at the end): data-bound when the worst rank waits for
   data more than ``DATA_BOUND`` of its time, else compute-bound with the shares of a step.
 """
@@ -82,24 +82,30 @@ def find_stragglers(rows: list[dict[str, float]], hosts: list[str]) -> dict[int,
 @dataclass
 class StragglerWatch:
     hosts: list[str]
-    streak: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (cause, windows in a row)
-    named: set[int] = field(default_factory=set)  # ranks named in their current episode
+    streak: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (cause, slow windows in a row)
+    named: dict[int, int] = field(default_factory=dict)  # ranks named in their episode -> windows at pace since
 
     def window(self, rows: list[dict[str, float]]) -> list[Straggling]:
-        """The stragglers to name now: slow for ``WINDOWS`` windows in a row, not named yet in
-        this episode (an episode ends at a window where the rank keeps pace)."""
+        """The stragglers to name now: slow for ``WINDOWS`` windows in a row, not named yet in this
+        episode. An episode ends when the rank keeps pace for ``WINDOWS`` windows in a row (a cold
+        cache comes and goes: one good window does not make the next slow one a new straggler)."""
         found, new = find_stragglers(rows, self.hosts), []
         for rank in range(len(rows)):
             if rank not in found:
                 self.streak.pop(rank, None)
-                self.named.discard(rank)
+                if rank in self.named:
+                    self.named[rank] += 1
+                    if self.named[rank] >= WINDOWS:
+                        del self.named[rank]
                 continue
+            if rank in self.named:
+                self.named[rank] = 0
             cause = found[rank].cause
             before_cause, before = self.streak.get(rank, (cause, 0))
             count = before + 1 if before_cause == cause else 1
             self.streak[rank] = (cause, count)
             if count >= WINDOWS and rank not in self.named:
-                self.named.add(rank)
+                self.named[rank] = 0
                 new.append(found[rank])
         return new
 
