@@ -160,6 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                ("--batch-size", args.batch_size, 2 * args.nproc)):
         if value < least:
             raise ConfigError(f"simclr bench overhead {flag} {value}: must be at least {least}")
+    if args.batch_size % args.nproc:
+        raise ConfigError(f"simclr bench overhead --batch-size {args.batch_size} (global) does not divide over "
+                          f"--nproc {args.nproc} ranks; use a multiple of {args.nproc}")
     return args
 
 

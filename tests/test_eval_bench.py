@@ -239,3 +239,14 @@ def test_bench_overhead_times_our_loop_against_a_bare_one(tmp_path):
     assert result["overhead_mean"] == result["rows"]["ours"]["mean_ms"] / result["rows"]["bare"]["mean_ms"]
     assert result["git_commit"] and result["versions"]["torch"] and result["config"]["nproc"] == 2
     assert "overhead (ours / bare)" in proc.stdout and "target" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,said", [(["--nproc", "3"], "--batch-size 16 (global) does not divide over --nproc 3"),
+                                       (["--nproc", "0"], "--nproc 0: must be at least 1"),
+                                       (["--steps", "1"], "--steps 1: must be at least 2")])
+def test_bench_overhead_refuses_what_cannot_run(argv, said):
+    from benchmarks.overhead import parse_args
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=said):
+        parse_args(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -38,3 +39,16 @@ def test_two_ranks_write_traces_of_the_asked_steps(photo_data, tmp_path):
 def test_a_profile_window_that_is_not_start_before_end_is_refused(steps):
     with pytest.raises(ConfigError, match=r"train.profile.steps.*\[START, END\]"):
         load_config(None, [f"train.profile.steps={steps}"])
+
+
+def test_a_profile_window_outside_the_job_says_so(tiny_config, caplog):
+    """[2, 4] on a 2-step run recorded nothing and said nothing."""
+    import logging
+
+    from trainer.loop import train
+
+    cfg = tiny_config(**{"train.stop_after_steps": 2, "train.profile.steps": "[2,4]"})
+    with caplog.at_level(logging.WARNING, logger="simclr"):
+        train(cfg)
+    assert "train.profile.steps=[2, 4] is not within this job's steps 1..2: nothing will be profiled" in caplog.text
+    assert not (Path(cfg.train.run_dir) / "profile").exists()
