@@ -241,7 +241,7 @@ def test_bench_overhead_times_our_loop_against_a_bare_one(tmp_path):
     assert "overhead (ours / bare)" in proc.stdout and "target" in proc.stdout
 
 
-@pytest.mark.parametrize("argv,said", [(["--nproc", "3"], "--batch-size 16 (global) does not divide over --nproc 3"),
+@pytest.mark.parametrize("argv,said", [(["--nproc", "3"], r"--batch-size 16 \(global\) does not divide over --nproc 3"),
                                        (["--nproc", "0"], "--nproc 0: must be at least 1"),
                                        (["--steps", "1"], "--steps 1: must be at least 2")])
 def test_bench_overhead_refuses_what_cannot_run(argv, said):
