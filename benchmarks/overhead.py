@@ -100,9 +100,9 @@ def time_bare(cfg: Any, info: Any, batch: tuple[list[torch.Tensor], torch.Tensor
 
 
 def rank_main(args: argparse.Namespace) -> None:
+    from data_pipeline import build_loader
     from trainer.config import load_config
     from trainer.distributed import init_distributed, teardown
-    from trainer.parts import build_parts
 
     work = Path(args.work)
     over = [f"model.arch={args.arch}", "model.cifar_stem=true", f"data.root={args.data}", "data.backend=torchvision",
@@ -112,7 +112,8 @@ def rank_main(args: argparse.Namespace) -> None:
             "tracking.system_metrics=false", "checkpoint.resume=none"]
     cfg = load_config(None, [*over, f"train.run_dir={work / 'batch'}"])
     info = init_distributed(cfg.dist, cfg.train.device)
-    loader = build_parts(cfg, info).loader  # one real batch of this rank, for both loops
+    # one real batch of this rank, for both loops (the loader alone: no model, tracker or run folder yet)
+    loader = build_loader(cfg.data, cfg.train.seed, info.rank, info.world_size, info.device)
     loader.set_epoch(0)
     groups, labels = next(iter(loader))
     batch = ([g.clone() for g in groups], labels.clone())
