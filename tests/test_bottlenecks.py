@@ -17,6 +17,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import PY, REPO, tiny_overrides
@@ -25,9 +26,10 @@ from trainer.config import load_config
 from trainer.run_files import read_jsonl
 
 
-def row(wait_ms: float = 1.0, own_ms: float = 30.0, window_ms: float = 100.0) -> dict[str, float]:
+def row(wait_ms: float = 1.0, own_ms: float = 30.0, window_ms: float = 100.0,
+        startup_wait_ms: float = 0.0) -> dict[str, float]:
     return {"data_wait_fraction": wait_ms / window_ms, "window_ms": window_ms, "own_ms": own_ms, "loss_ms": 1.0,
-            "backward_ms": 50.0, "optimizer_ms": 10.0}
+            "backward_ms": 50.0, "optimizer_ms": 10.0, "startup_wait_ms": startup_wait_ms}
 
 
 def test_a_straggler_is_named_after_two_windows_once_per_episode():
@@ -74,12 +76,46 @@ def test_the_verdict_is_data_bound_over_a_tenth_of_waiting_else_compute_bound():
     assert "optimizer 10%" in said and "host syncs" not in said
 
 
+def test_the_loaders_start_up_is_said_apart_and_never_decides_the_verdict():
+    """A short run whose loader starts its workers each epoch: 5 steps of 100 ms with a 1 s wait for
+    the first batch is 67% waiting by the wall clock, and 1% in the steady state that decides."""
+    from trainer.config import Config
+
+    tally = Tally()
+    tally.add([{**row(window_ms=100.0 + 1000.0 / 5, startup_wait_ms=1000.0), "data_wait_fraction": 0.01}], steps=5)
+    said = verdict(tally, "at the end", Config().data, "cpu", syncs=None)
+    assert said.startswith("verdict (at the end): compute-bound: the ranks wait for data 1% of their time"), said
+    assert "of a 100.0 ms step: own forward 30%" in said and "besides, 1.0 s waiting for each epoch's first batch" in said
+
+
+def test_the_metrics_window_counts_each_passs_first_batch_as_start_up():
+    from trainer.metrics import MetricsWindow
+
+    def batches(first_s: float, then_s: float, n: int):
+        for i in range(n):
+            time.sleep(first_s if i == 0 else then_s)
+            yield i
+
+    window = MetricsWindow(torch.device("cpu"))
+    for _ in range(2):  # two epochs: a slow start each, then batches at once
+        for _ in window.timed(batches(0.2, 0.0, 4)):
+            window.steps += 1
+            time.sleep(0.02)
+    assert 0.4 <= window.startup_wait_s < 0.6 and window.data_wait_s < 0.1, (window.startup_wait_s, window.data_wait_s)
+    metrics, (mine,) = window.summary(8, {"own_ms": 1.0, "loss_ms": 1.0, "backward_ms": 1.0, "optimizer_ms": 1.0,
+                                         "step_ms_p50": 1.0, "step_ms_p95": 1.0})
+    assert metrics["perf/startup_wait_ms"] >= 400 and metrics["perf/data_wait_fraction"] < 0.5, metrics
+    assert mine["startup_wait_ms"] == metrics["perf/startup_wait_ms"]
+
+
 @pytest.mark.alone
 @pytest.mark.parametrize("load", ["starved", "balanced"])
 def test_a_starved_run_is_data_bound_a_balanced_one_compute_bound(photo_data, tmp_path, load):
-    """Starved: a tiny model, heavy augmentation, no loader workers; balanced: a ResNet-18 at 32 px,
-    the loading overlapped by a worker (started again each epoch: its first batch is waited for).
-    Each logs every figure of the window."""
+    """Starved: a tiny model, heavy augmentation, no loader workers (every batch made in the training
+    process: its share of waiting cannot fall with load, both sides slow together); balanced: a
+    ResNet-18 at 32 px, the loading overlapped by a worker that prefetches (started again each
+    epoch: its first batch is waited for, and said apart, so a busy machine's slow start cannot
+    make it data-bound). Each logs every figure of the window."""
     from trainer.loop import train
 
     run_dir = tmp_path / "run"
@@ -93,6 +129,7 @@ def test_a_starved_run_is_data_bound_a_balanced_one_compute_bound(photo_data, tm
         assert all("data-bound" in line and "data.num_workers=0" in line for line in said), said
     else:
         assert all("compute-bound" in line and "own forward" in line for line in said), said
+        assert "waiting for each epoch's first batch" in said[1], said
     rows = read_jsonl(run_dir / "ranks.jsonl")
     assert [(r["step"], r["rank"]) for r in rows] == [(5, 0), (10, 0), (15, 0), (20, 0)]
     metrics = read_jsonl(run_dir / "metrics.jsonl")[-1]

@@ -9,7 +9,9 @@ own forward (a batch in hand to the step's first collective), which no other ran
   rank's, by more than ``margin_ms``, for ``WINDOWS`` windows in a row: named once per episode
   (until it keeps pace again for ``WINDOWS`` windows), with its host and what to try, and tagged in MLflow.
 - The **verdict** (after the first epoch and at the end): data-bound when the worst rank waits for
-  data more than ``DATA_BOUND`` of its time, else compute-bound with the shares of a step.
+  data more than ``DATA_BOUND`` of its steady-state time, else compute-bound with the shares of a
+  step. The waits for each epoch's first batch (a loader starting its workers or pipeline, which
+  on a short run would decide the verdict by themselves) are said apart, in seconds.
 """
 
 from __future__ import annotations
@@ -116,20 +118,26 @@ PHASE_NAMES = (("own_ms", "own forward"), ("loss_ms", "loss and its gather"), ("
 
 @dataclass
 class Tally:
-    """Every rank's figures summed over windows (weighted by their steps), for the verdict."""
+    """Every rank's figures summed over windows (weighted by their steps), for the verdict. The
+    waits for a pass's first batch (the loader starting) are summed apart from the steady state."""
 
     steps: int = 0
-    wait_ms: list[float] = field(default_factory=list)  # per rank, summed over steps
-    window_ms: list[float] = field(default_factory=list)
+    wait_ms: list[float] = field(default_factory=list)  # per rank: steady-state data wait, summed over steps
+    steady_ms: list[float] = field(default_factory=list)  # per rank: wall time but the start-up waits
+    startup_ms: list[float] = field(default_factory=list)  # per rank: waits for a pass's first batch
+    window_ms: list[float] = field(default_factory=list)  # per rank: wall time
     phases_ms: dict[str, float] = field(default_factory=dict)  # the median rank's, summed over steps
 
     def add(self, rows: list[dict[str, float]], steps: int) -> None:
         if not self.wait_ms:
-            self.wait_ms, self.window_ms = [0.0] * len(rows), [0.0] * len(rows)
+            self.wait_ms, self.steady_ms, self.startup_ms, self.window_ms = ([0.0] * len(rows) for _ in range(4))
         self.steps += steps
         for rank, row in enumerate(rows):
-            self.wait_ms[rank] += row["data_wait_fraction"] * row["window_ms"] * steps
-            self.window_ms[rank] += row["window_ms"] * steps
+            startup, total = row.get("startup_wait_ms", 0.0), row["window_ms"] * steps
+            self.wait_ms[rank] += row["data_wait_fraction"] * (total - startup)
+            self.steady_ms[rank] += total - startup
+            self.startup_ms[rank] += startup
+            self.window_ms[rank] += total
         for name, _ in PHASE_NAMES:
             values = [row[name] for row in rows if row[name] == row[name]]
             if values:
@@ -137,15 +145,19 @@ class Tally:
 
 
 def verdict(tally: Tally, when: str, data: Any, device: str, syncs: int | None) -> str:
-    """One line: data-bound (the worst rank waits for data over ``DATA_BOUND`` of its time: the
-    backend, workers and what to try) or compute-bound (the shares of a step), and the host syncs
-    of a steady-state step. ``data`` is the run's ``DataConfig``."""
+    """One line: data-bound (the worst rank waits for data over ``DATA_BOUND`` of its steady-state
+    time: the backend, workers and what to try) or compute-bound (the shares of a step), the
+    loader's start-up waits apart, and the host syncs of a steady-state step. ``data`` is the
+    run's ``DataConfig``."""
     if not tally.steps:
         return f"verdict ({when}): no step was timed"
-    shares = [w / t if t else 0.0 for w, t in zip(tally.wait_ms, tally.window_ms)]
+    shares = [w / t if t > 0 else 0.0 for w, t in zip(tally.wait_ms, tally.steady_ms)]
     worst = max(range(len(shares)), key=shares.__getitem__)
-    step_ms = median(tally.window_ms) / tally.steps
-    synced = "" if syncs is None else f"; host syncs in a steady-state step: {syncs}"
+    step_ms = median(tally.steady_ms) / tally.steps
+    startup_s = max(tally.startup_ms) / 1000
+    tail = (f"; besides, {startup_s:.1f} s waiting for each epoch's first batch (the loader starting; not in the "
+              "share above)" if startup_s >= 0.05 else "")
+    tail += "" if syncs is None else f"; host syncs in a steady-state step: {syncs}"
     where = f" (rank {worst})" if len(shares) > 1 else ""
     if shares[worst] > DATA_BOUND:
         backend = data.backend if data.backend != "auto" else ("dali" if device == "cuda" else "torchvision")
@@ -157,12 +169,12 @@ def verdict(tally: Tally, when: str, data: Any, device: str, syncs: int | None) 
                   "data.on_device=true when the images fit in device memory (arrays, DALI)",
                   "packed shards (simclr shard) when reading many small files from network storage"]
         return (f"verdict ({when}): data-bound: the ranks wait for data {shares[worst]:.0%} of their time{where}; "
-                f"{backend} backend, {workers}, {step_ms:.1f} ms per step. Try: " + "; ".join(tries) + synced)
+                f"{backend} backend, {workers}, {step_ms:.1f} ms per step. Try: " + "; ".join(tries) + tail)
     parts = ", ".join(f"{label} {tally.phases_ms[name] / tally.steps / step_ms:.0%}" for name, label in PHASE_NAMES
                       if name in tally.phases_ms and step_ms > 0)
     return (f"verdict ({when}): compute-bound: the ranks wait for data {shares[worst]:.0%} of their time{where}; "
             f"of a {step_ms:.1f} ms step: {parts or 'no phase timed'} (the rest: the loop, and waiting for the slowest "
-            f"rank){synced}")
+            f"rank){tail}")
 
 
 class Bottlenecks:

@@ -1,6 +1,10 @@
 """The training metrics of one logging window: loss and accuracy summed on the device (no host
 sync per step), averaged over ranks when logged; wall time and the share of it spent waiting
-for data; every rank's own figures, gathered with them (``trainer.bottlenecks`` reads them)."""
+for data; every rank's own figures, gathered with them (``trainer.bottlenecks`` reads them).
+
+The wait for each pass's first batch (the job's, and each epoch's: the loader starts its workers
+or its pipeline then) is the loader starting, not the loader keeping pace: it is reported apart
+(``startup_wait_ms``), and ``data_wait_fraction`` is the steady-state share of the rest."""
 
 from __future__ import annotations
 
@@ -43,21 +47,26 @@ class MetricsWindow:
         self.loss_sum.zero_()
         self.accuracy_sum.zero_()
         self.steps, self.data_wait_s, self.started = 0, 0.0, time.perf_counter()
-        self.longest_wait_s = 0.0
+        self.startup_wait_s = 0.0
 
     def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
-        """``batches``, counting the time spent waiting for each one as data wait."""
+        """``batches``, counting the time spent waiting for each one: the first (the loader
+        starting: making the iterator included) as start-up wait, the others as data wait."""
+        start, first = time.perf_counter(), True
         iterator = iter(batches)
         while True:
-            start = time.perf_counter()
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
             waited = time.perf_counter() - start
-            self.data_wait_s += waited
-            self.longest_wait_s = max(self.longest_wait_s, waited)
+            if first:
+                self.startup_wait_s += waited
+                first = False
+            else:
+                self.data_wait_s += waited
             yield batch
+            start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, accuracy: torch.Tensor, skipped: torch.Tensor) -> None:
         """One step, on the device; a skipped step (``skipped`` 1.0) counts in the average as a step
@@ -72,10 +81,13 @@ class MetricsWindow:
         same step) carries each rank's loss and accuracy (averaged over ranks, as before) and its own
         figures: data-wait share, ms per step, ``own`` (``StepClock.window``) and peak memory. Speed
         figures are the median rank's, data wait and memory the worst rank's; with several ranks, the
-        slowest rank (the most data wait plus own forward per step) and the spread over ranks."""
+        slowest rank (the most data wait plus own forward per step) and the spread over ranks. The
+        data-wait share leaves out the start-up waits (``timed``), which come as ``startup_wait_ms``."""
         elapsed = time.perf_counter() - self.started
-        mine = {"data_wait_fraction": self.data_wait_s / elapsed, "window_ms": elapsed * 1000 / max(1, self.steps),
-                **own, "peak_memory_mb": peak_memory_mb(self.loss_sum.device)}
+        steady = max(elapsed - self.startup_wait_s, 1e-9)
+        mine = {"data_wait_fraction": self.data_wait_s / steady, "window_ms": elapsed * 1000 / max(1, self.steps),
+                "startup_wait_ms": self.startup_wait_s * 1000, **own,
+                "peak_memory_mb": peak_memory_mb(self.loss_sum.device)}
         names = list(mine)
         local = torch.cat([(torch.stack([self.loss_sum, self.accuracy_sum]) / max(1, self.steps)).double(),
                            torch.tensor([mine[n] for n in names], dtype=torch.float64).to(self.loss_sum.device)])
@@ -86,6 +98,7 @@ class MetricsWindow:
                    "train/contrastive_acc": sum(v[1] for v in table) / world,
                    "perf/images_per_s": images_per_step * self.steps / elapsed,
                    "perf/data_wait_fraction": max(r["data_wait_fraction"] for r in rows),
+                   "perf/startup_wait_ms": max(r["startup_wait_ms"] for r in rows),
                    "perf/peak_memory_mb": max(r["peak_memory_mb"] for r in rows)}
         for name in ("own_ms", "loss_ms", "backward_ms", "optimizer_ms", "step_ms_p50", "step_ms_p95"):
             values = [r[name] for r in rows if r.get(name, float("nan")) == r.get(name, float("nan"))]  # not NaN
