@@ -40,9 +40,8 @@ def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: i
 
 
 def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: int) -> None:
-    import torch.distributed as dist
-
     from benchmarks.common import benchmark_parts, synthetic_views
+    from foundation.collectives import all_reduce_
     from trainer.config import DistConfig
     from trainer.device import synchronize
     from trainer.distributed import init_distributed, teardown
@@ -58,9 +57,8 @@ def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: in
         synchronize(info.device)
         if i >= 2:
             times.append(time.perf_counter() - start)
-    median = torch.tensor([statistics.median(times)])
-    if info.distributed:
-        dist.all_reduce(median, op=dist.ReduceOp.MAX)  # the job moves at its slowest rank
+    # the job moves at its slowest rank (a host figure: it travels on the device under NCCL)
+    median = all_reduce_(torch.tensor([statistics.median(times)]), "max")
     if info.is_main:
         Path(out).write_text(json.dumps({"world": info.world_size, "median_step_s": median.item()}))
     teardown()

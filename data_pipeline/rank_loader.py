@@ -16,12 +16,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_pipeline.config import DataConfig
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source
 from data_pipeline.views import view_spec
+from foundation.collectives import gather_objects
 
 
 class RankLoader:
@@ -68,10 +68,7 @@ class RankLoader:
         mine = pending[self.rank :: self.world_size]
         names = {self.source.sample_name(i): i for i in mine}
         found = find_corrupt_images(list(names), workers=2 * max(1, self.cfg.num_workers))
-        new_bad = [{names[str(p)]: why for p, why in found.items()}]
-        if dist.is_initialized() and self.world_size > 1:
-            new_bad = [None] * self.world_size
-            dist.all_gather_object(new_bad, {names[str(p)]: why for p, why in found.items()})
+        new_bad = gather_objects({names[str(p)]: why for p, why in found.items()})
         fresh = {i: why for part in new_bad for i, why in part.items()}
         checks.record(pending, fresh)  # every rank's copy alike; rank 0 writes it
         bad = {**known, **fresh}  # disjoint: a folder listed again has no verdicts until checked

@@ -23,11 +23,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch.distributed as dist
+from typing import Any
 
 from data_pipeline.atomic_files import atomic_write
 from data_pipeline.sources import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, DataError
+from foundation import collectives
 
 log = logging.getLogger("simclr.data")  # shown by trainer.logs' handler (this layer cannot import it)
 
@@ -308,24 +308,22 @@ def _load_or_scan(root: Path, store: IndexStore | None) -> tuple[TreeIndex, bool
 def shared_tree_index(root: Path, store: IndexStore | None) -> TreeIndex:
     """The tree's index for every rank: rank 0 lists (or refreshes the kept index) and hands it over
     the process group; the other ranks never touch the tree. A listing error reaches every rank."""
-    distributed = store is not None and store.world_size > 1 and dist.is_available() and dist.is_initialized()
-    if not distributed:
+    if store is None or not collectives.active():
         index, dirty = _load_or_scan(root, store)
         if dirty and store is not None:
             store.save(index)
         return index
-    payload: list = [None]
+    payload: tuple[str, Any] | None = None
     failure: BaseException | None = None
     if store.rank == 0:
         try:
             index, dirty = _load_or_scan(root, store)
             if dirty:
                 store.save(index)
-            payload = [("index", index.to_bytes())]
+            payload = ("index", index.to_bytes())
         except Exception as exc:  # every rank must hear of it, or the others wait here until the timeout
-            failure, payload = exc, [("data" if isinstance(exc, DataError) else "other", str(exc))]
-    dist.broadcast_object_list(payload, src=0)
-    kind, value = payload[0]
+            failure, payload = exc, ("data" if isinstance(exc, DataError) else "other", str(exc))
+    kind, value = collectives.broadcast_object(payload)
     if failure is not None:
         raise failure
     if kind == "data":

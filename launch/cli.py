@@ -25,6 +25,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. optim.lr=0.5 train.epochs=10 data.root=/data/imagenet/train")
 
 
+def ranks_to_start(args: argparse.Namespace) -> int | None:
+    """How many local ranks ``--nproc`` asks this command to start; None to work in this process
+    (no ``--nproc``: one process and no process group; or this process is already a rank)."""
+    return args.nproc if args.nproc is not None and "WORLD_SIZE" not in os.environ else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.dataclass_yaml import ConfigError
@@ -33,13 +39,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validate before any rank starts
     preflight(cfg)
-    check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
-    if cfg.data.batch_size % args.nproc:
+    nproc = 1 if args.nproc is None else args.nproc
+    check_local_ranks(nproc, cfg.train.device, cfg.dist.backend)
+    if cfg.data.batch_size % nproc:
         from data_pipeline.config import check_world_size
         from trainer.checkpoint import latest_checkpoint
 
         resumed = cfg.checkpoint.resume == "auto" and latest_checkpoint(cfg.train.run_dir) is not None
-        check_world_size(cfg.data.batch_size, args.nproc, f"of --nproc {args.nproc}", "--nproc", resumed,
+        check_world_size(cfg.data.batch_size, nproc, f"of --nproc {nproc}", "--nproc", resumed,
                          ConfigError)
     if getattr(args, "dry_run", False):
         from trainer.checkpoint import check_resume
@@ -48,10 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_data_paths(cfg)
         plan = check_resume(cfg)  # the refusal the run would meet, now
         print(dump_config(cfg), end="")
-        log.info(f"config OK ({args.config or 'the defaults'}, {args.nproc} rank(s)); the run {plan}; "
+        log.info(f"config OK ({args.config or 'the defaults'}, {nproc} rank(s)); the run {plan}; "
                  "--dry-run: nothing trained")
         return 0
-    if args.nproc > 1:
+    if ranks_to_start(args):
         from launch.local import JobContext, run_local_ranks
 
         check_data_paths(cfg)  # here, once, instead of in every rank
@@ -81,7 +88,8 @@ def resume_command(args: argparse.Namespace, cfg) -> str:
     kept = [o for o in args.overrides if not o.startswith(("checkpoint.resume=", "train.overwrite="))]
     if cfg.checkpoint.resume != "auto" and not any(o.startswith("checkpoint.resume=") for o in args.overrides):
         kept.append("checkpoint.resume=auto")  # the recipe itself says otherwise
-    words = ["simclr", "train", "--nproc", str(args.nproc), *(["--config", args.config] if args.config else []), *kept]
+    nproc = [] if args.nproc is None else ["--nproc", str(args.nproc)]
+    words = ["simclr", "train", *nproc, *(["--config", args.config] if args.config else []), *kept]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -96,8 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
     if args.timeout_s <= 0:
         raise ConfigError(f"--timeout-s {args.timeout_s:g}: must be > 0 seconds")
-    check_local_ranks(args.nproc, args.device)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    check_local_ranks(1 if args.nproc is None else args.nproc, args.device)
+    if ranks_to_start(args):
         import shlex
 
         from launch.local import JobContext, run_local_ranks
@@ -127,16 +135,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from trainer.device import check_local_ranks
 
-    check_local_ranks(args.nproc, args.device)
+    check_local_ranks(1 if args.nproc is None else args.nproc, args.device)
 
     argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--split", args.split,
             "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
             "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
-            "--nproc", str(args.nproc), *(["--overwrite"] if args.overwrite else [])]
+            *([] if args.nproc is None else ["--nproc", str(args.nproc)]), *(["--overwrite"] if args.overwrite else [])]
     # the command that goes on (finished chunks are kept): the user's own words where this is `simclr embed`
     words = sys.argv[1:] if sys.argv[1:2] == ["embed"] else ["embed", *argv]
     again = " ".join(shlex.quote(w) for w in ["simclr", *words])
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if ranks_to_start(args):
         from launch.local import JobContext, run_local_ranks
 
         return run_local_ranks(args.nproc, ["embed", *argv], module="launch", job=JobContext("embedding", again))
@@ -391,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "pretrain (one process, or --nproc K local ranks)")
     _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=1, help="local ranks to start on this node (one per GPU)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local ranks to start on this node, one per GPU, in a process group (--nproc 1 as well: "
+                        "one GPU runs every collective of a big job); left out: one process, no process group")
     p.add_argument("--dry-run", action="store_true", help="check the config and print it resolved; train nothing")
     p.set_defaults(func=cmd_train)
 
@@ -404,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the dataset (any layout data.root accepts)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="", help="split of --data when it holds several (STL-10, CIFAR)")
-    p.add_argument("--nproc", type=int, default=1, help="local ranks, each writing its own rows (one per GPU)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local ranks, each writing its own rows, one per GPU, in a process group (--nproc 1 as "
+                        "well); left out: one process, no process group")
     p.add_argument("--head-layers", type=int, default=0, metavar="N",
                    help="features after the first N layers of the projection head (needs a step_N.pt)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="of embeddings.npy")

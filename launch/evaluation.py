@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """``simclr eval``'s options (also what ``simclr submit --eval`` passes on)."""
     p.add_argument("--checkpoint", required=True, help="a checkpoint step_N.pt or an exported encoder.pt")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="local ranks: each extracts the features of its share of both sets (one per GPU)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="local ranks, each extracting the features of its share of both sets, one per GPU, in a "
+                        "process group (--nproc 1 as well); left out: one process, no process group")
     p.add_argument("--train-data", required=True, help="labelled training set (any layout data.root accepts)")
     p.add_argument("--val-data", required=True, help="held-out set (any layout data.root accepts)")
     p.add_argument("--train-split", default="", help="split of --train-data when it holds several (STL-10: train)")

@@ -116,7 +116,7 @@ def test_ddp_broadcasts_buffers_only_when_batchnorm_is_not_synced_over_the_world
     monkeypatch.setattr(parts_module, "DistributedDataParallel",
                         lambda model, **kwargs: seen.append(kwargs["broadcast_buffers"]) or model)
     monkeypatch.setattr(parts_module, "build_model", lambda *a, **k: nn.Linear(2, 2))
-    info = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    info = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"), distributed=True)
     for model in ({"sync_bn": True}, {"sync_bn": True, "sync_bn_group_size": 2}, {"sync_bn": False}):
         parts_module.build_model_parts(config_from_dict({"model": model}), info, lr=0.1)
     assert seen == [False, True, True]

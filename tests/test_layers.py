@@ -1,4 +1,4 @@
-"""The package layers point one way: ``launch -> benchmarks -> trainer -> data_pipeline``.
+"""The package layers point one way: ``launch -> benchmarks -> trainer -> data_pipeline -> foundation``.
 
 Every import in every module counts, including those inside functions (a lazy import is still a
 dependency), so ``python -m trainer`` never needs ``launch`` and the data pipeline never needs the
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.helpers.runs import REPO
 
-LAYERS = {"data_pipeline": 0, "trainer": 1, "benchmarks": 2, "launch": 3}
+LAYERS = {"foundation": 0, "data_pipeline": 1, "trainer": 2, "benchmarks": 3, "launch": 4}
 
 
 def project_modules() -> dict[str, Path]:

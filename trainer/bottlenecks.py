@@ -24,8 +24,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-import torch.distributed as dist
-
+from foundation.collectives import gather_objects
 from trainer.logs import get_logger
 from trainer.run_files import append_line
 
@@ -183,10 +182,7 @@ class Bottlenecks:
     rank (the hosts are gathered once, a collective); only rank 0 reads the windows."""
 
     def __init__(self, run_dir: str | Path, data: Any, device_type: str, is_main: bool) -> None:
-        hosts = [socket.gethostname()]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            hosts = [""] * dist.get_world_size()
-            dist.all_gather_object(hosts, socket.gethostname())
+        hosts = gather_objects(socket.gethostname())
         self.file, self.data, self.device_type, self.is_main = Path(run_dir) / "ranks.jsonl", data, device_type, is_main
         self.watch, self.tally = StragglerWatch(hosts), Tally()
         self.syncs: int | None = None  # host syncs counted in one steady-state step of this job

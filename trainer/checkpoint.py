@@ -23,12 +23,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_pipeline.atomic_files import atomic_path
 from data_pipeline.resume_policy import resume_policies
 from data_pipeline.seeds import derive_seed
 from data_pipeline.sources import data_changes
+from foundation.collectives import barrier, gather_objects
 from trainer.config import Config, config_to_dict
 from trainer.dataclass_yaml import flatten
 from trainer.distributed import DistInfo
@@ -460,16 +460,10 @@ class Checkpointer:
                 (self.run_dir / name).unlink(missing_ok=True)
             log.info(f"train.overwrite=true: the earlier run's checkpoints and files in {self.run_dir} were "
                      "removed")
-        if self.info.distributed:
-            dist.barrier()  # no rank looks at the folder while rank 0 clears it
+        barrier()  # no rank looks at the folder while rank 0 clears it
 
     def _gather_rng(self) -> list[dict[str, Any]]:
-        state = capture_rng()
-        if not self.info.distributed:
-            return [state]
-        states: list = [None] * self.info.world_size
-        dist.all_gather_object(states, state)
-        return states
+        return gather_objects(capture_rng())
 
     def save(self) -> None:
         """Every rank calls this at the same step (that of ``train_state``)."""

@@ -23,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data_pipeline import IndexStore, build_eval_batches, open_source
 from data_pipeline.atomic_files import atomic_path
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError
+from foundation.collectives import barrier, on_rank_zero
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
-from trainer.distributed import on_rank_zero
 from trainer.evaluate import load_encoder
 from trainer.run_files import atomic_write_text
 from trainer.tracking import git_commit
@@ -48,8 +47,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def _done_chunks(out: Path) -> set[int]:

@@ -16,6 +16,7 @@ from torch import nn
 from data_pipeline import build_eval_batches
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, Source, labelled_indices
+from foundation import collectives
 from trainer.checkpoint import CheckpointError, SavedWeights, load_weights
 from trainer.config import Config, config_from_dict, load_config
 from trainer.encoders import build_encoder
@@ -217,31 +218,15 @@ def neighbours_picture(panels: dict[str, EncoderEval], train: Source, val: Sourc
 def gather_in_order(features: torch.Tensor, labels: torch.Tensor,
                     shard: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's share (rank r holds items r, r + world, ...) back in the items' own order, on
-    every rank (an all-gather; shares differ in length by at most one)."""
-    import torch.distributed as dist
-
+    every rank (all-gathers; shares differ in length by at most one), on the CPU."""
     rank, world = shard
-    if world == 1:
+    if not collectives.active():
         return features, labels
-    # NCCL moves CUDA tensors only; gloo CPU ones
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    features, labels = features.to(dev), labels.to(dev)
-    sizes = [torch.zeros((), dtype=torch.long, device=dev) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(len(labels), device=dev))
-    sizes = [int(n) for n in sizes]
-    longest = max(sizes)
-    padded_x = torch.zeros((longest, *features.shape[1:]), dtype=features.dtype, device=dev)
-    padded_y = torch.zeros(longest, dtype=labels.dtype, device=dev)
-    padded_x[: len(labels)], padded_y[: len(labels)] = features, labels
-    all_x = [torch.empty_like(padded_x) for _ in range(world)]
-    all_y = [torch.empty_like(padded_y) for _ in range(world)]
-    dist.all_gather(all_x, padded_x)
-    dist.all_gather(all_y, padded_y)
-    total = sum(sizes)
-    out_x = torch.empty((total, *features.shape[1:]), dtype=features.dtype)
-    out_y = torch.empty(total, dtype=labels.dtype)
+    all_x, all_y = collectives.gather_varying(features.cpu()), collectives.gather_varying(labels.cpu())
+    out_x = torch.empty((sum(len(y) for y in all_y), *features.shape[1:]), dtype=features.dtype)
+    out_y = torch.empty(len(out_x), dtype=labels.dtype)
     for r in range(world):
-        out_x[r::world], out_y[r::world] = all_x[r][: sizes[r]].cpu(), all_y[r][: sizes[r]].cpu()
+        out_x[r::world], out_y[r::world] = all_x[r], all_y[r]
     return out_x, out_y
 
 
@@ -391,16 +376,11 @@ def probe_val_top1(encoder: nn.Module, probe, source: Source, data_cfg: DataConf
                    rank: int, world: int) -> float:
     """The online probe's top-1 on ``source``, each rank scoring its share (a collective). Leaves the
     encoder in train mode."""
-    import torch.distributed as dist
-
     try:
         x, y = extract_features(encoder, source, data_cfg, device, "the online probe's validation (data.val_root)",
                                 shard=(rank, world))
         hits, count = probe.evaluate(x.to(device), y.to(device))
-        counts = torch.stack([hits, count])
-        if world > 1:
-            dist.all_reduce(counts)
-        hits, count = counts.tolist()
+        hits, count = collectives.all_reduce_(torch.stack([hits, count])).tolist()
         return hits / max(count, 1.0)
     finally:
         encoder.train()

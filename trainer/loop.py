@@ -21,10 +21,11 @@ from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
 from data_pipeline.sources import data_fingerprint
+from foundation.collectives import agree_any, on_rank_zero
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError, ResumeChanges
 from trainer.config import Config, dump_config
-from trainer.distributed import DistInfo, any_rank, init_distributed, on_rank_zero, teardown
+from trainer.distributed import DistInfo, init_distributed, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.export import log_encoder_model, save_encoder
 from trainer.host_syncs import SyncCounter
@@ -227,7 +228,7 @@ def check_run_folder(parts: TrainParts) -> None:
 def stop_before_start(parts: TrainParts, stop: threading.Event) -> bool:
     """Whether a stop was requested while the run's parts were built (every rank agrees): then
     nothing is started, trained or recorded, and rank 0 says so in one line."""
-    if not any_rank(stop.is_set())[0]:
+    if not agree_any(stop.is_set())[0]:
         return False
     if parts.info.is_main:
         print(STOPPED_AT_START, file=sys.stderr, flush=True)
@@ -242,7 +243,7 @@ def stop_requested(parts: TrainParts, stop: threading.Event, step: int) -> bool:
         return stop.is_set()
     if step % parts.cfg.train.stop_check_every:
         return False
-    return any_rank(stop.is_set())[0]
+    return agree_any(stop.is_set())[0]
 
 
 class SkipCounters:

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from foundation.collectives import gather_rows
 from trainer.device import peak_memory_mb
-from trainer.distributed import gather_rows
 
 Batch = TypeVar("Batch")
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from foundation import collectives
 from trainer.config import ModelConfig
 from trainer.encoders import build_encoder, feature_dim
 from trainer.sync_batchnorm import convert_sync_batchnorm
@@ -84,10 +85,11 @@ def uses_channels_last(cfg: ModelConfig, device: torch.device) -> bool:
 
 
 def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> nn.Module:
-    """The SimCLR model on ``device``: BatchNorm synchronised over ranks when ``cfg.sync_bn`` and
-    more than one rank (our SyncBatchNorm runs on NCCL and gloo alike); channels_last only on CUDA."""
+    """The SimCLR model on ``device``: BatchNorm synchronised over ranks when ``cfg.sync_bn`` and a
+    process group exists, even of one rank (our SyncBatchNorm runs on NCCL and gloo alike);
+    channels_last only on CUDA."""
     model = SimCLRModel(cfg)
-    if cfg.sync_bn and world_size > 1:
+    if cfg.sync_bn and collectives.active():
         model = convert_sync_bn(model, world_size, rank, cfg.sync_bn_group_size)
     model = model.to(device)
     if uses_channels_last(cfg, device):

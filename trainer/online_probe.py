@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from foundation import collectives
 from trainer.optim import guarded_step
 
 PROBE_LR = 0.1  # SGD with momentum on standardised-scale features: solo-learn's default for its classifier
@@ -38,11 +38,9 @@ class OnlineProbe(nn.Module):
         loss = F.cross_entropy(logits, labels, ignore_index=-1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if dist.is_initialized() and dist.get_world_size() > 1:  # the same probe on every rank
+        if collectives.active():  # the same probe on every rank
             grads = [p.grad for p in self.classifier.parameters()]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
+            flat = collectives.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), "avg")
             for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
                 grad.copy_(part.view_as(grad))
         guarded_step(self.optimizer, skip)
@@ -54,9 +52,7 @@ class OnlineProbe(nn.Module):
     def epoch_top1(self) -> float:
         """Top-1 over this epoch's training batches on every rank (a collective and a host read,
         once per epoch); the counts start again."""
-        counts = torch.stack([self.hits, self.seen])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
+        counts = collectives.all_reduce_(torch.stack([self.hits, self.seen]))
         hits, seen = counts.tolist()
         self.hits.zero_()
         self.seen.zero_()

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from trainer.distributed import max_over_ranks
+from foundation.collectives import all_reduce_
 from trainer.grad_cache import cached_forward_backward, model_input
 from trainer.losses import LossFn
 from trainer.online_probe import OnlineProbe
@@ -82,7 +82,7 @@ def train_step(parts: StepParts, size_groups: list[torch.Tensor], lr: float,
     optimizer.zero_grad(set_to_none=True)
     loss, accuracy, features = parts.forward_backward(size_groups)
     loss = loss.detach()
-    nonfinite = max_over_ranks((~torch.isfinite(loss)).float())
+    nonfinite = all_reduce_((~torch.isfinite(loss)).float(), "max")
     # fp16: an overflow with a finite loss is the loss scale's business (it backs off), not a bad step
     overflow = precision.unscale_(p for group in optimizer.param_groups for p in group["params"]) * (1 - nonfinite)
     guarded_step(optimizer, torch.maximum(nonfinite, overflow))

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from foundation import collectives
+
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2)))
@@ -94,7 +96,7 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.ndim}-D")
 
     def _distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        return collectives.active()  # even alone: a 1-rank NCCL job runs the all-reduces a 64-rank one does
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._normalise(x)

@@ -4,7 +4,7 @@ as the reference the multi-view loss must reproduce for two views (loss and grad
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import gather_with_grad, rank
+from foundation.collectives import gather_with_grad, rank
 
 
 def two_view_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float,

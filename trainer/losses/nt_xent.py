@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import gather_with_grad, rank
+from foundation.collectives import gather_with_grad, rank
 from trainer.losses.registry import LossConfig, LossFn, register_loss
 
 
