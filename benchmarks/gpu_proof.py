@@ -7,6 +7,9 @@ with DALI on the GPU, feed the model at its speed, and learn?
 1. ``tests/test_gpu.py``: SyncBatchNorm numerics on CUDA, the DALI GPU pipeline, bf16 runs, no
    host syncs in the steady-state step under ``torch.cuda.set_sync_debug_mode("error")``. A test
    that skips fails the stage unless the stage expects that skip (in dry mode, on a CPU: every one);
+1b. the first multi-GPU job on one GPU (``benchmarks.nccl_job``): ``simclr train --nproc 1`` on a
+   1-rank NCCL group (every collective a big job runs), stopped by SIGTERM and resumed, then ``simclr
+   eval --nproc 1`` and ``simclr embed --nproc 1`` on its encoder (dry: the same commands on gloo);
 2. the feed benchmark (``benchmarks.feed``) on CIFAR-10 ResNet-18 (32 px, bf16, batch 512);
 3. the feed benchmark on Imagenette ResNet-50 (224 px, bf16, batch 256);
 4. the same with multi-crop views (2 x 224 + 6 x 96 px);
@@ -41,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TAIL_LINES = 40  # of a failed stage's output, on the console
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
-STAGE_NAMES = ("gpu_tests", "feed_cifar10_resnet18", "feed_imagenette_resnet50", "feed_imagenette_resnet50_multicrop",
-               "quality_cifar10")
+STAGE_NAMES = ("gpu_tests", "nccl_job", "feed_cifar10_resnet18", "feed_imagenette_resnet50",
+               "feed_imagenette_resnet50_multicrop", "quality_cifar10")
 MULTICROP = "data.views=[{count: 2, size: %d}, {count: 6, size: %d, crop_scale: [0.05, 0.14]}]"  # SwAV's 2 + 6
 
 # Planning figures for the stages whose speed nothing has measured yet (H100/H200-class, eager,
@@ -124,6 +127,12 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
     quality_cmd = [py, "-m", "benchmarks.quality", "--dataset", "cifar10", "--data-dir", str(data), "--run-dir",
                    str(work / "quality_run"), "--results-dir", str(out), "--no-markdown", "train.progress_bar=false",
                    "tracking.enabled=false", "train.knn_every_epochs=0"]
+    nccl = Stage("nccl_job", 150 if args.dry else 90,
+                 [py, "-m", "benchmarks.nccl_job", "--data", str(data / "cifar10-jpeg"), "--work", str(work / "nccl"),
+                  "--out", str(out / "nccl_job.json"), "--timeout-s", "80", *(["--dry"] if args.dry else [])],
+                 [out / "nccl_job.json"], 55.0 if args.dry else 60.0,
+                 "the first multi-GPU job on one GPU: simclr train --nproc 1 on a 1-rank "
+                 f"{'gloo (dry)' if args.dry else 'NCCL'} group, SIGTERM mid-run, resume, eval and embed --nproc 1")
     if args.dry:
         tiny = ["train.device=cpu", "precision=fp32", "data.num_workers=1", "data.image_size=16", "data.backend=dali"]
         cifar = [*tiny, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=16"]
@@ -132,7 +141,7 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
         quality = Stage("quality_cifar10", 70, [*quality_cmd, "--probe-epochs", "5", *tiny, "data.batch_size=16"],
                         [out / "quality_cifar10_cpu.json"], 0.0,
                         "CIFAR-10 (here: the photos in its layout) pretraining, then linear probe and kNN")
-        return [tests,
+        return [tests, nccl,
                 feed_stage("feed_cifar10_resnet18", 60, out, "configs/cifar10_resnet18.yaml", cifar, 3, 1, 16, 20.0,
                            "feed: CIFAR-10 JPEGs, ResNet-18, tiny"),
                 feed_stage("feed_imagenette_resnet50", 70, out, "configs/imagenet_resnet50.yaml", imagenette, 2, 1, 8,
@@ -144,7 +153,7 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
     common = ["train.device=cuda", "precision=bf16", "data.backend=dali", "data.num_workers=8"]
     cifar = [*common, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=512"]
     imagenette = [*common, f"data.root={data / 'imagenette2-224-subset' / 'train'}", "data.batch_size=256"]
-    return [tests,
+    return [tests, nccl,
             feed_stage("feed_cifar10_resnet18", 45, out, "configs/cifar10_resnet18.yaml", cifar, 80, 10, 512,
                        PLAN_GPU_VIEWS_PER_S["feed_cifar10_resnet18"],
                        "feed: CIFAR-10 JPEGs, ResNet-18 CIFAR stem, 32 px, bf16, batch 512"),
@@ -194,6 +203,12 @@ def key_figures(stage: Stage, output: str) -> str:
         result = json.loads(stage.outputs[0].read_text())
     except (OSError, ValueError, IndexError):
         return ""
+    if stage.name == "nccl_job":
+        steps = result["steps"]
+        done = [f"{name} {'ok' if step['ok'] else 'FAILED'}" for name, step in steps.items()]
+        stopped, resumed = steps.get("train_stopped_by_sigterm", {}), steps.get("train_resumed", {})
+        return (", ".join(done) + f"; SIGTERM after step {stopped.get('sigterm_after_step')}, resumed from "
+                f"{resumed.get('resumed_from_step')} to {resumed.get('final_step')}")
     if stage.name.startswith("feed"):
         parts = []
         for r in result["rows"]:
@@ -317,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
     tag = "cpu_dry" if args.dry else device.type
     results = ResultsFolder(out, tag)
     stages = plan(args, out, work)
-    feed_json = stages[1].outputs[0]  # sizes the quality stage, when stage 2 runs (else a planning figure)
+    # sizes the quality stage, when the CIFAR-10 feed stage runs (else a planning figure)
+    feed_json = next(s for s in stages if s.name == "feed_cifar10_resnet18").outputs[0]
     stages = [s for s in stages if args.stages is None or s.name in args.stages]
     caps = sum(s.cap_s for s in stages)
     path_parts = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]

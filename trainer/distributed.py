@@ -134,6 +134,8 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
                               "to run one process") from None
     if dist.is_initialized():
         collectives.bind_device(device)
+        if rank == 0:
+            log.info(f"process group: {dist.get_backend()}, {world_size} rank(s)")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                     distributed=dist.is_initialized())
 
