@@ -21,6 +21,7 @@ from benchmarks.loss import bench_loss
 from benchmarks.pipeline import compare_loaders, fallback_data
 from benchmarks.scaling import bench_scaling
 from benchmarks.step import bench_ssl_step
+from benchmarks.sync_batchnorm import bench_sync_batchnorm, print_rows
 from trainer.config import DEVICES, TrackingConfig
 from trainer.device import choose_device
 from trainer.plots import pyplot, save_figure
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
                               device, profile=args.profile),
         "loss": bench_loss(args.loss_batches, args.loss_worlds, args.loss_iters, device),
         "lars": bench_lars(args.arch, args.iters, device),
+        # our SyncBatchNorm against BatchNorm2d at ResNet-50's stage shapes (8 images a rank)
+        "sync_batchnorm": bench_sync_batchnorm(device, 8, args.iters),
         "scaling": bench_scaling(args.scaling, args.arch, args.image_size, args.batch_size * max(args.scaling),
                                  args.iters) if args.scaling else [],
         "loaders": compare_loaders(loader_data, args.image_size, args.batch_size, os.cpu_count() or 1, 10, device)
@@ -152,6 +155,7 @@ def print_table(result: dict) -> None:
         print(f"\nLARS step over {lars['n_tensors']} tensors: foreach {lars['foreach_ms']:.2f} ms, per-tensor "
               f"{lars['per_tensor_ms']:.2f} ms, timm {lars['timm_ms']:.2f} ms; chosen here: {lars['chosen']} "
               f"({lars['speedup']:.2f}x timm)")
+    print_rows(result["sync_batchnorm"], result["device"])
     if result["scaling"]:
         print(f"\n{'ranks':>6}{'step ms':>10}{'speedup':>9}{'efficiency':>12}   (same global batch)")
         for r in result["scaling"]:

@@ -27,6 +27,20 @@ def test_syncbn_two_ranks_equal_batchnorm_on_the_whole_batch(tmp_path):
         assert r[key] < 1e-4, (key, r)
 
 
+# (bf16 cannot hold 1e4 + N(0, 1): 8 bits of mantissa, so the large mean is checked in fp32 only)
+@pytest.mark.parametrize(("dtype", "mean"), [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float32, 1e4)])
+def test_syncbn_on_a_one_rank_nccl_group_equals_batchnorm_with_the_fused_kernels(dtype, mean):
+    """torch's fused CUDA batch-norm kernels under our all-reduces (a real NCCL group of one rank):
+    values and gradients as BatchNorm's over the batch, a mean of 1e4 with a std of 1 included."""
+    from tests.helpers.syncbn_compare import one_rank_process_group, syncbn_against_plain
+
+    x = (torch.randn(16, 32, 8, 8, generator=torch.Generator().manual_seed(0)) + mean).to("cuda", dtype)
+    with one_rank_process_group("nccl"):
+        diffs = syncbn_against_plain(x)
+    bound = 2e-2 if mean > 1 else (1e-4 if dtype == torch.float32 else 5e-2)
+    assert all(v < bound for v in diffs.values()), diffs
+
+
 @pytest.mark.parametrize("extra", [{"precision.dtype": "bf16"}, {"precision.dtype": "fp16"},
                                    {"precision.dtype": "bf16", "train.micro_batch": 4}],
                          ids=["bf16", "fp16", "bf16_grad_cache"])

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torchvision
 from torch import nn
 
 from tests.helpers.runs import run_torchrun
+from tests.helpers.syncbn_compare import one_rank_process_group, syncbn_against_plain
 from trainer.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 
@@ -50,3 +52,28 @@ def test_revert_gives_a_plain_torchvision_resnet_with_the_same_weights():
     assert plain.bn1.running_mean[0].item() == 1.5
     fresh = torchvision.models.resnet18(weights=None)
     fresh.load_state_dict(plain.state_dict())  # the same keys: loads into a stock torchvision ResNet
+
+
+@pytest.fixture
+def one_rank_group():
+    with one_rank_process_group("gloo"):
+        yield
+
+
+def test_a_large_mean_loses_nothing(one_rank_group):
+    """Mean 1e4, std 1: E[x^2] - mean^2 in fp32 (the former formula) cancels to noise of the size
+    of the variance itself; the statistics here are stable (per-rank two-pass, combined in float64)."""
+    x = torch.randn(16, 8, 6, 6, generator=torch.Generator().manual_seed(0)) + 1e4
+    diffs = syncbn_against_plain(x)
+    assert diffs["out"] < 2e-2 and diffs["xgrad"] < 2e-2 and diffs["running_var"] < 1e-2, diffs
+    naive_var = (x * x).mean((0, 2, 3)) - x.mean((0, 2, 3)) ** 2  # the former formula, on the same fp32 input
+    assert (naive_var - x.double().var((0, 2, 3), unbiased=False)).abs().max() > 0.1  # it would have failed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_one_rank_in_a_group_equals_batchnorm_in_values_and_gradients(one_rank_group, dtype, affine):
+    x = (torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(dtype)
+    diffs = syncbn_against_plain(x, affine)
+    bound = 1e-4 if dtype == torch.float32 else 5e-2
+    assert all(v < bound for v in diffs.values()), diffs

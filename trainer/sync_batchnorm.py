@@ -28,51 +28,83 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2)))
 
 
+def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's per-channel mean and biased variance (fp32), each computed stably by torch's own
+    batch-norm statistics: Welford's (``torch.batch_norm_stats``) on CUDA; on the CPU, where that
+    kernel does not exist, the training batch norm's (its output is dropped: still faster than a
+    ``var_mean`` over the batch and spatial dimensions)."""
+    if x.is_cuda:
+        mean, invstd = torch.batch_norm_stats(x, eps)
+    else:
+        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean.float(), invstd.float().pow(-2) - eps
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
+    """One all-reduce forward ([n mean, n (var + mean^2), n] of each rank, in float64: combined
+    from stable per-rank statistics, so a mean of 1e4 with a std of 1 loses nothing) and one
+    backward ([sum dy, sum dy (x - mean)]); no host syncs, no fp32 copy of the activations. On
+    CUDA torch's fused batch-norm kernels do each pass; on the CPU, torch's own batch norm in
+    inference form (the affine map with the global statistics) and its backward for the sums."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                 group, clock=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        dims = [d for d in range(x.ndim) if d != 1]
-        xf = x.float()
-        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float32, device=x.device)
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        c, n = x.shape[1], x.numel() // x.shape[1]
+        mean, var = _local_stats(x, eps)
+        mean64 = mean.double()
+        count = torch.full((1,), float(n), dtype=torch.float64, device=x.device)
+        stats = torch.cat([mean64 * n, (var.double() + mean64 * mean64) * n, count])
         with clock.collective() if clock is not None else nullcontext():  # a wait for the slowest rank: not own work
             dist.all_reduce(stats, group=group)
-        c = x.shape[1]
         total = stats[2 * c :]
-        mean = stats[:c] / total
-        var = (stats[c : 2 * c] / total - mean * mean).clamp_(min=0)
+        mean64 = stats[:c] / total
+        mean, var = mean64.float(), (stats[c : 2 * c] / total - mean64 * mean64).clamp_(min=0).float()
         invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.float()
-        shift = -mean * scale if bias is None else bias.float() - mean * scale
-        out = (xf * _channel_view(scale, x.ndim) + _channel_view(shift, x.ndim)).to(x.dtype)
-        ctx.save_for_backward(x, weight, mean, invstd, total)
+        if x.is_cuda:
+            out = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        else:
+            out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        ctx.save_for_backward(x, weight, mean, invstd, var, total)
         ctx.mark_non_differentiable(mean, var, total)
-        ctx.group, ctx.has_bias = group, bias is not None
-        return out, mean, var, total
+        ctx.group, ctx.eps, ctx.has_bias = group, eps, bias is not None
+        return out, mean, var, total.float()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, *_):  # type: ignore[override]
-        x, weight, mean, invstd, total = ctx.saved_tensors
-        dims = [d for d in range(x.ndim) if d != 1]
-        dy = grad_out.float()
-        xhat = (x.float() - _channel_view(mean, x.ndim)) * _channel_view(invstd, x.ndim)
-        local = torch.cat([dy.sum(dims), (dy * xhat).sum(dims)])
-        grad_weight = local[x.shape[1] :].clone() if weight is not None else None
-        grad_bias = local[: x.shape[1]].clone() if ctx.has_bias else None
+        x, weight, mean, invstd, var, total = ctx.saved_tensors
+        if not (grad_out.is_contiguous() or grad_out.is_contiguous(memory_format=torch.channels_last)):
+            grad_out = grad_out.contiguous()
+        c = x.shape[1]
+        if x.is_cuda:
+            sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+                grad_out, x, mean, invstd, weight, True, weight is not None, ctx.has_bias)
+        else:  # torch's batch-norm backward at the global statistics: sum dy and sum dy * x-hat, one pass
+            _, grad_weight, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+            sum_dy_xmu = grad_weight / invstd
+            grad_bias = sum_dy
+        grad_x = None
         if ctx.needs_input_grad[0]:
+            local = torch.cat([sum_dy.float(), sum_dy_xmu.float()])
             dist.all_reduce(local, group=ctx.group)
-            c = x.shape[1]
-            mean_dy, mean_dy_xhat = local[:c] / total, local[c:] / total
-            scale = invstd if weight is None else invstd * weight.float()
-            grad_x = (dy - _channel_view(mean_dy, x.ndim) - xhat * _channel_view(mean_dy_xhat, x.ndim))
-            grad_x = (grad_x * _channel_view(scale, x.ndim)).to(x.dtype)
-        else:
-            grad_x = None
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(weight.dtype if weight is not None else grad_out.dtype)
+            sum_dy, sum_dy_xmu = local[:c], local[c:]
+            w = weight.float() if weight is not None else None
+            if x.is_cuda:
+                grad_x = torch.batch_norm_backward_elemt(grad_out, x, mean, invstd, w, sum_dy, sum_dy_xmu,
+                                                         total.to(torch.int32))
+            else:  # dy * a + x * b + k, per channel: two passes
+                scale = invstd if w is None else invstd * w
+                mean_dy, mean_dy_xmu = sum_dy / total, sum_dy_xmu / total
+                b = -scale * invstd * invstd * mean_dy_xmu
+                k = -scale * mean_dy - b * mean
+                grad_x = torch.addcmul(_channel_view(k, x.ndim), x, _channel_view(b, x.ndim)).to(x.dtype)
+                grad_x.addcmul_(grad_out, _channel_view(scale, x.ndim).to(x.dtype))
+        grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = grad_bias.to(grad_out.dtype if weight is None else weight.dtype) \
+            if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
