@@ -22,6 +22,7 @@ Writes JSON (device, versions, commit) under benchmarks/results/ and prints a ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -72,10 +73,11 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
     """One mode on this rank, its batches drawn from ``source`` (one ``batches_forever`` for every
     mode: one pipeline runs across them): per-step waits for data, wall time, syncs, peak memory."""
     from trainer.device import memory_in_use_mb, peak_memory_mb, synchronize
-    from trainer.host_syncs import SyncCounter
+    from trainer.device_syncs import DeviceSyncCounter
     from trainer.step import train_step
 
-    device, counter = parts.info.device, SyncCounter()
+    device = parts.info.device
+    counter = DeviceSyncCounter(device)
     fixed = None
     if mode == "model":
         _, _, (groups, labels) = next(source)
@@ -83,30 +85,27 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
     waits, firsts, lr = [], [], parts.schedule(parts.schedule.total // 2)  # a mid-schedule lr
     traces: list[str] = []  # train.profile.steps: the end-to-end mode's steps, as in training
     warmup_start = start = time.perf_counter()
-    with counter.installed():
-        for i in range(warmup + steps):
-            if i == warmup:
-                synchronize(device)
-                start = time.perf_counter()
-                counter.active = True
-            t = time.perf_counter()
-            if fixed is None:
-                with counter.paused():  # the loader's own host work is not the step's
-                    _, step, (groups, labels) = next(source)
-            else:
-                groups, labels = fixed
-                step = -1
-            waited = time.perf_counter() - t
-            if i >= warmup:
-                (firsts if step == 0 else waits).append(waited)
-            if mode == "e2e":
-                parts.profiler.before_step(i)
-            if mode != "loader":
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        t = time.perf_counter()
+        if fixed is None:  # the loader's own host work is not the step's: not counted
+            _, step, (groups, labels) = next(source)
+        else:
+            groups, labels = fixed
+            step = -1
+        waited = time.perf_counter() - t
+        if i >= warmup:
+            (firsts if step == 0 else waits).append(waited)
+        if mode == "e2e":
+            parts.profiler.before_step(i)
+        if mode != "loader":
+            with counter.counting() if i >= warmup else contextlib.nullcontext():
                 train_step(parts, groups, lr, labels)  # with the online probe when the run has one
-            if mode == "e2e":
-                traces += [str(f) for f in parts.profiler.after_step(i + 1)]
-        synchronize(device)
-        counter.active = False
+        if mode == "e2e":
+            traces += [str(f) for f in parts.profiler.after_step(i + 1)]
+    synchronize(device)
     elapsed = time.perf_counter() - start
     probe_share = online_probe_share(parts, fixed, lr, steps) if mode == "model" else None
     views = parts.loader.views.count * parts.cfg.data.batch_size * steps  # global: every rank runs as many steps
@@ -117,7 +116,8 @@ def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
             "step_s": elapsed / steps, "data_wait_share": (sum(waits) + sum(firsts)) / elapsed,
             "epoch_boundaries": len(firsts),
             "epoch_stall_s": max((f - median_wait for f in firsts), default=None),
-            "host_syncs_per_step": sum(counter.counts.values()) / steps, "host_syncs": dict(counter.counts),
+            # CUDA's own count (sync debug mode); None on the CPU, where the host is the device
+            "host_syncs_per_step": None if counter.total is None else counter.total / steps,
             "online_probe_share": probe_share,
             "peak_memory_mb": peak_memory_mb(device), **memory_in_use_mb(device)}
 
@@ -188,7 +188,8 @@ def combine(per_rank: list[list[dict]]) -> list[dict]:
         rows.append({**worst, "ranks": len(mode_rows),
                      "data_wait_share": max(r["data_wait_share"] for r in mode_rows),
                      "epoch_stall_s": max(stalls) if stalls else None,
-                     "host_syncs_per_step": max(r["host_syncs_per_step"] for r in mode_rows),
+                     "host_syncs_per_step": None if worst["host_syncs_per_step"] is None else
+                     max(r["host_syncs_per_step"] for r in mode_rows),
                      "peak_memory_mb": max(r["peak_memory_mb"] for r in mode_rows),
                      "device_in_use_mb": max((r["device_in_use_mb"] or 0) for r in mode_rows) or None,
                      "host_pinned_mb": max((r["host_pinned_mb"] or 0) for r in mode_rows) or None})
@@ -271,8 +272,9 @@ def print_table(result: dict) -> None:
         stall = "-" if r["epoch_stall_s"] is None else f"{1e3 * r['epoch_stall_s']:.0f} ms"
         steps = "-" if r["epoch_stall_steps"] is None else f"{r['epoch_stall_steps']:.2f}"
         ratio = f"{r['views_per_s_over_model']:.2f}" if "views_per_s_over_model" in r else "-"
+        syncs = "-" if r["host_syncs_per_step"] is None else f"{r['host_syncs_per_step']:.2f}"
         print(f"{r['mode']:<8}{r['views_per_s']:>10.1f}{ratio:>9}{100 * r['data_wait_share']:>10.1f}%{stall:>13}"
-              f"{steps:>9}{r['host_syncs_per_step']:>12.2f}{r['peak_memory_mb']:>9.0f}")
+              f"{steps:>9}{syncs:>12}{r['peak_memory_mb']:>9.0f}")
     last = result["rows"][-1]
     sizing = last.get("decoder_sizing")
     if sizing:

@@ -217,8 +217,9 @@ def key_figures(stage: Stage, output: str) -> str:
         e2e = next((r for r in result["rows"] if r["mode"] == "e2e"), None)
         if e2e:
             stall = "-" if e2e.get("epoch_stall_steps") is None else f"{e2e['epoch_stall_steps']:.2f}"
+            syncs = e2e["host_syncs_per_step"]
             parts.append(f"data wait {100 * e2e['data_wait_share']:.1f}%, stall {stall} steps, "
-                         f"{e2e['host_syncs_per_step']:.2f} syncs/step")
+                         + ("no device to sync (CPU)" if syncs is None else f"{syncs:.2f} syncs/step"))
         return "; ".join(parts)
     r = result
     return (f"linear {r['linear_top1']:.3f}, kNN {r['knn_top1']:.3f} (random init {r['random_linear_top1']:.3f} / "

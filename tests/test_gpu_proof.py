@@ -92,7 +92,7 @@ def test_the_dry_proof_writes_every_stage_evidence_to_out(dry_proof):
         assert [r["mode"] for r in feed["rows"]] == ["e2e", "model", "loader"]
         assert feed["config"]["backend"] == "DaliLoader" and feed["git_commit"] == head
         for row in feed["rows"]:
-            assert row["views_per_s"] > 0 and row["host_syncs_per_step"] == 0
+            assert row["views_per_s"] > 0 and row["host_syncs_per_step"] is None  # CUDA's count; the CPU has none
             assert row["pipelines_built"] == 1  # one pipeline across the three modes
     assert json.loads((out / "feed_imagenette_resnet50_multicrop.json").read_text())["config"]["views"] == \
         "2x16 + 6x8 px"
@@ -195,7 +195,7 @@ def test_feed_benchmark_on_two_ranks_reports_the_worst_rank(photo_data, tmp_path
     result = json.loads(out.read_text())
     assert result["config"]["ranks"] == 2
     for row in result["rows"]:
-        assert row["ranks"] == 2 and row["views_per_s"] > 0 and row["host_syncs_per_step"] == 0
+        assert row["ranks"] == 2 and row["views_per_s"] > 0 and row["host_syncs_per_step"] is None
     assert result["rows"][1]["online_probe_share"] is not None  # model mode times the probe too
     # the same profiling switch as training: each rank's trace of the e2e mode's second step, beside the result
     assert sorted(p.name for p in (tmp_path / "feed_profile").iterdir()) == [

@@ -25,10 +25,10 @@ from foundation.collectives import agree_any, on_rank_zero
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError, ResumeChanges
 from trainer.config import Config, dump_config
+from trainer.device_syncs import DeviceSyncCounter
 from trainer.distributed import DistInfo, init_distributed, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.export import log_encoder_model, save_encoder
-from trainer.host_syncs import SyncCounter
 from trainer.logs import get_logger, run_log_file
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
@@ -404,12 +404,12 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
 
 def counting_syncs(parts: TrainParts, size_groups: list[torch.Tensor], lr: float,
                    labels: torch.Tensor | None) -> StepOutcome:
-    """``train_step``, counting its host syncs (``trainer.host_syncs``) for the verdict."""
-    counter = SyncCounter()
-    with counter.installed():
-        counter.active = True
+    """``train_step``, its host waits for the device counted by CUDA's own sync debug mode for the
+    verdict (``trainer.device_syncs``; on the CPU there is nothing to wait for, and none is said)."""
+    counter = DeviceSyncCounter(parts.info.device)
+    with counter.counting():
         outcome = train_step(parts, size_groups, lr, labels)
-    parts.bottlenecks.syncs = sum(counter.counts.values())
+    parts.bottlenecks.syncs = counter.total
     return outcome
 
 

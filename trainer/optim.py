@@ -81,9 +81,11 @@ class LARS(torch.optim.Optimizer):
             (self._update_foreach if foreach else self._update_per_tensor)(group, params)
         return loss
 
-    def _apply(self, group: dict, params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
+    def _apply(self, group: dict, params: list[torch.Tensor], updates: list[torch.Tensor],
+               bufs: list[torch.Tensor] | None = None) -> None:
         """m = momentum * m + u;  w = w - lr * m, skipped on the device when ``self.found_inf`` is set."""
-        bufs = self._momentum_buffers(params) if group["momentum"] != 0 else []
+        if bufs is None:
+            bufs = self._momentum_buffers(params) if group["momentum"] != 0 else []
         torch._fused_sgd_(params, updates, bufs, weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
                           dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
                           found_inf=getattr(self, "found_inf", None))
@@ -108,19 +110,50 @@ class LARS(torch.optim.Optimizer):
         update = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
         if group["lars_adapt"]:
             w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
-            update = torch._foreach_mul(update, list(self._trust(group, w_norm, g_norm).unbind()))
+            trust = list(self._trust(group, w_norm, g_norm).unbind())
+            if wd != 0:  # our own tensors: scaled in place, no second allocation
+                torch._foreach_mul_(update, trust)
+            else:
+                update = torch._foreach_mul(update, trust)
         self._apply(group, params, list(update))
 
     def _update_per_tensor(self, group: dict, params: list[torch.Tensor]) -> None:
-        wd, updates = group["weight_decay"], []
-        for p in params:
-            update = p.grad.add(p, alpha=wd) if wd != 0 else p.grad
-            if group["lars_adapt"]:
-                trust = self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad))
-                # scale in place when ``update`` is our own tensor; never the gradient itself
-                update = update.mul_(trust) if wd != 0 else update * trust
-            updates.append(update)
-        self._apply(group, params, updates)
+        """The CPU's loop (its foreach kernels are not fused). Each update is made in one scratch
+        buffer reused tensor after tensor (no fresh allocation a step: on the CPU each would cost page
+        faults) and applied at once with the fused momentum kernel; on the CPU the trust ratio is a
+        host float (reading a CPU tensor waits for nothing)."""
+        wd, adapt = group["weight_decay"], group["lars_adapt"]
+        bufs = self._momentum_buffers(params) if group["momentum"] != 0 else [None] * len(params)
+        scratch = self._scratch(params)
+        for p, buf in zip(params, bufs):
+            update = p.grad
+            if wd != 0 or adapt:
+                update = scratch[: p.numel()].view_as(p)
+                if wd != 0:
+                    torch.add(p.grad, p, alpha=wd, out=update)
+                else:
+                    update.copy_(p.grad)
+            if adapt:
+                update.mul_(self._trust_of(group, p) if not p.is_cuda else
+                            self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)))
+            self._apply(group, [p], [update], [] if buf is None else [buf])
+
+    def _scratch(self, params: list[torch.Tensor]) -> torch.Tensor:
+        largest = max(params, key=torch.Tensor.numel)
+        held = getattr(self, "_scratch_buffer", None)
+        if held is None or held.numel() < largest.numel() or held.dtype != largest.dtype or \
+                held.device != largest.device:
+            self._scratch_buffer = held = torch.empty(largest.numel(), dtype=largest.dtype, device=largest.device)
+        return held
+
+    @staticmethod
+    def _trust_of(group: dict, p: torch.Tensor) -> float:
+        """``_trust`` as a host float, for CPU tensors."""
+        w_norm, g_norm = float(torch.linalg.vector_norm(p)), float(torch.linalg.vector_norm(p.grad))
+        if w_norm <= 0 or g_norm <= 0:
+            return 1.0
+        trust = group["trust_coefficient"] * w_norm / (g_norm + w_norm * group["weight_decay"] + group["eps"])
+        return min(trust / group["lr"], 1.0) if group["trust_clip"] else trust
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

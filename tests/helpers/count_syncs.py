@@ -1,6 +1,6 @@
 """Count the host-synchronising calls of a steady-state window of training steps.
 
-What counts is ``trainer.host_syncs.SyncCounter``'s list; the CPU run counts the same calls
+What counts is ``tests.helpers.sync_counter.SyncCounter``'s list; the CPU run counts the same calls
 as a GPU run would make, so a sync added to the step fails CI without a GPU.
 
 ``count_window_syncs(cfg)`` trains ``cfg`` and counts everything the loop does from the start of
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from trainer.host_syncs import SyncCounter
+from tests.helpers.sync_counter import SyncCounter
 
 
 class PausingLoader:

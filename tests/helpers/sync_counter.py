@@ -1,11 +1,12 @@
-"""Counting the calls that make the host wait for the device.
+"""Counting, on the CPU, the calls that would make the host wait for a GPU (tests only).
 
 On a GPU each of these blocks the CPU until the queued kernels have run, so it cannot queue the
 next step's: ``Tensor.item``, ``.tolist``, ``.cpu``, ``.numpy``, ``bool``/``float``/``int`` of a
 tensor, and Python data turned into a tensor on a device (``torch.tensor(x, device=...)``,
-``torch.as_tensor(x, device=...)``). Counting the calls (rather than asking CUDA) works on the CPU
-too, so the sync-count test runs in CI, the feed benchmark reports syncs per step anywhere, and a
-training run counts those of one steady-state step for its verdict (``trainer.bottlenecks``).
+``torch.as_tensor(x, device=...)``). It patches torch process-wide while installed, which is why it
+lives in the tests: the product counts syncs on CUDA with torch's own sync debug mode
+(``trainer.device_syncs``). Counting the calls works without a GPU, so CI fails on a sync added to
+the step.
 """
 
 from __future__ import annotations
