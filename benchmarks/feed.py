@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ def batches_forever(loader, start_epoch: int = 0, rebuild_each_epoch: bool = Fal
     """(epoch, step in epoch, batch) from the loader, epoch after epoch."""
     epoch = start_epoch
     while True:
-        if rebuild_each_epoch and hasattr(loader, "close"):
+        if rebuild_each_epoch:
             loader.close()
         loader.set_epoch(epoch)
         for step, batch in enumerate(loader):
@@ -141,8 +142,9 @@ def online_probe_share(parts, batch, lr: float, steps: int) -> float | None:
     return statistics.median(times["probe"]) / statistics.median(times["step"])
 
 
-def rank_main(args: argparse.Namespace) -> list[dict]:
-    """Every mode on this rank (the loader and model are built once, as in a training run)."""
+def rank_main(args: argparse.Namespace, on_mode: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every mode on this rank (the loader and model are built once, as in a training run);
+    ``on_mode(rows so far)`` after each mode (a capped run keeps what finished)."""
     from trainer.config import load_config
     from trainer.distributed import init_distributed, teardown
     from trainer.parts import build_parts
@@ -150,6 +152,7 @@ def rank_main(args: argparse.Namespace) -> list[dict]:
     run_dir = tempfile.mkdtemp(prefix="simclr_feed_")
     cfg = load_config(args.config, [*args.overrides, "tracking.enabled=false", f"train.run_dir={run_dir}"])
     info = init_distributed(cfg.dist, cfg.train.device, run_dir=Path(run_dir))
+    parts = None
     try:
         parts = build_parts(cfg, info)
         parts.model.train()
@@ -160,10 +163,14 @@ def rank_main(args: argparse.Namespace) -> list[dict]:
             row.update(rank=info.rank, backend=type(parts.loader).__name__, steps_per_epoch=parts.steps_per_epoch,
                        pipelines_built=getattr(parts.loader, "pipelines_built", None), **decoder_memory(parts))
             rows.append(row)
+            if on_mode is not None:
+                on_mode(rows)
         if args.rank_out:
             Path(f"{args.rank_out}.rank{info.rank}").write_text(json.dumps(rows))
         return rows
     finally:
+        if parts is not None:
+            parts.loader.close()  # DALI's pipeline shut down here, not in its clean-up at exit
         teardown()
 
 
@@ -218,8 +225,6 @@ def run_ranks(args: argparse.Namespace) -> list[list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.common import RESULTS, device_name, keep_traces, result_header, write_json
-    from data_pipeline.views import view_spec
     from trainer.config import load_config
 
     args = parse_args(argv)
@@ -227,16 +232,26 @@ def main(argv: list[str] | None = None) -> dict:
         rank_main(args)
         return {}
     cfg = load_config(args.config, args.overrides)  # validated before any rank starts
+    from trainer.device import choose_device
+
+    device = choose_device(cfg.train.device)
     if args.nproc > 1:
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
         per_rank = run_ranks(args)
-    else:
-        per_rank = [rank_main(args)]
-    from trainer.device import choose_device
+    else:  # each mode's row written and printed as it finishes: a stage capped mid-way keeps them
+        per_rank = [rank_main(args, on_mode=lambda rows: save(args, cfg, device, [rows], partial=True))]
+    return save(args, cfg, device, per_rank)
 
-    device = choose_device(cfg.train.device)
+
+def save(args: argparse.Namespace, cfg, device: torch.device, per_rank: list[list[dict]],
+         partial: bool = False) -> dict:
+    """The result of the modes run so far: JSON written (``partial`` while modes remain), the last
+    mode's row printed when partial, the whole table at the end."""
+    from benchmarks.common import RESULTS, device_name, keep_traces, result_header, write_json
+    from data_pipeline.views import view_spec
+
     rows = combine(per_rank)
     result = {**result_header("feed", device_name(device)),
               "config": {"config": args.config, "overrides": args.overrides, "arch": cfg.model.arch,
@@ -246,15 +261,22 @@ def main(argv: list[str] | None = None) -> dict:
                          "warmup": args.warmup, "data": cfg.data.root, "backend": rows[0]["backend"],
                          "rebuild_each_epoch": args.rebuild_each_epoch, "compile": cfg.model.compile,
                          "online_probe": cfg.train.online_probe},
-              "rows": rows}
-    print_table(result)
+              "rows": rows, "partial": partial}
+    if partial:
+        r = rows[-1]
+        print(f"[feed] {r['mode']}: {r['views_per_s']:.1f} views/s, data wait {100 * r['data_wait_share']:.1f}%, "
+              f"warm-up {r['warmup_s']:.1f} s", flush=True)
+    else:
+        print_table(result)
     name = (f"feed_{device.type}_{cfg.model.arch}_{cfg.data.image_size}px_b{cfg.data.batch_size}_"
             f"{rows[0]['backend'].replace('Loader', '').lower()}{'_rebuild' if args.rebuild_each_epoch else ''}")
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     # the e2e mode's traces (train.profile.steps), from the ranks' temporary run folders to beside the result
-    result["profile"] = keep_traces([f for rank_rows in per_rank for row in rank_rows for f in row.get("profile", [])],
-                                    out)
+    result["profile"] = [] if partial else keep_traces(
+        [f for rank_rows in per_rank for row in rank_rows for f in row.get("profile", [])], out)
     write_json(result, out)
+    if partial:
+        return result
     print(f"wrote {out}")
     if result["profile"]:
         print(f"profile (train.profile.steps of the e2e mode): {Path(result['profile'][0]).parent}")

@@ -37,6 +37,9 @@ class ViewLoader(Protocol):
     def check_files(self) -> None:
         """Check each sample's file once (a collective); the first iteration does it otherwise."""
 
+    def close(self) -> None:
+        """Release the backend's pipeline, threads and buffers (at the end of a run, before exit)."""
+
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         """(size groups, labels) per step on the run's device: each group a float32
         ``(views, images, 3, s, s)`` tensor, views in the specification's order."""

@@ -297,7 +297,6 @@ class DaliLoader(RankLoader):
 
         if self._batches is not None:  # release the old pipeline's threads and buffers before the new one's
             self.close()
-            gc.collect()
         batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
         feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
         pipe_seed = augmentation_seed(self.seed, epoch, self.rank, step, bits=31)
@@ -310,8 +309,10 @@ class DaliLoader(RankLoader):
         self._next, self._sizes = (epoch, step), [size for size, _ in views]
 
     def close(self) -> None:
-        """Release the pipeline (its threads and buffers); the next iteration builds a new one."""
+        """Release the pipeline (its threads and buffers) now; the next iteration builds a new one.
+        Shut down here, not left to DALI's clean-up at interpreter exit (which reports aborts)."""
         self._batches, self._next = None, (-1, -1)
+        gc.collect()  # the iterator and pipeline hold reference cycles: freed (and shut down) here
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         self.check_files()  # before DALI's decoder sees a file: a corrupt one can bring the process down

@@ -48,6 +48,10 @@ class RankLoader:
         """Choose the epoch (its shuffle) and the step to start from (mid-epoch resume)."""
         self.epoch, self.start_step = epoch, start_step
 
+    def close(self) -> None:
+        """Release what the loader holds (a backend's pipeline, threads, buffers); iterating again
+        starts afresh. Nothing to release by default."""
+
     def indices(self) -> np.ndarray:
         """This rank's samples of the current epoch from the start step on, in reading order."""
         order = self.source.epoch_order(self.rank, self.world_size, self.seed, self.epoch)

@@ -95,6 +95,7 @@ def train(cfg: Config, stop: threading.Event | None = None,
         if info.is_main:  # the run's own log, beside its metrics (rank 0 holds the folder now)
             stack.enter_context(run_log_file(cfg.train.run_dir))
         parts = build_parts(cfg, info)
+        stack.callback(parts.loader.close)  # DALI's pipelines shut down here, not in its clean-up at exit
         parts.folder_lock = lock
         try:
             return run_training(parts, stop or threading.Event(), on_start)

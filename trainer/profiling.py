@@ -54,7 +54,8 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
+            # Python stacks only: torch's default ("all") symbolises C++ frames at the dump, for minutes
+            torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
         self._profiler = torch.profiler.profile(activities=activities, record_shapes=self.cfg.record_shapes,
                                                 with_stack=self.cfg.with_stack)
         self._profiler.__enter__()
