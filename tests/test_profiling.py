@@ -52,3 +52,41 @@ def test_a_profile_window_outside_the_job_says_so(tiny_config, caplog):
         train(cfg)
     assert "train.profile.steps=[2, 4] is not within this job's steps 1..2: nothing will be profiled" in caplog.text
     assert not (Path(cfg.train.run_dir) / "profile").exists()
+
+
+def test_a_file_in_the_way_of_the_traces_costs_the_trace_not_the_run(tiny_config, caplog):
+    """Round 7, F39: a file named ``profile`` in the run folder killed a profiled run with a
+    FileExistsError traceback (MLflow FAILED, no checkpoint). Now one warning, and the run ends whole."""
+    import logging
+
+    from trainer.loop import train
+
+    cfg = tiny_config(**{"train.stop_after_steps": 4, "train.profile.steps": "[1,2]"})
+    Path(cfg.train.run_dir).mkdir(parents=True)
+    (Path(cfg.train.run_dir) / "profile").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="simclr"):
+        result = train(cfg)
+    assert result.step == 4 and (Path(cfg.train.run_dir) / "checkpoints").is_dir()
+    (said,) = [r.message for r in caplog.records if "was not written" in r.message]
+    assert said.startswith("the profiler's trace of steps 2-2 (train.profile) was not written (File exists: ")
+    assert said.endswith("profile); training goes on") and (Path(cfg.train.run_dir) / "profile").read_text() == "x"
+
+
+def test_a_full_disk_when_the_trace_is_written_costs_the_trace_not_the_run(tiny_config, caplog, monkeypatch):
+    """Round 7, F40: ``No space left on device`` while writing the trace killed the run."""
+    import errno
+    import logging
+
+    from trainer import profiling
+    from trainer.loop import train
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(profiling, "atomic_write", full)
+    cfg = tiny_config(**{"train.stop_after_steps": 3, "train.profile.steps": "[0,1]"})
+    with caplog.at_level(logging.WARNING, logger="simclr"):
+        result = train(cfg)
+    assert result.step == 3
+    assert any("the profiler's trace of steps 1-1 (train.profile) was not written (No space left on device: "
+               in r.message for r in caplog.records), caplog.text

@@ -41,6 +41,7 @@ from trainer.run_files import (
     atomic_write_text,
     check_own_files,
     check_run_dir,
+    optional_output,
 )
 from trainer.step import StepOutcome, train_step
 from trainer.tracking import Tracker, check_store_uri, dataset_input, read_metrics_file, run_params
@@ -466,11 +467,9 @@ def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
             logged = parts.tracker.log_model(lambda run: log_encoder_model(run, parts.model.encoder, size, register_as))
             parts.tracker.model_pending(None if logged else register_as)  # simclr sync logs a pending one
     # the plot never fails a run: damaged lines are left out of it, and an unwritable folder only costs it
-    try:
+    plot = None
+    with optional_output(f"curves.png (the metrics are in {parts.tracker.local_file})", parts.run_dir):
         plot = plot_curves(read_metrics_file(parts.tracker.local_file, lenient=True), parts.run_dir / "curves.png")
-    except OSError as exc:
-        plot = None
-        log.info(f"note: curves.png not written ({exc}); the metrics are in {parts.tracker.local_file}")
     if plot is not None:
         parts.tracker.log_artifact(plot)
     # the profiled ranks' traces (another rank's, written after the run's last step, may come too late

@@ -17,6 +17,7 @@ import torch
 from data_pipeline.atomic_files import atomic_write
 from data_pipeline.resume_policy import setting
 from trainer.logs import get_logger
+from trainer.run_files import optional_output
 
 log = get_logger()
 
@@ -41,7 +42,7 @@ class StepProfiler:
     profiled rank; on any other rank, or when no steps are asked for, each call is one comparison."""
 
     def __init__(self, cfg: ProfileConfig, rank: int, device: torch.device, run_dir: Path) -> None:
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.run_dir = cfg, device, Path(run_dir)
         self.start, self.end = (cfg.steps[0], cfg.steps[1]) if cfg.steps and rank in cfg.ranks else (-1, -1)
         self.out = Path(run_dir) / "profile" / f"rank{rank}_steps{self.start + 1}-{self.end}"
         self._profiler: torch.profiler.profile | None = None
@@ -66,19 +67,26 @@ class StepProfiler:
             return []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._profiler.__exit__(None, None, None)
-        self.out.parent.mkdir(exist_ok=True)  # not its parents: a moved run folder is not made again
-        files = [self.out.with_suffix(".trace.json.gz")]
-        with tempfile.TemporaryDirectory() as tmp:  # written whole: rank 0 may be uploading the folder
-            self._profiler.export_chrome_trace(f"{tmp}/trace.json")
-            atomic_write(files[0], gzip.compress(Path(f"{tmp}/trace.json").read_bytes()))
-        self._profiler = None
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        files, steps = [], f"steps {self.start + 1}-{self.end}"
+        # optional outputs: a file in the way or a full disk costs the trace, never the run
+        with optional_output(f"the profiler's trace of {steps} (train.profile)", self.run_dir):
+            self.out.parent.mkdir(exist_ok=True)  # not its parents: a moved run folder is not made again
+            trace = self.out.with_suffix(".trace.json.gz")
+            with tempfile.TemporaryDirectory() as tmp:  # written whole: rank 0 may be uploading the folder
+                profiler.export_chrome_trace(f"{tmp}/trace.json")
+                atomic_write(trace, gzip.compress(Path(f"{tmp}/trace.json").read_bytes()))
+            files.append(trace)
         if self.device.type == "cuda":
-            files.append(self.out.with_suffix(".memory.pickle"))
-            torch.cuda.memory._dump_snapshot(str(files[1]))
+            with optional_output(f"the CUDA memory snapshot of {steps} (train.profile)", self.run_dir):
+                snapshot = self.out.with_suffix(".memory.pickle")
+                torch.cuda.memory._dump_snapshot(str(snapshot))
+                files.append(snapshot)
             torch.cuda.memory._record_memory_history(enabled=None)
-        log.info(f"profile of steps {self.start + 1}-{self.end}: {', '.join(str(f) for f in files)} (open the trace "
-                 "in https://ui.perfetto.dev or chrome://tracing)")
+        if files:
+            log.info(f"profile of {steps}: {', '.join(str(f) for f in files)} (open the trace in "
+                     "https://ui.perfetto.dev or chrome://tracing)")
         return files
 
     def close(self) -> None:

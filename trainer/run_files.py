@@ -16,6 +16,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +219,20 @@ def _raise_readable(path: Path, exc: OSError) -> None:
         raise DiskFullError(f"no space left on device while writing {path}; the run's checkpoints and earlier files "
                             "are intact: free space, then run the same command again to resume") from None
     raise exc
+
+
+@contextmanager
+def optional_output(what: str, run_dir: str | Path) -> Iterator[None]:
+    """Writing an output the run can do without (a trace, a memory snapshot, a plot): a file-system
+    error costs that output only, said in one warning naming it and why; training goes on. A run
+    folder that is gone is not one of those: that error goes on to the loop, which says where it went."""
+    try:
+        yield
+    except OSError as exc:
+        if not Path(run_dir).is_dir():
+            raise
+        why = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        log.warning(f"{what} was not written ({why}); training goes on")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
