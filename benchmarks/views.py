@@ -32,6 +32,7 @@ from benchmarks.common import (
     write_json,
 )
 from trainer.config import DEVICES
+from trainer.encoders import check_input_sizes
 
 
 def step_flops(parts, groups: list[torch.Tensor]) -> int:
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
             parse_views(spec)
     except ValueError as exc:
         p.error(str(exc))
+    # the sizes the encoder cannot take, before anything is built (a timm model with a fixed size or a patch)
+    check_input_sizes(args.arch, False, [(f"--views {spec}", None, size) for spec in args.views
+                                         for size, _ in parse_views(spec)])
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     rows = bench_views(args.arch, args.views, args.batch_size, args.precision, args.warmup, args.iters, device)

@@ -145,3 +145,38 @@ def test_sync_batchnorm_keeps_timms_batchnorm_with_activation():
     back = revert_sync_batchnorm(synced)
     assert {type(m).__name__ for m in back.modules()} == {type(m).__name__ for m in plain.modules()}
     assert torch.allclose(back.eval()(x), plain.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(("overrides", "said"), [
+    # round 7, F26: a fixed input size, refused at load instead of a traceback at the first step
+    (["model.arch=timm/mixer_s16_224", "data.image_size=32"],
+     "data.image_size is 32 px at epoch 0, which timm/mixer_s16_224 cannot take: it takes only 224 px"),
+    # F27: not a multiple of the patch, also where a schedule reaches such a size at a later epoch
+    (["model.arch=timm/vit_tiny_patch16_224", "data.image_size=24"],
+     "data.image_size is 24 px at epoch 0, which timm/vit_tiny_patch16_224 cannot take: it takes sizes that are "
+     "multiples of 16 px (its patch)"),
+    (["model.arch=timm/vit_tiny_patch16_224", "train.epochs=3",
+      "data.views=[{count: 2, size: {start: 16, end: 32, from_epoch: 0, to_epoch: 2, step: 8}}]"],
+     "data.views[0] is 24 px at epoch 1, which timm/vit_tiny_patch16_224"),
+])
+def test_every_size_the_run_will_use_is_checked_against_the_encoder_at_load(overrides, said):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["model.cifar_stem=false", *overrides])
+    assert said in str(caught.value)
+
+
+def test_sizes_the_encoder_takes_pass_the_check():
+    from trainer.config import load_config
+
+    load_config(None, ["model.arch=timm/vit_tiny_patch16_224", "model.cifar_stem=false", "train.epochs=3",
+                       "data.views=[{count: 2, size: {start: 16, end: 32, from_epoch: 0, to_epoch: 2, step: 16}}]"])
+    load_config(None, ["model.arch=timm/resnet10t", "model.cifar_stem=false", "data.image_size=24"])
+
+
+def test_bench_views_refuses_a_size_the_encoder_cannot_take():
+    from tests.helpers.runs import assert_one_line_error, simclr
+
+    assert_one_line_error(simclr("bench", "views", "--arch", "timm/mixer_s16_224", "--views", "2x32"),
+                          "--views 2x32 is 32 px, which timm/mixer_s16_224 cannot take", "only 224 px")

@@ -16,6 +16,7 @@ import yaml
 
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.resume_policy import fixed, hyper, setting
+from data_pipeline.views import view_spec
 from trainer.credentials import take_credentials
 from trainer.dataclass_yaml import (
     ConfigError,
@@ -26,7 +27,7 @@ from trainer.dataclass_yaml import (
     to_plain_dict,
 )
 from trainer.distributed import DistConfig
-from trainer.encoders import ARCHS, check_arch
+from trainer.encoders import ARCHS, check_arch, check_input_sizes
 from trainer.losses import LOSSES, LossConfig
 from trainer.profiling import ProfileConfig
 
@@ -146,6 +147,13 @@ def expand_paths(cfg: Config) -> Config:
     return cfg
 
 
+def view_sizes(cfg: Config) -> list[tuple[str, int | None, int]]:
+    """(the view group's key, epoch, size) of every view group at every epoch of the run."""
+    spec = view_spec(cfg.data)
+    return [(f"data.views[{i}]" if cfg.data.views else "data.image_size", epoch, group.size_at(epoch, spec.image_size))
+            for epoch in range(max(cfg.train.epochs, 0)) for i, group in enumerate(spec.groups)]
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express: the values alone, never the file system, the
     environment or a store (``preflight`` in trainer/loop.py checks those before a run starts)."""
@@ -159,6 +167,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.loss.name in LOSSES, "loss.name", cfg.loss.name, f"choose one of {', '.join(sorted(LOSSES))}")
     _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
     check_arch(cfg.model.arch, cfg.model.cifar_stem)  # imports timm only for a timm encoder
+    check_input_sizes(cfg.model.arch, cfg.model.cifar_stem, view_sizes(cfg))
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")

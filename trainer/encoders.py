@@ -77,6 +77,42 @@ def build_encoder(arch: str, cifar_stem: bool = False) -> nn.Module:
     return net
 
 
+def _patch_rule(encoder: nn.Module) -> str | None:
+    """What a timm patch embedding asks of its input sizes, in words (None: no patch embedding)."""
+    for module in encoder.modules():
+        if hasattr(module, "patch_size") and hasattr(module, "img_size") and hasattr(module, "strict_img_size"):
+            patch, img = module.patch_size[0], module.img_size
+            if module.strict_img_size and img is not None:
+                return (f"only {img[0]} px (a fixed input size); set every view to {img[0]} px, or choose a model "
+                        "that takes any size (a CNN, or a ViT: ours are built with dynamic image sizes)")
+            if not getattr(module, "dynamic_img_pad", False):
+                return f"sizes that are multiples of {patch} px (its patch)"
+    return None
+
+
+def check_input_sizes(arch: str, cifar_stem: bool, uses: list[tuple[str, int | None, int]]) -> None:
+    """EncoderError when ``arch`` cannot take a size the run will use. ``uses``: (the view group's
+    key, epoch, size) of every view group over every epoch. The encoder is built on the meta device
+    (no memory, no compute) and shown each distinct size once; what refuses is named with the sizes
+    the model takes. For timm models only (torchvision ResNets take any size we train at)."""
+    if timm_name(arch) is None or not uses:
+        return
+    import torch
+
+    with torch.device("meta"):
+        encoder = build_encoder(arch, cifar_stem)
+    for size in sorted({size for _, _, size in uses}):
+        try:
+            encoder(torch.empty(2, 3, size, size, device="meta"))
+        except NotImplementedError:  # an operator without a meta kernel: the first step will tell
+            return
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            key, epoch = next((key, epoch) for key, epoch, s in uses if s == size)
+            rule = _patch_rule(encoder) or f"not {size} px ({str(exc).splitlines()[0][:200]})"
+            when = "" if epoch is None else f" at epoch {epoch}"
+            raise EncoderError(f"{key} is {size} px{when}, which {arch} cannot take: it takes {rule}") from None
+
+
 def feature_dim(encoder: nn.Module) -> int:
     """The width of the encoder's pooled features (what the probe and the head see)."""
     return int(encoder.num_features)
