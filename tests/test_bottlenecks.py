@@ -7,6 +7,7 @@ throttled device), by SIGSTOP/SIGCONT in a duty cycle."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -247,3 +248,41 @@ def test_the_forward_collectives_are_timed_on_one_sampled_step_a_window():
     with clock.collective():
         pass
     assert len(clock._waits) == 1  # a new window samples again
+
+
+def test_a_straggler_is_compared_with_the_other_ranks_and_a_cpu_run_gets_no_gpu_hint():
+    """Round 7, F53: with 2 ranks the median included the straggler (their mean): rank 1 at 3x rank 0
+    was called 1.5x. Now against the others, and a CPU run is not told to run nvidia-smi."""
+    (slow,) = find_stragglers([row(own_ms=30.0), row(own_ms=90.0)], ["a", "b"], device="cpu").values()
+    line = slow.line(6)
+    assert "its own forward takes 3.0x the other rank's (90.0 vs 30.0 ms per step" in line, line
+    assert "nvidia-smi" not in line and "top" in line
+    (slow,) = find_stragglers([row(), row(), row(own_ms=90.0)], ["a", "b", "c"]).values()
+    assert "3.0x the other ranks' median" in slow.line(6) and "nvidia-smi" in slow.line(6)
+
+
+def test_the_advice_names_only_what_exists_and_applies_here():
+    """Round 7, F54: the verdict advised "simclr shard" (no such command) and, on a CPU-only machine,
+    DALI "on the GPU" and data.on_device for an image folder. Every command it names now runs."""
+    import re
+
+    from tests.helpers.runs import simclr
+    from trainer.config import Config
+
+    data = Config().data
+    starved = Tally()
+    starved.add([row(wait_ms=30.0)], steps=10)
+    cpu_files = verdict(starved, "at the end", data, "cpu", syncs=None, stored="files")
+    assert "GPU" not in cpu_files and "on_device" not in cpu_files and "simclr make-shards" in cpu_files
+    cpu_arrays = verdict(starved, "at the end", data, "cpu", syncs=None, stored="decoded")
+    assert "make-shards" not in cpu_arrays and "on_device" not in cpu_arrays
+    gpu_arrays = verdict(starved, "at the end", data, "cuda", syncs=0, stored="decoded")
+    assert "data.on_device=true" in gpu_arrays and "data.backend=dali" not in gpu_arrays  # DALI already (auto)
+    torchvision = dataclasses.replace(data, backend="torchvision")
+    assert "data.backend=dali" in verdict(starved, "at the end", torchvision, "cuda", syncs=0, stored="files")
+    lines = [cpu_files, gpu_arrays, *(s.line(6) for s in find_stragglers(
+        [row(), row(wait_ms=40.0)], ["a", "b"]).values())]
+    named = {m for line in lines for m in re.findall(r"simclr ([a-z][a-z-]+)", line)}
+    assert named == {"make-shards"}
+    for command in named:
+        assert simclr(command, "--help").returncode == 0, command

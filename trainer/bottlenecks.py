@@ -5,9 +5,10 @@ cannot say who is slow. What tells is how each rank spends its own time: its wai
 own forward (a batch in hand to the step's first collective), which no other rank can slow
 (``trainer.step_clock``). Each log window brings one row per rank (``MetricsWindow.summary``).
 
-- A **straggler** is a rank whose data wait or own forward stays above ``RATIO`` x the median
-  rank's, by more than ``margin_ms``, for ``WINDOWS`` windows in a row: named once per episode
-  (until it keeps pace again for ``WINDOWS`` windows), with its host and what to try, and tagged in MLflow.
+- A **straggler** is a rank whose data wait or own forward stays above ``RATIO`` x the median of
+  the other ranks' (itself left out: with two ranks, the other one's), by more than ``margin_ms``,
+  for ``WINDOWS`` windows in a row: named once per episode (until it keeps pace again for
+  ``WINDOWS`` windows), with its host and what to try, and tagged in MLflow.
 - The **verdict** (after the first epoch and at the end): data-bound when the worst rank waits for
   data more than ``DATA_BOUND`` of its steady-state time, else compute-bound with the shares of a
   step. The waits for each epoch's first batch (a loader starting its workers or pipeline, which
@@ -44,24 +45,29 @@ class Straggling:
     host: str
     cause: str  # "data" or "compute"
     value_ms: float  # its data wait or own forward, ms per step
-    median_ms: float
+    median_ms: float  # the other ranks' median
+    others: int = 1  # how many other ranks
+    device: str = "cuda"  # the run's device type: what to check on a slow rank
 
     def line(self, step: int) -> str:
         ratio = self.value_ms / self.median_ms if self.median_ms > 0 else float("inf")
-        by = f"{ratio:.1f}x the median rank's" if ratio != float("inf") else "while the others do not"
+        whose = "the other rank's" if self.others == 1 else "the other ranks' median"
+        by = f"{ratio:.1f}x {whose}" if ratio != float("inf") else "while the others do not"
         if self.cause == "data":
             return (f"straggler: rank {self.rank} on {self.host} waits for data {by} ({self.value_ms:.1f} vs "
                     f"{self.median_ms:.1f} ms per step, {WINDOWS} windows to step {step}); every rank moves at its "
                     "pace. Try: check that node's storage and page cache (a cold cache, a slow disk or mount), more "
-                    "data.num_workers, packed shards (simclr shard), or exclude the node (sbatch --exclude)")
+                    "data.num_workers, packed tar shards (simclr make-shards), or exclude the node (sbatch --exclude)")
+        check = ("that device's clocks, temperature and other processes on it (nvidia-smi -q -d PERFORMANCE)"
+                 if self.device == "cuda" else "that host's load and CPU frequency (other processes: top)")
         return (f"straggler: rank {self.rank} on {self.host} computes slowly: its own forward takes {by} "
                 f"({self.value_ms:.1f} vs {self.median_ms:.1f} ms per step, {WINDOWS} windows to step {step}); every "
-                "rank moves at its pace. Try: check that device's clocks, temperature and other processes on it "
-                "(nvidia-smi -q -d PERFORMANCE), or exclude the node (sbatch --exclude)")
+                f"rank moves at its pace. Try: check {check}, or exclude the node (sbatch --exclude)")
 
 
-def find_stragglers(rows: list[dict[str, float]], hosts: list[str]) -> dict[int, Straggling]:
-    """This window's slow ranks (one window: ``StragglerWatch`` asks for ``WINDOWS`` in a row)."""
+def find_stragglers(rows: list[dict[str, float]], hosts: list[str], device: str = "cuda") -> dict[int, Straggling]:
+    """This window's slow ranks, each against the other ranks (one window: ``StragglerWatch`` asks
+    for ``WINDOWS`` in a row)."""
     if len(rows) < 2:
         return {}
     waits = [r["data_wait_fraction"] * r["window_ms"] for r in rows]
@@ -71,18 +77,20 @@ def find_stragglers(rows: list[dict[str, float]], hosts: list[str]) -> dict[int,
     for rank, (wait, own) in enumerate(zip(waits, owns)):
         excess = {}
         for cause, value, values in (("data", wait, waits), ("compute", own, owns)):
-            mid = median(values)
+            mid = median(values[:rank] + values[rank + 1:])  # the others': a slow rank does not lift its own bar
             if value == value and value > RATIO * mid and value - mid > margin:  # value == value: not NaN
                 excess[cause] = (value - mid, value, mid)
         if excess:
             cause = max(excess, key=lambda c: excess[c][0])
-            found[rank] = Straggling(rank, hosts[rank], cause, excess[cause][1], excess[cause][2])
+            found[rank] = Straggling(rank, hosts[rank], cause, excess[cause][1], excess[cause][2], len(rows) - 1,
+                                     device)
     return found
 
 
 @dataclass
 class StragglerWatch:
     hosts: list[str]
+    device: str = "cuda"  # the run's device type (what a slow rank's line advises checking)
     streak: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (cause, slow windows in a row)
     named: dict[int, int] = field(default_factory=dict)  # ranks named in their episode -> windows at pace since
 
@@ -90,7 +98,7 @@ class StragglerWatch:
         """The stragglers to name now: slow for ``WINDOWS`` windows in a row, not named yet in this
         episode. An episode ends when the rank keeps pace for ``WINDOWS`` windows in a row (a cold
         cache comes and goes: one good window does not make the next slow one a new straggler)."""
-        found, new = find_stragglers(rows, self.hosts), []
+        found, new = find_stragglers(rows, self.hosts, self.device), []
         for rank in range(len(rows)):
             if rank not in found:
                 self.streak.pop(rank, None)
@@ -143,11 +151,12 @@ class Tally:
                 self.phases_ms[name] = self.phases_ms.get(name, 0.0) + median(values) * steps
 
 
-def verdict(tally: Tally, when: str, data: Any, device: str, syncs: int | None) -> str:
+def verdict(tally: Tally, when: str, data: Any, device: str, syncs: int | None, stored: str = "files") -> str:
     """One line: data-bound (the worst rank waits for data over ``DATA_BOUND`` of its steady-state
     time: the backend, workers and what to try) or compute-bound (the shares of a step), the
     loader's start-up waits apart, and the host syncs of a steady-state step. ``data`` is the
-    run's ``DataConfig``."""
+    run's ``DataConfig``, ``stored`` how its source keeps images (``Source.stored``): the advice names
+    only what exists and applies on this device to this data."""
     if not tally.steps:
         return f"verdict ({when}): no step was timed"
     shares = [w / t if t > 0 else 0.0 for w, t in zip(tally.wait_ms, tally.steady_ms)]
@@ -163,10 +172,13 @@ def verdict(tally: Tally, when: str, data: Any, device: str, syncs: int | None) 
         unit = "CPU threads" if backend == "dali" else "workers"
         workers = ("loading in the training process (data.num_workers=0)" if data.num_workers == 0 and
                    backend == "torchvision" else f"{data.num_workers} {unit} per rank")
-        tries = [] if backend == "dali" else ["data.backend=dali (decoding and augmenting on the GPU)"]
-        tries += [f"more data.num_workers (this host has {os.cpu_count()} CPUs)",
-                  "data.on_device=true when the images fit in device memory (arrays, DALI)",
-                  "packed shards (simclr shard) when reading many small files from network storage"]
+        tries = ["data.backend=dali (decoding and augmenting on the GPU)"] if device == "cuda" and backend != "dali" \
+            else []
+        tries.append(f"more data.num_workers (this host has {os.cpu_count()} CPUs)")
+        if device == "cuda" and stored == "decoded" and not data.on_device:
+            tries.append("data.on_device=true when the images fit in device memory (DALI)")
+        if stored == "files":
+            tries.append("packed tar shards (simclr make-shards) when reading many small files from network storage")
         return (f"verdict ({when}): data-bound: the ranks wait for data {shares[worst]:.0%} of their time{where}; "
                 f"{backend} backend, {workers}, {step_ms:.1f} ms per step. Try: " + "; ".join(tries) + tail)
     parts = ", ".join(f"{label} {tally.phases_ms[name] / tally.steps / step_ms:.0%}" for name, label in PHASE_NAMES
@@ -181,10 +193,10 @@ class Bottlenecks:
     stragglers named (and tagged), the verdict after the first epoch and at the end. Built on every
     rank (the hosts are gathered once, a collective); only rank 0 reads the windows."""
 
-    def __init__(self, run_dir: str | Path, data: Any, device_type: str, is_main: bool) -> None:
+    def __init__(self, run_dir: str | Path, data: Any, device_type: str, is_main: bool, stored: str = "files") -> None:
         hosts = gather_objects(socket.gethostname())
         self.file, self.data, self.device_type, self.is_main = Path(run_dir) / "ranks.jsonl", data, device_type, is_main
-        self.watch, self.tally = StragglerWatch(hosts), Tally()
+        self.watch, self.tally, self.stored = StragglerWatch(hosts, device_type), Tally(), stored
         self.syncs: int | None = None  # host syncs counted in one steady-state step of this job
         self.first_epoch_said = False
 
@@ -199,4 +211,4 @@ class Bottlenecks:
             tracker.set_tags({f"simclr.straggler.rank{slow.rank}": slow.line(step).split(": ", 1)[1][:500]})
 
     def verdict(self, when: str) -> str:
-        return verdict(self.tally, when, self.data, self.device_type, self.syncs)
+        return verdict(self.tally, when, self.data, self.device_type, self.syncs, self.stored)

@@ -158,5 +158,5 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         tracker=Tracker(cfg.tracking, cfg.train.run_dir, active=info.is_main),
         train_state=train_state, online_probe=probe, val_source=val_source,
         profiler=StepProfiler(cfg.train.profile, info.rank, device, Path(cfg.train.run_dir)), clock=m.clock,
-        bottlenecks=Bottlenecks(cfg.train.run_dir, cfg.data, device.type, info.is_main),
+        bottlenecks=Bottlenecks(cfg.train.run_dir, cfg.data, device.type, info.is_main, loader.source.stored),
     )
