@@ -18,9 +18,20 @@ from trainer.rank_report import RankReport
 log = get_logger()
 
 
+class _GivenOnce(argparse.Action):
+    """An option that may be given once: a second one would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        before = getattr(namespace, self.dest, None)
+        if before is not None:
+            parser.error(f"{option_string} given twice ({before}, {values}): a run takes one recipe; change its "
+                         "values with key=value overrides")
+        setattr(namespace, self.dest, values)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="a recipe: a YAML file, or a shipped recipe's name (demo_cpu, cifar10_resnet18, "
-                   "imagenet_resnet50, ...); defaults apply when omitted")
+    p.add_argument("--config", action=_GivenOnce, help="a recipe: a YAML file, or a shipped recipe's name (demo_cpu, "
+                   "cifar10_resnet18, imagenet_resnet50, ...); defaults apply when omitted")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=0.5 train.epochs=10 data.root=/data/imagenet/train")
 
@@ -504,11 +515,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own parser (benchmarks/throughput.py), --help included
         argv = ["bench", "--", *argv[1:]]
-    if argv[:1] in (["--verbose"], ["--quiet"]):  # before the command: for this process and its ranks
+    leading = []
+    while argv[:1] in (["--verbose"], ["--quiet"]):  # before the command: for this process and its ranks
+        leading.append(argv.pop(0)[2:])
+    parser = build_parser()
+    if len(set(leading)) > 1:
+        parser.error("--verbose and --quiet together: give one (--verbose shows more, --quiet only warnings)")
+    if leading:
         from trainer.logs import set_verbosity
 
-        set_verbosity(argv.pop(0)[2:])
-    args = parse_command_line(build_parser(), argv)
+        set_verbosity(leading[0])
+    args = parse_command_line(parser, argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from trainer.errors import exit_code_of
 

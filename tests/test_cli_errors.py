@@ -113,3 +113,11 @@ def test_rank_zero_says_at_start_where_the_run_writes_what_it_reads_and_where_to
         train(tiny_config())
     err = capsys.readouterr().err
     assert f"MLflow run {result.run_id}" in err and "ended FAILED" in err  # a crash names its run
+
+
+def test_two_configs_or_verbose_with_quiet_are_refused():
+    """Round 7, F56: a second --config silently replaced the first; F47: --verbose --quiet together."""
+    proc = simclr("train", "--dry-run", "--config", "demo_cpu", "--config", "cifar10_resnet18")
+    assert proc.returncode == 2 and "--config given twice (demo_cpu, cifar10_resnet18)" in proc.stderr, proc.stderr
+    proc = simclr("--verbose", "--quiet", "train", "--dry-run")
+    assert proc.returncode == 2 and "--verbose and --quiet together" in proc.stderr, proc.stderr
