@@ -90,3 +90,23 @@ def test_a_full_disk_when_the_trace_is_written_costs_the_trace_not_the_run(tiny_
     assert result.step == 3
     assert any("the profiler's trace of steps 1-1 (train.profile) was not written (No space left on device: "
                in r.message for r in caplog.records), caplog.text
+
+
+def test_a_run_stopped_inside_the_window_keeps_its_steps_and_a_resume_records_the_rest(tiny_config, caplog):
+    """Round 7, F38: a stop inside the profiled window wrote nothing and said nothing, and the resume
+    called the window "not within this job's steps" though it overlapped them."""
+    import logging
+
+    from trainer.loop import train
+
+    with caplog.at_level(logging.INFO, logger="simclr"):
+        first = train(tiny_config(**{"train.profile.steps": "[2,9]", "train.stop_after_steps": 5}))
+        run_dir = Path(first.run_dir)
+        assert first.step == 5 and sorted(p.name for p in (run_dir / "profile").iterdir()) == [
+            "rank0_steps3-5.trace.json.gz"]
+        assert "profile of steps 3-5 (the run stopped inside train.profile.steps=[2, 9]" in caplog.text
+        caplog.clear()
+        second = train(tiny_config(**{"train.profile.steps": "[2,9]"}))  # resumed at step 5: records 6..9
+    assert second.step == 20 and "overlaps this job's steps 6..20: steps 6-9 will be profiled" in caplog.text
+    assert "rank0_steps6-9.trace.json.gz" in {p.name for p in (run_dir / "profile").iterdir()}
+    assert "not within" not in caplog.text

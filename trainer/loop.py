@@ -139,9 +139,12 @@ def run_training(parts: TrainParts, stop: threading.Event,
         on_start(parts.tracker, parts.info)
     stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
     asked = cfg.train.profile.steps
-    if asked and parts.info.is_main and not step <= asked[0] < asked[1] <= stop_at:  # else it would record nothing
+    if asked and parts.info.is_main and (asked[1] <= step or asked[0] >= stop_at):  # else it would record nothing
         log.warning(f"train.profile.steps={asked} is not within this job's steps {step + 1}..{stop_at}: nothing will "
                     f"be profiled; give [START, END] with {step} <= START < END <= {stop_at}")
+    elif asked and parts.info.is_main and (asked[0] < step or asked[1] > stop_at):  # a part of it: said, recorded
+        log.info(f"train.profile.steps={asked} overlaps this job's steps {step + 1}..{stop_at}: steps "
+                 f"{max(asked[0], step) + 1}-{min(asked[1], stop_at)} will be profiled")
     shown = parts.info.is_main and cfg.train.progress_bar
     bar = tqdm(total=stop_at, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not shown)

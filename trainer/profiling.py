@@ -39,17 +39,20 @@ class ProfileConfig:
 
 class StepProfiler:
     """Starts ``torch.profiler`` before step START+1 and writes the trace after step END, on a
-    profiled rank; on any other rank, or when no steps are asked for, each call is one comparison."""
+    profiled rank; on any other rank, or when no steps are asked for, each call is one comparison.
+    A job that starts inside the window (a resume) records from its first step; a job stopped inside
+    it writes the steps recorded so far (``close``)."""
 
     def __init__(self, cfg: ProfileConfig, rank: int, device: torch.device, run_dir: Path) -> None:
-        self.cfg, self.device, self.run_dir = cfg, device, Path(run_dir)
+        self.cfg, self.device, self.run_dir, self.rank = cfg, device, Path(run_dir), rank
         self.start, self.end = (cfg.steps[0], cfg.steps[1]) if cfg.steps and rank in cfg.ranks else (-1, -1)
-        self.out = Path(run_dir) / "profile" / f"rank{rank}_steps{self.start + 1}-{self.end}"
         self._profiler: torch.profiler.profile | None = None
+        self._first = self._last = -1  # steps done when recording began, and at its last step
+        self._written = False  # one recording a job
 
     def before_step(self, step: int) -> None:
         """``step``: the steps done so far (the next one is step + 1)."""
-        if step != self.start:
+        if self._profiler is not None or self._written or not self.start <= step < self.end:
             return
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # its start/stop lines are not ours to show
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -60,39 +63,50 @@ class StepProfiler:
         self._profiler = torch.profiler.profile(activities=activities, record_shapes=self.cfg.record_shapes,
                                                 with_stack=self.cfg.with_stack)
         self._profiler.__enter__()
+        self._first = self._last = step
 
     def after_step(self, step: int) -> list[Path]:
         """After step ``step``: at END, stop recording and write the files; returns them."""
-        if self._profiler is None or step != self.end:
+        if self._profiler is None:
             return []
+        self._last = step
+        return self._write() if step == self.end else []
+
+    def _write(self, note: str = "") -> list[Path]:
+        """Stop recording and write the steps recorded (``_first``+1 .. ``_last``)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        profiler, self._profiler = self._profiler, None
+        profiler, self._profiler, self._written = self._profiler, None, True
         profiler.__exit__(None, None, None)
-        files, steps = [], f"steps {self.start + 1}-{self.end}"
-        # optional outputs: a file in the way or a full disk costs the trace, never the run
-        with optional_output(f"the profiler's trace of {steps} (train.profile)", self.run_dir):
-            self.out.parent.mkdir(exist_ok=True)  # not its parents: a moved run folder is not made again
-            trace = self.out.with_suffix(".trace.json.gz")
-            with tempfile.TemporaryDirectory() as tmp:  # written whole: rank 0 may be uploading the folder
-                profiler.export_chrome_trace(f"{tmp}/trace.json")
-                atomic_write(trace, gzip.compress(Path(f"{tmp}/trace.json").read_bytes()))
-            files.append(trace)
+        steps = f"steps {self._first + 1}-{self._last}"
+        out = self.run_dir / "profile" / f"rank{self.rank}_steps{self._first + 1}-{self._last}"
+        files = []
+        if self._last > self._first:
+            # optional outputs: a file in the way or a full disk costs the trace, never the run
+            with optional_output(f"the profiler's trace of {steps} (train.profile)", self.run_dir):
+                out.parent.mkdir(exist_ok=True)  # not its parents: a moved run folder is not made again
+                trace = out.with_suffix(".trace.json.gz")
+                with tempfile.TemporaryDirectory() as tmp:  # written whole: rank 0 may be uploading the folder
+                    profiler.export_chrome_trace(f"{tmp}/trace.json")
+                    atomic_write(trace, gzip.compress(Path(f"{tmp}/trace.json").read_bytes()))
+                files.append(trace)
+            if self.device.type == "cuda":
+                with optional_output(f"the CUDA memory snapshot of {steps} (train.profile)", self.run_dir):
+                    snapshot = out.with_suffix(".memory.pickle")
+                    torch.cuda.memory._dump_snapshot(str(snapshot))
+                    files.append(snapshot)
         if self.device.type == "cuda":
-            with optional_output(f"the CUDA memory snapshot of {steps} (train.profile)", self.run_dir):
-                snapshot = self.out.with_suffix(".memory.pickle")
-                torch.cuda.memory._dump_snapshot(str(snapshot))
-                files.append(snapshot)
             torch.cuda.memory._record_memory_history(enabled=None)
         if files:
-            log.info(f"profile of {steps}: {', '.join(str(f) for f in files)} (open the trace in "
+            log.info(f"profile of {steps}{note}: {', '.join(str(f) for f in files)} (open the trace in "
                      "https://ui.perfetto.dev or chrome://tracing)")
+        elif self._last == self._first:
+            log.warning(f"the run stopped before the first profiled step (train.profile.steps={self.cfg.steps}): "
+                        "no trace")
         return files
 
-    def close(self) -> None:
-        """A run that stopped inside the profiled steps: recording ends, nothing is written."""
-        if self._profiler is not None:
-            self._profiler.__exit__(None, None, None)
-            self._profiler = None
-            if self.device.type == "cuda":
-                torch.cuda.memory._record_memory_history(enabled=None)
+    def close(self) -> list[Path]:
+        """A run that stopped inside the profiled steps: the steps recorded so far are written."""
+        if self._profiler is None:
+            return []
+        return self._write(f" (the run stopped inside train.profile.steps={self.cfg.steps}: a part of the window)")
