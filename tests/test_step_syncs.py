@@ -36,8 +36,8 @@ def test_the_counter_sees_a_sync_added_to_the_step(photo_data, tmp_path, monkeyp
     """The test above can fail: an ``.item()`` in the step is counted once per counted step."""
     import trainer.step as step_module
 
-    real = step_module.max_over_ranks
-    monkeypatch.setattr(step_module, "max_over_ranks", lambda flag: (real(flag), flag.item())[0])
+    real = step_module.all_reduce_
+    monkeypatch.setattr(step_module, "all_reduce_", lambda flag, op="sum": (real(flag, op), flag.item())[0])
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **STEADY))
     assert count_window_syncs(cfg) == {"item": 3}
 

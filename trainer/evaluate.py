@@ -215,12 +215,18 @@ def neighbours_picture(panels: dict[str, EncoderEval], train: Source, val: Sourc
     return path
 
 
+def shared_by_ranks(world: int) -> bool:
+    """Whether a share of ``world`` is this process group's (then its results are gathered, a 1-rank
+    group included); a rank doing everything alone (``shard=(0, 1)`` in a bigger group) keeps its own."""
+    return collectives.active() and world == collectives.world_size()
+
+
 def gather_in_order(features: torch.Tensor, labels: torch.Tensor,
                     shard: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's share (rank r holds items r, r + world, ...) back in the items' own order, on
     every rank (all-gathers; shares differ in length by at most one), on the CPU."""
     rank, world = shard
-    if not collectives.active():
+    if not shared_by_ranks(world):
         return features, labels
     all_x, all_y = collectives.gather_varying(features.cpu()), collectives.gather_varying(labels.cpu())
     out_x = torch.empty((sum(len(y) for y in all_y), *features.shape[1:]), dtype=features.dtype)
@@ -380,7 +386,8 @@ def probe_val_top1(encoder: nn.Module, probe, source: Source, data_cfg: DataConf
         x, y = extract_features(encoder, source, data_cfg, device, "the online probe's validation (data.val_root)",
                                 shard=(rank, world))
         hits, count = probe.evaluate(x.to(device), y.to(device))
-        hits, count = collectives.all_reduce_(torch.stack([hits, count])).tolist()
+        counts = torch.stack([hits, count])
+        hits, count = (collectives.all_reduce_(counts) if shared_by_ranks(world) else counts).tolist()
         return hits / max(count, 1.0)
     finally:
         encoder.train()

@@ -85,11 +85,12 @@ def uses_channels_last(cfg: ModelConfig, device: torch.device) -> bool:
 
 
 def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> nn.Module:
-    """The SimCLR model on ``device``: BatchNorm synchronised over ranks when ``cfg.sync_bn`` and a
-    process group exists, even of one rank (our SyncBatchNorm runs on NCCL and gloo alike);
+    """The SimCLR model on ``device``: BatchNorm synchronised over ranks when ``cfg.sync_bn`` and
+    several ranks or a process group (even of one rank: it runs the all-reduces a big job runs; our
+    SyncBatchNorm runs on NCCL and gloo alike);
     channels_last only on CUDA."""
     model = SimCLRModel(cfg)
-    if cfg.sync_bn and collectives.active():
+    if cfg.sync_bn and (world_size > 1 or collectives.active()):
         model = convert_sync_bn(model, world_size, rank, cfg.sync_bn_group_size)
     model = model.to(device)
     if uses_channels_last(cfg, device):

@@ -120,22 +120,23 @@ class LARS(torch.optim.Optimizer):
     def _update_per_tensor(self, group: dict, params: list[torch.Tensor]) -> None:
         """The CPU's loop (its foreach kernels are not fused). Each update is made in one scratch
         buffer reused tensor after tensor (no fresh allocation a step: on the CPU each would cost page
-        faults) and applied at once with the fused momentum kernel; on the CPU the trust ratio is a
-        host float (reading a CPU tensor waits for nothing)."""
+        faults) and applied at once with the fused momentum kernel. The trust ratio stays a tensor:
+        nothing is read on the host (the same step runs on a GPU with ``foreach=False``)."""
         wd, adapt = group["weight_decay"], group["lars_adapt"]
         bufs = self._momentum_buffers(params) if group["momentum"] != 0 else [None] * len(params)
         scratch = self._scratch(params)
         for p, buf in zip(params, bufs):
             update = p.grad
-            if wd != 0 or adapt:
+            if (wd != 0 or adapt) and p.dtype != scratch.dtype:  # a group of mixed dtypes: this one allocates
+                update = p.grad.add(p, alpha=wd)
+            elif wd != 0 or adapt:
                 update = scratch[: p.numel()].view_as(p)
                 if wd != 0:
                     torch.add(p.grad, p, alpha=wd, out=update)
                 else:
                     update.copy_(p.grad)
             if adapt:
-                update.mul_(self._trust_of(group, p) if not p.is_cuda else
-                            self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)))
+                update.mul_(self._trust(group, torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)))
             self._apply(group, [p], [update], [] if buf is None else [buf])
 
     def _scratch(self, params: list[torch.Tensor]) -> torch.Tensor:
@@ -145,15 +146,6 @@ class LARS(torch.optim.Optimizer):
                 held.device != largest.device:
             self._scratch_buffer = held = torch.empty(largest.numel(), dtype=largest.dtype, device=largest.device)
         return held
-
-    @staticmethod
-    def _trust_of(group: dict, p: torch.Tensor) -> float:
-        """``_trust`` as a host float, for CPU tensors."""
-        w_norm, g_norm = float(torch.linalg.vector_norm(p)), float(torch.linalg.vector_norm(p.grad))
-        if w_norm <= 0 or g_norm <= 0:
-            return 1.0
-        trust = group["trust_coefficient"] * w_norm / (g_norm + w_norm * group["weight_decay"] + group["eps"])
-        return min(trust / group["lr"], 1.0) if group["trust_clip"] else trust
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

@@ -112,7 +112,7 @@ class StepClock:
         if start not in marks or end not in marks:
             return float("nan")
         ms = self._between(marks[start], marks[end])
-        return ms - waits_ms if name == "own_ms" else ms
+        return max(ms - waits_ms, 0.0) if name == "own_ms" else ms  # (the sampled waits are an estimate)
 
     def window(self) -> dict[str, float]:
         """The window's figures (ms per step, mean over its steps; host p50/p95); NaN where no step

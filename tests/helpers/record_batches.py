@@ -22,7 +22,7 @@ class RecordingLoader:
         self.loader, self.source, self.backend, self.first_step = loader, loader.source, loader.backend, 0
         self.steps_per_epoch, self.corrupt_skipped, self.views = loader.steps_per_epoch, 0, loader.views
         self.rebuilds = loader.rebuilds
-        self.check_files = loader.check_files
+        self.check_files, self.close = loader.check_files, loader.close
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.first_step = epoch * self.steps_per_epoch + start_step
