@@ -28,16 +28,17 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2)))
 
 
-def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """This rank's per-channel mean and biased variance (fp32), each computed stably by torch's own
     batch-norm statistics: Welford's (``torch.batch_norm_stats``) on CUDA; on the CPU, where that
-    kernel does not exist, the training batch norm's (its output is dropped: still faster than a
-    ``var_mean`` over the batch and spatial dimensions)."""
+    kernel does not exist, the training batch norm's, whose output (``x`` normalised by this rank's
+    statistics) is returned too: the forward turns it into the global one in place."""
     if x.is_cuda:
         mean, invstd = torch.batch_norm_stats(x, eps)
+        local = None
     else:
-        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-    return mean.float(), invstd.float().pow(-2) - eps
+        local, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean.float(), invstd.float().pow(-2) - eps, local
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -45,7 +46,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     from stable per-rank statistics, so a mean of 1e4 with a std of 1 loses nothing) and one
     backward ([sum dy, sum dy (x - mean)]); no host syncs, no fp32 copy of the activations. On
     CUDA torch's fused batch-norm kernels do each pass; on the CPU, torch's own batch norm in
-    inference form (the affine map with the global statistics) and its backward for the sums."""
+    training form for this rank's statistics and output, turned into the global output in place,
+    and its backward for the sums."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -53,20 +55,24 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
         c, n = x.shape[1], x.numel() // x.shape[1]
-        mean, var = _local_stats(x, eps)
-        mean64 = mean.double()
+        local_mean, local_var, local_out = _local_stats(x, eps)
+        mean64 = local_mean.double()
         count = torch.full((1,), float(n), dtype=torch.float64, device=x.device)
-        stats = torch.cat([mean64 * n, (var.double() + mean64 * mean64) * n, count])
+        stats = torch.cat([mean64 * n, (local_var.double() + mean64 * mean64) * n, count])
         with clock.collective() if clock is not None else nullcontext():  # a wait for the slowest rank: not own work
             dist.all_reduce(stats, group=group)
         total = stats[2 * c :]
         mean64 = stats[:c] / total
         mean, var = mean64.float(), (stats[c : 2 * c] / total - mean64 * mean64).clamp_(min=0).float()
         invstd = torch.rsqrt(var + eps)
-        if x.is_cuda:
+        if local_out is None:  # CUDA
             out = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
-        else:
-            out = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        else:  # (x - m) i w + b = local (i / i_local) w + ((m_local - m) i w + b): one pass, in place
+            w = invstd if weight is None else invstd * weight.float()
+            scale = w * torch.sqrt(local_var + eps)
+            shift = (local_mean - mean) * w + (0.0 if bias is None else bias.float())
+            out = torch.addcmul(_channel_view(shift, x.ndim).to(x.dtype), local_out,
+                                _channel_view(scale, x.ndim).to(x.dtype), out=local_out)
         ctx.save_for_backward(x, weight, mean, invstd, var, total)
         ctx.mark_non_differentiable(mean, var, total)
         ctx.group, ctx.eps, ctx.has_bias = group, eps, bias is not None
@@ -97,7 +103,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                                                          total.to(torch.int32))
             else:  # dy * a + x * b + k, per channel: two passes
                 scale = invstd if w is None else invstd * w
-                mean_dy, mean_dy_xmu = sum_dy / total, sum_dy_xmu / total
+                count = total.float()  # (float64 from the all-reduce: it would promote every pass below)
+                mean_dy, mean_dy_xmu = sum_dy / count, sum_dy_xmu / count
                 b = -scale * invstd * invstd * mean_dy_xmu
                 k = -scale * mean_dy - b * mean
                 grad_x = torch.addcmul(_channel_view(k, x.ndim), x, _channel_view(b, x.ndim)).to(x.dtype)
