@@ -9,11 +9,13 @@ on CUDA the time to queue it, unless the queue is full).
 
 The own forward is this rank's work alone, which no other rank can slow: the batch in hand to the
 loss, less the time spent in the forward's collectives (SyncBatchNorm's all-reduce of statistics
-in every layer, where a rank waits for the slowest: ``collective`` times each). Those are timed on
-one sampled step a window (its first), not every step: on a GPU that is two CUDA events per layer
-(about 110 on a ResNet-50), and every step would pay them; the other steps of the window subtract
-the sampled step's waits. Under torch.compile the collectives inside the compiled model are not
-timed, and the own forward includes their waits.
+in every layer, where a rank waits for the slowest: ``collective`` times each). On the CPU every
+collective of every step is timed (a host clock read costs nothing). On a GPU a timed collective is
+two CUDA events (about 110 a step on a ResNet-50), so every step times only its first collective,
+where a rank waits for the others to arrive (a late rank: its data, its logging), and one sampled
+step a window (its first) times the rest, which run in lockstep; the other steps subtract those.
+Under torch.compile the collectives inside the compiled model are not timed, and the own forward
+includes their waits.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ class StepClock:
         self.cuda = device.type == "cuda"
         self._current: dict[str, Any] | None = None  # the marks of the step in progress; None outside steps
         self._waits: list[tuple[Any, Any]] = []  # its collectives before the loss: (start, end)
-        self._sampling = False  # this step's collectives are timed (the window's first step)
+        self._sampling = False  # every collective of this step is timed (CPU: always; CUDA: the window's first)
         self._last: Any = None  # the newest CUDA event, waited for before the window is read
         self._started = 0.0
         self.reset()
 
     def reset(self) -> None:
-        self._steps: list[tuple[dict[str, Any], list[tuple[Any, Any]] | None]] = []  # (marks, waits if sampled)
+        self._steps: list[tuple[dict[str, Any], list[tuple[Any, Any]], bool]] = []  # (marks, waits, all timed)
         self._host_ms: list[float] = []
 
     def _now(self) -> Any:
@@ -62,7 +64,8 @@ class StepClock:
     @contextmanager
     def collective(self) -> Iterator[None]:
         """Time a collective of the forward (before the loss), to leave out of the own forward."""
-        if not self._sampling or self._current is None or "loss" in self._current or torch.compiler.is_compiling():
+        if (self._current is None or "loss" in self._current or torch.compiler.is_compiling()
+                or (self._waits and not self._sampling)):  # unsampled: only the step's first one
             yield
             return
         start = self._now()
@@ -71,14 +74,14 @@ class StepClock:
 
     def start_step(self) -> None:
         self._started = time.perf_counter()
-        self._sampling = not self._steps  # the window's first step: its collectives timed
+        self._sampling = not self.cuda or not self._steps
         self._current, self._waits = {"batch": self._now()}, []
 
     def end_step(self) -> None:
         if self._current is None:
             return
         self._host_ms.append((time.perf_counter() - self._started) * 1000)
-        self._steps.append((self._current, self._waits if self._sampling else None))
+        self._steps.append((self._current, self._waits, self._sampling))
         self._current, self._sampling = None, False
 
     def timing_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,12 +122,16 @@ class StepClock:
         was timed. Reading CUDA events waits for the last one: call at log steps only."""
         if self.cuda and self._last is not None:
             self._last.synchronize()
-        sampled = next((waits for _, waits in self._steps if waits is not None), [])
-        sampled_ms = sum(self._between(a, b) for a, b in sampled)  # the steps that were not sampled wait as it did
+
+        def waited(waits: list[tuple[Any, Any]]) -> list[float]:
+            return [self._between(a, b) for a, b in waits]
+
+        # the collectives after the first, as the sampled step waited in them (0 if none was sampled)
+        rest_ms = next((sum(waited(waits)[1:]) for _, waits, sampled in self._steps if sampled), 0.0)
         figures = {}
         for name, start, end in PHASES:
-            values = [self._ms(marks, sampled_ms if waits is None else sum(self._between(a, b) for a, b in waits),
-                               name, start, end) for marks, waits in self._steps]
+            values = [self._ms(marks, sum(waited(waits)) + (0.0 if sampled else rest_ms), name, start, end)
+                      for marks, waits, sampled in self._steps]
             figures[name] = float(np.nanmean(values)) if values and not np.isnan(values).all() else float("nan")
         host = np.array(self._host_ms) if self._host_ms else np.array([np.nan])
         figures["step_ms_p50"], figures["step_ms_p95"] = (float(np.percentile(host, q)) for q in (50, 95))
