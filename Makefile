@@ -24,7 +24,7 @@ demo: $(STAMP)
 # The tests that compare timings across ranks (marked alone) run there too, with nothing beside them.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2 -m 'not slurm and not alone' --durations=15
+	$(PY) -m pytest -q -n 2 -m 'not slurm and not alone' --durations=40
 	$(PY) -m pytest -q -p no:xdist -m 'slurm or alone' --durations=8
 
 # the lowest declared versions (constraints-lowest.txt), the whole suite but the SLURM clusters
