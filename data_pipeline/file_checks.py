@@ -43,6 +43,12 @@ def image_dimensions(kind: str, head: bytes, fd: int | None = None) -> tuple[int
     return None
 
 
+def encoded_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an encoded image held in memory; None when its header does not tell."""
+    kind = next((k for m, k in _MAGIC.items() if data.startswith(m)), None)
+    return image_dimensions(kind, data) if kind else None
+
+
 def _jpeg_dimensions(head: bytes, fd: int | None, extra_reads: int = 3) -> tuple[int, int] | None:
     buf, base, i = head, 0, 2  # buf holds the file's bytes from offset base
     while True:

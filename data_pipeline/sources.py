@@ -109,6 +109,31 @@ def labelled_indices(source: Source, needed_by: str) -> np.ndarray:
     return keep
 
 
+def typical_image_size(source: Source, samples: int = 16) -> tuple[int, int] | None:
+    """The median (width, height) of ``samples`` images spread over ``source``, from their headers
+    (no decoding); None when no header tells."""
+    from data_pipeline.file_checks import encoded_dimensions
+
+    picked = np.unique(np.linspace(0, len(source) - 1, num=min(samples, len(source))).astype(np.int64))
+    if len(picked) == 0:
+        return None
+    if source.stored == "decoded":
+        height, width = source.read_decoded(picked[:1]).shape[1:3]  # one dense array: every image one size
+        return int(width), int(height)
+    sizes = []
+    for index in picked:
+        try:
+            dims = encoded_dimensions(source.read_encoded(int(index)))
+        except (DataError, OSError):  # a damaged file is the file check's business, not this note's
+            dims = None
+        if dims is not None:
+            sizes.append(dims)
+    if not sizes:
+        return None
+    width, height = np.median(np.asarray(sizes), axis=0)
+    return int(width), int(height)
+
+
 def data_fingerprint(source: Source) -> dict:
     """What a run was started on, to notice at a resume that the dataset changed under it: the
     sample count, the class names, and a digest of the listing (each sample's name relative to the

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data_pipeline.config import AugmentConfig, DataConfig, ViewGroup
+from data_pipeline.config import AugmentConfig, DataConfig, SizeSchedule, ViewGroup
 
 
 def default_views() -> list[ViewGroup]:
@@ -57,6 +57,33 @@ class ViewSpec:
     def changes_size(self) -> bool:
         """Whether any group's size follows a schedule."""
         return any(not isinstance(g.size, int) for g in self.groups)
+
+
+    def notes(self, epochs: int, images: tuple[int, int] | None = None) -> list[str]:
+        """What a run of ``epochs`` epochs would not show until too late: a size schedule whose
+        changes fall after the run ends, and crops larger than the ``images`` (width, height), each
+        one upscaled."""
+        said, last = [], max(epochs, 1) - 1
+        for i, group in enumerate(self.groups):
+            if isinstance(group.size, int):
+                continue
+            planned = group.size.end if isinstance(group.size, SizeSchedule) else group.size[-1][1]
+            at = group.size.to_epoch if isinstance(group.size, SizeSchedule) else group.size[-1][0]
+            reached = group.size_at(last, self.image_size)
+            if reached == planned:
+                continue
+            run = {group.size_at(epoch, self.image_size) for epoch in range(last + 1)}
+            key, first = f"data.views[{i}].size", group.size_at(0, self.image_size)
+            now = (f"every epoch trains at {first} px" if len(run) == 1 else
+                   f"it reaches {reached} px in the last epoch, not {planned} px")
+            said.append(f"{key} reaches its {planned} px at epoch {at}, but the run has {epochs} epoch(s) "
+                        f"(0-{last}): {now}; raise train.epochs or end the schedule by epoch {last}")
+        largest = max(size for epoch in range(last + 1) for size in self.sizes(epoch))
+        if images is not None and largest > min(images):
+            said.append(f"views of up to {largest} px are cut from images of about {images[0]} x {images[1]} "
+                        f"px (the median of a few): every crop is upscaled, which costs compute and adds no detail; "
+                        f"views of at most {min(images)} px match them (data.image_size, or data.views[i].size)")
+        return said
 
 
 def size_runs(shapes: list) -> list[list[int]]:

@@ -79,6 +79,44 @@ def test_size_schedules_follow_the_epochs():
     assert ViewGroup(size=0).size_at(3, 96) == 96  # 0: data.image_size
 
 
+
+def test_a_schedule_the_run_ends_before_and_upscaled_crops_are_said_at_the_start():
+    """Round 7, F11 and F4: a schedule starting after the run ends, and views larger than the
+    images, were silent."""
+    from data_pipeline.views import ViewSpec
+
+    late = ViewSpec([ViewGroup(size=SizeSchedule(start=16, end=32, from_epoch=10, to_epoch=20, step=8))], 16)
+    (said,) = late.notes(4)
+    assert said.startswith("data.views[0].size reaches its 32 px at epoch 20, but the run has 4 epoch(s) (0-3): "
+                           "every epoch trains at 16 px; raise train.epochs"), said
+    (said,) = ViewSpec([ViewGroup(size=[(0, 16), (2, 24), (6, 32)])], 16).notes(4)
+    assert "reaches 24 px in the last epoch, not 32 px" in said, said
+    assert ViewSpec([ViewGroup(size=[(0, 16), (3, 32)])], 16).notes(4) == []  # its last size in its last epoch
+    assert ViewSpec([ViewGroup(size=24)], 16).notes(4, images=(32, 40)) == []
+    (said,) = ViewSpec([ViewGroup(count=2), ViewGroup(count=4, size=16)], 224).notes(1, images=(32, 40))
+    assert said.startswith("views of up to 224 px are cut from images of about 32 x 40 px") and "at most 32 px" in said
+
+
+def test_the_typical_image_size_is_read_from_headers_of_every_layout(photo_data, tmp_path):
+    from data_pipeline.layouts import open_source
+    from data_pipeline.sources import typical_image_size
+
+    assert typical_image_size(open_source(str(photo_data / "train"))) == (32, 32)  # JPEG files
+    assert typical_image_size(open_source(str(photo_data / "train.npz"))) == (32, 32)  # one dense array
+    assert typical_image_size(open_source(str(flat_npz(tmp_path / "wide.npz", [1, 2], size=20)))) == (20, 20)
+
+
+def test_a_training_run_says_both_at_its_start(photo_data, tmp_path):
+    from tests.helpers.runs import tiny_overrides
+    from trainer.loop import train
+
+    run_dir = tmp_path / "run"
+    train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{
+        "data.views": "[{count: 2, size: [[0, 48], [5, 16]]}]", "train.stop_after_steps": 1})))
+    log = (run_dir / "simclr.log").read_text()
+    assert "data.views[0].size reaches its 16 px at epoch 5, but the run has 2 epoch(s)" in log, log
+    assert "views of up to 48 px are cut from images of about 32 x 32 px" in log, log
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("nvidia.dali") is None, reason="DALI is not installed")
 def test_dali_builds_a_new_pipeline_only_where_the_size_changes(tmp_path):
     data = flat_npz(tmp_path / "idx.npz", list(range(64)))

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
-from data_pipeline.sources import data_fingerprint
+from data_pipeline.sources import data_fingerprint, typical_image_size
 from foundation.collectives import agree_any, on_rank_zero
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError, ResumeChanges
@@ -381,6 +381,8 @@ def announce(parts: TrainParts, step: int) -> None:
     log.info(f"data {cfg.data.root}: {len(source)} images{classes}, {labelled}; {parts.steps_per_epoch} steps "
              f"per epoch of {cfg.data.batch_size} ({world} rank(s) x {cfg.data.batch_size // world}), "
              f"{parts.loader.backend} backend on {parts.info.device}")
+    for note in parts.loader.views.notes(cfg.train.epochs, typical_image_size(source)):
+        log.warning(note)
     log.info(parts.tracker.describe())
 
 
