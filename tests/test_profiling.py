@@ -47,10 +47,12 @@ def test_a_profile_window_outside_the_job_says_so(tiny_config, caplog):
 
     from trainer.loop import train
 
-    cfg = tiny_config(**{"train.stop_after_steps": 2, "train.profile.steps": "[2,4]"})
+    cfg = tiny_config(**{"train.stop_after_steps": 2, "train.profile.steps": "[2,4]", "train.profile.ranks": "[0, 3]"})
     with caplog.at_level(logging.WARNING, logger="simclr"):
         train(cfg)
     assert "train.profile.steps=[2, 4] is not within this job's steps 1..2: nothing will be profiled" in caplog.text
+    # round 7, F37: a rank the job does not have was silent
+    assert "train.profile.ranks=[0, 3]: this job has 1 rank(s) (0..0), so rank(s) [3] record nothing" in caplog.text
     assert not (Path(cfg.train.run_dir) / "profile").exists()
 
 

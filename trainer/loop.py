@@ -138,7 +138,11 @@ def run_training(parts: TrainParts, stop: threading.Event,
     if on_start is not None:
         on_start(parts.tracker, parts.info)
     stop_at = min(parts.schedule.total, cfg.train.stop_after_steps or parts.schedule.total)
-    asked = cfg.train.profile.steps
+    asked, world = cfg.train.profile.steps, parts.info.world_size
+    outside = [r for r in cfg.train.profile.ranks if not 0 <= r < world]
+    if asked and parts.info.is_main and outside:
+        log.warning(f"train.profile.ranks={cfg.train.profile.ranks}: this job has {world} rank(s) (0..{world - 1}), "
+                    f"so rank(s) {outside} record nothing; name ranks below {world}")
     if asked and parts.info.is_main and (asked[1] <= step or asked[0] >= stop_at):  # else it would record nothing
         log.warning(f"train.profile.steps={asked} is not within this job's steps {step + 1}..{stop_at}: nothing will "
                     f"be profiled; give [START, END] with {step} <= START < END <= {stop_at}")
