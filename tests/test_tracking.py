@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,32 @@ def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
     tracker.finish()
     history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_a_server_back_before_the_run_ends_gets_everything_and_the_run_closes(mlflow_server, tmp_path):
+    """Round 7, F50: a server stopped mid-run and back before the end got no last try (the run stayed
+    RUNNING with 2 of 8 loss rows until simclr sync). The server "restarts" behind a loopback proxy:
+    the client's pooled connections die, new ones are refused, then it answers again."""
+    from tests.helpers.loopback_proxy import LoopbackProxy
+
+    proxy = LoopbackProxy(int(mlflow_server.rsplit(":", 1)[1]))
+    tracker = Tracker(TrackingConfig(uri=proxy.url, experiment="restart", system_metrics=False), tmp_path,
+                      active=True, retry_s=3600)  # offline for the rest of the run once a request fails
+    run_id = tracker.start({"a": 1}, {})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    proxy.down()
+    for step in (2, 3):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    assert tracker.mlflow.pending
+    proxy.up()  # back before the run ends
+    tracker.log_metrics({"loss": 4.0}, step=4)  # inside the retry window: queued
+    proxy.down()
+    threading.Timer(0.5, proxy.up).start()  # refused at the run's end, and back a moment later
+    tracker.finish()
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4] and run.info.status == "FINISHED"
+    proxy.down()
 
 
 def test_importing_tracking_leaves_the_environment_alone():

@@ -227,14 +227,14 @@ class MlflowRun:
         if self._monitor is not None:
             self._monitor.finish()
         self._finishing = True
-        sent = self.flush(force=True)
-        # a busy sqlite store (a sweep's runs sharing one file) gets more chances; a server that failed
-        # just now would only cost another request timeout each
-        for wait_s in (1.0, 3.0) if self.uri.startswith("sqlite:") else ():
-            if sent:
-                break
+        # two more chances for a sqlite store (locked by a sweep's other runs) and for a server that
+        # refused at once (restarting); one that timed out would only cost another timeout each
+        for wait_s in (0.0, 1.0, 3.0):
             time.sleep(wait_s)
+            started = time.monotonic()
             sent = self.flush(force=True)
+            if sent or (time.monotonic() - started > 1.0 and not self.uri.startswith("sqlite:")):
+                break
         if sent and self.run_id and status is not None:
             try:
                 self.client.set_terminated(self.run_id, status=status)
