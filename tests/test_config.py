@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -179,3 +180,19 @@ def test_every_config_field_says_what_a_resume_may_do_with_it():
         part: Section = dataclasses.field(default_factory=Section)
 
     assert resume_policies(Whole) == {"part.said": "hyper", "part.silent": None}
+
+
+def test_an_item_of_a_list_is_overridden_by_the_key_form_errors_use():
+    """Round 7, F55: data.views[1].count=6 was refused with "did you mean 'views'?", though our
+    errors name keys in that form; data.views.1.count=6 made a mapping of the list."""
+    cfg = load_config(None, ["data.views=[{count: 2, size: 32}, {count: 4, size: 16}]", "data.views[1].count=6",
+                             "data.views[1].size={start: 8, end: 16, to_epoch: 2, step: 8}"])
+    assert [g.count for g in cfg.data.views] == [2, 6] and cfg.data.views[1].size.end == 16
+    for overrides, said in (
+            (["data.views[0].count=4"], "this config gives no data.views list to index"),
+            (["data.views=[{count: 2}]", "data.views[3].count=4"], "data.views has 1 item(s) in this config; index"),
+            (["data.views=[{count: 2}]", "data.views.0.count=4"], "index goes in brackets: data.views[0].count=4"),
+            (["data.views=[{count: 2}]", "data.views[0].cuont=4"], "did you mean 'count'"),
+            (["data.views[x].count=4"], "a key is names joined by '.', each with optional [index]")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(None, overrides)

@@ -293,6 +293,17 @@ def test_changed_hyper_parameters_are_refused_unless_allowed_then_recorded(tiny_
     assert params["changed_at_step_2.model.sync_bn"] == "True -> False"
 
 
+def test_a_changed_view_group_is_named_by_its_key_not_dumped(tiny_config):
+    """Round 7, F15: a changed view specification was refused with a 1,221-character dump of both
+    lists. Now the key that changed (given in the same indexed form, F55)."""
+    views = "[{count: 2, size: 16}, {count: 2, size: 8}]"
+    train(tiny_config(**{"train.stop_after_steps": 2, "data.views": views}))
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        train(tiny_config(**{"train.stop_after_steps": 4, "data.views": views, "data.views[1].count": 4}))
+    said = str(refused.value)
+    assert "but these settings changed: data.views[1].count 2 -> 4. Resume with" in said and len(said) < 400, said
+
+
 def test_a_changed_dataset_is_named_at_resume(photo_data, tmp_path):
     """A class added under a resume was a 37-line RuntimeError (probe outputs); a shrunk dataset
     said 'already finished' (step 39/24) with no encoder. Now one line names the change; with

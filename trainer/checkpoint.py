@@ -344,8 +344,32 @@ class ResumeChanges:
         return bool(self.settings or self.hyper or self.data)
 
 
+def describe_changes(diff: dict[str, tuple[Any, Any]]) -> list[str]:
+    """``key old -> new`` for each change; a list of sections (``data.views``) item by item and key by
+    key (``data.views[1].count 4 -> 6``; ``data.views[2] added: {count: 2, size: 16}``), its unset keys
+    left out."""
+    said = []
+    for key, (old, new) in diff.items():
+        if not (isinstance(old, list) and isinstance(new, list) and all(isinstance(x, dict) for x in old + new)):
+            said.append(f"{key} {old!r} -> {new!r}")
+            continue
+        for i, (a, b) in enumerate(zip(old, new)):
+            names = [*a, *(k for k in b if k not in a)]
+            said += [f"{key}[{i}].{name} {a.get(name)!r} -> {b.get(name)!r}" for name in names
+                     if a.get(name) != b.get(name)]
+        for i, item in list(enumerate(old))[len(new):]:
+            said.append(f"{key}[{i}] removed: {_compact(item)}")
+        for i, item in list(enumerate(new))[len(old):]:
+            said.append(f"{key}[{i}] added: {_compact(item)}")
+    return said
+
+
+def _compact(item: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in item.items() if v is not None) + "}"
+
+
 def _said(diff: dict[str, tuple[Any, Any]]) -> str:
-    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in diff.items())
+    return ", ".join(describe_changes(diff))
 
 
 def reconcile(state: dict[str, Any], cfg: Config, path: Path, data_now: dict[str, Any]) -> ResumeChanges:

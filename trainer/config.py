@@ -20,9 +20,8 @@ from data_pipeline.views import view_spec
 from trainer.credentials import take_credentials
 from trainer.dataclass_yaml import (
     ConfigError,
+    apply_overrides,
     build_dataclass,
-    merge,
-    parse_overrides,
     read_yaml_mapping,
     to_plain_dict,
 )
@@ -222,7 +221,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
         data = read_yaml_mapping(find_recipe(path, "configs"), "config file",
                                  "pass a recipe's name (demo_cpu, cifar10_resnet18, ...) or a YAML file")
-    return config_from_dict(merge(data, parse_overrides(overrides or [])))
+    return config_from_dict(apply_overrides(data, overrides or []))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -142,17 +142,68 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["optim.lr=0.5", "train.epochs=10"]`` -> nested dict; values are parsed as YAML scalars."""
-    tree: dict[str, Any] = {}
+    return apply_overrides({}, overrides)
+
+
+def apply_overrides(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``base`` (a recipe's mapping; not changed) with ``overrides`` laid over it in order: a dotted
+    key (``optim.lr=0.5``) merges as a section of a recipe does; a key with an index
+    (``data.views[1].count=6``, the form our errors name keys in) changes that item of a list the
+    recipe gives."""
+    import copy
+
+    tree = copy.deepcopy(base)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. optim.lr=0.5")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
             value = parse_value(raw)
         except ConfigError as exc:
             raise ConfigError(f"override {key}: {exc}") from None
-        set_dotted(tree, key.strip(), value)
+        numbered = [part for part in key.split(".") if part.isdigit()]
+        if numbered:
+            import re
+
+            bracketed = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+            raise ConfigError(f"override {key}: a list item's index goes in brackets: {bracketed}={raw}")
+        if "[" in key:
+            _set_indexed(tree, key, value)
+        else:
+            one: dict[str, Any] = {}
+            set_dotted(one, key, value)
+            tree = merge(tree, one)
     return tree
+
+
+def _set_indexed(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree``'s item at ``key`` (``a.b[1].c``) set to ``value``; every list indexed must exist."""
+    import re
+
+    if not re.fullmatch(r"\w+(\[\d+\])*(\.\w+(\[\d+\])*)*", key):
+        raise ConfigError(f"override {key}: a key is names joined by '.', each with optional [index], "
+                          "e.g. data.views[1].count=6")
+    steps: list[str | int] = [int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"\w+|\[\d+\]", key)]
+    node: Any = tree
+    for n, step in enumerate(steps):
+        said = re.sub(r"\.\[", "[", ".".join(f"[{s}]" if isinstance(s, int) else s for s in steps[:n]))
+        if isinstance(step, int):
+            if not isinstance(node, list) or not node:
+                raise ConfigError(f"override {key}: this config gives no {said} list to index (a default is not "
+                                  f"written out); give the whole list, e.g. '{said}=[...]'")
+            if step >= len(node):
+                raise ConfigError(f"override {key}: {said} has {len(node)} item(s) in this config; index one of "
+                                  f"0..{len(node) - 1}, or give the whole list, e.g. '{said}=[...]'")
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {said} is not a section")
+        if n == len(steps) - 1:
+            node[step] = value
+        elif isinstance(step, str) and step not in node:
+            node[step] = [] if isinstance(steps[n + 1], int) else {}
+            node = node[step]
+        else:
+            node = node[step]
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tqdm.contrib import DummyTqdmFile
 from data_pipeline.sources import data_fingerprint, typical_image_size
 from foundation.collectives import agree_any, on_rank_zero
 from trainer import STOPPED_AT_START
-from trainer.checkpoint import CheckpointError, ResumeChanges
+from trainer.checkpoint import CheckpointError, ResumeChanges, describe_changes
 from trainer.config import Config, dump_config
 from trainer.device_syncs import DeviceSyncCounter
 from trainer.distributed import DistInfo, init_distributed, teardown
@@ -368,7 +368,7 @@ def record_changes(parts: TrainParts, changes: ResumeChanges, job_config: Path) 
     if changes.data:
         params[f"{at}.data"] = "; ".join(changes.data)
     parts.tracker.log_params(params)
-    said = [f"{key} {old} -> {new}" for key, (old, new) in {**changes.settings, **changes.hyper}.items()]
+    said = describe_changes({**changes.settings, **changes.hyper})
     log.info(f"resumed at step {changes.step} with changes: {'; '.join(said + changes.data)} (recorded in "
              f"MLflow as {at}.*; config.yaml keeps what the run started with, this job's is {job_config.name})")
 
