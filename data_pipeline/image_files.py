@@ -23,7 +23,7 @@ class FileSource:
     the root, as strings (a Path per sample costs seconds at ImageNet's size)."""
 
     stored = "files"
-    damaged_fix = "delete or replace it"
+    damaged_fix = "delete or replace the damaged file(s)"
     order_depends_on_world_size = False
 
     def __init__(self, root: Path, rels: list[str], labels: list[int], classes: list[str],

@@ -19,7 +19,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.file_checks import find_corrupt_images
-from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source
+from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source, bad_files_line
 from data_pipeline.views import view_spec
 from foundation.collectives import gather_objects
 
@@ -77,10 +77,9 @@ class RankLoader:
         checks.record(pending, fresh)  # every rank's copy alike; rank 0 writes it
         bad = {**known, **fresh}  # disjoint: a folder listed again has no verdicts until checked
         if bad and not self.cfg.skip_corrupt:
-            i, why = min(bad.items(), key=lambda item: self.source.sample_name(item[0]))
-            fix = "give this user read access to it" if why.startswith("unreadable") else self.source.damaged_fix
-            raise DataError(f"cannot decode image {self.source.sample_name(i)}: {why} ({len(bad)} bad file(s) in "
-                            f"{self.source.location}); {fix}, {SKIP_CORRUPT_HINT}")
+            unreadable = all(why.startswith("unreadable") for why in bad.values())
+            fix = "give this user read access to them" if unreadable else self.source.damaged_fix
+            raise DataError(f"{bad_files_line(self.source, bad)}; {fix}, {SKIP_CORRUPT_HINT}")
         self.mark_corrupt(list(bad))
 
     def mark_corrupt(self, indices: list[int]) -> None:

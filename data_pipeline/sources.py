@@ -99,6 +99,18 @@ class FileChecks(Protocol):
         """Keep the verdicts of ``checked``; ``bad`` holds those of them that are bad."""
 
 
+def bad_files_line(source: Source, bad: dict[int, str], shown: int = 5) -> str:
+    """Every bad file named (the first ``shown`` of them by path, then a count), so that one pass
+    fixes them all: ``cannot decode image PATH: why``, or ``cannot decode N images in LOCATION: PATH
+    (why); ...; and K more``."""
+    named = sorted((source.sample_name(i), why) for i, why in bad.items())
+    if len(named) == 1:
+        return f"cannot decode image {named[0][0]}: {named[0][1]}"
+    listed = "; ".join(f"{name} ({why})" for name, why in named[:shown])
+    more = f"; and {len(named) - shown} more" if len(named) > shown else ""
+    return f"cannot decode {len(named)} images in {source.location}: {listed}{more}"
+
+
 def labelled_indices(source: Source, needed_by: str) -> np.ndarray:
     """Indices of the samples that carry a label; a DataError naming ``needed_by`` when none do."""
     keep = np.flatnonzero(np.asarray(source.labels) >= 0)

@@ -151,7 +151,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", args.out, "--split", args.split,
             "--head-layers", str(args.head_layers), "--dtype", args.dtype, "--batch-size", str(args.batch_size),
             "--workers", str(args.workers), "--device", args.device, "--chunk-rows", str(args.chunk_rows),
-            *([] if args.nproc is None else ["--nproc", str(args.nproc)]), *(["--overwrite"] if args.overwrite else [])]
+            *([] if args.nproc is None else ["--nproc", str(args.nproc)]), *(["--overwrite"] if args.overwrite else []),
+            *(["--skip-corrupt"] if args.skip_corrupt else [])]
     # the command that goes on (finished chunks are kept): the user's own words where this is `simclr embed`
     words = sys.argv[1:] if sys.argv[1:2] == ["embed"] else ["embed", *argv]
     again = " ".join(shlex.quote(w) for w in ["simclr", *words])
@@ -171,7 +172,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         try:
             done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype,
                          args.batch_size, args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows,
-                         args.workers)
+                         args.workers, args.skip_corrupt)
         except KeyboardInterrupt:
             code = exit_status_of_interrupt(received)
             if info.is_main:
@@ -181,6 +182,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         finally:
             teardown()
     if info.is_main:
+        if done["skipped"]:
+            log.warning(f"skipped {done['skipped']} damaged file(s) (--skip-corrupt): no rows; meta.json names them")
         log.info(f"embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
                  f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were "
                  "already done)")
@@ -438,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=8192, help="rows a rank writes at once; a restart redoes "
                    "at most one chunk per rank")
     p.add_argument("--overwrite", action="store_true", help="replace embeddings of another checkpoint or dataset")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="embed the images that decode; damaged files get no row (named in meta.json's skipped)")
     p.set_defaults(func=cmd_embed)
 
     p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS); "

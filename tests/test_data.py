@@ -140,3 +140,22 @@ def test_image_sizes_are_read_from_headers_and_a_bomb_is_named(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header(20000, 20000))
     assert "20000 x 20000 pixels (400 megapixels, over the limit of 134" in check_image_file(bomb)
+
+
+def test_every_bad_file_is_named_at_the_start_check(photo_data, tmp_path):
+    """Round 7, E9: the start-up check named the first bad file and counted the rest; now one pass
+    names them (five by path, then how many more)."""
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(photo_data / "train", root)
+    victims = sorted(root.rglob("*.jpg"))[:7]
+    for victim in victims:
+        victim.write_text("not an image")
+    loader = build_loader(cfg(root, skip_corrupt=False), 0, 0, 1, torch.device("cpu"))
+    with pytest.raises(DataError) as refused:
+        loader.check_files()
+    said = str(refused.value)
+    assert said.startswith(f"cannot decode 7 images in {root}: {victims[0]} (not a JPEG/PNG/BMP/WebP image); "), said
+    assert all(str(v) in said for v in victims[:5]) and str(victims[5]) not in said and "; and 2 more;" in said
+    assert "delete or replace the damaged file(s)" in said and "data.skip_corrupt=true" in said

@@ -123,14 +123,31 @@ def test_bad_input_is_one_line(trained, photo_data, tmp_path, capsys):
     assert_one_line_error(simclr_embed("--checkpoint", str(trained), *args), f"{trained} is a folder")
     bad_tree = tmp_path / "bad_tree"
     shutil.copytree(photo_data / "train", bad_tree)
-    victim = sorted(bad_tree.rglob("*.jpg"))[5]
-    victim.write_bytes(victim.read_bytes()[:300])  # truncated
+    victims = sorted(bad_tree.rglob("*.jpg"))[5:7]
+    victims[0].write_bytes(victims[0].read_bytes()[:300])  # truncated
+    victims[1].write_text("not an image")
     corrupt = simclr_embed("--checkpoint", str(step), "--data", str(bad_tree), "--out", str(tmp_path / "c"))
-    assert_one_line_error(corrupt, str(victim), "run the same command again")
+    # round 7, E9: only the first of two was named, and nothing let the others be embedded
+    assert_one_line_error(corrupt, "cannot decode 2 images", f"{victims[0]} (truncated JPEG",
+                          f"{victims[1]} (not a JPEG", "run the same command again", "--skip-corrupt")
     assert "skip_corrupt" not in corrupt.stderr and not (tmp_path / "c" / "embeddings.npy").exists()
+    skipped = simclr_embed("--checkpoint", str(step), "--data", str(bad_tree), "--out", str(tmp_path / "c"),
+                           "--skip-corrupt")
+    assert skipped.returncode == 0 and "skipped 2 damaged file(s)" in skipped.stderr, skipped.stderr
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["skipped"] == [str(v) for v in victims] and meta["samples"] == 78 and meta["complete"]
+    kept = np.load(tmp_path / "c" / "embeddings.npy")
+    with open(tmp_path / "c" / "index.csv") as f:
+        index = list(csv.DictReader(f))
+    assert kept.shape == (78, 512) and len(index) == 78 and not {str(v) for v in victims} & {r["sample"] for r in index}
     replaced = simclr_embed("--checkpoint", str(step), "--overwrite", *args)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["checkpoint"] == str(step.resolve())
+    whole = np.load(tmp_path / "out" / "embeddings.npy")
+    with open(tmp_path / "out" / "index.csv") as f:
+        row_of = {Path(r["sample"]).relative_to(photo_data / "train"): int(r["row"]) for r in csv.DictReader(f)}
+    same = [row_of[Path(r["sample"]).relative_to(bad_tree)] for r in index]
+    np.testing.assert_allclose(kept, whole[same], rtol=1e-4, atol=1e-4)  # the others' rows, as without damage
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])

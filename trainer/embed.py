@@ -27,8 +27,8 @@ import torch
 from data_pipeline import IndexStore, build_eval_batches, open_source
 from data_pipeline.atomic_files import atomic_path
 from data_pipeline.file_checks import find_corrupt_images
-from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError
-from foundation.collectives import barrier, on_rank_zero
+from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, bad_files_line
+from foundation.collectives import barrier, broadcast_object, on_rank_zero
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
 from trainer.evaluate import load_encoder
@@ -76,25 +76,26 @@ def check_out_folder(out: Path) -> None:
                           "read-only disk); choose a folder you can write")
 
 
-def check_images(source, data: str) -> None:
-    """The dataset's files, checked once before any chunk (as a training run does at start), with a
-    fix that this command takes; the verdicts are kept with the listing in --out."""
+def check_images(source, skip_corrupt: bool) -> list[int]:
+    """The dataset's files, checked once before any chunk (as a training run does at start): every
+    bad file named, with a fix this command takes; with ``skip_corrupt`` their indices, which get no
+    row. The verdicts are kept with the listing in --out."""
     checks = source.file_checks()
     if checks is None:
-        return
+        return []
     pending = checks.pending()
     found = find_corrupt_images([source.sample_name(i) for i in pending])
     by_name = {source.sample_name(i): i for i in pending}
     fresh = {by_name[str(p)]: why for p, why in found.items()}
     checks.record(pending, fresh)
     bad = {**checks.known_bad(), **fresh}
-    if bad:
-        i, why = min(bad.items(), key=lambda item: source.sample_name(item[0]))
-        raise DataError(f"cannot decode image {source.sample_name(i)}: {why} ({len(bad)} bad file(s) in {data}); "
-                        f"{EMBED_FIX}")
+    if bad and not skip_corrupt:
+        raise DataError(f"{bad_files_line(source, bad)}; {EMBED_FIX}, or pass --skip-corrupt to embed the others "
+                        "(meta.json lists what was skipped)")
+    return sorted(bad)
 
 
-EMBED_FIX = "remove or replace it, then run the same command again (finished chunks are kept)"
+EMBED_FIX = "remove or replace them, then run the same command again (finished chunks are kept)"
 
 
 def _prepare(out: Path, meta: dict, overwrite: bool, rank: int) -> None:
@@ -129,8 +130,9 @@ def _prepare(out: Path, meta: dict, overwrite: bool, rank: int) -> None:
 
 def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: int = 0, dtype: str = "float16",
           batch_size: int = 256, overwrite: bool = False, device: torch.device | None = None, rank: int = 0,
-          world_size: int = 1, chunk_rows: int = CHUNK_ROWS, workers: int = 2) -> dict:
-    """Embed every sample of ``data`` with the encoder of ``checkpoint`` into ``out`` (this rank's share)."""
+          world_size: int = 1, chunk_rows: int = CHUNK_ROWS, workers: int = 2, skip_corrupt: bool = False) -> dict:
+    """Embed every sample of ``data`` with the encoder of ``checkpoint`` into ``out`` (this rank's share);
+    with ``skip_corrupt`` the samples whose files are damaged get no row (``meta.json``'s ``skipped``)."""
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"--dtype {dtype}: use float16 or float32")
     if not Path(checkpoint).exists():
@@ -143,7 +145,10 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
     data_cfg = dataclasses.replace(cfg.data, num_workers=workers)
     store = IndexStore(Path(out), rank, world_size)
     source = open_source(data, split, cfg.data.labels, store)
-    n = len(source)
+    # a refusal on rank 0 ends every rank with its line
+    skipped = broadcast_object(on_rank_zero(lambda: check_images(source, skip_corrupt), (DataError,)))
+    samples = np.setdiff1d(np.arange(len(source)), np.asarray(skipped, dtype=np.int64))  # row r holds samples[r]
+    n = len(samples)
     side = cfg.data.image_size
     with torch.no_grad():  # the feature width (eval mode: batch norm does not look at the batch)
         dim = int(encoder(torch.zeros(1, 3, side, side, device=device)).reshape(1, -1).shape[1])
@@ -151,9 +156,7 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
     meta = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(Path(checkpoint)),
             "arch": cfg.model.arch, "head_layers": head_layers, "data": str(Path(data).resolve()), "split": split,
             "samples": n, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows, "image_size": cfg.data.image_size,
-            "commit": git_commit()}
-    # a refusal on rank 0 ends every rank with its line
-    on_rank_zero(lambda: check_images(source, data), (DataError,))
+            "commit": git_commit(), "skipped": [source.sample_name(i) for i in skipped]}
     on_rank_zero(lambda: _prepare(out_dir, meta, overwrite, rank), (ConfigError,))
     done = _done_chunks(out_dir)
     chunks = [k for k in range(-(-n // chunk_rows)) if k not in done]
@@ -166,14 +169,15 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
         with open(out_dir / f"progress.rank{rank}", "a") as progress, torch.no_grad():
             for k in mine:
                 start, stop = k * chunk_rows, min(n, (k + 1) * chunk_rows)
-                order = source.reading_order(np.arange(start, stop))  # rows come back in the layout's order
+                rows = samples[start:stop]
+                order = source.reading_order(rows)  # they come back in the layout's order
                 try:
                     got = [encoder(images.to(device)).reshape(len(images), -1).float().cpu().numpy()
                            for images, _ in build_eval_batches(data_cfg, source, device, batch_size, order.tolist())]
                 except DataError as exc:  # a file that passed the check but does not decode
                     raise DataError(str(exc).replace(SKIP_CORRUPT_HINT, "").rstrip(", ") + f"; {EMBED_FIX}") from None
                 block = np.empty((stop - start, dim), dtype=dtype)
-                block[order - start] = np.concatenate(got)
+                block[np.searchsorted(rows, order)] = np.concatenate(got)
                 os.pwrite(fd, block.tobytes(), offset + start * row_bytes)
                 os.fsync(fd)  # the rows are on disk before the progress line says so
                 progress.write(f"{k}\n")
@@ -182,16 +186,16 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
     finally:
         os.close(fd)
     _barrier()
-    summary = {"samples": n, "dim": dim, "chunks": -(-n // chunk_rows), "already_done": len(done),
-               "computed_here": len(mine), "out": str(out_dir)}
+    summary = {"samples": n, "skipped": len(skipped), "dim": dim, "chunks": -(-n // chunk_rows),
+               "already_done": len(done), "computed_here": len(mine), "out": str(out_dir)}
     if rank == 0:
         with atomic_path(out_dir / "index.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["row", "sample", "label", "class"])
             labels = np.asarray(source.labels)
-            for i in range(n):
+            for row, i in enumerate(samples):
                 label = int(labels[i])
-                writer.writerow([i, source.sample_name(i), label,
+                writer.writerow([row, source.sample_name(i), label,
                                  source.classes[label] if 0 <= label < len(source.classes) else ""])
         atomic_write_text(out_dir / "meta.json", json.dumps({**meta, "complete": True}, indent=2))
     return summary
