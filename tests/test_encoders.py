@@ -180,3 +180,26 @@ def test_bench_views_refuses_a_size_the_encoder_cannot_take():
 
     assert_one_line_error(simclr("bench", "views", "--arch", "timm/mixer_s16_224", "--views", "2x32"),
                           "--views 2x32 is 32 px, which timm/mixer_s16_224 cannot take", "only 224 px")
+
+
+def test_eval_and_embed_refuse_an_encoder_that_cannot_take_the_size_they_read_at(photo_data, tmp_path):
+    """Round 7, F26/F27 for eval and embed: a ViT trained on views of 32 px in a run whose
+    data.image_size is 24 (never a view size there) read its evaluation images at 24 px: a traceback."""
+    import yaml
+
+    from tests.helpers.runs import assert_one_line_error, simclr
+    from trainer.config import config_to_dict
+    from trainer.encoders import build_encoder
+
+    arch = "timm/vit_tiny_patch16_224"
+    cfg = load_config(None, [f"model.arch={arch}", "model.cifar_stem=false", "data.image_size=24",
+                             "data.views=[{count: 2, size: 32}]"])  # a run that trained at 32 px only
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    torch.save(build_encoder(arch, False).state_dict(), tmp_path / "encoder.pt")
+    said = ("data.image_size (the size evaluation reads images at) is 24 px, which timm/vit_tiny_patch16_224 cannot "
+            "take: it takes sizes that are multiples of 16 px")
+    assert_one_line_error(simclr("embed", "--checkpoint", str(tmp_path / "encoder.pt"), "--data",
+                                 str(photo_data / "val"), "--out", str(tmp_path / "emb")), said)
+    assert_one_line_error(simclr("eval", "--checkpoint", str(tmp_path / "encoder.pt"), "--train-data",
+                                 str(photo_data / "train"), "--val-data", str(photo_data / "val")), said)
+    assert not (tmp_path / "emb").exists()

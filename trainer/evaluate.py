@@ -19,7 +19,7 @@ from data_pipeline.sources import DataError, Source, labelled_indices
 from foundation import collectives
 from trainer.checkpoint import CheckpointError, SavedWeights, load_weights
 from trainer.config import Config, config_from_dict, load_config
-from trainer.encoders import build_encoder
+from trainer.encoders import build_encoder, check_input_sizes
 from trainer.model import SimCLRModel, head_features
 
 
@@ -243,7 +243,16 @@ def load_encoder(path: str | Path, head_layers: int = 0) -> tuple[nn.Module, Con
     training checkpoint holds the head; an exported encoder does not)."""
     saved = load_weights(path)
     if head_layers:
-        return _load_with_head(saved, head_layers)
+        encoder, cfg = _load_with_head(saved, head_layers)
+    else:
+        encoder, cfg = _load_encoder_only(saved, path)
+    # evaluation and embedding read images at data.image_size, which a run with data.views never trained at
+    check_input_sizes(cfg.model.arch, cfg.model.cifar_stem,
+                      [("data.image_size (the size evaluation reads images at)", None, cfg.data.image_size)])
+    return encoder, cfg
+
+
+def _load_encoder_only(saved: SavedWeights, path: str | Path) -> tuple[nn.Module, Config]:
     if saved.is_checkpoint:
         cfg, source = config_from_dict(saved.config), f"the config stored in {path}"
     else:
