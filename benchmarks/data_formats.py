@@ -8,7 +8,7 @@ and one index per shard; make-shards checked the images once). The page cache is
 them: on a shared file system every stat and open costs a round trip, so the folder's figures are
 a floor. Then images/s of each backend on each layout.
 
-    python -m benchmarks.data_formats [--data ../shared/data/cifar10-jpeg/train] [--shard-size 1000]
+    python -m benchmarks.data_formats [--data /data/cifar10-jpeg/train] [--shard-size 1000]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, result_header, write_json
-from benchmarks.pipeline import SHARED, fallback_data
+from benchmarks.pipeline import data_folder
 from data_pipeline import build_loader, open_source
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.shards import make_shards
@@ -72,7 +72,7 @@ def ratio(startup: dict, name: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.data_formats", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(SHARED / "cifar10-jpeg" / "train"), help="an image folder (JPEGs)")
+    p.add_argument("--data", default=None, help="an image folder of JPEGs (default: 32 px photo crops)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=30)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    folder = Path(args.data) if Path(args.data).exists() else fallback_data(32)
+    folder = data_folder(args.data, 32)
     work = Path(tempfile.mkdtemp(prefix="simclr_formats_"))
     try:
         t = time.perf_counter()

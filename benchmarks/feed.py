@@ -12,7 +12,7 @@ stall at each epoch boundary (the wait for an epoch's first batch beyond the med
 steps), host syncs per step and peak memory. ``--rebuild-each-epoch`` releases the DALI pipeline
 at every epoch boundary: the behaviour before one pipeline per run, for the before/after stall.
 
-    python -m benchmarks.feed --config configs/cifar10_resnet18.yaml data.root=../shared/data/cifar10-jpeg/train
+    python -m benchmarks.feed --config configs/cifar10_resnet18.yaml data.root=/data/cifar10-jpeg/train
     python -m benchmarks.feed --nproc 2 --steps 20 --modes loader ...     # K ranks under torchrun
     simclr bench feed ...                                                  # the same
 

@@ -1,9 +1,9 @@
 """Data-pipeline benchmark: two-view SimCLR augmentation throughput, DALI vs torchvision DataLoader.
 
-Same images, same augmentation parameters, DALI threads = DataLoader workers = cores. The default
-data are the real photo datasets in ../shared/data (ImageNette 224 px for the 224 px case, CIFAR-10
-JPEG for 32 px); without them, JPEG crops of the photos shipped with scikit-image/scikit-learn are
-written at the needed size. Prints a table and writes JSON under benchmarks/results/.
+Same images, same augmentation parameters, DALI threads = DataLoader workers = cores. Give the
+image folders to read (e.g. ImageNette at 224 px, CIFAR-10 JPEGs at 32 px); without them, JPEG
+crops of the photos shipped with scikit-image/scikit-learn are written at the needed size. Prints a
+table and writes JSON under benchmarks/results/.
 
     python -m benchmarks.pipeline [--data224 DIR] [--data32 DIR] [--batches 30]
 """
@@ -24,8 +24,6 @@ from data_pipeline.config import AugmentConfig, DataConfig
 from trainer.config import DEVICES
 from trainer.device import choose_device, synchronize
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
 
 def fallback_data(size: int) -> Path:
     from data_pipeline.sample_data import make_photo_crops, write_image_folder
@@ -33,6 +31,16 @@ def fallback_data(size: int) -> Path:
     root = Path(tempfile.mkdtemp(prefix=f"simclr_bench_{size}_"))
     x, y, classes = make_photo_crops(size=size, train_per_class=60, val_per_class=1)["train"]
     return write_image_folder(root / "train", x, y, classes)
+
+
+def data_folder(given: str | None, size: int) -> Path:
+    """The image folder given on the command line (which must exist), or photo crops of ``size`` px."""
+    if given is None:
+        return fallback_data(size)
+    if not Path(given).is_dir():
+        raise SystemExit(f"{given} is not a folder of images; pass an image folder, or leave the option out to "
+                         "benchmark on photo crops")
+    return Path(given)
 
 
 def images_per_s(root: Path, backend: str, size: int, batch: int, workers: int, batches: int,
@@ -75,8 +83,8 @@ def compare_loaders(root: Path, image_size: int, batch: int, workers: int, batch
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.pipeline", description=__doc__.split("\n")[0])
-    p.add_argument("--data224", default=str(SHARED / "imagenette2-224-subset" / "train"))
-    p.add_argument("--data32", default=str(SHARED / "cifar10-jpeg" / "train"))
+    p.add_argument("--data224", default=None, help="an image folder read at 224 px (default: photo crops)")
+    p.add_argument("--data32", default=None, help="an image folder read at 32 px (default: photo crops)")
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu", choices=DEVICES, help="auto: CUDA when visible")
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = choose_device(args.device)
     rows = []
     for size, root, batch in ((224, args.data224, 64), (32, args.data32, 256)):
-        root = Path(root) if Path(root).exists() else fallback_data(256 if size == 224 else 32)
+        root = data_folder(root, 256 if size == 224 else 32)
         rows.append(compare_loaders(root, size, batch, args.workers, args.batches, device))
     label = device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()} cores (DALI CPU mode)"
     result = {**result_header("pipeline", label), "rows": rows}

@@ -23,7 +23,6 @@ from trainer.evaluate import compare, load_encoder, random_init_like
 from trainer.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
 DATASETS = {  # name: (recipe, train split, held-out split)
     "cifar10": ("configs/cifar10_resnet18.yaml", "cifar10-jpeg/train", "cifar10-jpeg/test"),
     "imagenette": ("configs/imagenet_resnet50.yaml", "imagenette2-224-subset/train", "imagenette2-224-subset/val"),
@@ -34,7 +33,8 @@ DATASETS = {  # name: (recipe, train split, held-out split)
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="benchmarks.quality", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="photos", choices=list(DATASETS))
-    p.add_argument("--data-dir", default=str(SHARED), help="folder holding the datasets (default ../shared/data)")
+    p.add_argument("--data-dir", default=None, help="the folder holding cifar10-jpeg/ or imagenette2-224-subset/ "
+                   "(needed for those datasets)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--run-dir", default="runs/quality")
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(args.run_dir) / "photos"
         make_demo_dataset(root)
         train_root, val_root = root / "train", root / "val"
+    elif args.data_dir is None or not (Path(args.data_dir) / train_split).is_dir():
+        p.error(f"--dataset {args.dataset} reads {train_split} and {val_split} under --data-dir; pass the folder that "
+                "holds them (or --dataset photos, which needs none)")
     else:
         train_root, val_root = Path(args.data_dir) / train_split, Path(args.data_dir) / val_split
     run_dir = Path(args.run_dir) / args.dataset
