@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data_pipeline.arrays import STL10_SPLITS
-from data_pipeline.resume_policy import fixed, hyper, setting
 from data_pipeline.sources import DataError, LabelMode
+from foundation.resume_policy import fixed, hyper, setting
 
 
 @dataclass

@@ -34,9 +34,9 @@ import torch
 from data_pipeline.augment import SOLARIZE_THRESHOLD, blur_kernel_size, jitter_params
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.rank_loader import RankLoader
-from data_pipeline.seeds import augmentation_seed
 from data_pipeline.sources import DataError, Source
 from data_pipeline.views import stack_size_groups
+from foundation.seeds import augmentation_seed
 
 # nvJPEG's per-thread buffers at most this large: NVIDIA's ResNet-50 example and solo-learn use these
 # fixed figures for ImageNet, which cost ~1.7 GB of device and ~2.25 GB of pinned memory a pipeline

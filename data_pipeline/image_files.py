@@ -3,7 +3,6 @@ listed once per job by ``data_pipeline.tree_index``."""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import numpy as np
 from data_pipeline.sampling import rank_indices
 from data_pipeline.sources import IMAGE_EXTENSIONS, LABEL_MODES, DataError
 from data_pipeline.tree_index import IndexStore, TreeIndex, shared_tree_index
+from foundation.logs import get_logger
 
-log = logging.getLogger("simclr.data")  # shown by trainer.logs' handler (this layer cannot import it)
+log = get_logger("data")
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # folders that hold a split, not a class
 

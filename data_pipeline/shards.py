@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic_files import atomic_path, atomic_write
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sampling import block_rank_indices
 from data_pipeline.sources import IMAGE_EXTENSIONS, DataError, Source
+from foundation.atomic_files import atomic_path, atomic_write
 
 SHARD_MANIFEST = "manifest.json"  # written last by make-shards: its presence marks a complete set
 MAX_OPEN_TARS = 16  # per process: a rank's workers read a few tars at a time; far below a 1024-fd limit

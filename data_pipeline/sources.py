@@ -21,6 +21,8 @@ from typing import Literal, Protocol, get_args
 
 import numpy as np
 
+from foundation.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # images that neither decoder reads as a still photo: counted and named, never silently dropped
 UNREAD_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".svg")
@@ -33,7 +35,7 @@ Stored = Literal["decoded", "encoded", "files"]
 SKIP_CORRUPT_HINT = "or set data.skip_corrupt=true to skip such images"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem the user must fix (missing path, empty folder, unreadable image)."""
 
     def __init__(self, message: str = "") -> None:

@@ -21,9 +21,9 @@ from torchvision.transforms import v2
 from data_pipeline.augment import eval_transform, finetune_transform, simclr_transform
 from data_pipeline.config import DataConfig
 from data_pipeline.rank_loader import RankLoader
-from data_pipeline.seeds import augmentation_seed
 from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, Source
 from data_pipeline.views import collate_views, view_spec
+from foundation.seeds import augmentation_seed
 
 
 def decode_sample(source: Source, index: int) -> torch.Tensor:

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.atomic_files import atomic_write
 from data_pipeline.sources import IMAGE_EXTENSIONS, UNREAD_IMAGE_EXTENSIONS, DataError
 from foundation import collectives
+from foundation.atomic_files import atomic_write
+from foundation.logs import get_logger
 
-log = logging.getLogger("simclr.data")  # shown by trainer.logs' handler (this layer cannot import it)
+log = get_logger("data")
 
 MAGIC = b"SIMCLR-TREE-INDEX 2\n"  # 2: the header carries the body's length and sha256
 RACY_NS = 2_000_000_000  # a folder changed this close to the index's writing is listed again (coarse mtimes)

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from foundation.logs import get_logger
 from trainer import package_version
 from trainer.credentials import redact_uri
-from trainer.logs import get_logger
 from trainer.rank_report import OPTION as REPORT_OPTION
 from trainer.rank_report import RankReport
 
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(leading)) > 1:
         parser.error("--verbose and --quiet together: give one (--verbose shows more, --quiet only warnings)")
     if leading:
-        from trainer.logs import set_verbosity
+        from foundation.logs import set_verbosity
 
         set_verbosity(leading[0])
     args = parse_command_line(parser, argv)

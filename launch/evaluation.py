@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from foundation.logs import get_logger
 from trainer.config import DEVICES
-from trainer.logs import get_logger
 from trainer.rank_report import OPTION as REPORT_OPTION
 
 log = get_logger()

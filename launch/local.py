@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from foundation.logs import get_logger
 from trainer.distributed import flight_recorder_dumps, free_port, lost_peer
 from trainer.interrupts import on_signals
-from trainer.logs import get_logger
 from trainer.rank_report import OPTION as REPORT_OPTION
 from trainer.rank_report import tracebacks, user_errors
 

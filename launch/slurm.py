@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.config import check_world_size
+from foundation.logs import get_logger
 from launch.submitit_adapter import requeue_running_job, submission_script
 from trainer.config import Config, config_from_dict, config_to_dict
 from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
 from trainer.distributed import flight_recorder_dumps, lost_peer
-from trainer.logs import get_logger
 
 log = get_logger()
 

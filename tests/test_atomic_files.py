@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.atomic_files import atomic_path, atomic_write
+from foundation.atomic_files import atomic_path, atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,4 +30,4 @@ def test_no_product_file_renames_over_a_file_but_the_atomic_writer():
     sites = [f"{path.relative_to(REPO)}:{n}" for folder in ("trainer", "data_pipeline", "launch", "benchmarks")
              for path in sorted((REPO / folder).rglob("*.py")) if path != own
              for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"\bos\.(replace|rename)\(", line)]
-    assert sites == [], f"use data_pipeline.atomic_files (atomic_path / atomic_write) at {sites}"
+    assert sites == [], f"use foundation.atomic_files (atomic_path / atomic_write) at {sites}"

@@ -159,13 +159,13 @@ def test_every_config_field_says_what_a_resume_may_do_with_it():
     hyper-parameter; the run's whole config, flattened, has a policy for every key."""
     import dataclasses
 
-    from data_pipeline.resume_policy import hyper, resume_policies
+    from foundation.resume_policy import hyper, resume_policies
     from trainer.checkpoint import RESUME_POLICY
     from trainer.config import Config
     from trainer.dataclass_yaml import flatten
 
     undeclared = [key for key, policy in resume_policies(Config).items() if policy is None]
-    assert undeclared == [], f"declare these with fixed/setting/hyper (data_pipeline/resume_policy.py): {undeclared}"
+    assert undeclared == [], f"declare these with fixed/setting/hyper (foundation/resume_policy.py): {undeclared}"
     assert set(RESUME_POLICY) == set(flatten(config_to_dict(Config())))
     assert RESUME_POLICY["model.arch"] == "fixed" and RESUME_POLICY["data.batch_size"] == "fixed"
     assert RESUME_POLICY["tracking.uri"] == "setting" and RESUME_POLICY["optim.lr"] == "hyper"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.logs import configure, get_logger
+from foundation.logs import configure, get_logger
 from trainer.loop import train
 
 

@@ -26,7 +26,7 @@ from statistics import median
 from typing import Any
 
 from foundation.collectives import gather_objects
-from trainer.logs import get_logger
+from foundation.logs import get_logger
 from trainer.run_files import append_line
 
 log = get_logger()

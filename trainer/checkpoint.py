@@ -24,15 +24,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from data_pipeline.atomic_files import atomic_path
-from data_pipeline.resume_policy import resume_policies
-from data_pipeline.seeds import derive_seed
 from data_pipeline.sources import data_changes
+from foundation.atomic_files import atomic_path
 from foundation.collectives import barrier, gather_objects
+from foundation.errors import UserError
+from foundation.logs import get_logger
+from foundation.resume_policy import resume_policies
+from foundation.seeds import derive_seed
 from trainer.config import Config, config_to_dict
 from trainer.dataclass_yaml import flatten
 from trainer.distributed import DistInfo
-from trainer.logs import get_logger
 
 log = get_logger()
 
@@ -41,7 +42,7 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "step", "epoch", "step_in_epoch", "config")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
@@ -325,7 +326,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the run's checkpointer
 
 
-# What a resume may do with each key: declared on the config's fields (data_pipeline/resume_policy.py)
+# What a resume may do with each key: declared on the config's fields (foundation/resume_policy.py)
 RESUME_POLICY = resume_policies(Config)
 
 

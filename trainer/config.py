@@ -15,8 +15,8 @@ from typing import Any, Literal, get_args
 import yaml
 
 from data_pipeline.config import AugmentConfig, DataConfig
-from data_pipeline.resume_policy import fixed, hyper, setting
 from data_pipeline.views import view_spec
+from foundation.resume_policy import fixed, hyper, setting
 from trainer.credentials import take_credentials
 from trainer.dataclass_yaml import (
     ConfigError,

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from foundation.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user error in a config file or override; the CLI prints it and exits with status 2."""
 
 

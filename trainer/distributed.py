@@ -20,11 +20,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from data_pipeline.resume_policy import setting
 from foundation import collectives
+from foundation.logs import configure as configure_logs
+from foundation.logs import get_logger
+from foundation.resume_policy import setting
 from trainer.device import choose_device
-from trainer.logs import configure as configure_logs
-from trainer.logs import get_logger
 
 log = get_logger()
 

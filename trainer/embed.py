@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from data_pipeline import IndexStore, build_eval_batches, open_source
-from data_pipeline.atomic_files import atomic_path
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sources import SKIP_CORRUPT_HINT, DataError, bad_files_line
+from foundation.atomic_files import atomic_path
 from foundation.collectives import barrier, broadcast_object, on_rank_zero
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError

@@ -7,16 +7,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from data_pipeline.sources import DataError
+from foundation.errors import UserError
 from trainer import STOPPED_AT_START
-from trainer.checkpoint import CheckpointError
-from trainer.dataclass_yaml import ConfigError
 from trainer.rank_report import RankReport
-from trainer.run_files import DiskFullError, RunFileError, RunFolderGoneError, RunFolderInUseError
-from trainer.tracking import TrackingError
-
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, CheckpointError, TrackingError, DiskFullError,
-                                            RunFolderInUseError, RunFolderGoneError, RunFileError)
 
 
 def exit_code_of(command: Callable[[], int], prog: str = "simclr", report: RankReport | None = None) -> int:
@@ -25,7 +18,7 @@ def exit_code_of(command: Callable[[], int], prog: str = "simclr", report: RankR
     trainer/rank_report.py)."""
     try:
         return command()
-    except USER_ERRORS as exc:
+    except UserError as exc:
         line = f"{prog}: error: {exc}"
         if report is not None:
             report.user_error(line)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.logs import get_logger
+from foundation.logs import get_logger
 from trainer.model import encoder_state_dict
 from trainer.sync_batchnorm import revert_sync_batchnorm
 from trainer.tracking import MlflowRun

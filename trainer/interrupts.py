@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from foundation.logs import get_logger
 from trainer.config import Config
-from trainer.logs import get_logger
 from trainer.loop import train
 
 log = get_logger()

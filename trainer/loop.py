@@ -22,6 +22,7 @@ from tqdm.contrib import DummyTqdmFile
 
 from data_pipeline.sources import data_fingerprint, typical_image_size
 from foundation.collectives import agree_any, on_rank_zero
+from foundation.logs import get_logger, run_log_file
 from trainer import STOPPED_AT_START
 from trainer.checkpoint import CheckpointError, ResumeChanges, describe_changes
 from trainer.config import Config, dump_config
@@ -29,7 +30,6 @@ from trainer.device_syncs import DeviceSyncCounter
 from trainer.distributed import DistInfo, init_distributed, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
 from trainer.export import log_encoder_model, save_encoder
-from trainer.logs import get_logger, run_log_file
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
 from trainer.plots import plot_curves

@@ -12,12 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline import IndexStore, ViewLoader, build_loader, open_val_source
 from data_pipeline.sources import Source, data_fingerprint, labelled_indices
+from foundation.logs import get_logger
 from trainer.bottlenecks import Bottlenecks
 from trainer.checkpoint import Checkpointer, TrainState, seed_everything
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
-from trainer.logs import get_logger
 from trainer.losses import LossFn, build_loss
 from trainer.model import build_model, uses_channels_last
 from trainer.online_probe import OnlineProbe

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainer.logs import get_logger
+from foundation.logs import get_logger
 from trainer.metrics import current_names
 
 log = get_logger()

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.atomic_files import atomic_write
-from data_pipeline.resume_policy import setting
-from trainer.logs import get_logger
+from foundation.atomic_files import atomic_write
+from foundation.logs import get_logger
+from foundation.resume_policy import setting
 from trainer.run_files import optional_output
 
 log = get_logger()

@@ -21,22 +21,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.atomic_files import atomic_write
+from foundation.atomic_files import atomic_write
+from foundation.errors import UserError
+from foundation.logs import get_logger
 from trainer.dataclass_yaml import ConfigError
-from trainer.logs import get_logger
 
 log = get_logger()
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(UserError, RuntimeError):
     """No space left while writing a run file: a user error (free space, then resume)."""
 
 
-class RunFolderInUseError(RuntimeError):
+class RunFolderInUseError(UserError, RuntimeError):
     """Another process holds the run folder's lock: a user error naming the holder."""
 
 
-class RunFileError(RuntimeError):
+class RunFileError(UserError, RuntimeError):
     """A run file that is not the run's own (a symbolic link out of the folder): a user error."""
 
 
@@ -56,7 +57,7 @@ def check_own_files(run_dir: str | Path) -> None:
                                "or remove it, then run again")
 
 
-class RunFolderGoneError(RuntimeError):
+class RunFolderGoneError(UserError, RuntimeError):
     """The run folder was moved or removed while the run trained: the run stops without writing
     anything into the old path (no second, partial run folder)."""
 

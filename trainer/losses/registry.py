@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data_pipeline.resume_policy import hyper
-from trainer.registry import registrar
+from foundation.registry import registrar
+from foundation.resume_policy import hyper
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

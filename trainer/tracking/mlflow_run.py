@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from foundation.logs import get_logger
 from trainer.config import TrackingConfig
 from trainer.credentials import redact_uri
-from trainer.logs import get_logger
 from trainer.tracking.provenance import standard_tags
 from trainer.tracking.run_log import RUN_RECORD
 from trainer.tracking.store import create_experiment, open_client, resolve_tracking_uri, store_problem, where_to_open

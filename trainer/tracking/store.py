@@ -8,15 +8,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from foundation.errors import UserError
+from foundation.logs import get_logger
 from trainer.config import TrackingConfig
 from trainer.credentials import usable_uri
 from trainer.dataclass_yaml import ConfigError
-from trainer.logs import get_logger
 
 tracking_log = get_logger("tracking")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracking problem the user must act on (a run folder without metrics, a store that does not
     answer when replaying); the CLI prints it as one line with status 2."""
 
@@ -64,7 +65,7 @@ def quiet_library_logs() -> None:
     errors still show."""
     import logging
 
-    from trainer.logs import verbosity
+    from foundation.logs import verbosity
 
     if verbosity() == "verbose":
         return

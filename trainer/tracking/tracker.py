@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from foundation.logs import get_logger
+from foundation.registry import registrar
 from trainer.config import TrackingConfig
 from trainer.credentials import redact_uri
-from trainer.logs import get_logger
-from trainer.registry import registrar
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.run_log import FAILURE_TAGS, RUN_RECORD, RunLog, read_metrics_file, read_run_record
 from trainer.tracking.store import TrackingError, resolve_tracking_uri

@@ -7,7 +7,7 @@
   libraries' INFO (MLflow's), ``simclr --quiet`` only warnings and errors;
 - a training run's log also goes to ``RUN_DIR/simclr.log`` (rank 0), with times and levels.
 
-The console handler is installed when ``trainer`` is imported, so a library user, a test or a rank
+The console handler is installed when this module is first imported, so a library user, a test or a rank
 gets the same lines without setting anything up.
 """
 
