@@ -128,7 +128,7 @@ def list_image_files(root: str | Path, labels: str = "auto", store: IndexStore |
             unread[suffix] = unread.get(suffix, 0) + count
     if unread and (store is None or store.rank == 0):
         said = ", ".join(f"{count} {suffix}" for suffix, count in sorted(unread.items()))
-        log.info(f"note: {sum(unread.values())} file(s) under {root} are images of formats that are not read "
+        log.warning(f"{sum(unread.values())} file(s) under {root} are images of formats that are not read "
                  f"({said}) and are left out; convert them to JPEG, PNG or WebP to train on them")
     if labels == "none" or (labels == "auto" and not class_dirs):
         rels = index.walk("", skip_links=True)

@@ -295,7 +295,7 @@ def _load_or_scan(root: Path, store: IndexStore | None) -> tuple[TreeIndex, bool
             if "" not in index.folders:
                 raise ValueError("it lacks the tree's root folder")
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:  # a damaged index costs a listing
-            log.info(f"note: the kept listing {path} is damaged ({exc}); listing {root} again")
+            log.info(f"the kept listing {path} is damaged ({exc}); listing {root} again")
             index = None
         if index is not None:
             changes = index.refresh()

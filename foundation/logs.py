@@ -30,11 +30,14 @@ def get_logger(name: str = "") -> logging.Logger:
 
 
 class _Prefix(logging.Formatter):
-    """``[simclr] message``; the tracking's lines say ``[tracking]``."""
+    """``[simclr] message``, ``[simclr] warning: message`` (the level said by the record, never
+    written into the text); the tracking's lines say ``[tracking]``."""
 
     def format(self, record: logging.LogRecord) -> str:
         tag = "tracking" if record.name.startswith(f"{ROOT}.tracking") else ROOT
-        return f"[{tag}] {record.getMessage()}"
+        level = ("error: " if record.levelno >= logging.ERROR else
+                 "warning: " if record.levelno >= logging.WARNING else "")
+        return f"[{tag}] {level}{record.getMessage()}"
 
 
 class _ConsoleHandler(logging.Handler):

@@ -103,7 +103,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
         notes = misleading_settings(train_set, same_data, args.probe_epochs, tuple(args.finetune), args.finetune_epochs)
         if info.is_main:
             for note in notes:
-                log.info(f"note: {note}")
+                log.warning(note)
         device = info.device
         out_dir = Path(args.out or Path(args.checkpoint).parent / "eval")
         torch.manual_seed(cfg.train.seed)
@@ -131,7 +131,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
         if args.mlflow or (args.mlflow is None and cfg.tracking.enabled):
             _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
         elif args.mlflow is None:
-            log.info("note: not logged to MLflow (the run was trained with tracking.enabled=false); pass "
+            log.info("not logged to MLflow (the run was trained with tracking.enabled=false); pass "
                      "--mlflow to log this evaluation")
         return report.to_dict()
     finally:

@@ -215,7 +215,7 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
             parts.append(dumps)
     if job is not None:
         parts.append(f"{'Resume' if job.run_dir is not None else 'Run it again'} with: {job.again}")
-    log.warning(". ".join(parts))
+    log.error(". ".join(parts))
     return cause
 
 

@@ -26,7 +26,7 @@ def test_auto_resume_skips_corrupt_newest(tmp_path, capsys):
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as a crash mid-copy would leave it
     path, loaded = ckpt.find_resume_checkpoint(run, "auto")
     said = capsys.readouterr().err
-    assert "note: skipping an unusable checkpoint" in said and "step_000000006.pt is unreadable" in said
+    assert "warning: skipping an unusable checkpoint" in said and "step_000000006.pt is unreadable" in said
     assert "Warning" not in said  # one line of ours, not Python's two-line warning
     assert path.name == "step_000000003.pt" and loaded["step"] == 3
     assert newest.exists()  # reported, not deleted

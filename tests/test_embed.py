@@ -177,7 +177,7 @@ def test_a_stopped_embed_says_so_and_how_to_go_on(photo_data, tmp_path, capsys, 
     assert stop.value.code == 128 + signal.Signals[how]
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("[simclr]")]
-    assert line.startswith(f"[simclr] {how}: embedding stopped; the finished chunks are kept in {out}")
+    assert line.startswith(f"[simclr] warning: {how}: embedding stopped; the finished chunks are kept in {out}")
     assert f"Run again to go on: simclr embed --checkpoint enc.pt --data {photo_data / 'train'}" in line
     assert STOPPED_AT_START not in err and "Traceback" not in err
     assert signal.getsignal(signal.SIGTERM) is before  # handlers given back

@@ -83,7 +83,7 @@ def test_eval_says_when_its_numbers_mislead(exported_encoder, photo_data, tmp_pa
                   "--finetune-epochs", "0", "--no-baseline", "--device", "cpu", "--workers", "0", "--out", str(out),
                   "--no-mlflow")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    notes = [line for line in proc.stdout.splitlines() if line.startswith("[simclr] note:")]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("[simclr] warning:")]
     for needle in ("the held-out set is the training set", "--probe-epochs 0", "--finetune-epochs 0",
                    "--finetune 1e-09: 1e-09 of the labels rounds to no image in 10 of 10 classes"):
         assert any(needle in note for note in notes), (needle, notes)

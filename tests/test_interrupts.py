@@ -163,4 +163,4 @@ def test_messages_during_training_never_share_a_line_with_the_progress_bar(photo
     assert "pretrain:" in out  # the bar was drawn
     pieces = [piece for line in out.split("\n") for piece in line.split("\r")]
     said = [piece for piece in pieces if "SIGTERM: stopping" in piece]
-    assert said and all(piece.startswith("[simclr] SIGTERM") for piece in said), said
+    assert said and all(piece.startswith("[simclr] warning: SIGTERM") for piece in said), said

@@ -39,9 +39,9 @@ def test_quiet_shows_only_warnings_and_verbose_shows_debug_lines(verbosity, caps
     log = get_logger("test")
     verbosity("quiet")
     log.info("an info line")
-    log.warning("note: a warning line")
+    log.warning("a warning line")
     captured = capsys.readouterr()
-    assert "an info line" not in captured.out and "[simclr] note: a warning line" in captured.err
+    assert "an info line" not in captured.out and "[simclr] warning: a warning line" in captured.err
     verbosity("verbose")
     log.debug("a debug line")
     assert "[simclr] a debug line" in capsys.readouterr().out

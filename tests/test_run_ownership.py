@@ -375,7 +375,7 @@ def test_eval_with_a_stuck_rank_ends_after_its_timeout_in_one_line(tiny_config, 
     start = time.time()
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
-    (line,) = [x for x in out.splitlines() if x.startswith("[simclr] rank 1 ")]
+    (line,) = [x for x in out.splitlines() if x.startswith("[simclr] error: rank 1 ")]
     assert "stopped answering (stopped (SIGSTOP" in line and "gave up after --timeout-s" in line
     assert "Run it again with: simclr eval --nproc 2" in line and "--timeout-s 5" in line
     print(f"[measured] eval --nproc 2, rank 1 stopped: ended {time.time() - start:.1f}s later (--timeout-s 5)")
@@ -403,8 +403,8 @@ def test_a_bug_in_one_rank_shows_its_own_traceback_once(photo_data, tmp_path):
                   env_extra={"PYTHONPATH": f"{hook}:{REPO}"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.count("Traceback") == 1 and "RuntimeError: boom in rank 1" in proc.stderr, proc.stderr[-3000:]
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("[simclr] rank ")]
-    assert line.startswith("[simclr] rank 1 failed (exit status 1)") and "Resume with:" in line
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("[simclr] error: rank ")]
+    assert line.startswith("[simclr] error: rank 1 failed (exit status 1)") and "Resume with:" in line
     assert "rank 0" in (run_dir / "failure.log").read_text()
 
 

@@ -129,7 +129,7 @@ def test_unreachable_server_training_goes_on_and_metrics_are_kept(photo_data, tm
     result = train(cfg)
     assert result.step == 10 and result.encoder_path.exists()
     err = capfd.readouterr().err
-    assert err.count("WARNING: MLflow at") == 1 and "failed while starting the run: unreachable" in err  # warned once
+    assert err.count("warning: MLflow at") == 1 and "failed while starting the run: unreachable" in err  # warned once
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10] and all("train/loss" in r for r in rows)
 
@@ -412,7 +412,7 @@ def test_a_full_store_disk_is_one_warning_not_tracebacks(photo_data, tmp_path):
         proc = simclr("train", *tiny_overrides(photo_data / "train", tmp_path / "run", **over))
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
-        warnings = [line for line in proc.stderr.splitlines() if "WARNING: MLflow" in line]
+        warnings = [line for line in proc.stderr.splitlines() if "warning: MLflow" in line]
         assert len(warnings) == 1 and "the store's disk is full" in warnings[0], proc.stderr[-3000:]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)

@@ -131,7 +131,7 @@ def test_killed_rank_ends_the_job_within_timeout(photo_data, tmp_path, rank, sig
     elapsed = time.time() - start
     assert launcher.returncode == (137 if sig == signal.SIGKILL else 1) and "Traceback" not in out, out[-3000:]
     how = "stopped answering (stopped (SIGSTOP" if sig == signal.SIGSTOP else f"was killed by {sig.name}"
-    (line,) = [x for x in out.splitlines() if x.startswith(f"[simclr] rank {rank} ")]
+    (line,) = [x for x in out.splitlines() if x.startswith(f"[simclr] error: rank {rank} ")]
     newest = ckpt.latest_checkpoint(run_dir)  # checkpoints intact
     assert how in line and f"Newest checkpoint: {newest}" in line and "Resume with: simclr train --nproc 2" in line
     assert elapsed < 10 + 45  # dist.timeout_s plus start-up slack

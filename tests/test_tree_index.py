@@ -167,7 +167,7 @@ def test_a_damaged_kept_index_is_listed_again_with_one_note(tmp_path, photo_data
         out = capsys.readouterr().out
         assert got.paths == want.paths and got.labels.tolist() == want.labels.tolist(), case
         assert got.classes == want.classes, case
-        assert out.count("note: the kept listing") == 1 and "is damaged" in out and "listing" in out, (case, out)
+        assert out.count("the kept listing") == 1 and "is damaged" in out and "listing" in out, (case, out)
         assert TreeIndex.from_bytes(index_file.read_bytes(), root).walk() == TreeIndex.scan(root).walk(), case
 
 
@@ -183,10 +183,10 @@ def test_images_of_formats_not_read_are_counted_and_a_link_back_to_the_root_is_r
     want = list_image_files(photo_data / "train", "auto", None)
     got = list_image_files(root, "auto", IndexStore(tmp_path / "run"))
     assert len(got) == len(want)
-    out = capsys.readouterr().out
-    assert "note: 2 file(s) under" in out and "1 .gif, 1 .tiff" in out and "convert them" in out
+    out = capsys.readouterr().err
+    assert "warning: 2 file(s) under" in out and "1 .gif, 1 .tiff" in out and "convert them" in out
     list_image_files(root, "auto", IndexStore(tmp_path / "run"))  # from the kept index: still said
-    assert "1 .gif, 1 .tiff" in capsys.readouterr().out
+    assert "1 .gif, 1 .tiff" in capsys.readouterr().err
     os.symlink(".", root / "selfloop")
     with pytest.raises(DataError, match="selfloop is a symbolic link to .* which holds .* itself"):
         list_image_files(root, "auto", None)

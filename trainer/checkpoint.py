@@ -247,7 +247,7 @@ def find_resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | Non
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
-            log.warning(f"note: skipping an unusable checkpoint: {exc}")
+            log.warning(f"skipping an unusable checkpoint: {exc}")
     if found:  # never start over on our own: that would abandon the run (and its MLflow run) silently
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} is usable ({len(found)} found, the newest "
                               f"{found[0].name} unreadable: truncated or not a checkpoint), so the run cannot resume; "

@@ -315,13 +315,13 @@ def start_run(parts: TrainParts) -> int:
         if state.parent_folder:
             parent_run = Tracker.run_id_in(state.parent_tracking) or ""
             tags.update({"simclr.parent_run_id": parent_run, "simclr.resumed_from": state.parent_folder})
-            log.info(f"note: the checkpoint was written in another run folder ({state.parent_folder}); this "
+            log.info(f"the checkpoint was written in another run folder ({state.parent_folder}); this "
                      f"folder gets an MLflow run of its own (tag simclr.parent_run_id={parent_run})")
         parts.tracker.start(params, tags)
         if state.world_size_changed:
             parts.tracker.log_params({f"world_size.from_step_{step}": world})
             if parts.loader.source.order_depends_on_world_size and step % parts.steps_per_epoch:
-                log.info(f"note: tar shards are dealt to ranks in blocks, so the rest of epoch "
+                log.info(f"tar shards are dealt to ranks in blocks, so the rest of epoch "
                          f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
                          "this epoch are seen twice or not at all); from the next epoch on, each image is seen once")
         if first or changes.data:  # the data it trains on (again when a resume changed it)

@@ -128,7 +128,7 @@ def build_parts(cfg: Config, info: DistInfo) -> TrainParts:
         raise ConfigError(f"train.micro_batch={micro} does not divide this rank's share of the batch ({per_rank} = "
                           f"data.batch_size {cfg.data.batch_size} / {info.world_size} ranks); use one of {valid}")
     if device.type == "cpu" and cfg.precision.dtype == "fp16" and info.is_main:
-        log.info("warning: precision.dtype=fp16 on the CPU runs about 20x slower than fp32 (no fast fp16 "
+        log.warning("precision.dtype=fp16 on the CPU runs about 20x slower than fp32 (no fast fp16 "
                  "kernels there); use precision.dtype=fp32 or bf16 on the CPU")
     seed_everything(cfg.train.seed, info.rank)
     index_folder = Path(cfg.train.run_dir)  # the listings of image trees and their files' checks

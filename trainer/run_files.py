@@ -282,7 +282,7 @@ def append_line(path: str | Path, line: str) -> None:
                 if not tail.endswith(b"\n"):
                     size -= len(tail) - (tail.rfind(b"\n") + 1)
                     f.truncate(size)
-                    log.warning(f"note: dropped a line of {path} cut short by an earlier kill")
+                    log.warning(f"dropped a line of {path} cut short by an earlier kill")
             try:
                 f.write(line.encode() + b"\n")
                 f.flush()
@@ -309,12 +309,12 @@ def read_jsonl(path: str | Path, lenient: bool = False) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except ValueError:
             if n == len(lines) - 1:
-                log.warning(f"note: the last line of {path} was cut short (a kill or a full disk); it is left out")
+                log.warning(f"the last line of {path} was cut short (a kill or a full disk); it is left out")
                 continue
             if not lenient:
                 raise ValueError(f"{path}, line {n + 1}: not a JSON row ({line[:60]!r})") from None
             damaged.append(n + 1)
     if damaged:
-        log.warning(f"note: {len(damaged)} damaged line(s) of {path} left out of the plot (line "
+        log.warning(f"{len(damaged)} damaged line(s) of {path} left out of the plot (line "
                     f"{', '.join(map(str, damaged[:5]))}{' ...' if len(damaged) > 5 else ''})")
     return rows

@@ -61,7 +61,7 @@ class MlflowRun:
             self._warned = True
             kept = f"metrics are kept in {self.local_copy} and " if self.local_copy else "metrics are "
             goes_on = self.goes_on or f"training continues, {kept}retried every {self.retry_s:.0f}s"
-            tracking_log.warning(f"WARNING: MLflow at {self.uri} failed while {what}: {self.problem}; {goes_on}")
+            tracking_log.warning(f"MLflow at {self.uri} failed while {what}: {self.problem}; {goes_on}")
 
     def _connect(self) -> bool:
         """Create (or reattach to) the run; True when the server answered."""
@@ -206,7 +206,7 @@ class MlflowRun:
                 for param in batch:
                     if param.key in kept:
                         if kept[param.key] != param.value:
-                            tracking_log.warning(f"note: MLflow param {param.key} stays {kept[param.key]!r} (a "
+                            tracking_log.warning(f"MLflow param {param.key} stays {kept[param.key]!r} (a "
                                                  f"param cannot change; this job's value {param.value!r} is in the "
                                                  "run folder's record)")
                         continue

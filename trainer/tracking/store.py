@@ -172,4 +172,4 @@ def prepare_store(cfg: TrackingConfig) -> None:
         if client.get_experiment_by_name(cfg.experiment) is None:
             create_experiment(client, uri, cfg.experiment)
     except Exception as exc:  # the jobs fall back to offline metrics on their own
-        tracking_log.warning(f"WARNING: could not prepare MLflow store ({exc}); jobs will retry")
+        tracking_log.warning(f"could not prepare MLflow store ({exc}); jobs will retry")

@@ -108,7 +108,7 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
         run.finish(None)
         why = (f"is still training ({holder}); it closes its MLflow run itself" if holder else
                "ended without closing (killed hard?); resuming it continues the same MLflow run and records that")
-        log.info(f"note: the run in {run_dir} {why}. Its MLflow run stays RUNNING")
+        log.info(f"the run in {run_dir} {why}. Its MLflow run stays RUNNING")
     else:
         run.finish(status)
     return run.run_id or "", record

@@ -106,7 +106,7 @@ class Tracker:
                 try:
                     read_run_record(self.run_dir)
                 except TrackingError as exc:  # a derived file: written again from this job and the checkpoint
-                    log.warning(f"note: {str(exc).split(';')[0]}; written again from this job's params and the "
+                    log.warning(f"{str(exc).split(';')[0]}; written again from this job's params and the "
                                 f"checkpoint's MLflow run {run_id}")
                     self.local.begin(self.cfg.experiment, self.cfg.run_name, params)
                     self.local.update(run_id=run_id)
