@@ -14,11 +14,6 @@ from trainer.dataclass_yaml import ConfigError
 # any other encoder is a timm model, model.arch=timm/<name>
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2")
 
-# the torchvision encoders we build, and the width of their pooled features
-FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-                "wide_resnet50_2": 2048, "wide_resnet101_2": 2048}
-
-
 TIMM_PREFIX = "timm/"
 
 
@@ -72,8 +67,8 @@ def build_encoder(arch: str, cifar_stem: bool = False) -> nn.Module:
     if cifar_stem:  # small images: keep resolution in the stem, as in the SimCLR paper's CIFAR runs
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    net.num_features = net.fc.in_features  # the pooled features' width, as timm models say it
     net.fc = nn.Identity()
-    net.num_features = FEATURE_DIMS[arch]
     return net
 
 
