@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from foundation.process_rank import launched_rank
+
 ROOT = "simclr"
 VERBOSITY = "SIMCLR_VERBOSITY"  # verbose | quiet | '' (the ranks inherit what simclr was given)
 
@@ -66,9 +68,9 @@ def configure(verbosity_now: str | None = None) -> None:
         handler.setFormatter(_Prefix())
         logger.addHandler(handler)
     level = verbosity() if verbosity_now is None else verbosity_now
-    rank = os.environ.get("RANK", "0")
+    rank = launched_rank()
     logger.setLevel(logging.DEBUG if level == "verbose" else logging.INFO)
-    handler.setLevel(logging.WARNING if level == "quiet" or rank not in ("", "0") else logging.DEBUG)
+    handler.setLevel(logging.WARNING if level == "quiet" or rank != 0 else logging.DEBUG)
 
 
 def set_verbosity(level: str) -> None:

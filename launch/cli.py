@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from foundation.logs import get_logger
+from foundation.process_rank import speaks_for_the_job
 from trainer import package_version
 from trainer.credentials import redact_uri
 from trainer.rank_report import OPTION as REPORT_OPTION
@@ -133,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             run_evaluation(args)
         except KeyboardInterrupt:
             code = exit_status_of_interrupt(received)
-            if os.environ.get("RANK", "0") == "0":
+            if speaks_for_the_job():
                 log.warning(f"{signal_name(code - 128)}: evaluation stopped; its report is written whole at the "
                             "end, so nothing was left half-written. Run the same command again")
             return code

@@ -26,6 +26,7 @@ from typing import Any
 
 from data_pipeline.config import check_world_size
 from foundation.logs import get_logger
+from foundation.process_rank import launched_rank
 from launch.submitit_adapter import requeue_running_job, submission_script
 from trainer.config import Config, config_from_dict, config_to_dict
 from trainer.dataclass_yaml import ConfigError, build_dataclass, parse_value, read_yaml_mapping, set_dotted
@@ -162,14 +163,14 @@ class TrainingJob:
                     raise
                 run_dir = cfg.train.run_dir
                 dumps = flight_recorder_dumps(Path(run_dir))
-                log.warning(f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: lost contact with the "
+                log.warning(f"rank {launched_rank()} on {socket.gethostname()}: lost contact with the "
                             f"other ranks ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); a rank or its "
                             f"node died or hung. The last checkpoint in {run_dir} is intact; go on with: simclr submit "
                             f"--cluster CLUSTER --resume {run_dir}" + (f". {dumps}" if dumps else ""))
                 raise
             if result.preempted:
                 if signal.SIGUSR2 in received:
-                    self._requeue_or_stop(int(os.environ.get("RANK", "0")))
+                    self._requeue_or_stop(launched_rank())
                 log.info(f"stopped by SIGTERM at step {result.step}; checkpoint written")
                 sys.exit(-1)
         return {"step": result.step, "loss": result.loss, "run_id": result.run_id, "run_dir": str(result.run_dir)}

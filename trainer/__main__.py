@@ -5,7 +5,6 @@ through it). Needs nothing from ``launch``."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -30,7 +29,9 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
+        from foundation.process_rank import speaks_for_the_job
+
+        if speaks_for_the_job():
             from trainer import STOPPED_AT_START
 
             print(STOPPED_AT_START, file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from foundation import collectives
 from foundation.logs import configure as configure_logs
 from foundation.logs import get_logger
+from foundation.process_rank import launched_rank
 from foundation.resume_policy import setting
 from trainer.device import choose_device
 
@@ -100,7 +101,7 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
         raise ConfigError(f"WORLD_SIZE={world_size} is set in this shell but {', '.join(missing)} "
                           f"{'is' if len(missing) == 1 else 'are'} not: a leftover of another job? Run `unset "
                           "WORLD_SIZE` for one process, or start ranks with simclr train --nproc K (or torchrun)")
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_preference, local_rank)
     if device.type == "cuda":

@@ -3,11 +3,11 @@ reports them as one line naming the problem and the fix, and exits with status 2
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
 from foundation.errors import UserError
+from foundation.process_rank import speaks_for_the_job
 from trainer import STOPPED_AT_START
 from trainer.rank_report import RankReport
 
@@ -26,7 +26,7 @@ def exit_code_of(command: Callable[[], int], prog: str = "simclr", report: RankR
             print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
+        if speaks_for_the_job():
             print(STOPPED_AT_START, file=sys.stderr, flush=True)
         return 130
     except Exception:

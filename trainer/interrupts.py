@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from foundation.logs import get_logger
+from foundation.process_rank import speaks_for_the_job
 from trainer.config import Config
 from trainer.loop import train
 
@@ -73,7 +74,7 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
         if received and signum == signal.SIGINT and now - first_at[0] > SAME_INTERRUPT_S:
             log.warning("second Ctrl-C: aborted without a new checkpoint; the last one on disk is intact")
             raise KeyboardInterrupt
-        if not received and os.environ.get("RANK", "0") == "0":
+        if not received and speaks_for_the_job():
             if sys.stderr.isatty():
                 print(file=sys.stderr)  # off the progress bar's line
             log.warning(f"{signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "

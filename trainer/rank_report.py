@@ -15,9 +15,10 @@ A rank started any other way (torchrun, SLURM, by hand) prints its own errors.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from foundation.process_rank import launched_rank
 
 OPTION = "--report-to"
 HELP = "set by the local launcher (--nproc K): the folder where this rank reports what ended it"
@@ -31,7 +32,7 @@ class RankReport:
     @classmethod
     def given(cls, folder: str | None) -> RankReport | None:
         """The report of this rank (RANK from the launcher's environment) when ``--report-to`` was given."""
-        return None if folder is None else cls(Path(folder), int(os.environ.get("RANK", "0")))
+        return None if folder is None else cls(Path(folder), launched_rank())
 
     def user_error(self, line: str) -> None:
         (self.folder / f"rank{self.rank}").write_text(line + "\n")
