@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -210,17 +208,14 @@ def combine(per_rank: list[list[dict]]) -> list[dict]:
     return rows
 
 
-def run_ranks(args: argparse.Namespace) -> list[list[dict]]:
-    from trainer.distributed import torchrun_command
+def rank_rows(args: argparse.Namespace) -> list[list[dict]]:
+    from trainer.distributed import run_ranks
 
     rank_out = Path(tempfile.mkdtemp(prefix="simclr_feed_ranks_")) / "rows"
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
     program = ["-m", "benchmarks.feed", *(["--config", args.config] if args.config else []), *args.overrides,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--modes", *args.modes,
                *(["--rebuild-each-epoch"] if args.rebuild_each_epoch else []), "--rank-out", str(rank_out)]
-    proc = subprocess.run(torchrun_command(args.nproc, program), env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"feed benchmark on {args.nproc} ranks failed:\n{proc.stderr[-3000:]}")
+    run_ranks(args.nproc, program, "the feed benchmark")
     return [json.loads(Path(f"{rank_out}.rank{r}").read_text()) for r in range(args.nproc)]
 
 
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         from trainer.device import check_local_ranks
 
         check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
-        per_rank = run_ranks(args)
+        per_rank = rank_rows(args)
     else:  # each mode's row written and printed as it finishes: a stage capped mid-way keeps them
         per_rank = [rank_main(args, on_mode=lambda rows: save(args, cfg, device, [rows], partial=True))]
     return save(args, cfg, device, per_rank)

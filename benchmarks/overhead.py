@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.common import RESULTS, result_header, write_json
     from benchmarks.pipeline import fallback_data
     from trainer.device import check_local_ranks
-    from trainer.distributed import torchrun_command
+    from trainer.distributed import run_ranks
 
     check_local_ranks(args.nproc)
     data = args.data or str(fallback_data(max(args.image_size, 32)))
@@ -184,10 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         program = ["-m", "benchmarks.overhead", "--rank-out", str(rank_out), "--work", work, "--data", data,
                    "--arch", args.arch, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
-        proc = subprocess.run(torchrun_command(args.nproc, program), env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"the overhead benchmark's ranks failed:\n{proc.stderr[-3000:]}")
+        run_ranks(args.nproc, program, "the overhead benchmark")
         times = json.loads(rank_out.read_text())
     result = {**result_header("overhead", "cpu"),
               "config": {"nproc": args.nproc, "arch": args.arch, "image_size": args.image_size,

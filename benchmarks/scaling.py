@@ -6,9 +6,7 @@ whose rank 0 writes the median step time of the slowest rank to OUT."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,17 +17,14 @@ import torch
 
 def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: int, iters: int) -> list[dict]:
     from trainer.device import check_local_ranks
-    from trainer.distributed import torchrun_command
+    from trainer.distributed import run_ranks
 
     check_local_ranks(max(worlds))
     rows = []
     for world in worlds:
         out = Path(tempfile.mkstemp(suffix=".json")[1])
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
         program = ["-m", "benchmarks.scaling", str(out), arch, str(image_size), str(global_batch), str(iters)]
-        proc = subprocess.run(torchrun_command(world, program), env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"scaling run with {world} ranks failed:\n{proc.stderr[-2000:]}")
+        run_ranks(world, program, "the scaling run")
         rows.append(json.loads(out.read_text()))
         out.unlink()
     base = rows[0]["median_step_s"] * rows[0]["world"]

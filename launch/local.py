@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foundation.logs import get_logger
-from trainer.distributed import flight_recorder_dumps, free_port, lost_peer
+from trainer.distributed import flight_recorder_dumps, free_port, lost_peer, threads_per_rank
 from trainer.interrupts import on_signals
 from trainer.rank_report import OPTION as REPORT_OPTION
 from trainer.rank_report import tracebacks, user_errors
@@ -64,7 +64,7 @@ class JobContext:
 def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
             "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+            "OMP_NUM_THREADS": threads_per_rank(nproc)}
 
 
 def die_with_parent() -> Callable[[], None] | None:

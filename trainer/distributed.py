@@ -153,6 +153,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def threads_per_rank(nproc: int) -> str:
+    """OMP_NUM_THREADS for each of ``nproc`` ranks on this node: the user's value, else the cores
+    shared out (ranks that each take every core thrash one another)."""
+    return os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+
+
+def run_ranks(nproc: int, program: list[str], what: str) -> None:
+    """``program`` as ``nproc`` local ranks under torchrun, each with its share of the cores, to its
+    end (the benchmarks' multi-rank runs); RuntimeError with the ranks' last output when one fails."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(nproc)}
+    proc = subprocess.run(torchrun_command(nproc, program), env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{what} on {nproc} rank(s) failed:\n{proc.stderr[-3000:]}")
+
+
 def torchrun_command(nproc: int, program: list[str], port: int | None = None) -> list[str]:
     """The command that starts ``nproc`` local ranks of ``program`` (``["-m", "trainer", ...]`` or a
     script and its arguments) with torchrun, rendezvous on 127.0.0.1."""
