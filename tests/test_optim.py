@@ -158,3 +158,34 @@ def test_build_schedule_uses_global_batch_and_epochs():
     assert s.total == 50 and s.warmup == 20
     assert s(19) == pytest.approx(0.6)
     assert s(10_000) == pytest.approx(0.06)
+
+
+def test_the_private_torch_kernels_we_call_take_what_we_pass():
+    """trainer/torch_internals.py holds every private torch operator we call; each is checked here
+    against the public class that runs it, on the installed torch (an upgrade that changes one fails
+    this test, not a user's run)."""
+    from trainer import torch_internals as ti
+
+    torch.manual_seed(0)
+    params, grads = [torch.randn(5), torch.randn(3, 2)], [torch.randn(5), torch.randn(3, 2)]
+    ours, bufs = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    reference = [p.clone().requires_grad_() for p in params]
+    sgd = torch.optim.SGD(reference, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for p, g in zip(reference, grads):
+            p.grad = g.clone()
+        sgd.step()
+        ti.fused_sgd_(ours, grads, bufs, lr=0.1, momentum=0.9, found_inf=torch.zeros(()))
+    assert all(torch.allclose(a, b.detach(), atol=1e-6) for a, b in zip(ours, reference))
+    before = [p.clone() for p in ours]
+    ti.fused_sgd_(ours, grads, bufs, lr=0.1, momentum=0.9, found_inf=torch.ones(()))  # an overflow: skipped
+    assert all(torch.equal(a, b) for a, b in zip(ours, before))
+
+    found_inf, scaled = torch.zeros(()), [torch.tensor([2.0, 4.0]), torch.tensor([float("inf")])]
+    ti.unscale_and_check_(scaled, found_inf, torch.tensor(0.5))
+    assert scaled[0].tolist() == [1.0, 2.0] and found_inf.item() == 1.0
+    scale, tracker = torch.tensor(1024.0), torch.tensor(0, dtype=torch.int32)
+    ti.update_scale_(scale, tracker, found_inf, 2.0, 0.5, 2000)
+    assert scale.item() == 512.0  # backed off after the overflow, as GradScaler.update does
+    ti.update_scale_(scale, tracker, torch.zeros(()), 2.0, 0.5, 1)
+    assert scale.item() == 1024.0  # grown after growth_interval clean steps

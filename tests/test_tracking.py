@@ -183,12 +183,17 @@ def test_importing_tracking_leaves_the_environment_alone():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_encoder_is_an_mlflow_model_registered_with_system_metrics(photo_data, tmp_path, capfd):
+def test_encoder_is_an_mlflow_model_registered_with_system_metrics(photo_data, tmp_path, capfd, monkeypatch):
+    import mlflow
+
     uri = f"sqlite:///{tmp_path}/m.db"
+    users_own = f"sqlite:///{tmp_path}/users_own.db"  # the process's store, which logging the model must leave be
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", users_own)
     over = {"tracking.uri": uri, "train.epochs": 1, "tracking.log_model": "true", "tracking.register_as": "rn18-ssl",
             "tracking.system_metrics": "true", "tracking.system_metrics_interval_s": 0.5}
     result = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **over)))
     said = capfd.readouterr()
+    assert os.environ["MLFLOW_TRACKING_URI"] == users_own and mlflow.get_tracking_uri() == users_own
     assert "Pickle or CloudPickle" not in said.out + said.err and "a pickled module" in said.out  # our one line
     client = MlflowClient(uri)
     (version,) = client.search_model_versions("name='rn18-ssl'")

@@ -7,6 +7,7 @@ when MLflow was unreachable then, by ``simclr sync`` later."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from trainer.sync_batchnorm import revert_sync_batchnorm
 from trainer.tracking import MlflowRun
 
 log = get_logger()
+TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"  # which mlflow.set_tracking_uri also writes
 
 
 class _DropMessage(logging.Filter):
@@ -49,7 +51,6 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
     import numpy as np
     import torchvision
     from mlflow.models import ModelSignature
-    from mlflow.tracking._tracking_service import utils as tracking_utils
     from mlflow.types import Schema, TensorSpec
 
     plain = revert_sync_batchnorm(encoder).cpu().float().eval()
@@ -69,7 +70,9 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
         requirements.append(f"timm=={timm.__version__}")
     # MLflow's fluent API logs models; it takes the store as a process-wide setting, which must not
     # outlive this call (a later run in this process resolving its default store would get ours)
-    previous = tracking_utils._tracking_uri
+    # (public calls only: whether one is set, and which; the variable set_tracking_uri also writes)
+    previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    previous_env = os.environ.get(TRACKING_URI_VARIABLE)
     # MLflow warns in five lines that a pickled model runs code when loaded: our choice (see below), said
     # once in our own line and in docs/tracking.md
     pickle_warning = logging.getLogger("mlflow.pytorch")
@@ -89,7 +92,11 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
         run.warn("logging the encoder as an MLflow model", exc)
         return None
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # None: unset, as it was
+        if previous_env is None:
+            os.environ.pop(TRACKING_URI_VARIABLE, None)
+        else:
+            os.environ[TRACKING_URI_VARIABLE] = previous_env
         pickle_warning.removeFilter(quiet)
     uri = f"runs:/{run.run_id}/encoder"
     registered = f", registered as {register_as}" if register_as else ""

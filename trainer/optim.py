@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
+from trainer.torch_internals import fused_sgd_
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: bool) -> list[dict]:
@@ -86,9 +87,7 @@ class LARS(torch.optim.Optimizer):
         """m = momentum * m + u;  w = w - lr * m, skipped on the device when ``self.found_inf`` is set."""
         if bufs is None:
             bufs = self._momentum_buffers(params) if group["momentum"] != 0 else []
-        torch._fused_sgd_(params, updates, bufs, weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
-                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
-                          found_inf=getattr(self, "found_inf", None))
+        fused_sgd_(params, updates, bufs, group["lr"], group["momentum"], getattr(self, "found_inf", None))
 
     def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         bufs = []

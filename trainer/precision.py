@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from trainer.torch_internals import unscale_and_check_, update_scale_
+
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # GradScaler's defaults
@@ -53,14 +55,13 @@ class PrecisionPolicy:
                 by_kind[(p.grad.device, p.grad.dtype)].append(p.grad)
         inv_scale = self.scale.reciprocal()
         for grads in by_kind.values():
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            unscale_and_check_(grads, found_inf, inv_scale)
         return found_inf
 
     def update(self, found_inf: torch.Tensor) -> None:
         """Back off the scale after an overflow, grow it after GROWTH_INTERVAL clean steps."""
         if self.scaling:
-            torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, GROWTH_FACTOR, BACKOFF_FACTOR,
-                                     GROWTH_INTERVAL)
+            update_scale_(self.scale, self.growth_tracker, found_inf, GROWTH_FACTOR, BACKOFF_FACTOR, GROWTH_INTERVAL)
 
     def state_dict(self) -> dict[str, Any]:
         """GradScaler's format (read at checkpoints only: a host read is fine there)."""
