@@ -256,3 +256,16 @@ def test_a_feed_run_writes_each_modes_row_as_it_finishes(photo_data, tmp_path):
     finally:
         feed.save = real_save
     assert seen == [(["e2e"], True), (["e2e", "model"], True), (["e2e", "model"], False)]
+
+
+def test_outside_a_checkout_the_proof_says_it_needs_one(monkeypatch, tmp_path, capsys):
+    """Round 7's architecture pass: the proof ships in the wheel but its first stage runs the suite's
+    tests/test_gpu.py from a checkout; installed alone it now says so before starting anything."""
+    from benchmarks import gpu_proof
+
+    monkeypatch.setattr(gpu_proof, "REPO", tmp_path)
+    monkeypatch.setattr(gpu_proof, "GPU_TESTS", tmp_path / "tests" / "test_gpu.py")
+    with pytest.raises(SystemExit) as stop:
+        gpu_proof.main(["--dry", "--work", str(tmp_path / "work")])
+    assert stop.value.code == 2 and "run it from a clone of the repository" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
