@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.sampling import rank_indices
-from data_pipeline.sources import DataError
+from data_pipeline.sources import DataError, Source
 
 
 class ImageArrays:
@@ -44,12 +43,11 @@ class ImageArrays:
         return out
 
 
-class ArraySource:
+class ArraySource(Source):
     """Decoded images in arrays (``Source``): an ``.npz``, STL-10 or CIFAR."""
 
     stored = "decoded"
     damaged_fix = "check the array file"
-    order_depends_on_world_size = False
     file_count = 1
 
     def __init__(self, path: Path, images: ImageArrays, labels: np.ndarray, classes: list[str] | None = None) -> None:
@@ -63,23 +61,9 @@ class ArraySource:
     def sample_name(self, index: int) -> str:
         return f"{self.location}[{index}]"
 
-    def read_encoded(self, index: int) -> bytes:
-        raise TypeError("arrays hold decoded images (read_decoded)")
-
     def read_decoded(self, indices: np.ndarray) -> np.ndarray:
         return self.images.take(indices)
 
-    def sample_files(self) -> list[Path]:
-        return []
-
-    def file_checks(self) -> None:
-        return None
-
-    def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
-        return rank_indices(len(self), rank, world_size, seed, epoch)
-
-    def reading_order(self, indices: np.ndarray) -> np.ndarray:
-        return indices
 
 
 def load_npz(path: str | Path) -> ArraySource:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.sampling import rank_indices
-from data_pipeline.sources import IMAGE_EXTENSIONS, LABEL_MODES, DataError
+from data_pipeline.sources import IMAGE_EXTENSIONS, LABEL_MODES, DataError, Source
 from data_pipeline.tree_index import IndexStore, TreeIndex, shared_tree_index
 from foundation.logs import get_logger
 
@@ -18,13 +17,12 @@ log = get_logger("data")
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")  # folders that hold a split, not a class
 
 
-class FileSource:
+class FileSource(Source):
     """One image file per sample (``Source``), listed by a ``TreeIndex``: paths are kept relative to
     the root, as strings (a Path per sample costs seconds at ImageNet's size)."""
 
     stored = "files"
     damaged_fix = "delete or replace the damaged file(s)"
-    order_depends_on_world_size = False
 
     def __init__(self, root: Path, rels: list[str], labels: list[int], classes: list[str],
                  index: TreeIndex | None = None, store: IndexStore | None = None) -> None:
@@ -59,20 +57,11 @@ class FileSource:
         except OSError as exc:
             raise DataError(f"cannot read image {self.sample_name(index)}: {exc}") from None
 
-    def read_decoded(self, indices: np.ndarray) -> np.ndarray:
-        raise TypeError("image files are read encoded (read_encoded)")
-
     def sample_files(self) -> list[Path]:
         return self.paths
 
     def file_checks(self) -> IndexedFileChecks:
         return IndexedFileChecks(self)
-
-    def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
-        return rank_indices(len(self), rank, world_size, seed, epoch)
-
-    def reading_order(self, indices: np.ndarray) -> np.ndarray:
-        return indices
 
 
 class IndexedFileChecks:

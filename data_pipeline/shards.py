@@ -58,7 +58,7 @@ class OpenTars:
         return fd
 
 
-class ShardSource:
+class ShardSource(Source):
     """WebDataset tar shards (``Source``): sample i is ``sizes[i]`` bytes at ``offsets[i]`` of tar
     ``shards[shard_of[i]]``; samples of a shard are consecutive."""
 
@@ -96,15 +96,6 @@ class ShardSource:
         if len(data) != self.sizes[index]:
             raise DataError(f"shard {tar} ends inside {self.names[index]}: the file is cut short; copy it again")
         return data
-
-    def read_decoded(self, indices: np.ndarray) -> np.ndarray:
-        raise TypeError("shards hold encoded images (read_encoded)")
-
-    def sample_files(self) -> list[Path]:
-        return []  # checked when the shards were written
-
-    def file_checks(self) -> None:
-        return None
 
     def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
         return block_rank_indices(self.shard_ranges(), rank, world_size, seed, epoch)

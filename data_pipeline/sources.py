@@ -49,8 +49,9 @@ class DataError(UserError, ValueError):
         super().__init__(message)
 
 
-class Source(Protocol):
-    """A dataset of N images in one layout."""
+class Source:
+    """A dataset of N images in one layout: the base every layout subclasses, holding what most
+    layouts share (a layout overrides what it does differently)."""
 
     location: Path  # the folder or file it was opened from, for messages
     labels: np.ndarray  # N int64, -1: unlabeled
@@ -59,33 +60,44 @@ class Source(Protocol):
     # or one encoded file per sample, which a backend may read itself (its path is ``sample_name``).
     stored: Stored
     damaged_fix: str  # what to do about a sample that cannot be decoded
-    order_depends_on_world_size: bool  # whether a global batch changes with the number of ranks
+    order_depends_on_world_size = False  # whether a global batch changes with the number of ranks
     file_count: int  # files that hold the dataset (what a start-up lists and opens)
 
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        raise NotImplementedError
 
     def sample_name(self, index: int) -> str:
         """Where sample ``index`` lives, for messages: its file, ``shard.tar:member`` or ``array[i]``."""
+        raise NotImplementedError
 
     def read_encoded(self, index: int) -> bytes:
         """The encoded image bytes of sample ``index`` (``stored`` is ``encoded`` or ``files``)."""
+        raise TypeError(f"{type(self).__name__} holds decoded images (read_decoded)")
 
     def read_decoded(self, indices: np.ndarray) -> np.ndarray:
         """Samples ``indices`` as one dense len x H x W x 3 uint8 array (``stored == 'decoded'``)."""
+        raise TypeError(f"{type(self).__name__} holds encoded images (read_encoded)")
 
     def sample_files(self) -> list[Path]:
         """Each sample's own file, to be checked before a decoder sees it; empty when the samples are
         no files of their own (arrays, or shards, checked when they were written)."""
+        return []
 
     def file_checks(self) -> FileChecks | None:
         """What is known of the sample files' checks (None: no files of their own to check)."""
+        return None
 
     def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
-        """This rank's samples of ``epoch`` in reading order, the same count on every rank."""
+        """This rank's samples of ``epoch`` in reading order, the same count on every rank (by
+        default a seeded shuffle of all, strided over the ranks)."""
+        from data_pipeline.sampling import rank_indices
+
+        return rank_indices(len(self), rank, world_size, seed, epoch)
 
     def reading_order(self, indices: np.ndarray) -> np.ndarray:
         """``indices`` in the order this layout reads fastest (an evaluation pass's order); the
         same array object when the layout has no preferred order."""
+        return indices
 
 
 class FileChecks(Protocol):
