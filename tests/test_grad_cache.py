@@ -59,8 +59,9 @@ def test_running_statistics_move_once_per_step(photo_data, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_cached_step_under_mixed_precision_is_close_to_the_single_pass(photo_data, tmp_path, dtype):
-    _, plain_grads, _ = one_step(photo_data, tmp_path, 0, bn_train=False, **{"precision.dtype": dtype})
-    cached, cached_grads, _ = one_step(photo_data, tmp_path, 4, bn_train=False, **{"precision.dtype": dtype})
+    # a batch of 8 in two micro-batches: low-precision convolutions take slow reference kernels on the CPU
+    _, plain_grads, _ = one_step(photo_data, tmp_path, 0, bn_train=False, batch=8, **{"precision.dtype": dtype})
+    cached, cached_grads, _ = one_step(photo_data, tmp_path, 4, bn_train=False, batch=8, **{"precision.dtype": dtype})
     assert not cached.skipped
     scale = max(g.abs().max().item() for g in plain_grads.values())
     assert max_diff(plain_grads, cached_grads) <= 2e-2 * scale  # both autocast to low precision
@@ -105,11 +106,11 @@ def test_memory_benchmark_writes_a_row_per_batch_and_mode(tmp_path):
     from tests.helpers.runs import PY, REPO
 
     out = tmp_path / "gc.json"
-    proc = subprocess.run([PY, "-m", "benchmarks.grad_cache", "--batches", "8", "16", "--micro", "4", "--image-size",
+    proc = subprocess.run([PY, "-m", "benchmarks.grad_cache", "--batches", "8", "--micro", "4", "--image-size",
                            "16", "--out", str(out)], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [(r["batch"], r["micro"]) for r in result["rows"]] == [(8, 0), (8, 4), (16, 0), (16, 4)]
+    assert [(r["batch"], r["micro"]) for r in result["rows"]] == [(8, 0), (8, 4)]
     assert all(r["fits"] and r["peak_memory_mb"] > 0 and r["images_per_s"] > 0 for r in result["rows"])
     assert result["device"] and result["git_commit"] and "cached peak RSS" in proc.stdout
