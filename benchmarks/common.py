@@ -9,7 +9,7 @@ import random
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,23 @@ from trainer.parts import ModelParts, build_model_parts
 from trainer.tracking import git_commit, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def print_table(title: str, columns: list[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> None:
+    """The benchmarks' one table printer: ``== title``, a header, one line per row. Each column is
+    (header, format spec), e.g. ``("ms", ">10.2f")``; a cell that is a string or None ("-") keeps
+    the column's alignment and width, whatever its number format."""
+    def layout(spec: str) -> str:
+        align = spec[0] if spec[:1] in "<>^" else ">"
+        width = "".join(c for c in spec.lstrip("<>^").split(".")[0] if c.isdigit())
+        return f"{align}{width}"
+
+    if title:
+        print(f"\n== {title}")
+    print("".join(format(header, layout(spec)) for header, spec in columns))
+    for row in rows:
+        print("".join(format("-" if v is None else v, layout(spec) if v is None or isinstance(v, str) else spec)
+                      for v, (_, spec) in zip(row, columns)))
 
 
 def device_name(device: torch.device) -> str:

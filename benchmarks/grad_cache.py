@@ -19,10 +19,11 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, device_name, encoder_arch, result_header, write_json
+from benchmarks.common import RESULTS, device_name, encoder_arch, print_table, result_header, write_json
 from trainer.config import DEVICES
 
 
@@ -94,16 +95,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "threads": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))},
               "rows": rows}
     memory = "peak CUDA memory" if device.type == "cuda" else "peak RSS"
-    print(f"\n== gradient caching on {result['device']}: {args.arch} {args.image_size}px {args.precision}, "
-          f"micro-batch {args.micro}")
-    print(f"{'global batch':>12}{'plain ' + memory:>24}{'plain img/s':>13}{'cached ' + memory:>24}{'cached img/s':>14}")
+    table = []
     for batch in args.batches:
-        plain, cached = (next(r for r in rows if r["batch"] == batch and r["micro"] == m) for m in (0, args.micro))
-        cells = []
-        for r in (plain, cached):
-            fits = r["fits"]
-            cells += [f"{r['peak_memory_mb']:.0f} MB", f"{r['images_per_s']:.1f}"] if fits else ["does not fit", "-"]
-        print(f"{batch:>12}{cells[0]:>24}{cells[1]:>13}{cells[2]:>24}{cells[3]:>14}")
+        cells: list[Any] = [batch]
+        for micro in (0, args.micro):
+            r = next(r for r in rows if r["batch"] == batch and r["micro"] == micro)
+            cells += [f"{r['peak_memory_mb']:.0f} MB", r["images_per_s"]] if r["fits"] else ["does not fit", None]
+        table.append(cells)
+    print_table(f"gradient caching on {result['device']}: {args.arch} {args.image_size}px {args.precision}, "
+                f"micro-batch {args.micro}",
+                [("global batch", ">12"), (f"plain {memory}", ">24"), ("plain img/s", ">13.1f"),
+                 (f"cached {memory}", ">24"), ("cached img/s", ">14.1f")], table)
     out = write_json(result, args.out or RESULTS / f"grad_cache_{device.type}_{args.arch}_{args.image_size}px.json")
     print(f"wrote {out}")
     return result

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import timed_interleaved
+from benchmarks.common import print_table, timed_interleaved
 from trainer.config import DEVICES, ModelConfig, OptimConfig
 from trainer.model import build_model
 from trainer.optim import build_optimizer, default_foreach
@@ -53,14 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = choose_device(args.device)
     rows = [{"arch": arch, **bench_lars(arch, args.iters, device)} for arch in args.arch]
     result = {**result_header("lars", device_name(device)), "rows": rows}
-    print(f"\n== LARS step on {result['device']} (ms, median of {args.iters})")
-    print(f"{'model':<10}{'tensors':>8}{'foreach':>10}{'per-tensor':>12}{'timm':>8}{'chosen':>12}{'timm/chosen':>13}")
-    for r in rows:
-        if "skipped" in r:
-            print(f"{r['arch']:<10} skipped: {r['skipped']}")
-            continue
-        print(f"{r['arch']:<10}{r['n_tensors']:>8}{r['foreach_ms']:>10.2f}{r['per_tensor_ms']:>12.2f}"
-              f"{r['timm_ms']:>8.2f}{r['chosen']:>12}{r['speedup']:>13.2f}")
+    print_table(f"LARS step on {result['device']} (ms, median of {args.iters})",
+                [("model", "<10"), ("tensors", ">8"), ("foreach", ">10.2f"), ("per-tensor", ">12.2f"),
+                 ("timm", ">8.2f"), ("chosen", ">12"), ("timm/chosen", ">13.2f")],
+                [[r["arch"], f"skipped: {r['skipped']}"] if "skipped" in r else
+                 [r["arch"], r["n_tensors"], r["foreach_ms"], r["per_tensor_ms"], r["timm_ms"], r["chosen"],
+                  r["speedup"]] for r in rows])
     out = write_json(result, RESULTS / f"lars_{device.type}.json")
     print(f"wrote {out}")
     return result

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, device_name, result_header, write_json
+from benchmarks.common import RESULTS, device_name, print_table, result_header, write_json
 from data_pipeline import build_loader
 from data_pipeline.config import AugmentConfig, DataConfig
 from trainer.config import DEVICES
@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(compare_loaders(root, size, batch, args.workers, args.batches, device))
     label = device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()} cores (DALI CPU mode)"
     result = {**result_header("pipeline", label), "rows": rows}
-    print(f"\n== two-view SimCLR augmentation throughput on {result['device']}")
-    print(f"{'px':>5}{'batch':>7}{'DALI img/s':>12}{'torchvision img/s':>19}{'ratio':>8}")
-    for r in rows:
-        print(f"{r['image_size']:>5}{r['batch']:>7}{r['dali'] or 0:>12.1f}{r['torchvision'] or 0:>19.1f}"
-              f"{r.get('dali_over_torchvision', float('nan')):>8.2f}")
+    print_table(f"two-view SimCLR augmentation throughput on {result['device']}",
+                [("px", ">5"), ("batch", ">7"), ("DALI img/s", ">12.1f"), ("torchvision img/s", ">19.1f"),
+                 ("ratio", ">8.2f")],
+                [[r["image_size"], r["batch"], r["dali"], r["torchvision"], r.get("dali_over_torchvision")]
+                 for r in rows])
     out = write_json(result, Path(args.out) if args.out else RESULTS / f"pipeline_{device.type}.json")
     print(f"wrote {out}")
     return result

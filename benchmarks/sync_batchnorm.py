@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import timed_interleaved
+from benchmarks.common import print_table, timed_interleaved
 
 # (channels, side) of the BatchNorm inputs that dominate each ResNet-50 stage (the bottleneck's expansion)
 RESNET50_STAGES = ((256, 56), (512, 28), (1024, 14), (2048, 7))
@@ -67,11 +67,11 @@ def bench_sync_batchnorm(device: torch.device, batch: int, iters: int, dtype: to
 
 
 def print_rows(rows: list[dict], device: str) -> None:
-    print(f"\n== SyncBatchNorm forward+backward vs BatchNorm2d on {device} (ms, median; ours in a process group)")
-    print(f"{'shape':<22}{'dtype':>10}{'ours':>10}{'BatchNorm2d':>13}{'ours/BN':>9}")
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        print(f"{shape:<22}{r['dtype']:>10}{r['ours_ms']:>10.2f}{r['batchnorm2d_ms']:>13.2f}{r['ratio']:>9.2f}")
+    print_table(f"SyncBatchNorm forward+backward vs BatchNorm2d on {device} (ms, median; ours in a process group)",
+                [("shape", "<22"), ("dtype", ">10"), ("ours", ">10.2f"), ("BatchNorm2d", ">13.2f"),
+                 ("ours/BN", ">9.2f")],
+                [["x".join(map(str, r["shape"])), r["dtype"], r["ours_ms"], r["batchnorm2d_ms"], r["ratio"]]
+                 for r in rows])
 
 
 def main(argv: list[str] | None = None) -> dict:

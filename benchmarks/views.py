@@ -25,6 +25,7 @@ from benchmarks.common import (
     device_name,
     encoder_arch,
     parse_views,
+    print_table,
     result_header,
     summary,
     synthetic_views,
@@ -95,12 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**result_header("views", device_name(device)),
               "config": {"arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
                          "warmup": args.warmup, "iters": args.iters}, "rows": rows}
-    print(f"\n== view specifications on {result['device']}: {args.arch}, batch {args.batch_size}, {args.precision} "
-          f"(ratios to {args.views[0]}, one run)")
-    print(f"{'views':<16}{'step ms':>10}{'GFLOP':>10}{'time x':>9}{'FLOP x':>9}{'time/FLOP':>11}")
-    for r in rows:
-        print(f"{r['views']:<16}{1e3 * r['step']['median_s']:>10.1f}{r['gflops']:>10.2f}{r['time_ratio']:>9.2f}"
-              f"{r['flop_ratio']:>9.2f}{r['time_over_flops']:>11.2f}")
+    print_table(f"view specifications on {result['device']}: {args.arch}, batch {args.batch_size}, {args.precision} "
+                f"(ratios to {args.views[0]}, one run)",
+                [("views", "<16"), ("step ms", ">10.1f"), ("GFLOP", ">10.2f"), ("time x", ">9.2f"), ("FLOP x", ">9.2f"),
+                 ("time/FLOP", ">11.2f")],
+                [[r["views"], 1e3 * r["step"]["median_s"], r["gflops"], r["time_ratio"], r["flop_ratio"],
+                  r["time_over_flops"]] for r in rows])
     out = write_json(result, args.out or RESULTS / f"views_{device.type}_{args.arch.replace('/', '-')}.json")
     print(f"written {out}")
     return result

@@ -250,3 +250,11 @@ def test_bench_overhead_refuses_what_cannot_run(argv, said):
 
     with pytest.raises(ConfigError, match=said):
         parse_args(argv)
+
+
+def test_the_benchmarks_table_printer_keeps_columns_whatever_a_cell_holds(capsys):
+    from benchmarks.common import print_table
+
+    print_table("t", [("model", "<8"), ("ms", ">8.2f"), ("img/s", ">8.1f")], [["a", 1.234, 10.0], ["b", None, "n/a"]])
+    assert capsys.readouterr().out.splitlines() == ["", "== t", "model         ms   img/s", "a           1.23    10.0",
+                                                    "b              -     n/a"]
