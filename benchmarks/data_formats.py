@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, result_header, write_json
+from benchmarks.common import RESULTS, print_table, result_header, write_json
 from benchmarks.pipeline import data_folder
 from data_pipeline import build_loader, open_source
 from data_pipeline.config import AugmentConfig, DataConfig
@@ -114,16 +114,15 @@ def main(argv: list[str] | None = None) -> dict:
               "workers": args.workers, "page_cache": "warm", "start_up": startup, "images_per_s": throughput,
               "restart_over_first_start": ratio(startup, "folder_restart"),
               "shards_over_folder_first_start": ratio(startup, "shards_start")}
-    print(f"\n== start-up of {manifest['samples']} images ({result['device']}, warm page cache; median of "
-          f"{args.rounds})")
-    print(f"{'layout':<22}{'files':>8}{'listing s':>11}{'check s':>10}{'total s':>10}")
-    for name, row in startup.items():
-        print(f"{name:<22}{row['files']:>8.0f}{row['listing_s']:>11.3f}{row['check_s']:>10.3f}"
-              f"{row['total_s']:>10.3f}")
+    print_table(f"start-up of {manifest['samples']} images ({result['device']}, warm page cache; median of "
+                f"{args.rounds})",
+                [("layout", "<22"), ("files", ">8.0f"), ("listing s", ">11.3f"), ("check s", ">10.3f"),
+                 ("total s", ">10.3f")],
+                [[name, row["files"], row["listing_s"], row["check_s"], row["total_s"]]
+                 for name, row in startup.items()])
     print(f"(make-shards, once: {shard_s:.1f} s for {len(manifest['shards'])} shards)")
-    print(f"\n== two-view images/s at 32 px, batch {args.batch}, {args.workers} workers")
-    for name, value in throughput.items():
-        print(f"{name:<22}{value:>10.1f}")
+    print_table(f"two-view images/s at 32 px, batch {args.batch}, {args.workers} workers",
+                [("layout", "<22"), ("images/s", ">10.1f")], throughput.items())
     out = write_json(result, Path(args.out) if args.out else RESULTS / "data_formats_cpu.json")
     print(f"wrote {out}")
     return result

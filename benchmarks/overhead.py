@@ -189,19 +189,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                          "repeats": args.repeats},
               **summarise(times), "target": 1.10}
-    print_table(result)
+    print_result(result)
     out = write_json(result, Path(args.out) if args.out else RESULTS / f"overhead_cpu_{args.arch}.json")
     print(f"wrote {out}")
     return result
 
 
-def print_table(result: dict[str, Any]) -> None:
+def print_result(result: dict[str, Any]) -> None:
+    from benchmarks.common import print_table
+
     c = result["config"]
-    print(f"\nour loop vs a bare DDP loop: {c['arch']} at {c['image_size']} px, global batch {c['batch_size']}, "
-          f"{c['nproc']} CPU rank(s), {result['rows']['ours']['steps']} steady steps each")
-    print(f"{'loop':<9} {'mean ms/step':>13} {'median ms/step':>15} {'mean / bare':>12}")
-    for mode, row in result["rows"].items():
-        print(f"{mode:<9} {row['mean_ms']:>13.1f} {row['median_ms']:>15.1f} {row['mean_over_bare']:>11.3f}x")
+    print_table(f"our loop vs a bare DDP loop: {c['arch']} at {c['image_size']} px, global batch {c['batch_size']}, "
+                f"{c['nproc']} CPU rank(s), {result['rows']['ours']['steps']} steady steps each",
+                [("loop", "<9"), ("mean ms/step", ">14.1f"), ("median ms/step", ">16.1f"), ("mean / bare", ">13.3f")],
+                [[mode, row["mean_ms"], row["median_ms"], row["mean_over_bare"]]
+                 for mode, row in result["rows"].items()])
     verdict = "within" if result["overhead_mean"] <= result["target"] else "over"
     print(f"overhead (ours / bare): {result['overhead_mean']:.3f}x by the mean, {result['overhead_median']:.3f}x by "
           f"the median ({verdict} the {result['target']:.2f}x target)")

@@ -200,19 +200,20 @@ def main(argv: list[str] | None = None) -> dict:
               "calls_per_file_first": marginal(rows, "first_calls"),
               "calls_per_file_restart": marginal(rows, "restart_calls"),
               "restart_s_largest_over_smallest": restart_ratio}
-    print_table(result)
+    print_result(result)
     out = write_json(result, Path(args.out) if args.out else RESULTS / "startup_cpu.json")
     print(f"wrote {out}")
     return result
 
 
-def print_table(result: dict) -> None:
-    print(f"\n== start-up on {result['device']}; file-system calls: {result['strace']}")
-    print(f"{'files':>8}{'ranks':>6}{'first s':>9}{'restart s':>11}{'first calls':>13}{'restart calls':>15}")
-    for r in result["rows"]:
-        calls = [f"{r[k]:>{w}}" if r[k] is not None else f"{'-':>{w}}" for k, w in
-                 (("first_calls", 13), ("restart_calls", 15))]
-        print(f"{r['files']:>8}{r['ranks']:>6}{r['first_s']:>9.1f}{r['restart_s']:>11.1f}{calls[0]}{calls[1]}")
+def print_result(result: dict) -> None:
+    from benchmarks.common import print_table
+
+    print_table(f"start-up on {result['device']}; file-system calls: {result['strace']}",
+                [("files", ">8"), ("ranks", ">6"), ("first s", ">9.1f"), ("restart s", ">11.1f"),
+                 ("first calls", ">13"), ("restart calls", ">15")],
+                [[r["files"], r["ranks"], r["first_s"], r["restart_s"], r["first_calls"], r["restart_calls"]]
+                 for r in result["rows"]])
     for name, key in (("first start", "calls_per_file_first"), ("restart", "calls_per_file_restart")):
         per = ", ".join(f"{k} rank(s) {'-' if v is None else f'{v:.3f}'}" for k, v in result[key].items())
         print(f"calls per file, {name} (marginal): {per}")

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, device_name, encoder_arch, keep_traces, result_header, write_json
+from benchmarks.common import RESULTS, device_name, encoder_arch, keep_traces, print_table, result_header, write_json
 from benchmarks.lars import bench_lars
 from benchmarks.loss import bench_loss
 from benchmarks.pipeline import compare_loaders, fallback_data
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loaders": compare_loaders(loader_data, args.image_size, args.batch_size, os.cpu_count() or 1, 10, device)
         if loader_data else {},
     }
-    print_table(result)
+    print_result(result)
     out = Path(args.out) if args.out else RESULTS / (f"throughput_{device.type}_{args.arch}_{args.image_size}px_"
                                                      f"b{args.batch_size}_{args.precision}.json")
     result["ssl"]["profile"] = keep_traces(result["ssl"]["profile"], out)  # the result names the kept copies
@@ -136,20 +136,20 @@ def plot(result: dict, out: Path) -> None:
     save_figure(fig, out)
 
 
-def print_table(result: dict) -> None:
+def print_result(result: dict) -> None:
     ssl = result["ssl"]
-    print(f"\n== SimCLR step: {result['config']} on {result['device']}")
-    print(f"{'what':<28}{'median ms':>12}{'p25':>10}{'p75':>10}")
     rows = [("SSL step (2 views)", ssl["ssl_step"]), *[(f"  {k}", v) for k, v in ssl["phases"].items()],
             ("supervised step (1 view)", ssl["supervised_step"])]
-    for name, v in rows:
-        print(f"{name:<28}{1e3 * v['median_s']:>12.2f}{1e3 * v['p25_s']:>10.2f}{1e3 * v['p75_s']:>10.2f}")
+    print_table(f"SimCLR step: {result['config']} on {result['device']}",
+                [("what", "<28"), ("median ms", ">12.2f"), ("p25", ">10.2f"), ("p75", ">10.2f")],
+                [[name, 1e3 * v["median_s"], 1e3 * v["p25_s"], 1e3 * v["p75_s"]] for name, v in rows])
     print(f"images/s {ssl['images_per_s']:.1f}   views/s {ssl['views_per_s']:.1f}   supervised images/s "
           f"{ssl['supervised_images_per_s']:.1f}   SSL/supervised time {ssl['ssl_over_supervised_time']:.2f}x   "
           f"peak memory {ssl['peak_memory_mb']:.0f} MB")
-    print(f"\n{'global batch':>12}{'world':>7}{'ours ms':>10}{'naive ms':>10}{'naive/ours':>12}")
-    for r in result["loss"]:
-        print(f"{r['global_batch']:>12}{r['world']:>7}{r['ours_ms']:>10.2f}{r['naive_ms']:>10.2f}{r['speedup']:>12.2f}")
+    print_table("the loss and its gather: ours vs a naive all-gather",
+                [("global batch", ">12"), ("world", ">7"), ("ours ms", ">10.2f"), ("naive ms", ">10.2f"),
+                 ("naive/ours", ">12.2f")],
+                [[r["global_batch"], r["world"], r["ours_ms"], r["naive_ms"], r["speedup"]] for r in result["loss"]])
     lars = result["lars"]
     if "ours_ms" in lars:
         print(f"\nLARS step over {lars['n_tensors']} tensors: foreach {lars['foreach_ms']:.2f} ms, per-tensor "
@@ -157,9 +157,9 @@ def print_table(result: dict) -> None:
               f"({lars['speedup']:.2f}x timm)")
     print_rows(result["sync_batchnorm"], result["device"])
     if result["scaling"]:
-        print(f"\n{'ranks':>6}{'step ms':>10}{'speedup':>9}{'efficiency':>12}   (same global batch)")
-        for r in result["scaling"]:
-            print(f"{r['world']:>6}{1e3 * r['median_step_s']:>10.1f}{r['speedup']:>9.2f}{r['efficiency']:>12.2f}")
+        print_table("scaling over ranks (same global batch)",
+                    [("ranks", ">6"), ("step ms", ">10.1f"), ("speedup", ">9.2f"), ("efficiency", ">12.2f")],
+                    [[r["world"], 1e3 * r["median_step_s"], r["speedup"], r["efficiency"]] for r in result["scaling"]])
     loaders = result["loaders"]
     if loaders:
         ratio = f"{loaders['dali_over_torchvision']:.2f}x" if "dali_over_torchvision" in loaders else "n/a"
