@@ -96,7 +96,7 @@ def test_a_batch_of_one_is_refused_and_fp16_on_the_cpu_is_warned(tiny_config, ca
     with pytest.raises(ConfigError, match="data.batch_size.*at least 2.*no negatives"):
         tiny_config(**{"data.batch_size": 1})
     train(tiny_config(**{"precision.dtype": "fp16", "train.stop_after_steps": 1, "tracking.enabled": "false"}))
-    assert capsys.readouterr().out.count("fp16 on the CPU runs about 20x slower") == 1
+    assert capsys.readouterr().err.count("warning: precision.dtype=fp16 on the CPU runs about 20x slower") == 1
 
 
 def test_rank_zero_says_at_start_where_the_run_writes_what_it_reads_and_where_to_watch(tiny_config, capsys,
