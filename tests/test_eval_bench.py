@@ -163,10 +163,10 @@ def test_eval_logs_by_default_and_a_lone_encoder_gets_a_run_of_its_own(trained_r
     (lone / "config.yaml").write_text(text)
     assert evaluate()["rows"]["SimCLR"]["linear_top1"] == report["rows"]["SimCLR"]["linear_top1"]
     said = capfd.readouterr()
-    assert said.err.count("WARNING") == 1 and "the evaluation is not logged there" in said.err, said.err
+    assert said.err.count("warning: MLflow at") == 1 and "the evaluation is not logged there" in said.err, said.err
     evaluate("--no-mlflow")
     said = capfd.readouterr()
-    assert "WARNING" not in said.err and "logged to" not in said.out
+    assert "warning:" not in said.err and "logged to" not in said.out
 
 
 def test_demo_command_runs_end_to_end(tmp_path):
