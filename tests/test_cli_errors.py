@@ -95,7 +95,8 @@ def test_a_batch_of_one_is_refused_and_fp16_on_the_cpu_is_warned(tiny_config, ca
 
     with pytest.raises(ConfigError, match="data.batch_size.*at least 2.*no negatives"):
         tiny_config(**{"data.batch_size": 1})
-    train(tiny_config(**{"precision.dtype": "fp16", "train.stop_after_steps": 1, "tracking.enabled": "false"}))
+    train(tiny_config(**{"precision.dtype": "fp16", "train.stop_after_steps": 1, "tracking.enabled": "false",
+                         "model.arch": "timm/test_resnet", "model.cifar_stem": "false"}))
     assert capsys.readouterr().err.count("warning: precision.dtype=fp16 on the CPU runs about 20x slower") == 1
 
 

@@ -169,8 +169,13 @@ def test_eval_logs_by_default_and_a_lone_encoder_gets_a_run_of_its_own(trained_r
     assert "warning:" not in said.err and "logged to" not in said.out
 
 
-def test_demo_command_runs_end_to_end(tmp_path):
-    """`make demo`'s command, shortened: pretraining (2 ranks), the MLflow model, eval and the report."""
+def test_demo_command_runs_end_to_end(tmp_path, photo_data):
+    """`make demo`'s command, shortened: pretraining (2 ranks), the MLflow model, eval and the report;
+    on the suite's small photo set (the demo keeps a demo_data/ it finds)."""
+    import shutil
+
+    for split in ("train", "val"):
+        shutil.copytree(photo_data / split, tmp_path / "demo_data" / split)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     proc = subprocess.run([PY, "-m", "launch", "demo", "--workdir", str(tmp_path), "train.epochs=1",
                            "data.image_size=16", "tracking.system_metrics=false"], cwd=tmp_path, env=env,
