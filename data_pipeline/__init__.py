@@ -13,6 +13,7 @@ import torch
 
 from data_pipeline.config import DataConfig, check_world_size
 from data_pipeline.layouts import open_source
+from data_pipeline.object_store import RemoteSettings
 from data_pipeline.sources import DataError, Source
 from data_pipeline.tree_index import IndexStore
 from data_pipeline.views import ViewSpec
@@ -30,6 +31,7 @@ class ViewLoader(Protocol):
     views: ViewSpec  # the views each batch carries, and their sizes epoch by epoch
     rebuilds: list[tuple[int, float]]  # (epoch, seconds to its first batch) of pipelines rebuilt for a new crop size
     corrupt_skipped: int  # distinct corrupt images found so far, each read as the next good one (data.skip_corrupt)
+    store_retries: int  # requests to object storage retried so far by this rank (0 for local data)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Choose the epoch (its shuffle) and the step to start from (mid-epoch resume)."""
@@ -57,12 +59,17 @@ def resolve_backend(cfg: DataConfig, device: torch.device) -> str:
     return "torchvision"
 
 
+def remote_settings(cfg: DataConfig) -> RemoteSettings:
+    return RemoteSettings(cfg.store_timeout_s, cfg.read_ahead_shards, cfg.store_cache, cfg.store_cache_gb,
+                          cfg.skip_corrupt)
+
+
 def open_train_source(cfg: DataConfig, store: IndexStore | None = None) -> Source:
-    return open_source(cfg.root, cfg.split, cfg.labels, store)
+    return open_source(cfg.root, cfg.split, cfg.labels, store, remote_settings(cfg))
 
 
 def open_val_source(cfg: DataConfig, store: IndexStore | None = None) -> Source:
-    return open_source(cfg.val_root, cfg.val_split, cfg.labels, store)
+    return open_source(cfg.val_root, cfg.val_split, cfg.labels, store, remote_settings(cfg))
 
 
 def build_loader(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device,

@@ -131,7 +131,7 @@ def augment_problems(a: AugmentConfig, key: str = "data.augment") -> list[tuple[
 
 @dataclass
 class DataConfig:
-    root: str = setting("")  # image folder, .npz, STL-10 or CIFAR folder, or tar shards (see README: data layouts)
+    root: str = setting("")  # image folder, .npz, STL-10 or CIFAR folder, or tar shards, local or s3:// (docs/data.md)
     split: str = hyper("")  # of an STL-10 (unlabeled|train|test|train+unlabeled) or CIFAR (train|test) folder
     val_root: str = setting("")  # held-out set for evaluation ('' = none)
     val_split: str = setting("")  # split of val_root, as for split
@@ -143,6 +143,12 @@ class DataConfig:
     prefetch_depth: int = setting(2)  # DALI: batches prepared ahead of the one being trained on
     on_device: bool = setting(False)  # DALI, array datasets: keep every image on the device once, gather batches there
     skip_corrupt: bool = setting(False)
+    # a root in object storage (s3://bucket/prefix, data_pipeline.remote_shards): how long the store may fail
+    # before the run stops, the shards each rank fetches ahead, and an optional local cache of whole shards
+    store_timeout_s: float = setting(120.0)
+    read_ahead_shards: int = setting(2)
+    store_cache: str = setting("")
+    store_cache_gb: float = setting(20.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # view groups (data_pipeline.views): [] = two views of image_size with `augment`; e.g. multi-crop
     # [{count: 2, size: 224, crop_scale: [0.14, 1]}, {count: 6, size: 96, crop_scale: [0.05, 0.14]}]
@@ -158,6 +164,12 @@ class DataConfig:
             (self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0"),
             (self.prefetch_depth >= 1, "data.prefetch_depth", self.prefetch_depth,
              "must be >= 1 (batches DALI prepares ahead)"),
+            (self.store_timeout_s > 0, "data.store_timeout_s", self.store_timeout_s,
+             "must be > 0 (seconds the object store may fail before the run stops)"),
+            (self.read_ahead_shards >= 1, "data.read_ahead_shards", self.read_ahead_shards,
+             "must be >= 1 (shards each rank fetches ahead from object storage)"),
+            (self.store_cache_gb > 0, "data.store_cache_gb", self.store_cache_gb,
+             "must be > 0 (the size cap of data.store_cache)"),
             *((split in ("", *STL10_SPLITS), name, split, f"must be one of {', '.join(STL10_SPLITS)} (STL-10; "
                "CIFAR: train, test) or empty for a set with no splits")
               for name, split in (("data.split", self.split), ("data.val_split", self.val_split))),

@@ -152,6 +152,7 @@ class _BatchFeed:
         if device_images is not None:
             self.device_labels = torch.from_numpy(self.labels).to(device_images.device).reshape(-1, 1)
         self._order: tuple[np.ndarray, torch.Tensor] | None = None  # an epoch's order, and its copy on the device
+        self._ahead: list | None = None  # object storage: [epoch order, next position, bytes iterator, read-ahead]
 
     def _on_device(self, batch: BatchSlice) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch gathered on the device from the epoch's order, which is uploaded once per
@@ -181,7 +182,28 @@ class _BatchFeed:
         if self.source.stored == "files":  # read by fn.io.file.read in DALI's threads
             # the file system's bytes (os.fsencode): a name that is not UTF-8 reaches DALI as it is on disk
             return [np.frombuffer(os.fsencode(self.source.sample_name(int(i))), dtype=np.uint8) for i in idx], labels
-        return [np.frombuffer(self.source.read_encoded(int(i)), dtype=np.uint8) for i in idx], labels
+        return self._encoded(batch, idx), labels
+
+    def _encoded(self, batch: BatchSlice, idx: np.ndarray) -> list[np.ndarray]:
+        """The batch's encoded images: from the source's read-ahead over the rest of the epoch when
+        it has one (object storage; a jump starts a new one), else read one by one."""
+        ahead = self._ahead
+        if ahead is None or ahead[0] is not batch.order or ahead[1] != batch.start:
+            self.close()
+            size = batch.stop - batch.start
+            rest = batch.order[batch.start : len(batch.order) - len(batch.order) % size]
+            stream = self.source.read_ahead(rest if self.replacement is None else self.replacement[rest])
+            if stream is None:
+                return [np.frombuffer(self.source.read_encoded(int(i)), dtype=np.uint8) for i in idx]
+            ahead = self._ahead = [batch.order, batch.start, iter(stream), stream]
+        ahead[1] = batch.stop
+        return [np.frombuffer(next(ahead[2]), dtype=np.uint8) for _ in idx]
+
+    def close(self) -> None:
+        """Stop the read-ahead thread, if any."""
+        if self._ahead is not None:
+            self._ahead[3].close()
+            self._ahead = None
 
 
 def _decoded(source: Source, feed: _BatchFeed, device_id: int | None, fn, types, sizing: DecoderSizing | None):
@@ -298,7 +320,7 @@ class DaliLoader(RankLoader):
         if self._batches is not None:  # release the old pipeline's threads and buffers before the new one's
             self.close()
         batches = rank_batches(self.source, self.rank, self.world_size, self.seed, self.batch_size, epoch, step)
-        feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
+        feed = self._feed = _BatchFeed(self.source, batches, self.replacement, self.device_images)
         pipe_seed = augmentation_seed(self.seed, epoch, self.rank, step, bits=31)
         views = self.views.views(epoch)
         pipe = build_pipeline(self.source, feed, self.cfg, views, self.batch_size, pipe_seed, _device_id(self.device),
@@ -311,7 +333,9 @@ class DaliLoader(RankLoader):
     def close(self) -> None:
         """Release the pipeline (its threads and buffers) now; the next iteration builds a new one.
         Shut down here, not left to DALI's clean-up at interpreter exit (which reports aborts)."""
-        self._batches, self._next = None, (-1, -1)
+        if getattr(self, "_feed", None) is not None:
+            self._feed.close()
+        self._batches, self._next, self._feed = None, (-1, -1), None
         gc.collect()  # the iterator and pipeline hold reference cycles: freed (and shut down) here
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:

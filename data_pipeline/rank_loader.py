@@ -42,7 +42,11 @@ class RankLoader:
 
     @property
     def corrupt_skipped(self) -> int:
-        return len(self.corrupt)
+        return len(self.corrupt) + self.source.left_out
+
+    @property
+    def store_retries(self) -> int:
+        return self.source.store_retries
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Choose the epoch (its shuffle) and the step to start from (mid-epoch resume)."""

@@ -25,8 +25,10 @@ import numpy as np
 from data_pipeline.file_checks import find_corrupt_images
 from data_pipeline.sampling import block_rank_indices
 from data_pipeline.sources import IMAGE_EXTENSIONS, DataError, Source
-from foundation.atomic_files import atomic_path, atomic_write
+from foundation.atomic_files import atomic_write
+from foundation.logs import get_logger
 
+log = get_logger("data")
 SHARD_MANIFEST = "manifest.json"  # written last by make-shards: its presence marks a complete set
 MAX_OPEN_TARS = 16  # per process: a rank's workers read a few tars at a time; far below a 1024-fd limit
 
@@ -58,20 +60,41 @@ class OpenTars:
         return fd
 
 
+class LocalShardFiles:
+    """Shards in a local (or mounted) folder, read with ``pread``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.open_tars = root, OpenTars()
+
+    def where(self, name: str) -> str:
+        return str(self.root / name)
+
+    def read_ahead(self, source: ShardSource, order: np.ndarray) -> None:
+        return None  # pread is fast enough sample by sample
+
+    def read(self, name: str, offset: int, size: int) -> bytes:
+        try:
+            return os.pread(self.open_tars.fd(self.root / name), size, offset)
+        except OSError as exc:
+            raise DataError(f"cannot read shard {self.root / name}: {exc}") from None
+
+
 class ShardSource(Source):
     """WebDataset tar shards (``Source``): sample i is ``sizes[i]`` bytes at ``offsets[i]`` of tar
-    ``shards[shard_of[i]]``; samples of a shard are consecutive."""
+    ``shards[shard_of[i]]`` (a name in ``files``: a local folder, or object storage); samples of a
+    shard are consecutive."""
 
     stored = "encoded"
     damaged_fix = "write the shards again (simclr make-shards)"
     order_depends_on_world_size = True  # shards are dealt to ranks in blocks
 
-    def __init__(self, root: Path, shards: list[Path], shard_of: np.ndarray, offsets: np.ndarray, sizes: np.ndarray,
-                 names: list[str], labels: np.ndarray, classes: list[str]) -> None:
-        self.location, self.shards, self.shard_of = root, shards, shard_of
+    def __init__(self, root: Path | str, files, shards: list[str], shard_of: np.ndarray, offsets: np.ndarray,
+                 sizes: np.ndarray, names: list[str], labels: np.ndarray, classes: list[str],
+                 left_out: int = 0) -> None:
+        self.location, self.files, self.shards, self.shard_of = root, files, shards, shard_of
+        self.left_out = left_out  # samples of missing shards left out (data.skip_corrupt)
         self.offsets, self.sizes, self.names = offsets, sizes, names
         self.labels, self.classes = np.asarray(labels, dtype=np.int64), classes
-        self.open_tars = OpenTars()
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -85,17 +108,22 @@ class ShardSource(Source):
         return np.searchsorted(self.shard_of, np.arange(len(self.shards) + 1))
 
     def sample_name(self, index: int) -> str:
-        return f"{self.shards[self.shard_of[index]]}:{self.names[index]}"
+        return f"{self.files.where(self.shards[self.shard_of[index]])}:{self.names[index]}"
 
     def read_encoded(self, index: int) -> bytes:
-        tar = self.shards[self.shard_of[index]]
-        try:
-            data = os.pread(self.open_tars.fd(tar), int(self.sizes[index]), int(self.offsets[index]))
-        except OSError as exc:
-            raise DataError(f"cannot read {self.names[index]} from shard {tar}: {exc}") from None
+        shard = self.shards[self.shard_of[index]]
+        data = self.files.read(shard, int(self.offsets[index]), int(self.sizes[index]))
         if len(data) != self.sizes[index]:
-            raise DataError(f"shard {tar} ends inside {self.names[index]}: the file is cut short; copy it again")
+            raise DataError(f"shard {self.files.where(shard)} ends inside {self.names[index]}: the file is cut short; "
+                            "copy it again")
         return data
+
+    @property
+    def store_retries(self) -> int:
+        return getattr(self.files, "retries", 0)
+
+    def read_ahead(self, order: np.ndarray):
+        return self.files.read_ahead(self, order)
 
     def epoch_order(self, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
         return block_rank_indices(self.shard_ranges(), rank, world_size, seed, epoch)
@@ -108,9 +136,11 @@ def is_shard_folder(root: Path) -> bool:
     return root.is_dir() and (root / SHARD_MANIFEST).is_file()
 
 
-def read_wds_index(path: Path) -> list[list[tuple[str, int, int, str]]]:
-    """DALI's WebDataset index (v1.2): per sample, its components as (ext, offset, size, name)."""
-    lines = path.read_text().splitlines()
+def read_wds_index(where: str, text: str) -> list[list[tuple[str, int, int, str]]]:
+    """DALI's WebDataset index (v1.2) ``text`` (of the file ``where``): per sample, its components as
+    (ext, offset, size, name)."""
+    lines = text.splitlines()
+    path = where
     if not lines or not lines[0].startswith("v1.2 "):
         raise DataError(f"{path} is not a DALI WebDataset index (v1.2); write the shards again with simclr make-shards")
     samples = []
@@ -120,44 +150,76 @@ def read_wds_index(path: Path) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
-def open_shards(root: Path) -> ShardSource:
-    """A shard folder, checked cheaply: each tar's size against the manifest (a copy cut short or
-    a shard rewritten since shows here), offsets from the index files. No image is opened."""
+def read_listing(where: str, manifest_text: str, shard_bytes: dict[str, int | None],
+                 index_text: Callable[[list[str]], dict[str, str]], skip_missing: bool = False) -> dict:
+    """A shard set's listing from its manifest, checked cheaply: each tar's size (``shard_bytes``,
+    None when missing) against the manifest (a copy cut short or a shard rewritten since shows
+    here), offsets from the index files (``index_text`` reads several at once). No image is opened.
+    ``where`` names the set in messages. ``skip_missing`` (data.skip_corrupt): a missing shard is
+    left out, named in a warning, and its samples counted in ``left_out``."""
+    manifest_at = f"{where}/{SHARD_MANIFEST}"
     try:
-        manifest = json.loads((root / SHARD_MANIFEST).read_text())
+        manifest = json.loads(manifest_text)
         entries = manifest["shards"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{root / SHARD_MANIFEST} is unreadable ({exc}); write the shards again with "
-                        "simclr make-shards") from None
-    shards, shard_of, offsets, sizes, names, labels = [], [], [], [], [], []
-    for k, entry in enumerate(entries):
-        tar = root / entry["name"]
-        if not tar.is_file():
-            raise DataError(f"shard {tar} listed in {root / SHARD_MANIFEST} is missing; copy it again or write the "
-                            "shards again with simclr make-shards")
-        if tar.stat().st_size != entry["bytes"]:
-            raise DataError(f"shard {tar} is {tar.stat().st_size} bytes, the manifest says {entry['bytes']}: the copy "
-                            "is incomplete or the shard was changed; copy it again or write the shards again")
-        index = tar.with_suffix(".idx")
-        if not index.is_file():
-            raise DataError(f"shard index {index} is missing; write the shards again with simclr make-shards")
-        samples = read_wds_index(index)
+        raise DataError(f"{manifest_at} is unreadable ({exc}); write the shards again with simclr "
+                        "make-shards") from None
+    missing = [entry for entry in entries if shard_bytes.get(entry["name"]) is None]
+    if missing and skip_missing:
+        left_out = sum(entry["samples"] for entry in missing)
+        names = ", ".join(entry["name"] for entry in missing[:5]) + (f" and {len(missing) - 5} more"
+                                                                     if len(missing) > 5 else "")
+        log.warning(f"{len(missing)} shard(s) listed in {manifest_at} are missing: {names}; left out ({left_out} "
+                    "samples), as data.skip_corrupt asks")
+        entries = [entry for entry in entries if entry not in missing]
+    elif missing:
+        raise DataError(f"shard {where}/{missing[0]['name']} listed in {manifest_at} is missing; copy it again or "
+                        "write the shards again with simclr make-shards (or set data.skip_corrupt=true to train "
+                        "without it)")
+    for entry in entries:
+        tar, found = f"{where}/{entry['name']}", shard_bytes.get(entry["name"])
+        if found != entry["bytes"]:
+            raise DataError(f"shard {tar} is {found} bytes, the manifest says {entry['bytes']}: the copy is "
+                            "incomplete or the shard was changed; copy it again or write the shards again")
+    index_names = [entry["name"][: -len(".tar")] + ".idx" for entry in entries]
+    no_index = [name for name in index_names if shard_bytes.get(name) is None]
+    if no_index:
+        raise DataError(f"shard index {where}/{no_index[0]} is missing; write the shards again with simclr make-shards")
+    indexes = index_text(index_names)
+    shard_of, offsets, sizes, names, labels = [], [], [], [], []
+    for k, (entry, index_name) in enumerate(zip(entries, index_names)):
+        samples = read_wds_index(f"{where}/{index_name}", indexes[index_name])
         if len(samples) != entry["samples"]:
-            raise DataError(f"{index} lists {len(samples)} samples, the manifest says {entry['samples']}; write the "
-                            "shards again with simclr make-shards")
+            raise DataError(f"{where}/{index_name} lists {len(samples)} samples, the manifest says "
+                            f"{entry['samples']}; write the shards again with simclr make-shards")
         for components in samples:
             ext, off, size, name = next(c for c in components if "." + c[0] in IMAGE_EXTENSIONS)
             offsets.append(off)
             sizes.append(size)
             names.append(name)
-        shards.append(tar)
         shard_of.extend([k] * len(samples))
         labels.extend(entry.get("labels") or [-1] * len(samples))
     if not offsets:
-        raise DataError(f"the shard folder {root} holds no samples")
-    return ShardSource(root, shards, np.asarray(shard_of, np.int32), np.asarray(offsets, np.int64),
-                       np.asarray(sizes, np.int64), names, np.asarray(labels, np.int64),
-                       list(manifest.get("classes", [])))
+        raise DataError(f"the shard folder {where} holds no samples")
+    return {"left_out": sum(entry["samples"] for entry in missing),
+            "shards": [entry["name"] for entry in entries], "shard_of": np.asarray(shard_of, np.int32),
+            "offsets": np.asarray(offsets, np.int64), "sizes": np.asarray(sizes, np.int64), "names": names,
+            "labels": np.asarray(labels, np.int64), "classes": list(manifest.get("classes", []))}
+
+
+def open_shards(root: Path) -> ShardSource:
+    """A local shard folder (``read_listing``)."""
+    def size(path: Path) -> int | None:
+        return path.stat().st_size if path.is_file() else None
+
+    try:
+        manifest_text = (root / SHARD_MANIFEST).read_text()
+    except OSError as exc:
+        raise DataError(f"cannot read {root / SHARD_MANIFEST}: {exc}") from None
+    names = [p.name for p in root.iterdir()]
+    listing = read_listing(str(root), manifest_text, {name: size(root / name) for name in names},
+                           lambda wanted: {name: (root / name).read_text() for name in wanted})
+    return ShardSource(root, LocalShardFiles(root), **listing)
 
 
 MANIFEST_FORMAT = "simclr-scale-shards"
@@ -183,18 +245,52 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     return header_at + tarfile.BLOCKSIZE
 
 
+class _FolderOut:
+    """make-shards' output in a local folder: each file written atomically."""
+
+    def __init__(self, out: Path) -> None:
+        if out.exists() and not out.is_dir():
+            raise DataError(f"{out} is a file; give make-shards a new folder to write into (nothing was changed)")
+        if out.exists() and any(out.iterdir()):
+            raise DataError(f"{out} is not empty; write shards into a new folder (nothing there was changed)")
+        self.out = out
+
+    def start(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, data: bytes) -> None:
+        atomic_write(self.out / name, data)
+
+
+class _StoreOut:
+    """make-shards' output in object storage (an object is written whole: never seen in part)."""
+
+    def __init__(self, url: str) -> None:
+        from data_pipeline.object_store import ObjectStore
+
+        self.store = ObjectStore(url)
+        if self.store.sizes():
+            raise DataError(f"{self.store.url} is not empty; write shards under a new prefix (nothing there was "
+                            "changed)")
+
+    def start(self) -> None:
+        pass
+
+    def write(self, name: str, data: bytes) -> None:
+        self.store.write(name, data)
+
+
 def make_shards(source: Source, out: str | Path, shard_size: int, seed: int = 0, quality: int = 95,
                 skip_corrupt: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Write ``source`` as tar shards of ``shard_size`` samples into the empty (or new) folder
-    ``out``; returns the manifest. Corrupt image files are refused (or left out with
+    ``out``, or under an empty object storage prefix (``s3://bucket/prefix``); returns the
+    manifest, which is written last. Corrupt image files are refused (or left out with
     ``skip_corrupt``) here, once, so that training on the shards needs no file check."""
-    out = Path(out)
+    from data_pipeline.object_store import is_url
+
     if shard_size < 1:
         raise DataError(f"--shard-size must be a positive number of samples, got {shard_size}")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} is a file; give make-shards a new folder to write into (nothing was changed)")
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} is not empty; write shards into a new folder (nothing there was changed)")
+    target = _StoreOut(str(out)) if is_url(out) else _FolderOut(Path(out))
     keep = np.arange(len(source))
     files = source.sample_files()
     if files:
@@ -209,13 +305,14 @@ def make_shards(source: Source, out: str | Path, shard_size: int, seed: int = 0,
     order = keep[np.random.default_rng(seed).permutation(len(keep))]
     labels = np.asarray(source.labels, dtype=np.int64)
     labelled = bool(len(order)) and bool((labels[order] >= 0).all())
-    out.mkdir(parents=True, exist_ok=True)
+    target.start()
     entries = []
     for k, start in enumerate(range(0, len(order), shard_size)):
         chunk = order[start : start + shard_size]
         name = f"shard-{k:06d}.tar"
         lines = []
-        with atomic_path(out / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        buffer = io.BytesIO()  # one shard in memory at a time
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for position, i in enumerate(chunk, start):
                 key = f"{position:09d}"
                 data, ext = _encoded_sample(source, int(i), quality)
@@ -224,13 +321,14 @@ def make_shards(source: Source, out: str | Path, shard_size: int, seed: int = 0,
                     cls = str(int(labels[i])).encode()
                     line += f" cls {_add_member(tar, f'{key}.cls', cls)} {len(cls)} {key}.cls"
                 lines.append(line)
-        atomic_write(out / f"shard-{k:06d}.idx", f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
-        entries.append({"name": name, "bytes": (out / name).stat().st_size, "samples": len(chunk),
+        target.write(name, buffer.getvalue())
+        target.write(f"shard-{k:06d}.idx", (f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n").encode())
+        entries.append({"name": name, "bytes": len(buffer.getvalue()), "samples": len(chunk),
                         **({"labels": labels[chunk].tolist()} if labelled else {})})
         if progress:
             progress(start + len(chunk), len(order))
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "samples": int(len(order)), "seed": seed,
                 "source": str(source.location),
                 "classes": list(source.classes) if labelled else [], "shards": entries}
-    atomic_write(out / SHARD_MANIFEST, json.dumps(manifest, indent=1))
+    target.write(SHARD_MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest

@@ -16,6 +16,7 @@ A missing label is -1: pretraining needs none; whatever needs labels asks ``labe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -53,7 +54,7 @@ class Source:
     """A dataset of N images in one layout: the base every layout subclasses, holding what most
     layouts share (a layout overrides what it does differently)."""
 
-    location: Path  # the folder or file it was opened from, for messages
+    location: Path | str  # the folder or file (or object storage URL) it was opened from, for messages
     labels: np.ndarray  # N int64, -1: unlabeled
     classes: list[str]  # empty when unlabeled
     # How a sample is kept: decoded pixels (read with ``read_decoded``), encoded bytes (``read_encoded``),
@@ -98,6 +99,15 @@ class Source:
         """``indices`` in the order this layout reads fastest (an evaluation pass's order); the
         same array object when the layout has no preferred order."""
         return indices
+
+    store_retries = 0  # requests to object storage retried so far by this process (data_pipeline.object_store)
+    left_out = 0  # samples of the dataset left out when it was opened (missing shards, data.skip_corrupt)
+
+    def read_ahead(self, order: np.ndarray) -> Iterable[bytes] | None:
+        """The encoded bytes of ``order``'s samples in order, fetched ahead of their use by a
+        thread (a sized iterable with ``close()``), for a layout whose reads are slow one by one
+        (object storage); None where ``read_encoded`` sample by sample is the fast way."""
+        return None
 
 
 class FileChecks(Protocol):

@@ -10,7 +10,7 @@ import dataclasses
 import gc
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,12 +26,13 @@ from data_pipeline.views import collate_views, view_spec
 from foundation.seeds import augmentation_seed
 
 
-def decode_sample(source: Source, index: int) -> torch.Tensor:
-    """uint8 CHW RGB tensor of sample ``index`` (grayscale and RGBA become RGB); DataError naming
-    the file if it cannot be decoded."""
+def decode_sample(source: Source, index: int, raw: bytes | None = None) -> torch.Tensor:
+    """uint8 CHW RGB tensor of sample ``index`` (grayscale and RGBA become RGB), from its encoded
+    bytes ``raw`` when they were read already; DataError naming the file if it cannot be decoded."""
     if source.stored == "decoded":
         return torch.from_numpy(source.read_decoded(np.asarray([index]))[0]).permute(2, 0, 1)
-    path, raw, fix = source.sample_name(index), source.read_encoded(index), source.damaged_fix
+    path, fix = source.sample_name(index), source.damaged_fix
+    raw = source.read_encoded(index) if raw is None else raw
     if not raw:
         raise DataError(f"cannot decode image {path}: it is empty (0 bytes); {fix}, {SKIP_CORRUPT_HINT}")
     try:
@@ -63,21 +64,24 @@ class MultiViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _decode(self, index: int) -> tuple[torch.Tensor, int, int]:
-        """(image, label, the corrupt sample it replaces or -1). A file that passed the file check
-        but fails to decode is replaced by the next good sample, image and label, as the check's
-        findings are (``data_pipeline.rank_loader``)."""
+    def _decode(self, index: int, raw: bytes | None = None) -> tuple[torch.Tensor, int, int]:
+        """(image, label, the corrupt sample it replaces or -1), from ``raw`` when the sample's bytes
+        came with it (``ReadAheadSampler``). A file that passed the file check but fails to decode is
+        replaced by the next good sample, image and label, as the check's findings are
+        (``data_pipeline.rank_loader``)."""
         for offset in range(len(self.source)):
             sample = (index + offset) % len(self.source)
             try:
-                return decode_sample(self.source, sample), int(self.source.labels[sample]), index if offset else -1
+                image = decode_sample(self.source, sample, None if offset else raw)
+                return image, int(self.source.labels[sample]), index if offset else -1
             except DataError:
                 if not self.skip_corrupt:
                     raise
         raise DataError(f"no image in {self.source.location} could be decoded")
 
-    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, ...], int, int]:
-        image, label, corrupt = self._decode(index)
+    def __getitem__(self, item: int | tuple[int, bytes]) -> tuple[tuple[torch.Tensor, ...], int, int]:
+        index, raw = item if isinstance(item, tuple) else (item, None)
+        image, label, corrupt = self._decode(index, raw)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(augmentation_seed(self.seed, self.epoch, index, bits=47))
             views = tuple(transform(image) for transform in self.view_transforms())
@@ -103,6 +107,21 @@ def _worker_init(_: int) -> None:
     os.setpgrp()
 
 
+class ReadAheadSampler:
+    """(index, encoded bytes) per sample of ``order``: the DataLoader takes the bytes from the
+    source's read-ahead in this process and hands them to its workers with the index, so each
+    shard is fetched once per rank however many workers decode it."""
+
+    def __init__(self, order: np.ndarray, ahead: Iterable[bytes]) -> None:
+        self.order, self.ahead = order, ahead
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        return zip(self.order.tolist(), self.ahead)
+
+
 class TorchvisionLoader(RankLoader):
     """Iterator of (view size groups, labels) on ``device``; ``steps_per_epoch`` is the same on every rank."""
 
@@ -121,11 +140,18 @@ class TorchvisionLoader(RankLoader):
         self.check_files()
         if self.cfg.num_workers:
             release_dead_pipelines()
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.replaced(self.indices()).tolist(),
+        order = self.replaced(self.indices())
+        ahead = self.source.read_ahead(order)  # object storage: the bytes fetched here, decoded in the workers
+        sampler = order.tolist() if ahead is None else ReadAheadSampler(order, ahead)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
                             num_workers=self.cfg.num_workers, drop_last=True, collate_fn=collate_views,
                             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
                             persistent_workers=False)
-        yield from self._batches(loader)
+        try:
+            yield from self._batches(loader)
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         for groups, labels, corrupt in loader:

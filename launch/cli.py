@@ -84,12 +84,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def check_data_paths(cfg) -> None:
+    from data_pipeline.object_store import is_url
     from data_pipeline.sources import DataError
 
     for key, root in (("data.root", cfg.data.root), ("data.val_root", cfg.data.val_root)):
+        if root and is_url(root):  # object storage: the ranks' listing says whether it is there
+            continue
         if (key == "data.root" or root) and not (root and Path(root).exists()):
             raise DataError(f"data path {root or '(empty)'} does not exist; set {key} to an image folder, an .npz "
-                            "file, an STL-10 or CIFAR folder, or a folder of tar shards")
+                            "file, an STL-10 or CIFAR folder, or a folder of tar shards (local, or s3://bucket/prefix)")
 
 
 def resume_command(args: argparse.Namespace, cfg) -> str:
@@ -226,9 +229,12 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 def cmd_make_shards(args: argparse.Namespace) -> int:
     import time
 
-    from data_pipeline import open_source
+    from data_pipeline import DataError, open_source
     from data_pipeline.shards import make_shards
 
+    if bool(args.out) == bool(args.out_option):
+        raise DataError("make-shards needs one output: a folder or s3://bucket/prefix, as OUT or --out OUT")
+    out = args.out or args.out_option
     source = open_source(args.src, args.split, args.labels)
     start, last = time.time(), [0.0]
 
@@ -237,11 +243,11 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
             last[0] = time.time()
             print(f"  {done}/{total} samples ({done / max(1e-9, time.time() - start):.0f}/s)", flush=True)
 
-    manifest = make_shards(source, args.out, args.shard_size, seed=args.seed, quality=args.quality,
+    manifest = make_shards(source, out, args.shard_size, seed=args.seed, quality=args.quality,
                            skip_corrupt=args.skip_corrupt, progress=progress)
     kind = f"{len(manifest['classes'])} classes" if manifest["classes"] else "unlabeled"
-    print(f"wrote {manifest['samples']} samples ({kind}) as {len(manifest['shards'])} shards into {args.out}; "
-          f"train on them with data.root={args.out}")
+    print(f"wrote {manifest['samples']} samples ({kind}) as {len(manifest['shards'])} shards into {out}; "
+          f"train on them with data.root={out}")
     return 0
 
 
@@ -465,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("make-shards", "write a dataset (any layout data.root accepts) as WebDataset tar shards "
                        "with DALI index files, for fast starts and reads at scale")
     p.add_argument("src", help="the dataset: image folder, .npz, STL-10 or CIFAR folder")
-    p.add_argument("out", help="a new (or empty) folder for shard-000000.tar ... and manifest.json")
+    p.add_argument("out", nargs="?", help="a new (or empty) folder for shard-000000.tar ... and manifest.json, or "
+                   "an empty object storage prefix (s3://bucket/prefix; pip install 'simclr-scale[s3]')")
+    p.add_argument("--out", dest="out_option", metavar="OUT", help="the same as OUT")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--split", default="", help="split of SRC when it holds several (STL-10, CIFAR)")
     p.add_argument("--labels", default="auto", choices=LABEL_MODES,

@@ -57,6 +57,23 @@ def photo_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def two_local_ranks_20_steps(photo_data, tmp_path_factory) -> dict:
+    """The newest checkpoint of the tiny run trained uninterrupted for 20 steps (2 epochs) by
+    ``simclr train --nproc 2``: the reference that the SLURM jobs (one node, two nodes, pre-empted
+    or not) must match. Checkpoint frequency and the tracking store do not change the weights, so
+    one run serves them all."""
+    from trainer import checkpoint as ckpt
+
+    root = tmp_path_factory.mktemp("reference_two_ranks")
+    proc = subprocess.run([sys.executable, "-m", "launch", "train", "--nproc", "2",
+                           *tiny_overrides(photo_data / "train", root / "ref", **{"train.epochs": 2})],
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "ref"))
+
+
 @pytest.fixture
 def tiny_config(photo_data, tmp_path):
     def make(**extra) -> Config:

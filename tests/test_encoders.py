@@ -35,7 +35,8 @@ def test_each_new_encoder_trains_a_step_with_the_cifar_stem_and_exports(photo_da
     from trainer.step import train_step
 
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
-        "model.arch": arch, "model.proj_hidden_dim": 64, "data.batch_size": 4, "data.image_size": 16,
+        "model.arch": arch, "model.cifar_stem": "true", "model.proj_hidden_dim": 64, "data.batch_size": 4,
+        "data.image_size": 16,
         "tracking.enabled": "false"}))
     parts = build_parts(cfg, CPU_ALONE)
     assert isinstance(parts.model.encoder.conv1, nn.Conv2d) and parts.model.encoder.conv1.stride == (1, 1)

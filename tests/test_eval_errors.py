@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers.runs import assert_one_line_error, corrupt_copy, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
@@ -37,8 +38,9 @@ def test_eval_names_an_architecture_mismatch(exported_encoder, photo_data, tmp_p
     folder = tmp_path / "mismatch"
     folder.mkdir()
     shutil.copy(exported_encoder, folder / "encoder.pt")
-    text = (exported_encoder.parent / "config.yaml").read_text().replace("arch: resnet18", "arch: resnet34")
-    (folder / "config.yaml").write_text(text)
+    config = yaml.safe_load((exported_encoder.parent / "config.yaml").read_text())
+    config["model"].update(arch="resnet34", cifar_stem=False)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     proc = simclr("eval", "--checkpoint", str(folder / "encoder.pt"), "--train-data", str(photo_data / "train"),
                   "--val-data", str(photo_data / "val"), "--device", "cpu", "--workers", "0", "--probe-epochs", "1")
     assert_one_line_error(proc, "resnet34", "do not fit", "tensors missing")

@@ -348,7 +348,7 @@ def test_a_damaged_shard_member_says_to_write_the_shards_again(tmp_path):
 
     make_shards(open_source(colour_coded(tmp_path)), tmp_path / "s", 30)
     source = open_source(tmp_path / "s")
-    tar = source.shards[source.shard_of[0]]
+    tar = tmp_path / "s" / source.shards[source.shard_of[0]]
     with open(tar, "r+b") as f:  # the first member's bytes overwritten in place: same length, not a JPEG
         f.seek(int(source.offsets[0]))
         f.write(b"\0" * int(source.sizes[0]))

@@ -103,7 +103,8 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_cleanly(photo
 def test_second_ctrl_c_aborts_at_once(photo_data, tmp_path):
     run_dir = tmp_path / "run"
     # slow steps (bigger images and batch) so that the second Ctrl-C lands before the next step boundary
-    proc = start_training(photo_data, run_dir, "trainer", **{"data.image_size": 64, "data.batch_size": 32})
+    proc = start_training(photo_data, run_dir, "trainer", **{"data.image_size": 64, "data.batch_size": 32,
+                                                             "model.arch": "resnet18", "model.cifar_stem": "true"})
     wait_for_steps(run_dir, proc, steps=1)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(1.5)  # a human's second Ctrl-C, not the same one delivered twice

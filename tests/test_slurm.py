@@ -204,7 +204,8 @@ def test_two_task_job_trains_and_logs(slurm, photo_data, tmp_path):
 
 
 @pytest.mark.slurm
-def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, photo_data, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, photo_data, tmp_path,
+                                                                     two_local_ranks_20_steps):
     # 20 steps: the notice goes at the first checkpoint (step 4), a few seconds before the end
     common = {"train.epochs": 2, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs", **common))
@@ -229,12 +230,7 @@ def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted(slurm, pho
     assert "Restarts=1" in restarts
 
     # the same config, uninterrupted, as 2 local ranks: bitwise-identical weights
-    ref = subprocess.run([PY, "-m", "launch", "train", "--nproc", "2",
-                          *tiny_overrides(photo_data / "train", tmp_path / "ref", **common)],
-                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
-    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "ref"))
+    a, b = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir)), two_local_ranks_20_steps
     assert a["step"] == b["step"] == 20
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # one MLflow run, continued across the requeue

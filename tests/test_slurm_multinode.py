@@ -54,21 +54,14 @@ def newest(run_dir: Path) -> dict:
     return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
 
 
-def local_two_ranks(photo_data: Path, tmp_path: Path, **common) -> dict:
-    proc = subprocess.run([PY, "-m", "launch", "train", "--nproc", "2",
-                           *tiny_overrides(photo_data / "train", tmp_path / "ref", **common)],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return newest(tmp_path / "ref")
-
-
-def test_two_node_job_trains_like_two_local_ranks_in_one_run(two_nodes, photo_data, tmp_path):
+def test_two_node_job_trains_like_two_local_ranks_in_one_run(two_nodes, photo_data, tmp_path,
+                                                            two_local_ranks_20_steps):
     common = {"train.epochs": 2, "tracking.uri": f"sqlite:///{tmp_path}/m.db"}
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs", **common))
     (sub,) = submit(cfg, load_cluster_config(cluster_file(tmp_path)), name="twonode")
     result = sub.job.results()[0]
     assert result["step"] == 20
-    ours, ref = newest(Path(sub.run_dir)), local_two_ranks(photo_data, tmp_path, **common)
+    ours, ref = newest(Path(sub.run_dir)), two_local_ranks_20_steps
     assert ours["world_size"] == 2 and ours["step"] == ref["step"] == 20
     for key in ours["model"]:
         assert torch.allclose(ours["model"][key].double(), ref["model"][key].double(), atol=1e-5), key
@@ -80,10 +73,11 @@ def test_two_node_job_trains_like_two_local_ranks_in_one_run(two_nodes, photo_da
     assert {p.name.split("_")[1] for p in logs.glob(f"{sub.job_id}_*_log.out")} == {"0", "1"}  # a log per node
 
 
-def test_two_node_job_preempted_requeues_and_continues_bitwise(two_nodes, photo_data, tmp_path):
-    # long enough (40 steps) that the pre-emption notice, sent at the first checkpoint (step 4), lands
-    # mid-run on a fast machine too (a 2-rank step takes a few hundred ms here)
-    common = {"train.epochs": 4, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
+def test_two_node_job_preempted_requeues_and_continues_bitwise(two_nodes, photo_data, tmp_path,
+                                                            two_local_ranks_20_steps):
+    # 20 steps: the pre-emption notice, sent at the first checkpoint (step 4), lands mid-run (a
+    # 2-rank step across the namespaces takes a few hundred ms here, and the job needs 16 more)
+    common = {"train.epochs": 2, "tracking.uri": f"sqlite:///{tmp_path}/m.db", "checkpoint.every_steps": 4}
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "runs", **common))
     (sub,) = submit(cfg, load_cluster_config(cluster_file(tmp_path)), name="preempt2")
     run_dir = Path(sub.run_dir)
@@ -92,18 +86,18 @@ def test_two_node_job_preempted_requeues_and_continues_bitwise(two_nodes, photo_
     # wait on the files, not on submitit: around a requeue its state polling can briefly see the
     # first attempt as finished and then look for a result that the second attempt writes later
     deadline = time.time() + 400
-    while "finished at step 40/40" not in Path(sub.stdout).read_text():
+    while "finished at step 20/20" not in Path(sub.stdout).read_text():
         assert time.time() < deadline, "the requeued job did not finish"
         time.sleep(1)
     assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", sub.job_id], capture_output=True,
                                           text=True).stdout
-    ours, ref = newest(run_dir), local_two_ranks(photo_data, tmp_path, **common)
-    assert ours["step"] == ref["step"] == 40
+    ours, ref = newest(run_dir), two_local_ranks_20_steps
+    assert ours["step"] == ref["step"] == 20
     assert all(torch.equal(ours["model"][k], ref["model"][k]) for k in ours["model"])
     client, runs = mlflow_runs(tmp_path / "m.db")
     (run,) = [r for r in runs if r.info.run_name == "preempt2"]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert run.info.status == "FINISHED" and steps[-1] == 40 and steps == sorted(set(steps))
+    assert run.info.status == "FINISHED" and steps[-1] == 20 and steps == sorted(set(steps))
 
 
 def job_state(job_id: str) -> str:

@@ -20,6 +20,9 @@ from trainer.distributed import free_port
 from trainer.loop import train
 from trainer.tracking import Tracker
 
+# the tests that check the exported encoder as a torchvision ResNet-18 with the CIFAR stem train one
+RESNET18 = {"model.arch": "resnet18", "model.cifar_stem": "true"}
+
 
 def check_run(uri, run_id, steps_expected):
     client = MlflowClient(uri)
@@ -45,7 +48,7 @@ def check_run(uri, run_id, steps_expected):
 def test_real_server_run_has_params_metrics_artifacts(mlflow_server, photo_data, tmp_path):
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run",
                                            **{"tracking.uri": mlflow_server, "train.epochs": 1,
-                                              "data.val_root": str(photo_data / "val")}))
+                                              "data.val_root": str(photo_data / "val"), **RESNET18}))
     result = train(cfg)
     run = check_run(mlflow_server, result.run_id, [2, 4, 6, 8, 10])
     assert run.info.status == "FINISHED"
@@ -104,7 +107,7 @@ def test_an_experiment_the_user_made_keeps_its_kind(mlflow_server):
 
 
 def test_resumed_job_continues_the_same_run(mlflow_server, photo_data, tmp_path):
-    over = {"tracking.uri": mlflow_server, "train.epochs": 1}
+    over = {"tracking.uri": mlflow_server, "train.epochs": 1, **RESNET18}
     first = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **over,
                                                    **{"train.stop_after_steps": 4})))
     second = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **over)))
@@ -116,7 +119,7 @@ def test_local_default_store(photo_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run",
-                                           **{"tracking.uri": "", "train.epochs": 1}))
+                                           **{"tracking.uri": "", "train.epochs": 1, **RESNET18}))
     result = train(cfg)
     assert (tmp_path / "mlflow.db").exists()  # MLflow's own default, in the working directory
     check_run(f"sqlite:///{tmp_path / 'mlflow.db'}", result.run_id, [2, 4, 6, 8, 10])
@@ -190,7 +193,7 @@ def test_encoder_is_an_mlflow_model_registered_with_system_metrics(photo_data, t
     users_own = f"sqlite:///{tmp_path}/users_own.db"  # the process's store, which logging the model must leave be
     monkeypatch.setenv("MLFLOW_TRACKING_URI", users_own)
     over = {"tracking.uri": uri, "train.epochs": 1, "tracking.log_model": "true", "tracking.register_as": "rn18-ssl",
-            "tracking.system_metrics": "true", "tracking.system_metrics_interval_s": 0.5}
+            "tracking.system_metrics": "true", "tracking.system_metrics_interval_s": 0.5, **RESNET18}
     result = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **over)))
     said = capfd.readouterr()
     assert os.environ["MLFLOW_TRACKING_URI"] == users_own and mlflow.get_tracking_uri() == users_own

@@ -396,7 +396,8 @@ def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, st
     returns the loss."""
     skips.check(step)
     nonfinite, overflow = skips.totals()
-    summary, rows = window.summary(parts.cfg.data.batch_size, parts.clock.window())
+    summary, rows = window.summary(parts.cfg.data.batch_size, parts.clock.window(),
+                                   {"data/store_retries": parts.loader.store_retries})
     metrics = {**summary, "train/lr": parts.schedule(step - 1),
                "train/epoch": step / parts.steps_per_epoch, "train/skipped_nonfinite": nonfinite,
                "train/skipped_overflow": overflow, "data/skipped_corrupt_images": parts.loader.corrupt_skipped,

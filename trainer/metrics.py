@@ -76,18 +76,20 @@ class MetricsWindow:
         self.loss_sum += torch.where(keep, loss, 0.0)
         self.accuracy_sum += torch.where(keep, accuracy, 0.0)
 
-    def summary(self, images_per_step: int, own: dict[str, float]) -> tuple[dict[str, float], list[dict[str, float]]]:
+    def summary(self, images_per_step: int, own: dict[str, float],
+                summed: dict[str, float] | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
         """The window's job metrics and one row per rank. One all-gather (every rank calls it at the
         same step) carries each rank's loss and accuracy (averaged over ranks, as before) and its own
         figures: data-wait share, ms per step, ``own`` (``StepClock.window``) and peak memory. Speed
         figures are the median rank's, data wait and memory the worst rank's; with several ranks, the
         slowest rank (the most data wait plus own forward per step) and the spread over ranks. The
-        data-wait share leaves out the start-up waits (``timed``), which come as ``startup_wait_ms``."""
+        data-wait share leaves out the start-up waits (``timed``), which come as ``startup_wait_ms``.
+        ``summed``: counters of this rank, reported as their sum over the ranks (same names)."""
         elapsed = time.perf_counter() - self.started
         steady = max(elapsed - self.startup_wait_s, 1e-9)
         mine = {"data_wait_fraction": self.data_wait_s / steady, "window_ms": elapsed * 1000 / max(1, self.steps),
                 "startup_wait_ms": self.startup_wait_s * 1000, **own,
-                "peak_memory_mb": peak_memory_mb(self.loss_sum.device)}
+                "peak_memory_mb": peak_memory_mb(self.loss_sum.device), **(summed or {})}
         names = list(mine)
         local = torch.cat([(torch.stack([self.loss_sum, self.accuracy_sum]) / max(1, self.steps)).double(),
                            torch.tensor([mine[n] for n in names], dtype=torch.float64).to(self.loss_sum.device)])
@@ -99,7 +101,8 @@ class MetricsWindow:
                    "perf/images_per_s": images_per_step * self.steps / elapsed,
                    "perf/data_wait_fraction": max(r["data_wait_fraction"] for r in rows),
                    "perf/startup_wait_ms": max(r["startup_wait_ms"] for r in rows),
-                   "perf/peak_memory_mb": max(r["peak_memory_mb"] for r in rows)}
+                   "perf/peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+                   **{name: sum(r[name] for r in rows) for name in summed or {}}}
         for name in ("own_ms", "loss_ms", "backward_ms", "optimizer_ms", "step_ms_p50", "step_ms_p95"):
             values = [r[name] for r in rows if r.get(name, float("nan")) == r.get(name, float("nan"))]  # not NaN
             if values:

@@ -21,6 +21,7 @@ class RecordingLoader:
     def __init__(self, loader) -> None:
         self.loader, self.source, self.backend, self.first_step = loader, loader.source, loader.backend, 0
         self.steps_per_epoch, self.corrupt_skipped, self.views = loader.steps_per_epoch, 0, loader.views
+        self.store_retries = 0
         self.rebuilds = loader.rebuilds
         self.check_files, self.close = loader.check_files, loader.close
 

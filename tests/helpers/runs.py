@@ -53,8 +53,12 @@ def tiny_overrides(data_root: Path, run_dir: Path, **extra) -> list[str]:
     with MLflow's schema, unless ``tracking.uri`` is given)."""
     if "tracking.uri" not in extra:
         seed_mlflow_store(run_dir.parent / "mlflow.db")
+    # timm's test ResNet (0.4M parameters): a torchvision ResNet-18 here cost 130 ms a step of 8 small
+    # images, a 44 MB all-reduce a step and 90 MB a checkpoint; the tests that are about a torchvision
+    # encoder or its CIFAR stem name one
     base = {
-        "model.arch": "resnet18", "model.cifar_stem": "true", "model.proj_hidden_dim": 32, "model.proj_out_dim": 16,
+        "model.arch": "timm/test_resnet", "model.cifar_stem": "false", "model.proj_hidden_dim": 32,
+        "model.proj_out_dim": 16,
         "data.root": str(data_root), "data.backend": "torchvision", "data.image_size": 16, "data.batch_size": 8,
         "data.num_workers": 0, "data.augment.blur_prob": 0.5,
         "optim.lr": 0.5, "optim.warmup_epochs": 1, "loss.temperature": 0.2,
