@@ -159,7 +159,9 @@ def rank_main(args: argparse.Namespace, on_mode: Callable[[list[dict]], None] | 
         for mode in args.modes:
             row = run_mode(mode, parts, source, args.steps, args.warmup)
             row.update(rank=info.rank, backend=type(parts.loader).__name__, steps_per_epoch=parts.steps_per_epoch,
-                       pipelines_built=getattr(parts.loader, "pipelines_built", None), **decoder_memory(parts))
+                       pipelines_built=getattr(parts.loader, "pipelines_built", None), **decoder_memory(parts),
+                       store_retries=parts.loader.store_retries,  # object storage (data.root=s3://...)
+                       read_ahead_peak_mb=parts.loader.source.read_ahead_peak_bytes / 2**20)
             rows.append(row)
             if on_mode is not None:
                 on_mode(rows)
@@ -197,7 +199,9 @@ def combine(per_rank: list[list[dict]]) -> list[dict]:
                      max(r["host_syncs_per_step"] for r in mode_rows),
                      "peak_memory_mb": max(r["peak_memory_mb"] for r in mode_rows),
                      "device_in_use_mb": max((r["device_in_use_mb"] or 0) for r in mode_rows) or None,
-                     "host_pinned_mb": max((r["host_pinned_mb"] or 0) for r in mode_rows) or None})
+                     "host_pinned_mb": max((r["host_pinned_mb"] or 0) for r in mode_rows) or None,
+                     "store_retries": sum(r.get("store_retries", 0) for r in mode_rows),
+                     "read_ahead_peak_mb": max(r.get("read_ahead_peak_mb", 0.0) for r in mode_rows)})
     step_s = next((r["step_s"] for r in rows if r["mode"] == "e2e"), None)
     model = next((r for r in rows if r["mode"] == "model"), None)
     for r in rows:

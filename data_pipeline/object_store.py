@@ -16,6 +16,7 @@ being echoed, so that no secret reaches a log, a config or a checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ def _filesystem(url: str):
         # one try per call (ours are counted and bounded); an answer that never comes ends as a timeout
         options = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"},
                                      "connect_timeout": REQUEST_TIMEOUT_S, "read_timeout": REQUEST_TIMEOUT_S}}
+        # fsspec caches clients by their arguments, not by the environment the client reads: name the
+        # endpoint here so that a process whose AWS_ENDPOINT_URL changes never reuses the old store's client
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
         if hasattr(fs, "retries"):

@@ -69,6 +69,7 @@ class RemoteShardFiles:
         import hashlib
 
         self.store, self.depth, self.cache = store, read_ahead_shards, cache
+        self.peak_bytes = 0  # the most bytes its read-aheads held at once (measured, for the benchmark)
         self.key = hashlib.sha1(store.url.encode()).hexdigest()[:12]  # one cache folder may serve several sets
 
     @property
@@ -98,7 +99,10 @@ class RemoteShardFiles:
         """Bytes ``[start, end)`` of shard ``name``: one ranged GET (or the cache)."""
         path = self._cached(name)
         if path is not None:
-            return self.cache.read(path, start, end - start)
+            try:
+                return self.cache.read(path, start, end - start)
+            except FileNotFoundError:  # evicted just now by another rank sharing the folder
+                pass
         return self.store.read(name, start, end)
 
 
@@ -121,6 +125,7 @@ class ReadAhead:
 
     def __init__(self, source: ShardSource, order: np.ndarray, depth: int) -> None:
         self.source, self.order = source, np.asarray(order, dtype=np.int64)
+        self.held, self.held_lock = 0, threading.Lock()  # bytes fetched and not yet read through
         self.waiting: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._fetch, name="shard-read-ahead", daemon=True)
@@ -144,6 +149,7 @@ class ReadAhead:
             for run in shard_runs(self.source, self.order):
                 start, end = int(offsets[run].min()), int((offsets[run] + sizes[run]).max())
                 blob = files.read_span(self.source.shards[self.source.shard_of[run[0]]], start, end)
+                self._hold(len(blob))
                 if not self._put((run, start, blob)):
                     return
             self._put(_END)
@@ -163,6 +169,13 @@ class ReadAhead:
             for i in run:
                 at = int(offsets[i]) - start
                 yield bytes(view[at : at + int(sizes[i])])
+            self._hold(-len(blob))
+
+    def _hold(self, change: int) -> None:
+        with self.held_lock:
+            self.held += change
+            files = self.source.files
+            files.peak_bytes = max(getattr(files, "peak_bytes", 0), self.held)
 
     def close(self) -> None:
         self.stopped.set()

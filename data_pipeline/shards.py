@@ -122,6 +122,10 @@ class ShardSource(Source):
     def store_retries(self) -> int:
         return getattr(self.files, "retries", 0)
 
+    @property
+    def read_ahead_peak_bytes(self) -> int:
+        return getattr(self.files, "peak_bytes", 0)
+
     def read_ahead(self, order: np.ndarray):
         return self.files.read_ahead(self, order)
 
@@ -164,23 +168,26 @@ def read_listing(where: str, manifest_text: str, shard_bytes: dict[str, int | No
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{manifest_at} is unreadable ({exc}); write the shards again with simclr "
                         "make-shards") from None
-    missing = [entry for entry in entries if shard_bytes.get(entry["name"]) is None]
+    unusable = {}  # shard name -> what is wrong with it
+    for entry in entries:
+        found = shard_bytes.get(entry["name"])
+        if found is None:
+            unusable[entry["name"]] = f"shard {where}/{entry['name']} listed in {manifest_at} is missing; copy it again"
+        elif found != entry["bytes"]:
+            unusable[entry["name"]] = (f"shard {where}/{entry['name']} is {found} bytes, the manifest says "
+                                       f"{entry['bytes']}: the copy is incomplete or the shard was changed; copy it "
+                                       "again")
+    missing = [entry for entry in entries if entry["name"] in unusable]
     if missing and skip_missing:
         left_out = sum(entry["samples"] for entry in missing)
         names = ", ".join(entry["name"] for entry in missing[:5]) + (f" and {len(missing) - 5} more"
                                                                      if len(missing) > 5 else "")
-        log.warning(f"{len(missing)} shard(s) listed in {manifest_at} are missing: {names}; left out ({left_out} "
-                    "samples), as data.skip_corrupt asks")
-        entries = [entry for entry in entries if entry not in missing]
+        log.warning(f"{len(missing)} shard(s) listed in {manifest_at} are missing or damaged: {names} (e.g. "
+                    f"{unusable[missing[0]['name']]}); left out ({left_out} samples), as data.skip_corrupt asks")
+        entries = [entry for entry in entries if entry["name"] not in unusable]
     elif missing:
-        raise DataError(f"shard {where}/{missing[0]['name']} listed in {manifest_at} is missing; copy it again or "
-                        "write the shards again with simclr make-shards (or set data.skip_corrupt=true to train "
-                        "without it)")
-    for entry in entries:
-        tar, found = f"{where}/{entry['name']}", shard_bytes.get(entry["name"])
-        if found != entry["bytes"]:
-            raise DataError(f"shard {tar} is {found} bytes, the manifest says {entry['bytes']}: the copy is "
-                            "incomplete or the shard was changed; copy it again or write the shards again")
+        raise DataError(f"{unusable[missing[0]['name']]} or write the shards again with simclr make-shards (or set "
+                        "data.skip_corrupt=true to train without it)")
     index_names = [entry["name"][: -len(".tar")] + ".idx" for entry in entries]
     no_index = [name for name in index_names if shard_bytes.get(name) is None]
     if no_index:

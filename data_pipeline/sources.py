@@ -102,6 +102,7 @@ class Source:
 
     store_retries = 0  # requests to object storage retried so far by this process (data_pipeline.object_store)
     left_out = 0  # samples of the dataset left out when it was opened (missing shards, data.skip_corrupt)
+    read_ahead_peak_bytes = 0  # the most bytes ``read_ahead`` held at once in this process
 
     def read_ahead(self, order: np.ndarray) -> Iterable[bytes] | None:
         """The encoded bytes of ``order``'s samples in order, fetched ahead of their use by a

@@ -198,7 +198,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 BENCHMARKS = {"feed": "benchmarks.feed",  # does the data pipeline keep the step busy
               "views": "benchmarks.views",  # step time of view specifications
               "startup": "benchmarks.startup",  # start-up on large trees
-              "overhead": "benchmarks.overhead"}  # our loop vs a bare DDP loop
+              "overhead": "benchmarks.overhead",  # our loop vs a bare DDP loop
+              "store": "benchmarks.object_store"}  # shards from object storage vs local disk
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS); "
-                         "simclr bench feed|views|startup|overhead for the others",
+                         "simclr bench feed|views|startup|overhead|store for the others",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see simclr bench --help")
     p.set_defaults(func=cmd_bench)

@@ -247,3 +247,40 @@ def test_a_set_whose_manifest_was_never_written_is_not_read(s3):
         open_source(url)
     with pytest.raises(DataError, match="is not empty"):
         make_shards(open_source(s3["photos"] / "train"), url, 10)
+
+
+def test_the_shard_cache_serves_a_store_that_is_gone_and_keeps_under_its_cap(s3, tmp_path):
+    """With data.store_cache, a shard read once comes from the local folder the next time (the
+    store may be away); the folder never holds more than data.store_cache_gb."""
+    shard_bytes = max(e["bytes"] for e in json.loads(ObjectStore(s3["url"]).read_text("manifest.json"))["shards"])
+    cap_gb = 3.5 * shard_bytes / 2**30  # room for three shards
+    remote = open_source(s3["url"], remote=RemoteSettings(timeout_s=2, cache=str(tmp_path / "cache"),
+                                                          cache_gb=cap_gb))
+    order = np.arange(8)  # the first two shards
+    first = list(remote.read_ahead(order))
+    s3["server"].proxy.down()
+    try:
+        assert list(remote.read_ahead(order)) == first  # from the cache: no request reached the store
+        with pytest.raises(DataError, match="did not answer"):
+            list(remote.read_ahead(np.arange(8, 12)))  # not cached: the store is needed
+    finally:
+        s3["server"].proxy.up()
+    list(remote.read_ahead(np.arange(len(remote))))  # every shard once: the oldest leave
+    kept = list((tmp_path / "cache").glob("*.tar"))
+    assert 0 < len(kept) <= 3 and sum(p.stat().st_size for p in kept) <= cap_gb * 2**30
+
+
+def test_the_store_benchmark_compares_with_local_disk_and_measures_the_read_ahead(tmp_path):
+    from benchmarks.object_store import main
+
+    out = tmp_path / "store.json"
+    result = main(["--per-class", "8", "--steps", "3", "--batch", "16", "--workers", "0", "--image-size", "16",
+                   "--shard-size", "20",
+                   "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["git_commit"] == result["git_commit"] and saved["device"]
+    rows = {r["mode"]: r for r in saved["rows"]}
+    assert set(rows) == {"loader", "e2e"}
+    for r in rows.values():
+        assert r["local_images_per_s"] > 0 and r["s3_images_per_s"] > 0 and r["ratio"] > 0
+        assert 0 < r["read_ahead_peak_mb"] <= r["read_ahead_bound_mb"]
