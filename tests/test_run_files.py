@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.runs import REPO
 from trainer.loop import train
 from trainer.run_files import DiskFullError, append_line, atomic_write_text, read_jsonl
 
@@ -122,3 +125,26 @@ def test_a_damaged_run_record_is_written_again_at_resume(tiny_config, capsys):
     assert "mlflow_run.json is not valid JSON" in capsys.readouterr().err
     kept = json.loads(record.read_text())
     assert kept["run_id"] == first.run_id and kept["params"]["optim.lr"] == "0.5" and kept["status"] == "KILLED"
+
+
+def test_a_kill_while_the_encoder_is_written_leaves_no_encoder_pt(tmp_path):
+    """encoder.pt marks a finished run (loop.py): a process killed half-way through writing it must
+    leave none, not a torn file that a resume would take for a finished run."""
+    script = f"""
+import os, signal, torch
+from torch import nn
+import trainer.export as export
+
+def dies_half_way(obj, f):
+    with open(f, "wb") as out:
+        out.write(b"PK" + bytes(1000))  # the first bytes of a zip archive, then the kill
+    os.kill(os.getpid(), signal.SIGKILL)
+
+export.encoder_state_dict = lambda model: model.state_dict()
+export.torch.save = dies_half_way
+export.save_encoder(nn.Linear(2, 2), __import__("pathlib").Path({str(tmp_path / "encoder.pt")!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not (tmp_path / "encoder.pt").exists()
+    assert all(p.name.startswith(".encoder.pt.tmp-") for p in tmp_path.iterdir())  # what the writer had begun

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from foundation.atomic_files import atomic_path
 from foundation.logs import get_logger
 from trainer.model import encoder_state_dict
 from trainer.sync_batchnorm import revert_sync_batchnorm
@@ -34,8 +35,10 @@ class _DropMessage(logging.Filter):
 
 
 def save_encoder(model: nn.Module, path: Path) -> Path:
-    """The SimCLR model's encoder (no projection head) as a state dict at ``path``."""
-    torch.save(encoder_state_dict(model), path)
+    """The SimCLR model's encoder (no projection head) as a state dict at ``path``, written whole
+    (a run whose ``encoder.pt`` exists is a finished run: a kill mid-write must leave none)."""
+    with atomic_path(path) as tmp:
+        torch.save(encoder_state_dict(model), tmp)
     return path
 
 
