@@ -19,7 +19,8 @@ from benchmarks.common import RESULTS, device_name, result_header, write_json
 from data_pipeline import open_train_source, open_val_source
 from trainer.config import load_config
 from trainer.device import choose_device
-from trainer.evaluate import compare, load_encoder, random_init_like
+from trainer.encoder_loading import load_encoder, random_init_like
+from trainer.evaluate import compare
 from trainer.loop import train
 
 REPO = Path(__file__).resolve().parent.parent

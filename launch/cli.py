@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from foundation.logs import get_logger
 from foundation.process_rank import speaks_for_the_job
+from launch.submit import cmd_submit
+from launch.tools import cmd_bench, cmd_make_demo_data, cmd_make_shards, cmd_sync
 from trainer import package_version
-from trainer.credentials import redact_uri
 from trainer.rank_report import OPTION as REPORT_OPTION
 from trainer.rank_report import RankReport
 
@@ -61,8 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_world_size(cfg.data.batch_size, nproc, f"of --nproc {nproc}", "--nproc", resumed,
                          ConfigError)
     if getattr(args, "dry_run", False):
-        from trainer.checkpoint import check_resume
         from trainer.config import dump_config
+        from trainer.resume import check_resume
 
         check_data_paths(cfg)
         plan = check_resume(cfg)  # the refusal the run would meet, now
@@ -129,19 +128,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         again = " ".join(shlex.quote(w) for w in ["simclr", "eval", "--nproc", str(args.nproc), *argv])
         job = JobContext("evaluation", again, timeout_knob="--timeout-s")
         return run_local_ranks(args.nproc, ["eval", *argv], module="launch", job=job)
-    from launch.local import signal_name
-    from trainer.interrupts import exit_status_of_interrupt, interrupt_on_signals
+    from trainer.interrupts import run_interruptible
 
-    with interrupt_on_signals() as received:  # SIGTERM, SIGHUP: as Ctrl-C
-        try:
-            run_evaluation(args)
-        except KeyboardInterrupt:
-            code = exit_status_of_interrupt(received)
-            if speaks_for_the_job():
-                log.warning(f"{signal_name(code - 128)}: evaluation stopped; its report is written whole at the "
-                            "end, so nothing was left half-written. Run the same command again")
-            return code
-    return 0
+    def evaluate() -> int:
+        run_evaluation(args)
+        return 0
+
+    def stopped(signal: str) -> None:
+        if speaks_for_the_job():
+            log.warning(f"{signal}: evaluation stopped; its report is written whole at the end, so nothing was "
+                        "left half-written. Run the same command again")
+
+    return run_interruptible(evaluate, stopped)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -164,239 +162,48 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from launch.local import JobContext, run_local_ranks
 
         return run_local_ranks(args.nproc, ["embed", *argv], module="launch", job=JobContext("embedding", again))
-    from launch.local import signal_name
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
     from trainer.embed import embed
-    from trainer.interrupts import exit_status_of_interrupt, interrupt_on_signals
+    from trainer.interrupts import run_interruptible
 
-    # SIGTERM and SIGHUP stop it as Ctrl-C does: its finished chunks are on disk, the rest is redone
-    with interrupt_on_signals() as received:
+    ranks: list = []  # this process's rank, once its group exists
+
+    def embed_here() -> int:
         info = init_distributed(DistConfig(), args.device, launched=args.report_to is not None)
+        ranks.append(info)
         try:
             done = embed(args.checkpoint, args.data, args.out, args.split, args.head_layers, args.dtype,
                          args.batch_size, args.overwrite, info.device, info.rank, info.world_size, args.chunk_rows,
                          args.workers, args.skip_corrupt)
-        except KeyboardInterrupt:
-            code = exit_status_of_interrupt(received)
-            if info.is_main:
-                log.warning(f"{signal_name(code - 128)}: embedding stopped; the finished chunks are kept "
-                            f"in {args.out}. Run again to go on: {again}")
-            return code
         finally:
             teardown()
-    if info.is_main:
-        if done["skipped"]:
-            log.warning(f"skipped {done['skipped']} damaged file(s) (--skip-corrupt): no rows; meta.json names them")
-        log.info(f"embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
-                 f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were "
-                 "already done)")
-    return 0
-
-
-# simclr bench NAME ...: the named benchmark's module (its main takes the rest); plain simclr bench: throughput
-BENCHMARKS = {"feed": "benchmarks.feed",  # does the data pipeline keep the step busy
-              "views": "benchmarks.views",  # step time of view specifications
-              "startup": "benchmarks.startup",  # start-up on large trees
-              "overhead": "benchmarks.overhead",  # our loop vs a bare DDP loop
-              "store": "benchmarks.object_store"}  # shards from object storage vs local disk
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    name = bench_args[0] if bench_args[:1] and bench_args[0] in BENCHMARKS else None
-    module = importlib.import_module(BENCHMARKS[name] if name else "benchmarks.throughput")
-    module.main(bench_args[1:] if name else bench_args)
-    return 0
-
-
-def cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from data_pipeline.sample_data import make_demo_dataset
-    from trainer.dataclass_yaml import ConfigError
-
-    for flag, value, least in (("--size", args.size, 8), ("--train-per-class", args.train_per_class, 1),
-                               ("--val-per-class", args.val_per_class, 1)):
-        if value < least:
-            raise ConfigError(f"make-demo-data {flag} {value}: must be at least {least}")
-
-    paths = make_demo_dataset(args.out, size=args.size, train_per_class=args.train_per_class,
-                              val_per_class=args.val_per_class, seed=args.seed)
-    print(f"wrote {paths['train']} and {paths['val']} (ImageFolder JPEG) and .npz twins")
-    return 0
-
-
-def cmd_make_shards(args: argparse.Namespace) -> int:
-    import time
-
-    from data_pipeline import DataError, open_source
-    from data_pipeline.shards import make_shards
-
-    if bool(args.out) == bool(args.out_option):
-        raise DataError("make-shards needs one output: a folder or s3://bucket/prefix, as OUT or --out OUT")
-    out = args.out or args.out_option
-    source = open_source(args.src, args.split, args.labels)
-    start, last = time.time(), [0.0]
-
-    def progress(done: int, total: int) -> None:
-        if time.time() - last[0] > 5 or done == total:
-            last[0] = time.time()
-            print(f"  {done}/{total} samples ({done / max(1e-9, time.time() - start):.0f}/s)", flush=True)
-
-    manifest = make_shards(source, out, args.shard_size, seed=args.seed, quality=args.quality,
-                           skip_corrupt=args.skip_corrupt, progress=progress)
-    kind = f"{len(manifest['classes'])} classes" if manifest["classes"] else "unlabeled"
-    print(f"wrote {manifest['samples']} samples ({kind}) as {len(manifest['shards'])} shards into {out}; "
-          f"train on them with data.root={out}")
-    return 0
-
-
-def cmd_sync(args: argparse.Namespace) -> int:
-    from trainer.config import TrackingConfig
-    from trainer.tracking import sync_offline
-
-    encoder_file = Path(args.run_dir) / "encoder.pt"
-
-    def log_pending_model(run, pending: dict) -> bool:
-        """The encoder's MLflow model, skipped while offline: logged (and registered) now."""
-        if not encoder_file.exists():
-            return False
-        from trainer.evaluate import load_encoder
-        from trainer.export import log_encoder_model
-
-        encoder, run_cfg = load_encoder(encoder_file)
-        return log_encoder_model(run, encoder, run_cfg.data.image_size, pending.get("register_as", "")) is not None
-
-    run_id, record = sync_offline(args.run_dir, TrackingConfig(uri=args.uri, experiment=args.experiment),
-                                  args.run_id, log_pending_model)
-    print(f"replayed {args.run_dir} (params, tags, metrics, artifacts) into MLflow run {run_id} at "
-          f"{redact_uri(args.uri) or record.get('uri')}")
-    return 0
-
-
-def submit_evaluation(args: argparse.Namespace) -> int:
-    """``simclr submit --cluster C --eval <simclr eval options>``: the evaluation as a SLURM job,
-    one rank per task (GPU), each extracting its share of the features."""
-    from launch.evaluation import eval_argv, eval_parser
-    from launch.slurm import load_cluster_config, submit_eval, wait_for_job
-    from trainer.dataclass_yaml import ConfigError
-
-    if args.config or args.overrides or args.sweep or args.resume:
-        raise ConfigError("--eval takes simclr eval's options only (after --eval); leave out --config, overrides, "
-                          "--sweep and --resume")
-    eval_args = eval_parser().parse_args(args.eval)  # validated here, before anything is submitted
-    bad = [f for f in eval_args.finetune if not 0 < f <= 1]
-    if bad:
-        raise ConfigError(f"--finetune {bad[0]:g}: a label fraction must be in (0, 1], e.g. --finetune 0.01 0.1 1.0")
-    eval_args.nproc = 1  # the job's tasks are the ranks
-    job = submit_eval(eval_argv(eval_args), load_cluster_config(args.cluster), name=args.name, dry_run=args.dry_run)
-    if args.dry_run:
-        print(job)
+        if info.is_main:
+            if done["skipped"]:
+                log.warning(f"skipped {done['skipped']} damaged file(s) (--skip-corrupt): no rows; meta.json names "
+                            "them")
+            log.info(f"embedded {done['samples']} samples x {done['dim']} ({args.dtype}) into {done['out']}: "
+                     f"embeddings.npy, index.csv, meta.json ({done['already_done']} of {done['chunks']} chunks were "
+                     "already done)")
         return 0
-    out_dir = Path(eval_args.out or Path(eval_args.checkpoint).parent / "eval")
-    print(f"submitted evaluation job {job.job_id}\n  report   {out_dir / 'report.json'}\n  stdout   {job.paths.stdout}"
-          f"\n  stderr   {job.paths.stderr}")
-    if args.wait:
-        wait_for_job(job)
-        try:
-            report = job.results()[0]  # rank 0's
-        except Exception as exc:
-            print(f"job {job.job_id} did not finish ({job.state}): {str(exc).splitlines()[0][:300]}", file=sys.stderr)
-            return 1
-        print(f"job {job.job_id} finished: " + ", ".join(f"{name} linear top-1 {row['linear_top1']:.3f}"
-                                                          for name, row in report["rows"].items()))
-    return 0
+
+    def stopped(signal: str) -> None:  # its finished chunks are on disk, the rest is redone
+        if ranks and ranks[0].is_main:
+            log.warning(f"{signal}: embedding stopped; the finished chunks are kept in {args.out}. Run again to go "
+                        f"on: {again}")
+
+    return run_interruptible(embed_here, stopped)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's first command: data from shipped photos, 2-rank CPU pretraining, linear probe."""
-    from data_pipeline.sample_data import make_demo_dataset
+    """The README's first command (``launch/demo.py``), running this parser's train and eval."""
+    from launch.demo import run_demo
 
-    data = Path(args.workdir) / "demo_data"
-    if not (data / "train").exists():
-        make_demo_dataset(data)
-    config = "demo_cpu"  # the shipped recipe, from a clone or an installed wheel
-    run_dir = Path(args.workdir) / "runs" / "demo"
-    overrides = [f"data.root={data / 'train'}", f"data.val_root={data / 'val'}", f"train.run_dir={run_dir}",
-                 "checkpoint.resume=none", "train.overwrite=true", *args.overrides]
-    # through the parser, so that every option of the two commands has its default
-    started = time.monotonic()
-    rc = cmd_train(build_parser().parse_args(["train", "--nproc", "2", "--config", config, *overrides]))
-    if rc != 0:
-        return rc
-    pretrain_s = time.monotonic() - started
-    cmd_eval(build_parser().parse_args(["eval", "--checkpoint", str(run_dir / "encoder.pt"), "--train-data",
-                                        str(data / "train"), "--val-data", str(data / "val"), "--device", "cpu",
-                                        "--workers", "2", "--probe-epochs", "100", "--tsne", "--mlflow"]))
-    results = write_demo_results(Path(args.workdir) / "demo_results.json", run_dir, pretrain_s, overrides)
-    from trainer.tracking import resolve_tracking_uri, where_to_open
+    def command(argv: list[str]) -> int:
+        parsed = build_parser().parse_args(argv)
+        return parsed.func(parsed)
 
-    uri = redact_uri(resolve_tracking_uri(""))
-    print(f"\nMLflow run logged to {uri} (experiment 'simclr-demo').\n"
-          f"To see it: {where_to_open(uri).replace('mlflow ui', '.venv/bin/mlflow ui')}\n"
-          f"Run files (config, checkpoints, metrics.jsonl, curves.png, encoder.pt): {run_dir}\n"
-          f"What the encoder learnt, as a picture (queries and their nearest neighbours): "
-          f"{run_dir / 'eval' / 'neighbours.png'}\n"
-          f"The figures, with the machine, versions and commit they came from: {results}")
-    return 0
-
-
-def write_demo_results(out: Path, run_dir: Path, pretrain_s: float, overrides: list[str]) -> Path:
-    """The demo's figures as a result file like every benchmark's (device, versions, commit): README's
-    demo table quotes benchmarks/results/demo_cpu.json, a copy of one such file."""
-    import torch
-
-    from benchmarks.common import device_name, result_header, write_json
-    from trainer.tracking import read_metrics_file
-
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
-    rows = read_metrics_file(run_dir / "metrics.jsonl", lenient=True)
-    steps = max(row["step"] for row in rows)
-    probe = {key: [row[f"probe/{key}"] for row in rows if f"probe/{key}" in row] for key in ("val_top1", "train_top1")}
-    result = {**result_header("demo", device_name(torch.device("cpu"))), "recipe": "demo_cpu", "ranks": 2,
-              "overrides": [o for o in overrides if not o.startswith(("data.", "train.run_dir"))], "steps": steps,
-              "pretrain_wall_s": round(pretrain_s, 1), "rows": report["rows"],
-              "online_probe_by_epoch": probe}
-    return write_json(result, out)
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from launch.slurm import load_cluster_config, resume_config, submit, wait_for_job
-    from trainer.config import load_config
-    from trainer.dataclass_yaml import ConfigError
-
-    if args.eval is not None:
-        return submit_evaluation(args)
-    if args.resume and args.config:
-        raise ConfigError("--resume takes the run's own config.yaml; leave out --config (overrides still apply)")
-    cfg = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
-    cluster = load_cluster_config(args.cluster)
-    out = submit(cfg, cluster, sweep=args.sweep, dry_run=args.dry_run, name=args.name, resume=bool(args.resume))
-    if args.dry_run:
-        print(out)
-        return 0
-    from trainer.tracking import resolve_tracking_uri, where_to_open
-
-    uri = redact_uri(resolve_tracking_uri(cfg.tracking.uri))
-    for s in out:
-        print(f"submitted job {s.job_id}  run '{s.run_name}'\n  run dir  {s.run_dir}\n  stdout   {s.stdout}\n"
-              f"  stderr   {s.stderr}\n  MLflow   experiment '{cfg.tracking.experiment}' at {uri} "
-              f"({where_to_open(uri)})")
-    if args.wait:
-        failed = 0
-        for s in out:
-            try:
-                wait_for_job(s.job)  # through requeues, to the real end
-                result = s.job.results()[0]  # one result per task; rank 0 speaks for the job
-                print(f"job {s.job_id} finished: step {result['step']}, loss {result['loss']:.4f}, "
-                      f"MLflow run {result['run_id']}")
-            except Exception as exc:  # submitit re-raises the job's failure or cancellation here
-                failed += 1
-                print(f"job {s.job_id} did not finish ({s.job.state}): {str(exc).splitlines()[0][:300]}",
-                      file=sys.stderr)
-        return 1 if failed else 0
-    return 0
+    return run_demo(args, command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from trainer.rank_report import OPTION as REPORT_OPTION
 log = get_logger()
 
 if TYPE_CHECKING:
+    from data_pipeline.sources import Source
     from trainer.evaluate import Report
 
 
@@ -83,7 +84,8 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
     from data_pipeline import IndexStore, open_source
     from trainer.config import DistConfig
     from trainer.distributed import init_distributed, teardown
-    from trainer.evaluate import check_same_classes, compare, load_encoder, misleading_settings, random_init_like
+    from trainer.encoder_loading import load_encoder, random_init_like
+    from trainer.evaluate import check_same_classes, compare
     from trainer.run_files import atomic_write_text
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
@@ -177,3 +179,29 @@ def _log_eval_to_mlflow(report: Report, out_dir: Path, checkpoint: str, cfg) -> 
     else:  # the training run keeps the status its training ended with
         run.finish(None)
     print(f"logged to {run.describe()}")
+
+
+def misleading_settings(train: Source, same_data: bool, probe_epochs: int,
+                        finetune_fractions: tuple[float, ...], finetune_epochs: int) -> list[str]:
+    """Notes for settings that make a report's numbers mean something else than they seem (said on
+    the console and kept in the report)."""
+    import numpy as np
+
+    notes = []
+    if same_data:
+        notes.append("the held-out set is the training set: the scores measure fitting, not generalisation; give "
+                     "--val-data a held-out split")
+    if probe_epochs == 0:
+        notes.append("--probe-epochs 0: the linear probe is not trained, so linear_top1/top5 are those of a random "
+                     "linear layer")
+    if finetune_fractions and finetune_epochs == 0:
+        notes.append("--finetune-epochs 0: nothing is fine-tuned, so the finetune_* scores are those of an untrained "
+                     "head")
+    per_class = np.bincount(np.asarray(train.labels)[np.asarray(train.labels) >= 0])
+    for fraction in finetune_fractions:
+        floored = int(sum(round(fraction * n) < 1 for n in per_class if n))
+        if floored:
+            notes.append(f"--finetune {fraction:g}: {fraction:g} of the labels rounds to no image in {floored} of "
+                         f"{len(per_class)} classes, so each of those keeps 1 image (a 1-image-per-class fine-tune, "
+                         "not the fraction asked for)")
+    return notes

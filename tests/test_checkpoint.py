@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer.rng_state import capture_rng, restore_rng
 
 
 def state(step):
     return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "step": step, "epoch": 0,
-            "step_in_epoch": step, "config": {"model": {}}, "rng": [ckpt.capture_rng()]}
+            "step_in_epoch": step, "config": {"model": {}}, "rng": [capture_rng()]}
 
 
 def test_atomic_save_keeps_last_k(tmp_path):
@@ -57,7 +58,7 @@ def test_rng_roundtrip_through_weights_only_file(tmp_path):
     ckpt.save_checkpoint(state(1), tmp_path, keep_last=1)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     loaded = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path)[0])  # weights_only=True inside
-    ckpt.restore_rng(loaded["rng"][0])
+    restore_rng(loaded["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 

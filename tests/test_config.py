@@ -160,9 +160,9 @@ def test_every_config_field_says_what_a_resume_may_do_with_it():
     import dataclasses
 
     from foundation.resume_policy import hyper, resume_policies
-    from trainer.checkpoint import RESUME_POLICY
     from trainer.config import Config
     from trainer.dataclass_yaml import flatten
+    from trainer.resume import RESUME_POLICY
 
     undeclared = [key for key, policy in resume_policies(Config).items() if policy is None]
     assert undeclared == [], f"declare these with fixed/setting/hyper (foundation/resume_policy.py): {undeclared}"

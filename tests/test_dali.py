@@ -312,7 +312,7 @@ def test_on_device_feed_on_two_ranks_reads_each_ranks_own_samples(tmp_path):
 def test_decoder_buffers_are_sized_from_the_images(tmp_path, photo_data):
     """nvJPEG's per-thread buffers follow the dataset (32 px photos: the 1 MiB floor, not ImageNet's
     211 MB); one large image among them raises them to twice its decoded size."""
-    from data_pipeline.dali import MIN_PADDING, decoder_sizing
+    from data_pipeline.decoder_sizing import MIN_PADDING, decoder_sizing
     from data_pipeline.layouts import open_source
 
     small = decoder_sizing(open_source(photo_data / "train"))

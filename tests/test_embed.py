@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import assert_one_line_error, simclr
-from trainer.evaluate import load_encoder
+from trainer.encoder_loading import load_encoder
 
 
 @pytest.fixture(scope="module")

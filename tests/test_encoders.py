@@ -69,7 +69,7 @@ def test_eval_from_inside_the_projection_head(photo_data, tmp_path):
     encoder has no head, and N beyond the head is refused."""
     from trainer import checkpoint as ckpt
     from trainer.checkpoint import CheckpointError
-    from trainer.evaluate import load_encoder, random_init_like
+    from trainer.encoder_loading import load_encoder, random_init_like
     from trainer.loop import train
 
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{

@@ -119,7 +119,7 @@ def test_a_built_wheel_ships_the_recipes_and_runs_outside_the_clone(tmp_path):
     check = subprocess.run([simclr, "train", "--config", "demo_cpu", "--dry-run", f"data.root={tmp_path / 'data'}"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0 and "config OK (demo_cpu" in check.stdout, check.stderr[-3000:]
-    cluster = subprocess.run([str(python), "-c", "from launch.slurm import load_cluster_config as l; "
+    cluster = subprocess.run([str(python), "-c", "from launch.cluster_config import load_cluster_config as l; "
                               "print(l('single_node').partition)"], cwd=elsewhere, env=env, capture_output=True,
                              text=True, timeout=120)
     assert cluster.returncode == 0 and cluster.stdout.strip(), cluster.stderr[-3000:]

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from launch.slurm import load_cluster_config, parse_sweep, plan_runs, submit, wait_for_job
+from launch.cluster_config import load_cluster_config
+from launch.slurm import parse_sweep, plan_runs, submit, wait_for_job
 from tests.helpers.runs import PY, REPO, checkpoint_run_id, simclr, tiny_overrides
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
@@ -318,7 +319,8 @@ def test_a_refused_sbatch_is_one_line_and_leaves_no_files(photo_data, tmp_path, 
     .submission_file_*.sh and .pkl files in the log folder."""
     import dataclasses
 
-    from launch.slurm import load_cluster_config, submit
+    from launch.cluster_config import load_cluster_config
+    from launch.slurm import submit
     from tests.helpers.runs import REPO, tiny_overrides
     from trainer.config import ConfigError, load_config
 
@@ -341,7 +343,8 @@ def test_resubmitting_onto_a_shape_that_does_not_divide_the_batch_names_the_shap
     """A resumed run keeps its batch: 'use a batch that is a multiple of 3' was no advice."""
     import dataclasses
 
-    from launch.slurm import load_cluster_config, submit
+    from launch.cluster_config import load_cluster_config
+    from launch.slurm import submit
     from tests.helpers.runs import REPO, tiny_overrides
     from trainer.config import ConfigError, load_config
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from launch.slurm import load_cluster_config, submit
+from launch.cluster_config import load_cluster_config
+from launch.slurm import submit
 from tests.helpers.runs import PY, REPO, checkpoint_run_id, tiny_overrides
 from tests.test_slurm import mlflow_runs
 from trainer import checkpoint as ckpt

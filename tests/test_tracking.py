@@ -592,27 +592,53 @@ def test_a_run_recorded_before_the_metric_grouping_still_plots_and_syncs(tiny_co
     assert [m.step for m in history] == [2, 4, 6, 8, 10]
 
 
-def test_a_new_sink_is_one_file_and_its_registration(tiny_config, monkeypatch):
-    """tests/helpers/csv_sink.py registers a CSV sink: it receives every metric the run log does,
-    the run's end, and its own state back from the checkpoint on resume; MLflow is untouched by it."""
+def test_a_new_sink_is_one_file_chosen_by_config(tiny_config):
+    """tests/helpers/csv_sink.py is a CSV sink in one file, chosen by ``tracking.sinks`` (its module
+    imported by name): it receives every metric the run log does, the run's end, and its own state
+    back from the checkpoint on resume; MLflow, left out of the list, is never started."""
     import csv
 
-    from tests.helpers import csv_sink  # noqa: F401  (registers "csv")
     from trainer import checkpoint as ckpt
     from trainer.tracking import read_metrics_file
-    from trainer.tracking.tracker import SINKS
+    from trainer.tracking.sink import SINKS
 
+    sinks = {"tracking.sinks": "[run_log,tests.helpers.csv_sink:csv]"}
     try:
-        cfg = tiny_config(**{"tracking.enabled": "false", "train.stop_after_steps": 4})
-        train(cfg)
+        cfg = tiny_config(**sinks, **{"train.stop_after_steps": 4})
+        result = train(cfg)
+        assert result.run_id is None  # no MLflow run: the sink was not chosen
         run_dir = Path(cfg.train.run_dir)
+        assert "uri" not in json.loads((run_dir / "mlflow_run.json").read_text())  # no store was told of
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
         assert state["tracking"]["csv"]["rows_written"] > 0 and "mlflow" not in state["tracking"]
-        train(tiny_config(**{"tracking.enabled": "false"}))  # resumed: to the end
+        train(tiny_config(**sinks))  # resumed: to the end
         rows = list(csv.reader((run_dir / "metrics.csv").open()))
         logged = [(str(r["step"]), k) for r in read_metrics_file(run_dir / "metrics.jsonl") for k in r
                   if k not in ("step", "time_ms")]
         assert [(step, key) for step, key, _ in rows[1:] if step != "end"] == logged
         assert [row for row in rows if row[0] == "end"] == [["end", "status", "KILLED"], ["end", "status", "FINISHED"]]
+        train(tiny_config(**{"train.run_dir": str(run_dir.parent / "plain")}))  # not named: not on
+        assert not (run_dir.parent / "plain" / "metrics.csv").exists()
     finally:
         SINKS.pop("csv", None)
+
+
+@pytest.mark.parametrize("sinks, said", [
+    ("[run_log,mlfow]", "tracking.sinks[1]: 'mlfow': no sink named 'mlfow' (did you mean 'mlflow'?)"),
+    ("[no.such.module:csv]", "tracking.sinks[0]: 'no.such.module:csv': cannot import no.such.module"),
+    ("[json:csv]", "and module json registers none of that name"),
+])
+def test_a_sink_that_does_not_exist_is_one_line_before_anything_starts(sinks, said, capsys, tmp_path):
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["train", "--dry-run", f"train.run_dir={tmp_path / 'run'}", f"tracking.sinks={sinks}"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and said in err and "Traceback" not in err, err
+
+
+def test_a_sink_named_twice_is_refused_at_load():
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"tracking.sinks: \['run_log', 'run_log'\] is out of range; names each sink"):
+        load_config(None, ["tracking.sinks=[run_log,run_log]"])

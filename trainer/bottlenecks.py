@@ -2,10 +2,11 @@
 
 In synchronous data parallelism every rank moves at the pace of the slowest, so the job's images/s
 cannot say who is slow. What tells is how each rank spends its own time: its wait for data, and its
-own forward (a batch in hand to the step's first collective), which no other rank can slow
-(``trainer.step_clock``). Each log window brings one row per rank (``MetricsWindow.summary``).
+own work (its forward, a batch in hand to the step's first collective, and its optimizer step,
+after the gradients' all-reduce), which no other rank can slow (``trainer.step_clock``). Each
+log window brings one row per rank (``MetricsWindow.summary``).
 
-- A **straggler** is a rank whose data wait or own forward stays above ``RATIO`` x the median of
+- A **straggler** is a rank whose data wait or own work stays above ``RATIO`` x the median of
   the other ranks' (itself left out: with two ranks, the other one's), by more than ``margin_ms``,
   for ``WINDOWS`` windows in a row: named once per episode (until it keeps pace again for
   ``WINDOWS`` windows), with its host and what to try, and tagged in MLflow.
@@ -27,6 +28,7 @@ from typing import Any
 
 from foundation.collectives import gather_objects
 from foundation.logs import get_logger
+from trainer.metrics import own_work_ms
 from trainer.run_files import append_line
 
 log = get_logger()
@@ -44,7 +46,7 @@ class Straggling:
     rank: int
     host: str
     cause: str  # "data" or "compute"
-    value_ms: float  # its data wait or own forward, ms per step
+    value_ms: float  # its data wait or own work (forward and optimizer step), ms per step
     median_ms: float  # the other ranks' median
     others: int = 1  # how many other ranks
     device: str = "cuda"  # the run's device type: what to check on a slow rank
@@ -60,7 +62,8 @@ class Straggling:
                     "data.num_workers, packed tar shards (simclr make-shards), or exclude the node (sbatch --exclude)")
         check = ("that device's clocks, temperature and other processes on it (nvidia-smi -q -d PERFORMANCE)"
                  if self.device == "cuda" else "that host's load and CPU frequency (other processes: top)")
-        return (f"straggler: rank {self.rank} on {self.host} computes slowly: its own forward takes {by} "
+        return (f"straggler: rank {self.rank} on {self.host} computes slowly: its own forward and optimizer step "
+                f"take {by} "
                 f"({self.value_ms:.1f} vs {self.median_ms:.1f} ms per step, {WINDOWS} windows to step {step}); every "
                 f"rank moves at its pace. Try: check {check}, or exclude the node (sbatch --exclude)")
 
@@ -71,7 +74,7 @@ def find_stragglers(rows: list[dict[str, float]], hosts: list[str], device: str 
     if len(rows) < 2:
         return {}
     waits = [r["data_wait_fraction"] * r["window_ms"] for r in rows]
-    owns = [r["own_ms"] for r in rows]
+    owns = [own_work_ms(r) for r in rows]
     margin = margin_ms(median(r["window_ms"] for r in rows))
     found = {}
     for rank, (wait, own) in enumerate(zip(waits, owns)):

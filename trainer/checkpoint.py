@@ -2,18 +2,16 @@
 pre-emption checkpoints) and by ``simclr eval``. Files are ``<run_dir>/checkpoints/step_<N>.pt``;
 loading is ``weights_only``.
 
-``Checkpointer`` is what the loop holds. As torchtitan's, it is given the run's stateful parts
-(model, optimizer, scaler, online probe, ``TrainState``) and asks each for its own state; it adds
-every rank's RNG state and the config, finds and checks what to resume from, and reconciles a
-change of world size in one place (``resume``). Nothing outside this module and the parts' own
-``state_dict`` methods names a key of the file."""
+The file format, discovery, checks and the train state live here; the run's ``Checkpointer``
+(which parts go in, RNG, resume) in ``trainer.checkpointer``, what a resume may change in
+``trainer.resume``. Nothing outside these modules and the parts' own ``state_dict`` methods names a
+key of the file."""
 
 from __future__ import annotations
 
 import errno
 import os
 import pickle
-import random
 import re
 import shutil
 import zipfile
@@ -21,19 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from data_pipeline.sources import data_changes
 from foundation.atomic_files import atomic_path
-from foundation.collectives import barrier, gather_objects
 from foundation.errors import UserError
 from foundation.logs import get_logger
-from foundation.resume_policy import resume_policies
-from foundation.seeds import derive_seed
-from trainer.config import Config, config_to_dict
-from trainer.dataclass_yaml import flatten
-from trainer.distributed import DistInfo
 
 log = get_logger()
 
@@ -286,214 +276,3 @@ def load_weights(path: str | Path) -> SavedWeights:
     if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
         return SavedWeights(path, content, None)
     raise CheckpointError(f"{path} is neither a simclr-scale checkpoint nor an exported encoder state dict")
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    """A fresh start: torch the same on every rank (the same model init; DDP broadcasts it too),
-    Python's and NumPy's generators per rank."""
-    torch.manual_seed(seed)
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Python, NumPy and torch generator states in weights_only-loadable types."""
-    version, py_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(py_state), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- the run's checkpointer
-
-
-# What a resume may do with each key: declared on the config's fields (foundation/resume_policy.py)
-RESUME_POLICY = resume_policies(Config)
-
-
-@dataclass
-class ResumeChanges:
-    """What differs between a checkpoint's run and this job: run settings (allowed), changed
-    hyper-parameters and a changed dataset (allowed by ``checkpoint.allow_changes=true``), each
-    recorded in MLflow as a change at ``step``."""
-
-    step: int
-    settings: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (old, new)
-    hyper: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    data: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.settings or self.hyper or self.data)
-
-
-def describe_changes(diff: dict[str, tuple[Any, Any]]) -> list[str]:
-    """``key old -> new`` for each change; a list of sections (``data.views``) item by item and key by
-    key (``data.views[1].count 4 -> 6``; ``data.views[2] added: {count: 2, size: 16}``), its unset keys
-    left out."""
-    said = []
-    for key, (old, new) in diff.items():
-        if not (isinstance(old, list) and isinstance(new, list) and all(isinstance(x, dict) for x in old + new)):
-            said.append(f"{key} {old!r} -> {new!r}")
-            continue
-        for i, (a, b) in enumerate(zip(old, new)):
-            names = [*a, *(k for k in b if k not in a)]
-            said += [f"{key}[{i}].{name} {a.get(name)!r} -> {b.get(name)!r}" for name in names
-                     if a.get(name) != b.get(name)]
-        for i, item in list(enumerate(old))[len(new):]:
-            said.append(f"{key}[{i}] removed: {_compact(item)}")
-        for i, item in list(enumerate(new))[len(old):]:
-            said.append(f"{key}[{i}] added: {_compact(item)}")
-    return said
-
-
-def _compact(item: dict[str, Any]) -> str:
-    return "{" + ", ".join(f"{k}: {v}" for k, v in item.items() if v is not None) + "}"
-
-
-def _said(diff: dict[str, tuple[Any, Any]]) -> str:
-    return ", ".join(describe_changes(diff))
-
-
-def reconcile(state: dict[str, Any], cfg: Config, path: Path, data_now: dict[str, Any]) -> ResumeChanges:
-    """What this job changes against the checkpoint's run; refuses (one line naming the keys and the
-    fix) what cannot continue, and changed hyper-parameters or data unless
-    ``checkpoint.allow_changes=true``."""
-    saved, wanted = flatten(state["config"]), flatten(config_to_dict(cfg))
-    diff = {k: (saved[k], v) for k, v in wanted.items() if k in saved and saved[k] != v}
-    changes = ResumeChanges(int(state["step"]))
-    policy = {k: RESUME_POLICY.get(k, "hyper") for k in diff}  # a key of an older release: a hyper-parameter
-    fixed = {k: d for k, d in diff.items() if policy[k] == "fixed"}
-    if fixed:
-        raise CheckpointError(f"checkpoint {path} cannot continue with {_said(fixed)} (the weights would not load, or "
-                              "the data position would not match); resume with the run's own values, or start a new "
-                              "run: checkpoint.resume=none with a new train.run_dir")
-    changes.settings = {k: d for k, d in diff.items() if policy[k] == "setting"}
-    changes.hyper = {k: d for k, d in diff.items() if policy[k] == "hyper"}
-    if state.get("data") and data_now:
-        changes.data = data_changes(state["data"], data_now)
-    if (changes.hyper or changes.data) and not cfg.checkpoint.allow_changes:
-        what = "; ".join(([f"these settings changed: {_said(changes.hyper)}"] if changes.hyper else []) +
-                         ([f"data.root changed: {', '.join(changes.data)}"] if changes.data else []))
-        raise CheckpointError(f"the run in {cfg.train.run_dir} resumes from {path.name} (step {changes.step}), but "
-                              f"{what}. Resume with what the run started with (its config.yaml; the same dataset), "
-                              "or add checkpoint.allow_changes=true to go on with this (recorded in MLflow as a change "
-                              "at that step), or start a new train.run_dir")
-    return changes
-
-
-def check_start_over(cfg: Config, found: list[Path]) -> None:
-    """``checkpoint.resume=none`` over an earlier run's checkpoints needs ``train.overwrite=true``."""
-    if found and not cfg.train.overwrite:
-        raise CheckpointError(f"checkpoint.resume=none, but {cfg.train.run_dir} holds the checkpoints of an earlier "
-                              f"run (newest {found[0].name}), which a later resume would pick up instead of this "
-                              "run's; use a new train.run_dir, or add train.overwrite=true to replace that run")
-
-
-def check_resume(cfg: Config) -> str:
-    """What a start of ``cfg`` would do with its run folder, in words, or the refusal the run would
-    meet (the checks of ``Checkpointer.resume``, less the dataset's, which needs its listing)."""
-    if cfg.checkpoint.resume == "none":
-        check_start_over(cfg, list_checkpoints(checkpoint_dir(cfg.train.run_dir)))
-        return "starts a new run"
-    path, state = find_resume_checkpoint(cfg.train.run_dir, cfg.checkpoint.resume)
-    if state is None:
-        return "starts a new run"
-    changes = reconcile(state, cfg, path, {})
-    changed = f", with changes: {', '.join([*changes.settings, *changes.hyper])}" if changes.settings or changes.hyper \
-        else ""
-    return f"resumes from {path} (step {changes.step}){changed}; the dataset is compared with the checkpoint's at start"
-
-
-class Checkpointer:
-    """This run's checkpoints, of the run's stateful parts (``train_state``'s keys are the file's
-    top level; the probe is optional: an older checkpoint without one gives a fresh probe).
-    ``resume`` finds and checks the state to continue from, loads every part, and restores this
-    rank's RNG; ``save`` gathers every rank's RNG state (a collective) and rank 0 writes
-    atomically, keeping the newest ``checkpoint.keep_last``."""
-
-    def __init__(self, cfg: Config, info: DistInfo, train_state: TrainState, model: Stateful, optimizer: Stateful,
-                 scaler: Stateful, online_probe: Stateful | None = None) -> None:
-        self.cfg, self.info, self.train_state = cfg, info, train_state
-        self.states = {"model": model, "optimizer": optimizer, "scaler": scaler}  # by their key in the file
-        if online_probe is not None:
-            self.states["online_probe"] = online_probe
-        self.run_dir = Path(cfg.train.run_dir)
-        self.directory = checkpoint_dir(self.run_dir)
-        self.changes = ResumeChanges(0)  # what a resume changed (set by resume)
-
-    def resume(self) -> bool:
-        """Load the newest usable checkpoint (or ``checkpoint.resume``) into the parts; False when
-        the run starts fresh."""
-        if self.info.is_main:
-            remove_stale_temp_files(self.directory)
-        if self.cfg.checkpoint.resume == "none":
-            self._start_over()
-        self.train_state.run_folder = folder_identity(self.run_dir)
-        path, state = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
-        if state is None:
-            return False
-        self.changes = reconcile(state, self.cfg, path, self.train_state.data)
-        classes_changed = (state.get("data") or {}).get("classes", []) != self.train_state.data.get("classes", [])
-        for key, part in self.states.items():
-            if key == "online_probe" and classes_changed:  # other classes (allow_changes): a fresh probe
-                continue
-            if state.get(key) is not None:  # an older checkpoint without a part (the probe): it starts fresh
-                part.load_state_dict(state[key])
-        self.train_state.load_state_dict(state)
-        rng = state.get("rng") or []
-        if len(rng) == self.info.world_size:
-            restore_rng(rng[self.info.rank])
-        else:  # another world size: this rank's streams derived from the run's seed and the step
-            seed_everything(derive_seed(self.cfg.train.seed, state["step"]), self.info.rank)
-        if self.info.is_main:
-            log.info(f"resumed from {path} at step {state['step']}")
-            if len(rng) != self.info.world_size:
-                log.info(f"the checkpoint was written by {len(rng)} ranks, this job has {self.info.world_size}: "
-                         "the same global batches follow, each rank's random streams are derived afresh")
-        return True
-    def _start_over(self) -> None:
-        """``checkpoint.resume=none`` in a folder that holds another run's checkpoints would leave
-        them to be picked by the next plain resume (with their MLflow run): refused, unless
-        ``train.overwrite=true`` says to replace that run's files."""
-        found = list_checkpoints(self.directory)
-        if not found:
-            return
-        check_start_over(self.cfg, found)
-        if self.info.is_main:
-            for path in found:
-                path.unlink(missing_ok=True)
-            for name in ("metrics.jsonl", "mlflow_run.json", "encoder.pt", "curves.png"):
-                (self.run_dir / name).unlink(missing_ok=True)
-            log.info(f"train.overwrite=true: the earlier run's checkpoints and files in {self.run_dir} were "
-                     "removed")
-        barrier()  # no rank looks at the folder while rank 0 clears it
-
-    def _gather_rng(self) -> list[dict[str, Any]]:
-        return gather_objects(capture_rng())
-
-    def save(self) -> None:
-        """Every rank calls this at the same step (that of ``train_state``)."""
-        rng = self._gather_rng()
-        if self.info.is_main:
-            parts = {key: part.state_dict() for key, part in self.states.items()}
-            save_checkpoint({**parts, **self.train_state.state_dict(), "rng": rng, "config": config_to_dict(self.cfg)},
-                            self.directory, self.cfg.checkpoint.keep_last)

@@ -102,7 +102,11 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = setting(True)
+    # the destinations of the run's metrics, params and tags, by registered name (trainer/tracking/sink.py):
+    # run_log (the run folder's metrics.jsonl and mlflow_run.json, what simclr sync replays), mlflow, or
+    # package.module:name for one of your own
+    sinks: list[str] = setting(factory=lambda: ["run_log", "mlflow"])
+    enabled: bool = setting(True)  # false: the mlflow sink is off (as if left out of sinks); eval logs nowhere
     uri: str = setting("")  # '' = MLflow's default local store in the working directory
     experiment: str = setting("simclr")
     run_name: str = setting("")
@@ -110,6 +114,19 @@ class TrackingConfig:
     register_as: str = setting("")  # also register that model under this name in the model registry
     system_metrics: bool = setting(True)  # CPU, memory, disk, network (and GPU where NVML is present) as system/*
     system_metrics_interval_s: float = setting(10.0)
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        """(key, value, what is allowed) for each bad field, as ``DataConfig.problems`` (whether each
+        sink name is registered depends on imports, not values: ``preflight`` checks that)."""
+        found = []
+        if self.system_metrics_interval_s <= 0:
+            found.append(("tracking.system_metrics_interval_s", self.system_metrics_interval_s, "must be > 0 seconds"))
+        if self.register_as and not self.log_model:
+            found.append(("tracking.register_as", self.register_as,
+                          "needs tracking.log_model=true (the registered version is the logged model)"))
+        if len(set(self.sinks)) != len(self.sinks):
+            found.append(("tracking.sinks", self.sinks, "names each sink once"))
+        return found
 
 
 @dataclass
@@ -157,12 +174,8 @@ def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express: the values alone, never the file system, the
     environment or a store (``preflight`` in trainer/loop.py checks those before a run starts)."""
     d, o = cfg.data, cfg.optim
-    for problem in d.problems():  # the data sections check their own fields
+    for problem in [*d.problems(), *cfg.tracking.problems()]:  # sections that check their own fields
         _refuse(*problem)
-    _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
-           cfg.tracking.system_metrics_interval_s, "must be > 0 seconds")
-    _check(not cfg.tracking.register_as or cfg.tracking.log_model, "tracking.register_as", cfg.tracking.register_as,
-           "needs tracking.log_model=true (the registered version is the logged model)")
     _check(cfg.loss.name in LOSSES, "loss.name", cfg.loss.name, f"choose one of {', '.join(sorted(LOSSES))}")
     _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
     check_arch(cfg.model.arch, cfg.model.cifar_stem)  # imports timm only for a timm encoder

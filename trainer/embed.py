@@ -31,7 +31,7 @@ from foundation.atomic_files import atomic_path
 from foundation.collectives import barrier, broadcast_object, on_rank_zero
 from trainer.checkpoint import CheckpointError
 from trainer.dataclass_yaml import ConfigError
-from trainer.evaluate import load_encoder
+from trainer.encoder_loading import load_encoder
 from trainer.run_files import atomic_write_text
 from trainer.tracking import git_commit
 

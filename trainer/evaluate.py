@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +16,6 @@ from data_pipeline import build_eval_batches
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import DataError, Source, labelled_indices
 from foundation import collectives
-from trainer.checkpoint import CheckpointError, SavedWeights, load_weights
-from trainer.config import Config, config_from_dict, load_config
-from trainer.encoders import build_encoder, check_input_sizes
-from trainer.model import SimCLRModel, head_features
 
 
 @torch.no_grad()
@@ -236,66 +231,6 @@ def gather_in_order(features: torch.Tensor, labels: torch.Tensor,
     return out_x, out_y
 
 
-def load_encoder(path: str | Path, head_layers: int = 0) -> tuple[nn.Module, Config]:
-    """An encoder from a training checkpoint, or from an exported encoder state dict (``encoder.pt``
-    under any name) whose run's ``config.yaml`` sits beside it. Returns it with the run's config.
-    ``head_layers`` > 0: the encoder followed by that many layers of the projection head (a
-    training checkpoint holds the head; an exported encoder does not)."""
-    saved = load_weights(path)
-    if head_layers:
-        encoder, cfg = _load_with_head(saved, head_layers)
-    else:
-        encoder, cfg = _load_encoder_only(saved, path)
-    # evaluation and embedding read images at data.image_size, which a run with data.views never trained at
-    check_input_sizes(cfg.model.arch, cfg.model.cifar_stem,
-                      [("data.image_size (the size evaluation reads images at)", None, cfg.data.image_size)])
-    return encoder, cfg
-
-
-def _load_encoder_only(saved: SavedWeights, path: str | Path) -> tuple[nn.Module, Config]:
-    if saved.is_checkpoint:
-        cfg, source = config_from_dict(saved.config), f"the config stored in {path}"
-    else:
-        cfg_file = saved.path.parent / "config.yaml"
-        if not cfg_file.exists():
-            raise CheckpointError(f"{path} is an exported encoder; it needs its run's config.yaml beside it to know "
-                                  "the architecture (copy it from the run folder)")
-        cfg, source = load_config(cfg_file), str(cfg_file)
-    weights = saved.encoder()
-    encoder = build_encoder(cfg.model.arch, cfg.model.cifar_stem)
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or reshaped:
-        example = (missing or unexpected or reshaped)[0]
-        raise CheckpointError(f"the weights in {path} do not fit a {cfg.model.arch} encoder (cifar_stem="
-                              f"{cfg.model.cifar_stem}) as {source} says: {len(missing)} tensors missing, "
-                              f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. {example}); "
-                              "use the config of the run that trained them")
-    encoder.load_state_dict(weights)
-    return encoder, cfg
-
-
-def _load_with_head(saved: SavedWeights, head_layers: int) -> tuple[nn.Module, Config]:
-    if not saved.is_checkpoint:
-        raise CheckpointError(f"--head-layers {head_layers} reads the projection head, which only a training "
-                              f"checkpoint holds; {saved.path} is not one: pass a step_N.pt from the run's "
-                              "checkpoints/")
-    cfg = config_from_dict(saved.config)
-    if not 0 < head_layers <= cfg.model.proj_layers:
-        raise CheckpointError(f"--head-layers {head_layers}: the run's projection head has {cfg.model.proj_layers} "
-                              f"layers (model.proj_layers); use 0 to {cfg.model.proj_layers}")
-    model = SimCLRModel(dataclasses.replace(cfg.model, sync_bn=False))
-    model.load_state_dict(saved.model)
-    return head_features(model, head_layers), cfg
-
-
-def random_init_like(cfg: Config, head_layers: int = 0) -> nn.Module:
-    """The baseline: the same architecture (and head layers) at random initialisation."""
-    return head_features(SimCLRModel(dataclasses.replace(cfg.model, sync_bn=False)), head_layers)
-
-
 def check_same_classes(train: Source, val: Source) -> None:
     """A probe trained on one class list and scored on another reports a meaningless number, and
     would exit 0: the two sets must name the same classes."""
@@ -315,30 +250,6 @@ def check_same_classes(train: Source, val: Source) -> None:
         raise DataError(f"the training set {train.location} has classes [{show(train.classes)}] but the held-out set "
                         f"{val.location} has [{show(val.classes)}]{f' ({named})' if named else ''}: a probe needs the "
                         "same classes in both; give two splits of one dataset")
-
-
-def misleading_settings(train: Source, same_data: bool, probe_epochs: int,
-                        finetune_fractions: tuple[float, ...], finetune_epochs: int) -> list[str]:
-    """Notes for settings that make a report's numbers mean something else than they seem (said on
-    the console and kept in the report)."""
-    notes = []
-    if same_data:
-        notes.append("the held-out set is the training set: the scores measure fitting, not generalisation; give "
-                     "--val-data a held-out split")
-    if probe_epochs == 0:
-        notes.append("--probe-epochs 0: the linear probe is not trained, so linear_top1/top5 are those of a random "
-                     "linear layer")
-    if finetune_fractions and finetune_epochs == 0:
-        notes.append("--finetune-epochs 0: nothing is fine-tuned, so the finetune_* scores are those of an untrained "
-                     "head")
-    per_class = np.bincount(np.asarray(train.labels)[np.asarray(train.labels) >= 0])
-    for fraction in finetune_fractions:
-        floored = int(sum(round(fraction * n) < 1 for n in per_class if n))
-        if floored:
-            notes.append(f"--finetune {fraction:g}: {fraction:g} of the labels rounds to no image in {floored} of "
-                         f"{len(per_class)} classes, so each of those keeps 1 image (a 1-image-per-class fine-tune, "
-                         "not the fraction asked for)")
-    return notes
 
 
 def finetune(encoder: nn.Module, source: Source, val: Source, data_cfg: DataConfig, device: torch.device,

@@ -47,20 +47,20 @@ def on_signals(signals: tuple[int, ...], handler: Callable[[int], None]) -> Iter
             signal.signal(sig, old)
 
 
-@contextmanager
-def interrupt_on_signals() -> Iterator[list[int]]:
-    """For commands with no step boundary to stop at (eval, embed): SIGTERM and SIGHUP end them as
-    Ctrl-C does (KeyboardInterrupt), so that they leave in one line with 128 + the signal."""
+def run_interruptible(work: Callable[[], int], stopped: Callable[[str], None]) -> int:
+    """For commands with no step boundary to stop at (eval, embed): ``work()``'s status, with SIGTERM
+    and SIGHUP ending it as Ctrl-C does (KeyboardInterrupt); then ``stopped(signal name)`` says what
+    was kept, in one line, and the status is 128 + the signal."""
     def interrupt(_signum: int) -> None:
         raise KeyboardInterrupt
 
     with on_signals((signal.SIGTERM, signal.SIGHUP), interrupt) as received:
-        yield received
-
-
-def exit_status_of_interrupt(received: list[int]) -> int:
-    """128 + the signal that ended a command (SIGINT when Ctrl-C came as KeyboardInterrupt itself)."""
-    return 128 + (received[0] if received else signal.SIGINT)
+        try:
+            return work()
+        except KeyboardInterrupt:
+            signum = received[0] if received else signal.SIGINT  # Ctrl-C came as KeyboardInterrupt itself
+            stopped(signal.Signals(signum).name)
+            return 128 + signum
 
 
 @contextmanager

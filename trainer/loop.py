@@ -15,42 +15,35 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
-from data_pipeline.sources import data_fingerprint, typical_image_size
 from foundation.collectives import agree_any, on_rank_zero
 from foundation.logs import get_logger, run_log_file
 from trainer import STOPPED_AT_START
-from trainer.checkpoint import CheckpointError, ResumeChanges, describe_changes
-from trainer.config import Config, dump_config
+from trainer.checkpoint import CheckpointError
+from trainer.config import Config
 from trainer.device_syncs import DeviceSyncCounter
 from trainer.distributed import DistInfo, init_distributed, teardown
 from trainer.evaluate import knn_monitor, probe_val_top1
-from trainer.export import log_encoder_model, save_encoder
 from trainer.metrics import MetricsWindow
 from trainer.parts import TrainParts, build_parts
-from trainer.plots import plot_curves
 from trainer.run_files import (
     RunFileError,
     RunFolderGoneError,
     RunFolderInUseError,
     RunFolderLock,
-    atomic_write_text,
     check_own_files,
     check_run_dir,
-    optional_output,
 )
+from trainer.run_tracking import finish_run, start_tracking
+from trainer.skip_counters import SkipCounters
 from trainer.step import StepOutcome, train_step
-from trainer.tracking import Tracker, check_store_uri, dataset_input, read_metrics_file, run_params
+from trainer.tracking import Tracker, check_store_uri
+from trainer.tracking.sink import check_sinks
 
 log = get_logger()
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -72,9 +65,11 @@ class TrainResult:
 
 def preflight(cfg: Config) -> None:
     """What the config's values cannot say: whether the run folder can be the run's (a folder of its
-    own, writable) and the tracking store is one MLflow opens. Each check lives with what it checks;
+    own, writable), the tracking sinks exist (a sink of the user's own is imported by its name) and
+    the tracking store is one MLflow opens. Each check lives with what it checks;
     train runs them before anything starts, and the launchers before they start ranks or queue a job."""
     check_run_dir(cfg.train.run_dir, cfg.data.root, cfg.data.val_root)
+    check_sinks(cfg.tracking.sinks)
     if cfg.tracking.enabled:
         check_store_uri(cfg.tracking.uri)
 
@@ -255,43 +250,11 @@ def stop_requested(parts: TrainParts, stop: threading.Event, step: int) -> bool:
     return agree_any(stop.is_set())[0]
 
 
-class SkipCounters:
-    """Skipped steps, counted on the device (no host read per step): non-finite losses, the
-    current streak of them, fp16 overflows. ``check`` reads them (at log windows and checkpoints)."""
-
-    def __init__(self, parts: TrainParts) -> None:
-        self.parts = parts
-        self.counts = torch.zeros(3, device=parts.info.device)  # nonfinite, streak, overflow
-
-    def add(self, outcome: StepOutcome) -> None:
-        nonfinite, streak, overflow = self.counts.unbind()
-        nonfinite += outcome.skipped
-        streak.add_(outcome.skipped).mul_(outcome.skipped)  # +1 on a skipped step, back to 0 on a good one
-        overflow += outcome.overflow
-
-    def totals(self) -> tuple[int, int]:
-        nonfinite, _, overflow = (int(v) for v in self.counts.tolist())
-        return nonfinite, overflow
-
-    def check(self, step: int) -> int:
-        """The current streak of skipped steps (a host read). A streak of
-        ``precision.max_consecutive_nonfinite`` ends the run: the MLflow run marked FAILED, the
-        last good checkpoint intact."""
-        streak = int(self.counts[1].item())
-        if streak >= self.parts.cfg.precision.max_consecutive_nonfinite:
-            self.parts.tracker.finish("FAILED")
-            raise NonFiniteLossError(
-                f"{streak} consecutive steps had a non-finite loss (found at step {step}); the last good "
-                f"checkpoint in {self.parts.checkpointer.directory} is intact. Lower optim.lr, raise "
-                "loss.temperature or use precision.dtype=bf16/fp32, then resume.")
-        return streak
-
-
 def start_run(parts: TrainParts) -> int:
-    """Resume from the newest usable checkpoint (or start fresh), then start the MLflow run, or
-    continue the checkpoint's, on rank 0. Returns the step to continue from."""
+    """Resume from the newest usable checkpoint (or start fresh), then start the run's tracking, or
+    continue the checkpoint's, on rank 0 (``trainer.run_tracking``). Returns the step to continue from."""
     resumed = parts.checkpointer.resume()
-    state, world = parts.train_state, parts.info.world_size
+    state = parts.train_state
     parts.tracker.load_state_dict(state.tracking)
     if state.step >= parts.schedule.total:
         if not (parts.run_dir / "encoder.pt").exists():  # not finished: its schedule is shorter now
@@ -300,94 +263,8 @@ def start_run(parts: TrainParts) -> int:
                                   "epoch); raise train.epochs to train on, or start a new train.run_dir")
         return state.step
     if parts.info.is_main:
-        cfg, config_file, step = parts.cfg, parts.run_dir / "config.yaml", state.step
-        parts.run_dir.mkdir(parents=True, exist_ok=True)
-        changes = parts.checkpointer.changes
-        # config.yaml is what the run started with; a resume that changes something keeps its own beside it
-        first = not resumed or state.parent_folder is not None or not config_file.exists()
-        job_config = config_file if first else parts.run_dir / f"config.step_{step:09d}.yaml"
-        if first or changes:
-            atomic_write_text(job_config, dump_config(cfg))
-        params = run_params(cfg, world, parts.loader.backend, parts.steps_per_epoch)
-        history = ",".join(f"{at}:{size}" for at, size in state.world_size_history)  # step:world size
-        tags = {"simclr.device": str(parts.info.device), "simclr.world_size": str(world),
-                "simclr.world_size_history": history, "mlflow.note.content": describe_run(parts)}
-        if state.parent_folder:
-            parent_run = Tracker.run_id_in(state.parent_tracking) or ""
-            tags.update({"simclr.parent_run_id": parent_run, "simclr.resumed_from": state.parent_folder})
-            log.info(f"the checkpoint was written in another run folder ({state.parent_folder}); this "
-                     f"folder gets an MLflow run of its own (tag simclr.parent_run_id={parent_run})")
-        parts.tracker.start(params, tags)
-        if state.world_size_changed:
-            parts.tracker.log_params({f"world_size.from_step_{step}": world})
-            if parts.loader.source.order_depends_on_world_size and step % parts.steps_per_epoch:
-                log.info(f"tar shards are dealt to ranks in blocks, so the rest of epoch "
-                         f"{step // parts.steps_per_epoch} follows the new split of {world} ranks (a few images of "
-                         "this epoch are seen twice or not at all); from the next epoch on, each image is seen once")
-        if first or changes.data:  # the data it trains on (again when a resume changed it)
-            log_datasets(parts, validation=first)
-        if first or changes:
-            parts.tracker.log_artifact(job_config)
-        if changes:
-            record_changes(parts, changes, job_config)
-        announce(parts, step)
+        start_tracking(parts, resumed)
     return state.step
-
-
-def log_datasets(parts: TrainParts, validation: bool) -> None:
-    """The training data (and, with ``validation``, data.val_root) as MLflow dataset inputs, by the
-    fingerprint the resume checks use. Nothing is built without MLflow (the GPU proof runs where it
-    is not installed)."""
-    if not parts.tracker.takes_datasets:
-        return
-    inputs = [dataset_input(parts.cfg.data.root, parts.train_state.data, "training")] if parts.train_state.data else []
-    if validation and parts.val_source is not None:
-        inputs.append(dataset_input(parts.cfg.data.val_root, data_fingerprint(parts.val_source), "validation"))
-    parts.tracker.log_datasets(inputs)
-
-
-def describe_run(parts: TrainParts) -> str:
-    """The run's description on its MLflow page: what was trained, on what, how."""
-    cfg, source = parts.cfg, parts.loader.source
-    classes = f", {len(source.classes)} classes" if source.classes else ""
-    views = parts.loader.views
-    sizes = views.describe(0) + (f", {views.describe(cfg.train.epochs - 1)} in the last epoch" if views.changes_size()
-                                 else "")
-    return (f"SimCLR {cfg.model.arch} on {cfg.data.root} ({len(source)} images{classes}): views {sizes}, "
-            f"world size {parts.info.world_size}, batch {cfg.data.batch_size}, "
-            f"{cfg.train.epochs} epochs ({parts.schedule.total} steps), {cfg.optim.name} lr {cfg.optim.lr:g}, "
-            f"temperature {cfg.loss.temperature:g}")
-
-
-def record_changes(parts: TrainParts, changes: ResumeChanges, job_config: Path) -> None:
-    """A resume that changed settings, hyper-parameters (checkpoint.allow_changes) or the dataset:
-    MLflow params ``changed_at_step_<N>.<key>`` = "old -> new" (params never change, so the run's
-    own stay as it started) and one line."""
-    at = f"changed_at_step_{changes.step}"
-    params = {f"{at}.{key}": f"{old} -> {new}" for key, (old, new) in {**changes.settings, **changes.hyper}.items()}
-    if changes.data:
-        params[f"{at}.data"] = "; ".join(changes.data)
-    parts.tracker.log_params(params)
-    said = describe_changes({**changes.settings, **changes.hyper})
-    log.info(f"resumed at step {changes.step} with changes: {'; '.join(said + changes.data)} (recorded in "
-             f"MLflow as {at}.*; config.yaml keeps what the run started with, this job's is {job_config.name})")
-
-
-def announce(parts: TrainParts, step: int) -> None:
-    """Rank 0's start block: where the run writes, what it reads, and where to watch it."""
-    cfg, source, world = parts.cfg, parts.loader.source, parts.info.world_size
-    labels = np.asarray(source.labels)
-    known = int((labels >= 0).sum())
-    labelled = "labelled" if known == len(labels) else "unlabeled" if not known else f"{known} labelled"
-    classes = f", {len(source.classes)} classes" if source.classes else ""
-    log.info(f"run folder {parts.run_dir} ({f'resumed at step {step}' if step else 'new run'}; "
-             f"{parts.schedule.total} steps in all)")
-    log.info(f"data {cfg.data.root}: {len(source)} images{classes}, {labelled}; {parts.steps_per_epoch} steps "
-             f"per epoch of {cfg.data.batch_size} ({world} rank(s) x {cfg.data.batch_size // world}), "
-             f"{parts.loader.backend} backend on {parts.info.device}")
-    for note in parts.loader.views.notes(cfg.train.epochs, typical_image_size(source)):
-        log.warning(note)
-    log.info(parts.tracker.describe())
 
 
 def log_window(parts: TrainParts, window: MetricsWindow, skips: SkipCounters, step: int, bar: tqdm,
@@ -461,45 +338,3 @@ def log_knn_monitor(parts: TrainParts, step: int) -> None:
     top1 = knn_monitor(parts.model.encoder, parts.loader.source, parts.val_source, parts.cfg.data, parts.info.device,
                        shard=(parts.info.rank, parts.info.world_size))
     parts.tracker.log_metrics({"knn/top1": top1}, step)
-
-
-def finish_run(parts: TrainParts, step: int, preempted: bool) -> Path | None:
-    """On rank 0: export the encoder when the schedule is complete, plot the curves, close the
-    MLflow run. Returns the exported encoder's path (None when stopped early)."""
-    if not parts.info.is_main:
-        return None
-    total, encoder_path = parts.schedule.total, None
-    if not preempted and step >= total:
-        encoder_path = save_encoder(parts.model, parts.run_dir / "encoder.pt")
-        parts.tracker.log_artifact(encoder_path)
-        if parts.cfg.tracking.log_model:
-            register_as, size = parts.cfg.tracking.register_as, parts.cfg.data.image_size
-            logged = parts.tracker.log_model(lambda run: log_encoder_model(run, parts.model.encoder, size, register_as))
-            parts.tracker.model_pending(None if logged else register_as)  # simclr sync logs a pending one
-    # the plot never fails a run: damaged lines are left out of it, and an unwritable folder only costs it
-    plot = None
-    with optional_output(f"curves.png (the metrics are in {parts.tracker.local_file})", parts.run_dir):
-        plot = plot_curves(read_metrics_file(parts.tracker.local_file, lenient=True), parts.run_dir / "curves.png")
-    if plot is not None:
-        parts.tracker.log_artifact(plot)
-    # the profiled ranks' traces (another rank's, written after the run's last step, may come too late
-    # for MLflow: it stays in the folder)
-    for trace in sorted((parts.run_dir / "profile").glob("rank*")):
-        parts.tracker.log_artifact(trace, "profile")
-    if (parts.run_dir / "ranks.jsonl").exists():  # every rank's window figures (trainer.bottlenecks)
-        parts.tracker.log_artifact(parts.run_dir / "ranks.jsonl")
-    said = parts.bottlenecks.verdict("at the end" if step >= total else f"at step {step}, stopped")
-    log.info(said)
-    parts.tracker.set_tags({"simclr.verdict": said.split(": ", 1)[1][:5000]})
-    if step < total:  # stopped before the schedule's end (a signal, train.stop_after_steps): not FINISHED
-        why = "a stop request (signal)" if preempted else f"train.stop_after_steps={parts.cfg.train.stop_after_steps}"
-        parts.tracker.set_tags({"simclr.stopped_early": f"at step {step} of {total} ({why}); resume to go on"})
-    else:
-        parts.tracker.delete_tags(["simclr.stopped_early"])  # an earlier job's stop, now made good
-    parts.tracker.finish("FINISHED" if step >= total else "KILLED")
-    log.info(f"{'stopped' if step < total else 'finished'} at step {step}/{total}; "
-             f"{parts.tracker.describe()}")
-    if step < total:
-        log.info(f"checkpoint at step {step} in {parts.checkpointer.directory}; run the same command again "
-                 "to resume (checkpoint.resume=auto)")
-    return encoder_path

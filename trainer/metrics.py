@@ -37,6 +37,13 @@ def current_names(row: dict[str, Any]) -> dict[str, Any]:
     return {FORMER_NAMES.get(key, key): value for key, value in row.items()}
 
 
+def own_work_ms(row: dict[str, float]) -> float:
+    """A rank's own work per step in a window row: its forward up to the step's first collective and
+    its optimizer step (after the gradients' all-reduce), which no other rank can slow. NaN when the
+    forward is not timed (torch.compile)."""
+    return row["own_ms"] + row.get("optimizer_ms", 0.0)
+
+
 class MetricsWindow:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device)
@@ -82,7 +89,7 @@ class MetricsWindow:
         same step) carries each rank's loss and accuracy (averaged over ranks, as before) and its own
         figures: data-wait share, ms per step, ``own`` (``StepClock.window``) and peak memory. Speed
         figures are the median rank's, data wait and memory the worst rank's; with several ranks, the
-        slowest rank (the most data wait plus own forward per step) and the spread over ranks. The
+        slowest rank (the most data wait plus own work per step, ``own_work_ms``) and the spread over ranks. The
         data-wait share leaves out the start-up waits (``timed``), which come as ``startup_wait_ms``.
         ``summed``: counters of this rank, reported as their sum over the ranks (same names)."""
         elapsed = time.perf_counter() - self.started
@@ -108,8 +115,8 @@ class MetricsWindow:
             if values:
                 metrics[f"perf/{name}"] = statistics.median(values)
         if world > 1:
-            busy = [r["data_wait_fraction"] * r["window_ms"] + (r["own_ms"] if r["own_ms"] == r["own_ms"] else 0.0)
-                    for r in rows]
+            busy = [r["data_wait_fraction"] * r["window_ms"] + (own_work_ms(r) if own_work_ms(r) == own_work_ms(r)
+                                                                else 0.0) for r in rows]
             slowest = max(range(world), key=busy.__getitem__)
             waits, owns = [r["data_wait_fraction"] for r in rows], [r["own_ms"] for r in rows]
             metrics.update({"ranks/slowest_rank": slowest,

@@ -14,7 +14,8 @@ from data_pipeline import IndexStore, ViewLoader, build_loader, open_val_source
 from data_pipeline.sources import Source, data_fingerprint, labelled_indices
 from foundation.logs import get_logger
 from trainer.bottlenecks import Bottlenecks
-from trainer.checkpoint import Checkpointer, TrainState, seed_everything
+from trainer.checkpoint import TrainState
+from trainer.checkpointer import Checkpointer
 from trainer.config import Config
 from trainer.dataclass_yaml import ConfigError
 from trainer.distributed import DistInfo
@@ -24,6 +25,7 @@ from trainer.online_probe import OnlineProbe
 from trainer.optim import build_optimizer
 from trainer.precision import PrecisionPolicy
 from trainer.profiling import StepProfiler
+from trainer.rng_state import seed_everything
 from trainer.run_files import RunFolderLock
 from trainer.schedule import WarmupCosine, build_schedule
 from trainer.step import ForwardBackward, build_forward_backward

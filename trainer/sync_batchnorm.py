@@ -28,26 +28,26 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2)))
 
 
-def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """This rank's per-channel mean and biased variance (fp32), each computed stably by torch's own
-    batch-norm statistics: Welford's (``torch.batch_norm_stats``) on CUDA; on the CPU, where that
-    kernel does not exist, the training batch norm's, whose output (``x`` normalised by this rank's
-    statistics) is returned too: the forward turns it into the global one in place."""
+def _local_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's per-channel mean and biased variance (fp32), each computed stably: Welford's
+    (``torch.batch_norm_stats``) on CUDA; on the CPU, where that kernel does not exist, the two-pass
+    statistics of torch's training batch norm (``batch_norm_update_stats``, accumulated in fp32 for
+    low precision; a zero momentum leaves the scratch running buffers as they are)."""
     if x.is_cuda:
         mean, invstd = torch.batch_norm_stats(x, eps)
-        local = None
-    else:
-        local, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-    return mean.float(), invstd.float().pow(-2) - eps, local
+        return mean.float(), invstd.float().pow(-2) - eps
+    scratch = torch.zeros(2, x.shape[1], dtype=torch.float32)
+    mean, var = torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
+    return mean.float(), var.float()
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     """One all-reduce forward ([n mean, n (var + mean^2), n] of each rank, in float64: combined
     from stable per-rank statistics, so a mean of 1e4 with a std of 1 loses nothing) and one
     backward ([sum dy, sum dy (x - mean)]); no host syncs, no fp32 copy of the activations. On
-    CUDA torch's fused batch-norm kernels do each pass; on the CPU, torch's own batch norm in
-    training form for this rank's statistics and output, turned into the global output in place,
-    and its backward for the sums."""
+    CUDA torch's fused batch-norm kernels do each pass; on the CPU, torch's batch-norm statistics,
+    its inference batch norm at the global statistics for the output (one pass), and its backward for
+    the sums."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -55,7 +55,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
         c, n = x.shape[1], x.numel() // x.shape[1]
-        local_mean, local_var, local_out = _local_stats(x, eps)
+        local_mean, local_var = _local_stats(x, eps)
         mean64 = local_mean.double()
         count = torch.full((1,), float(n), dtype=torch.float64, device=x.device)
         stats = torch.cat([mean64 * n, (local_var.double() + mean64 * mean64) * n, count])
@@ -65,14 +65,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean64 = stats[:c] / total
         mean, var = mean64.float(), (stats[c : 2 * c] / total - mean64 * mean64).clamp_(min=0).float()
         invstd = torch.rsqrt(var + eps)
-        if local_out is None:  # CUDA
+        if x.is_cuda:
             out = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
-        else:  # (x - m) i w + b = local (i / i_local) w + ((m_local - m) i w + b): one pass, in place
-            w = invstd if weight is None else invstd * weight.float()
-            scale = w * torch.sqrt(local_var + eps)
-            shift = (local_mean - mean) * w + (0.0 if bias is None else bias.float())
-            out = torch.addcmul(_channel_view(shift, x.ndim).to(x.dtype), local_out,
-                                _channel_view(scale, x.ndim).to(x.dtype), out=local_out)
+        else:  # the inference batch norm at the global statistics: one pass
+            out = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
         ctx.save_for_backward(x, weight, mean, invstd, var, total)
         ctx.mark_non_differentiable(mean, var, total)
         ctx.group, ctx.eps, ctx.has_bias = group, eps, bias is not None

@@ -1,5 +1,6 @@
 """A tracking sink that writes every metric to ``RUN_DIR/metrics.csv``: the example of a new
-destination being one file plus its registration (the tests import this module to register it)."""
+destination being one file. A run chooses it by config: ``tracking.sinks=[run_log,
+tests.helpers.csv_sink:csv]`` (the module is imported, and registers it, when a run names it)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrackingConfig
-from trainer.tracking.tracker import register_sink
+from trainer.tracking.sink import Sink, register_sink
 
 
-class CsvSink:
+class CsvSink(Sink):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows_written = 0  # kept in the checkpoint: a resumed job appends after them
 
-    def start(self, params: dict[str, Any], tags: dict[str, str]) -> None:
+    def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None) -> None:
         if not self.path.exists():
             self.path.write_text("step,key,value\n")
 
@@ -24,15 +25,6 @@ class CsvSink:
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerows([step, key, value] for key, value in metrics.items())
         self.rows_written += len(metrics)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
 
     def finish(self, status: str) -> None:
         with open(self.path, "a", newline="") as f:
@@ -46,5 +38,5 @@ class CsvSink:
 
 
 @register_sink("csv")
-def csv_sink(cfg: TrackingConfig, run_dir: Path) -> CsvSink:
+def csv_sink(cfg: TrackingConfig, run_dir: Path, retry_s: float) -> CsvSink:
     return CsvSink(Path(run_dir) / "metrics.csv")

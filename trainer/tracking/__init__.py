@@ -1,9 +1,10 @@
 """Tracking: every metric, param, tag and artifact of a run, sent to a list of sinks.
 
-- ``tracker.py``     ``Tracker`` (one ``log_metrics`` feeds every sink), the ``Sink`` protocol and
-                     ``register_sink`` (a new destination is one file plus its registration)
-- ``run_log.py``     the run folder's record (metrics.jsonl, mlflow_run.json): always there, written first
-- ``mlflow_run.py``  the MLflow sink: queue, retries, system metrics (also eval's, sync's, bench's client)
+- ``sink.py``        ``Sink`` (every method a do-nothing default) and ``register_sink``: a new destination
+                     is one file, chosen by name in ``tracking.sinks``
+- ``tracker.py``     ``Tracker``: the run's events, in order, to each chosen sink; it names none
+- ``run_log.py``     the ``run_log`` sink: the run folder's record (metrics.jsonl, mlflow_run.json), first
+- ``mlflow_run.py``  the ``mlflow`` sink: queue, retries, system metrics (also eval's, sync's, bench's client)
 - ``store.py``       MLflow stores: URIs, clients, experiments, failures named, where to open a run
 - ``provenance.py``  commit, library versions, dataset inputs, params, standard tags
 - ``sync.py``        ``simclr sync`` and a dead job's run closed by its launcher

@@ -14,27 +14,30 @@ from trainer.config import TrackingConfig
 from trainer.credentials import redact_uri
 from trainer.tracking.provenance import standard_tags
 from trainer.tracking.run_log import RUN_RECORD
+from trainer.tracking.sink import Sink, register_sink
 from trainer.tracking.store import create_experiment, open_client, resolve_tracking_uri, store_problem, where_to_open
 
 tracking_log = get_logger("tracking")
 
 
-class MlflowRun:
+class MlflowRun(Sink):
     """One MLflow run, created or continued. Everything is queued and sent in batches; a store that
     does not answer is warned about once and retried every ``retry_s`` (never blocking training);
-    MLflow's system-metrics monitor runs while the run is open. ``on_connect(uri, run_id)`` is told
-    where the run lives once it exists. A training run's sink has ``local_copy`` (its metrics file,
-    named in the warnings) and ``continues_training`` (a run left RUNNING is an unclean exit)."""
+    MLflow's system-metrics monitor runs while the run is open. It tells the other sinks where the
+    run lives (``uri``, ``run_id``) once it exists. A training run's sink has ``local_copy`` (its
+    metrics file, named in the warnings) and ``continues_training`` (a run left RUNNING is an
+    unclean exit)."""
 
-    def __init__(self, cfg: TrackingConfig, retry_s: float = 30.0,
-                 on_connect: Callable[[str, str], None] | None = None, continues_training: bool = False,
+    takes_datasets = True
+
+    def __init__(self, cfg: TrackingConfig, retry_s: float = 30.0, continues_training: bool = False,
                  local_copy: Path | None = None, source: str = "simclr", goes_on: str = "",
                  reopens: bool = True) -> None:
         self.cfg, self.retry_s, self.source = cfg, retry_s, source
         self.reopens = reopens  # a continued run is RUNNING again until finished (not so when eval adds to it)
         self.experiment_id = ""
         self.goes_on = goes_on  # what the warning says carries on without the store (default: the training)
-        self.on_connect, self.continues_training, self.local_copy = on_connect, continues_training, local_copy
+        self.continues_training, self.local_copy = continues_training, local_copy
         self.run_id: str | None = None
         self.uri = self.client_uri = ""
         self.client = None
@@ -96,8 +99,7 @@ class MlflowRun:
                 self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
                 resumed = True
             self._run_created = True
-            if self.on_connect is not None:
-                self.on_connect(self.uri, self.run_id)
+            self.tell(uri=self.uri, run_id=self.run_id)
             self._start_system_metrics(resumed)
             return True
         except Exception as exc:  # network errors come in many types; all mean 'try later'
@@ -132,6 +134,7 @@ class MlflowRun:
     def start(self, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> str | None:
         """Start a new run (log params and tags) or continue ``run_id`` (a resumed job)."""
         self._started = True
+        self.tell(uri=redact_uri(resolve_tracking_uri(self.cfg.uri)))  # where to sync to, even if never reached
         self.run_id = run_id or self.run_id  # or the one load_state_dict gave
         if self.run_id is None:
             self.pending_params = dict(params)
@@ -150,6 +153,23 @@ class MlflowRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.pending_tags.update(tags)
         self.flush(force=True)
+
+    def delete_tags(self, keys: list[str]) -> None:
+        self.tags_to_delete |= set(keys)
+        self.flush(force=True)
+
+    def log_datasets(self, inputs: list[Any]) -> None:
+        """Dataset inputs (``dataset_input``) for MLflow's Datasets column."""
+        if inputs:
+            self.pending_inputs.extend(inputs)
+            self.flush(force=True)
+
+    def log_model(self, log: Callable[[MlflowRun], str | None]) -> str | None:
+        """Log the encoder as an MLflow model with ``log(self)`` (trainer/export.py)."""
+        return log(self)
+
+    def detach_run_folder(self) -> None:
+        self.local_copy = None
 
     def flush(self, force: bool = False) -> bool:
         """Send what is queued; True when nothing is left. Once the server failed, it is offline
@@ -269,4 +289,15 @@ class MlflowRun:
         self.run_id = state.get("run_id")
 
     def describe(self) -> str:
+        if self.run_id is None:
+            later = f": simclr sync {self.local_copy.parent}" if self.local_copy else ""
+            return f"MLflow at {self.uri or redact_uri(resolve_tracking_uri(self.cfg.uri))} not reached yet{later}"
         return f"MLflow run {self.run_id} at {self.uri} ({where_to_open(self.uri, self.run_id, self.experiment_id)})"
+
+
+@register_sink("mlflow")
+def mlflow_sink(cfg: TrackingConfig, run_dir: Path, retry_s: float) -> MlflowRun | None:
+    if not cfg.enabled:
+        return None
+    kept = Path(run_dir) / "metrics.jsonl" if "run_log" in cfg.sinks else None  # what sync can replay
+    return MlflowRun(cfg, retry_s, continues_training=True, local_copy=kept, source="simclr train")
