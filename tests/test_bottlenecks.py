@@ -122,7 +122,8 @@ def test_a_starved_run_is_data_bound_a_balanced_one_compute_bound(photo_data, tm
 
     run_dir = tmp_path / "run"
     setup = ({"model.arch": "timm/resnet10t", "model.cifar_stem": "false", "data.image_size": 32,
-              "data.augment.blur_prob": 1.0} if load == "starved" else {"data.num_workers": 1, "data.image_size": 32})
+              "data.augment.blur_prob": 1.0} if load == "starved" else
+             {"model.arch": "resnet18", "model.cifar_stem": "true", "data.num_workers": 1, "data.image_size": 32})
     train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{
         **setup, "train.epochs": 2, "train.log_every": 5})))
     said = [line for line in (run_dir / "simclr.log").read_text().splitlines() if "verdict (" in line]

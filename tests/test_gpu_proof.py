@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_proof import dry_data, plan_quality, unexpected_skips
+from benchmarks.gpu_proof import dry_data, unexpected_skips
+from benchmarks.gpu_proof_plan import plan_quality
 from tests.helpers.runs import PY, REPO, tiny_overrides
 
 STAGES = ["gpu_tests", "nccl_job", "feed_cifar10_resnet18", "feed_imagenette_resnet50",
@@ -221,7 +222,8 @@ def test_a_feed_stage_is_resized_from_the_start_a_finished_one_measured(tmp_path
     cuDNN autotunes): its plan takes the measured start and its cap grows to fit."""
     import argparse
 
-    from benchmarks.gpu_proof import STAGE_START_S, measured_start_s, plan, resize_from_start
+    from benchmarks.gpu_proof import plan
+    from benchmarks.gpu_proof_plan import STAGE_START_S, measured_start_s, resize_from_start
 
     feed = tmp_path / "feed.json"
     feed.write_text(json.dumps({"rows": [{"mode": m, "warmup_s": s} for m, s in (("e2e", 30.0), ("model", 6.0),

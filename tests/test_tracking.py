@@ -142,11 +142,11 @@ def test_server_down_mid_run_then_back_loses_nothing(mlflow_server, tmp_path):
     tracker = Tracker(TrackingConfig(uri=mlflow_server, experiment="outage"), tmp_path, active=True, retry_s=0)
     run_id = tracker.start({"a": 1}, {})
     tracker.log_metrics({"loss": 1.0}, step=1)
-    tracker.mlflow.client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server 'goes away'
+    tracker.sinks["mlflow"].client = MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server 'goes away'
     tracker.log_metrics({"loss": 2.0}, step=2)
     tracker.log_metrics({"loss": 3.0}, step=3)
-    assert tracker.mlflow.pending  # queued, not dropped
-    tracker.mlflow.client = MlflowClient(mlflow_server)  # back
+    assert tracker.sinks["mlflow"].pending  # queued, not dropped
+    tracker.sinks["mlflow"].client = MlflowClient(mlflow_server)  # back
     tracker.finish()
     history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
@@ -166,7 +166,7 @@ def test_a_server_back_before_the_run_ends_gets_everything_and_the_run_closes(ml
     proxy.down()
     for step in (2, 3):
         tracker.log_metrics({"loss": float(step)}, step=step)
-    assert tracker.mlflow.pending
+    assert tracker.sinks["mlflow"].pending
     proxy.up()  # back before the run ends
     tracker.log_metrics({"loss": 4.0}, step=4)  # inside the retry window: queued
     proxy.down()
