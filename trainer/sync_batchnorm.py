@@ -103,7 +103,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 mean_dy, mean_dy_xmu = sum_dy / count, sum_dy_xmu / count
                 b = -scale * invstd * invstd * mean_dy_xmu
                 k = -scale * mean_dy - b * mean
-                grad_x = torch.addcmul(_channel_view(k, x.ndim), x, _channel_view(b, x.ndim)).to(x.dtype)
+                # x * b + k by the inference batch norm's kernel (mean 0, variance 1, no eps): a
+                # broadcast addcmul costs more on the CPU
+                ones, zeros = torch.ones_like(b), torch.zeros_like(b)
+                grad_x = torch.native_batch_norm(x, b, k, zeros, ones, False, 0.0, 0.0)[0]
                 grad_x.addcmul_(grad_out, _channel_view(scale, x.ndim).to(x.dtype))
         grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = grad_bias.to(grad_out.dtype if weight is None else weight.dtype) \
