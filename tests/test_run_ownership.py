@@ -495,3 +495,26 @@ def test_a_run_file_that_links_out_of_the_folder_is_refused(tiny_config, tmp_pat
     with pytest.raises(RunFileError, match="metrics.jsonl is a symbolic link .*cp --remove-destination"):
         train(tiny_config(**{"train.stop_after_steps": 4}))
     assert outside.read_text() == "mine\n"
+
+
+def test_a_folder_moved_between_the_check_and_the_write_is_said_as_moved(photo_data, tmp_path, monkeypatch):
+    """The folder is checked at log steps and checkpoints, then written; moved in between (CI hit
+    it), the write found no folder and the run ended on a FileNotFoundError, which then hit the
+    run log again while the tracking closed. Now it is the same one line as a move seen by the check."""
+    from trainer import loop
+
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    cfg = load_config(None, tiny_overrides(photo_data / "train", run_dir))
+    checked = loop.check_run_folder
+
+    def check_then_move(parts) -> None:
+        checked(parts)
+        if run_dir.exists():
+            run_dir.rename(moved)  # right after the check: the write that follows finds no folder
+
+    monkeypatch.setattr(loop, "check_run_folder", check_then_move)
+    with pytest.raises(RunFolderGoneError, match=f"was moved to {moved} while the run trained"):
+        train(cfg)
+    assert not run_dir.exists()
+    record = json.loads((moved / "mlflow_run.json").read_text())
+    assert record["status"] == "RUNNING"  # the moved folder's record is not written from the old path

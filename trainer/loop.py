@@ -97,12 +97,15 @@ def train(cfg: Config, stop: threading.Event | None = None,
             return run_training(parts, stop or threading.Event(), on_start)
         except BaseException as exc:  # the MLflow run must not stay RUNNING, whatever ended it
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            if isinstance(exc, RunFolderGoneError):  # nothing more is written where the folder was
+            gone = exc if isinstance(exc, RunFolderGoneError) else lock.moved_away(exc)
+            if gone is not None:  # nothing more is written where the folder was
                 parts.tracker.detach_run_folder()
-                parts.tracker.set_tags({"simclr.failure": str(exc)[:500]})
+                parts.tracker.set_tags({"simclr.failure": str(gone)[:500]})
             parts.tracker.finish(status)
             if parts.info.is_main and parts.tracker.run_id and not launched:  # else the launcher says it, once
                 log.warning(f"{parts.tracker.describe()} ended {status}")
+            if gone is not None and gone is not exc:
+                raise gone from None
             raise
     finally:
         stack.close()

@@ -140,6 +140,18 @@ class RunFolderLock:
         except (OSError, ValueError, KeyError, TypeError):  # it has not written its name yet
             return "a process that is just starting"
 
+    def moved_away(self, exc: BaseException) -> RunFolderGoneError | None:
+        """For a write that found no folder (moved between a step's check and its write): the
+        ``RunFolderGoneError`` that says where it went; None when the folder is where it was, the
+        error is another, or this process does not hold the folder."""
+        if not isinstance(exc, FileNotFoundError):
+            return None
+        try:
+            self.check()
+        except RunFolderGoneError as gone:
+            return gone
+        return None
+
     def check(self) -> None:
         """Raise ``RunFolderGoneError`` (saying where the run's files are now) if the folder was moved
         or removed since ``acquire``; write the lock file again if it was deleted."""
