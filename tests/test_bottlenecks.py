@@ -268,12 +268,66 @@ def test_the_forward_collectives_are_left_out_of_the_own_forward_even_when_their
     assert len(clock._waits) == 2  # a new window samples again
 
 
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_own_backward_ends_at_the_last_gradient_and_leaves_out_its_collectives(monkeypatch, cuda):
+    """The serial half's proof run (busy, #46): rank 1 slowed to a third of its speed was named no
+    straggler, its slowness being in the backward, which on every rank holds the wait for the
+    slowest (SyncBatchNorm's backward all-reduces, DDP's last buckets). The own backward is the
+    loss's return to the last gradient accumulated, less the backward's collectives: whatever the
+    waits, it is the work. A clock of our own, a real backward through a real parameter hook."""
+    from trainer import step_clock
+    from trainer.step_clock import StepClock
+
+    now = [0.0]
+    monkeypatch.setattr(step_clock.time, "perf_counter", lambda: now[0])
+    clock = StepClock(torch.device("cpu"))
+    if cuda:
+        clock.cuda = True
+        monkeypatch.setattr(clock, "_now", lambda: now[0])
+        monkeypatch.setattr(clock, "_between", lambda a, b: (b - a) * 1000)
+    model = torch.nn.Linear(3, 2)
+    clock.watch_gradients(model)
+    waits = iter([0.005, 0.090, 0.0, 0.030, 0.060, 0.001, 0.020, 0.0])
+
+    class Layer(torch.autograd.Function):  # a layer whose backward computes 20 ms, then all-reduces twice
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            now[0] += 0.020
+            for _ in range(2):
+                with clock.collective():
+                    now[0] += next(waits)
+            return grad
+
+    for tail_s in (0.100, 0.0, 0.300, 0.050):  # DDP's wait for the last buckets: after the last gradient
+        clock.start_step()
+        loss = Layer.apply(model(torch.ones(1, 3))).sum()
+        clock.mark("loss")
+        clock.mark("backward")
+        loss.backward()
+        now[0] += tail_s
+        clock.mark("optimizer")
+        now[0] += 0.010
+        clock.mark("optimizer_done")
+        clock.end_step()
+    figures = clock.window()
+    assert figures["own_backward_ms"] == pytest.approx(20.0)  # every wait left out
+    assert figures["backward_ms"] > 100 and figures["optimizer_ms"] == pytest.approx(10.0)
+    # on a GPU only the window's first step records its gradients (events), on the CPU every step
+    assert [("grads_done" in marks) for marks, *_ in clock._steps] == ([True, False, False, False] if cuda else
+                                                                      [True] * 4)
+
+
 def test_a_straggler_is_compared_with_the_other_ranks_and_a_cpu_run_gets_no_gpu_hint():
     """Round 7, F53: with 2 ranks the median included the straggler (their mean): rank 1 at 3x rank 0
     was called 1.5x. Now against the others, and a CPU run is not told to run nvidia-smi."""
     (slow,) = find_stragglers([row(own_ms=30.0), row(own_ms=90.0)], ["a", "b"], device="cpu").values()
     line = slow.line(6)
-    assert "its own forward and optimizer step take 2.5x the other rank's (100.0 vs 40.0 ms per step" in line, line
+    assert "own forward, backward and optimizer step take 2.5x the other rank's (100.0 vs 40.0 ms per step" in line, \
+        line
     assert "nvidia-smi" not in line and "top" in line
     (slow,) = find_stragglers([row(), row(), row(own_ms=90.0)], ["a", "b", "c"]).values()
     assert "2.5x the other ranks' median" in slow.line(6) and "nvidia-smi" in slow.line(6)

@@ -2,7 +2,7 @@
 
 In synchronous data parallelism every rank moves at the pace of the slowest, so the job's images/s
 cannot say who is slow. What tells is how each rank spends its own time: its wait for data, and its
-own work (its forward, a batch in hand to the step's first collective, and its optimizer step,
+own work (its forward and backward less the time in their collectives, and its optimizer step,
 after the gradients' all-reduce), which no other rank can slow (``trainer.step_clock``). Each
 log window brings one row per rank (``MetricsWindow.summary``).
 
@@ -48,7 +48,7 @@ class Straggling:
     rank: int
     host: str
     cause: str  # "data" or "compute"
-    value_ms: float  # its data wait or own work (forward and optimizer step), ms per step
+    value_ms: float  # its data wait or own work (forward, backward and optimizer step), ms per step
     median_ms: float  # the other ranks' median
     others: int = 1  # how many other ranks
     device: str = "cuda"  # the run's device type: what to check on a slow rank
@@ -64,10 +64,10 @@ class Straggling:
                     "data.num_workers, packed tar shards (simclr make-shards), or exclude the node (sbatch --exclude)")
         check = ("that device's clocks, temperature and other processes on it (nvidia-smi -q -d PERFORMANCE)"
                  if self.device == "cuda" else "that host's load and CPU frequency (other processes: top)")
-        return (f"straggler: rank {self.rank} on {self.host} computes slowly: its own forward and optimizer step "
-                f"take {by} "
-                f"({self.value_ms:.1f} vs {self.median_ms:.1f} ms per step, {WINDOWS} windows to step {step}); every "
-                f"rank moves at its pace. Try: check {check}, or exclude the node (sbatch --exclude)")
+        return (f"straggler: rank {self.rank} on {self.host} computes slowly: its own forward, backward and "
+                f"optimizer step take {by} ({self.value_ms:.1f} vs {self.median_ms:.1f} ms per step, {WINDOWS} "
+                f"windows to step {step}); every rank moves at its pace. Try: check {check}, or exclude the node "
+                "(sbatch --exclude)")
 
 
 def find_stragglers(rows: list[dict[str, float]], hosts: list[str], device: str = "cuda") -> dict[int, Straggling]:

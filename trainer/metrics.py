@@ -38,10 +38,11 @@ def current_names(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def own_work_ms(row: dict[str, float]) -> float:
-    """A rank's own work per step in a window row: its forward up to the step's first collective and
-    its optimizer step (after the gradients' all-reduce), which no other rank can slow. NaN when the
-    forward is not timed (torch.compile)."""
-    return row["own_ms"] + row.get("optimizer_ms", 0.0)
+    """A rank's own work per step in a window row: its forward and backward less their collectives,
+    and its optimizer step (after the gradients' all-reduce), which no other rank can slow
+    (``trainer.step_clock``). NaN when the forward is not timed (torch.compile)."""
+    backward = row.get("own_backward_ms", float("nan"))
+    return row["own_ms"] + (backward if backward == backward else 0.0) + row.get("optimizer_ms", 0.0)
 
 
 class MetricsWindow:
@@ -110,7 +111,8 @@ class MetricsWindow:
                    "perf/startup_wait_ms": max(r["startup_wait_ms"] for r in rows),
                    "perf/peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
                    **{name: sum(r[name] for r in rows) for name in summed or {}}}
-        for name in ("own_ms", "loss_ms", "backward_ms", "optimizer_ms", "step_ms_p50", "step_ms_p95"):
+        for name in ("own_ms", "loss_ms", "backward_ms", "own_backward_ms", "optimizer_ms", "step_ms_p50",
+                     "step_ms_p95"):
             values = [r[name] for r in rows if r.get(name, float("nan")) == r.get(name, float("nan"))]  # not NaN
             if values:
                 metrics[f"perf/{name}"] = statistics.median(values)

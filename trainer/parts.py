@@ -102,6 +102,7 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
     loss_fn, clock, optimizer = build_loss(cfg.loss), StepClock(device), build_optimizer(model, cfg.optim, lr)
     clock.watch_optimizer(optimizer)
     clock.watch_collectives(model)
+    clock.watch_gradients(model)
     return ModelParts(model=model, ddp_model=ddp_model, optimizer=optimizer, precision=precision, loss_fn=loss_fn,
                       clock=clock, forward_backward=build_forward_backward(model, ddp_model, precision,
                                                                            clock.timing_loss(loss_fn),

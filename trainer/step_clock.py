@@ -16,6 +16,12 @@ where a rank waits for the others to arrive (a late rank: its data, its logging)
 step a window (its first) times the rest, which run in lockstep; the other steps subtract those.
 Under torch.compile the collectives inside the compiled model are not timed, and the own forward
 includes their waits.
+
+The own backward is the same idea after the loss: from the loss's return to this rank's last
+gradient accumulated (a hook on each parameter; DDP's all-reduce of the last buckets, and the wait
+for the slowest rank there, come after it), less the backward's collectives (SyncBatchNorm's
+all-reduce of gradient sums in every layer), timed by the same rule. On a GPU the gradient hooks
+record only in the sampled step (a ResNet-50 has 161 parameters), so the own backward is that step's.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import torch
 
 # the phases a window reports, in ms per step: (name, from mark, to mark)
 PHASES = (("own_ms", "batch", "loss"), ("loss_ms", "loss", "backward"),
-          ("backward_ms", "backward", "optimizer"), ("optimizer_ms", "optimizer", "optimizer_done"))
+          ("backward_ms", "backward", "optimizer"), ("own_backward_ms", "backward", "grads_done"),
+          ("optimizer_ms", "optimizer", "optimizer_done"))
 
 
 class StepClock:
@@ -39,13 +46,15 @@ class StepClock:
         self.cuda = device.type == "cuda"
         self._current: dict[str, Any] | None = None  # the marks of the step in progress; None outside steps
         self._waits: list[tuple[Any, Any]] = []  # its collectives before the loss: (start, end)
+        self._back_waits: list[tuple[Any, Any]] = []  # its collectives in the backward
         self._sampling = False  # every collective of this step is timed (CPU: always; CUDA: the window's first)
         self._last: Any = None  # the newest CUDA event, waited for before the window is read
         self._started = 0.0
         self.reset()
 
     def reset(self) -> None:
-        self._steps: list[tuple[dict[str, Any], list[tuple[Any, Any]], bool]] = []  # (marks, waits, all timed)
+        # (marks, forward waits, backward waits, every collective timed)
+        self._steps: list[tuple[dict[str, Any], list[tuple[Any, Any]], list[tuple[Any, Any]], bool]] = []
         self._host_ms: list[float] = []
 
     def _now(self) -> Any:
@@ -61,27 +70,32 @@ class StepClock:
         if self._current is not None and name not in self._current:
             self._current[name] = self._now()
 
+    def _in_backward(self) -> bool:
+        return self._current is not None and "backward" in self._current and "optimizer" not in self._current
+
     @contextmanager
     def collective(self) -> Iterator[None]:
-        """Time a collective of the forward (before the loss), to leave out of the own forward."""
-        if (self._current is None or "loss" in self._current or torch.compiler.is_compiling()
-                or (self._waits and not self._sampling)):  # unsampled: only the step's first one
+        """Time a collective of the forward (before the loss) or of the backward, to leave out of
+        the own forward or backward."""
+        waits = (None if self._current is None or torch.compiler.is_compiling() else self._waits
+                 if "loss" not in self._current else self._back_waits if self._in_backward() else None)
+        if waits is None or (waits and not self._sampling):  # unsampled: only the step's first one
             yield
             return
         start = self._now()
         yield
-        self._waits.append((start, self._now()))
+        waits.append((start, self._now()))
 
     def start_step(self) -> None:
         self._started = time.perf_counter()
         self._sampling = not self.cuda or not self._steps
-        self._current, self._waits = {"batch": self._now()}, []
+        self._current, self._waits, self._back_waits = {"batch": self._now()}, [], []
 
     def end_step(self) -> None:
         if self._current is None:
             return
         self._host_ms.append((time.perf_counter() - self._started) * 1000)
-        self._steps.append((self._current, self._waits, self._sampling))
+        self._steps.append((self._current, self._waits, self._back_waits, self._sampling))
         self._current, self._sampling = None, False
 
     def timing_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,6 +116,16 @@ class StepClock:
             if isinstance(module, SyncBatchNorm):
                 module.step_clock = self
 
+    def watch_gradients(self, model: torch.nn.Module) -> None:
+        """Mark each step's last gradient accumulated (``grads_done``): the own backward's end."""
+        def accumulated(_: torch.Tensor) -> None:
+            if self._in_backward() and (self._sampling or not self.cuda):
+                self._current["grads_done"] = self._now()  # type: ignore[index]  # the latest, not the first
+
+        for param in model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(accumulated)
+
     def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Mark the optimizer's step (torch's step hooks: nothing is wrapped)."""
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -111,11 +135,10 @@ class StepClock:
     def _between(self, start: Any, end: Any) -> float:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1000
 
-    def _ms(self, marks: dict[str, Any], waits_ms: float, name: str, start: str, end: str) -> float:
+    def _ms(self, marks: dict[str, Any], waits_ms: float, start: str, end: str) -> float:
         if start not in marks or end not in marks:
             return float("nan")
-        ms = self._between(marks[start], marks[end])
-        return max(ms - waits_ms, 0.0) if name == "own_ms" else ms  # (the sampled waits are an estimate)
+        return max(self._between(marks[start], marks[end]) - waits_ms, 0.0)  # (the sampled waits are an estimate)
 
     def window(self) -> dict[str, float]:
         """The window's figures (ms per step, mean over its steps; host p50/p95); NaN where no step
@@ -127,11 +150,16 @@ class StepClock:
             return [self._between(a, b) for a, b in waits]
 
         # the collectives after the first, as the sampled step waited in them (0 if none was sampled)
-        rest_ms = next((sum(waited(waits)[1:]) for _, waits, sampled in self._steps if sampled), 0.0)
+        rest_ms = next((sum(waited(waits)[1:]) for _, waits, _, sampled in self._steps if sampled), 0.0)
+        back_rest_ms = next((sum(waited(back)[1:]) for _, _, back, sampled in self._steps if sampled), 0.0)
         figures = {}
         for name, start, end in PHASES:
-            values = [self._ms(marks, sum(waited(waits)) + (0.0 if sampled else rest_ms), name, start, end)
-                      for marks, waits, sampled in self._steps]
+            values = []
+            for marks, waits, back, sampled in self._steps:
+                left_out = (sum(waited(waits)) + (0.0 if sampled else rest_ms) if name == "own_ms" else
+                            sum(waited(back)) + (0.0 if sampled else back_rest_ms) if name == "own_backward_ms" else
+                            0.0)
+                values.append(self._ms(marks, left_out, start, end))
             figures[name] = float(np.nanmean(values)) if values and not np.isnan(values).all() else float("nan")
         host = np.array(self._host_ms) if self._host_ms else np.array([np.nan])
         figures["step_ms_p50"], figures["step_ms_p95"] = (float(np.percentile(host, q)) for q in (50, 95))

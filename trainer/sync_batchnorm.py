@@ -71,7 +71,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             out = torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
         ctx.save_for_backward(x, weight, mean, invstd, var, total)
         ctx.mark_non_differentiable(mean, var, total)
-        ctx.group, ctx.eps, ctx.has_bias = group, eps, bias is not None
+        ctx.group, ctx.eps, ctx.has_bias, ctx.clock = group, eps, bias is not None, clock
         return out, mean, var, total.float()
 
     @staticmethod
@@ -91,7 +91,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             local = torch.cat([sum_dy.float(), sum_dy_xmu.float()])
-            dist.all_reduce(local, group=ctx.group)
+            with ctx.clock.collective() if ctx.clock is not None else nullcontext():  # not own work either
+                dist.all_reduce(local, group=ctx.group)
             sum_dy, sum_dy_xmu = local[:c], local[c:]
             w = weight.float() if weight is not None else None
             if x.is_cuda:
@@ -127,7 +128,7 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
         self.plain_class = plain_class
-        self.step_clock = None  # trainer.step_clock.StepClock: times the forward's all-reduce
+        self.step_clock = None  # trainer.step_clock.StepClock: times the all-reduces
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.ndim < 2:
