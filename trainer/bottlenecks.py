@@ -6,7 +6,8 @@ own work (its forward and backward less the time in their collectives, and its o
 after the gradients' all-reduce), which no other rank can slow (``trainer.step_clock``). Each
 log window brings one row per rank (``MetricsWindow.summary``).
 
-- A **straggler** is a rank whose data wait or own work stays above ``RATIO`` x the median of
+- A **straggler** is a rank whose data wait or own work in its typical step (the median over the
+  window's steps: one hiccup is not a slow rank) stays above ``RATIO`` x the median of
   the other ranks' (itself left out: with two ranks, the other one's), by more than ``margin_ms``,
   for ``WINDOWS`` windows in a row: named once per episode (until it keeps pace again for
   ``WINDOWS`` windows), with its host and what to try, and tagged in MLflow.
@@ -28,7 +29,7 @@ from typing import Any
 
 from foundation.collectives import gather_objects
 from foundation.logs import get_logger
-from trainer.metrics import own_work_ms
+from trainer.metrics import typical_step_ms
 from trainer.run_files import append_line
 
 log = get_logger()
@@ -48,7 +49,7 @@ class Straggling:
     rank: int
     host: str
     cause: str  # "data" or "compute"
-    value_ms: float  # its data wait or own work (forward, backward and optimizer step), ms per step
+    value_ms: float  # its data wait or own work (forward, backward and optimizer step), ms in a typical step
     median_ms: float  # the other ranks' median
     others: int = 1  # how many other ranks
     device: str = "cuda"  # the run's device type: what to check on a slow rank
@@ -59,15 +60,16 @@ class Straggling:
         by = f"{ratio:.1f}x {whose}" if ratio != float("inf") else "while the others do not"
         if self.cause == "data":
             return (f"straggler: rank {self.rank} on {self.host} waits for data {by} ({self.value_ms:.1f} vs "
-                    f"{self.median_ms:.1f} ms per step, {WINDOWS} windows to step {step}); every rank moves at its "
-                    "pace. Try: check that node's storage and page cache (a cold cache, a slow disk or mount), more "
-                    "data.num_workers, packed tar shards (simclr make-shards), or exclude the node (sbatch --exclude)")
+                    f"{self.median_ms:.1f} ms in a typical step, {WINDOWS} windows to step {step}); every rank moves "
+                    "at its pace. Try: check that node's storage and page cache (a cold cache, a slow disk or mount), "
+                    "more data.num_workers, packed tar shards (simclr make-shards), or exclude the node (sbatch "
+                    "--exclude)")
         check = ("that device's clocks, temperature and other processes on it (nvidia-smi -q -d PERFORMANCE)"
                  if self.device == "cuda" else "that host's load and CPU frequency (other processes: top)")
         return (f"straggler: rank {self.rank} on {self.host} computes slowly: its own forward, backward and "
-                f"optimizer step take {by} ({self.value_ms:.1f} vs {self.median_ms:.1f} ms per step, {WINDOWS} "
-                f"windows to step {step}); every rank moves at its pace. Try: check {check}, or exclude the node "
-                "(sbatch --exclude)")
+                f"optimizer step take {by} ({self.value_ms:.1f} vs {self.median_ms:.1f} ms in a typical step, "
+                f"{WINDOWS} windows to step {step}); every rank moves at its pace. Try: check {check}, or exclude the "
+                "node (sbatch --exclude)")
 
 
 def find_stragglers(rows: list[dict[str, float]], hosts: list[str], device: str = "cuda") -> dict[int, Straggling]:
@@ -75,8 +77,7 @@ def find_stragglers(rows: list[dict[str, float]], hosts: list[str], device: str 
     for ``WINDOWS`` in a row)."""
     if len(rows) < 2:
         return {}
-    waits = [r["data_wait_fraction"] * r["window_ms"] for r in rows]
-    owns = [own_work_ms(r) for r in rows]
+    waits, owns = (list(figures) for figures in zip(*(typical_step_ms(r) for r in rows)))
     margin = margin_ms(median(r["window_ms"] for r in rows))
     found = {}
     for rank, (wait, own) in enumerate(zip(waits, owns)):

@@ -45,6 +45,15 @@ def own_work_ms(row: dict[str, float]) -> float:
     return row["own_ms"] + (backward if backward == backward else 0.0) + row.get("optimizer_ms", 0.0)
 
 
+def typical_step_ms(row: dict[str, float]) -> tuple[float, float]:
+    """A rank's data wait and own work in its window's typical step (the median over its steps), the
+    figures a straggler is judged by: a rank slow in most steps is a straggler, one hiccup (a
+    process scheduled out on a busy host, a collection pause) is not. Rows without them (a clock
+    that timed no step): the window's means."""
+    return (row.get("data_wait_ms_p50", row["data_wait_fraction"] * row["window_ms"]),
+            row.get("own_work_ms_p50", own_work_ms(row)))
+
+
 class MetricsWindow:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device)
@@ -56,6 +65,7 @@ class MetricsWindow:
         self.accuracy_sum.zero_()
         self.steps, self.data_wait_s, self.started = 0, 0.0, time.perf_counter()
         self.startup_wait_s = 0.0
+        self.step_waits_s: list[float] = []  # each steady-state wait, for the typical step's
 
     def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """``batches``, counting the time spent waiting for each one: the first (the loader
@@ -73,6 +83,7 @@ class MetricsWindow:
                 first = False
             else:
                 self.data_wait_s += waited
+                self.step_waits_s.append(waited)
             yield batch
             start = time.perf_counter()
 
@@ -95,8 +106,9 @@ class MetricsWindow:
         ``summed``: counters of this rank, reported as their sum over the ranks (same names)."""
         elapsed = time.perf_counter() - self.started
         steady = max(elapsed - self.startup_wait_s, 1e-9)
+        typical_wait_ms = statistics.median(self.step_waits_s) * 1000 if self.step_waits_s else 0.0
         mine = {"data_wait_fraction": self.data_wait_s / steady, "window_ms": elapsed * 1000 / max(1, self.steps),
-                "startup_wait_ms": self.startup_wait_s * 1000, **own,
+                "startup_wait_ms": self.startup_wait_s * 1000, "data_wait_ms_p50": typical_wait_ms, **own,
                 "peak_memory_mb": peak_memory_mb(self.loss_sum.device), **(summed or {})}
         names = list(mine)
         local = torch.cat([(torch.stack([self.loss_sum, self.accuracy_sum]) / max(1, self.steps)).double(),

@@ -140,6 +140,18 @@ class StepClock:
             return float("nan")
         return max(self._between(marks[start], marks[end]) - waits_ms, 0.0)  # (the sampled waits are an estimate)
 
+    @staticmethod
+    def _typical_own_work(per_step: dict[str, np.ndarray], own_backward_ms: float) -> float:
+        """The median over steps of own forward + own backward + optimizer: a rank's own work in its
+        typical step. A step whose backward was not timed (CUDA: all but the sampled one) counts the
+        window's."""
+        if not len(per_step["own_ms"]):
+            return float("nan")
+        backward = np.where(np.isnan(per_step["own_backward_ms"]),
+                            0.0 if own_backward_ms != own_backward_ms else own_backward_ms, per_step["own_backward_ms"])
+        work = per_step["own_ms"] + backward + np.nan_to_num(per_step["optimizer_ms"])
+        return float(np.nanmedian(work)) if not np.isnan(work).all() else float("nan")
+
     def window(self) -> dict[str, float]:
         """The window's figures (ms per step, mean over its steps; host p50/p95); NaN where no step
         was timed. Reading CUDA events waits for the last one: call at log steps only."""
@@ -152,7 +164,7 @@ class StepClock:
         # the collectives after the first, as the sampled step waited in them (0 if none was sampled)
         rest_ms = next((sum(waited(waits)[1:]) for _, waits, _, sampled in self._steps if sampled), 0.0)
         back_rest_ms = next((sum(waited(back)[1:]) for _, _, back, sampled in self._steps if sampled), 0.0)
-        figures = {}
+        figures, per_step = {}, {}
         for name, start, end in PHASES:
             values = []
             for marks, waits, back, sampled in self._steps:
@@ -160,7 +172,9 @@ class StepClock:
                             sum(waited(back)) + (0.0 if sampled else back_rest_ms) if name == "own_backward_ms" else
                             0.0)
                 values.append(self._ms(marks, left_out, start, end))
+            per_step[name] = np.array(values, dtype=float)
             figures[name] = float(np.nanmean(values)) if values and not np.isnan(values).all() else float("nan")
+        figures["own_work_ms_p50"] = self._typical_own_work(per_step, figures["own_backward_ms"])
         host = np.array(self._host_ms) if self._host_ms else np.array([np.nan])
         figures["step_ms_p50"], figures["step_ms_p95"] = (float(np.percentile(host, q)) for q in (50, 95))
         return figures
