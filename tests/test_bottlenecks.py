@@ -209,13 +209,14 @@ def pause_rank_one(root: psutil.Process, done: threading.Event, what: str) -> No
 @pytest.mark.parametrize("slow", ["none", "data", "compute"])
 def test_two_ranks_name_the_straggler_and_its_cause(photo_data, tmp_path, slow):
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    # loader workers only where they are paused: 2 processes on a 2-core machine share nothing. A rank
-    # paused as a slow device must spend its step computing, not loading in-process: with timm's test
-    # ResNet (~10 ms of a 240 ms step its own compute), the pauses fell on the loading as often and
-    # the rank read as waiting for data; a ResNet-18 step is mostly compute
+    # a loader worker on each rank, so no rank loads in its training process: beside two busy loops an
+    # even run's rank 0 loaded in-process 2x slower than rank 1 in every window (its tracking threads
+    # share its interpreter) and was named; and a rank paused as a slow device spends its pauses on
+    # its compute, not on loading. With timm's test ResNet (~10 ms of a 240 ms step its own compute)
+    # a paused rank hardly slows: a ResNet-18 step is mostly compute
     model = {"model.arch": "resnet18"} if slow == "compute" else {}
     over = tiny_overrides(photo_data / "train", run_dir, **{
-        "train.epochs": 2, "train.log_every": 3, "data.num_workers": 1 if slow == "data" else 0,
+        "train.epochs": 2, "train.log_every": 3, "data.num_workers": 1,
         "tracking.uri": f"sqlite:///{db}", **model})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([PY, "-m", "launch", "train", "--nproc", "2", *over], cwd=REPO, env=env,
