@@ -166,7 +166,7 @@ def test_every_config_field_says_what_a_resume_may_do_with_it():
 
     undeclared = [key for key, policy in resume_policies(Config).items() if policy is None]
     assert undeclared == [], f"declare these with fixed/setting/hyper (foundation/resume_policy.py): {undeclared}"
-    assert set(RESUME_POLICY) == set(flatten(config_to_dict(Config())))
+    assert set(RESUME_POLICY) == set(flatten(config_to_dict(Config()), leaves=RESUME_POLICY))
     assert RESUME_POLICY["model.arch"] == "fixed" and RESUME_POLICY["data.batch_size"] == "fixed"
     assert RESUME_POLICY["tracking.uri"] == "setting" and RESUME_POLICY["optim.lr"] == "hyper"
 

@@ -10,6 +10,7 @@ from tests.helpers.two_view_loss import two_view_nt_xent
 from trainer.config import ConfigError, LossConfig, load_config
 from trainer.losses import LOSSES, build_loss, register_loss
 from trainer.losses.nt_xent import nt_xent
+from trainer.losses.registry import LOSS_PARAMS
 
 
 def paper_loss(views: torch.Tensor, temperature: float) -> float:
@@ -100,6 +101,46 @@ def test_a_loss_is_chosen_by_name_and_a_new_one_is_a_registration(tmp_path):
         assert build_loss(cfg.loss)(torch.ones(2, 3, 4))[0].item() == -4.0
     finally:
         del LOSSES["mean_cosine"]
+
+
+def test_a_loss_declares_its_own_parameters_in_its_module(tmp_path):
+    """A loss with a hyper-parameter of its own is one file (``tests/helpers/weighted_loss.py``):
+    the dataclass beside it is read from ``loss.options.*``, checked at load with the full key and a
+    did-you-mean, kept as a hyper-parameter of the run, and handed to its builder."""
+    import importlib
+
+    import tests.helpers.weighted_loss as weighted_loss
+    from foundation.resume_policy import resume_policies
+    from trainer.config import Config, config_to_dict
+
+    importlib.reload(weighted_loss)  # (registers again after another test cleaned the table)
+    run = f"train.run_dir={tmp_path}/run"
+    try:
+        cfg = load_config(None, ["loss.name=nt_xent_weighted", "loss.options.weight=2.5", run])
+        views = torch.randn(2, 4, 8)
+        assert build_loss(cfg.loss)(views)[0].item() == pytest.approx(2.5 * build_loss(LossConfig())(views)[0].item())
+        assert config_to_dict(cfg)["loss"]["options"] == {"weight": 2.5}  # into config.yaml, checkpoints, MLflow
+        assert load_config(None, ["loss.name=nt_xent_weighted", run]).loss.params().weight == 1.0  # its default
+        with pytest.raises(ConfigError, match=r"unknown config key 'loss.options.wieght' \(did you mean 'weight'"):
+            load_config(None, ["loss.name=nt_xent_weighted", "loss.options.wieght=2", run])
+        with pytest.raises(ConfigError, match=r"loss.options.weight: 'heavy'|loss.options.weight: expected a number"):
+            load_config(None, ["loss.name=nt_xent_weighted", "loss.options.weight=heavy", run])
+        with pytest.raises(ConfigError, match=r"loss.options.weight: -1.0 is out of range; must be > 0"):
+            load_config(None, ["loss.name=nt_xent_weighted", "loss.options.weight=-1.0", run])
+        with pytest.raises(ConfigError, match=r"loss.options: nt_xent takes no options of its own \(given: weight\)"):
+            load_config(None, ["loss.options.weight=2", run])  # options left for a loss not chosen
+        assert resume_policies(Config)["loss.options"] == "hyper"  # a resume may not change them silently
+        from pathlib import Path
+
+        from trainer.resume import CheckpointError, reconcile
+
+        plain = load_config(None, ["loss.name=nt_xent_weighted", run])  # the run began with the default weight
+        state = {"config": config_to_dict(plain), "step": 4}
+        assert not reconcile(state, plain, Path("step_4.pt"), {}).hyper
+        with pytest.raises(CheckpointError, match=r"loss.options.*checkpoint.allow_changes=true"):
+            reconcile(state, cfg, Path("step_4.pt"), {})  # an option given on resume: a change, refused
+    finally:
+        del LOSSES["nt_xent_weighted"], LOSS_PARAMS["nt_xent_weighted"]
 
 
 def test_two_rank_gather_equals_single_process(tmp_path):

@@ -8,7 +8,7 @@ machinery lives in ``trainer.dataclass_yaml``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -20,14 +20,16 @@ from foundation.resume_policy import fixed, hyper, setting
 from trainer.credentials import take_credentials
 from trainer.dataclass_yaml import (
     ConfigError,
+    Problem,
     apply_overrides,
     build_dataclass,
+    failing,
     read_yaml_mapping,
     to_plain_dict,
 )
 from trainer.distributed import DistConfig
 from trainer.encoders import ARCHS, check_arch, check_input_sizes
-from trainer.losses import LOSSES, LossConfig
+from trainer.losses import LossConfig
 from trainer.profiling import ProfileConfig
 
 __all__ = ["ARCHS", "AugmentConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "LossConfig",
@@ -50,6 +52,16 @@ class ModelConfig:
     channels_last: bool = setting(True)  # only applied on CUDA
     compile: bool = setting(False)  # torch.compile the model (encoder + head); the first steps compile (warm-up)
 
+    def problems(self) -> list[Problem]:
+        """The fields out of range (the encoder's name and input sizes: ``validate``, which knows the views)."""
+        return failing([
+            (self.proj_hidden_dim >= 0, "model.proj_hidden_dim", self.proj_hidden_dim, "must be >= 0"),
+            (self.proj_out_dim > 0, "model.proj_out_dim", self.proj_out_dim, "must be > 0"),
+            (self.proj_layers >= 1, "model.proj_layers", self.proj_layers,
+             "must be >= 1 (2: SimCLR v1's head, 3: SimCLRv2's)"),
+            (self.sync_bn_group_size >= 0, "model.sync_bn_group_size", self.sync_bn_group_size,
+             "must be >= 0 (0 = whole world)")])
+
 
 @dataclass
 class OptimConfig:
@@ -66,11 +78,25 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = hyper("cosine")
     final_lr_fraction: float = hyper(0.0)
 
+    def problems(self) -> list[Problem]:
+        return failing([
+            (self.lr > 0, "optim.lr", self.lr, "must be > 0"),
+            (self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0"),
+            (0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)"),
+            (self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient, "must be > 0"),
+            (self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0"),
+            (0 <= self.final_lr_fraction <= 1, "optim.final_lr_fraction", self.final_lr_fraction,
+             "must be in [0, 1]")])
+
 
 @dataclass
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = hyper("fp32")
     max_consecutive_nonfinite: int = setting(20)  # stop the run after this many skipped steps in a row
+
+    def problems(self) -> list[Problem]:
+        return failing([(self.max_consecutive_nonfinite > 0, "precision.max_consecutive_nonfinite",
+                         self.max_consecutive_nonfinite, "must be a positive integer")])
 
 
 @dataclass
@@ -89,6 +115,18 @@ class TrainConfig:
     micro_batch: int = setting(0)  # >0: gradient caching, chunks of this many images per rank (grad_cache.py)
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces of chosen steps
 
+    def problems(self) -> list[Problem]:
+        return failing([
+            (self.epochs > 0, "train.epochs", self.epochs, "must be a positive integer"),
+            (self.log_every > 0, "train.log_every", self.log_every, "must be a positive integer"),
+            (self.stop_after_steps >= 0, "train.stop_after_steps", self.stop_after_steps, "must be >= 0 (0 = off)"),
+            (self.micro_batch >= 0, "train.micro_batch", self.micro_batch,
+             "must be >= 0 (0 = one pass; N = gradient caching in chunks of N images per rank)"),
+            (self.stop_check_every > 0, "train.stop_check_every", self.stop_check_every,
+             "must be a positive integer (steps between agreements on a stop request)"),
+            (self.knn_every_epochs >= 0, "train.knn_every_epochs", self.knn_every_epochs, "must be >= 0 (0 = off)"),
+            (bool(self.run_dir), "train.run_dir", self.run_dir, "must name a directory")]) + self.profile.problems()
+
 
 @dataclass
 class CheckpointConfig:
@@ -98,6 +136,11 @@ class CheckpointConfig:
     # a resume with other hyper-parameters or another dataset than the checkpoint's: refused unless true,
     # then recorded in MLflow as a change at that step (config.yaml keeps the original)
     allow_changes: bool = setting(False)
+
+    def problems(self) -> list[Problem]:
+        return failing([
+            (self.every_steps > 0, "checkpoint.every_steps", self.every_steps, "must be a positive integer"),
+            (self.keep_last > 0, "checkpoint.keep_last", self.keep_last, "must be a positive integer")])
 
 
 @dataclass
@@ -115,18 +158,14 @@ class TrackingConfig:
     system_metrics: bool = setting(True)  # CPU, memory, disk, network (and GPU where NVML is present) as system/*
     system_metrics_interval_s: float = setting(10.0)
 
-    def problems(self) -> list[tuple[str, Any, str]]:
-        """(key, value, what is allowed) for each bad field, as ``DataConfig.problems`` (whether each
-        sink name is registered depends on imports, not values: ``preflight`` checks that)."""
-        found = []
-        if self.system_metrics_interval_s <= 0:
-            found.append(("tracking.system_metrics_interval_s", self.system_metrics_interval_s, "must be > 0 seconds"))
-        if self.register_as and not self.log_model:
-            found.append(("tracking.register_as", self.register_as,
-                          "needs tracking.log_model=true (the registered version is the logged model)"))
-        if len(set(self.sinks)) != len(self.sinks):
-            found.append(("tracking.sinks", self.sinks, "names each sink once"))
-        return found
+    def problems(self) -> list[Problem]:
+        """Whether each sink name is registered depends on imports, not values: ``preflight`` checks that."""
+        return failing([
+            (self.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s", self.system_metrics_interval_s,
+             "must be > 0 seconds"),
+            (not self.register_as or self.log_model, "tracking.register_as", self.register_as,
+             "needs tracking.log_model=true (the registered version is the logged model)"),
+            (len(set(self.sinks)) == len(self.sinks), "tracking.sinks", self.sinks, "names each sink once")])
 
 
 @dataclass
@@ -140,11 +179,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        _refuse(key, value, allowed)
 
 
 def _refuse(key: str, value: Any, allowed: str) -> None:
@@ -172,46 +206,13 @@ def view_sizes(cfg: Config) -> list[tuple[str, int | None, int]]:
 
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express: the values alone, never the file system, the
-    environment or a store (``preflight`` in trainer/loop.py checks those before a run starts)."""
-    d, o = cfg.data, cfg.optim
-    for problem in [*d.problems(), *cfg.tracking.problems()]:  # sections that check their own fields
-        _refuse(*problem)
-    _check(cfg.loss.name in LOSSES, "loss.name", cfg.loss.name, f"choose one of {', '.join(sorted(LOSSES))}")
-    _check(cfg.loss.temperature > 0, "loss.temperature", cfg.loss.temperature, "must be > 0 (typical 0.1-0.5)")
+    environment or a store (``preflight`` in trainer/loop.py checks those before a run starts). Each
+    section checks its own fields (``problems()``); what spans sections is checked here."""
+    for section in fields(cfg):
+        for problem in getattr(cfg, section.name).problems():
+            _refuse(*problem)
     check_arch(cfg.model.arch, cfg.model.cifar_stem)  # imports timm only for a timm encoder
     check_input_sizes(cfg.model.arch, cfg.model.cifar_stem, view_sizes(cfg))
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
-    _check(o.trust_coefficient > 0, "optim.trust_coefficient", o.trust_coefficient, "must be > 0")
-    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
-    _check(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction, "must be in [0, 1]")
-    _check(cfg.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", cfg.model.proj_hidden_dim, "must be >= 0")
-    _check(cfg.model.proj_out_dim > 0, "model.proj_out_dim", cfg.model.proj_out_dim, "must be > 0")
-    _check(cfg.model.proj_layers >= 1, "model.proj_layers", cfg.model.proj_layers,
-           "must be >= 1 (2: SimCLR v1's head, 3: SimCLRv2's)")
-    _check(cfg.model.sync_bn_group_size >= 0, "model.sync_bn_group_size", cfg.model.sync_bn_group_size,
-           "must be >= 0 (0 = whole world)")
-    t = cfg.train
-    _check(t.epochs > 0, "train.epochs", t.epochs, "must be a positive integer")
-    _check(t.log_every > 0, "train.log_every", t.log_every, "must be a positive integer")
-    _check(t.stop_after_steps >= 0, "train.stop_after_steps", t.stop_after_steps, "must be >= 0 (0 = off)")
-    _check(t.micro_batch >= 0, "train.micro_batch", t.micro_batch,
-           "must be >= 0 (0 = one pass; N = gradient caching in chunks of N images per rank)")
-    _check(t.stop_check_every > 0, "train.stop_check_every", t.stop_check_every,
-           "must be a positive integer (steps between agreements on a stop request)")
-    _check(t.knn_every_epochs >= 0, "train.knn_every_epochs", t.knn_every_epochs, "must be >= 0 (0 = off)")
-    _check(bool(t.run_dir), "train.run_dir", t.run_dir, "must name a directory")
-    for problem in t.profile.problems():
-        _refuse(*problem)
-    c = cfg.checkpoint
-    _check(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "must be a positive integer")
-    _check(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be a positive integer")
-    _check(cfg.precision.max_consecutive_nonfinite > 0, "precision.max_consecutive_nonfinite",
-           cfg.precision.max_consecutive_nonfinite, "must be a positive integer")
-    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "must be > 0 seconds")
-    _check(cfg.dist.flight_recorder_entries >= 0, "dist.flight_recorder_entries", cfg.dist.flight_recorder_entries,
-           "must be >= 0 (collectives NCCL's flight recorder keeps per rank; 0 turns it off)")
     return cfg
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Container
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,14 @@ from foundation.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A user error in a config file or override; the CLI prints it and exits with status 2."""
+
+
+Problem = tuple[str, Any, str]  # (the full key, its value, what is allowed): a section's ``problems()`` lists these
+
+
+def failing(rules: list[tuple[bool, str, Any, str]]) -> list[Problem]:
+    """The problems among ``(holds, key, value, what is allowed)`` rules: those that do not hold."""
+    return [(key, value, allowed) for holds, key, value, allowed in rules if not holds]
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -42,6 +51,8 @@ def _forms(args: tuple[Any, ...]) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
+    if tp is Any:  # checked later by whoever declares it (a loss's own options)
+        return value
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -269,12 +280,13 @@ def to_plain_dict(obj: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(obj))
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (MLflow params)."""
+def flatten(tree: dict[str, Any], prefix: str = "", leaves: Container[str] = ()) -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (MLflow params). A key in ``leaves`` (a mapping field,
+    such as ``loss.options``) stays one value, whatever it holds."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and f"{prefix}{key}" not in leaves:
+            out.update(flatten(value, f"{prefix}{key}.", leaves))
         else:
             out[f"{prefix}{key}"] = value
     return out

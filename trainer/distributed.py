@@ -25,6 +25,7 @@ from foundation.logs import configure as configure_logs
 from foundation.logs import get_logger
 from foundation.process_rank import launched_rank
 from foundation.resume_policy import setting
+from trainer.dataclass_yaml import Problem, failing
 from trainer.device import choose_device
 
 log = get_logger()
@@ -37,6 +38,12 @@ class DistConfig:
     # NCCL's flight recorder: each rank's last N collectives, dumped into the run folder when one times
     # out (what each rank was waiting in); 0 turns it off. gloo has none.
     flight_recorder_entries: int = setting(2000)
+
+    def problems(self) -> list[Problem]:
+        return failing([
+            (self.timeout_s > 0, "dist.timeout_s", self.timeout_s, "must be > 0 seconds"),
+            (self.flight_recorder_entries >= 0, "dist.flight_recorder_entries", self.flight_recorder_entries,
+             "must be >= 0 (collectives NCCL's flight recorder keeps per rank; 0 turns it off)")])
 
 
 @dataclass(frozen=True)

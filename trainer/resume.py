@@ -66,7 +66,8 @@ def reconcile(state: dict[str, Any], cfg: Config, path: Path, data_now: dict[str
     """What this job changes against the checkpoint's run; refuses (one line naming the keys and the
     fix) what cannot continue, and changed hyper-parameters or data unless
     ``checkpoint.allow_changes=true``."""
-    saved, wanted = flatten(state["config"]), flatten(config_to_dict(cfg))
+    # a mapping field (loss.options) compares whole: an option added on resume is a change too
+    saved, wanted = (flatten(tree, leaves=RESUME_POLICY) for tree in (state["config"], config_to_dict(cfg)))
     diff = {k: (saved[k], v) for k, v in wanted.items() if k in saved and saved[k] != v}
     changes = ResumeChanges(int(state["step"]))
     policy = {k: RESUME_POLICY.get(k, "hyper") for k in diff}  # a key of an older release: a hyper-parameter
