@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                  ("retries", ">8"), ("read-ahead MB", ">14.2f"), ("bound MB", ">9.2f")],
                 [(r["mode"], r["local_images_per_s"], r["s3_images_per_s"], r["ratio"], r["s3_retries"],
                   r["read_ahead_peak_mb"], r["read_ahead_bound_mb"]) for r in table])
-    out = Path(args.out) if args.out else RESULTS / f"object_store_{device.type}.json"
-    write_json(result, out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(result, args.out or RESULTS / f'object_store_{device.type}.json')}")
     return result
 
 

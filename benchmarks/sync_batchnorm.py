@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import statistics
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**result_header("sync_batchnorm", device_name(device)), "batch": args.batch, "iters": args.iters,
               "rows": rows, "worst_ratio": max(r["ratio"] for r in rows)}
     print_rows(rows, result["device"])
-    out = Path(args.out) if args.out else RESULTS / f"sync_batchnorm_{device.type}.json"
-    write_json(result, out)
+    out = write_json(result, args.out or RESULTS / f"sync_batchnorm_{device.type}.json")
     print(f"\nworst ours/BatchNorm2d: {result['worst_ratio']:.2f}; wrote {out}")
     return result
 
