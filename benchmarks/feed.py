@@ -310,4 +310,7 @@ def print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
+    from foundation.logs import configure
+
+    configure()  # a script is an entry point: it sets up the console lines
     main()

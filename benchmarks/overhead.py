@@ -210,4 +210,7 @@ def print_result(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    from foundation.logs import configure
+
+    configure()  # a script is an entry point: it sets up the console lines
     main(sys.argv[1:])

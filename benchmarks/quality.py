@@ -100,4 +100,7 @@ def append_markdown_row(md: Path, row: dict, ssl: dict, rand: dict) -> None:
 
 
 if __name__ == "__main__":
+    from foundation.logs import configure
+
+    configure()  # a script is an entry point: it sets up the console lines
     main()

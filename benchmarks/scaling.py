@@ -60,4 +60,7 @@ def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: in
 
 
 if __name__ == "__main__":
+    from foundation.logs import configure
+
+    configure()  # a script is an entry point: it sets up the console lines
     rank_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

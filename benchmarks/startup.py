@@ -227,4 +227,7 @@ def print_result(result: dict) -> None:
 
 
 if __name__ == "__main__":
+    from foundation.logs import configure
+
+    configure()  # a script is an entry point: it sets up the console lines
     main()

@@ -108,4 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from foundation.logs import configure
+
+    configure()  # a script is an entry point: it sets up the console lines
     main()

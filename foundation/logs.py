@@ -7,8 +7,10 @@
   libraries' INFO (MLflow's), ``simclr --quiet`` only warnings and errors;
 - a training run's log also goes to ``RUN_DIR/simclr.log`` (rank 0), with times and levels.
 
-The console handler is installed when this module is first imported, so a library user, a test or a rank
-gets the same lines without setting anything up.
+Importing sets nothing up: the entry points install the console handler (``configure``): the
+``simclr`` command, a rank (``python -m trainer``, a SLURM task), a benchmark run as a script, the
+test suite. A library user calls ``foundation.logs.configure()`` for the same lines; without it,
+Python's own last-resort handler shows warnings and errors only, as with any library.
 """
 
 from __future__ import annotations
@@ -99,5 +101,3 @@ def run_log_file(run_dir: str | Path) -> Iterator[Path | None]:
         logger.removeHandler(handler)
         handler.close()
 
-
-configure()

@@ -343,10 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     if len(set(leading)) > 1:
         parser.error("--verbose and --quiet together: give one (--verbose shows more, --quiet only warnings)")
-    if leading:
-        from foundation.logs import set_verbosity
+    from foundation.logs import configure, set_verbosity
 
-        set_verbosity(leading[0])
+    set_verbosity(leading[0]) if leading else configure()
     args = parse_command_line(parser, argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from trainer.errors import exit_code_of

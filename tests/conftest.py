@@ -18,9 +18,12 @@ import pytest
 # The subprocesses the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from foundation.logs import configure  # noqa: E402
 from tests.helpers.runs import tiny_overrides  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.distributed import free_port  # noqa: E402
+
+configure()  # the suite is an entry point: in-process runs say their lines as the simclr command's do
 
 
 def pytest_report_header(config) -> str:

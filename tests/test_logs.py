@@ -79,3 +79,20 @@ def test_a_rank_set_after_import_is_honoured_when_the_process_joins(monkeypatch,
         teardown()
         monkeypatch.delenv("RANK")
         configure("")
+
+
+def test_importing_the_product_sets_up_no_logging_and_each_entry_point_does():
+    """A library sets no handlers on import (#43); the entry points do: the simclr command, a rank,
+    a benchmark script. In a fresh interpreter: every package imported, no handler on ``simclr``."""
+    import subprocess
+    import sys
+
+    imports = ("trainer.loop", "trainer.evaluate", "trainer.embed", "launch.cli", "data_pipeline.rank_loader",
+               "data_pipeline.dali", "benchmarks.common", "foundation.collectives")
+    code = (f"import logging, {', '.join(imports)}; handlers = logging.getLogger('simclr').handlers; "
+            "assert not handlers, handlers; "
+            "from foundation.logs import configure, get_logger; configure(); get_logger().info('hello')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == "[simclr] hello\n", out.stderr[-2000:]
+    for entry in ("launch/cli.py", "trainer/__main__.py", "benchmarks/lars.py"):
+        assert "configure()" in (Path(__file__).parents[1] / entry).read_text(), entry

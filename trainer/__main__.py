@@ -10,6 +10,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     # imported here: a Ctrl-C while torch loads is one line (below), not an import traceback
+    from foundation.logs import configure
     from trainer.config import load_config
     from trainer.errors import exit_code_of
     from trainer.interrupts import train_in_foreground
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.5")
     parser.add_argument(OPTION, default=None, metavar="DIR", help=HELP)
     args = parser.parse_args(argv)
+    configure()
     report = RankReport.given(args.report_to)
     return exit_code_of(lambda: train_in_foreground(load_config(args.config, args.overrides),
                                                     launched=report is not None), report=report)
