@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -44,6 +45,17 @@ class RemoteSettings:
 
 class StoreUnavailable(DataError):
     """The store failed every try for longer than ``data.store_timeout_s``."""
+
+
+def check_data_roots(root: str, val_root: str = "") -> None:
+    """``data.root`` (and ``data.val_root`` when given) exist: a local path on this host; an object
+    storage URL is left to the ranks' listing, which says whether it is there."""
+    for key, path in (("data.root", root), ("data.val_root", val_root)):
+        if path and is_url(path):
+            continue
+        if (key == "data.root" or path) and not (path and Path(path).exists()):
+            raise DataError(f"data path {path or '(empty)'} does not exist; set {key} to an image folder, an .npz "
+                            "file, an STL-10 or CIFAR folder, or a folder of tar shards (local, or s3://bucket/prefix)")
 
 
 def is_url(root: object) -> bool:

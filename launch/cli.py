@@ -43,6 +43,7 @@ def ranks_to_start(args: argparse.Namespace) -> int | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from data_pipeline.object_store import check_data_roots
     from trainer.config import load_config
     from trainer.dataclass_yaml import ConfigError
     from trainer.device import check_local_ranks
@@ -63,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from trainer.config import dump_config
         from trainer.resume import check_resume
 
-        check_data_paths(cfg)
+        check_data_roots(cfg.data.root, cfg.data.val_root)
         plan = check_resume(cfg)  # the refusal the run would meet, now
         print(dump_config(cfg), end="")
         log.info(f"config OK ({args.config or 'the defaults'}, {nproc} rank(s)); the run {plan}; "
@@ -72,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ranks_to_start(args):
         from launch.local import JobContext, run_local_ranks
 
-        check_data_paths(cfg)  # here, once, instead of in every rank
+        check_data_roots(cfg.data.root, cfg.data.val_root)  # here, once, instead of in every rank
 
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
         job = JobContext("training", resume_command(args, cfg), Path(cfg.train.run_dir))
@@ -80,18 +81,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.interrupts import train_in_foreground
 
     return train_in_foreground(cfg)
-
-
-def check_data_paths(cfg) -> None:
-    from data_pipeline.object_store import is_url
-    from data_pipeline.sources import DataError
-
-    for key, root in (("data.root", cfg.data.root), ("data.val_root", cfg.data.val_root)):
-        if root and is_url(root):  # object storage: the ranks' listing says whether it is there
-            continue
-        if (key == "data.root" or root) and not (root and Path(root).exists()):
-            raise DataError(f"data path {root or '(empty)'} does not exist; set {key} to an image folder, an .npz "
-                            "file, an STL-10 or CIFAR folder, or a folder of tar shards (local, or s3://bucket/prefix)")
 
 
 def resume_command(args: argparse.Namespace, cfg) -> str:
