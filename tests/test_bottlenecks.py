@@ -57,6 +57,8 @@ def test_a_straggler_is_named_after_two_windows_once_per_episode():
     [row(wait_ms=0.1), row(wait_ms=0.9)],  # 9x the other, but under the margin worth a line
     # an even run on a busy host (the serial half beside two busy loops): 1.6x, 2% of a step
     [row(wait_ms=17.2, window_ms=320.0), row(wait_ms=10.7, window_ms=320.0)],
+    # and in its own work, beside two busy loops: 1.4x, 7 ms of a 106 ms step
+    [{**row(window_ms=106.0), "own_work_ms_p50": 19.6}, {**row(window_ms=106.0), "own_work_ms_p50": 27.0}],
     [row(own_ms=float("nan")), row(own_ms=float("nan"))],  # no step timed
     [row(wait_ms=40.0)],  # one rank: nobody to compare with
 ])

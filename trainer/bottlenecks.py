@@ -38,10 +38,12 @@ RATIO, WINDOWS, DATA_BOUND = 1.25, 2, 0.10
 
 
 def margin_ms(step_ms: float) -> float:
-    """The least excess over the median worth a line: 1 ms, or 5% of a step when steps are long (on a
-    busy host the ranks' in-process loading differs by a few percent of a step by chance: 2% named
-    a rank of an even run)."""
-    return max(1.0, 0.05 * step_ms)
+    """The least excess over the median worth a line: 1 ms, or a tenth of a step when steps are long:
+    a rank that costs the job less is not worth a node's investigation, and on a busy host the
+    ranks of an even run differ by chance by up to about 7% of a step for seconds at a time (two
+    busy loops beside 2 ranks on 2 cores: one computed 1.4x the other, 7 ms of a 106 ms step).
+    """
+    return max(1.0, 0.10 * step_ms)
 
 
 @dataclass
