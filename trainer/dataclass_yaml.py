@@ -49,6 +49,27 @@ def _forms(args: tuple[Any, ...]) -> str:
     return ", ".join(form(a) for a in args)
 
 
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    """``Optional[X]``, or ``X | Y`` chosen by the value's shape (a mapping, a list, a scalar)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None:
+        return None
+    if len(args) == 1:
+        return _coerce(value, args[0], key)
+    shape = dict if isinstance(value, dict) else list if isinstance(value, list) else None
+    fits = [a for a in args if (dataclasses.is_dataclass(a) if shape is dict else typing.get_origin(a) is shape)]
+    if shape is None:
+        fits = [a for a in args if not dataclasses.is_dataclass(a) and typing.get_origin(a) is None]
+    if fits and shape is not None:
+        return _coerce(value, fits[0], key)
+    for tp_ in fits:
+        try:
+            return _coerce(value, tp_, key)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{key}: {value!r} is none of the allowed forms ({_forms(args)})")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
     if tp is Any:  # checked later by whoever declares it (a loss's own options)
@@ -61,24 +82,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, f"{key}.")
-    if origin in (typing.Union, types.UnionType):  # Optional[X], or X | Y chosen by the value's shape
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if len(args) == 1:
-            return _coerce(value, args[0], key)
-        shape = dict if isinstance(value, dict) else list if isinstance(value, list) else None
-        fits = [a for a in args if (dataclasses.is_dataclass(a) if shape is dict else typing.get_origin(a) is shape)]
-        if shape is None:
-            fits = [a for a in args if not dataclasses.is_dataclass(a) and typing.get_origin(a) is None]
-        if fits and shape is not None:
-            return _coerce(value, fits[0], key)
-        for tp_ in fits:
-            try:
-                return _coerce(value, tp_, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is none of the allowed forms ({_forms(args)})")
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(value, tp, key)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,15 +170,7 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
         with open(out_dir / f"progress.rank{rank}", "a") as progress, torch.no_grad():
             for k in mine:
                 start, stop = k * chunk_rows, min(n, (k + 1) * chunk_rows)
-                rows = samples[start:stop]
-                order = source.reading_order(rows)  # they come back in the layout's order
-                try:
-                    got = [encoder(images.to(device)).reshape(len(images), -1).float().cpu().numpy()
-                           for images, _ in build_eval_batches(data_cfg, source, device, batch_size, order.tolist())]
-                except DataError as exc:  # a file that passed the check but does not decode
-                    raise DataError(str(exc).replace(SKIP_CORRUPT_HINT, "").rstrip(", ") + f"; {EMBED_FIX}") from None
-                block = np.empty((stop - start, dim), dtype=dtype)
-                block[np.searchsorted(rows, order)] = np.concatenate(got)
+                block = _embed_rows(encoder, source, data_cfg, samples[start:stop], device, batch_size, dim, dtype)
                 os.pwrite(fd, block.tobytes(), offset + start * row_bytes)
                 os.fsync(fd)  # the rows are on disk before the progress line says so
                 progress.write(f"{k}\n")
@@ -189,13 +182,32 @@ def embed(checkpoint: str, data: str, out: str, split: str = "", head_layers: in
     summary = {"samples": n, "skipped": len(skipped), "dim": dim, "chunks": -(-n // chunk_rows),
                "already_done": len(done), "computed_here": len(mine), "out": str(out_dir)}
     if rank == 0:
-        with atomic_path(out_dir / "index.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["row", "sample", "label", "class"])
-            labels = np.asarray(source.labels)
-            for row, i in enumerate(samples):
-                label = int(labels[i])
-                writer.writerow([row, source.sample_name(i), label,
-                                 source.classes[label] if 0 <= label < len(source.classes) else ""])
+        _write_index(out_dir / "index.csv", source, samples)
         atomic_write_text(out_dir / "meta.json", json.dumps({**meta, "complete": True}, indent=2))
     return summary
+
+
+def _embed_rows(encoder: torch.nn.Module, source: Any, data_cfg: Any, rows: np.ndarray, device: torch.device,
+                batch_size: int, dim: int, dtype: str) -> np.ndarray:
+    """The features of samples ``rows``, in their order (the layout reads them in its own)."""
+    order = source.reading_order(rows)
+    try:
+        got = [encoder(images.to(device)).reshape(len(images), -1).float().cpu().numpy()
+               for images, _ in build_eval_batches(data_cfg, source, device, batch_size, order.tolist())]
+    except DataError as exc:  # a file that passed the check but does not decode
+        raise DataError(str(exc).replace(SKIP_CORRUPT_HINT, "").rstrip(", ") + f"; {EMBED_FIX}") from None
+    block = np.empty((len(rows), dim), dtype=dtype)
+    block[np.searchsorted(rows, order)] = np.concatenate(got)
+    return block
+
+
+def _write_index(path: Path, source: Any, samples: np.ndarray) -> None:
+    """``index.csv``: each row's sample, label and class, written whole."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "sample", "label", "class"])
+        labels = np.asarray(source.labels)
+        for row, i in enumerate(samples):
+            label = int(labels[i])
+            writer.writerow([row, source.sample_name(i), label,
+                             source.classes[label] if 0 <= label < len(source.classes) else ""])

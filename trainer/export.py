@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,21 +43,13 @@ def save_encoder(model: nn.Module, path: Path) -> Path:
     return path
 
 
-def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int, register_as: str = "") -> str | None:
-    """Log ``encoder`` (no projection head) into ``run`` as an MLflow model taking normalised NCHW
-    float32 images of any size and returning features, with its signature, an input example and
-    pinned pip requirements; registered as ``register_as`` when given. Returns the model URI
-    (``runs:/<run_id>/encoder``), or None when there is no run or MLflow is unreachable."""
-    if run is None or not run.flush(force=True):
-        return None
-    import mlflow
-    import mlflow.pytorch
+def _model_description(plain: nn.Module, image_size: int) -> tuple[Any, Any, list[str]]:
+    """An input example, the signature and the pinned pip requirements of the logged encoder."""
     import numpy as np
     import torchvision
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    plain = revert_sync_batchnorm(encoder).cpu().float().eval()
     size = min(image_size, 64)  # the example is stored as JSON: keep it small
     example = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     with torch.no_grad():
@@ -71,6 +64,21 @@ def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int
         import timm
 
         requirements.append(f"timm=={timm.__version__}")
+    return example, signature, requirements
+
+
+def log_encoder_model(run: MlflowRun | None, encoder: nn.Module, image_size: int, register_as: str = "") -> str | None:
+    """Log ``encoder`` (no projection head) into ``run`` as an MLflow model taking normalised NCHW
+    float32 images of any size and returning features, with its signature, an input example and
+    pinned pip requirements; registered as ``register_as`` when given. Returns the model URI
+    (``runs:/<run_id>/encoder``), or None when there is no run or MLflow is unreachable."""
+    if run is None or not run.flush(force=True):
+        return None
+    import mlflow
+    import mlflow.pytorch
+
+    plain = revert_sync_batchnorm(encoder).cpu().float().eval()
+    example, signature, requirements = _model_description(plain, image_size)
     # MLflow's fluent API logs models; it takes the store as a process-wide setting, which must not
     # outlive this call (a later run in this process resolving its default store would get ours)
     # (public calls only: whether one is set, and which; the variable set_tracking_uri also writes)
