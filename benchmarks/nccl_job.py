@@ -79,14 +79,18 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
     return {int(p.stem.split("_")[1]): p for p in sorted((run_dir / "checkpoints").glob("step_*.pt"))}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks.nccl_job", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="a labelled dataset folder holding train/ and test/ (cifar10-jpeg)")
     p.add_argument("--work", required=True, help="run folders, evaluation and embeddings go here")
     p.add_argument("--out", required=True, help="the stage's JSON")
     p.add_argument("--dry", action="store_true", help="CPU ranks on gloo, tiny sizes (CI)")
     p.add_argument("--timeout-s", type=float, default=240.0, help="the most any one command may take")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     data, work, out = Path(args.data), Path(args.work), Path(args.out)
     run_dir = work / "nccl_run"
     simclr = [sys.executable, "-m", "launch"]

@@ -26,34 +26,11 @@ from trainer.step import train_step
 PHASES = ("forward", "loss_gather", "backward_allreduce", "optimizer")
 
 
-def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, warmup: int, iters: int,
-                   device: torch.device, views: list[tuple[int, int]] | None = None,
-                   profile: list[int] | None = None) -> dict:
-    """The SSL step is ``trainer.step.train_step`` itself, on ``views`` ((size, count) size groups;
-    default two views of ``image_size``). The phase breakdown takes the same parts apart, with a
-    device synchronise around each phase, so the phases add up to a little more than the real
-    (un-instrumented) step. ``profile`` ([START, END], as ``train.profile.steps``): after the timing,
-    END more steps, START+1..END of them under the profiler; the result's ``profile`` lists the trace
-    files (in a temporary folder)."""
-    parts = benchmark_parts(arch, image_size, precision, alone_on(device))
-    model, opt, policy = parts.model, parts.optimizer, parts.precision
-    channels_last = uses_channels_last(ModelConfig(), device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    groups = synthetic_views(views or [(image_size, 2)], batch_size, device)
-    n_views = sum(g.shape[0] for g in groups)
-    images = model_input(groups, channels_last)
-    labels = torch.randint(0, 1000, (batch_size,), device=device)
-
-    def forward():
-        with policy.autocast():
-            return model(images).projections.view(n_views, batch_size, -1)
-
-    def step():  # the training step itself
-        train_step(parts, groups, lr=0.1)
-
-    full = timed(step, device, warmup, iters)
-    traces = profile_steps(step, profile, device) if profile else []
-
+def _phase_times(parts: Any, forward: Callable[[], torch.Tensor], device: torch.device, warmup: int,
+                 iters: int) -> dict[str, list[float]]:
+    """The step's phases one by one (the model's forward, the loss, the backward, the optimizer),
+    a device synchronise after each, the warm-up steps left out."""
+    opt, policy, model = parts.optimizer, parts.precision, parts.model
     phases: dict[str, list[float]] = {k: [] for k in PHASES}
     for i in range(warmup + iters):
         marks = [time.perf_counter()]
@@ -73,16 +50,19 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
         if i >= warmup:
             for name, start, end in zip(PHASES, marks, marks[1:]):
                 phases[name].append(end - start)
+    return phases
 
-    # the supervised step: same encoder, one view, a linear classifier, cross-entropy
+
+def _supervised_step(model: Any, one_view: torch.Tensor, labels: torch.Tensor, precision: str,
+                     device: torch.device) -> Callable[[], None]:
+    """The supervised step to compare with: the same encoder, one view, a linear classifier, cross-entropy."""
     encoder = model.encoder
     head = torch.nn.Linear(model.feature_dim, 1000).to(device)
     sup_opt = build_optimizer(torch.nn.ModuleList([encoder, head]), OptimConfig(name="lars"), lr=0.1)
     sup_policy = PrecisionPolicy(precision, device)
-    one_view = groups[0][0].contiguous(memory_format=fmt)
 
-    def supervised_step():
-        with policy.autocast():
+    def supervised_step() -> None:
+        with sup_policy.autocast():
             loss = F.cross_entropy(head(encoder(one_view)).float(), labels)
         sup_opt.zero_grad(set_to_none=True)
         sup_policy.backward(loss)
@@ -90,7 +70,40 @@ def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, 
         guarded_step(sup_opt, found_inf)
         sup_policy.update(found_inf)
 
-    sup = timed(supervised_step, device, warmup, iters)
+    return supervised_step
+
+
+def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, warmup: int, iters: int,
+                   device: torch.device, views: list[tuple[int, int]] | None = None,
+                   profile: list[int] | None = None) -> dict:
+    """The SSL step is ``trainer.step.train_step`` itself, on ``views`` ((size, count) size groups;
+    default two views of ``image_size``). The phase breakdown takes the same parts apart, with a
+    device synchronise around each phase, so the phases add up to a little more than the real
+    (un-instrumented) step. ``profile`` ([START, END], as ``train.profile.steps``): after the timing,
+    END more steps, START+1..END of them under the profiler; the result's ``profile`` lists the trace
+    files (in a temporary folder)."""
+    parts = benchmark_parts(arch, image_size, precision, alone_on(device))
+    model, policy = parts.model, parts.precision
+    channels_last = uses_channels_last(ModelConfig(), device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    groups = synthetic_views(views or [(image_size, 2)], batch_size, device)
+    n_views = sum(g.shape[0] for g in groups)
+    images = model_input(groups, channels_last)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def forward() -> torch.Tensor:
+        with policy.autocast():
+            return model(images).projections.view(n_views, batch_size, -1)
+
+    def step():  # the training step itself
+        train_step(parts, groups, lr=0.1)
+
+    full = timed(step, device, warmup, iters)
+    traces = profile_steps(step, profile, device) if profile else []
+
+    phases = _phase_times(parts, forward, device, warmup, iters)
+    sup = timed(_supervised_step(model, groups[0][0].contiguous(memory_format=fmt), labels, precision, device),
+                device, warmup, iters)
     ssl_median, sup_median = statistics.median(full), statistics.median(sup)
     return {
         "ssl_step": summary(full), "images_per_s": batch_size / ssl_median,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from foundation.logs import get_logger
 from trainer.config import DEVICES
@@ -71,13 +71,27 @@ def eval_argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _write_report(report: Any, out_dir: Path) -> None:
+    """The report on the console and into ``out_dir`` (report.json, report.md), each file whole."""
+    import json
+
+    from trainer.run_files import atomic_write_text
+
+    print("\n" + report.to_markdown())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
+    atomic_write_text(out_dir / "report.md", report.to_markdown())
+    print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    if report.neighbours:
+        print(f"nearest neighbours (8 queries, each beside its 8 nearest training images): {report.neighbours}")
+
+
 def run_evaluation(args: argparse.Namespace) -> dict | None:
     """The evaluation of ``args`` in this process, which is one rank when WORLD_SIZE says so: every
     rank extracts features of its share of each set, the shares are gathered, and rank 0 (which
     alone fine-tunes and draws) writes the report once, whole (a requeued job just runs again).
     Returns the report on rank 0."""
     import dataclasses
-    import json
 
     import torch
 
@@ -86,7 +100,6 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
     from trainer.distributed import init_distributed, teardown
     from trainer.encoder_loading import load_encoder, random_init_like
     from trainer.evaluate import check_same_classes, compare
-    from trainer.run_files import atomic_write_text
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)
@@ -123,13 +136,7 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
                        "train_split": args.train_split, "val_split": args.val_split,
                        "arch": cfg.model.arch, "device": str(device), "ranks": info.world_size,
                        "neighbours": str(report.neighbours) if report.neighbours else None, "notes": notes}
-        print("\n" + report.to_markdown())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2))
-        atomic_write_text(out_dir / "report.md", report.to_markdown())
-        print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
-        if report.neighbours:
-            print(f"nearest neighbours (8 queries, each beside its 8 nearest training images): {report.neighbours}")
+        _write_report(report, out_dir)
         if args.mlflow or (args.mlflow is None and cfg.tracking.enabled):
             _log_eval_to_mlflow(report, out_dir, args.checkpoint, cfg)
         elif args.mlflow is None:

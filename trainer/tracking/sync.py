@@ -78,13 +78,7 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
     if not run.flush(force=True):
         raise TrackingError(f"MLflow at {run.uri}: {run.problem}; nothing was lost ({run_dir} is unchanged): "
                             "run simclr sync again once that is fixed")
-    logged = run.client.get_run(run.run_id)
-    run.pending_params = {k: v for k, v in record.get("params", {}).items() if k not in logged.data.params}
-    have = {(key, m.step, m.timestamp) for key in logged.data.metrics
-            for m in run.client.get_metric_history(run.run_id, key)}
-    for rec in rows:
-        step, t = rec.pop("step"), rec.pop("time_ms")
-        run.pending.extend((k, float(v), t, step) for k, v in rec.items() if (k, step, t) not in have)
+    _queue_what_is_missing(run, record, rows)
     if not run.flush(force=True):
         raise TrackingError(f"MLflow at {run.uri} stopped answering during the sync; run simclr sync again "
                             "(points already sent are not sent twice)")
@@ -101,9 +95,26 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
             and log_pending_model(run, record["model_pending"]):
         record["model_pending"] = None
         atomic_write_text(run_dir / RUN_RECORD, json.dumps(record, indent=1))
-    # a run still training, or one killed hard (its record says RUNNING: nobody closed it), stays as
-    # it is: closing it would hide the unclean exit that its next resume records
-    holder, status = RunFolderLock(run_dir).held_elsewhere(), record.get("status")
+    _finish_as_the_run_ended(run, run_dir, record.get("status"))
+    return run.run_id or "", record
+
+
+def _queue_what_is_missing(run: MlflowRun, record: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The params and metric points of the folder that the MLflow run does not have yet."""
+    logged = run.client.get_run(run.run_id)
+    run.pending_params = {k: v for k, v in record.get("params", {}).items() if k not in logged.data.params}
+    have = {(key, m.step, m.timestamp) for key in logged.data.metrics
+            for m in run.client.get_metric_history(run.run_id, key)}
+    for rec in rows:
+        step, t = rec.pop("step"), rec.pop("time_ms")
+        run.pending.extend((k, float(v), t, step) for k, v in rec.items() if (k, step, t) not in have)
+
+
+def _finish_as_the_run_ended(run: MlflowRun, run_dir: Path, status: str | None) -> None:
+    """Close the MLflow run with the status its run ended with. A run still training, or one killed
+    hard (its record says RUNNING: nobody closed it), stays as it is: closing it would hide the
+    unclean exit that its next resume records."""
+    holder = RunFolderLock(run_dir).held_elsewhere()
     if holder or status in (None, "RUNNING"):
         run.finish(None)
         why = (f"is still training ({holder}); it closes its MLflow run itself" if holder else
@@ -111,4 +122,3 @@ def sync_offline(run_dir: str | Path, cfg: TrackingConfig, run_id: str | None,
         log.info(f"the run in {run_dir} {why}. Its MLflow run stays RUNNING")
     else:
         run.finish(status)
-    return run.run_id or "", record
