@@ -3,6 +3,7 @@ gradient caching (``train.micro_batch`` in the overrides), with BatchNorm in eva
 network treats samples independently. Rank 0 writes the loss and the (DDP-averaged) parameter
 gradients to argv[1]."""
 
+import gc
 import sys
 
 import torch
@@ -30,4 +31,9 @@ if info.is_main:
     torch.save({"loss": loss, "grads": {k: p.grad.clone() for k, p in parts.model.named_parameters()}}, out)
 if info.distributed:
     torch.distributed.barrier()  # no rank tears the group down while another still uses it
+# the DDP model holds the group's worker threads: freed while the interpreter is whole, not in its
+# finalisation, where gloo's threads destroying tensors abort the process (SIGABRT, "terminate called
+# without an active exception": once in five runs of this rank at exit; pytorch PR 179291)
+del parts
+gc.collect()
 teardown()
