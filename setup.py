@@ -1,6 +1,6 @@
 """Only the build step setup.cfg cannot express: the recipes (configs/) and cluster examples
 (cluster_configs/) are copied into the trainer package of a built wheel (trainer/_recipes/), so that
-an installed ``simclr`` finds them by name from any folder (trainer/recipes.py). An editable install
+an installed ``simclr`` finds them by name from any folder (trainer/runtime/recipes.py). An editable install
 reads them from the clone."""
 
 import shutil

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from trainer.config import config_from_dict
-from trainer.device import synchronize
-from trainer.distributed import DistInfo
-from trainer.encoders import EncoderError, check_arch, timm_name
-from trainer.parts import ModelParts, build_model_parts
+from trainer.model.encoders import EncoderError, check_arch, timm_name
+from trainer.run.parts import ModelParts, build_model_parts
+from trainer.runtime.device import synchronize
+from trainer.runtime.distributed import DistInfo
 from trainer.tracking import git_commit, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,7 +51,7 @@ def device_name(device: torch.device) -> str:
 def benchmark_parts(arch: str, image_size: int, precision: str, info: DistInfo, micro_batch: int = 0,
                     compile_model: bool = False, cifar_stem: bool | None = None) -> ModelParts:
     """The training run's own model, optimizer (LARS), precision and forward-backward, for timing
-    ``trainer.step.train_step`` on synthetic images (the CIFAR stem by default at 64 px and below,
+    ``trainer.run.step.train_step`` on synthetic images (the CIFAR stem by default at 64 px and below,
     for a torchvision ResNet)."""
     torch.manual_seed(0)
     # timm encoders keep their own stems

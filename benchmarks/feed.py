@@ -1,6 +1,6 @@
 """Feed benchmark: does the data pipeline keep the training step busy?
 
-Runs the real training step (``trainer.step.train_step`` on the parts ``build_parts`` makes from a
+Runs the real training step (``trainer.run.step.train_step`` on the parts ``build_parts`` makes from a
 config) for N steps on K ranks, in three modes:
 
 - ``e2e``: end to end, batches from the configured loader (DALI or torchvision);
@@ -71,9 +71,9 @@ def batches_forever(loader, start_epoch: int = 0, rebuild_each_epoch: bool = Fal
 def run_mode(mode: str, parts, source, steps: int, warmup: int) -> dict:
     """One mode on this rank, its batches drawn from ``source`` (one ``batches_forever`` for every
     mode: one pipeline runs across them): per-step waits for data, wall time, syncs, peak memory."""
-    from trainer.device import memory_in_use_mb, peak_memory_mb, synchronize
-    from trainer.device_syncs import DeviceSyncCounter
-    from trainer.step import train_step
+    from trainer.observe.device_syncs import DeviceSyncCounter
+    from trainer.run.step import train_step
+    from trainer.runtime.device import memory_in_use_mb, peak_memory_mb, synchronize
 
     device = parts.info.device
     counter = DeviceSyncCounter(device)
@@ -129,7 +129,7 @@ def online_probe_share(parts, batch, lr: float, steps: int) -> float | None:
     if probe is None or batch is None:
         return None
     from benchmarks.common import timed_interleaved
-    from trainer.step import train_step
+    from trainer.run.step import train_step
 
     groups, labels = batch
     features = torch.randn(len(labels), parts.model.feature_dim, device=labels.device)
@@ -144,8 +144,8 @@ def rank_main(args: argparse.Namespace, on_mode: Callable[[list[dict]], None] | 
     """Every mode on this rank (the loader and model are built once, as in a training run);
     ``on_mode(rows so far)`` after each mode (a capped run keeps what finished)."""
     from trainer.config import load_config
-    from trainer.distributed import init_distributed, teardown
-    from trainer.parts import build_parts
+    from trainer.run.parts import build_parts
+    from trainer.runtime.distributed import init_distributed, teardown
 
     run_dir = tempfile.mkdtemp(prefix="simclr_feed_")
     cfg = load_config(args.config, [*args.overrides, "tracking.enabled=false", f"train.run_dir={run_dir}"])
@@ -213,7 +213,7 @@ def combine(per_rank: list[list[dict]]) -> list[dict]:
 
 
 def rank_rows(args: argparse.Namespace) -> list[list[dict]]:
-    from trainer.distributed import run_ranks
+    from trainer.runtime.distributed import run_ranks
 
     rank_out = Path(tempfile.mkdtemp(prefix="simclr_feed_ranks_")) / "rows"
     program = ["-m", "benchmarks.feed", *(["--config", args.config] if args.config else []), *args.overrides,
@@ -231,11 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
         rank_main(args)
         return {}
     cfg = load_config(args.config, args.overrides)  # validated before any rank starts
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     device = choose_device(cfg.train.device)
     if args.nproc > 1:
-        from trainer.device import check_local_ranks
+        from trainer.runtime.device import check_local_ranks
 
         check_local_ranks(args.nproc, cfg.train.device, cfg.dist.backend)
         per_rank = rank_rows(args)

@@ -224,7 +224,7 @@ class ResultsFolder:
             f.write(text)
 
     def write_summary(self, summary: dict) -> None:
-        from trainer.run_files import atomic_write_text
+        from trainer.runtime.run_files import atomic_write_text
 
         atomic_write_text(self.summary_path, json.dumps(summary, indent=2))
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
                             REPO / "benchmarks" / "results" / "gpu_proof"))
     out.mkdir(parents=True, exist_ok=True)
     from benchmarks.common import device_name, result_header
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
     from trainer.tracking import git_commit
 
     device = choose_device("cpu" if args.dry else "auto")

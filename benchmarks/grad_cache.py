@@ -31,8 +31,8 @@ def measure_point(arch: str, image_size: int, cifar_stem: bool, precision: str, 
                   device: torch.device) -> dict:
     """Two steps at global batch ``batch`` (micro 0: the plain pass); the second is timed."""
     from benchmarks.common import alone_on, benchmark_parts, synthetic_views
-    from trainer.device import peak_memory_mb, synchronize
-    from trainer.step import train_step
+    from trainer.run.step import train_step
+    from trainer.runtime.device import peak_memory_mb, synchronize
 
     parts = benchmark_parts(arch, image_size, precision, alone_on(device), micro_batch=micro, cifar_stem=cifar_stem)
     views = synthetic_views([(image_size, 2)], batch, device)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--point", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     device = choose_device(args.device)
     args.device = device.type

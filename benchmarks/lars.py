@@ -9,8 +9,8 @@ import torch
 
 from benchmarks.common import print_table, timed_interleaved
 from trainer.config import DEVICES, ModelConfig, OptimConfig
-from trainer.model import build_model
-from trainer.optim import build_optimizer, default_foreach
+from trainer.model.optim import build_optimizer, default_foreach
+from trainer.model.simclr import build_model
 
 
 def bench_lars(arch: str, iters: int, device: torch.device) -> dict:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
 
     from benchmarks.common import RESULTS, device_name, result_header, write_json
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     p = argparse.ArgumentParser(prog="benchmarks.lars", description=__doc__.split("\n")[0])
     p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])

@@ -35,7 +35,7 @@ class LoopbackS3Server:
     UNSIGNED_SETUP_CALLS = 3  # the user, its policy and its key are made before signatures are checked
 
     def __init__(self) -> None:
-        from trainer.distributed import free_port
+        from trainer.runtime.distributed import free_port
 
         self.port = free_port()
         moto = Path(sys.executable).parent / "moto_server"
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import RESULTS, device_name, print_table, result_header, write_json
     from data_pipeline import open_source
     from data_pipeline.shards import make_shards
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="simclr_store_bench_"))

@@ -3,11 +3,11 @@
 Each rank times, on the same model, loss and batch tensors (one real batch, handed out again and
 again), in turns:
 
-- **ours**: ``trainer.loop.run_training`` as a run runs it (the loader handoff, ``train_step`` with
+- **ours**: ``trainer.run.loop.run_training`` as a run runs it (the loader handoff, ``train_step`` with
   its skip verdict, the metrics window and its per-rank figures, the stop and folder checks, the
   progress bar, the checkpoint test, MLflow at log steps), from one batch handoff to the next;
 - **bare**: a plain DDP loop: zero the gradients, forward, loss, backward, optimizer step;
-- **our step**: the bare loop calling ``trainer.step.train_step`` instead (its agreement across
+- **our step**: the bare loop calling ``trainer.run.step.train_step`` instead (its agreement across
   ranks on a non-finite loss, the guarded optimizer step): what is the step's and what the loop's.
 
 Steady-state steps only (the first ``--warmup`` of each turn are left out); the mean includes the
@@ -54,9 +54,9 @@ def steady(stamps: list[float], warmup: int) -> list[float]:
 
 
 def time_ours(cfg: Any, info: Any, batch: tuple[list[torch.Tensor], torch.Tensor], warmup: int) -> list[float]:
-    from trainer.loop import run_training
-    from trainer.parts import build_parts
-    from trainer.run_files import RunFolderLock
+    from trainer.run.loop import run_training
+    from trainer.run.parts import build_parts
+    from trainer.runtime.run_files import RunFolderLock
 
     parts = build_parts(cfg, info)
     lock = RunFolderLock(cfg.train.run_dir)  # held by rank 0, as in a run; its check at log steps is part of the loop
@@ -74,11 +74,11 @@ def time_ours(cfg: Any, info: Any, batch: tuple[list[torch.Tensor], torch.Tensor
 
 def time_bare(cfg: Any, info: Any, batch: tuple[list[torch.Tensor], torch.Tensor], warmup: int, steps: int,
               our_step: bool = False) -> list[float]:
-    """The plain DDP loop; ``our_step``: the same loop calling ``trainer.step.train_step`` (its skip
+    """The plain DDP loop; ``our_step``: the same loop calling ``trainer.run.step.train_step`` (its skip
     verdict across ranks, the guarded optimizer step), which tells the step's share from the loop's."""
-    from trainer.grad_cache import model_input
-    from trainer.parts import build_model_parts
-    from trainer.step import train_step
+    from trainer.run.grad_cache import model_input
+    from trainer.run.parts import build_model_parts
+    from trainer.run.step import train_step
 
     m = build_model_parts(cfg, info, lr=0.1)
     groups, labels = batch
@@ -100,7 +100,7 @@ def time_bare(cfg: Any, info: Any, batch: tuple[list[torch.Tensor], torch.Tensor
 def rank_main(args: argparse.Namespace) -> None:
     from data_pipeline import build_loader
     from trainer.config import load_config
-    from trainer.distributed import init_distributed, teardown
+    from trainer.runtime.distributed import init_distributed, teardown
 
     work = Path(args.work)
     over = [f"model.arch={args.arch}", "model.cifar_stem=true", f"data.root={args.data}", "data.backend=torchvision",
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     from benchmarks.common import RESULTS, result_header, write_json
     from benchmarks.pipeline import fallback_data
-    from trainer.device import check_local_ranks
-    from trainer.distributed import run_ranks
+    from trainer.runtime.device import check_local_ranks
+    from trainer.runtime.distributed import run_ranks
 
     check_local_ranks(args.nproc)
     data = args.data or str(fallback_data(max(args.image_size, 32)))

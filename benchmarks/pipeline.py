@@ -22,7 +22,7 @@ from benchmarks.common import RESULTS, device_name, print_table, result_header, 
 from data_pipeline import build_loader
 from data_pipeline.config import AugmentConfig, DataConfig
 from trainer.config import DEVICES
-from trainer.device import choose_device, synchronize
+from trainer.runtime.device import choose_device, synchronize
 
 
 def fallback_data(size: int) -> Path:

@@ -18,10 +18,10 @@ import torch
 from benchmarks.common import RESULTS, device_name, result_header, write_json
 from data_pipeline import open_train_source, open_val_source
 from trainer.config import load_config
-from trainer.device import choose_device
-from trainer.encoder_loading import load_encoder, random_init_like
-from trainer.evaluate import compare
-from trainer.loop import train
+from trainer.evaluation.encoder_loading import load_encoder, random_init_like
+from trainer.evaluation.evaluate import compare
+from trainer.run.loop import train
+from trainer.runtime.device import choose_device
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = {  # name: (recipe, train split, held-out split)

@@ -16,8 +16,8 @@ import torch
 
 
 def bench_scaling(worlds: list[int], arch: str, image_size: int, global_batch: int, iters: int) -> list[dict]:
-    from trainer.device import check_local_ranks
-    from trainer.distributed import run_ranks
+    from trainer.runtime.device import check_local_ranks
+    from trainer.runtime.distributed import run_ranks
 
     check_local_ranks(max(worlds))
     rows = []
@@ -38,9 +38,9 @@ def rank_main(out: str, arch: str, image_size: int, global_batch: int, iters: in
     from benchmarks.common import benchmark_parts, synthetic_views
     from foundation.collectives import all_reduce_
     from trainer.config import DistConfig
-    from trainer.device import synchronize
-    from trainer.distributed import init_distributed, teardown
-    from trainer.step import train_step
+    from trainer.run.step import train_step
+    from trainer.runtime.device import synchronize
+    from trainer.runtime.distributed import init_distributed, teardown
 
     info = init_distributed(DistConfig(), "auto")
     parts = benchmark_parts(arch, image_size, "fp32", info)

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     from benchmarks.common import RESULTS, device_name, result_header, write_json
     from data_pipeline.sample_data import make_demo_dataset
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     work = Path(args.work or Path(tempfile.gettempdir()) / "simclr_startup")
     work.mkdir(parents=True, exist_ok=True)

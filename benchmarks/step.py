@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 from benchmarks.common import alone_on, benchmark_parts, summary, synthetic_views, timed
 from trainer.config import ModelConfig, OptimConfig
-from trainer.device import peak_memory_mb, synchronize
-from trainer.grad_cache import model_input
-from trainer.model import uses_channels_last
-from trainer.optim import build_optimizer, guarded_step
-from trainer.precision import PrecisionPolicy
-from trainer.profiling import ProfileConfig, StepProfiler
-from trainer.step import train_step
+from trainer.model.optim import build_optimizer, guarded_step
+from trainer.model.precision import PrecisionPolicy
+from trainer.model.simclr import uses_channels_last
+from trainer.observe.profiling import ProfileConfig, StepProfiler
+from trainer.run.grad_cache import model_input
+from trainer.run.step import train_step
+from trainer.runtime.device import peak_memory_mb, synchronize
 
 PHASES = ("forward", "loss_gather", "backward_allreduce", "optimizer")
 
@@ -76,7 +76,7 @@ def _supervised_step(model: Any, one_view: torch.Tensor, labels: torch.Tensor, p
 def bench_ssl_step(arch: str, image_size: int, batch_size: int, precision: str, warmup: int, iters: int,
                    device: torch.device, views: list[tuple[int, int]] | None = None,
                    profile: list[int] | None = None) -> dict:
-    """The SSL step is ``trainer.step.train_step`` itself, on ``views`` ((size, count) size groups;
+    """The SSL step is ``trainer.run.step.train_step`` itself, on ``views`` ((size, count) size groups;
     default two views of ``image_size``). The phase breakdown takes the same parts apart, with a
     device synchronise around each phase, so the phases add up to a little more than the real
     (un-instrumented) step. ``profile`` ([START, END], as ``train.profile.steps``): after the timing,

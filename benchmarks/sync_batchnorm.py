@@ -49,7 +49,7 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[],
 def bench_sync_batchnorm(device: torch.device, batch: int, iters: int, dtype: torch.dtype = torch.float32,
                          stages: tuple[tuple[int, int], ...] = RESNET50_STAGES) -> list[dict]:
     """One row a stage shape: forward+backward ms of ours and of BatchNorm2d (median, interleaved)."""
-    from trainer.sync_batchnorm import convert_sync_batchnorm
+    from trainer.model.sync_batchnorm import convert_sync_batchnorm
 
     rows = []
     with process_group(device):
@@ -76,7 +76,7 @@ def print_rows(rows: list[dict], device: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import RESULTS, device_name, result_header, write_json
     from trainer.config import DEVICES
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     p = argparse.ArgumentParser(prog="benchmarks.sync_batchnorm", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", choices=DEVICES)

@@ -23,9 +23,9 @@ from benchmarks.scaling import bench_scaling
 from benchmarks.step import bench_ssl_step
 from benchmarks.sync_batchnorm import bench_sync_batchnorm, print_rows
 from trainer.config import DEVICES, TrackingConfig
-from trainer.device import choose_device
-from trainer.plots import pyplot, save_figure
-from trainer.precision import AUTOCAST_DTYPES
+from trainer.model.precision import AUTOCAST_DTYPES
+from trainer.observe.plots import pyplot, save_figure
+from trainer.runtime.device import choose_device
 from trainer.tracking import MlflowRun
 
 

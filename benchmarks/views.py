@@ -2,7 +2,7 @@
 
 Multi-crop and resolution schedules are bought for their cost: 2 x 224 + 6 x 96 px costs about
 1.7x two views of 224 px in FLOPs, a 160 px epoch about half a 224 px one. This times the real
-training step (``trainer.step.train_step``: forward per size group, the run's loss, backward, LARS)
+training step (``trainer.run.step.train_step``: forward per size group, the run's loss, backward, LARS)
 on each specification, interleaved round by round so that the machine's drift falls on all, and
 counts each step's FLOPs (``torch.utils.flop_counter``, forward and backward). A step whose time
 ratio stays near its FLOP ratio spends nothing on views beyond their arithmetic.
@@ -33,7 +33,7 @@ from benchmarks.common import (
     write_json,
 )
 from trainer.config import DEVICES
-from trainer.encoders import check_input_sizes
+from trainer.model.encoders import check_input_sizes
 
 
 def step_flops(parts, groups: list[torch.Tensor]) -> int:
@@ -49,7 +49,7 @@ def step_flops(parts, groups: list[torch.Tensor]) -> int:
 def bench_views(arch: str, specs: list[str], batch_size: int, precision: str, warmup: int, iters: int,
                 device: torch.device) -> list[dict]:
     """One row per view specification: its step time and FLOPs, and both as ratios to the first."""
-    from trainer.step import train_step
+    from trainer.run.step import train_step
 
     sizes = {spec: parse_views(spec) for spec in specs}
     largest = max(size for groups in sizes.values() for size, _ in groups)

@@ -19,7 +19,7 @@ one of these helpers, which own NCCL's rules:
   size 1 included: a one-GPU NCCL job runs every collective a 64-GPU job runs, in the same order.
   Without a group (one process, no launcher) each helper returns its input's one-rank answer.
 
-``trainer.sync_batchnorm`` keeps its two all-reduces inside its autograd function (its device
+``trainer.model.sync_batchnorm`` keeps its two all-reduces inside its autograd function (its device
 tensors already follow these rules); it asks ``active()`` whether to synchronise. A test fails on
 any ``dist.<collective>(`` elsewhere in the product (``tests/test_collectives.py``).
 """
@@ -42,7 +42,7 @@ _bound_device: torch.device | None = None  # this rank's CUDA device, said by wh
 
 
 def bind_device(device: torch.device) -> None:
-    """Say which CUDA device this rank's collectives use (``trainer.distributed`` does, when it makes
+    """Say which CUDA device this rank's collectives use (``trainer.runtime.distributed`` does, when it makes
     the group); object collectives set it as current before each call."""
     global _bound_device
     _bound_device = device if device.type == "cuda" else None

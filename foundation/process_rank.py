@@ -1,6 +1,6 @@
 """This process's rank as its launcher named it, known before any process group exists (the
 ``RANK`` variable torchrun, ``simclr train --nproc`` and our SLURM tasks set): who prints the job's
-one line at start-up, at a signal or at an error. Inside a run, ``DistInfo`` (trainer/distributed.py)
+one line at start-up, at a signal or at an error. Inside a run, ``DistInfo`` (trainer/runtime/distributed.py)
 carries it; this module is the one place that reads the variable."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``simclr`` command line. Every training path ends in ``trainer.loop.train``."""
+"""The ``simclr`` command line. Every training path ends in ``trainer.run.loop.train``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from foundation.process_rank import speaks_for_the_job
 from launch.submit import cmd_submit
 from launch.tools import cmd_bench, cmd_make_demo_data, cmd_make_shards, cmd_sync
 from trainer import package_version
-from trainer.rank_report import OPTION as REPORT_OPTION
-from trainer.rank_report import RankReport
+from trainer.runtime.rank_report import OPTION as REPORT_OPTION
+from trainer.runtime.rank_report import RankReport
 
 log = get_logger()
 
@@ -45,9 +45,9 @@ def ranks_to_start(args: argparse.Namespace) -> int | None:
 def cmd_train(args: argparse.Namespace) -> int:
     from data_pipeline.object_store import check_data_roots
     from trainer.config import load_config
-    from trainer.dataclass_yaml import ConfigError
-    from trainer.device import check_local_ranks
-    from trainer.loop import preflight
+    from trainer.run.loop import preflight
+    from trainer.runtime.dataclass_yaml import ConfigError
+    from trainer.runtime.device import check_local_ranks
 
     cfg = load_config(args.config, args.overrides)  # validate before any rank starts
     preflight(cfg)
@@ -55,14 +55,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_local_ranks(nproc, cfg.train.device, cfg.dist.backend)
     if cfg.data.batch_size % nproc:
         from data_pipeline.config import check_world_size
-        from trainer.checkpoint import latest_checkpoint
+        from trainer.state.checkpoint import latest_checkpoint
 
         resumed = cfg.checkpoint.resume == "auto" and latest_checkpoint(cfg.train.run_dir) is not None
         check_world_size(cfg.data.batch_size, nproc, f"of --nproc {nproc}", "--nproc", resumed,
                          ConfigError)
     if getattr(args, "dry_run", False):
         from trainer.config import dump_config
-        from trainer.resume import check_resume
+        from trainer.state.resume import check_resume
 
         check_data_roots(cfg.data.root, cfg.data.val_root)
         plan = check_resume(cfg)  # the refusal the run would meet, now
@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         forwarded = (["--config", args.config] if args.config else []) + list(args.overrides)
         job = JobContext("training", resume_command(args, cfg), Path(cfg.train.run_dir))
         return run_local_ranks(args.nproc, forwarded, job=job)
-    from trainer.interrupts import train_in_foreground
+    from trainer.run.interrupts import train_in_foreground
 
     return train_in_foreground(cfg)
 
@@ -99,8 +99,8 @@ def resume_command(args: argparse.Namespace, cfg) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``simclr eval``: one process, or ``--nproc K`` local ranks that each extract their share."""
     from launch.evaluation import eval_argv, run_evaluation
-    from trainer.dataclass_yaml import ConfigError
-    from trainer.device import check_local_ranks
+    from trainer.runtime.dataclass_yaml import ConfigError
+    from trainer.runtime.device import check_local_ranks
 
     bad = [f for f in args.finetune if not 0 < f <= 1]
     if bad:  # before any work: the probe would run first, then fail
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         again = " ".join(shlex.quote(w) for w in ["simclr", "eval", "--nproc", str(args.nproc), *argv])
         job = JobContext("evaluation", again, timeout_knob="--timeout-s")
         return run_local_ranks(args.nproc, ["eval", *argv], module="launch", job=job)
-    from trainer.interrupts import run_interruptible
+    from trainer.run.interrupts import run_interruptible
 
     def evaluate() -> int:
         run_evaluation(args)
@@ -135,7 +135,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """``simclr embed``: the frozen encoder's features of a dataset, one rank or ``--nproc K``."""
     import shlex
 
-    from trainer.device import check_local_ranks
+    from trainer.runtime.device import check_local_ranks
 
     check_local_ranks(1 if args.nproc is None else args.nproc, args.device)
 
@@ -152,9 +152,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
         return run_local_ranks(args.nproc, ["embed", *argv], module="launch", job=JobContext("embedding", again))
     from trainer.config import DistConfig
-    from trainer.distributed import init_distributed, teardown
-    from trainer.embed import embed
-    from trainer.interrupts import run_interruptible
+    from trainer.evaluation.embed import embed
+    from trainer.run.interrupts import run_interruptible
+    from trainer.runtime.distributed import init_distributed, teardown
 
     ranks: list = []  # this process's rank, once its group exists
 
@@ -337,6 +337,6 @@ def main(argv: list[str] | None = None) -> None:
     set_verbosity(leading[0]) if leading else configure()
     args = parse_command_line(parser, argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    from trainer.errors import exit_code_of
+    from trainer.runtime.errors import exit_code_of
 
     sys.exit(exit_code_of(lambda: args.func(args), report=RankReport.given(getattr(args, "report_to", None))))

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from trainer.dataclass_yaml import ConfigError, build_dataclass, read_yaml_mapping
+from trainer.runtime.dataclass_yaml import ConfigError, build_dataclass, read_yaml_mapping
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ClusterConfig:
 
 def load_cluster_config(path: str | Path) -> ClusterConfig:
     """A cluster config: a path, or the name of a shipped example (``single_node``, ``two_node``, ...)."""
-    from trainer.recipes import find_recipe
+    from trainer.runtime.recipes import find_recipe
 
     p = find_recipe(path, "cluster_configs")
     data = read_yaml_mapping(p, "cluster config", "see cluster_configs/ for examples")

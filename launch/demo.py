@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.credentials import redact_uri
+from trainer.runtime.credentials import redact_uri
 
 
 def run_demo(args: argparse.Namespace, command: Callable[[list[str]], int]) -> int:

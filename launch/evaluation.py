@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from foundation.logs import get_logger
 from trainer.config import DEVICES
-from trainer.rank_report import OPTION as REPORT_OPTION
+from trainer.runtime.rank_report import OPTION as REPORT_OPTION
 
 log = get_logger()
 
 if TYPE_CHECKING:
     from data_pipeline.sources import Source
-    from trainer.evaluate import Report
+    from trainer.evaluation.evaluate import Report
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +75,7 @@ def _write_report(report: Any, out_dir: Path) -> None:
     """The report on the console and into ``out_dir`` (report.json, report.md), each file whole."""
     import json
 
-    from trainer.run_files import atomic_write_text
+    from trainer.runtime.run_files import atomic_write_text
 
     print("\n" + report.to_markdown())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,9 +97,9 @@ def run_evaluation(args: argparse.Namespace) -> dict | None:
 
     from data_pipeline import IndexStore, open_source
     from trainer.config import DistConfig
-    from trainer.distributed import init_distributed, teardown
-    from trainer.encoder_loading import load_encoder, random_init_like
-    from trainer.evaluate import check_same_classes, compare
+    from trainer.evaluation.encoder_loading import load_encoder, random_init_like
+    from trainer.evaluation.evaluate import check_same_classes, compare
+    from trainer.runtime.distributed import init_distributed, teardown
 
     encoder, cfg = load_encoder(args.checkpoint, args.head_layers)
     data_cfg = dataclasses.replace(cfg.data, num_workers=args.workers)

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from foundation.logs import get_logger
-from trainer.distributed import flight_recorder_dumps, free_port, lost_peer, threads_per_rank
-from trainer.interrupts import on_signals
-from trainer.rank_report import OPTION as REPORT_OPTION
-from trainer.rank_report import tracebacks, user_errors
+from trainer.run.interrupts import on_signals
+from trainer.runtime.distributed import flight_recorder_dumps, free_port, lost_peer, threads_per_rank
+from trainer.runtime.rank_report import OPTION as REPORT_OPTION
+from trainer.runtime.rank_report import tracebacks, user_errors
 
 log = get_logger()
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -121,7 +121,7 @@ def run_local_ranks(nproc: int, args: list[str], module: str = "trainer", job: J
 def _run(nproc: int, args: list[str], module: str, job: JobContext | None, error_dir: Path) -> int:
     port = free_port()
     preexec = die_with_parent()
-    # each rank reports what ended it into error_dir (trainer/rank_report.py); after a launch
+    # each rank reports what ended it into error_dir (trainer/runtime/rank_report.py); after a launch
     # subcommand's name (eval, embed), or first for python -m trainer
     at = 1 if module == "launch" else 0
     args = [*args[:at], REPORT_OPTION, str(error_dir), *args[at:]]
@@ -222,7 +222,7 @@ def report_death(codes: list[int | None], ended_at: dict[int, float], hung: dict
 def _record_failure(run_dir: Path, rank: int, how: str, failures: dict[int, str]) -> list[str]:
     """The run folder's side of a death: the ranks' tracebacks kept, the MLflow run closed FAILED
     with tags naming the rank, and the newest checkpoint named. Returns the sentences to say."""
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.state.checkpoint import latest_checkpoint
 
     said = []
     newest = latest_checkpoint(run_dir)

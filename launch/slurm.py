@@ -29,8 +29,8 @@ from foundation.process_rank import launched_rank
 from launch.cluster_config import ClusterConfig, check_one_line, ranks_per_node
 from launch.submitit_adapter import requeue_running_job, submission_script
 from trainer.config import Config, config_from_dict, config_to_dict
-from trainer.dataclass_yaml import ConfigError, parse_value, set_dotted
-from trainer.distributed import flight_recorder_dumps, lost_peer
+from trainer.runtime.dataclass_yaml import ConfigError, parse_value, set_dotted
+from trainer.runtime.distributed import flight_recorder_dumps, lost_peer
 
 log = get_logger()
 
@@ -59,8 +59,8 @@ class TrainingJob:
     def __call__(self) -> dict[str, Any]:
         import submitit
 
-        from trainer.interrupts import on_signals
-        from trainer.loop import train
+        from trainer.run.interrupts import on_signals
+        from trainer.run.loop import train
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         stop = threading.Event()
@@ -202,7 +202,7 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
            name: str = "simclr", resume: bool = False) -> list[Submitted] | str:
     """Submit one job per sweep point, each into a run folder of its own; ``resume``: one job that
     continues ``cfg``'s run folder (``resume_config``) instead of starting a new one."""
-    from trainer.loop import preflight
+    from trainer.run.loop import preflight
 
     if resume and sweep:
         raise ConfigError("--resume continues one run; it cannot be combined with --sweep")

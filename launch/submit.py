@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.credentials import redact_uri
+from trainer.runtime.credentials import redact_uri
 
 
 def submit_evaluation(args: argparse.Namespace) -> int:
@@ -16,7 +16,7 @@ def submit_evaluation(args: argparse.Namespace) -> int:
     from launch.cluster_config import load_cluster_config
     from launch.evaluation import eval_argv, eval_parser
     from launch.slurm import submit_eval, wait_for_job
-    from trainer.dataclass_yaml import ConfigError
+    from trainer.runtime.dataclass_yaml import ConfigError
 
     if args.config or args.overrides or args.sweep or args.resume:
         raise ConfigError("--eval takes simclr eval's options only (after --eval); leave out --config, overrides, "
@@ -49,7 +49,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launch.cluster_config import load_cluster_config
     from launch.slurm import resume_config, submit, wait_for_job
     from trainer.config import load_config
-    from trainer.dataclass_yaml import ConfigError
+    from trainer.runtime.dataclass_yaml import ConfigError
 
     if args.eval is not None:
         return submit_evaluation(args)

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from trainer.credentials import redact_uri
+from trainer.runtime.credentials import redact_uri
 
 # simclr bench NAME ...: the named benchmark's module (its main takes the rest); plain simclr bench: throughput
 BENCHMARKS = {"feed": "benchmarks.feed",  # does the data pipeline keep the step busy
@@ -29,7 +29,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
     from data_pipeline.sample_data import make_demo_dataset
-    from trainer.dataclass_yaml import ConfigError
+    from trainer.runtime.dataclass_yaml import ConfigError
 
     for flag, value, least in (("--size", args.size, 8), ("--train-per-class", args.train_per_class, 1),
                                ("--val-per-class", args.val_per_class, 1)):
@@ -75,8 +75,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         """The encoder's MLflow model, skipped while offline: logged (and registered) now."""
         if not encoder_file.exists():
             return False
-        from trainer.encoder_loading import load_encoder
-        from trainer.export import log_encoder_model
+        from trainer.evaluation.encoder_loading import load_encoder
+        from trainer.evaluation.export import log_encoder_model
 
         encoder, run_cfg = load_encoder(encoder_file)
         return log_encoder_model(run, encoder, run_cfg.data.image_size, pending.get("register_as", "")) is not None

@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from foundation.logs import configure  # noqa: E402
 from tests.helpers.runs import tiny_overrides  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.distributed import free_port  # noqa: E402
+from trainer.runtime.distributed import free_port  # noqa: E402
 
 configure()  # the suite is an entry point: in-process runs say their lines as the simclr command's do
 
@@ -66,7 +66,7 @@ def two_local_ranks_20_steps(photo_data, tmp_path_factory) -> dict:
     ``simclr train --nproc 2``: the reference that the SLURM jobs (one node, two nodes, pre-empted
     or not) must match. Checkpoint frequency and the tracking store do not change the weights, so
     one run serves them all."""
-    from trainer import checkpoint as ckpt
+    from trainer.state import checkpoint as ckpt
 
     root = tmp_path_factory.mktemp("reference_two_ranks")
     proc = subprocess.run([sys.executable, "-m", "launch", "train", "--nproc", "2",

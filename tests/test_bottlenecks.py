@@ -22,9 +22,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import PY, REPO, tiny_overrides
-from trainer.bottlenecks import StragglerWatch, Tally, find_stragglers, verdict
 from trainer.config import load_config
-from trainer.run_files import read_jsonl
+from trainer.observe.bottlenecks import StragglerWatch, Tally, find_stragglers, verdict
+from trainer.runtime.run_files import read_jsonl
 
 
 def row(wait_ms: float = 1.0, own_ms: float = 30.0, window_ms: float = 100.0,
@@ -70,7 +70,7 @@ def test_a_straggler_is_slow_in_its_typical_step_not_in_one_hiccup():
     """The serial half beside two busy loops (#46): an even run's rank 1, scheduled out once in a
     3-step window, waited 2.5x the other's on average and was named. Judged by the typical step
     (the window's median), one hiccup is not a slow rank; slowness in most steps is."""
-    from trainer.metrics import MetricsWindow
+    from trainer.observe.metrics import MetricsWindow
 
     def window_of(waits_s: list[float]) -> dict[str, float]:
         window = MetricsWindow(torch.device("cpu"))
@@ -123,7 +123,7 @@ def test_the_loaders_start_up_is_said_apart_and_never_decides_the_verdict():
 
 
 def test_the_metrics_window_counts_each_passs_first_batch_as_start_up():
-    from trainer.metrics import MetricsWindow
+    from trainer.observe.metrics import MetricsWindow
 
     def batches(first_s: float, then_s: float, n: int):
         for i in range(n):
@@ -150,7 +150,7 @@ def test_a_starved_run_is_data_bound_a_balanced_one_compute_bound(photo_data, tm
     ResNet-18 at 32 px, the loading overlapped by a worker that prefetches (started again each
     epoch: its first batch is waited for, and said apart, so a busy machine's slow start cannot
     make it data-bound). Each logs every figure of the window."""
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run_dir = tmp_path / "run"
     setup = ({"model.arch": "timm/resnet10t", "model.cifar_stem": "false", "data.image_size": 32,
@@ -269,8 +269,8 @@ def test_the_forward_collectives_are_left_out_of_the_own_forward_even_when_their
     named a slow-computing straggler). On the CPU every collective of every step is timed; on a GPU
     (two CUDA events each) every step times its first, and the window's first step times the rest,
     which run in lockstep. A clock of our own: the figures are exact, whatever else the machine does."""
-    from trainer import step_clock
-    from trainer.step_clock import StepClock
+    from trainer.observe import step_clock
+    from trainer.observe.step_clock import StepClock
 
     now = [0.0]
     monkeypatch.setattr(step_clock.time, "perf_counter", lambda: now[0])
@@ -306,8 +306,8 @@ def test_the_own_backward_ends_at_the_last_gradient_and_leaves_out_its_collectiv
     slowest (SyncBatchNorm's backward all-reduces, DDP's last buckets). The own backward is the
     loss's return to the last gradient accumulated, less the backward's collectives: whatever the
     waits, it is the work. A clock of our own, a real backward through a real parameter hook."""
-    from trainer import step_clock
-    from trainer.step_clock import StepClock
+    from trainer.observe import step_clock
+    from trainer.observe.step_clock import StepClock
 
     now = [0.0]
     monkeypatch.setattr(step_clock.time, "perf_counter", lambda: now[0])

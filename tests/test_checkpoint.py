@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.rng_state import capture_rng, restore_rng
+from trainer.state import checkpoint as ckpt
+from trainer.state.rng_state import capture_rng, restore_rng
 
 
 def state(step):

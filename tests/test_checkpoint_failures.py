@@ -14,8 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import assert_one_line_error, checkpoint_run_id, simclr, tiny_overrides
-from trainer import checkpoint as ckpt
-from trainer.loop import train
+from trainer.run.loop import train
+from trainer.state import checkpoint as ckpt
 
 
 def fill_then_fail(monkeypatch, after_bytes: int = 4096) -> None:
@@ -87,7 +87,7 @@ def test_the_only_checkpoint_truncated_is_refused_not_restarted(photo_data, tmp_
 
 
 def test_resume_none_into_a_folder_with_checkpoints_needs_overwrite(tiny_config):
-    from trainer.checkpoint import CheckpointError
+    from trainer.state.checkpoint import CheckpointError
 
     train(tiny_config(**{"train.stop_after_steps": 2}))
     directory = ckpt.checkpoint_dir(tiny_config().train.run_dir)

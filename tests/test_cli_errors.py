@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers.runs import assert_one_line_error, simclr, tiny_overrides
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 @pytest.mark.slow
@@ -42,7 +42,7 @@ def test_sync_and_make_demo_data_user_errors(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "time_ms": 1, "loss": 1.0}\n')
-    from trainer.distributed import free_port
+    from trainer.runtime.distributed import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     assert_one_line_error(simclr("sync", str(run_dir), "--uri", dead), "unreachable", "nothing was lost")
@@ -64,7 +64,7 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
 def test_device_choice_fits_both_cluster_gpu_layouts(monkeypatch, visible, local_rank, expected):
     """All GPUs of a node visible to every task (index = LOCAL_RANK), or only the task's own one
     (CUDA_VISIBLE_DEVICES holds one device: index 0 whatever LOCAL_RANK is)."""
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
@@ -73,7 +73,7 @@ def test_device_choice_fits_both_cluster_gpu_layouts(monkeypatch, visible, local
 
 def test_more_local_ranks_than_visible_gpus_is_a_user_error(monkeypatch):
     from trainer.config import ConfigError
-    from trainer.device import choose_device
+    from trainer.runtime.device import choose_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

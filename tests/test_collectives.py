@@ -22,7 +22,7 @@ COLLECTIVE_CALL = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|ba
 
 def test_no_collective_is_called_outside_the_helpers():
     """The own SyncBatchNorm keeps its two all-reduces (inside its autograd function)."""
-    allowed = {"foundation/collectives.py": None, "trainer/sync_batchnorm.py": 2}
+    allowed = {"foundation/collectives.py": None, "trainer/model/sync_batchnorm.py": 2}
     found = {}
     for package in PRODUCT:
         for path in sorted((REPO / package).rglob("*.py")):
@@ -163,9 +163,9 @@ def test_without_a_group_the_helpers_answer_for_one_process():
 def test_a_training_runs_collective_sites_keep_the_rules(tmp_path):
     """The sites that used to choose their own device: the metrics window's gather, the hosts of
     the bottleneck watch, the online probe's averages, the stop agreement."""
-    from trainer.bottlenecks import Bottlenecks
     from trainer.config import Config
-    from trainer.metrics import MetricsWindow
+    from trainer.observe.bottlenecks import Bottlenecks
+    from trainer.observe.metrics import MetricsWindow
 
     with fake_nccl(rank=1) as nccl:
         window = MetricsWindow(torch.device("cpu"))

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from trainer.config import ConfigError, config_to_dict, load_config
-from trainer.dataclass_yaml import parse_overrides
+from trainer.runtime.dataclass_yaml import parse_overrides
 
 RECIPES = ["configs/demo_cpu.yaml", "configs/cifar10_resnet18.yaml", "configs/imagenet_resnet50.yaml",
            "configs/imagenet_resnet50_multicrop.yaml", "configs/imagenet_resnet50_progressive.yaml"]
@@ -161,8 +161,8 @@ def test_every_config_field_says_what_a_resume_may_do_with_it():
 
     from foundation.resume_policy import hyper, resume_policies
     from trainer.config import Config
-    from trainer.dataclass_yaml import flatten
-    from trainer.resume import RESUME_POLICY
+    from trainer.runtime.dataclass_yaml import flatten
+    from trainer.state.resume import RESUME_POLICY
 
     undeclared = [key for key, policy in resume_policies(Config).items() if policy is None]
     assert undeclared == [], f"declare these with fixed/setting/hyper (foundation/resume_policy.py): {undeclared}"

@@ -190,7 +190,7 @@ def test_two_rank_dali_training_checkpoints_and_resumes(photo_data, tmp_path):
 
 
 def test_skipped_corrupt_images_are_counted_in_the_training_metrics(photo_data, tmp_path):
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     root, _ = corrupt_copy(photo_data, tmp_path, "coffee", 2, BAD_FILES["zero_byte"])
     cfg = load_config(None, tiny_overrides(root, tmp_path / "run", **{

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import assert_one_line_error, corrupt_copy, simclr, tiny_overrides
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 @pytest.mark.parametrize("workers", [0, 2])

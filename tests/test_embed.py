@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import assert_one_line_error, simclr
-from trainer.encoder_loading import load_encoder
+from trainer.evaluation.encoder_loading import load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def embed(*args: str, nproc: int = 1):
 
 @pytest.mark.slow
 def test_embeddings_are_the_encoders_features_in_dataset_order_on_one_and_two_ranks(trained, photo_data, tmp_path):
-    from trainer.embed import embed as embed_dataset
+    from trainer.evaluation.embed import embed as embed_dataset
 
     one, two = tmp_path / "one", tmp_path / "two"
     embed_dataset(str(trained / "encoder.pt"), str(photo_data / "train"), str(one), dtype="float32", chunk_rows=16)
@@ -65,7 +65,7 @@ def test_embeddings_are_the_encoders_features_in_dataset_order_on_one_and_two_ra
 
 @pytest.mark.slow
 def test_a_stopped_embed_finishes_without_redoing_finished_chunks(trained, photo_data, tmp_path):
-    from trainer.embed import embed as embed_dataset
+    from trainer.evaluation.embed import embed as embed_dataset
 
     out = tmp_path / "out"
     args = ("--checkpoint", str(trained / "encoder.pt"), "--data", str(photo_data / "train"), "--out", str(out))
@@ -158,7 +158,7 @@ def test_a_stopped_embed_says_so_and_how_to_go_on(photo_data, tmp_path, capsys, 
     import signal
     import time
 
-    import trainer.embed
+    import trainer.evaluation.embed
     from launch.cli import main
     from trainer import STOPPED_AT_START
 
@@ -169,7 +169,7 @@ def test_a_stopped_embed_says_so_and_how_to_go_on(photo_data, tmp_path, capsys, 
         time.sleep(10)  # the handler stops it at once
         raise AssertionError("SIGTERM did not stop the embedding")
 
-    monkeypatch.setattr(trainer.embed, "embed", interrupted)
+    monkeypatch.setattr(trainer.evaluation.embed, "embed", interrupted)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
@@ -189,7 +189,7 @@ def test_every_layout_embeds_in_dataset_order(trained, photo_data, tmp_path, lay
     sample's place)."""
     from data_pipeline import build_eval_batches, open_source
     from data_pipeline.shards import make_shards
-    from trainer.embed import embed as embed_dataset
+    from trainer.evaluation.embed import embed as embed_dataset
 
     data = photo_data / "train.npz"
     if layout == "shards":

@@ -9,16 +9,16 @@ from torch import nn
 
 from tests.helpers.runs import tiny_overrides
 from trainer.config import ARCHS, ModelConfig, load_config
-from trainer.distributed import DistInfo
-from trainer.model import SimCLRModel, encoder_state_dict
-from trainer.optim import param_groups
+from trainer.model.optim import param_groups
+from trainer.model.simclr import SimCLRModel, encoder_state_dict
+from trainer.runtime.distributed import DistInfo
 
 CPU_ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 NEW = ["resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
 
 
 def test_every_arch_says_its_feature_width():
-    from trainer.encoders import build_encoder, feature_dim
+    from trainer.model.encoders import build_encoder, feature_dim
 
     widths = {}
     for arch in ARCHS:
@@ -31,8 +31,8 @@ def test_every_arch_says_its_feature_width():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", NEW)
 def test_each_new_encoder_trains_a_step_with_the_cifar_stem_and_exports(photo_data, tmp_path, arch):
-    from trainer.parts import build_parts
-    from trainer.step import train_step
+    from trainer.run.parts import build_parts
+    from trainer.run.step import train_step
 
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
         "model.arch": arch, "model.cifar_stem": "true", "model.proj_hidden_dim": 64, "data.batch_size": 4,
@@ -67,10 +67,10 @@ def test_the_projection_head_has_the_configured_layers():
 def test_eval_from_inside_the_projection_head(photo_data, tmp_path):
     """--head-layers N: features after the head's first N layers of a trained checkpoint; an exported
     encoder has no head, and N beyond the head is refused."""
-    from trainer import checkpoint as ckpt
-    from trainer.checkpoint import CheckpointError
-    from trainer.encoder_loading import load_encoder, random_init_like
-    from trainer.loop import train
+    from trainer.evaluation.encoder_loading import load_encoder, random_init_like
+    from trainer.run.loop import train
+    from trainer.state import checkpoint as ckpt
+    from trainer.state.checkpoint import CheckpointError
 
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
         "model.proj_layers": 3, "train.epochs": 1, "tracking.enabled": "false"}))
@@ -102,8 +102,8 @@ TIMM = ["resnet10t", "convnext_atto", "vit_tiny_patch16_224"]  # BatchNorm CNN, 
 def test_a_timm_encoder_trains_multi_crop_and_exports_what_timm_loads(photo_data, tmp_path, name):
     import timm
 
-    from trainer.parts import build_parts
-    from trainer.step import train_step
+    from trainer.run.parts import build_parts
+    from trainer.run.step import train_step
 
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
         "model.arch": f"timm/{name}", "model.cifar_stem": "false", "data.batch_size": 4, "data.image_size": 64,
@@ -140,7 +140,7 @@ def test_sync_batchnorm_keeps_timms_batchnorm_with_activation():
     our SyncBatchNorm it still does all three, and the exported encoder is timm's own module again."""
     import timm
 
-    from trainer.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+    from trainer.model.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
     torch.manual_seed(0)
     plain = timm.create_model("regnetx_002", num_classes=0).train()
@@ -196,7 +196,7 @@ def test_eval_and_embed_refuse_an_encoder_that_cannot_take_the_size_they_read_at
 
     from tests.helpers.runs import assert_one_line_error, simclr
     from trainer.config import config_to_dict
-    from trainer.encoders import build_encoder
+    from trainer.model.encoders import build_encoder
 
     arch = "timm/vit_tiny_patch16_224"
     cfg = load_config(None, [f"model.arch={arch}", "model.cifar_stem=false", "data.image_size=24",

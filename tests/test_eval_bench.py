@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import PY, REPO, tiny_overrides
 from trainer.config import load_config
-from trainer.evaluate import knn_accuracy, linear_probe
-from trainer.loop import train
+from trainer.evaluation.evaluate import knn_accuracy, linear_probe
+from trainer.run.loop import train
 
 
 def test_probe_and_knn_separate_learnable_from_random_labels():
@@ -83,7 +83,7 @@ def test_neighbours_picture_shows_each_querys_nearest_training_images(tmp_path, 
     from PIL import Image
 
     from data_pipeline import open_source
-    from trainer.plots import neighbours_plot, pick_queries
+    from trainer.observe.plots import neighbours_plot, pick_queries
 
     train, val = open_source(photo_data / "train"), open_source(photo_data / "val")
     train_y, val_y = torch.as_tensor(train.labels), torch.as_tensor(val.labels)
@@ -137,7 +137,7 @@ def test_eval_logs_by_default_and_a_lone_encoder_gets_a_run_of_its_own(trained_r
     import shutil
 
     from launch.evaluation import eval_parser, run_evaluation
-    from trainer.distributed import free_port
+    from trainer.runtime.distributed import free_port
 
     run, result = trained_run
     lone = tmp_path / "lone"
@@ -209,7 +209,7 @@ def test_eval_on_two_ranks_equals_one_process(photo_data, tmp_path):
 
     from tests.helpers.runs import REPO, tiny_overrides
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     result = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
         "train.epochs": 1, "tracking.enabled": "false"})))

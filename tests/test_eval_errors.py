@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from tests.helpers.runs import assert_one_line_error, corrupt_copy, simclr, tiny_overrides
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.run.loop import train
+from trainer.state import checkpoint as ckpt
 
 
 def test_a_corrupt_image_in_an_evaluation_set_is_one_line(tiny_config, photo_data, tmp_path):

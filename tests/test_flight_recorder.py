@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from trainer import distributed
-from trainer.distributed import DistConfig, flight_recorder_env, init_distributed
+from trainer.runtime import distributed
+from trainer.runtime.distributed import DistConfig, flight_recorder_env, init_distributed
 
 NAMES = ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
          "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "TORCH_FR_DUMP_TEMP_FILE")

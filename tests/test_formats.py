@@ -81,8 +81,8 @@ def test_nested_unlabeled_tree_with_grayscale_and_rgba_pngs(tmp_path):
 
 def test_what_needs_labels_says_so_at_start(tmp_path, photo_data):
     from trainer.config import load_config
-    from trainer.distributed import DistInfo
-    from trainer.parts import build_parts
+    from trainer.run.parts import build_parts
+    from trainer.runtime.distributed import DistInfo
 
     write_unlabeled_folder(tmp_path / "photos")
     over = tiny_overrides(tmp_path / "photos", tmp_path / "run", **{"data.labels": "none", "train.knn_every_epochs": 1,
@@ -96,7 +96,7 @@ def test_what_needs_labels_says_so_at_start(tmp_path, photo_data):
 
 def test_eval_of_an_unlabeled_set_is_one_clear_line(tmp_path, photo_data):
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     write_unlabeled_folder(tmp_path / "photos")
     (tmp_path / "flat").mkdir()

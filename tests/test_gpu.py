@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import run_torchrun
-from trainer.loop import train
+from trainer.run.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,7 +46,7 @@ def test_syncbn_on_a_one_rank_nccl_group_equals_batchnorm_with_the_fused_kernels
                          ids=["bf16", "fp16", "bf16_grad_cache"])
 def test_no_host_sync_in_the_steady_state_step_under_cuda_sync_debug(tiny_config, extra):
     """CUDA itself raises on any synchronising call inside the counted window of steps."""
-    import trainer.loop as loop
+    import trainer.run.loop as loop
 
     cfg = tiny_config(**{"train.device": "cuda", "data.backend": "torchvision", "train.log_every": 4,
                          "train.stop_after_steps": 9, "checkpoint.every_steps": 100, "tracking.enabled": "false",
@@ -73,7 +73,7 @@ def test_no_host_sync_in_the_steady_state_step_under_cuda_sync_debug(tiny_config
 def test_cuda_training_bf16_channels_last(tiny_config):
     """Also the CUDA side of #35: the step clock's events read at log steps, the profiler's trace
     with GPU activity and its memory snapshot."""
-    from trainer.run_files import read_jsonl
+    from trainer.runtime.run_files import read_jsonl
 
     cfg = tiny_config(**{"train.device": "cuda", "precision.dtype": "bf16", "train.stop_after_steps": 4,
                          "tracking.enabled": "false", "data.backend": "torchvision", "checkpoint.every_steps": 100,

@@ -50,9 +50,9 @@ def test_the_mlflow_encoder_of_a_synced_model_is_a_plain_torchvision_resnet(tmp_
     import mlflow.pytorch
     import torch.distributed as dist
 
-    from trainer.export import log_encoder_model
-    from trainer.model import SimCLRModel
-    from trainer.sync_batchnorm import convert_sync_batchnorm
+    from trainer.evaluation.export import log_encoder_model
+    from trainer.model.simclr import SimCLRModel
+    from trainer.model.sync_batchnorm import convert_sync_batchnorm
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -94,7 +94,7 @@ def test_model_compile_trains_and_checkpoints_plain_weights(tiny_config):
     import shutil
 
     from tests.helpers.runs import final_state
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("torch.compile's CPU backend needs a C++ compiler (g++), which this machine lacks")
@@ -108,9 +108,9 @@ def test_model_compile_trains_and_checkpoints_plain_weights(tiny_config):
 def test_ddp_broadcasts_buffers_only_when_batchnorm_is_not_synced_over_the_world(monkeypatch):
     """With SyncBatchNorm over every rank the running statistics are equal everywhere: DDP's
     per-forward buffer broadcast is skipped (NVIDIA's ResNet-50 setting)."""
-    from trainer import parts as parts_module
     from trainer.config import config_from_dict
-    from trainer.distributed import DistInfo
+    from trainer.run import parts as parts_module
+    from trainer.runtime.distributed import DistInfo
 
     seen = []
     monkeypatch.setattr(parts_module, "DistributedDataParallel",

@@ -9,10 +9,10 @@ import torch
 from tests.helpers.grad_cache_batch import global_views
 from tests.helpers.runs import run_torchrun, tiny_overrides
 from trainer.config import ConfigError, load_config
-from trainer.distributed import DistInfo
-from trainer.loop import train
-from trainer.parts import build_parts
-from trainer.step import train_step
+from trainer.run.loop import train
+from trainer.run.parts import build_parts
+from trainer.run.step import train_step
+from trainer.runtime.distributed import DistInfo
 
 CPU_ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

@@ -105,7 +105,8 @@ def test_a_built_wheel_ships_the_recipes_and_runs_outside_the_clone(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([str(python), "-c", "import trainer.recipes as r; print(r.__file__); print(r.recipe_folders"
+    where = subprocess.run([str(python), "-c",
+                            "import trainer.runtime.recipes as r; print(r.__file__); print(r.recipe_folders"
                             "('configs')[0]); print(r.recipe_folders('cluster_configs')[0])"], cwd=elsewhere, env=env,
                            capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-3000:]

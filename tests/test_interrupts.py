@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import REPO, checkpoint_run_id, run_status, start_training, tiny_overrides, wait_for_steps
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.run.loop import train
+from trainer.state import checkpoint as ckpt
 
 
 def test_a_crash_marks_the_mlflow_run_failed(tiny_config, monkeypatch, tmp_path):
@@ -120,7 +120,7 @@ def test_a_second_ctrl_c_while_a_stopped_run_exits_still_aborts_at_once():
     import sys
 
     code = ("import os, signal, threading, time\n"
-            "from trainer.interrupts import stop_on_interrupt\n"
+            "from trainer.run.interrupts import stop_on_interrupt\n"
             "stop = threading.Event()\n"
             "with stop_on_interrupt(stop):\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"

@@ -75,6 +75,31 @@ def test_no_import_cycles_between_modules():
     assert cycles == []
 
 
+# trainer's rooms, bottom to top (docs/architecture.md): a module imports from its own room or a lower
+# one; rooms on one level import neither way. The package's own __init__ (version, a message) is below all.
+TRAINER_ROOMS = {"runtime": 0, "model": 1, "losses": 1, "observe": 2, "tracking": 2, "config": 3, "state": 4,
+                 "evaluation": 5, "run": 6, "__main__": 7}
+
+
+def trainer_room(module: str) -> str | None:
+    """The room of a trainer module (``trainer.run.loop`` -> ``run``; the package itself: None)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "trainer" and len(parts) > 1 else None
+
+
+def test_trainers_rooms_point_one_way():
+    """Inside trainer/ too: the run above evaluation, above checkpoint state, above the config, above
+    what observes and tracks, above the model and losses, above the runtime (#43)."""
+    edges = graph()
+    rooms = {trainer_room(m) for m in edges if m.startswith("trainer.")}
+    assert rooms == set(TRAINER_ROOMS), f"rooms of trainer/ without a place: {rooms ^ set(TRAINER_ROOMS)}"
+    upward = [f"{src} imports {dst}" for src, deps in edges.items() for dst in deps
+              if trainer_room(src) and trainer_room(dst) and trainer_room(src) != trainer_room(dst)
+              and TRAINER_ROOMS[trainer_room(dst)] >= TRAINER_ROOMS[trainer_room(src)]]
+    assert upward == []
+    assert not edges["trainer"], "trainer/__init__.py imports nothing of the package: every room may import it"
+
+
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     """The checker itself can fail: a function-level import and a relative import are both found."""
     f = tmp_path / "mod.py"
@@ -96,3 +121,6 @@ def test_architecture_map_matches_the_tree():
     basenames = {f.name for f in files}
     stale = sorted(n for n in named if Path(n).name not in basenames and not (REPO / n).exists())
     assert not stale, f"docs/architecture.md's module map names files that do not exist: {stale}"
+    for room in TRAINER_ROOMS:  # each room of trainer/ (a folder, or one module) is on the map with its purpose
+        where = f"trainer/{room}/" if (REPO / "trainer" / room).is_dir() else f"trainer/{room}.py"
+        assert re.search(rf"^{where} +\S", section, re.M), f"the map lacks the room {where}"

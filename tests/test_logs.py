@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from foundation.logs import configure, get_logger
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_ranks_other_than_zero_show_only_warnings(monkeypatch, capsys):
 def test_a_rank_set_after_import_is_honoured_when_the_process_joins(monkeypatch, capsys):
     """submitit exports SLURM's RANK on the task, after our modules were imported: joining the
     process group reads it again, so rank 1 of a SLURM job shows only its warnings."""
-    from trainer.distributed import DistConfig, init_distributed, teardown
+    from trainer.runtime.distributed import DistConfig, init_distributed, teardown
 
     configure("")
     monkeypatch.setenv("RANK", "1")  # WORLD_SIZE unset: this process runs alone, as far as torch goes
@@ -87,7 +87,8 @@ def test_importing_the_product_sets_up_no_logging_and_each_entry_point_does():
     import subprocess
     import sys
 
-    imports = ("trainer.loop", "trainer.evaluate", "trainer.embed", "launch.cli", "data_pipeline.rank_loader",
+    imports = ("trainer.run.loop", "trainer.evaluation.evaluate", "trainer.evaluation.embed", "launch.cli",
+               "data_pipeline.rank_loader",
                "data_pipeline.dali", "benchmarks.common", "foundation.collectives")
     code = (f"import logging, {', '.join(imports)}; handlers = logging.getLogger('simclr').handlers; "
             "assert not handlers, handlers; "

@@ -132,7 +132,7 @@ def test_a_loss_declares_its_own_parameters_in_its_module(tmp_path):
         assert resume_policies(Config)["loss.options"] == "hyper"  # a resume may not change them silently
         from pathlib import Path
 
-        from trainer.resume import CheckpointError, reconcile
+        from trainer.state.resume import CheckpointError, reconcile
 
         plain = load_config(None, ["loss.name=nt_xent_weighted", run])  # the run began with the default weight
         state = {"config": config_to_dict(plain), "step": 4}

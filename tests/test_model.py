@@ -4,8 +4,8 @@ import torchvision
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.model import SimCLRModel, build_model, convert_sync_bn, encoder_state_dict, sync_bn_groups
-from trainer.sync_batchnorm import SyncBatchNorm
+from trainer.model.simclr import SimCLRModel, build_model, convert_sync_bn, encoder_state_dict, sync_bn_groups
+from trainer.model.sync_batchnorm import SyncBatchNorm
 
 
 @pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
@@ -71,7 +71,7 @@ def test_build_model_converts_on_cuda_with_world_gt_1(monkeypatch):
         seen.update(world_size=world_size, rank=rank, group_size=group_size)
         return model
 
-    monkeypatch.setattr("trainer.model.convert_sync_bn", fake_convert)
+    monkeypatch.setattr("trainer.model.simclr.convert_sync_bn", fake_convert)
     monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: self)
     build_model(ModelConfig(sync_bn=True, sync_bn_group_size=4), torch.device("cuda", 0), world_size=8, rank=5)
     assert seen == {"world_size": 8, "rank": 5, "group_size": 4}

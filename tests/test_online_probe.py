@@ -10,8 +10,8 @@ import torch
 
 from tests.helpers.runs import final_state, run_torchrun, tiny_overrides
 from trainer.config import load_config
-from trainer.distributed import DistInfo
-from trainer.loop import train
+from trainer.run.loop import train
+from trainer.runtime.distributed import DistInfo
 
 CPU_ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -40,8 +40,8 @@ def test_the_probe_resumes_exactly(photo_data, tmp_path):
 
 def test_no_gradient_reaches_the_encoder_and_the_probe_learns(photo_data, tmp_path):
     from tests.helpers.grad_cache_batch import global_views
-    from trainer.parts import build_parts
-    from trainer.step import train_step
+    from trainer.run.parts import build_parts
+    from trainer.run.step import train_step
 
     grads = {}
     for probe in ("true", "false"):
@@ -63,8 +63,8 @@ def test_the_probe_is_handed_the_first_views_features(photo_data, tmp_path, micr
     """The step hands the probe the encoder's features of each image's first view (plain and
     gradient-cached steps alike); the model keeps nothing for it."""
     from tests.helpers.grad_cache_batch import global_views
-    from trainer.parts import build_parts
-    from trainer.step import train_step
+    from trainer.run.parts import build_parts
+    from trainer.run.step import train_step
 
     cfg = load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
         "tracking.enabled": "false", "data.batch_size": 8, "train.micro_batch": micro_batch}))
@@ -83,7 +83,7 @@ def test_the_probe_is_handed_the_first_views_features(photo_data, tmp_path, micr
 def test_unlabeled_data_has_no_probe(tmp_path):
     import numpy as np
 
-    from trainer.parts import build_parts
+    from trainer.run.parts import build_parts
 
     x = np.random.default_rng(0).integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "u.npz", x=x, y=np.full(40, -1))

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
-from trainer.optim import LARS, build_optimizer, param_groups
-from trainer.schedule import WarmupCosine, build_schedule, scaled_lr
+from trainer.model.optim import LARS, build_optimizer, param_groups
+from trainer.model.schedule import WarmupCosine, build_schedule, scaled_lr
 
 
 def small_net(seed=0):
@@ -116,7 +116,7 @@ def test_lars_foreach_step_has_no_per_parameter_python_math(monkeypatch):
 
 def test_lars_chooses_its_implementation_by_device(monkeypatch):
     """CPU tensors take the per-tensor loop (unfused CPU foreach kernels are slower); CUDA ones foreach."""
-    from trainer.optim import default_foreach
+    from trainer.model.optim import default_foreach
 
     net = small_net()
     assert not default_foreach(list(net.parameters()))
@@ -161,10 +161,10 @@ def test_build_schedule_uses_global_batch_and_epochs():
 
 
 def test_the_private_torch_kernels_we_call_take_what_we_pass():
-    """trainer/torch_internals.py holds every private torch operator we call; each is checked here
+    """trainer/runtime/torch_internals.py holds every private torch operator we call; each is checked here
     against the public class that runs it, on the installed torch (an upgrade that changes one fails
     this test, not a user's run)."""
-    from trainer import torch_internals as ti
+    from trainer.runtime import torch_internals as ti
 
     torch.manual_seed(0)
     params, grads = [torch.randn(5), torch.randn(3, 2)], [torch.randn(5), torch.randn(3, 2)]

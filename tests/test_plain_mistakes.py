@@ -127,9 +127,9 @@ def test_an_unreadable_data_root_is_named_as_such(photo_data, monkeypatch):
 def test_a_run_dir_under_an_unwritable_folder_is_named(tmp_path, monkeypatch):
     import os
 
-    from trainer import run_files
     from trainer.config import ConfigError, load_config
-    from trainer.loop import preflight
+    from trainer.run.loop import preflight
+    from trainer.runtime import run_files
 
     real = os.access
     monkeypatch.setattr(run_files.os, "access", lambda p, mode: str(p) != str(tmp_path) and real(p, mode))
@@ -143,7 +143,7 @@ def test_a_dry_run_that_cannot_run_is_not_ok(photo_data, tmp_path, capsys):
     from launch.cli import main
     from tests.helpers.runs import tiny_overrides
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     def dry(*over: str) -> tuple[int, str, str]:
         capsys.readouterr()

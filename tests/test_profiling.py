@@ -45,7 +45,7 @@ def test_a_profile_window_outside_the_job_says_so(tiny_config, caplog):
     """[2, 4] on a 2-step run recorded nothing and said nothing."""
     import logging
 
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     cfg = tiny_config(**{"train.stop_after_steps": 2, "train.profile.steps": "[2,4]", "train.profile.ranks": "[0, 3]"})
     with caplog.at_level(logging.WARNING, logger="simclr"):
@@ -61,7 +61,7 @@ def test_a_file_in_the_way_of_the_traces_costs_the_trace_not_the_run(tiny_config
     FileExistsError traceback (MLflow FAILED, no checkpoint). Now one warning, and the run ends whole."""
     import logging
 
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     cfg = tiny_config(**{"train.stop_after_steps": 4, "train.profile.steps": "[1,2]"})
     Path(cfg.train.run_dir).mkdir(parents=True)
@@ -79,8 +79,8 @@ def test_a_full_disk_when_the_trace_is_written_costs_the_trace_not_the_run(tiny_
     import errno
     import logging
 
-    from trainer import profiling
-    from trainer.loop import train
+    from trainer.observe import profiling
+    from trainer.run.loop import train
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -99,7 +99,7 @@ def test_a_run_stopped_inside_the_window_keeps_its_steps_and_a_resume_records_th
     called the window "not within this job's steps" though it overlapped them."""
     import logging
 
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     with caplog.at_level(logging.INFO, logger="simclr"):
         first = train(tiny_config(**{"train.profile.steps": "[2,9]", "train.stop_after_steps": 5}))

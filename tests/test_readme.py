@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.runs import PY, REPO, python_path, tiny_overrides
-from trainer.distributed import free_port
+from trainer.runtime.distributed import free_port
 
 README = (REPO / "README.md").read_text()
 BIN = Path(PY).parent

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.runs import REPO
-from trainer.loop import train
-from trainer.run_files import DiskFullError, append_line, atomic_write_text, read_jsonl
+from trainer.run.loop import train
+from trainer.runtime.run_files import DiskFullError, append_line, atomic_write_text, read_jsonl
 
 TORN = '{"step": 6, "time_ms": 1, "loss": 4.1'  # what a kill mid-write leaves
 
@@ -133,7 +133,7 @@ def test_a_kill_while_the_encoder_is_written_leaves_no_encoder_pt(tmp_path):
     script = f"""
 import os, signal, torch
 from torch import nn
-import trainer.export as export
+import trainer.evaluation.export as export
 
 def dies_half_way(obj, f):
     with open(f, "wb") as out:

@@ -28,10 +28,10 @@ from tests.helpers.runs import (
     tiny_overrides,
     wait_for_steps,
 )
-from trainer import checkpoint as ckpt
 from trainer.config import TrackingConfig, load_config
-from trainer.loop import train
-from trainer.run_files import RunFolderGoneError, RunFolderInUseError, RunFolderLock, read_jsonl
+from trainer.run.loop import train
+from trainer.runtime.run_files import RunFolderGoneError, RunFolderInUseError, RunFolderLock, read_jsonl
+from trainer.state import checkpoint as ckpt
 from trainer.tracking import sync_offline
 
 
@@ -49,7 +49,7 @@ def ranks_of(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     """In another process the lock is held; the second taker is refused naming pid and host; a
     SIGKILL of the holder frees it at once (no stale lock)."""
-    code = ("import sys, time\nfrom trainer.run_files import RunFolderLock\n"
+    code = ("import sys, time\nfrom trainer.runtime.run_files import RunFolderLock\n"
             f"RunFolderLock({str(tmp_path)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(60)\n")
     holder = subprocess.Popen([PY, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -180,7 +180,7 @@ def test_ctrl_c_while_a_rank_imports_is_one_line(photo_data, tmp_path):
 def test_a_stray_world_size_is_one_line_at_once(tiny_config, monkeypatch):
     """``WORLD_SIZE=2`` left in the shell: plain ``simclr train`` waited ``dist.timeout_s`` (600 s)
     for ranks that never come, then printed a traceback."""
-    from trainer.dataclass_yaml import ConfigError
+    from trainer.runtime.dataclass_yaml import ConfigError
 
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -195,7 +195,7 @@ def test_all_four_rank_variables_left_in_the_shell_say_so_at_once_and_end_in_one
     """WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT all left set: a silent wait, then a 41-line
     DistStoreError. Now a line at once says what is waited for and how to unset it, and the end
     is one line naming the fix."""
-    from trainer.distributed import LAUNCHER_MARKS, free_port
+    from trainer.runtime.distributed import LAUNCHER_MARKS, free_port
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_MARKS}
     env.update(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
@@ -348,8 +348,8 @@ def test_a_run_folder_of_its_own(photo_data, run_dir, needle):
     """train.run_dir=~ said 'expected a string, got None'; / and /etc passed; a run folder inside
     data.root turned its own curves.png into an 11th class."""
     from trainer.config import load_config
-    from trainer.dataclass_yaml import ConfigError
-    from trainer.loop import preflight
+    from trainer.run.loop import preflight
+    from trainer.runtime.dataclass_yaml import ConfigError
 
     run_dir = run_dir.replace("DATA", str(photo_data / "train"))
     with pytest.raises(ConfigError, match=needle):
@@ -411,7 +411,7 @@ def test_a_bug_in_one_rank_shows_its_own_traceback_once(photo_data, tmp_path):
 def test_deleting_the_lock_file_lets_no_second_run_in(tmp_path):
     """The lock is on the folder itself too: with ``.simclr.lock`` deleted under a live holder a
     second taker is still refused; the holder's next check writes the file again, naming itself."""
-    code = ("import sys\nfrom trainer.run_files import RunFolderLock\n"
+    code = ("import sys\nfrom trainer.runtime.run_files import RunFolderLock\n"
             f"lock = RunFolderLock({str(tmp_path)!r})\nlock.acquire()\nprint('held', flush=True)\n"
             "sys.stdin.readline()\nlock.check()\nprint('checked', flush=True)\nsys.stdin.readline()\n")
     holder = subprocess.Popen([PY, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -483,7 +483,7 @@ def test_a_run_folder_moved_while_training_stops_and_resumes_where_it_went(photo
 
 def test_a_run_file_that_links_out_of_the_folder_is_refused(tiny_config, tmp_path):
     """A ``metrics.jsonl`` that is a symbolic link out of the run folder was appended through."""
-    from trainer.run_files import RunFileError
+    from trainer.runtime.run_files import RunFileError
 
     cfg = tiny_config(**{"train.stop_after_steps": 2})
     train(cfg)
@@ -501,7 +501,7 @@ def test_a_folder_moved_between_the_check_and_the_write_is_said_as_moved(photo_d
     """The folder is checked at log steps and checkpoints, then written; moved in between (CI hit
     it), the write found no folder and the run ended on a FileNotFoundError, which then hit the
     run log again while the tracking closed. Now it is the same one line as a move seen by the check."""
-    from trainer import loop
+    from trainer.run import loop
 
     run_dir, moved = tmp_path / "run", tmp_path / "moved"
     cfg = load_config(None, tiny_overrides(photo_data / "train", run_dir))

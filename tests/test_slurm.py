@@ -16,8 +16,8 @@ import yaml
 from launch.cluster_config import load_cluster_config
 from launch.slurm import parse_sweep, plan_runs, submit, wait_for_job
 from tests.helpers.runs import PY, REPO, checkpoint_run_id, simclr, tiny_overrides
-from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, load_config
+from trainer.state import checkpoint as ckpt
 
 CONFIGS = sorted((REPO / "cluster_configs").glob("*.yaml"))
 
@@ -363,7 +363,7 @@ def test_an_evaluation_job_on_two_tasks_equals_one_process(slurm, photo_data, tm
     1e-5), written once by rank 0."""
     import json
 
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     result = train(load_config(None, tiny_overrides(photo_data / "train", tmp_path / "run", **{
         "train.epochs": 1, "tracking.enabled": "false"})))

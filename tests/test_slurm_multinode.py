@@ -17,8 +17,8 @@ from launch.cluster_config import load_cluster_config
 from launch.slurm import submit
 from tests.helpers.runs import PY, REPO, checkpoint_run_id, tiny_overrides
 from tests.test_slurm import mlflow_runs
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
+from trainer.state import checkpoint as ckpt
 
 pytestmark = pytest.mark.slurm
 

@@ -38,7 +38,7 @@ def test_no_host_sync_in_a_steady_state_step(photo_data, tmp_path, extra):
 
 def test_the_counter_sees_a_sync_added_to_the_step(photo_data, tmp_path, monkeypatch):
     """The test above can fail: an ``.item()`` in the step is counted once per counted step."""
-    import trainer.step as step_module
+    import trainer.run.step as step_module
 
     real = step_module.all_reduce_
     monkeypatch.setattr(step_module, "all_reduce_", lambda flag, op="sum": (real(flag, op), flag.item())[0])

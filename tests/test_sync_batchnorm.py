@@ -1,4 +1,4 @@
-"""Our SyncBatchNorm (``trainer.sync_batchnorm``): numerics on 2 real gloo ranks on the CPU, and
+"""Our SyncBatchNorm (``trainer.model.sync_batchnorm``): numerics on 2 real gloo ranks on the CPU, and
 the export back to plain BatchNorm."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 from tests.helpers.runs import run_torchrun
 from tests.helpers.syncbn_compare import one_rank_process_group, syncbn_against_plain
-from trainer.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+from trainer.model.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 
 def test_two_ranks_equal_batchnorm_over_the_whole_batch_on_cpu(tmp_path):

@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import REPO, tiny_overrides
 from trainer.config import TrackingConfig, load_config
-from trainer.distributed import free_port
-from trainer.loop import train
+from trainer.run.loop import train
+from trainer.runtime.distributed import free_port
 from trainer.tracking import Tracker
 
 # the tests that check the exported encoder as a torchvision ResNet-18 with the CIFAR stem train one
@@ -179,7 +179,7 @@ def test_a_server_back_before_the_run_ends_gets_everything_and_the_run_closes(ml
 
 
 def test_importing_tracking_leaves_the_environment_alone():
-    code = ("import os; before = dict(os.environ); import trainer.tracking, trainer.loop; "
+    code = ("import os; before = dict(os.environ); import trainer.tracking, trainer.run.loop; "
             "assert dict(os.environ) == before, set(os.environ) ^ set(before)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -273,7 +273,7 @@ def test_sync_with_no_flags_completes_the_runs_own_mlflow_run(tiny_config, monke
 
 def test_an_unknown_tracking_uri_scheme_is_a_config_error():
     from trainer.config import ConfigError
-    from trainer.loop import preflight
+    from trainer.run.loop import preflight
 
     with pytest.raises(ConfigError, match="tracking.uri.*does not know the scheme 'garbage'"):
         preflight(load_config(None, ["tracking.uri=garbage://x"]))
@@ -517,7 +517,7 @@ def test_a_password_in_the_tracking_uri_is_never_printed_or_stored(mlflow_server
 
 
 def test_credentials_are_redacted_and_handed_to_the_client_only(monkeypatch):
-    from trainer.credentials import redact_uri, take_credentials, usable_uri
+    from trainer.runtime.credentials import redact_uri, take_credentials, usable_uri
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(key, raising=False)
@@ -572,7 +572,7 @@ def test_a_resumed_job_logs_no_step_twice_and_a_failure_made_good_stops_reading_
 def test_a_run_recorded_before_the_metric_grouping_still_plots_and_syncs(tiny_config, tmp_path):
     """Metrics are grouped for MLflow's charts (train/, perf/, data/, probe/, knn/); a run folder
     written with the former plain names (loss, images_per_s, ...) still plots and replays as it was."""
-    from trainer.plots import plot_curves
+    from trainer.observe.plots import plot_curves
     from trainer.tracking import read_metrics_file, sync_offline
 
     cfg = tiny_config(**{"tracking.enabled": "false", "train.epochs": 1})
@@ -581,7 +581,7 @@ def test_a_run_recorded_before_the_metric_grouping_still_plots_and_syncs(tiny_co
     rows = read_metrics_file(metrics_file)
     assert {"train/loss", "train/contrastive_acc", "train/lr", "perf/images_per_s", "perf/data_wait_fraction",
             "data/skipped_corrupt_images", "data/view_size_0", "probe/train_top1"} <= set().union(*rows)
-    from trainer.metrics import FORMER_NAMES
+    from trainer.observe.metrics import FORMER_NAMES
 
     former = {new: old for old, new in FORMER_NAMES.items()}
     metrics_file.write_text("".join(json.dumps({former.get(k, k): v for k, v in row.items()}) + "\n" for row in rows))
@@ -598,7 +598,7 @@ def test_a_new_sink_is_one_file_chosen_by_config(tiny_config):
     back from the checkpoint on resume; MLflow, left out of the list, is never started."""
     import csv
 
-    from trainer import checkpoint as ckpt
+    from trainer.state import checkpoint as ckpt
     from trainer.tracking import read_metrics_file
     from trainer.tracking.sink import SINKS
 

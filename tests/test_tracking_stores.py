@@ -12,11 +12,11 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import PY, REPO, simclr, tiny_overrides
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.run.loop import train
 
 
 def test_sync_replays_params_tags_name_artifacts_and_metrics(photo_data, tmp_path):
-    from trainer.distributed import free_port
+    from trainer.runtime.distributed import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"

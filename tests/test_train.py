@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.helpers.runs import assert_bitwise_equal, checkpoint_run_id, final_state, simclr, tiny_overrides
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.loop import train
-from trainer.skip_counters import NonFiniteLossError
+from trainer.run.loop import train
+from trainer.run.skip_counters import NonFiniteLossError
+from trainer.state import checkpoint as ckpt
 
 
 def test_resume_is_bitwise_identical_single_process(photo_data, tmp_path):
@@ -92,7 +92,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint_intact(tiny_confi
 
 
 def test_mismatched_checkpoint_is_refused(tiny_config):
-    from trainer.checkpoint import CheckpointError
+    from trainer.state.checkpoint import CheckpointError
 
     cfg = tiny_config(**{"train.stop_after_steps": 2, "tracking.enabled": "false"})
     train(cfg)

@@ -108,7 +108,7 @@ def test_the_typical_image_size_is_read_from_headers_of_every_layout(photo_data,
 
 def test_a_training_run_says_both_at_its_start(photo_data, tmp_path):
     from tests.helpers.runs import tiny_overrides
-    from trainer.loop import train
+    from trainer.run.loop import train
 
     run_dir = tmp_path / "run"
     train(load_config(None, tiny_overrides(photo_data / "train", run_dir, **{

@@ -13,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.runs import checkpoint_run_id, run_status, run_torchrun, simclr, tiny_overrides
-from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.run.loop import train
+from trainer.state import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

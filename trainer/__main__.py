@@ -12,9 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     # imported here: a Ctrl-C while torch loads is one line (below), not an import traceback
     from foundation.logs import configure
     from trainer.config import load_config
-    from trainer.errors import exit_code_of
-    from trainer.interrupts import train_in_foreground
-    from trainer.rank_report import HELP, OPTION, RankReport
+    from trainer.run.interrupts import train_in_foreground
+    from trainer.runtime.errors import exit_code_of
+    from trainer.runtime.rank_report import HELP, OPTION, RankReport
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="one rank of a SimCLR pretraining job")
     parser.add_argument("--config", help="YAML recipe (see configs/); defaults apply when omitted")

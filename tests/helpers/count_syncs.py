@@ -40,7 +40,7 @@ class PausingLoader:
 def count_window_syncs(cfg) -> dict[str, int]:
     """Train ``cfg`` (at least ``2 * train.log_every`` steps) and return the syncs counted over the
     window of steps ``log_every + 1 .. 2 * log_every - 1`` with their loop bodies."""
-    import trainer.loop as loop
+    import trainer.run.loop as loop
 
     counter, window = SyncCounter(), cfg.train.log_every
     real_build, real_step, calls = loop.build_parts, loop.train_step, [0]

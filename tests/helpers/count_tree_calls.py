@@ -12,7 +12,7 @@ import data_pipeline.file_checks as file_checks
 from data_pipeline import build_loader
 from data_pipeline.config import DataConfig
 from trainer.config import DistConfig
-from trainer.distributed import init_distributed, teardown
+from trainer.runtime.distributed import init_distributed, teardown
 
 root, run_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
 info = init_distributed(DistConfig(), "cpu")

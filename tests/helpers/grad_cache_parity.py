@@ -10,9 +10,9 @@ import torch
 
 from tests.helpers.grad_cache_batch import global_views
 from trainer.config import load_config
-from trainer.distributed import init_distributed, teardown
-from trainer.parts import build_parts
-from trainer.step import train_step
+from trainer.run.parts import build_parts
+from trainer.run.step import train_step
+from trainer.runtime.distributed import init_distributed, teardown
 
 out, overrides = sys.argv[1], sys.argv[2:]
 cfg = load_config(None, overrides)

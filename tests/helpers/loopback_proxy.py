@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from trainer.distributed import free_port
+from trainer.runtime.distributed import free_port
 
 
 class LoopbackProxy:

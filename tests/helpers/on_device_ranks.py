@@ -11,7 +11,7 @@ from data_pipeline import build_loader
 from data_pipeline.config import AugmentConfig, DataConfig
 from data_pipeline.sampling import rank_indices
 from trainer.config import DistConfig
-from trainer.distributed import init_distributed, teardown
+from trainer.runtime.distributed import init_distributed, teardown
 
 data, out = sys.argv[1], sys.argv[2]
 info = init_distributed(DistConfig(), "cpu")

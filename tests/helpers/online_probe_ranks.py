@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import load_config
-from trainer.distributed import init_distributed, teardown
-from trainer.evaluate import knn_monitor, probe_val_top1
-from trainer.loop import run_training
-from trainer.parts import build_parts
+from trainer.evaluation.evaluate import knn_monitor, probe_val_top1
+from trainer.run.loop import run_training
+from trainer.run.parts import build_parts
+from trainer.runtime.distributed import init_distributed, teardown
 
 out, overrides = sys.argv[1], sys.argv[2:]
 cfg = load_config(None, overrides)

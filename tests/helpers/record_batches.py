@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import trainer.parts
+import trainer.run.parts
 from trainer.config import load_config
-from trainer.loop import train
+from trainer.run.loop import train
 
 out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
-real_build_loader = trainer.parts.build_loader
+real_build_loader = trainer.run.parts.build_loader
 
 
 class RecordingLoader:
@@ -39,6 +39,6 @@ class RecordingLoader:
             yield groups, labels
 
 
-trainer.parts.build_loader = lambda *args, **kwargs: RecordingLoader(real_build_loader(*args, **kwargs))
+trainer.run.parts.build_loader = lambda *args, **kwargs: RecordingLoader(real_build_loader(*args, **kwargs))
 out_dir.mkdir(parents=True, exist_ok=True)
 train(load_config(None, overrides))

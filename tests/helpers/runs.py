@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.distributed import torchrun_command
+from trainer.runtime.distributed import torchrun_command
+from trainer.state import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PY = sys.executable

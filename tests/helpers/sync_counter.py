@@ -5,7 +5,7 @@ next step's: ``Tensor.item``, ``.tolist``, ``.cpu``, ``.numpy``, ``bool``/``floa
 tensor, and Python data turned into a tensor on a device (``torch.tensor(x, device=...)``,
 ``torch.as_tensor(x, device=...)``). It patches torch process-wide while installed, which is why it
 lives in the tests: the product counts syncs on CUDA with torch's own sync debug mode
-(``trainer.device_syncs``). Counting the calls works without a GPU, so CI fails on a sync added to
+(``trainer.observe.device_syncs``). Counting the calls works without a GPU, so CI fails on a sync added to
 the step.
 """
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.sync_batchnorm import convert_sync_batchnorm
+from trainer.model.sync_batchnorm import convert_sync_batchnorm
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import torch
 
 from foundation.registry import registrar
 from foundation.resume_policy import hyper
-from trainer.dataclass_yaml import ConfigError, build_dataclass
+from trainer.runtime.dataclass_yaml import ConfigError, build_dataclass
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

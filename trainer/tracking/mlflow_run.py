@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from foundation.logs import get_logger
-from trainer.config import TrackingConfig
-from trainer.credentials import redact_uri
+from trainer.runtime.credentials import redact_uri
+from trainer.tracking.config import TrackingConfig
 from trainer.tracking.provenance import standard_tags
 from trainer.tracking.run_log import RUN_RECORD
 from trainer.tracking.sink import Sink, register_sink
@@ -165,7 +165,7 @@ class MlflowRun(Sink):
             self.flush(force=True)
 
     def log_model(self, log: Callable[[MlflowRun], str | None]) -> str | None:
-        """Log the encoder as an MLflow model with ``log(self)`` (trainer/export.py)."""
+        """Log the encoder as an MLflow model with ``log(self)`` (trainer/evaluation/export.py)."""
         return log(self)
 
     def detach_run_folder(self) -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import package_version
-from trainer.config import Config, config_to_dict
-from trainer.dataclass_yaml import flatten
+from trainer.runtime.dataclass_yaml import flatten
 
 
 def standard_tags(source: str) -> dict[str, str]:
@@ -80,8 +79,9 @@ def dataset_input(location: str, fingerprint: dict[str, Any], context: str) -> A
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
-def run_params(cfg: Config, world_size: int, backend: str, steps_per_epoch: int) -> dict[str, Any]:
-    """A training run's MLflow params: the flattened config, the job's shape, the code and libraries."""
-    return {**flatten(config_to_dict(cfg)), "world_size": world_size, "data.backend_resolved": backend,
+def run_params(config: dict[str, Any], world_size: int, backend: str, steps_per_epoch: int) -> dict[str, Any]:
+    """A training run's MLflow params: the flattened config (its plain dict), the job's shape, the code
+    and libraries."""
+    return {**flatten(config), "world_size": world_size, "data.backend_resolved": backend,
             "steps_per_epoch": steps_per_epoch, "git_commit": git_commit(),
             **{f"version.{k}": v for k, v in library_versions().items()}}

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from foundation.logs import get_logger
-from trainer.config import TrackingConfig
-from trainer.run_files import append_line, atomic_write_text, read_jsonl
+from trainer.runtime.run_files import append_line, atomic_write_text, read_jsonl
+from trainer.tracking.config import TrackingConfig
 from trainer.tracking.sink import Sink, register_sink
 from trainer.tracking.store import TrackingError
 
@@ -24,7 +24,7 @@ RUN_RECORD = "mlflow_run.json"  # beside metrics.jsonl: the params, tags and nam
 
 def read_metrics_file(path: str | Path, lenient: bool = False) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl`` (``step``, ``time_ms`` and the metrics); [] if absent;
-    a torn last line is left out, and with ``lenient`` any damaged line (``trainer.run_files.read_jsonl``)."""
+    a torn last line is left out, and with ``lenient`` any damaged line (``trainer.runtime.run_files.read_jsonl``)."""
     return read_jsonl(path, lenient)
 
 

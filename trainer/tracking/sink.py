@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from foundation.registry import registrar
-from trainer.config import TrackingConfig
-from trainer.dataclass_yaml import ConfigError
+from trainer.runtime.dataclass_yaml import ConfigError
+from trainer.tracking.config import TrackingConfig
 
 
 class Sink:

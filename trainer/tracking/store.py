@@ -10,9 +10,9 @@ from typing import Any
 
 from foundation.errors import UserError
 from foundation.logs import get_logger
-from trainer.config import TrackingConfig
-from trainer.credentials import usable_uri
-from trainer.dataclass_yaml import ConfigError
+from trainer.runtime.credentials import usable_uri
+from trainer.runtime.dataclass_yaml import ConfigError
+from trainer.tracking.config import TrackingConfig
 
 tracking_log = get_logger("tracking")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from foundation.logs import get_logger
-from trainer.config import TrackingConfig
-from trainer.credentials import store_key, take_credentials, usable_uri
-from trainer.run_files import RunFolderLock, atomic_write_text
+from trainer.runtime.credentials import store_key, take_credentials, usable_uri
+from trainer.runtime.run_files import RunFolderLock, atomic_write_text
+from trainer.tracking.config import TrackingConfig
 from trainer.tracking.mlflow_run import MlflowRun
 from trainer.tracking.run_log import RUN_RECORD, read_metrics_file, read_run_record
 from trainer.tracking.store import TrackingError, open_client, store_problem

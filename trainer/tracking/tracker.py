@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrackingConfig
+from trainer.tracking.config import TrackingConfig
 from trainer.tracking.run_log import FAILURE_TAGS, earlier_failures, last_logged_step
 from trainer.tracking.sink import SINKS, Sink, register_sink, sink_factory
 
@@ -128,7 +128,7 @@ class Tracker:
             sink.log_artifact(path, artifact_path)
 
     def log_model(self, log: Callable[[Any], str | None]) -> str | None:
-        """Log the encoder as a model with ``log(sink)`` (trainer/export.py) into every sink that keeps
+        """Log the encoder as a model with ``log(sink)`` (trainer/evaluation/export.py) into every sink that keeps
         models; the first model URI, or None when none did (``simclr sync`` logs it later)."""
         uris = [sink.log_model(log) for sink in self.sinks.values()]
         return next((uri for uri in uris if uri), None)
