@@ -1,4 +1,5 @@
-"""simclr-scale trainer: config, model, loss, optimizer, schedule, step, loop, checkpoints, tracking."""
+"""simclr-scale trainer, in rooms by concern (docs/architecture.md): run (the loop and its step),
+evaluation, state (checkpoints, resume), config.py, observe, tracking, model, losses, runtime."""
 
 # said by every way a Ctrl-C can end a run before its first step (here: importable before torch loads)
 STOPPED_AT_START = "[simclr] SIGINT: stopped during start-up, before the first step; nothing was trained"
