@@ -101,7 +101,8 @@ class MetricsWindow:
         same step) carries each rank's loss and accuracy (averaged over ranks, as before) and its own
         figures: data-wait share, ms per step, ``own`` (``StepClock.window``) and peak memory. Speed
         figures are the median rank's, data wait and memory the worst rank's; with several ranks, the
-        slowest rank (the most data wait plus own work per step, ``own_work_ms``) and the spread over ranks. The
+        slowest rank (the most data wait plus own work in a typical step, ``typical_step_ms``) and the
+        spread over ranks. The
         data-wait share leaves out the start-up waits (``timed``), which come as ``startup_wait_ms``.
         ``summed``: counters of this rank, reported as their sum over the ranks (same names)."""
         elapsed = time.perf_counter() - self.started
@@ -129,8 +130,8 @@ class MetricsWindow:
             if values:
                 metrics[f"perf/{name}"] = statistics.median(values)
         if world > 1:
-            busy = [r["data_wait_fraction"] * r["window_ms"] + (own_work_ms(r) if own_work_ms(r) == own_work_ms(r)
-                                                                else 0.0) for r in rows]
+            # the straggler watch's measure (trainer.observe.bottlenecks): data wait and own work in a typical step
+            busy = [wait + (own if own == own else 0.0) for wait, own in map(typical_step_ms, rows)]
             slowest = max(range(world), key=busy.__getitem__)
             waits, owns = [r["data_wait_fraction"] for r in rows], [r["own_ms"] for r in rows]
             metrics.update({"ranks/slowest_rank": slowest,
