@@ -20,7 +20,7 @@ one of these helpers, which own NCCL's rules:
   Without a group (one process, no launcher) each helper returns its input's one-rank answer.
 
 ``trainer.model.sync_batchnorm`` keeps its two all-reduces inside its autograd function (its device
-tensors already follow these rules); it asks ``active()`` whether to synchronise. A test fails on
+tensors already follow these rules), on the group ``subgroup()`` made for it. A test fails on
 any ``dist.<collective>(`` elsewhere in the product (``tests/test_collectives.py``).
 """
 
@@ -204,6 +204,20 @@ def barrier() -> None:
         dist.barrier(device_ids=[_rank_device().index])
     else:
         dist.barrier()
+
+
+def subgroup(rank_lists: Sequence[Sequence[int]]) -> Any:
+    """This rank's group among ``rank_lists`` (disjoint lists covering the ranks, such as SyncBatchNorm's
+    blocks of K), or None for the whole world (one list, or no process group: the default group).
+    Making a group is itself collective: every rank makes every group, in the same order."""
+    if not active() or len(rank_lists) <= 1:
+        return None
+    mine = None
+    for ranks in rank_lists:
+        handle = dist.new_group(list(ranks))
+        if rank() in ranks:
+            mine = handle
+    return mine
 
 
 def on_rank_zero(action: Callable[[], T], shared_errors: Sequence[type[Exception]]) -> T | None:

@@ -17,11 +17,13 @@ from tests.helpers.runs import REPO
 
 PRODUCT = ("foundation", "data_pipeline", "trainer", "benchmarks", "launch")
 COLLECTIVE_CALL = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|barrier|monitored_barrier|reduce\w*|"
-                             r"gather\w*|scatter\w*|all_to_all\w*|send|recv|isend|irecv)\(")
+                             r"gather\w*|scatter\w*|all_to_all\w*|send|recv|isend|irecv|new_group|new_subgroups\w*|"
+                             r"split_group)\(")
 
 
 def test_no_collective_is_called_outside_the_helpers():
-    """The own SyncBatchNorm keeps its two all-reduces (inside its autograd function)."""
+    """The own SyncBatchNorm keeps its two all-reduces (inside its autograd function); making a group
+    is collective too, and goes through ``collectives.subgroup``."""
     allowed = {"foundation/collectives.py": None, "trainer/model/sync_batchnorm.py": 2}
     found = {}
     for package in PRODUCT:
@@ -36,8 +38,8 @@ def test_no_collective_is_called_outside_the_helpers():
 
 
 def test_the_scan_sees_a_collective(tmp_path):
-    assert COLLECTIVE_CALL.findall("x = 1\ndist.all_gather_object(out, obj)\n    dist.barrier()\n") == [
-        "all_gather_object", "barrier"]
+    assert COLLECTIVE_CALL.findall("x = 1\ndist.all_gather_object(out, obj)\n    dist.barrier()\n"
+                                   "g = dist.new_group(ranks)\n") == ["all_gather_object", "barrier", "new_group"]
 
 
 def test_host_flags_travel_on_the_ranks_device_under_nccl():
@@ -157,6 +159,7 @@ def test_without_a_group_the_helpers_answer_for_one_process():
     t = torch.ones(2)
     assert collectives.all_reduce_(t) is t and collectives.gather_rows(t).shape == (1, 2)
     assert collectives.gather_objects(3) == [3] and collectives.broadcast_object(4) == 4
+    assert collectives.subgroup([[0], [1]]) is None  # no group to split: the default
     assert collectives.collective_device() == torch.device("cpu")
 
 

@@ -3,6 +3,7 @@ import torch
 import torchvision
 from torch import nn
 
+from tests.helpers.fake_nccl import fake_nccl
 from trainer.config import ModelConfig
 from trainer.model.simclr import SimCLRModel, build_model, convert_sync_bn, encoder_state_dict, sync_bn_groups
 from trainer.model.sync_batchnorm import SyncBatchNorm
@@ -49,7 +50,7 @@ def test_sync_bn_conversion_wiring_on_cpu():
     tests/test_sync_batchnorm.py) and the running statistics are kept."""
     model = SimCLRModel(ModelConfig())
     model.encoder.bn1.running_mean.fill_(0.5)
-    converted = convert_sync_bn(model, world_size=1, rank=0, group_size=0)
+    converted = convert_sync_bn(model, world_size=1, group_size=0)
     kinds = {type(m) for m in converted.modules()}
     assert SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds and nn.BatchNorm1d not in kinds
     assert torch.all(converted.encoder.bn1.running_mean == 0.5)
@@ -57,21 +58,21 @@ def test_sync_bn_conversion_wiring_on_cpu():
 
 
 def test_build_model_syncs_bn_on_cpu_too_with_world_gt_1():
-    model = build_model(ModelConfig(sync_bn=True), torch.device("cpu"), world_size=2, rank=0)
+    model = build_model(ModelConfig(sync_bn=True), torch.device("cpu"), world_size=2)
     assert any(isinstance(m, SyncBatchNorm) for m in model.modules())
-    alone = build_model(ModelConfig(sync_bn=True), torch.device("cpu"), world_size=1, rank=0)
+    alone = build_model(ModelConfig(sync_bn=True), torch.device("cpu"), world_size=1)
     assert not any(isinstance(m, SyncBatchNorm) for m in alone.modules())
 
 
-def test_build_model_converts_on_cuda_with_world_gt_1(monkeypatch):
-    """The CUDA branch: with world size > 1 build_model asks for SyncBatchNorm in the right groups."""
-    seen = {}
-
-    def fake_convert(model, world_size, rank, group_size):
-        seen.update(world_size=world_size, rank=rank, group_size=group_size)
-        return model
-
-    monkeypatch.setattr("trainer.model.simclr.convert_sync_bn", fake_convert)
+@pytest.mark.parametrize("group_size, groups, mine", [(4, [(0, 1, 2, 3), (4, 5, 6, 7)], ("group", (4, 5, 6, 7))),
+                                                      (0, [], None)])
+def test_sync_bn_takes_its_group_from_the_helpers(monkeypatch, group_size, groups, mine):
+    """On 8 NCCL ranks, rank 5 makes both blocks of 4 in order (making a group is collective) and
+    synchronises within its own; with no blocks, the default group (None) and no group made."""
     monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: self)
-    build_model(ModelConfig(sync_bn=True, sync_bn_group_size=4), torch.device("cuda", 0), world_size=8, rank=5)
-    assert seen == {"world_size": 8, "rank": 5, "group_size": 4}
+    with fake_nccl(world_size=8, rank=5) as nccl:
+        model = build_model(ModelConfig(sync_bn=True, sync_bn_group_size=group_size), torch.device("cuda", 5),
+                            world_size=8)
+    assert nccl.groups == groups
+    layers = [m for m in model.modules() if isinstance(m, SyncBatchNorm)]
+    assert layers and all(m.process_group == mine for m in layers)

@@ -26,6 +26,7 @@ def test_two_ranks_equal_batchnorm_over_the_whole_batch_on_cpu(tmp_path):
             assert r[step][key] < 1e-5, (step, key, r)
     for key in ("running_mean_diff", "running_var_diff", "running_1d_diff"):
         assert r[key] < 1e-5, (key, r)
+    assert max(r["own_group"].values()) < 1e-4, r["own_group"]  # sync_bn_group_size=1: a group of its own
 
 
 def test_alone_or_in_eval_it_is_plain_batchnorm():

@@ -124,6 +124,7 @@ class NcclState:
     current: int = 0  # torch.cuda.current_device()
     set_devices: list[int] = field(default_factory=list)  # every torch.cuda.set_device, in order
     calls: list[dict[str, Any]] = field(default_factory=list)  # every collective: name, devices, dtypes
+    groups: list[tuple[int, ...]] = field(default_factory=list)  # every new_group's ranks, in order
 
 
 class NcclRuleBroken(RuntimeError):
@@ -190,6 +191,11 @@ class FakeNccl:
         if self.state.rank != src:
             box[:] = [copy.deepcopy(v) for v in self.state.broadcast_from_src]  # what rank src holds
 
+    def new_group(self, ranks=None, **kwargs):  # noqa: ANN001
+        """A handle naming its ranks (every rank must make every group, so all are recorded)."""
+        self.state.groups.append(tuple(ranks))
+        return ("group", tuple(ranks))
+
     def barrier(self, group=None, async_op=False, device_ids=None):  # noqa: ANN001
         if device_ids != [self.own_device]:
             raise NcclRuleBroken(f"barrier: device_ids={device_ids}: NCCL would guess the device from the rank")
@@ -226,6 +232,7 @@ def fake_nccl(world_size: int = 2, rank: int = 0, local_rank: int | None = None,
         mock.patch.object(dist, "all_gather_object", group.all_gather_object),
         mock.patch.object(dist, "broadcast_object_list", group.broadcast_object_list),
         mock.patch.object(dist, "barrier", group.barrier),
+        mock.patch.object(dist, "new_group", group.new_group),
         mock.patch.object(torch.cuda, "set_device", set_device),
         mock.patch.object(torch.cuda, "current_device", lambda: state.current),
         mock.patch.object(collectives, "_bound_device", None),

@@ -1,7 +1,9 @@
 """Under torchrun (gloo): our SyncBatchNorm across the ranks must equal plain BatchNorm over the
 concatenated batch, in the forward output, the input gradients, the weight and bias gradients
-and the running statistics (after two training steps). argv: OUT DEVICE (cpu, or cuda: both
-ranks may share one GPU, gloo carries the CUDA tensors)."""
+and the running statistics (after two training steps). In blocks of one rank (the group each
+rank takes from ``collectives.subgroup``, as ``model.sync_bn_group_size=1`` makes), it must equal
+plain BatchNorm over the rank's own batch. argv: OUT DEVICE (cpu, or cuda: both ranks may share one
+GPU, gloo carries the CUDA tensors)."""
 
 import json
 import sys
@@ -10,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from foundation import collectives
+from trainer.model.simclr import sync_bn_groups
 from trainer.model.sync_batchnorm import convert_sync_batchnorm
 
 dist.init_process_group("gloo")
@@ -52,6 +56,18 @@ res["running_mean_diff"] = (sync[0].running_mean.double() - ref[0].running_mean)
 res["running_var_diff"] = (sync[0].running_var.double() - ref[0].running_var).abs().max().item()
 res["running_1d_diff"] = max((sync[1].running_mean.double() - ref[1].running_mean).abs().max().item(),
                              (sync[1].running_var.double() - ref[1].running_var).abs().max().item())
+
+own = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(6)), collectives.subgroup(sync_bn_groups(world, 1)))
+plain = nn.BatchNorm2d(6).double()
+own, plain = own.to(dev), plain.to(dev)
+x_all = (torch.randn(n * world, 6, 5, 5, generator=gen, dtype=torch.float64) * 3 + 1).to(dev)
+x_own = x_all[rank * n : (rank + 1) * n]  # each rank its own rows: the other rank's must not count
+x, x_ref = x_own.float().clone().requires_grad_(), x_own.clone().requires_grad_()
+own(x).pow(2).sum().backward()
+plain(x_ref).pow(2).sum().backward()
+res["own_group"] = {"out_diff": (own(x).double() - plain(x_ref)).abs().max().item(),
+                    "xgrad_diff": (x.grad.double() - x_ref.grad).abs().max().item(),
+                    "running_var_diff": (own[0].running_var.double() - plain.running_var).abs().max().item()}
 if rank == 0:
     json.dump(res, open(sys.argv[1], "w"))
 dist.destroy_process_group()

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from foundation import collectives
@@ -90,18 +89,12 @@ def sync_bn_groups(world_size: int, group_size: int) -> list[list[int]]:
     return [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
 
 
-def convert_sync_bn(model: nn.Module, world_size: int, rank: int, group_size: int) -> nn.Module:
-    """Replace every BatchNorm by SyncBatchNorm, synchronised within this rank's group.
+def convert_sync_bn(model: nn.Module, world_size: int, group_size: int) -> nn.Module:
+    """Replace every BatchNorm by SyncBatchNorm, synchronised within this rank's group of
+    ``group_size`` consecutive ranks (0: all of them).
 
-    Every rank must call this (creating subgroups is collective)."""
-    groups = sync_bn_groups(world_size, group_size)
-    process_group = None
-    if len(groups) > 1:
-        for ranks in groups:  # every rank creates every group, in the same order
-            handle = dist.new_group(ranks)
-            if rank in ranks:
-                process_group = handle
-    return convert_sync_batchnorm(model, process_group)
+    Every rank must call this (making subgroups is collective)."""
+    return convert_sync_batchnorm(model, collectives.subgroup(sync_bn_groups(world_size, group_size)))
 
 
 def uses_channels_last(cfg: ModelConfig, device: torch.device) -> bool:
@@ -109,14 +102,14 @@ def uses_channels_last(cfg: ModelConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.channels_last
 
 
-def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> nn.Module:
+def build_model(cfg: ModelConfig, device: torch.device, world_size: int = 1) -> nn.Module:
     """The SimCLR model on ``device``: BatchNorm synchronised over ranks when ``cfg.sync_bn`` and
     several ranks or a process group (even of one rank: it runs the all-reduces a big job runs; our
     SyncBatchNorm runs on NCCL and gloo alike);
     channels_last only on CUDA."""
     model = SimCLRModel(cfg)
     if cfg.sync_bn and (world_size > 1 or collectives.active()):
-        model = convert_sync_bn(model, world_size, rank, cfg.sync_bn_group_size)
+        model = convert_sync_bn(model, world_size, cfg.sync_bn_group_size)
     model = model.to(device)
     if uses_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)

@@ -88,7 +88,7 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg.model, device, info.world_size, info.rank)
+    model = build_model(cfg.model, device, info.world_size)
     ddp_model = model
     if info.distributed:
         # SyncBatchNorm over the whole world keeps every rank's running statistics equal: nothing to broadcast
