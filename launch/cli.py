@@ -60,6 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         resumed = cfg.checkpoint.resume == "auto" and latest_checkpoint(cfg.train.run_dir) is not None
         check_world_size(cfg.data.batch_size, nproc, f"of --nproc {nproc}", "--nproc", resumed,
                          ConfigError)
+    if cfg.model.sync_bn:
+        from trainer.model.simclr import sync_bn_groups
+
+        sync_bn_groups(nproc, cfg.model.sync_bn_group_size, f" of --nproc {nproc}")
     if getattr(args, "dry_run", False):
         from trainer.config import dump_config
         from trainer.state.resume import check_resume

@@ -29,6 +29,7 @@ from foundation.process_rank import launched_rank
 from launch.cluster_config import ClusterConfig, check_one_line, ranks_per_node
 from launch.submitit_adapter import requeue_running_job, submission_script
 from trainer.config import Config, config_from_dict, config_to_dict
+from trainer.model.simclr import sync_bn_groups
 from trainer.runtime.dataclass_yaml import ConfigError, parse_value, set_dotted
 from trainer.runtime.distributed import flight_recorder_dumps, lost_peer
 
@@ -214,6 +215,9 @@ def submit(cfg: Config, cluster: ClusterConfig, sweep: list[str] | None = None, 
         check_world_size(run.data.batch_size, world,
                          f"this cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)})",
                          "nodes x ranks per node (--cluster with other nodes or gpus_per_node)", resume, ConfigError)
+        if run.model.sync_bn:
+            sync_bn_groups(world, run.model.sync_bn_group_size,
+                           f" this cluster config starts ({cluster.nodes} nodes x {ranks_per_node(cluster)})")
     executor = make_executor(cluster, name)
     if dry_run:
         return sbatch_script(executor, runs)

@@ -7,6 +7,7 @@ from tests.helpers.fake_nccl import fake_nccl
 from trainer.config import ModelConfig
 from trainer.model.simclr import SimCLRModel, build_model, convert_sync_bn, encoder_state_dict, sync_bn_groups
 from trainer.model.sync_batchnorm import SyncBatchNorm
+from trainer.runtime.dataclass_yaml import ConfigError
 
 
 @pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
@@ -41,7 +42,7 @@ def test_sync_bn_groups():
     assert sync_bn_groups(8, 0) == [list(range(8))]
     assert sync_bn_groups(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert sync_bn_groups(4, 8) == [[0, 1, 2, 3]]
-    with pytest.raises(ValueError, match="divide"):
+    with pytest.raises(ConfigError, match=r"sync_bn_group_size=4 does not divide the 6 ranks.*one of 1, 2, 3, 6"):
         sync_bn_groups(6, 4)
 
 

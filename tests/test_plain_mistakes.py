@@ -137,6 +137,14 @@ def test_a_run_dir_under_an_unwritable_folder_is_named(tmp_path, monkeypatch):
         preflight(load_config(None, [f"train.run_dir={tmp_path / 'new' / 'run'}"]))
 
 
+def test_sync_bn_blocks_that_do_not_split_the_ranks(photo_data, tmp_path, capsys):
+    """Said by the launcher before any rank starts (each rank used to fail with a traceback)."""
+    argv = ["train", "--dry-run", "--nproc", "4", *tiny_overrides(photo_data / "val", tmp_path / "run"),
+            "model.sync_bn_group_size=3"]
+    one_line(*run_cli(argv, capsys), "model.sync_bn_group_size=3 does not divide the 4 ranks of --nproc 4",
+             "one of 1, 2, 4")
+
+
 def test_a_dry_run_that_cannot_run_is_not_ok(photo_data, tmp_path, capsys):
     """``--dry-run`` said "config OK" for a missing or empty data.root and for a run folder the run
     could not resume; now it meets the same refusal the run would, and says what the run would do."""

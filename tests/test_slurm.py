@@ -94,6 +94,14 @@ def test_batch_must_split_over_the_clusters_ranks():
         submit(load_config(None, ["data.batch_size=100"]), cluster, dry_run=True)
 
 
+def test_sync_bn_blocks_must_split_the_clusters_ranks():
+    """Checked before the job waits in the queue, not by every rank once it starts."""
+    cluster = load_cluster_config(REPO / "cluster_configs/generic_multinode.yaml")  # 32 ranks
+    with pytest.raises(ConfigError, match=r"sync_bn_group_size=5 does not divide the 32 ranks this cluster config"):
+        submit(load_config(None, ["model.sync_bn_group_size=5"]), cluster, dry_run=True)
+    assert submit(load_config(None, ["model.sync_bn_group_size=8"]), cluster, dry_run=True)
+
+
 def test_the_private_submitit_calls_we_rely_on_still_exist():
     """launch/submitit_adapter.py holds every private submitit call; a submitit release that renames
     or reshapes one fails here, by name, not in a pre-empted job on a cluster."""

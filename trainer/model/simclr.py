@@ -13,7 +13,7 @@ from foundation import collectives
 from foundation.resume_policy import fixed, setting
 from trainer.model.encoders import build_encoder, feature_dim
 from trainer.model.sync_batchnorm import convert_sync_batchnorm
-from trainer.runtime.dataclass_yaml import Problem, failing
+from trainer.runtime.dataclass_yaml import ConfigError, Problem, failing
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ModelConfig:
     proj_out_dim: int = fixed(128)
     proj_layers: int = fixed(2)  # linear layers in the projection head: 2 (SimCLR v1) or 3 (SimCLRv2)
     sync_bn: bool = setting(True)  # convert BN to SyncBatchNorm on CUDA when world size > 1
-    sync_bn_group_size: int = setting(0)  # 0: sync across the whole world; K: within groups of K ranks
+    sync_bn_group_size: int = setting(0)  # 0: sync across the whole world; K: within blocks of K ranks (K divides it)
     channels_last: bool = setting(True)  # only applied on CUDA
     compile: bool = setting(False)  # torch.compile the model (encoder + head); the first steps compile (warm-up)
 
@@ -80,12 +80,15 @@ def head_features(model: SimCLRModel, head_layers: int) -> nn.Module:
     return nn.Sequential(model.encoder, *list(model.projector)[: 3 * head_layers])
 
 
-def sync_bn_groups(world_size: int, group_size: int) -> list[list[int]]:
-    """Rank lists that share batch statistics: one group of everyone, or consecutive blocks of K."""
+def sync_bn_groups(world_size: int, group_size: int, ranks: str = "") -> list[list[int]]:
+    """Rank lists that share batch statistics: one group of everyone, or consecutive blocks of K.
+    ``ranks`` says who starts the ranks, for the message (the launchers check before starting them)."""
     if group_size <= 0 or group_size >= world_size:
         return [list(range(world_size))]
     if world_size % group_size:
-        raise ValueError(f"model.sync_bn_group_size={group_size} must divide the world size {world_size}")
+        divisors = ", ".join(str(k) for k in range(1, world_size + 1) if world_size % k == 0)
+        raise ConfigError(f"model.sync_bn_group_size={group_size} does not divide the {world_size} ranks{ranks} "
+                          f"into blocks; use one of {divisors} (or 0: all ranks share their batch statistics)")
     return [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
 
 
