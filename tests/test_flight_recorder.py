@@ -17,8 +17,8 @@ NAMES = ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUM
 
 
 def record_init(monkeypatch) -> dict:
-    """init_distributed as a rank of 2 whose process group is only recorded (no NCCL on the CPU):
-    returns what the environment held when the group was made."""
+    """init_distributed as a rank of 2 on cuda:0 whose process group is only recorded (no NCCL, no
+    GPU here): returns what the environment held when the group was made."""
     for name in NAMES:  # set, then removed: monkeypatch puts back what was there, and init's additions go
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
@@ -30,7 +30,8 @@ def record_init(monkeypatch) -> dict:
         seen.update({"backend": backend, **{name: os.environ.get(name) for name in NAMES}})
 
     monkeypatch.setattr(distributed.dist, "init_process_group", init_process_group)
-    monkeypatch.setattr(distributed, "choose_device", lambda preference, local_rank: torch.device("cpu"))
+    monkeypatch.setattr(distributed, "choose_device", lambda preference, local_rank: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     return seen
 
 
@@ -66,6 +67,16 @@ def test_nothing_is_left_in_the_environment_of_later_tests(tmp_path):
         init_distributed(DistConfig(backend="nccl"), "cpu", launched=True, run_dir=tmp_path)
         assert os.environ["TORCH_FR_BUFFER_SIZE"] == "2000"
     assert not any(name in os.environ for name in NAMES)
+
+
+def test_nccl_on_cpu_ranks_is_refused_before_the_group_is_made(joined, monkeypatch):
+    """torch's own refusal is a ValueError traceback from every rank, about device_id."""
+    from trainer.runtime.dataclass_yaml import ConfigError
+
+    monkeypatch.setattr(distributed, "choose_device", lambda preference, local_rank: torch.device("cpu"))
+    with pytest.raises(ConfigError, match="dist.backend=nccl moves CUDA tensors only.*no CUDA device is visible"):
+        init_distributed(DistConfig(backend="nccl"), "auto", launched=True)
+    assert joined == {}
 
 
 def test_the_stuck_rank_line_points_to_the_dumps(tmp_path, caplog):

@@ -145,6 +145,14 @@ def test_sync_bn_blocks_that_do_not_split_the_ranks(photo_data, tmp_path, capsys
              "one of 1, 2, 4")
 
 
+@pytest.mark.parametrize("device, said", [("cpu", "(train.device=cpu)"), ("auto", "(no CUDA device is visible")])
+def test_nccl_on_the_cpu(photo_data, tmp_path, capsys, device, said):
+    """NCCL moves CUDA tensors only: said before any rank starts, not as torch's traceback from each."""
+    argv = ["train", "--dry-run", "--nproc", "2", *tiny_overrides(photo_data / "val", tmp_path / "run"),
+            "dist.backend=nccl", f"train.device={device}"]
+    one_line(*run_cli(argv, capsys), "dist.backend=nccl moves CUDA tensors only", said, "dist.backend=auto")
+
+
 def test_a_dry_run_that_cannot_run_is_not_ok(photo_data, tmp_path, capsys):
     """``--dry-run`` said "config OK" for a missing or empty data.root and for a run folder the run
     could not resume; now it meets the same refusal the run would, and says what the run would do."""

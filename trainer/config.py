@@ -33,6 +33,7 @@ from trainer.runtime.dataclass_yaml import (
     read_yaml_mapping,
     to_plain_dict,
 )
+from trainer.runtime.device import check_backend
 from trainer.runtime.distributed import DistConfig
 from trainer.tracking.config import TrackingConfig
 
@@ -133,6 +134,8 @@ def validate(cfg: Config) -> Config:
             _refuse(*problem)
     check_arch(cfg.model.arch, cfg.model.cifar_stem)  # imports timm only for a timm encoder
     check_input_sizes(cfg.model.arch, cfg.model.cifar_stem, view_sizes(cfg))
+    if cfg.train.device == "cpu":
+        check_backend(cfg.dist.backend, "cpu", "cpu")
     return cfg
 
 

@@ -30,6 +30,16 @@ def choose_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     return torch.device("cuda", local_rank)
 
 
+def check_backend(backend: str, device_type: str, preference: str = "auto") -> None:
+    """NCCL moves CUDA tensors only: on CPU ranks it fails inside torch's init (a traceback from
+    every rank), so say it first, with the fix."""
+    if backend == "nccl" and device_type != "cuda":
+        why = "train.device=cpu" if preference == "cpu" else "no CUDA device is visible to this process"
+        raise ConfigError(f"dist.backend=nccl moves CUDA tensors only, but the ranks would run on the CPU ({why}); "
+                          "use dist.backend=auto (gloo on the CPU, NCCL on GPUs) or gloo, or train.device=cuda on "
+                          "a GPU node")
+
+
 def check_local_ranks(nproc: int, preference: str = "auto", backend: str = "auto") -> None:
     """``--nproc``, for every command that starts local ranks: at least one, and, before any rank
     starts, no more CUDA ranks than visible GPUs (ranks would share a GPU, which NCCL refuses
@@ -37,6 +47,7 @@ def check_local_ranks(nproc: int, preference: str = "auto", backend: str = "auto
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: the number of local ranks must be at least 1")
     uses_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    check_backend(backend, "cuda" if uses_cuda else "cpu", preference)
     if nproc <= 1 or not uses_cuda or backend == "gloo":
         return
     choose_device(preference)  # no GPU at all: that error first

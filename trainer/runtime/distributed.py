@@ -26,7 +26,7 @@ from foundation.logs import get_logger
 from foundation.process_rank import launched_rank
 from foundation.resume_policy import setting
 from trainer.runtime.dataclass_yaml import Problem, failing
-from trainer.runtime.device import choose_device
+from trainer.runtime.device import check_backend, choose_device
 
 log = get_logger()
 
@@ -119,6 +119,7 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
         backend = cfg.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        check_backend(backend, device.type, device_preference)
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         kwargs = {"device_id": device} if backend == "nccl" else {}
         if backend == "nccl":  # read when the process group is made
