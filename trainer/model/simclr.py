@@ -23,7 +23,7 @@ class ModelConfig:
     proj_hidden_dim: int = fixed(0)  # 0: same as the encoder's feature width (512 or 2048)
     proj_out_dim: int = fixed(128)
     proj_layers: int = fixed(2)  # linear layers in the projection head: 2 (SimCLR v1) or 3 (SimCLRv2)
-    sync_bn: bool = setting(True)  # convert BN to SyncBatchNorm on CUDA when world size > 1
+    sync_bn: bool = setting(True)  # BatchNorm's statistics over the ranks, whenever a process group exists
     sync_bn_group_size: int = setting(0)  # 0: sync across the whole world; K: within blocks of K ranks (K divides it)
     channels_last: bool = setting(True)  # only applied on CUDA
     compile: bool = setting(False)  # torch.compile the model (encoder + head); the first steps compile (warm-up)

@@ -19,7 +19,7 @@ from trainer.losses import LossFn, build_loss
 from trainer.model.optim import build_optimizer
 from trainer.model.precision import PrecisionPolicy
 from trainer.model.schedule import WarmupCosine, build_schedule
-from trainer.model.simclr import build_model, uses_channels_last
+from trainer.model.simclr import build_model, sync_bn_groups, uses_channels_last
 from trainer.observe.bottlenecks import Bottlenecks
 from trainer.observe.profiling import StepProfiler
 from trainer.observe.step_clock import StepClock
@@ -92,7 +92,7 @@ def build_model_parts(cfg: Config, info: DistInfo, lr: float) -> ModelParts:
     ddp_model = model
     if info.distributed:
         # SyncBatchNorm over the whole world keeps every rank's running statistics equal: nothing to broadcast
-        synced = cfg.model.sync_bn and cfg.model.sync_bn_group_size in (0, info.world_size)
+        synced = cfg.model.sync_bn and len(sync_bn_groups(info.world_size, cfg.model.sync_bn_group_size)) == 1
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                             gradient_as_bucket_view=True, **buffer_sync(not synced))
     if cfg.model.compile:
