@@ -10,6 +10,9 @@ with DALI on the GPU, feed the model at its speed, and learn?
 1b. the first multi-GPU job on one GPU (``benchmarks.nccl_job``): ``simclr train --nproc 1`` on a
    1-rank NCCL group (every collective a big job runs), stopped by SIGTERM and resumed, then ``simclr
    eval --nproc 1`` and ``simclr embed --nproc 1`` on its encoder (dry: the same commands on gloo);
+1c. the step's own kernels (``benchmarks.kernels --check``): SyncBatchNorm against cuDNN's BatchNorm
+   (bf16 and fp32, ResNet-50's stage shapes, 64 images), LARS against timm's ``Lars`` on ResNet-50;
+   the stage fails when LARS takes longer than timm's;
 2. the feed benchmark (``benchmarks.feed``) on CIFAR-10 ResNet-18 (32 px, bf16, batch 512);
 3. the feed benchmark on Imagenette ResNet-50 (224 px, bf16, batch 256);
 4. the same with multi-crop views (2 x 224 + 6 x 96 px);
@@ -55,7 +58,7 @@ from benchmarks.gpu_proof_plan import (
 REPO = Path(__file__).resolve().parent.parent
 GPU_TESTS = REPO / "tests" / "test_gpu.py"  # a checkout's: the suite does not ship in the wheel
 TAIL_LINES = 40  # of a failed stage's output, on the console
-STAGE_NAMES = ("gpu_tests", "nccl_job", "feed_cifar10_resnet18", "feed_imagenette_resnet50",
+STAGE_NAMES = ("gpu_tests", "nccl_job", "kernels", "feed_cifar10_resnet18", "feed_imagenette_resnet50",
                "feed_imagenette_resnet50_multicrop", "quality_cifar10")
 MULTICROP = "data.views=[{count: 2, size: %d}, {count: 6, size: %d, crop_scale: [0.05, 0.14]}]"  # SwAV's 2 + 6
 
@@ -75,6 +78,12 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
                  [out / "nccl_job.json"], 55.0 if args.dry else 60.0,
                  "the first multi-GPU job on one GPU: simclr train --nproc 1 on a 1-rank "
                  f"{'gloo (dry)' if args.dry else 'NCCL'} group, SIGTERM mid-run, resume, eval and embed --nproc 1")
+    kernels_json = out / f"kernels_{'cpu' if args.dry else 'cuda'}.json"
+    kernels = Stage("kernels", 25, [py, "-m", "benchmarks.kernels", "--out", str(kernels_json),
+                                    *(["--device", "cpu", "--batch", "2", "--iters", "2", "--arch", "resnet18"]
+                                      if args.dry else ["--batch", "64", "--iters", "20", "--check"])],
+                    [kernels_json], 15.0, "the step's own kernels: SyncBatchNorm vs BatchNorm2d"
+                    f"{'' if args.dry else ' (cuDNN)'}, LARS vs timm's Lars")
     if args.dry:
         tiny = ["train.device=cpu", "precision=fp32", "data.num_workers=1", "data.image_size=16", "data.backend=dali"]
         cifar = [*tiny, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=16"]
@@ -83,7 +92,7 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
         quality = Stage("quality_cifar10", 70, [*quality_cmd, "--probe-epochs", "5", *tiny, "data.batch_size=16"],
                         [out / "quality_cifar10_cpu.json"], 0.0,
                         "CIFAR-10 (here: the photos in its layout) pretraining, then linear probe and kNN")
-        return [tests, nccl,
+        return [tests, nccl, kernels,
                 feed_stage("feed_cifar10_resnet18", 60, out, "configs/cifar10_resnet18.yaml", cifar, 3, 1, 16, 20.0,
                            "feed: CIFAR-10 JPEGs, ResNet-18, tiny"),
                 feed_stage("feed_imagenette_resnet50", 70, out, "configs/imagenet_resnet50.yaml", imagenette, 2, 1, 8,
@@ -95,14 +104,14 @@ def plan(args: argparse.Namespace, out: Path, work: Path) -> list[Stage]:
     common = ["train.device=cuda", "precision=bf16", "data.backend=dali", "data.num_workers=8"]
     cifar = [*common, f"data.root={data / 'cifar10-jpeg' / 'train'}", "data.batch_size=512"]
     imagenette = [*common, f"data.root={data / 'imagenette2-224-subset' / 'train'}", "data.batch_size=256"]
-    return [tests, nccl,
+    return [tests, nccl, kernels,
             feed_stage("feed_cifar10_resnet18", 45, out, "configs/cifar10_resnet18.yaml", cifar, 80, 10, 512,
                        PLAN_GPU_VIEWS_PER_S["feed_cifar10_resnet18"],
                        "feed: CIFAR-10 JPEGs, ResNet-18 CIFAR stem, 32 px, bf16, batch 512"),
-            feed_stage("feed_imagenette_resnet50", 55, out, "configs/imagenet_resnet50.yaml", imagenette, 30, 5, 256,
+            feed_stage("feed_imagenette_resnet50", 45, out, "configs/imagenet_resnet50.yaml", imagenette, 30, 5, 256,
                        PLAN_GPU_VIEWS_PER_S["feed_imagenette_resnet50"],
                        "feed: Imagenette, ResNet-50, 224 px, bf16, batch 256"),
-            feed_stage("feed_imagenette_resnet50_multicrop", 60, out, "configs/imagenet_resnet50.yaml",
+            feed_stage("feed_imagenette_resnet50_multicrop", 50, out, "configs/imagenet_resnet50.yaml",
                        [*imagenette, MULTICROP % (224, 96)], 20, 5, 256,
                        PLAN_GPU_VIEWS_PER_S["feed_imagenette_resnet50_multicrop"],
                        "feed: Imagenette, ResNet-50, multi-crop 2x224 + 6x96 px, bf16, batch 256", views=8),
@@ -151,6 +160,14 @@ def key_figures(stage: Stage, output: str) -> str:
         stopped, resumed = steps.get("train_stopped_by_sigterm", {}), steps.get("train_resumed", {})
         return (", ".join(done) + f"; SIGTERM after step {stopped.get('sigterm_after_step')}, resumed from "
                 f"{resumed.get('resumed_from_step')} to {resumed.get('final_step')}")
+    if stage.name == "kernels":
+        by_dtype = {}
+        for row in result["sync_batchnorm"]["rows"]:
+            by_dtype[row["dtype"]] = max(by_dtype.get(row["dtype"], 0.0), row["ratio"])
+        lars = [f"{r['arch']} {1 / r['speedup']:.2f}x" for r in result["lars"] if "speedup" in r]
+        return ("SyncBatchNorm/BatchNorm2d at worst " + ", ".join(f"{v:.2f}x {k}" for k, v in by_dtype.items())
+                + f"; LARS/timm {', '.join(lars) or 'skipped'}; targets "
+                + ("missed: " + "; ".join(result["missed"]) if result["missed"] else "met"))
     if stage.name.startswith("feed"):
         parts = []
         for r in result["rows"]:

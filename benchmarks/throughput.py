@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="the others: simclr bench feed (does the data pipeline keep the step busy), "
                                        "views (step time of view specifications), startup (start-up on large trees), "
-                                       "overhead (our loop vs a bare DDP loop); each takes --help")
+                                       "overhead (our loop vs a bare DDP loop), store (shards from object storage), "
+                                       "kernels (SyncBatchNorm vs BatchNorm2d, LARS vs timm's, with their targets); "
+                                       "each takes --help")
     p.add_argument("--arch", default="resnet18", type=encoder_arch, help="encoder: a torchvision ResNet or timm/<name>")
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (px)")
     p.add_argument("--batch-size", type=int, default=32, help="per-rank batch (images)")

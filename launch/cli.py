@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = command("bench", "training-throughput benchmark (step breakdown, SSL vs supervised, loss, LARS); "
-                         "simclr bench feed|views|startup|overhead|store for the others",
+                         "simclr bench feed|views|startup|overhead|store|kernels for the others",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="see simclr bench --help")
     p.set_defaults(func=cmd_bench)

@@ -14,7 +14,8 @@ BENCHMARKS = {"feed": "benchmarks.feed",  # does the data pipeline keep the step
               "views": "benchmarks.views",  # step time of view specifications
               "startup": "benchmarks.startup",  # start-up on large trees
               "overhead": "benchmarks.overhead",  # our loop vs a bare DDP loop
-              "store": "benchmarks.object_store"}  # shards from object storage vs local disk
+              "store": "benchmarks.object_store",  # shards from object storage vs local disk
+              "kernels": "benchmarks.kernels"}  # SyncBatchNorm vs BatchNorm2d, LARS vs timm's Lars
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

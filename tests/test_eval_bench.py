@@ -263,3 +263,35 @@ def test_the_benchmarks_table_printer_keeps_columns_whatever_a_cell_holds(capsys
     print_table("t", [("model", "<8"), ("ms", ">8.2f"), ("img/s", ">8.1f")], [["a", 1.234, 10.0], ["b", None, "n/a"]])
     assert capsys.readouterr().out.splitlines() == ["", "== t", "model         ms   img/s", "a           1.23    10.0",
                                                     "b              -     n/a"]
+
+
+def test_bench_kernels_writes_its_figures_then_fails_a_missed_target_with_check(tmp_path, monkeypatch, capsys):
+    """``simclr bench kernels``: one JSON with both kernels; a LARS slower than timm's (or, on the
+    CPU, a SyncBatchNorm over 1.5x BatchNorm2d) is named, and ``--check`` exits 1 only after the JSON
+    is written (the GPU proof's stage reports its figures either way). Figures stubbed: no timing here."""
+    from benchmarks import kernels
+    from launch.cli import main
+
+    def bench(lars_speedup: float, bn_ratio: float) -> None:
+        monkeypatch.setattr(kernels, "bench_lars", lambda arch, iters, device: {
+            "n_tensors": 3, "ours_ms": 2.0, "timm_ms": 2.0 * lars_speedup, "speedup": lars_speedup})
+        monkeypatch.setattr(kernels, "bench_sync_batchnorm", lambda device, batch, iters, dtype: [
+            {"shape": [batch, 8, 4, 4], "dtype": "float32", "ours_ms": bn_ratio, "batchnorm2d_ms": 1.0,
+             "ratio": bn_ratio}])
+
+    out = tmp_path / "k.json"
+    bench(1.25, 1.2)
+    with pytest.raises(SystemExit) as ended:
+        main(["bench", "kernels", "--device", "cpu", "--check", "--out", str(out)])
+    assert ended.value.code == 0
+    assert json.loads(out.read_text())["missed"] == []
+    bench(0.8, 1.6)
+    with pytest.raises(SystemExit) as ended:
+        main(["bench", "kernels", "--device", "cpu", "--check", "--out", str(out)])
+    assert ended.value.code == 1
+    result = json.loads(out.read_text())
+    assert result["missed"] == ["LARS on resnet50: 1.25x timm's time (target <= 1.0x)",
+                                "SyncBatchNorm: 1.60x BatchNorm2d's time (target <= 1.5x)"]
+    assert result["sync_batchnorm"]["worst_ratio"] == 1.6 and "targets missed" in capsys.readouterr().out
+    cuda = kernels.missed_targets(torch.device("cuda"), 1.6, [{"arch": "resnet50", "speedup": 1.1}])
+    assert cuda == []  # on CUDA SyncBatchNorm is reported against cuDNN, with no target

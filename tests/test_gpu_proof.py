@@ -19,7 +19,7 @@ from benchmarks.gpu_proof import dry_data, unexpected_skips
 from benchmarks.gpu_proof_plan import plan_quality
 from tests.helpers.runs import PY, REPO, tiny_overrides
 
-STAGES = ["gpu_tests", "nccl_job", "feed_cifar10_resnet18", "feed_imagenette_resnet50",
+STAGES = ["gpu_tests", "nccl_job", "kernels", "feed_cifar10_resnet18", "feed_imagenette_resnet50",
           "feed_imagenette_resnet50_multicrop", "quality_cifar10"]
 ABSENT = """import importlib.abc, sys
 
@@ -68,7 +68,8 @@ def test_the_dry_proof_writes_every_stage_evidence_to_out(dry_proof):
         assert probe.returncode == 1 and "ModuleNotFoundError" in probe.stderr, (module, probe.stderr[-500:])
     assert sorted(p.name for p in out.iterdir()) == [
         "feed_cifar10_resnet18.json", "feed_imagenette_resnet50.json", "feed_imagenette_resnet50_multicrop.json",
-        "gpu_proof_cpu_dry.json", "gpu_proof_cpu_dry.log", "nccl_job.json", "quality_cifar10_cpu.json"]
+        "gpu_proof_cpu_dry.json", "gpu_proof_cpu_dry.log", "kernels_cpu.json", "nccl_job.json",
+        "quality_cifar10_cpu.json"]
     summary = json.loads((out / "gpu_proof_cpu_dry.json").read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert summary["git_commit"] == head and summary["dry"] is True
@@ -88,7 +89,11 @@ def test_the_dry_proof_writes_every_stage_evidence_to_out(dry_proof):
     assert nccl["ok"] and list(nccl["steps"]) == ["train_stopped_by_sigterm", "train_resumed", "eval", "embed"]
     assert all(step["process_group"] for step in nccl["steps"].values() if "process_group" in step)
     assert nccl["steps"]["train_stopped_by_sigterm"]["exit"] == 128 + signal.SIGTERM
-    for name in STAGES[2:5]:
+    kernels = json.loads((out / "kernels_cpu.json").read_text())
+    assert [r["arch"] for r in kernels["lars"]] == ["resnet18"] and kernels["git_commit"] == head
+    assert {r["dtype"] for r in kernels["sync_batchnorm"]["rows"]} == {"float32"} and "missed" in kernels
+    assert "SyncBatchNorm/BatchNorm2d at worst" in stages["kernels"]["figures"]
+    for name in STAGES[3:6]:
         feed = json.loads((out / f"{name}.json").read_text())
         assert [r["mode"] for r in feed["rows"]] == ["e2e", "model", "loader"]
         assert feed["config"]["backend"] == "DaliLoader" and feed["git_commit"] == head
@@ -113,7 +118,7 @@ def test_a_failed_stage_shows_its_last_lines_and_a_killed_proof_keeps_its_summar
     console = tmp_path / "console.txt"
     with open(console, "w") as f:
         proc = subprocess.Popen([PY, "-m", "benchmarks.gpu_proof", "--dry", "--data", str(data), "--out", str(out),
-                                 "--work", str(tmp_path / "work"), "--stages", *STAGES[:1], *STAGES[2:]],
+                                 "--work", str(tmp_path / "work"), "--stages", *STAGES[:1], *STAGES[3:]],
                                 cwd=REPO, env=dry_proof["env"], stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         summary_path, deadline = out / "gpu_proof_cpu_dry.json", time.time() + 300
