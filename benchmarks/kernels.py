@@ -34,7 +34,7 @@ def missed_targets(device: torch.device, sync_bn_worst: float, lars_rows: list[d
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from benchmarks.common import RESULTS, device_name, print_table, result_header, write_json
+    from benchmarks.common import RESULTS, device_name, encoder_arch, print_table, result_header, write_json
     from trainer.config import DEVICES, ConfigError
     from trainer.runtime.device import choose_device
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--batch", type=int, default=8, help="images per rank for SyncBatchNorm's input")
     p.add_argument("--iters", type=int, default=10, help="timed rounds (medians are reported)")
-    p.add_argument("--arch", nargs="+", default=["resnet50"], help="models whose parameters LARS steps over")
+    p.add_argument("--arch", nargs="+", default=["resnet50"], type=encoder_arch,
+                   help="models whose parameters LARS steps over")
     p.add_argument("--check", action="store_true", help="exit 1 (after writing the JSON) when a target is missed")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     args = p.parse_args(argv)

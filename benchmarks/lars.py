@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     """``python -m benchmarks.lars --arch resnet50``: the LARS step alone, table and JSON."""
     import argparse
 
-    from benchmarks.common import RESULTS, device_name, result_header, write_json
+    from benchmarks.common import RESULTS, device_name, encoder_arch, result_header, write_json
     from trainer.runtime.device import choose_device
 
     p = argparse.ArgumentParser(prog="benchmarks.lars", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
+    p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], type=encoder_arch)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
