@@ -16,9 +16,12 @@ from trainer.model.simclr import build_model
 def bench_lars(arch: str, iters: int, device: torch.device) -> dict:
     try:
         from timm.optim import Lars
-        from timm.optim._param_groups import param_groups_weight_decay
     except ImportError:
         return {"skipped": "timm not installed"}
+    try:  # timm >= 1.0
+        from timm.optim._param_groups import param_groups_weight_decay
+    except ImportError:  # older timm (a GPU image may hold one)
+        from timm.optim.optim_factory import param_groups_weight_decay
     model = build_model(ModelConfig(arch=arch), device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
