@@ -167,7 +167,8 @@ def key_figures(stage: Stage, output: str) -> str:
         lars = [f"{r['arch']} {1 / r['speedup']:.2f}x" for r in result["lars"] if "speedup" in r]
         return ("SyncBatchNorm/BatchNorm2d at worst " + ", ".join(f"{v:.2f}x {k}" for k, v in by_dtype.items())
                 + f"; LARS/timm {', '.join(lars) or 'skipped'}; targets "
-                + ("missed: " + "; ".join(result["missed"]) if result["missed"] else "met"))
+                + ("missed: " + "; ".join(result["missed"]) if result["missed"] else "met")
+                + ("" if result.get("checked") else " (not checked at these sizes)"))
     if stage.name.startswith("feed"):
         parts = []
         for r in result["rows"]:

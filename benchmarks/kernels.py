@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**result_header("kernels", device_name(device)), "batch": args.batch, "iters": args.iters,
               "sync_batchnorm": {"rows": sync_bn, "worst_ratio": worst}, "lars": lars,
               "targets": {"lars_over_timm": LARS_TARGET, "sync_batchnorm_over_batchnorm2d_cpu": SYNC_BN_CPU_TARGET},
-              "missed": missed_targets(device, worst, lars)}
+              "missed": missed_targets(device, worst, lars), "checked": args.check}
     print_rows(sync_bn, result["device"])
     print_table(f"LARS step on {result['device']} (ms, median of {args.iters})",
                 [("model", "<10"), ("tensors", ">8"), ("ours", ">8.2f"), ("timm", ">8.2f"), ("ours/timm", ">10.2f")],

@@ -93,6 +93,7 @@ def test_the_dry_proof_writes_every_stage_evidence_to_out(dry_proof):
     assert [r["arch"] for r in kernels["lars"]] == ["resnet18"] and kernels["git_commit"] == head
     assert {r["dtype"] for r in kernels["sync_batchnorm"]["rows"]} == {"float32"} and "missed" in kernels
     assert "SyncBatchNorm/BatchNorm2d at worst" in stages["kernels"]["figures"]
+    assert kernels["checked"] is False and "(not checked at these sizes)" in stages["kernels"]["figures"]
     for name in STAGES[3:6]:
         feed = json.loads((out / f"{name}.json").read_text())
         assert [r["mode"] for r in feed["rows"]] == ["e2e", "model", "loader"]
