@@ -186,16 +186,28 @@ class ReadAhead:
                 break
 
 
+def _listed(store: ObjectStore) -> dict[str, int]:
+    """The store's one listing of the set, which must hold the manifest (written last)."""
+    sizes = store.sizes()
+    if SHARD_MANIFEST not in sizes:
+        raise DataError(f"{store.url} holds no {SHARD_MANIFEST}: not a shard set written by simclr make-shards "
+                        "(or not written completely; the manifest is written last). Check the URL, or write the "
+                        f"shards with: simclr make-shards SOURCE --out {store.url}")
+    return sizes
+
+
+def check_remote_root(url: str, settings: RemoteSettings) -> None:
+    """What a run's first look at the set would refuse (credentials, a missing set or manifest), said
+    now: ``simclr train --dry-run``, one listing and nothing read."""
+    _listed(ObjectStore(url, settings.timeout_s))
+
+
 def open_remote_shards(url: str, settings: RemoteSettings) -> ShardSource:
     """The shard set at ``url``, listed by rank 0 (when a process group runs) and shared."""
     store = ObjectStore(url, settings.timeout_s)
 
     def listing() -> dict:
-        sizes = store.sizes()
-        if SHARD_MANIFEST not in sizes:
-            raise DataError(f"{store.url} holds no {SHARD_MANIFEST}: not a shard set written by simclr make-shards "
-                            "(or not written completely; the manifest is written last). Check the URL, or write the "
-                            f"shards with: simclr make-shards SOURCE --out {store.url}")
+        sizes = _listed(store)
         return read_listing(store.url, store.read_text(SHARD_MANIFEST), sizes,
                             lambda wanted: {name: store.read_text(name) for name in wanted}, settings.skip_missing)
 

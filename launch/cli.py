@@ -65,10 +65,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         sync_bn_groups(nproc, cfg.model.sync_bn_group_size, f" of --nproc {nproc}")
     if getattr(args, "dry_run", False):
+        from data_pipeline import remote_settings
+        from data_pipeline.object_store import is_url
+        from data_pipeline.remote_shards import check_remote_root
         from trainer.config import dump_config
         from trainer.state.resume import check_resume
 
         check_data_roots(cfg.data.root, cfg.data.val_root)
+        for root in filter(is_url, (cfg.data.root, cfg.data.val_root)):  # the store's answer, as the run will get it
+            check_remote_root(root, remote_settings(cfg.data))
         plan = check_resume(cfg)  # the refusal the run would meet, now
         print(dump_config(cfg), end="")
         log.info(f"config OK ({args.config or 'the defaults'}, {nproc} rank(s)); the run {plan}; "

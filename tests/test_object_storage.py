@@ -216,6 +216,24 @@ def test_wrong_credentials_are_one_line_and_no_secret_is_shown(s3, tmp_path):
     assert "AWS_SECRET_ACCESS_KEY" in line and secret not in proc.stdout + proc.stderr
 
 
+def test_a_dry_run_asks_the_store_what_the_run_would(s3, tmp_path):
+    """``simclr train --dry-run`` said "config OK" for any s3:// URL; it now lists the set once, so a
+    wrong prefix or wrong credentials are the run's own one line, before a job is queued."""
+    def dry(url: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "launch", "train", "--dry-run",
+                               *tiny_overrides(url, tmp_path / "run", **{"tracking.enabled": "false"})],
+                              cwd=REPO, env=simclr_env(**env), capture_output=True, text=True, timeout=300)
+
+    ok = dry(s3["url"])
+    assert ok.returncode == 0 and "config OK" in ok.stderr + ok.stdout, ok.stderr[-2000:]
+    missing = dry(f"{s3['bucket']}/no_such_set")
+    assert missing.returncode == 2 and "holds no manifest.json" in missing.stderr, missing.stderr[-2000:]
+    secret = "wrong-secret-value-5678"
+    refused = dry(s3["url"], AWS_SECRET_ACCESS_KEY=secret)
+    assert refused.returncode == 2 and "refused to list" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in missing.stderr + refused.stderr and secret not in refused.stdout + refused.stderr
+
+
 def test_a_url_with_a_password_is_refused_without_showing_it():
     with pytest.raises(DataError, match=r"https://\*\*\*@example.com/set carries credentials") as info:
         ObjectStore("https://me:hunter2@example.com/set")
