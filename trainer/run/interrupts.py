@@ -64,8 +64,9 @@ def run_interruptible(work: Callable[[], int], stopped: Callable[[str], None]) -
 
 
 @contextmanager
-def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
-    """While inside, SIGINT, SIGTERM and SIGHUP set ``stop``; yields the signals received."""
+def stop_on_interrupt(stop: threading.Event, when: str = "at the next step boundary") -> Iterator[list[int]]:
+    """While inside, SIGINT, SIGTERM and SIGHUP set ``stop``; yields the signals received. ``when``
+    says, in the warning, where the run will stop."""
     first_at = [0.0]
     received: list[int] = []
 
@@ -77,8 +78,8 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[list[int]]:
         if not received and speaks_for_the_job():
             if sys.stderr.isatty():
                 print(file=sys.stderr)  # off the progress bar's line
-            log.warning(f"{signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
-                        "(Ctrl-C again to abort at once)")
+            log.warning(f"{signal.Signals(signum).name}: stopping {when} with a checkpoint (Ctrl-C again to abort "
+                        "at once)")
         if not received:
             first_at[0] = now
         received.append(signum)
@@ -103,6 +104,9 @@ def train_in_foreground(cfg: Config, launched: bool = False) -> int:
     """Train with Ctrl-C/SIGTERM handled; the exit status is 128 + the signal when one stopped the run.
     ``launched``: a rank of our local launcher (``--report-to``), which says how the job ended."""
     stop = threading.Event()
-    with stop_on_interrupt(stop) as received:
+    # ranks (any launcher sets WORLD_SIZE) agree to stop every train.stop_check_every steps: say so
+    when = (f"within train.stop_check_every={cfg.train.stop_check_every} steps, where the ranks agree to stop"
+            if "WORLD_SIZE" in os.environ else "at the next step boundary")
+    with stop_on_interrupt(stop, when) as received:
         code = train(cfg, stop=stop, launched=launched).exit_code
     return 128 + received[0] if received and code == 0 else code
