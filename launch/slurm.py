@@ -66,7 +66,7 @@ class TrainingJob:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         stop = threading.Event()
         cfg = config_from_dict(self.config)
-        # In place of submitit's handlers (which would exit mid-step): stop at the next step boundary.
+        # In place of submitit's handlers (which would exit mid-step): stop at the ranks' next stop check.
         # USR2 (time limit near, or a pre-emption notice) -> checkpoint and requeue; TERM (scancel,
         # or SLURM requeueing/pre-empting on its own) -> checkpoint and let SLURM decide.
         # ours for the rest of the task: a second notice while requeueing must not reach submitit's
