@@ -19,9 +19,9 @@ one of these helpers, which own NCCL's rules:
   size 1 included: a one-GPU NCCL job runs every collective a 64-GPU job runs, in the same order.
   Without a group (one process, no launcher) each helper returns its input's one-rank answer.
 
-``trainer.model.sync_batchnorm`` keeps its two all-reduces inside its autograd function (its device
-tensors already follow these rules), on the group ``subgroup()`` made for it. A test fails on
-any ``dist.<collective>(`` elsewhere in the product (``tests/test_collectives.py``).
+``trainer.model.sync_batchnorm``'s two all-reduces (inside its autograd function) are
+``all_reduce_`` calls on the group ``subgroup()`` made for it. A test fails on any
+``dist.<collective>(`` elsewhere in the product (``tests/test_collectives.py``).
 """
 
 from __future__ import annotations
@@ -87,19 +87,20 @@ def _reduce_op(op: Op) -> Any:
     return getattr(dist.ReduceOp, _OPS[op])
 
 
-def all_reduce_(tensor: torch.Tensor, op: Op = "sum") -> torch.Tensor:
-    """``tensor`` replaced in place by its reduction over ranks (``op``), and returned. A device
-    tensor is reduced where it is, nothing read on the host; a CPU tensor under NCCL travels on
-    the rank's device and comes back."""
+def all_reduce_(tensor: torch.Tensor, op: Op = "sum", group: Any = None) -> torch.Tensor:
+    """``tensor`` replaced in place by its reduction over the ranks of ``group`` (None: all; a
+    ``subgroup()``), with ``op``, and returned. A device tensor is reduced where it is, nothing read
+    on the host; a CPU tensor under NCCL travels on the rank's device and comes back."""
     if not active():
         return tensor
     target = collective_device() if tensor.device.type == "cpu" else tensor.device
     work = tensor if tensor.device == target and tensor.is_contiguous() else tensor.to(target).contiguous()
     if work.dtype == torch.bool:  # NCCL reduces no bool: as int32 (never wraps), read back as "any rank"
         work = work.to(torch.int32)
-    dist.all_reduce(work, op=_reduce_op(op))
+    dist.all_reduce(work, op=_reduce_op(op), group=group)
     if op == "avg":
-        work = work / world_size() if work.is_floating_point() else work // world_size()
+        ranks = dist.get_world_size(group)
+        work = work / ranks if work.is_floating_point() else work // ranks
     if work is not tensor:
         tensor.copy_(work.to(tensor.dtype) if tensor.dtype == torch.bool else work)
     return tensor

@@ -22,17 +22,14 @@ COLLECTIVE_CALL = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|ba
 
 
 def test_no_collective_is_called_outside_the_helpers():
-    """The own SyncBatchNorm keeps its two all-reduces (inside its autograd function); making a group
-    is collective too, and goes through ``collectives.subgroup``."""
-    allowed = {"foundation/collectives.py": None, "trainer/model/sync_batchnorm.py": 2}
+    """The own SyncBatchNorm's two all-reduces go through ``all_reduce_`` too; making a group is
+    collective, and goes through ``collectives.subgroup``."""
     found = {}
     for package in PRODUCT:
         for path in sorted((REPO / package).rglob("*.py")):
             name = str(path.relative_to(REPO))
             calls = COLLECTIVE_CALL.findall(path.read_text())
-            if calls and name not in allowed:
-                found[name] = calls
-            elif calls and allowed.get(name) is not None and len(calls) != allowed[name]:
+            if calls and name != "foundation/collectives.py":
                 found[name] = calls
     assert found == {}, f"collectives outside foundation/collectives.py: {found}"
 
@@ -86,6 +83,15 @@ def test_all_reduce_of_a_device_tensor_stays_on_it_and_a_host_tensor_comes_back(
         assert flags.dtype == torch.bool and flags.tolist() == [True, False]
     assert all(c["devices"] == ["cuda:1"] for c in nccl.calls), nccl.calls
     assert nccl.calls[1]["dtypes"] == [torch.float64] and nccl.calls[3]["dtypes"] == [torch.int32]
+
+
+def test_a_subgroups_all_reduce_runs_on_that_group():
+    """SyncBatchNorm's blocks: rank 1 of 4 reduces over its block's group, made by every rank in order."""
+    with fake_nccl(world_size=4, rank=1) as nccl:
+        group = collectives.subgroup([[0, 1], [2, 3]])
+        collectives.all_reduce_(torch.ones(2, device="cuda:1"), group=group)
+    assert nccl.groups == [(0, 1), (2, 3)] and group == ("group", (0, 1))
+    assert nccl.calls[-1]["name"] == "all_reduce" and nccl.calls[-1]["group"] == group
 
 
 def test_gathers_take_host_rows_through_the_device_and_unequal_lengths_padded():

@@ -164,6 +164,7 @@ class FakeNccl:
 
     def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):  # noqa: ANN001
         self._check("all_reduce", tensor)
+        self.state.calls[-1]["group"] = group
         if op == dist.ReduceOp.SUM:
             with torch.no_grad():
                 tensor.mul_(self.state.world_size)

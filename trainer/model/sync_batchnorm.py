@@ -17,7 +17,6 @@ import copy
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -60,7 +59,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         count = torch.full((1,), float(n), dtype=torch.float64, device=x.device)
         stats = torch.cat([mean64 * n, (local_var.double() + mean64 * mean64) * n, count])
         with clock.collective() if clock is not None else nullcontext():  # a wait for the slowest rank: not own work
-            dist.all_reduce(stats, group=group)
+            collectives.all_reduce_(stats, group=group)
         total = stats[2 * c :]
         mean64 = stats[:c] / total
         mean, var = mean64.float(), (stats[c : 2 * c] / total - mean64 * mean64).clamp_(min=0).float()
@@ -92,7 +91,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             local = torch.cat([sum_dy.float(), sum_dy_xmu.float()])
             with ctx.clock.collective() if ctx.clock is not None else nullcontext():  # not own work either
-                dist.all_reduce(local, group=ctx.group)
+                collectives.all_reduce_(local, group=ctx.group)
             sum_dy, sum_dy_xmu = local[:c], local[c:]
             w = weight.float() if weight is not None else None
             if x.is_cuda:
