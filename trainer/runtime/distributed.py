@@ -9,6 +9,7 @@ only those, so there is one way in. With none set the run is a single process.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import shlex
 import socket
@@ -124,6 +125,10 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         if backend == "nccl":  # read when the process group is made
             os.environ.update(flight_recorder_env(run_dir, cfg.flight_recorder_entries))
+        # torch._dynamo imported after the group is made (torchvision imports it) keeps the group
+        # alive past destroy_process_group: its gloo threads then free the last collective's tensors
+        # while the interpreter shuts down, and a finished rank dies of SIGABRT or SIGBUS.
+        importlib.import_module("torch._dynamo")
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         if by_hand:
             log.warning(f"WORLD_SIZE={world_size} RANK={rank} MASTER_ADDR/MASTER_PORT={where} are set in this shell "
