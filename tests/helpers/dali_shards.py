@@ -5,13 +5,14 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from data_pipeline import build_loader
 from data_pipeline.config import DataConfig
+from trainer.config import DistConfig
+from trainer.runtime.distributed import init_distributed, teardown
 
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
+info = init_distributed(DistConfig(), "cpu")  # the trainer's way in (DALI imports torch._dynamo after it)
+rank, world = info.rank, info.world_size
 cfg = DataConfig(root=sys.argv[2], backend="dali", image_size=16, batch_size=8, num_workers=1)
 seen = {}
 for attempt in ("a", "b"):
@@ -21,4 +22,4 @@ for attempt in ("a", "b"):
         seen[f"{attempt}{epoch}"] = [y for _, labels in loader for y in labels.tolist()]
 seen["steps"] = loader.steps_per_epoch
 json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
-dist.destroy_process_group()
+teardown()
