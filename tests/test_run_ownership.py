@@ -177,6 +177,26 @@ def test_ctrl_c_while_a_rank_imports_is_one_line(photo_data, tmp_path):
     assert "Traceback" not in err and "stopped during start-up" in err, err[-2000:]
 
 
+@pytest.mark.parametrize("env, launched, grouped", [
+    ({}, False, False),
+    ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, False, False),  # leftovers
+    ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True, True),  # --nproc 1
+    ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"}, False, True),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, False, True),
+])
+def test_one_rule_says_whether_a_group_is_made_and_where_a_signal_stops_the_run(env, launched, grouped, monkeypatch):
+    """init_distributed and the stop warning ask the same rule: a launcher's one rank makes a 1-rank
+    group (its ranks agree to stop every train.stop_check_every steps); a shell's leftover WORLD_SIZE=1
+    does not (it stops at the next step boundary)."""
+    from trainer.runtime.distributed import LAUNCHER_MARKS, makes_a_group
+
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", *LAUNCHER_MARKS):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert makes_a_group(launched) is grouped
+
+
 def test_a_stray_world_size_is_one_line_at_once(tiny_config, monkeypatch):
     """``WORLD_SIZE=2`` left in the shell: plain ``simclr train`` waited ``dist.timeout_s`` (600 s)
     for ranks that never come, then printed a traceback."""

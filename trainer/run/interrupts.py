@@ -104,9 +104,11 @@ def train_in_foreground(cfg: Config, launched: bool = False) -> int:
     """Train with Ctrl-C/SIGTERM handled; the exit status is 128 + the signal when one stopped the run.
     ``launched``: a rank of our local launcher (``--report-to``), which says how the job ended."""
     stop = threading.Event()
-    # ranks (any launcher sets WORLD_SIZE) agree to stop every train.stop_check_every steps: say so
+    from trainer.runtime.distributed import makes_a_group
+
+    # the ranks of a group agree to stop every train.stop_check_every steps (loop.stop_requested): say so
     when = (f"within train.stop_check_every={cfg.train.stop_check_every} steps, where the ranks agree to stop"
-            if "WORLD_SIZE" in os.environ else "at the next step boundary")
+            if makes_a_group(launched) else "at the next step boundary")
     with stop_on_interrupt(stop, when) as received:
         code = train(cfg, stop=stop, launched=launched).exit_code
     return 128 + received[0] if received and code == 0 else code

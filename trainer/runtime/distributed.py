@@ -93,6 +93,20 @@ def flight_recorder_dumps(run_dir: Path | None) -> str | None:
             f"(read them with: torchfrtrace {shlex.quote(str(run_dir))} -p {FLIGHT_RECORDER_PREFIX})")
 
 
+def makes_a_group(launched: bool = False) -> bool:
+    """Whether ``init_distributed`` makes a process group in this environment: more than one rank, or
+    a launcher's one rank (``launched``: our local launcher's); a shell's leftover ``WORLD_SIZE=1`` is neither."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    missing = any(name not in os.environ for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"))
+    return "WORLD_SIZE" in os.environ and not missing and not set_by_hand(launched)
+
+
+def set_by_hand(launched: bool = False) -> bool:
+    """Whether the rank variables come from no launcher (typed in the shell, or a leftover)."""
+    return not launched and not any(name in os.environ for name in LAUNCHER_MARKS)
+
+
 def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched: bool = False,
                      run_dir: Path | None = None) -> DistInfo:
     """Join the process group described by the environment (or run alone); ``launched``: started by
@@ -114,9 +128,8 @@ def init_distributed(cfg: DistConfig, device_preference: str = "auto", launched:
     device = choose_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    by_hand = not launched and not any(name in os.environ for name in LAUNCHER_MARKS)  # or leftovers
-    grouped = world_size > 1 or ("WORLD_SIZE" in os.environ and not missing and not by_hand)
-    if grouped and not dist.is_initialized():
+    by_hand = set_by_hand(launched)
+    if makes_a_group(launched) and not dist.is_initialized():
         backend = cfg.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
